@@ -1,0 +1,221 @@
+//! Rules that span several objects, checked on the whole configuration after every
+//! admin write (inside the write's transaction, so a refused write changes nothing).
+//!
+//! The 80 % rule (PRODUCT.md property 2, seed §1 `initializeQuotas`): in every shared
+//! pool, the guarantees its tenants draw from the pool may not exceed 80 % of the pool's
+//! usable capacity. A tenant draws from its pool whatever part of its guarantee its own
+//! dedicated tokens do not cover. Tenants without a pool are served by dedicated tokens
+//! only and are not subject to the rule (the seed's dedicated strategy reserves 90 %).
+
+use std::collections::HashMap;
+
+use super::{Id, InvalidField, Pool, Tenant, Tier, TokenOwner, TokenRecord, Upstream};
+
+/// The share of a pool's usable capacity that guarantees may take.
+pub const MAX_GUARANTEED_SHARE: f64 = 0.8;
+
+/// The whole configuration, as read in one transaction.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigView {
+    pub upstreams: Vec<Upstream>,
+    pub tokens: Vec<TokenRecord>,
+    pub pools: Vec<Pool>,
+    pub tiers: Vec<Tier>,
+    pub tenants: Vec<Tenant>,
+}
+
+/// A pool's usable capacity and the guarantees drawn from it, per upstream window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CapacityReport {
+    pub capacity_per_window: u32,
+    pub guaranteed_per_window: u32,
+}
+
+impl ConfigView {
+    fn upstream(&self, id: &Id) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| &u.id == id)
+    }
+
+    /// Usable capacity per window of the enabled tokens matching `owner`.
+    fn enabled_capacity(&self, owner: &TokenOwner, upstream: &Upstream) -> u64 {
+        let count = self
+            .tokens
+            .iter()
+            .filter(|t| !t.disabled && &t.owner == owner && t.upstream_id == upstream.id)
+            .count() as u64;
+        count * upstream.usable_per_window() as u64
+    }
+
+    /// Capacity and drawn guarantees of every pool.
+    pub fn pool_reports(&self) -> HashMap<Id, CapacityReport> {
+        let tiers: HashMap<&Id, &Tier> = self.tiers.iter().map(|t| (&t.id, t)).collect();
+        let mut reports = HashMap::new();
+        for pool in &self.pools {
+            let Some(upstream) = self.upstream(&pool.upstream_id) else {
+                continue;
+            };
+            let capacity = self.enabled_capacity(&TokenOwner::Pool(pool.id.clone()), upstream);
+            let drawn: u64 = self
+                .tenants
+                .iter()
+                .filter(|t| t.pool_id.as_ref() == Some(&pool.id))
+                .filter_map(|t| tiers.get(&t.tier_id).map(|tier| (t, tier)))
+                .map(|(tenant, tier)| {
+                    let dedicated =
+                        self.enabled_capacity(&TokenOwner::Dedicated(tenant.id.clone()), upstream);
+                    (tenant.guaranteed(tier) as u64).saturating_sub(dedicated)
+                })
+                .sum();
+            reports.insert(
+                pool.id.clone(),
+                CapacityReport {
+                    capacity_per_window: capacity.min(u32::MAX as u64) as u32,
+                    guaranteed_per_window: drawn.min(u32::MAX as u64) as u32,
+                },
+            );
+        }
+        reports
+    }
+}
+
+/// Checks every cross-object rule; the error names the field and the numbers involved.
+pub fn check_guarantees(view: &ConfigView) -> Result<(), InvalidField> {
+    check_token_upstreams(view)?;
+    let mut reports: Vec<_> = view.pool_reports().into_iter().collect();
+    reports.sort_by(|a, b| a.0.cmp(&b.0));
+    for (pool_id, report) in reports {
+        let allowed = (report.capacity_per_window as f64 * MAX_GUARANTEED_SHARE).floor() as u32;
+        if report.guaranteed_per_window > allowed {
+            return Err(InvalidField::new(
+                "guaranteed_per_window",
+                format!(
+                    "pool '{pool_id}' would owe its tenants {} guaranteed requests per window, \
+                     more than 80% of its usable capacity of {} ({allowed}); add tokens to the \
+                     pool, lower the guarantees, or move tenants to another pool",
+                    report.guaranteed_per_window, report.capacity_per_window
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A pool holds tokens of its own upstream only.
+fn check_token_upstreams(view: &ConfigView) -> Result<(), InvalidField> {
+    let pools: HashMap<&Id, &Pool> = view.pools.iter().map(|p| (&p.id, p)).collect();
+    for token in &view.tokens {
+        if let TokenOwner::Pool(pool_id) = &token.owner
+            && let Some(pool) = pools.get(pool_id)
+            && pool.upstream_id != token.upstream_id
+        {
+            return Err(InvalidField::new(
+                "token.upstream_id",
+                format!(
+                    "token '{}' is for upstream '{}' but pool '{pool_id}' holds tokens of '{}'",
+                    token.id, token.upstream_id, pool.upstream_id
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> Id {
+        Id::parse("t", s).unwrap()
+    }
+
+    fn view(pool_tokens: usize, tenants: &[(&str, u32)]) -> ConfigView {
+        let upstream = Upstream::baselinker(0);
+        let tier = Tier::seed_defaults(0).remove(2); // basic: 20 guaranteed
+        let token = |i: usize| TokenRecord {
+            id: id(&format!("tok{i}")),
+            upstream_id: upstream.id.clone(),
+            display_name: String::new(),
+            owner: TokenOwner::Pool(id("shared")),
+            disabled: false,
+            key_id: "k".into(),
+            sealed_secret: vec![],
+            create_time_ms: 0,
+            update_time_ms: 0,
+        };
+        ConfigView {
+            tokens: (0..pool_tokens).map(token).collect(),
+            pools: vec![Pool {
+                id: id("shared"),
+                upstream_id: upstream.id.clone(),
+                display_name: String::new(),
+                create_time_ms: 0,
+                update_time_ms: 0,
+            }],
+            tenants: tenants
+                .iter()
+                .map(|(name, g)| Tenant {
+                    id: id(name),
+                    display_name: String::new(),
+                    tier_id: tier.id.clone(),
+                    pool_id: Some(id("shared")),
+                    weight_override: None,
+                    guaranteed_override: Some(*g),
+                    burst_override: None,
+                    create_time_ms: 0,
+                    update_time_ms: 0,
+                })
+                .collect(),
+            tiers: vec![tier],
+            upstreams: vec![upstream],
+        }
+    }
+
+    /// Seed strategy 2 (3 tokens, 4 × 30 guaranteed) fits; 80 % of 285 is 228.
+    #[test]
+    fn seed_shared_pool_fits() {
+        let v = view(3, &[("c", 30), ("d", 30), ("e", 30), ("f", 30)]);
+        assert!(check_guarantees(&v).is_ok());
+        assert_eq!(
+            v.pool_reports()[&id("shared")],
+            CapacityReport {
+                capacity_per_window: 285,
+                guaranteed_per_window: 120
+            }
+        );
+    }
+
+    /// 228 guaranteed on 285 usable is allowed; 229 is refused with the numbers named.
+    #[test]
+    fn eighty_percent_boundary() {
+        assert!(check_guarantees(&view(3, &[("a", 228)])).is_ok());
+        let err = check_guarantees(&view(3, &[("a", 229)])).unwrap_err();
+        assert!(
+            err.reason.contains("229") && err.reason.contains("285"),
+            "{err}"
+        );
+        assert!(err.reason.contains("shared"), "{err}");
+    }
+
+    /// Dedicated tokens cover part of a pool tenant's guarantee.
+    #[test]
+    fn dedicated_tokens_reduce_drawn_guarantee() {
+        let mut v = view(1, &[("a", 150)]);
+        assert!(check_guarantees(&v).is_err());
+        let mut dedicated = v.tokens[0].clone();
+        dedicated.id = id("ded");
+        dedicated.owner = TokenOwner::Dedicated(id("a"));
+        v.tokens.push(dedicated);
+        // 150 − 95 = 55 drawn, 80 % of 95 = 76.
+        assert!(check_guarantees(&v).is_ok());
+        assert_eq!(v.pool_reports()[&id("shared")].guaranteed_per_window, 55);
+    }
+
+    /// Disabled tokens add no capacity.
+    #[test]
+    fn disabled_tokens_do_not_count() {
+        let mut v = view(2, &[("a", 100)]);
+        assert!(check_guarantees(&v).is_ok());
+        v.tokens[1].disabled = true;
+        assert!(check_guarantees(&v).is_err());
+    }
+}

@@ -1,0 +1,17 @@
+//! tokenlease shares a small set of rate-limited upstream API tokens (first: BaseLinker,
+//! 100 requests per minute per token) among many tenants, over gRPC. Sync workers ask
+//! for a lease before each upstream call and get the decrypted token or an exact
+//! retry-after; no window of the upstream ever sees more than its limit.
+//!
+//! # Layout
+//! - `domain/`: the configuration model and its rules (ids, tiers, the 80 % rule). Pure.
+//! - `crypto`: AES-256-GCM sealing of upstream tokens under a key ring.
+//! - `store/`: the configuration store (Postgres or SQLite, `store::ConfigStore`) and the
+//!   lease counters (Redis or memory, `store::counters`).
+//! - `clock`: the one place the embedded mode reads time.
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod crypto;
+pub mod domain;
+pub mod store;

@@ -1,0 +1,273 @@
+//! In-process lease counters for the embedded single-node mode. The same decisions as
+//! the Redis scripts in `scripts.rs`, taken under one mutex.
+//!
+//! Why a std `Mutex` and not a tokio one: the critical section is short, does no I/O
+//! and never awaits, so a blocking lock is cheaper and cannot be held across a yield.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{
+    AcquireOutcome, AcquireRequest, Denied, DenyReason, Grant, LeaseKey, ReleaseOutcome,
+    ReleaseResult, UsageCounts,
+};
+use crate::clock::Clock;
+use crate::domain::Id;
+
+/// One sliding window: entries ordered by occupancy end.
+#[derive(Default)]
+struct Window {
+    by_end: BTreeSet<(i64, String)>,
+    end_of: HashMap<String, i64>,
+}
+
+impl Window {
+    /// Drops entries that ended before `horizon`; returns how many are left.
+    fn trim(&mut self, horizon: i64) -> u32 {
+        while let Some(first) = self.by_end.first() {
+            if first.0 >= horizon {
+                break;
+            }
+            let (_, member) = self.by_end.pop_first().expect("checked non-empty");
+            self.end_of.remove(&member);
+        }
+        self.by_end.len() as u32
+    }
+
+    /// See `free_at` in `scripts::ACQUIRE`.
+    fn free_at(&self, now: i64, window_ms: i64, used: u32, cost: u32, limit: u32) -> i64 {
+        let k = (used + cost).saturating_sub(limit);
+        if k == 0 {
+            return now;
+        }
+        let (end, _) = self.by_end.iter().nth(k as usize - 1).expect("k ≤ used");
+        end + window_ms + 1
+    }
+
+    fn insert(&mut self, member: String, end: i64) {
+        if let Some(old) = self.end_of.insert(member.clone(), end) {
+            self.by_end.remove(&(old, member.clone()));
+        }
+        self.by_end.insert((end, member));
+    }
+
+    /// Moves an existing entry's end (XX semantics: absent entries stay absent).
+    fn move_end(&mut self, member: &str, end: i64) {
+        if self.end_of.contains_key(member) {
+            self.insert(member.to_owned(), end);
+        }
+    }
+
+    fn remove(&mut self, member: &str) {
+        if let Some(end) = self.end_of.remove(member) {
+            self.by_end.remove(&(end, member.to_owned()));
+        }
+    }
+}
+
+struct Lease {
+    tenant: Id,
+    token: Id,
+    cost: u32,
+    expires: i64,
+    outcome: Option<ReleaseOutcome>,
+}
+
+#[derive(Default)]
+struct State {
+    windows: HashMap<String, Window>,
+    leases: HashMap<String, Lease>,
+    /// Lease expiries, so expired leases are dropped without scanning all leases.
+    expiries: BTreeSet<(i64, String)>,
+}
+
+impl State {
+    fn drop_expired_leases(&mut self, now: i64) {
+        while let Some(first) = self.expiries.first() {
+            if first.0 >= now {
+                break;
+            }
+            let (_, nonce) = self.expiries.pop_first().expect("checked non-empty");
+            self.leases.remove(&nonce);
+        }
+    }
+
+    fn window(&mut self, key: String) -> &mut Window {
+        self.windows.entry(key).or_default()
+    }
+}
+
+fn tenant_key(upstream: &Id, tenant: &Id) -> String {
+    format!("{upstream}/tw/{tenant}")
+}
+
+fn token_key(upstream: &Id, token: &Id) -> String {
+    format!("{upstream}/kw/{token}")
+}
+
+/// In-process counters; cheap to clone (shared state behind an `Arc`).
+#[derive(Clone)]
+pub struct MemoryCounters {
+    state: Arc<Mutex<State>>,
+    clock: Clock,
+}
+
+impl MemoryCounters {
+    pub fn new(clock: Clock) -> Self {
+        Self {
+            state: Arc::default(),
+            clock,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a window half-updated in a way
+        // that breaks the limit (entries are added after all checks), so keep going.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn acquire(&self, req: &AcquireRequest) -> AcquireOutcome {
+        let now = self.clock.now_ms();
+        let window_ms = req.window.as_millis() as i64;
+        let horizon = now - window_ms;
+        let mut state = self.lock();
+        state.drop_expired_leases(now);
+
+        let tenant_key = tenant_key(&req.upstream_id, &req.tenant_id);
+        let tenant_used = state.window(tenant_key.clone()).trim(horizon);
+
+        let n_dedicated = req.dedicated.len();
+        let mut best: Option<(usize, u32)> = None;
+        let mut earliest: Option<i64> = None;
+        for (idx, token) in req.dedicated.iter().chain(&req.pooled).enumerate() {
+            if matches!(best, Some((b, _)) if b < n_dedicated) && idx >= n_dedicated {
+                break;
+            }
+            let window = state.window(token_key(&req.upstream_id, token));
+            let used = window.trim(horizon);
+            if used + req.cost <= req.token_limit {
+                if best.is_none_or(|(_, best_used)| used < best_used) {
+                    best = Some((idx, used));
+                }
+            } else {
+                let free = window.free_at(now, window_ms, used, req.cost, req.token_limit);
+                earliest = Some(earliest.map_or(free, |e| e.min(free)));
+            }
+        }
+
+        let deny = |reason, at: i64| {
+            AcquireOutcome::Denied(Denied {
+                reason,
+                retry_after: Duration::from_millis((at - now).max(0) as u64),
+                now_ms: now,
+            })
+        };
+        if tenant_used + req.cost > req.tenant_limit {
+            let tenant_window = state.window(tenant_key);
+            let mut at =
+                tenant_window.free_at(now, window_ms, tenant_used, req.cost, req.tenant_limit);
+            if best.is_none() {
+                at = at.max(earliest.unwrap_or(at));
+            }
+            return deny(DenyReason::TenantQuota, at);
+        }
+        let Some((idx, token_used)) = best else {
+            return deny(DenyReason::NoTokenCapacity, earliest.unwrap_or(now));
+        };
+
+        let token = req
+            .dedicated
+            .iter()
+            .chain(&req.pooled)
+            .nth(idx)
+            .expect("index from the loop")
+            .clone();
+        let expires = now + req.lease_ttl.as_millis() as i64;
+        for i in 1..=req.cost {
+            let member = format!("{}#{i}", req.nonce);
+            state
+                .window(tenant_key.clone())
+                .insert(member.clone(), expires);
+            state
+                .window(token_key(&req.upstream_id, &token))
+                .insert(member, expires);
+        }
+        state.leases.insert(
+            req.nonce.clone(),
+            Lease {
+                tenant: req.tenant_id.clone(),
+                token: token.clone(),
+                cost: req.cost,
+                expires,
+                outcome: None,
+            },
+        );
+        state.expiries.insert((expires, req.nonce.clone()));
+        AcquireOutcome::Granted(Grant {
+            token_id: token,
+            now_ms: now,
+            expires_at_ms: expires,
+            tenant_used: tenant_used + req.cost,
+            token_used: token_used + req.cost,
+        })
+    }
+
+    pub fn release(&self, key: &LeaseKey, outcome: ReleaseOutcome) -> ReleaseResult {
+        let now = self.clock.now_ms();
+        let mut state = self.lock();
+        state.drop_expired_leases(now);
+        let Some(lease) = state.leases.get_mut(&key.nonce) else {
+            return ReleaseResult::NotFound;
+        };
+        if lease.tenant != key.tenant_id || lease.token != key.token_id || lease.expires < now {
+            return ReleaseResult::NotFound;
+        }
+        match lease.outcome {
+            Some(previous) if previous == outcome => return ReleaseResult::AlreadyReleased,
+            Some(previous) => return ReleaseResult::Conflict { previous },
+            None => lease.outcome = Some(outcome),
+        }
+        let cost = lease.cost;
+        let keys = [
+            tenant_key(&key.upstream_id, &key.tenant_id),
+            token_key(&key.upstream_id, &key.token_id),
+        ];
+        for key_name in keys {
+            let window = state.window(key_name);
+            for i in 1..=cost {
+                let member = format!("{}#{i}", key.nonce);
+                if outcome == ReleaseOutcome::NotUsed {
+                    window.remove(&member);
+                } else {
+                    window.move_end(&member, now);
+                }
+            }
+        }
+        ReleaseResult::Released
+    }
+
+    pub fn usage(
+        &self,
+        upstream: &Id,
+        window: Duration,
+        tenants: &[Id],
+        tokens: &[Id],
+    ) -> UsageCounts {
+        let horizon = self.clock.now_ms() - window.as_millis() as i64;
+        let mut state = self.lock();
+        let mut count = |key: String| state.windows.get_mut(&key).map_or(0, |w| w.trim(horizon));
+        UsageCounts {
+            tenants: tenants
+                .iter()
+                .map(|t| count(tenant_key(upstream, t)))
+                .collect(),
+            tokens: tokens
+                .iter()
+                .map(|t| count(token_key(upstream, t)))
+                .collect(),
+        }
+    }
+}

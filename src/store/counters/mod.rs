@@ -1,0 +1,262 @@
+//! Lease counters: the sliding windows of every token and tenant, and the live leases.
+//!
+//! # The accounting that keeps the upstream under its limit
+//!
+//! A lease granted at `g` and valid until `e = g + T` may be used at any instant of
+//! `[g, e]`. The upstream counts requests in every window `[s, s + W]`. So each grant is
+//! stored as an *occupancy interval* that ends at `e` (score = `e` in the window), and a
+//! new grant at `now` is allowed only if the entries with `end ≥ now − W`, plus the new
+//! ones, fit in the limit. Why that is enough: the grants whose use can fall in some
+//! window `[s, s + W]` are those with `g ≤ s + W` and `e ≥ s`. The last of them to be
+//! granted, at `g_last ≤ s + W`, saw every other one with `e ≥ s ≥ g_last − W` and
+//! refused itself if they were too many. For unreleased leases this is a sliding window
+//! of length `W + T` over grant times; a release with an outcome that used the lease
+//! shortens the interval to end at the release (the call was over by then); "not used"
+//! removes it.
+//!
+//! Time is the store's own clock (Redis `TIME`, or the process clock in memory), never
+//! a replica's: replicas may disagree about time, the store does not.
+//!
+//! # Backends
+//! `Counters` is an enum over the two backends (chosen once in `startup.rs`), so both
+//! run the same behaviour tests and no trait objects are needed.
+
+mod memory;
+mod redis_backend;
+mod scripts;
+
+pub use memory::MemoryCounters;
+pub use redis_backend::{RedisCounters, RedisSettings};
+
+use std::time::Duration;
+
+use crate::domain::Id;
+
+/// Everything one acquire decision needs; built by `lease::plan` from the configuration.
+#[derive(Debug, Clone)]
+pub struct AcquireRequest {
+    /// The upstream: all keys of one upstream share a Redis Cluster hash slot.
+    pub upstream_id: Id,
+    /// Random part of the lease id, chosen by the caller.
+    pub nonce: String,
+    pub tenant_id: Id,
+    /// The tenant's quota per window.
+    pub tenant_limit: u32,
+    /// Usable requests per token per window (limit minus safety margin).
+    pub token_limit: u32,
+    pub window: Duration,
+    pub lease_ttl: Duration,
+    pub cost: u32,
+    /// The tenant's dedicated tokens, tried first (least used first).
+    pub dedicated: Vec<Id>,
+    /// The tenant's pool tokens, tried next (least used first).
+    pub pooled: Vec<Id>,
+}
+
+/// A recorded grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub token_id: Id,
+    /// The store's clock at the decision, in Unix milliseconds.
+    pub now_ms: i64,
+    pub expires_at_ms: i64,
+    /// Slots the tenant holds in the window, this grant included.
+    pub tenant_used: u32,
+    /// Slots the token holds in the window, this grant included.
+    pub token_used: u32,
+}
+
+/// The binding constraint of a denial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    TenantQuota,
+    NoTokenCapacity,
+}
+
+/// A denial; nothing was recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied {
+    pub reason: DenyReason,
+    /// When the earliest slot this request could use frees up, from `now_ms`.
+    pub retry_after: Duration,
+    pub now_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AcquireOutcome {
+    Granted(Grant),
+    Denied(Denied),
+}
+
+/// How a lease was used, as far as the counters care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReleaseOutcome {
+    Success,
+    UpstreamError,
+    UpstreamRateLimited,
+    NotUsed,
+}
+
+impl ReleaseOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::UpstreamError => "upstream_error",
+            Self::UpstreamRateLimited => "upstream_rate_limited",
+            Self::NotUsed => "not_used",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        [
+            Self::Success,
+            Self::UpstreamError,
+            Self::UpstreamRateLimited,
+            Self::NotUsed,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == value)
+    }
+}
+
+/// The parts of a lease id: `<upstream>.<tenant>.<token>.<nonce>`. Ids never contain
+/// '.', so the id splits unambiguously, and the release script can name every key it
+/// touches up front (required by Redis Cluster).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseKey {
+    pub upstream_id: Id,
+    pub tenant_id: Id,
+    pub token_id: Id,
+    pub nonce: String,
+}
+
+impl LeaseKey {
+    pub fn to_lease_id(&self) -> String {
+        format!(
+            "{}.{}.{}.{}",
+            self.upstream_id, self.tenant_id, self.token_id, self.nonce
+        )
+    }
+
+    /// Parses a lease id; `None` when it is not one of ours.
+    pub fn parse(lease_id: &str) -> Option<Self> {
+        let mut parts = lease_id.split('.');
+        let (u, te, to, n) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || n.len() != 32 || !n.chars().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        Some(Self {
+            upstream_id: Id::parse("lease_id", u).ok()?,
+            tenant_id: Id::parse("lease_id", te).ok()?,
+            token_id: Id::parse("lease_id", to).ok()?,
+            nonce: n.to_owned(),
+        })
+    }
+
+    /// A fresh random nonce (128 bits, hex).
+    pub fn new_nonce() -> String {
+        uuid::Uuid::new_v4().simple().to_string()
+    }
+}
+
+/// The result of a release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseResult {
+    Released,
+    /// Released before with the same outcome.
+    AlreadyReleased,
+    /// Released before with another outcome.
+    Conflict {
+        previous: ReleaseOutcome,
+    },
+    /// Unknown, or expired.
+    NotFound,
+}
+
+/// Slots held in the current window, per tenant and per token.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UsageCounts {
+    pub tenants: Vec<u32>,
+    pub tokens: Vec<u32>,
+}
+
+/// Why a counter call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CounterError {
+    /// The backend did not answer in time or could not be reached. Nothing may be
+    /// assumed granted (fail closed); callers answer UNAVAILABLE with a retry-after.
+    #[error("lease counters unavailable: {0}")]
+    Unavailable(String),
+    /// The backend answered something we did not expect.
+    #[error("lease counters error: {0}")]
+    Internal(String),
+}
+
+/// The counters backend, chosen at start-up.
+#[derive(Clone)]
+pub enum Counters {
+    Memory(MemoryCounters),
+    Redis(RedisCounters),
+}
+
+impl Counters {
+    /// Decides and records one lease atomically.
+    pub async fn acquire(&self, req: &AcquireRequest) -> Result<AcquireOutcome, CounterError> {
+        match self {
+            Self::Memory(m) => Ok(m.acquire(req)),
+            Self::Redis(r) => r.acquire(req).await,
+        }
+    }
+
+    /// Records the outcome of a lease; "not used" frees its slots.
+    pub async fn release(
+        &self,
+        key: &LeaseKey,
+        outcome: ReleaseOutcome,
+    ) -> Result<ReleaseResult, CounterError> {
+        match self {
+            Self::Memory(m) => Ok(m.release(key, outcome)),
+            Self::Redis(r) => r.release(key, outcome).await,
+        }
+    }
+
+    /// Slots held now, for one upstream's tenants and tokens.
+    pub async fn usage(
+        &self,
+        upstream_id: &Id,
+        window: Duration,
+        tenants: &[Id],
+        tokens: &[Id],
+    ) -> Result<UsageCounts, CounterError> {
+        match self {
+            Self::Memory(m) => Ok(m.usage(upstream_id, window, tenants, tokens)),
+            Self::Redis(r) => r.usage(upstream_id, window, tenants, tokens).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lease ids round-trip and foreign strings are rejected.
+    #[test]
+    fn lease_id_roundtrip() {
+        let key = LeaseKey {
+            upstream_id: Id::parse("x", "baselinker").unwrap(),
+            tenant_id: Id::parse("x", "acme").unwrap(),
+            token_id: Id::parse("x", "tok-1").unwrap(),
+            nonce: LeaseKey::new_nonce(),
+        };
+        assert_eq!(LeaseKey::parse(&key.to_lease_id()), Some(key));
+        for bad in [
+            "",
+            "a.b.c",
+            "a.b.c.d",
+            "a.b.c.0123456789abcdef0123456789abcdeg",
+            "A.b.c.0123456789abcdef0123456789abcdef",
+        ] {
+            assert_eq!(LeaseKey::parse(bad), None, "{bad}");
+        }
+    }
+}

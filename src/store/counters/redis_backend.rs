@@ -1,0 +1,249 @@
+//! Lease counters in Redis (one server or a Redis Cluster), shared by every replica.
+//!
+//! Keys: `<prefix>:{<upstream>}:tw:<tenant>` (tenant window), `…:kw:<token>` (token
+//! window), `…:lease:<nonce>` (lease hash). The `{<upstream>}` hash tag puts one
+//! upstream's keys in one cluster slot, so a decision that spans a tenant and many
+//! tokens is one atomic script. One slot per upstream is ample: an upstream allowing
+//! 100 requests per minute per token needs ~1,700 decisions a second for 1,000 tokens,
+//! far below what one Redis node runs.
+//!
+//! Failure policy (fail closed): every call is bounded by `timeout`; a timeout or a
+//! connection error becomes `CounterError::Unavailable` and the caller denies. A script
+//! that timed out on our side may still have run: its grant is then recorded but never
+//! handed out, which costs a slot but can never exceed the limit.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Script, Value};
+
+use super::{
+    AcquireOutcome, AcquireRequest, CounterError, Denied, DenyReason, Grant, LeaseKey,
+    ReleaseOutcome, ReleaseResult, UsageCounts, scripts,
+};
+use crate::domain::Id;
+
+/// How to reach Redis.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://host:port[/db]`; several comma-separated URLs mean a Redis Cluster.
+    pub url: String,
+    /// Prefix of every key, so several deployments (or tests) can share one Redis.
+    pub key_prefix: String,
+    /// Upper bound on one counter call, connection attempts included.
+    pub timeout: Duration,
+}
+
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// Redis counters; cheap to clone (multiplexed connections).
+#[derive(Clone)]
+pub struct RedisCounters {
+    connection: Connection,
+    prefix: String,
+    timeout: Duration,
+    acquire: Script,
+    release: Script,
+    usage: Script,
+}
+
+fn unavailable(err: impl std::fmt::Display) -> CounterError {
+    CounterError::Unavailable(err.to_string())
+}
+
+impl RedisCounters {
+    /// Connects. A single server is connected lazily (the service starts, and fails
+    /// closed, while Redis is down; it reconnects by itself); a cluster is connected
+    /// now, since its topology must be read first.
+    pub async fn connect(settings: &RedisSettings) -> Result<Self, CounterError> {
+        let urls: Vec<&str> = settings
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        let connection = if urls.len() > 1 {
+            let client = ClusterClient::builder(urls)
+                .connection_timeout(settings.timeout)
+                .response_timeout(settings.timeout)
+                .retries(1)
+                .build()
+                .map_err(|e| CounterError::Internal(format!("invalid Redis Cluster URLs: {e}")))?;
+            let conn = tokio::time::timeout(settings.timeout * 4, client.get_async_connection())
+                .await
+                .map_err(|_| unavailable("timed out connecting to the Redis Cluster"))?
+                .map_err(unavailable)?;
+            Connection::Cluster(conn)
+        } else {
+            let client = redis::Client::open(settings.url.as_str())
+                .map_err(|e| CounterError::Internal(format!("invalid Redis URL: {e}")))?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(settings.timeout))
+                .set_response_timeout(Some(settings.timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            Connection::Single(
+                ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?,
+            )
+        };
+        Ok(Self {
+            connection,
+            prefix: settings.key_prefix.clone(),
+            timeout: settings.timeout,
+            acquire: Script::new(scripts::ACQUIRE),
+            release: Script::new(scripts::RELEASE),
+            usage: Script::new(scripts::USAGE),
+        })
+    }
+
+    fn key(&self, upstream: &Id, kind: &str, id: &str) -> String {
+        format!("{}:{{{upstream}}}:{kind}:{id}", self.prefix)
+    }
+
+    async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Result<Value, CounterError> {
+        async fn go(
+            invocation: &redis::ScriptInvocation<'_>,
+            conn: &mut impl ConnectionLike,
+        ) -> redis::RedisResult<Value> {
+            invocation.invoke_async(conn).await
+        }
+        let call = async {
+            match &self.connection {
+                Connection::Single(c) => go(&invocation, &mut c.clone()).await,
+                Connection::Cluster(c) => go(&invocation, &mut c.clone()).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => Err(unavailable(format!(
+                "no answer from Redis within {:?}",
+                self.timeout
+            ))),
+            Ok(Err(e))
+                if e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_unrecoverable_error() =>
+            {
+                Err(unavailable(e))
+            }
+            Ok(Err(e)) => Err(CounterError::Internal(e.to_string())),
+            Ok(Ok(value)) => Ok(value),
+        }
+    }
+
+    pub async fn acquire(&self, req: &AcquireRequest) -> Result<AcquireOutcome, CounterError> {
+        let tokens: Vec<&Id> = req.dedicated.iter().chain(&req.pooled).collect();
+        let mut inv = self.acquire.prepare_invoke();
+        inv.key(self.key(&req.upstream_id, "tw", req.tenant_id.as_str()))
+            .key(self.key(&req.upstream_id, "lease", &req.nonce));
+        for token in &tokens {
+            inv.key(self.key(&req.upstream_id, "kw", token.as_str()));
+        }
+        inv.arg(req.window.as_millis() as u64)
+            .arg(req.lease_ttl.as_millis() as u64)
+            .arg(req.cost)
+            .arg(req.tenant_limit)
+            .arg(req.token_limit)
+            .arg(req.dedicated.len())
+            .arg(req.tenant_id.as_str())
+            .arg(&req.nonce);
+        for token in &tokens {
+            inv.arg(token.as_str());
+        }
+        let reply: Vec<i64> = redis::from_redis_value(self.run(inv).await?)
+            .map_err(|e| CounterError::Internal(format!("unexpected acquire reply: {e}")))?;
+        parse_acquire_reply(&reply, &tokens)
+    }
+
+    pub async fn release(
+        &self,
+        key: &LeaseKey,
+        outcome: ReleaseOutcome,
+    ) -> Result<ReleaseResult, CounterError> {
+        let mut inv = self.release.prepare_invoke();
+        inv.key(self.key(&key.upstream_id, "lease", &key.nonce))
+            .key(self.key(&key.upstream_id, "tw", key.tenant_id.as_str()))
+            .key(self.key(&key.upstream_id, "kw", key.token_id.as_str()))
+            .arg(outcome.as_str())
+            .arg(key.tenant_id.as_str())
+            .arg(key.token_id.as_str())
+            .arg(&key.nonce);
+        let reply: Vec<String> = redis::from_redis_value(self.run(inv).await?)
+            .map_err(|e| CounterError::Internal(format!("unexpected release reply: {e}")))?;
+        match reply.first().map(String::as_str) {
+            Some("released") => Ok(ReleaseResult::Released),
+            Some("already") => Ok(ReleaseResult::AlreadyReleased),
+            Some("not_found") => Ok(ReleaseResult::NotFound),
+            Some("conflict") => reply
+                .get(1)
+                .and_then(|p| ReleaseOutcome::parse(p))
+                .map(|previous| ReleaseResult::Conflict { previous })
+                .ok_or_else(|| CounterError::Internal(format!("bad conflict reply {reply:?}"))),
+            _ => Err(CounterError::Internal(format!(
+                "unexpected release reply {reply:?}"
+            ))),
+        }
+    }
+
+    pub async fn usage(
+        &self,
+        upstream: &Id,
+        window: Duration,
+        tenants: &[Id],
+        tokens: &[Id],
+    ) -> Result<UsageCounts, CounterError> {
+        if tenants.is_empty() && tokens.is_empty() {
+            return Ok(UsageCounts::default());
+        }
+        let mut inv = self.usage.prepare_invoke();
+        for tenant in tenants {
+            inv.key(self.key(upstream, "tw", tenant.as_str()));
+        }
+        for token in tokens {
+            inv.key(self.key(upstream, "kw", token.as_str()));
+        }
+        inv.arg(window.as_millis() as u64);
+        let mut counts: Vec<u32> = redis::from_redis_value(self.run(inv).await?)
+            .map_err(|e| CounterError::Internal(format!("unexpected usage reply: {e}")))?;
+        let token_counts = counts.split_off(tenants.len().min(counts.len()));
+        Ok(UsageCounts {
+            tenants: counts,
+            tokens: token_counts,
+        })
+    }
+}
+
+fn parse_acquire_reply(reply: &[i64], tokens: &[&Id]) -> Result<AcquireOutcome, CounterError> {
+    let bad = || CounterError::Internal(format!("unexpected acquire reply {reply:?}"));
+    match reply {
+        [1, index, now, expires, tenant_used, token_used] => {
+            let token = tokens
+                .get((*index as usize).wrapping_sub(1))
+                .ok_or_else(bad)?;
+            Ok(AcquireOutcome::Granted(Grant {
+                token_id: (*token).clone(),
+                now_ms: *now,
+                expires_at_ms: *expires,
+                tenant_used: *tenant_used as u32,
+                token_used: *token_used as u32,
+            }))
+        }
+        [0, reason, retry_ms, now] => Ok(AcquireOutcome::Denied(Denied {
+            reason: if *reason == 1 {
+                DenyReason::TenantQuota
+            } else {
+                DenyReason::NoTokenCapacity
+            },
+            retry_after: Duration::from_millis((*retry_ms).max(0) as u64),
+            now_ms: *now,
+        })),
+        _ => Err(bad()),
+    }
+}
