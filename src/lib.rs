@@ -11,7 +11,15 @@
 //! - `clock`: the one place the embedded mode reads time.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod clock;
+pub mod config;
 pub mod crypto;
 pub mod domain;
+pub mod error;
+pub mod events;
+pub mod grpc;
+pub mod lease;
+pub mod startup;
 pub mod store;
+pub mod telemetry;

@@ -9,6 +9,7 @@ mod priority;
 mod validate;
 
 pub use id::Id;
+pub use model::check_display_name;
 pub use model::{
     ApiKeyRecord, ApiKeyRole, Pool, SharedAccess, Tenant, Tier, TokenOwner, TokenRecord, Upstream,
 };

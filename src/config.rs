@@ -1,0 +1,353 @@
+//! Settings, layered: built-in defaults → a TOML file (`--config` or
+//! `TOKENLEASE_CONFIG`) → `TOKENLEASE_*` environment variables (nested keys joined by
+//! `__`, e.g. `TOKENLEASE_LEASE__TTL_MS=3000`), plus the conventional `DATABASE_URL` and
+//! `REDIS_URL`. Validated once at start; every error names the setting and what would
+//! be accepted.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::KeyRing;
+
+/// Every setting of the service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// Folder for the embedded mode's SQLite file and generated keys.
+    pub data_dir: PathBuf,
+    /// `postgres://…` for replicas; unset: the embedded SQLite file in `data_dir`.
+    #[serde(skip_serializing, default)]
+    pub database_url: Option<String>,
+    /// `redis://…` (comma-separated for a Redis Cluster); unset: in-process counters.
+    #[serde(skip_serializing, default)]
+    pub redis_url: Option<String>,
+    pub redis: RedisSection,
+    pub lease: LeaseSection,
+    pub encryption: EncryptionSection,
+    pub tls: Option<TlsSection>,
+    /// How often a replica checks the database for configuration changes.
+    pub config_refresh_ms: u64,
+    /// `text` or `json` logs.
+    pub log_format: String,
+    /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSection {
+    /// Prefix of every Redis key.
+    pub key_prefix: String,
+    /// Upper bound on one Redis call; past it the call fails closed (UNAVAILABLE).
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseSection {
+    /// How long a lease stays valid. Each lease occupies its slot for window + TTL
+    /// when it is never released, so keep it short.
+    pub ttl_ms: u64,
+    /// The longest `max_wait` a caller may ask for.
+    pub max_wait_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionSection {
+    /// Master keys by id, each base64 of 32 random bytes (`tokenlease gen-master-key`).
+    #[serde(skip_serializing, default)]
+    pub keys: BTreeMap<String, SecretString>,
+    /// A file of `id=base64` lines, merged with `keys`.
+    pub key_file: Option<PathBuf>,
+    /// The key that seals new tokens; may be omitted when there is only one key.
+    pub active_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain.
+    pub cert_path: PathBuf,
+    /// PEM private key.
+    pub key_path: PathBuf,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".parse().expect("valid literal"),
+            data_dir: PathBuf::from("tokenlease-data"),
+            database_url: None,
+            redis_url: None,
+            redis: RedisSection {
+                key_prefix: "tl".into(),
+                timeout_ms: 250,
+            },
+            lease: LeaseSection {
+                ttl_ms: 5_000,
+                max_wait_ms: 60_000,
+            },
+            encryption: EncryptionSection::default(),
+            tls: None,
+            config_refresh_ms: 1_000,
+            log_format: "text".into(),
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads defaults → file → environment, then validates.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("TOKENLEASE_CONFIG").map(PathBuf::from));
+        if let Some(path) = file {
+            if !path.exists() {
+                bail!("configuration file {} does not exist", path.display());
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment
+            .merge(Env::prefixed("TOKENLEASE_").ignore(&["config"]).split("__"))
+            .merge(Env::raw().only(&["database_url", "redis_url"]));
+        let settings: Settings = figment.extract().map_err(|e| {
+            anyhow::anyhow!("invalid setting: {e} (settings come from defaults, the config file and TOKENLEASE_* variables)")
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        check_range("lease.ttl_ms", self.lease.ttl_ms, 100, 300_000)?;
+        check_range("lease.max_wait_ms", self.lease.max_wait_ms, 0, 600_000)?;
+        check_range("redis.timeout_ms", self.redis.timeout_ms, 10, 30_000)?;
+        check_range("config_refresh_ms", self.config_refresh_ms, 100, 600_000)?;
+        check_range("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000)?;
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            bail!(
+                "invalid setting log_format = {:?}: use \"text\" or \"json\"",
+                self.log_format
+            );
+        }
+        let prefix_ok = !self.redis.key_prefix.is_empty()
+            && self.redis.key_prefix.len() <= 64
+            && self
+                .redis
+                .key_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_:".contains(c));
+        if !prefix_ok {
+            bail!(
+                "invalid setting redis.key_prefix = {:?}: use 1 to 64 letters, digits, '-', '_' or ':'",
+                self.redis.key_prefix
+            );
+        }
+        if let Some(url) = &self.database_url
+            && !url.starts_with("postgres://")
+            && !url.starts_with("postgresql://")
+            && !url.starts_with("sqlite:")
+        {
+            bail!("invalid setting DATABASE_URL: expected postgres://… or sqlite:…");
+        }
+        if let Some(url) = &self.redis_url
+            && !url
+                .split(',')
+                .all(|u| u.trim().starts_with("redis://") || u.trim().starts_with("rediss://"))
+        {
+            bail!(
+                "invalid setting REDIS_URL: expected redis://host:port (comma-separated for a cluster)"
+            );
+        }
+        Ok(())
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease.ttl_ms)
+    }
+
+    /// The database URL to use: the configured one, or the embedded SQLite file.
+    pub fn effective_database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("tokenlease.db").display()),
+        }
+    }
+
+    /// True when running as one of many replicas (Postgres configured).
+    pub fn is_distributed(&self) -> bool {
+        self.database_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("postgres"))
+    }
+
+    /// Builds the key ring from `keys` and `key_file`. In the embedded mode with no key
+    /// configured, a key file is generated in `data_dir` on first start.
+    pub fn key_ring(&self) -> anyhow::Result<KeyRing> {
+        let mut keys = self.encryption.keys.clone();
+        let mut key_file = self.encryption.key_file.clone();
+        if keys.is_empty() && key_file.is_none() {
+            if self.is_distributed() {
+                bail!(
+                    "no master key configured: set TOKENLEASE_ENCRYPTION__KEYS__K1=<base64 of 32 bytes> \
+                     (generate one with `tokenlease gen-master-key`) or encryption.key_file"
+                );
+            }
+            key_file = Some(ensure_embedded_key_file(&self.data_dir)?);
+        }
+        if let Some(path) = &key_file {
+            keys.extend(read_key_file(path)?);
+        }
+        let active = match &self.encryption.active_key {
+            Some(active) => active.clone(),
+            None if keys.len() == 1 => keys.keys().next().expect("one key").clone(),
+            None => bail!(
+                "several master keys are configured: set encryption.active_key to the one that seals new tokens"
+            ),
+        };
+        KeyRing::from_base64(&keys, &active).context("invalid encryption settings")
+    }
+}
+
+fn check_range(name: &str, value: u64, min: u64, max: u64) -> anyhow::Result<()> {
+    if value < min || value > max {
+        bail!("invalid setting {name} = {value}: it must be between {min} and {max}");
+    }
+    Ok(())
+}
+
+/// Reads `id=base64` lines; blank lines and `#` comments are skipped.
+fn read_key_file(path: &Path) -> anyhow::Result<BTreeMap<String, SecretString>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the master key file {}", path.display()))?;
+    let mut keys = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((id, key)) = line.split_once('=') else {
+            bail!("{} line {}: expected id=base64key", path.display(), n + 1);
+        };
+        keys.insert(
+            id.trim().to_owned(),
+            SecretString::from(key.trim().to_owned()),
+        );
+    }
+    Ok(keys)
+}
+
+/// Creates `data_dir/master.key` (mode 0600) with one random key if it is missing.
+fn ensure_embedded_key_file(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = data_dir.join("master.key");
+    if path.exists() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data folder {}", data_dir.display()))?;
+    let key = KeyRing::generate_key_base64();
+    let body = format!(
+        "# tokenlease master key, generated on first start. Keep it: tokens sealed with it\n\
+         # cannot be read without it. Add new keys as new lines to rotate.\nk1={}\n",
+        secrecy::ExposeSecret::expose_secret(&key)
+    );
+    write_private_file(&path, &body)?;
+    tracing::info!(path = %path.display(), "generated a master key for the embedded store");
+    Ok(path)
+}
+
+/// Writes a file readable only by its owner.
+pub fn write_private_file(path: &Path, body: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(body.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Defaults validate; a bad value is refused with the setting named and no panic.
+    #[test]
+    fn defaults_and_bad_values() {
+        assert!(Settings::default().validate().is_ok());
+        let mut s = Settings::default();
+        s.lease.ttl_ms = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("lease.ttl_ms") && err.contains("between"),
+            "{err}"
+        );
+        let mut s = Settings::default();
+        s.redis_url = Some("http://x".into());
+        assert!(s.validate().unwrap_err().to_string().contains("REDIS_URL"));
+    }
+
+    /// The file layer and the environment layer override defaults, in that order.
+    #[test]
+    fn layering() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "tl.toml",
+                "config_refresh_ms = 2000\n[lease]\nttl_ms = 3000\nmax_wait_ms = 1000\n",
+            )?;
+            jail.set_env("TOKENLEASE_LEASE__TTL_MS", "4000");
+            jail.set_env("REDIS_URL", "redis://127.0.0.1:6379");
+            let s = Settings::load(Some(Path::new("tl.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.config_refresh_ms, 2000);
+            assert_eq!(s.lease.ttl_ms, 4000);
+            assert_eq!(s.redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
+            jail.set_env("TOKENLEASE_LEASE__TTL_MS", "soon");
+            let err = Settings::load(Some(Path::new("tl.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("ttl_ms"), "{err}");
+            Ok(())
+        });
+    }
+
+    /// The embedded mode generates a private key file once and reuses it.
+    #[test]
+    fn embedded_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Settings {
+            data_dir: dir.path().to_path_buf(),
+            ..Settings::default()
+        };
+        let ring = s.key_ring().unwrap();
+        let again = s.key_ring().unwrap();
+        assert_eq!(ring.active_key_id(), again.active_key_id());
+        let (kid, sealed) = ring.seal("t", &SecretString::from("x"));
+        assert!(again.open("t", &kid, &sealed).is_ok());
+        let distributed = Settings {
+            database_url: Some("postgres://x".into()),
+            ..s
+        };
+        assert!(
+            distributed
+                .key_ring()
+                .unwrap_err()
+                .to_string()
+                .contains("gen-master-key")
+        );
+    }
+}

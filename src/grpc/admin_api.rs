@@ -1,0 +1,667 @@
+//! AdminService: CRUD over the configuration store, each write followed by a snapshot
+//! refresh on this replica (read-your-writes for leasing) and a `ConfigChanged` event.
+
+use secrecy::SecretString;
+use tonic::{Request, Response, Status};
+
+use super::auth::caller;
+use super::convert::*;
+use super::pb::{self, admin_service_server::AdminService};
+use crate::auth::{Caller, generate_api_key, reveal};
+use crate::domain::{ApiKeyRole, Id, InvalidField};
+use crate::error::ServiceError;
+use crate::events::{Change, EventBus, EventKind, Resource};
+use crate::lease::{Leaser, LiveConfig};
+
+/// Default and largest page sizes of List calls.
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
+/// The AdminService implementation.
+#[derive(Clone)]
+pub struct AdminApi {
+    pub leaser: Leaser,
+    pub events: EventBus,
+}
+
+/// Checks the caller is an admin.
+fn admin<T>(request: &Request<T>) -> Result<Caller, Status> {
+    let caller = caller(request)?;
+    caller.require_admin()?;
+    Ok(caller)
+}
+
+fn parse_id(field: &str, value: &str) -> Result<Id, Status> {
+    Id::parse(field, value).map_err(|e| ServiceError::from(e).into())
+}
+
+/// Page bounds from a List request: `(after, limit)`.
+fn page(size: u32, token: &str) -> Result<(Option<String>, u32), Status> {
+    let limit = if size == 0 {
+        DEFAULT_PAGE
+    } else {
+        size.min(MAX_PAGE)
+    };
+    let after = match token {
+        "" => None,
+        t if t.len() <= 128 && t.chars().all(|c| c.is_ascii_graphic()) => Some(t.to_owned()),
+        _ => {
+            return Err(ServiceError::from(InvalidField::new(
+                "page_token",
+                "is not a token from a previous page",
+            ))
+            .into());
+        }
+    };
+    Ok((after, limit))
+}
+
+/// Trims the extra row fetched to detect a next page and returns the next page token.
+fn next_page<T>(items: &mut Vec<T>, limit: u32, id_of: impl Fn(&T) -> String) -> String {
+    if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(id_of).unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
+impl AdminApi {
+    fn config(&self) -> &LiveConfig {
+        &self.leaser.config
+    }
+
+    /// After a successful write: refresh this replica's snapshot and tell watchers.
+    async fn written(&self, resource: Resource, id: &str, change: Change, version: i64) {
+        if let Err(error) = self.config().refresh().await {
+            tracing::warn!(%error, "snapshot refresh after an admin write failed; the poller will retry");
+        }
+        self.events.publish(EventKind::ConfigChanged {
+            resource,
+            id: id.to_owned(),
+            change,
+            version,
+        });
+    }
+
+    fn seal(&self, input: TokenInput) -> crate::domain::TokenRecord {
+        let mut record = input.record;
+        if let Some(secret) = input.secret {
+            let (key_id, sealed) = self.config().ring().seal(record.id.as_str(), &secret);
+            record.key_id = key_id;
+            record.sealed_secret = sealed;
+        }
+        record
+    }
+
+    fn pool_proto(&self, pool: &crate::domain::Pool) -> pb::Pool {
+        let report = self
+            .config()
+            .current()
+            .pool_reports
+            .get(&pool.id)
+            .copied()
+            .unwrap_or_default();
+        pool_to_proto(pool, report)
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn create_upstream(&self, r: Request<pb::CreateUpstreamRequest>) -> Reply<pb::Upstream> {
+        admin(&r)?;
+        let value = upstream_from_proto(r.into_inner().upstream).map_err(ServiceError::from)?;
+        let (stored, version) = self
+            .config()
+            .store()
+            .create_upstream(value)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(
+            Resource::Upstream,
+            stored.id.as_str(),
+            Change::Created,
+            version,
+        )
+        .await;
+        Ok(Response::new(upstream_to_proto(&stored)))
+    }
+
+    async fn get_upstream(&self, r: Request<pb::GetUpstreamRequest>) -> Reply<pb::Upstream> {
+        admin(&r)?;
+        let id = parse_id("id", &r.get_ref().id)?;
+        let stored = self
+            .config()
+            .store()
+            .get_upstream(&id)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(upstream_to_proto(&stored)))
+    }
+
+    async fn list_upstreams(
+        &self,
+        r: Request<pb::ListUpstreamsRequest>,
+    ) -> Reply<pb::ListUpstreamsResponse> {
+        admin(&r)?;
+        let (after, limit) = page(r.get_ref().page_size, &r.get_ref().page_token)?;
+        let mut items = self
+            .config()
+            .store()
+            .list_upstreams(after.as_deref(), limit + 1)
+            .await
+            .map_err(ServiceError::from)?;
+        let next_page_token = next_page(&mut items, limit, |u| u.id.to_string());
+        Ok(Response::new(pb::ListUpstreamsResponse {
+            upstreams: items.iter().map(upstream_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_upstream(&self, r: Request<pb::UpdateUpstreamRequest>) -> Reply<pb::Upstream> {
+        admin(&r)?;
+        let value = upstream_from_proto(r.into_inner().upstream).map_err(ServiceError::from)?;
+        let (stored, version) = self
+            .config()
+            .store()
+            .update_upstream(value)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(
+            Resource::Upstream,
+            stored.id.as_str(),
+            Change::Updated,
+            version,
+        )
+        .await;
+        Ok(Response::new(upstream_to_proto(&stored)))
+    }
+
+    async fn delete_upstream(
+        &self,
+        r: Request<pb::DeleteUpstreamRequest>,
+    ) -> Reply<pb::DeleteUpstreamResponse> {
+        admin(&r)?;
+        let id = parse_id("id", &r.get_ref().id)?;
+        let version = self
+            .config()
+            .store()
+            .delete_upstream(&id)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(Resource::Upstream, id.as_str(), Change::Deleted, version)
+            .await;
+        Ok(Response::new(pb::DeleteUpstreamResponse {}))
+    }
+
+    async fn create_token(&self, r: Request<pb::CreateTokenRequest>) -> Reply<pb::Token> {
+        admin(&r)?;
+        let input = token_from_proto(r.into_inner().token, true).map_err(ServiceError::from)?;
+        let (stored, version) = self
+            .config()
+            .store()
+            .create_token(self.seal(input))
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(
+            Resource::Token,
+            stored.id.as_str(),
+            Change::Created,
+            version,
+        )
+        .await;
+        Ok(Response::new(token_to_proto(&stored)))
+    }
+
+    async fn get_token(&self, r: Request<pb::GetTokenRequest>) -> Reply<pb::Token> {
+        admin(&r)?;
+        let id = parse_id("id", &r.get_ref().id)?;
+        let stored = self
+            .config()
+            .store()
+            .get_token(&id)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(token_to_proto(&stored)))
+    }
+
+    async fn list_tokens(
+        &self,
+        r: Request<pb::ListTokensRequest>,
+    ) -> Reply<pb::ListTokensResponse> {
+        admin(&r)?;
+        let (after, limit) = page(r.get_ref().page_size, &r.get_ref().page_token)?;
+        let mut items = self
+            .config()
+            .store()
+            .list_tokens(after.as_deref(), limit + 1)
+            .await
+            .map_err(ServiceError::from)?;
+        let next_page_token = next_page(&mut items, limit, |t| t.id.to_string());
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: items.iter().map(token_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_token(&self, r: Request<pb::UpdateTokenRequest>) -> Reply<pb::Token> {
+        admin(&r)?;
+        let input = token_from_proto(r.into_inner().token, false).map_err(ServiceError::from)?;
+        let (stored, version) = self
+            .config()
+            .store()
+            .update_token(self.seal(input))
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(
+            Resource::Token,
+            stored.id.as_str(),
+            Change::Updated,
+            version,
+        )
+        .await;
+        Ok(Response::new(token_to_proto(&stored)))
+    }
+
+    async fn delete_token(
+        &self,
+        r: Request<pb::DeleteTokenRequest>,
+    ) -> Reply<pb::DeleteTokenResponse> {
+        admin(&r)?;
+        let id = parse_id("id", &r.get_ref().id)?;
+        let version = self
+            .config()
+            .store()
+            .delete_token(&id)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(Resource::Token, id.as_str(), Change::Deleted, version)
+            .await;
+        Ok(Response::new(pb::DeleteTokenResponse {}))
+    }
+
+    async fn create_pool(&self, r: Request<pb::CreatePoolRequest>) -> Reply<pb::Pool> {
+        admin(&r)?;
+        let value = pool_from_proto(r.into_inner().pool).map_err(ServiceError::from)?;
+        let (stored, version) = self
+            .config()
+            .store()
+            .create_pool(value)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(Resource::Pool, stored.id.as_str(), Change::Created, version)
+            .await;
+        Ok(Response::new(self.pool_proto(&stored)))
+    }
+
+    async fn get_pool(&self, r: Request<pb::GetPoolRequest>) -> Reply<pb::Pool> {
+        admin(&r)?;
+        let id = parse_id("id", &r.get_ref().id)?;
+        let stored = self
+            .config()
+            .store()
+            .get_pool(&id)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(self.pool_proto(&stored)))
+    }
+
+    async fn list_pools(&self, r: Request<pb::ListPoolsRequest>) -> Reply<pb::ListPoolsResponse> {
+        admin(&r)?;
+        let (after, limit) = page(r.get_ref().page_size, &r.get_ref().page_token)?;
+        let mut items = self
+            .config()
+            .store()
+            .list_pools(after.as_deref(), limit + 1)
+            .await
+            .map_err(ServiceError::from)?;
+        let next_page_token = next_page(&mut items, limit, |p| p.id.to_string());
+        Ok(Response::new(pb::ListPoolsResponse {
+            pools: items.iter().map(|p| self.pool_proto(p)).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_pool(&self, r: Request<pb::UpdatePoolRequest>) -> Reply<pb::Pool> {
+        admin(&r)?;
+        let value = pool_from_proto(r.into_inner().pool).map_err(ServiceError::from)?;
+        let (stored, version) = self
+            .config()
+            .store()
+            .update_pool(value)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(Resource::Pool, stored.id.as_str(), Change::Updated, version)
+            .await;
+        Ok(Response::new(self.pool_proto(&stored)))
+    }
+
+    async fn delete_pool(
+        &self,
+        r: Request<pb::DeletePoolRequest>,
+    ) -> Reply<pb::DeletePoolResponse> {
+        admin(&r)?;
+        let id = parse_id("id", &r.get_ref().id)?;
+        let version = self
+            .config()
+            .store()
+            .delete_pool(&id)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(Resource::Pool, id.as_str(), Change::Deleted, version)
+            .await;
+        Ok(Response::new(pb::DeletePoolResponse {}))
+    }
+
+    async fn create_tier(&self, r: Request<pb::CreateTierRequest>) -> Reply<pb::Tier> {
+        admin(&r)?;
+        let value = tier_from_proto(r.into_inner().tier).map_err(ServiceError::from)?;
+        let (stored, version) = self
+            .config()
+            .store()
+            .create_tier(value)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(Resource::Tier, stored.id.as_str(), Change::Created, version)
+            .await;
+        Ok(Response::new(tier_to_proto(&stored)))
+    }
+
+    async fn get_tier(&self, r: Request<pb::GetTierRequest>) -> Reply<pb::Tier> {
+        admin(&r)?;
+        let id = parse_id("id", &r.get_ref().id)?;
+        let stored = self
+            .config()
+            .store()
+            .get_tier(&id)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(tier_to_proto(&stored)))
+    }
+
+    async fn list_tiers(&self, r: Request<pb::ListTiersRequest>) -> Reply<pb::ListTiersResponse> {
+        admin(&r)?;
+        let (after, limit) = page(r.get_ref().page_size, &r.get_ref().page_token)?;
+        let mut items = self
+            .config()
+            .store()
+            .list_tiers(after.as_deref(), limit + 1)
+            .await
+            .map_err(ServiceError::from)?;
+        let next_page_token = next_page(&mut items, limit, |t| t.id.to_string());
+        Ok(Response::new(pb::ListTiersResponse {
+            tiers: items.iter().map(tier_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_tier(&self, r: Request<pb::UpdateTierRequest>) -> Reply<pb::Tier> {
+        admin(&r)?;
+        let value = tier_from_proto(r.into_inner().tier).map_err(ServiceError::from)?;
+        let (stored, version) = self
+            .config()
+            .store()
+            .update_tier(value)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(Resource::Tier, stored.id.as_str(), Change::Updated, version)
+            .await;
+        Ok(Response::new(tier_to_proto(&stored)))
+    }
+
+    async fn delete_tier(
+        &self,
+        r: Request<pb::DeleteTierRequest>,
+    ) -> Reply<pb::DeleteTierResponse> {
+        admin(&r)?;
+        let id = parse_id("id", &r.get_ref().id)?;
+        let version = self
+            .config()
+            .store()
+            .delete_tier(&id)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(Resource::Tier, id.as_str(), Change::Deleted, version)
+            .await;
+        Ok(Response::new(pb::DeleteTierResponse {}))
+    }
+
+    async fn create_tenant(&self, r: Request<pb::CreateTenantRequest>) -> Reply<pb::Tenant> {
+        admin(&r)?;
+        let value = tenant_from_proto(r.into_inner().tenant).map_err(ServiceError::from)?;
+        let (stored, version) = self
+            .config()
+            .store()
+            .create_tenant(value)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(
+            Resource::Tenant,
+            stored.id.as_str(),
+            Change::Created,
+            version,
+        )
+        .await;
+        Ok(Response::new(tenant_to_proto(
+            &stored,
+            &self.config().current(),
+        )))
+    }
+
+    async fn get_tenant(&self, r: Request<pb::GetTenantRequest>) -> Reply<pb::Tenant> {
+        admin(&r)?;
+        let id = parse_id("id", &r.get_ref().id)?;
+        let stored = self
+            .config()
+            .store()
+            .get_tenant(&id)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(tenant_to_proto(
+            &stored,
+            &self.config().current(),
+        )))
+    }
+
+    async fn list_tenants(
+        &self,
+        r: Request<pb::ListTenantsRequest>,
+    ) -> Reply<pb::ListTenantsResponse> {
+        admin(&r)?;
+        let (after, limit) = page(r.get_ref().page_size, &r.get_ref().page_token)?;
+        let mut items = self
+            .config()
+            .store()
+            .list_tenants(after.as_deref(), limit + 1)
+            .await
+            .map_err(ServiceError::from)?;
+        let next_page_token = next_page(&mut items, limit, |t| t.id.to_string());
+        let snapshot = self.config().current();
+        Ok(Response::new(pb::ListTenantsResponse {
+            tenants: items
+                .iter()
+                .map(|t| tenant_to_proto(t, &snapshot))
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_tenant(&self, r: Request<pb::UpdateTenantRequest>) -> Reply<pb::Tenant> {
+        admin(&r)?;
+        let value = tenant_from_proto(r.into_inner().tenant).map_err(ServiceError::from)?;
+        let (stored, version) = self
+            .config()
+            .store()
+            .update_tenant(value)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(
+            Resource::Tenant,
+            stored.id.as_str(),
+            Change::Updated,
+            version,
+        )
+        .await;
+        Ok(Response::new(tenant_to_proto(
+            &stored,
+            &self.config().current(),
+        )))
+    }
+
+    async fn delete_tenant(
+        &self,
+        r: Request<pb::DeleteTenantRequest>,
+    ) -> Reply<pb::DeleteTenantResponse> {
+        admin(&r)?;
+        let id = parse_id("id", &r.get_ref().id)?;
+        let version = self
+            .config()
+            .store()
+            .delete_tenant(&id)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(Resource::Tenant, id.as_str(), Change::Deleted, version)
+            .await;
+        Ok(Response::new(pb::DeleteTenantResponse {}))
+    }
+
+    async fn create_api_key(
+        &self,
+        r: Request<pb::CreateApiKeyRequest>,
+    ) -> Reply<pb::CreateApiKeyResponse> {
+        admin(&r)?;
+        let mut record = api_key_from_proto(r.into_inner().api_key).map_err(ServiceError::from)?;
+        let new = generate_api_key();
+        record.id = new.id.clone();
+        record.secret_hash = new.secret_hash;
+        let (stored, version) = self
+            .config()
+            .store()
+            .create_api_key(record)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(Resource::ApiKey, &stored.id, Change::Created, version)
+            .await;
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            api_key: Some(api_key_to_proto(&stored)),
+            secret: reveal(&new.full_key).to_owned(),
+        }))
+    }
+
+    async fn get_api_key(&self, r: Request<pb::GetApiKeyRequest>) -> Reply<pb::ApiKey> {
+        admin(&r)?;
+        let stored = self
+            .config()
+            .store()
+            .get_api_key(&r.get_ref().id)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(api_key_to_proto(&stored)))
+    }
+
+    async fn list_api_keys(
+        &self,
+        r: Request<pb::ListApiKeysRequest>,
+    ) -> Reply<pb::ListApiKeysResponse> {
+        admin(&r)?;
+        let (after, limit) = page(r.get_ref().page_size, &r.get_ref().page_token)?;
+        let mut items = self
+            .config()
+            .store()
+            .list_api_keys(after.as_deref(), limit + 1)
+            .await
+            .map_err(ServiceError::from)?;
+        let next_page_token = next_page(&mut items, limit, |k| k.id.clone());
+        Ok(Response::new(pb::ListApiKeysResponse {
+            api_keys: items.iter().map(api_key_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_api_key(&self, r: Request<pb::UpdateApiKeyRequest>) -> Reply<pb::ApiKey> {
+        admin(&r)?;
+        let input = r.into_inner().api_key;
+        let id = input.as_ref().map(|k| k.id.clone()).unwrap_or_default();
+        let mut record = api_key_from_proto(input).map_err(ServiceError::from)?;
+        if id.is_empty() {
+            return Err(ServiceError::from(InvalidField::new("api_key.id", "is required")).into());
+        }
+        record.id = id;
+        let (stored, version) = self
+            .config()
+            .store()
+            .update_api_key(record)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(Resource::ApiKey, &stored.id, Change::Updated, version)
+            .await;
+        Ok(Response::new(api_key_to_proto(&stored)))
+    }
+
+    async fn delete_api_key(
+        &self,
+        r: Request<pb::DeleteApiKeyRequest>,
+    ) -> Reply<pb::DeleteApiKeyResponse> {
+        let me = admin(&r)?;
+        let id = r.get_ref().id.clone();
+        if id == me.key_id {
+            return Err(Status::failed_precondition(
+                "id: an API key cannot revoke itself; use another admin key",
+            ));
+        }
+        let version = self
+            .config()
+            .store()
+            .delete_api_key(&id)
+            .await
+            .map_err(ServiceError::from)?;
+        self.written(Resource::ApiKey, &id, Change::Deleted, version)
+            .await;
+        Ok(Response::new(pb::DeleteApiKeyResponse {}))
+    }
+
+    async fn get_usage(&self, r: Request<pb::GetUsageRequest>) -> Reply<pb::GetUsageResponse> {
+        admin(&r)?;
+        let req = r.into_inner();
+        let tenant = Id::parse_optional("tenant_id", &req.tenant_id).map_err(ServiceError::from)?;
+        let token = Id::parse_optional("token_id", &req.token_id).map_err(ServiceError::from)?;
+        let usage = self.leaser.usage(tenant.as_ref(), token.as_ref()).await?;
+        Ok(Response::new(super::lease_api::usage_to_proto(usage)))
+    }
+}
+
+/// Makes sure an admin key exists; returns a new one when none did (bootstrap).
+pub async fn ensure_admin_key(
+    config: &LiveConfig,
+    name: &str,
+) -> Result<Option<SecretString>, ServiceError> {
+    if config.store().count_admin_keys().await? > 0 {
+        return Ok(None);
+    }
+    let key = issue_api_key(config, name, ApiKeyRole::Admin, vec![]).await?;
+    Ok(Some(key))
+}
+
+/// Creates an API key directly in the store (CLI, bootstrap, tests).
+pub async fn issue_api_key(
+    config: &LiveConfig,
+    name: &str,
+    role: ApiKeyRole,
+    tenants: Vec<Id>,
+) -> Result<SecretString, ServiceError> {
+    let new = generate_api_key();
+    let record = crate::domain::ApiKeyRecord {
+        id: new.id,
+        display_name: name.to_owned(),
+        role,
+        tenant_ids: tenants,
+        secret_hash: new.secret_hash,
+        create_time_ms: crate::clock::system_now_ms(),
+    };
+    record.validate()?;
+    config.store().create_api_key(record).await?;
+    config.refresh().await?;
+    Ok(new.full_key)
+}

@@ -1,0 +1,306 @@
+//! LeaseService: AcquireLease, ReleaseLease and the WatchEvents stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use secrecy::ExposeSecret;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::auth::caller;
+use super::convert::{duration, parse_optional_duration, timestamp};
+use super::pb::{self, lease_service_server::LeaseService};
+use crate::auth::Caller;
+use crate::domain::{Id, InvalidField, Priority, RequestKind};
+use crate::error::ServiceError;
+use crate::events::{Change, Event, EventBus, EventKind, Filter, Resource};
+use crate::lease::{AcquireAnswer, AcquireInput, DenialReason, Leaser, MAX_COST, Usage};
+use crate::store::counters::ReleaseOutcome;
+
+/// The LeaseService implementation.
+#[derive(Clone)]
+pub struct LeaseApi {
+    pub leaser: Leaser,
+    pub events: EventBus,
+}
+
+fn invalid(field: &str, reason: &str) -> Status {
+    ServiceError::from(InvalidField::new(field, reason)).into()
+}
+
+fn parse_priority(value: i32) -> Result<Option<Priority>, Status> {
+    match pb::Priority::try_from(value) {
+        Ok(pb::Priority::Unspecified) => Ok(None),
+        Ok(pb::Priority::Critical) => Ok(Some(Priority::Critical)),
+        Ok(pb::Priority::High) => Ok(Some(Priority::High)),
+        Ok(pb::Priority::Normal) => Ok(Some(Priority::Normal)),
+        Ok(pb::Priority::Low) => Ok(Some(Priority::Low)),
+        Err(_) => Err(invalid("priority", "is not a known priority")),
+    }
+}
+
+fn parse_request_kind(value: i32) -> Result<RequestKind, Status> {
+    use pb::RequestKind as K;
+    Ok(
+        match K::try_from(value)
+            .map_err(|_| invalid("request_kind", "is not a known request kind"))?
+        {
+            K::Unspecified => RequestKind::Unspecified,
+            K::OrderStatus => RequestKind::OrderStatus,
+            K::Payment => RequestKind::Payment,
+            K::Shipment => RequestKind::Shipment,
+            K::CustomerFacing => RequestKind::CustomerFacing,
+            K::OrderSync => RequestKind::OrderSync,
+            K::Inventory => RequestKind::Inventory,
+            K::Analytics => RequestKind::Analytics,
+            K::Background => RequestKind::Background,
+        },
+    )
+}
+
+fn parse_acquire(req: pb::AcquireLeaseRequest) -> Result<AcquireInput, Status> {
+    let cost = match req.cost {
+        0 => 1,
+        c if c > MAX_COST => {
+            return Err(invalid(
+                "cost",
+                &format!("is {c}; at most {MAX_COST} requests per lease"),
+            ));
+        }
+        c => c,
+    };
+    let explicit = parse_priority(req.priority)?;
+    let kind = parse_request_kind(req.request_kind)?;
+    Ok(AcquireInput {
+        tenant_id: Id::parse("tenant_id", &req.tenant_id).map_err(ServiceError::from)?,
+        upstream_id: Id::parse_optional("upstream_id", &req.upstream_id)
+            .map_err(ServiceError::from)?,
+        priority: Priority::resolve(explicit, kind),
+        cost,
+        max_wait: parse_optional_duration("max_wait", req.max_wait).map_err(ServiceError::from)?,
+    })
+}
+
+fn parse_outcome(value: i32) -> Result<ReleaseOutcome, Status> {
+    match pb::ReleaseOutcome::try_from(value) {
+        Ok(pb::ReleaseOutcome::Success) => Ok(ReleaseOutcome::Success),
+        Ok(pb::ReleaseOutcome::UpstreamError) => Ok(ReleaseOutcome::UpstreamError),
+        Ok(pb::ReleaseOutcome::UpstreamRateLimited) => Ok(ReleaseOutcome::UpstreamRateLimited),
+        Ok(pb::ReleaseOutcome::NotUsed) => Ok(ReleaseOutcome::NotUsed),
+        _ => Err(invalid(
+            "outcome",
+            "is required: SUCCESS, UPSTREAM_ERROR, UPSTREAM_RATE_LIMITED or NOT_USED",
+        )),
+    }
+}
+
+fn answer_to_proto(answer: AcquireAnswer) -> pb::AcquireLeaseResponse {
+    use pb::acquire_lease_response::Result as R;
+    let result = match answer {
+        AcquireAnswer::Granted(g) => R::Lease(pb::Lease {
+            lease_id: g.lease_id,
+            token_id: g.token_id.to_string(),
+            token: g.secret.expose_secret().to_owned(),
+            expires_at: Some(timestamp(g.expires_at_ms)),
+            valid_for: Some(duration(g.valid_for)),
+            quota: Some(pb::QuotaRemaining {
+                tenant_remaining: g.tenant_remaining,
+                tenant_limit: g.tenant_limit,
+                token_remaining: g.token_remaining,
+                window: Some(duration(g.window)),
+            }),
+        }),
+        AcquireAnswer::Denied {
+            reason,
+            retry_after,
+            message,
+        } => R::Denial(pb::Denial {
+            reason: match reason {
+                DenialReason::TenantQuota => pb::DenialReason::TenantQuota,
+                DenialReason::NoTokenCapacity => pb::DenialReason::NoTokenCapacity,
+                DenialReason::NoUsableToken => pb::DenialReason::NoUsableToken,
+                DenialReason::WaitTimeout => pb::DenialReason::WaitTimeout,
+            } as i32,
+            retry_after: retry_after.map(duration),
+            message,
+        }),
+    };
+    pb::AcquireLeaseResponse {
+        result: Some(result),
+    }
+}
+
+/// The usage read-out as its proto.
+pub fn usage_to_proto(usage: Usage) -> pb::GetUsageResponse {
+    pb::GetUsageResponse {
+        tenants: usage
+            .tenants
+            .into_iter()
+            .map(|t| pb::TenantUsage {
+                tenant_id: t.tenant_id.to_string(),
+                upstream_id: t.upstream_id.to_string(),
+                used_in_window: t.used,
+                limit_per_window: t.limit,
+                window: Some(duration(t.window)),
+            })
+            .collect(),
+        tokens: usage
+            .tokens
+            .into_iter()
+            .map(|t| pb::TokenUsage {
+                token_id: t.token_id.to_string(),
+                used_in_window: t.used,
+                usable_per_window: t.usable,
+                utilization: if t.usable == 0 {
+                    0.0
+                } else {
+                    t.used as f64 / t.usable as f64
+                },
+                disabled: t.disabled,
+                upstream_id: t.upstream_id.to_string(),
+                window: Some(duration(t.window)),
+            })
+            .collect(),
+    }
+}
+
+fn event_to_proto(event: &Event) -> pb::Event {
+    let kind = match &event.kind {
+        EventKind::ConfigChanged {
+            resource,
+            id,
+            change,
+            version,
+        } => pb::event::Kind::ConfigChanged(pb::ConfigChanged {
+            resource_kind: match resource {
+                Resource::Upstream => pb::ResourceKind::Upstream,
+                Resource::Token => pb::ResourceKind::Token,
+                Resource::Pool => pb::ResourceKind::Pool,
+                Resource::Tier => pb::ResourceKind::Tier,
+                Resource::Tenant => pb::ResourceKind::Tenant,
+                Resource::ApiKey => pb::ResourceKind::ApiKey,
+            } as i32,
+            resource_id: id.clone(),
+            change: match change {
+                Change::Created => pb::ChangeKind::Created,
+                Change::Updated => pb::ChangeKind::Updated,
+                Change::Deleted => pb::ChangeKind::Deleted,
+            } as i32,
+            config_version: *version,
+        }),
+    };
+    pb::Event {
+        occurred_at: Some(timestamp(event.occurred_at_ms)),
+        replica_id: event.replica_id.clone(),
+        kind: Some(kind),
+    }
+}
+
+fn resync(missed: u64) -> pb::WatchEventsResponse {
+    let now = crate::clock::system_now_ms();
+    let event = pb::Event {
+        occurred_at: Some(timestamp(now)),
+        replica_id: String::new(),
+        kind: Some(pb::event::Kind::Resync(pb::Resync { missed })),
+    };
+    pb::WatchEventsResponse { event: Some(event) }
+}
+
+/// Whether `caller` may see `event` and it passes `filter`.
+fn visible(caller: &Caller, filter: &Filter, event: &Event) -> bool {
+    if event.admin_only() && caller.require_admin().is_err() {
+        return false;
+    }
+    let in_scope = event
+        .tenant_id()
+        .is_none_or(|t| Id::parse("t", t).is_ok_and(|t| caller.may_see_tenant(&t)));
+    in_scope && filter.matches(event)
+}
+
+/// Feeds one watcher until it goes away.
+async fn pump(
+    mut events: broadcast::Receiver<Arc<Event>>,
+    out: mpsc::Sender<Result<pb::WatchEventsResponse, Status>>,
+    caller: Caller,
+    filter: Filter,
+) {
+    loop {
+        let message = match events.recv().await {
+            Ok(event) if visible(&caller, &filter, &event) => pb::WatchEventsResponse {
+                event: Some(event_to_proto(&event)),
+            },
+            Ok(_) => continue,
+            Err(broadcast::error::RecvError::Lagged(missed)) => resync(missed),
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if out.send(Ok(message)).await.is_err() {
+            return; // the watcher went away
+        }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl LeaseService for LeaseApi {
+    #[tracing::instrument(name = "acquire_lease", skip_all, fields(tenant_id = %request.get_ref().tenant_id))]
+    async fn acquire_lease(
+        &self,
+        request: Request<pb::AcquireLeaseRequest>,
+    ) -> Result<Response<pb::AcquireLeaseResponse>, Status> {
+        let caller = caller(&request)?;
+        let input = parse_acquire(request.into_inner())?;
+        let answer = self.leaser.acquire(&caller, input).await?;
+        Ok(Response::new(answer_to_proto(answer)))
+    }
+
+    #[tracing::instrument(name = "release_lease", skip_all)]
+    async fn release_lease(
+        &self,
+        request: Request<pb::ReleaseLeaseRequest>,
+    ) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let outcome = parse_outcome(req.outcome)?;
+        if req.blocked_until.is_some() && outcome != ReleaseOutcome::UpstreamRateLimited {
+            return Err(invalid(
+                "blocked_until",
+                "is only meaningful with outcome UPSTREAM_RATE_LIMITED",
+            ));
+        }
+        parse_optional_duration("upstream_latency", req.upstream_latency)
+            .map_err(ServiceError::from)?;
+        let already_released = self.leaser.release(&caller, &req.lease_id, outcome).await?;
+        Ok(Response::new(pb::ReleaseLeaseResponse { already_released }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let parse_all = |field: &str, ids: &[String]| -> Result<Vec<Id>, Status> {
+            ids.iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    Id::parse(&format!("{field}[{i}]"), t).map_err(|e| ServiceError::from(e).into())
+                })
+                .collect()
+        };
+        let filter = Filter {
+            tenant_ids: parse_all("tenant_ids", &req.tenant_ids)?,
+            token_ids: parse_all("token_ids", &req.token_ids)?,
+        };
+        for tenant in &filter.tenant_ids {
+            caller.require_tenant(tenant)?;
+        }
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(pump(self.events.subscribe(), tx, caller, filter));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

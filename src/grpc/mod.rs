@@ -1,0 +1,22 @@
+//! The gRPC adapter: the only place that sees generated proto types.
+//!
+//! - `convert`: proto ⇄ domain, with errors naming the field path;
+//! - `status`: `ServiceError` → `tonic::Status` (with RetryInfo where a retry helps);
+//! - `auth`: the interceptor that turns `authorization` metadata into a `Caller`;
+//! - `admin_api`, `lease_api`: the two services.
+
+pub mod admin_api;
+pub mod auth;
+pub mod convert;
+pub mod lease_api;
+pub mod status;
+
+/// Generated code for `proto/tokenlease/v1`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("tokenlease.v1");
+
+    /// Encoded descriptors, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("tokenlease_descriptor");
+}

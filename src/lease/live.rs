@@ -1,0 +1,93 @@
+//! Keeps the current configuration snapshot: reloads it after this replica's own admin
+//! writes (read-your-writes) and polls the store's version for other replicas' writes.
+//! When the database is away the last snapshot stays in force.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::snapshot::Snapshot;
+use crate::crypto::KeyRing;
+use crate::store::{ConfigStore, StoreError};
+
+/// A cheap-clone handle on the live snapshot.
+#[derive(Clone)]
+pub struct LiveConfig {
+    store: ConfigStore,
+    ring: Arc<KeyRing>,
+    sender: Arc<watch::Sender<Arc<Snapshot>>>,
+    /// Serialises reloads so an older load never replaces a newer one.
+    reload_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl LiveConfig {
+    /// Loads the first snapshot.
+    pub async fn load(store: ConfigStore, ring: Arc<KeyRing>) -> Result<Self, StoreError> {
+        let snapshot = Snapshot::build(store.load().await?, &ring);
+        let (sender, _) = watch::channel(snapshot);
+        Ok(Self {
+            store,
+            ring,
+            sender: Arc::new(sender),
+            reload_lock: Arc::default(),
+        })
+    }
+
+    /// The snapshot in force now.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.sender.borrow().clone()
+    }
+
+    pub fn store(&self) -> &ConfigStore {
+        &self.store
+    }
+
+    pub fn ring(&self) -> &KeyRing {
+        &self.ring
+    }
+
+    /// Reloads if the store's version is newer than the snapshot's.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let _guard = self.reload_lock.lock().await;
+        let version = self.store.version().await?;
+        if version == self.current().version {
+            return Ok(());
+        }
+        let stored = self.store.load().await?;
+        if stored.version > self.current().version {
+            tracing::info!(version = stored.version, "configuration reloaded");
+            self.sender
+                .send_replace(Snapshot::build(stored, &self.ring));
+        }
+        Ok(())
+    }
+
+    /// Polls for other replicas' writes until `shutdown` fires.
+    pub fn spawn_refresher(&self, every: Duration, mut shutdown: watch::Receiver<bool>) {
+        let live = self.clone();
+        tokio::spawn(async move {
+            let mut failing = false;
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                match live.refresh().await {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!("configuration database reachable again");
+                    }
+                    Ok(()) => {}
+                    Err(error) if !failing => {
+                        failing = true;
+                        tracing::warn!(%error, "cannot refresh configuration; leasing goes on with the last one loaded");
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,144 @@
+//! The configuration as leasing sees it: an immutable snapshot, rebuilt whenever the
+//! store's version changes, with token secrets opened once at load. Leasing and
+//! authentication read only the snapshot, so they go on when the database is away.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use secrecy::SecretString;
+
+use crate::crypto::KeyRing;
+use crate::domain::{
+    ApiKeyRecord, CapacityReport, Id, Pool, Tenant, Tier, TokenOwner, TokenRecord, Upstream,
+};
+use crate::store::StoredConfig;
+
+/// A token with its secret opened (or the reason it could not be).
+pub struct LiveToken {
+    pub record: TokenRecord,
+    pub secret: Result<SecretString, String>,
+}
+
+/// What one tenant may use on one upstream.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub upstream_id: Id,
+    /// Enabled, openable tokens dedicated to the tenant.
+    pub dedicated: Vec<Id>,
+    /// Enabled, openable tokens of the tenant's pool.
+    pub pooled: Vec<Id>,
+}
+
+/// An immutable view of the configuration.
+#[derive(Default)]
+pub struct Snapshot {
+    pub version: i64,
+    pub upstreams: HashMap<Id, Upstream>,
+    pub tokens: HashMap<Id, LiveToken>,
+    pub pools: HashMap<Id, Pool>,
+    pub tiers: HashMap<Id, Tier>,
+    pub tenants: HashMap<Id, Tenant>,
+    pub api_keys: HashMap<String, ApiKeyRecord>,
+    /// Per tenant: one route per upstream it can reach, ordered by upstream id.
+    pub routes: HashMap<Id, Vec<Route>>,
+    /// Per pool: usable capacity and the guarantees drawn from it.
+    pub pool_reports: HashMap<Id, CapacityReport>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot, opening every token's secret with `ring`. A token that does
+    /// not open is kept out of every route and reported in the log (without secrets).
+    pub fn build(stored: StoredConfig, ring: &KeyRing) -> Arc<Snapshot> {
+        let view = stored.view;
+        let pool_reports = view.pool_reports();
+        let tokens: HashMap<Id, LiveToken> = view
+            .tokens
+            .into_iter()
+            .map(|record| {
+                let secret = ring
+                    .open(record.id.as_str(), &record.key_id, &record.sealed_secret)
+                    .map_err(|e| e.to_string());
+                if let Err(reason) = &secret {
+                    tracing::error!(token_id = %record.id, %reason, "token cannot be opened; it will not be leased");
+                }
+                (record.id.clone(), LiveToken { record, secret })
+            })
+            .collect();
+        let mut snapshot = Snapshot {
+            version: stored.version,
+            upstreams: view
+                .upstreams
+                .into_iter()
+                .map(|u| (u.id.clone(), u))
+                .collect(),
+            pools: view.pools.into_iter().map(|p| (p.id.clone(), p)).collect(),
+            tiers: view.tiers.into_iter().map(|t| (t.id.clone(), t)).collect(),
+            tenants: view
+                .tenants
+                .into_iter()
+                .map(|t| (t.id.clone(), t))
+                .collect(),
+            api_keys: stored
+                .api_keys
+                .into_iter()
+                .map(|k| (k.id.clone(), k))
+                .collect(),
+            tokens,
+            routes: HashMap::new(),
+            pool_reports,
+        };
+        snapshot.routes = snapshot.compute_routes();
+        Arc::new(snapshot)
+    }
+
+    fn compute_routes(&self) -> HashMap<Id, Vec<Route>> {
+        let mut usable: Vec<&LiveToken> = self
+            .tokens
+            .values()
+            .filter(|t| !t.record.disabled && t.secret.is_ok())
+            .collect();
+        usable.sort_by(|a, b| a.record.id.cmp(&b.record.id));
+        let mut routes = HashMap::new();
+        for tenant in self.tenants.values() {
+            let pool = tenant.pool_id.as_ref().and_then(|p| self.pools.get(p));
+            let mut by_upstream: HashMap<&Id, Route> = HashMap::new();
+            for token in &usable {
+                let record = &token.record;
+                let route = || Route {
+                    upstream_id: record.upstream_id.clone(),
+                    dedicated: vec![],
+                    pooled: vec![],
+                };
+                match &record.owner {
+                    TokenOwner::Dedicated(owner) if owner == &tenant.id => {
+                        by_upstream
+                            .entry(&record.upstream_id)
+                            .or_insert_with(route)
+                            .dedicated
+                            .push(record.id.clone());
+                    }
+                    TokenOwner::Pool(p) if pool.is_some_and(|pool| &pool.id == p) => {
+                        by_upstream
+                            .entry(&record.upstream_id)
+                            .or_insert_with(route)
+                            .pooled
+                            .push(record.id.clone());
+                    }
+                    _ => {}
+                }
+            }
+            let mut list: Vec<Route> = by_upstream.into_values().collect();
+            list.sort_by(|a, b| a.upstream_id.cmp(&b.upstream_id));
+            routes.insert(tenant.id.clone(), list);
+        }
+        routes
+    }
+
+    /// The tenant's quota per window: guaranteed + burst, from its tier and overrides.
+    pub fn tenant_limit(&self, tenant: &Tenant) -> u32 {
+        self.tiers
+            .get(&tenant.tier_id)
+            .map(|tier| tenant.guaranteed(tier).saturating_add(tenant.burst(tier)))
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,241 @@
+//! Building and running the server: `App::build(settings)` wires the store, the counters
+//! and the services onto an already-bound listener; `run_until_stopped(shutdown)` serves
+//! until the shutdown future resolves, then drains in-flight calls.
+//!
+//! Graceful shutdown: on the signal, health flips to NOT_SERVING (load balancers stop
+//! sending), the server stops accepting, in-flight calls finish (bounded by
+//! `shutdown_grace_ms`), and background tasks are told to stop through a watch channel.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::clock::Clock;
+use crate::config::{Settings, write_private_file};
+use crate::events::EventBus;
+use crate::grpc::admin_api::{AdminApi, ensure_admin_key};
+use crate::grpc::auth::AuthInterceptor;
+use crate::grpc::lease_api::LeaseApi;
+use crate::grpc::pb::{
+    self, admin_service_server::AdminServiceServer, lease_service_server::LeaseServiceServer,
+};
+use crate::lease::{Leaser, LiveConfig};
+use crate::store::ConfigStore;
+use crate::store::counters::{Counters, MemoryCounters, RedisCounters, RedisSettings};
+
+/// A built, not yet running, server.
+pub struct App {
+    listener: TcpListener,
+    settings: Settings,
+    pub leaser: Leaser,
+    pub events: EventBus,
+}
+
+/// Connects to the configuration database, applies migrations and seeds defaults.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<ConfigStore> {
+    if settings.database_url.is_none() {
+        std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+            format!(
+                "cannot create the data folder {}",
+                settings.data_dir.display()
+            )
+        })?;
+    }
+    let store = ConfigStore::connect(&settings.effective_database_url())
+        .await
+        .context("cannot open the configuration database")?;
+    store
+        .migrate()
+        .await
+        .context("cannot apply database migrations")?;
+    store
+        .seed_defaults()
+        .await
+        .context("cannot seed the default tiers and upstream")?;
+    Ok(store)
+}
+
+async fn open_counters(settings: &Settings) -> anyhow::Result<Counters> {
+    let Some(url) = &settings.redis_url else {
+        return Ok(Counters::Memory(MemoryCounters::new(Clock::System)));
+    };
+    let redis = RedisSettings {
+        url: url.clone(),
+        key_prefix: settings.redis.key_prefix.clone(),
+        timeout: Duration::from_millis(settings.redis.timeout_ms),
+    };
+    let counters = RedisCounters::connect(&redis)
+        .await
+        .context("cannot set up the Redis lease counters")?;
+    Ok(Counters::Redis(counters))
+}
+
+impl App {
+    /// Opens everything and binds the listener. Nothing is served yet.
+    pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        let ring = Arc::new(settings.key_ring()?);
+        let store = open_store(&settings).await?;
+        let config = LiveConfig::load(store, ring)
+            .await
+            .context("cannot load the configuration")?;
+        if !settings.is_distributed() {
+            bootstrap_admin_key(&settings, &config).await?;
+        }
+        let counters = open_counters(&settings).await?;
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let replica_id = format!("{}-{}", hostname(), std::process::id());
+        let leaser = Leaser {
+            config,
+            counters,
+            lease_ttl: settings.lease_ttl(),
+            max_wait: Duration::from_millis(settings.lease.max_wait_ms),
+        };
+        Ok(App {
+            listener,
+            settings,
+            leaser,
+            events: EventBus::new(&replica_id),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then drains.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        self.leaser.config.spawn_refresher(
+            Duration::from_millis(self.settings.config_refresh_ms),
+            stop_rx.clone(),
+        );
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<LeaseServiceServer<LeaseApi>>().await;
+        health.set_serving::<AdminServiceServer<AdminApi>>().await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let auth = AuthInterceptor {
+            config: self.leaser.config.clone(),
+        };
+        let lease = LeaseApi {
+            leaser: self.leaser.clone(),
+            events: self.events.clone(),
+        };
+        let admin = AdminApi {
+            leaser: self.leaser.clone(),
+            events: self.events.clone(),
+        };
+
+        let mut builder = Server::builder();
+        if let Some(tls) = &self.settings.tls {
+            builder = builder
+                .tls_config(load_tls(tls)?)
+                .context("invalid TLS configuration")?;
+        }
+        let addr = self.local_addr();
+        let scheme = if self.settings.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        tracing::info!(%addr, scheme, distributed = self.settings.is_distributed(), "tokenlease serving");
+
+        let grace = Duration::from_millis(self.settings.shutdown_grace_ms);
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining in-flight calls");
+            health
+                .set_not_serving::<LeaseServiceServer<LeaseApi>>()
+                .await;
+            health
+                .set_not_serving::<AdminServiceServer<AdminApi>>()
+                .await;
+            let _ = stop_tx.send(true);
+        };
+        let serve = builder
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(LeaseServiceServer::with_interceptor(lease, auth.clone()))
+            .add_service(AdminServiceServer::with_interceptor(admin, auth))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), signal);
+        let mut stopped = stop_rx;
+        tokio::select! {
+            result = serve => result.context("the gRPC server failed")?,
+            _ = async { let _ = stopped.wait_for(|s| *s).await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(?grace, "in-flight calls did not finish within the grace period");
+            }
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn load_tls(tls: &crate::config::TlsSection) -> anyhow::Result<ServerTlsConfig> {
+    let cert = std::fs::read(&tls.cert_path)
+        .with_context(|| format!("cannot read tls.cert_path {}", tls.cert_path.display()))?;
+    let key = std::fs::read(&tls.key_path)
+        .with_context(|| format!("cannot read tls.key_path {}", tls.key_path.display()))?;
+    Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+}
+
+/// Embedded mode, first start: creates an admin key and writes it to
+/// `data_dir/admin.key` (mode 0600). The key is never logged; the log names the file.
+async fn bootstrap_admin_key(settings: &Settings, config: &LiveConfig) -> anyhow::Result<()> {
+    let Some(key) = ensure_admin_key(config, "bootstrap admin").await? else {
+        return Ok(());
+    };
+    let path = settings.data_dir.join("admin.key");
+    let _ = std::fs::remove_file(&path);
+    write_private_file(&path, &format!("{}\n", crate::auth::reveal(&key)))?;
+    tracing::info!(path = %path.display(), "created the first admin API key; read it from this file");
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "tokenlease".into())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
+}
