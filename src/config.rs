@@ -320,7 +320,7 @@ mod tests {
             let err = Settings::load(Some(Path::new("tl.toml")))
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains("ttl_ms"), "{err}");
+            assert!(err.to_lowercase().contains("lease.ttl_ms"), "{err}");
             Ok(())
         });
     }
