@@ -11,6 +11,7 @@
 //! - `clock`: the one place the embedded mode reads time.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod clock;
 pub mod config;

@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
+use tokenlease::admin::{issue_api_key, rotate_token_keys};
 use tokenlease::config::Settings;
 use tokenlease::crypto::KeyRing;
 use tokenlease::domain::{ApiKeyRole, Id};
-use tokenlease::grpc::admin_api::issue_api_key;
 use tokenlease::lease::LiveConfig;
 use tokenlease::startup::{App, open_store, shutdown_signal};
 use tokenlease::telemetry::init_logging;
@@ -111,18 +111,10 @@ async fn create_api_key(settings: &Settings, name: &str, tenants: &[String]) -> 
 
 async fn rotate_keys(settings: &Settings) -> anyhow::Result<()> {
     let config = live_config(settings).await?;
-    let ring = config.ring();
-    let active = ring.active_key_id().to_owned();
-    let changed = config
-        .store()
-        .reseal_tokens(&|record| {
-            if record.key_id == active {
-                return Ok(None);
-            }
-            let secret = ring.open(record.id.as_str(), &record.key_id, &record.sealed_secret)?;
-            Ok(Some(ring.seal(record.id.as_str(), &secret)))
-        })
-        .await?;
-    println!("re-encrypted {changed} token(s) under key '{active}'");
+    let changed = rotate_token_keys(&config).await?;
+    println!(
+        "re-encrypted {changed} token(s) under key '{}'",
+        config.ring().active_key_id()
+    );
     Ok(())
 }

@@ -17,10 +17,11 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
+use crate::admin::ensure_admin_key;
 use crate::clock::Clock;
 use crate::config::{Settings, write_private_file};
 use crate::events::EventBus;
-use crate::grpc::admin_api::{AdminApi, ensure_admin_key};
+use crate::grpc::admin_api::AdminApi;
 use crate::grpc::auth::AuthInterceptor;
 use crate::grpc::lease_api::LeaseApi;
 use crate::grpc::pb::{

@@ -1,14 +1,13 @@
 //! AdminService: CRUD over the configuration store, each write followed by a snapshot
 //! refresh on this replica (read-your-writes for leasing) and a `ConfigChanged` event.
 
-use secrecy::SecretString;
 use tonic::{Request, Response, Status};
 
 use super::auth::caller;
 use super::convert::*;
 use super::pb::{self, admin_service_server::AdminService};
 use crate::auth::{Caller, generate_api_key, reveal};
-use crate::domain::{ApiKeyRole, Id, InvalidField};
+use crate::domain::{Id, InvalidField};
 use crate::error::ServiceError;
 use crate::events::{Change, EventBus, EventKind, Resource};
 use crate::lease::{Leaser, LiveConfig};
@@ -630,38 +629,4 @@ impl AdminService for AdminApi {
         let usage = self.leaser.usage(tenant.as_ref(), token.as_ref()).await?;
         Ok(Response::new(super::lease_api::usage_to_proto(usage)))
     }
-}
-
-/// Makes sure an admin key exists; returns a new one when none did (bootstrap).
-pub async fn ensure_admin_key(
-    config: &LiveConfig,
-    name: &str,
-) -> Result<Option<SecretString>, ServiceError> {
-    if config.store().count_admin_keys().await? > 0 {
-        return Ok(None);
-    }
-    let key = issue_api_key(config, name, ApiKeyRole::Admin, vec![]).await?;
-    Ok(Some(key))
-}
-
-/// Creates an API key directly in the store (CLI, bootstrap, tests).
-pub async fn issue_api_key(
-    config: &LiveConfig,
-    name: &str,
-    role: ApiKeyRole,
-    tenants: Vec<Id>,
-) -> Result<SecretString, ServiceError> {
-    let new = generate_api_key();
-    let record = crate::domain::ApiKeyRecord {
-        id: new.id,
-        display_name: name.to_owned(),
-        role,
-        tenant_ids: tenants,
-        secret_hash: new.secret_hash,
-        create_time_ms: crate::clock::system_now_ms(),
-    };
-    record.validate()?;
-    config.store().create_api_key(record).await?;
-    config.refresh().await?;
-    Ok(new.full_key)
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 
 use crate::auth::Caller;
-use crate::domain::{Id, InvalidField, Priority, Tenant, Upstream};
+use crate::domain::{Id, InvalidField, Priority, Tenant, TokenOwner, Upstream};
 use crate::error::ServiceError;
 use crate::store::counters::{
     AcquireOutcome, AcquireRequest, Counters, DenyReason, Grant, LeaseKey, ReleaseOutcome,
@@ -165,7 +165,7 @@ impl Leaser {
             None => routes.first(),
         };
         let Some(route) = route else {
-            return Ok(Err(no_usable_token(tenant)));
+            return Ok(Err(no_usable_token(tenant, snapshot)));
         };
         let upstream = snapshot.upstreams[&route.upstream_id].clone();
         let tenant_limit = snapshot.tenant_limit(tenant);
@@ -270,14 +270,32 @@ fn check_cost(
     Ok(())
 }
 
-fn no_usable_token(tenant: &Tenant) -> AcquireAnswer {
+fn no_usable_token(tenant: &Tenant, snapshot: &Snapshot) -> AcquireAnswer {
+    let reachable: Vec<&LiveToken> = snapshot
+        .tokens
+        .values()
+        .filter(|t| match &t.record.owner {
+            TokenOwner::Dedicated(owner) => owner == &tenant.id,
+            TokenOwner::Pool(pool) => tenant.pool_id.as_ref() == Some(pool),
+        })
+        .collect();
+    let sealed_shut = reachable
+        .iter()
+        .filter(|t| !t.record.disabled && t.secret.is_err())
+        .count();
+    let detail = if reachable.is_empty() {
+        "no token is dedicated to it or in its pool".to_owned()
+    } else if sealed_shut > 0 {
+        format!(
+            "{sealed_shut} of its tokens cannot be decrypted with the configured master keys (see the server log)"
+        )
+    } else {
+        "all of its tokens are disabled".to_owned()
+    };
     AcquireAnswer::Denied {
         reason: DenialReason::NoUsableToken,
         retry_after: None,
-        message: format!(
-            "tenant '{}' has no usable token: none is dedicated to it or in its pool, or all are disabled",
-            tenant.id
-        ),
+        message: format!("tenant '{}' has no usable token: {detail}", tenant.id),
     }
 }
 

@@ -1,0 +1,254 @@
+//! `spawn_app()` and friends: real servers on port 0, each test with its own database
+//! (a SQLite file, or a fresh Postgres database) and its own Redis key prefix, so tests
+//! run in parallel and leave nothing behind. Missing Postgres or Redis fails the test.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use tokenlease::admin::issue_api_key;
+use tokenlease::config::Settings;
+use tokenlease::crypto::KeyRing;
+use tokenlease::domain::{ApiKeyRole, Id};
+use tokenlease::grpc::pb::admin_service_client::AdminServiceClient;
+use tokenlease::grpc::pb::lease_service_client::LeaseServiceClient;
+use tokenlease::lease::Leaser;
+use tokenlease::startup::App;
+use tonic::Request;
+use tonic::transport::Channel;
+
+pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// Where the configuration lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// Where the lease counters live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counters {
+    Memory,
+    Redis,
+}
+
+/// A test's private backends: one database and one Redis prefix, shared by every
+/// replica the test spawns. Dropping it removes them.
+pub struct TestEnv {
+    pub db: Db,
+    pub dir: tempfile::TempDir,
+    pub database_url: Option<String>,
+    pub pg_database: Option<String>,
+    pub redis_url: Option<String>,
+    pub key_prefix: String,
+    pub master_key: SecretString,
+}
+
+/// A running replica.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub leaser: Leaser,
+    pub admin_key: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestEnv {
+    pub async fn new(db: Db, counters: Counters) -> TestEnv {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let (database_url, pg_database) = match db {
+            Db::Sqlite => (None, None),
+            Db::Postgres => {
+                let name = format!("tl_test_{suffix}");
+                let mut conn = pg_admin().await;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create test database");
+                (
+                    Some(format!("postgres://postgres@127.0.0.1:5432/{name}")),
+                    Some(name),
+                )
+            }
+        };
+        let redis_url = (counters == Counters::Redis).then(|| {
+            let client = redis::Client::open(REDIS_URL).unwrap();
+            client
+                .get_connection()
+                .expect("Redis at 127.0.0.1:6379 must be running for this test");
+            REDIS_URL.to_owned()
+        });
+        TestEnv {
+            db,
+            dir: tempfile::tempdir().unwrap(),
+            database_url,
+            pg_database,
+            redis_url,
+            key_prefix: format!("tltest-{suffix}"),
+            master_key: KeyRing::generate_key_base64(),
+        }
+    }
+
+    /// Settings for a replica of this environment.
+    pub fn settings(&self) -> Settings {
+        let mut settings = Settings::default();
+        settings.listen = "127.0.0.1:0".parse().unwrap();
+        settings.data_dir = self.dir.path().to_path_buf();
+        settings.database_url = self.database_url.clone();
+        settings.redis_url = self.redis_url.clone();
+        settings.redis.key_prefix = self.key_prefix.clone();
+        settings.redis.timeout_ms = 500;
+        settings.config_refresh_ms = 100;
+        settings.lease.ttl_ms = 1_000;
+        settings.shutdown_grace_ms = 1_000;
+        settings.encryption.keys = BTreeMap::from([("k1".to_string(), self.master_key.clone())]);
+        settings
+    }
+
+    pub async fn spawn(&self) -> TestApp {
+        self.spawn_with(self.settings()).await
+    }
+
+    pub async fn spawn_with(&self, settings: Settings) -> TestApp {
+        let app = App::build(settings).await.expect("build app");
+        let addr = app.local_addr();
+        let leaser = app.leaser.clone();
+        let admin_key = issue_api_key(&leaser.config, "test admin", ApiKeyRole::Admin, vec![])
+            .await
+            .expect("admin key");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(app.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        TestApp {
+            addr,
+            leaser,
+            admin_key: admin_key.expose_secret().to_owned(),
+            stop: Some(stop),
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let pg = self.pg_database.take();
+        let prefix = self.key_prefix.clone();
+        let uses_redis = self.redis_url.is_some();
+        // Cleanup needs async clients; run it on a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Some(name) = pg {
+                    let mut conn = pg_admin().await;
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
+                }
+                if uses_redis {
+                    delete_redis_prefix(REDIS_URL, &prefix);
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Deletes every key under `prefix`.
+pub fn delete_redis_prefix(url: &str, prefix: &str) {
+    let Ok(client) = redis::Client::open(url) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_connection() else {
+        return;
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query(&mut conn)
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut conn);
+    }
+}
+
+async fn pg_admin() -> sqlx::PgConnection {
+    use sqlx::Connection;
+    sqlx::PgConnection::connect(PG_ADMIN_URL)
+        .await
+        .expect("PostgreSQL at 127.0.0.1:5432 must be running for this test")
+}
+
+impl TestApp {
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.channel().await)
+    }
+
+    pub async fn lease(&self) -> LeaseServiceClient<Channel> {
+        LeaseServiceClient::new(self.channel().await)
+    }
+
+    /// A worker key for `tenants`.
+    pub async fn worker_key(&self, tenants: &[&str]) -> String {
+        let ids = tenants.iter().map(|t| Id::parse("t", t).unwrap()).collect();
+        let key = issue_api_key(&self.leaser.config, "test worker", ApiKeyRole::Worker, ids)
+            .await
+            .unwrap();
+        key.expose_secret().to_owned()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A request with `authorization: Bearer <key>`.
+pub fn authed<T>(message: T, key: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    request
+}
+
+pub fn secs(s: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: s as i64,
+        nanos: 0,
+    }
+}
+
+pub fn millis(ms: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}

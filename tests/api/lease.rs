@@ -1,0 +1,444 @@
+//! The lease path over gRPC, on both counter backends (in-process with the embedded
+//! store; Redis with Postgres), plus several replicas sharing one Redis.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
+use tonic::Code;
+
+use super::fixtures::{PoolSetup, create_tenant, token_secret};
+use super::helpers::{Counters, Db, TestApp, TestEnv, authed, millis};
+
+macro_rules! for_each_backend {
+    ($($name:ident),* $(,)?) => {
+        mod memory { $( #[tokio::test] async fn $name() { super::$name(super::Db::Sqlite, super::Counters::Memory).await } )* }
+        mod redis { $( #[tokio::test] async fn $name() { super::$name(super::Db::Postgres, super::Counters::Redis).await } )* }
+    };
+}
+
+for_each_backend!(
+    grants_until_the_usable_limit_then_denies_with_retry_after,
+    tenant_quota_binds_before_the_token,
+    release_outcomes,
+    waiting_caller_is_granted_when_a_slot_frees,
+    bad_lease_requests,
+);
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn ms(d: &prost_types::Duration) -> i64 {
+    d.seconds * 1000 + d.nanos as i64 / 1_000_000
+}
+
+fn ts_ms(t: &prost_types::Timestamp) -> i64 {
+    t.seconds * 1000 + t.nanos as i64 / 1_000_000
+}
+
+async fn acquire(app: &TestApp, key: &str, tenant: &str) -> Answer {
+    let req = pb::AcquireLeaseRequest {
+        tenant_id: tenant.into(),
+        ..Default::default()
+    };
+    app.lease()
+        .await
+        .acquire_lease(authed(req, key))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap()
+}
+
+async fn release(
+    app: &TestApp,
+    key: &str,
+    lease_id: &str,
+    outcome: pb::ReleaseOutcome,
+) -> Result<bool, tonic::Status> {
+    let req = pb::ReleaseLeaseRequest {
+        lease_id: lease_id.into(),
+        outcome: outcome as i32,
+        ..Default::default()
+    };
+    app.lease()
+        .await
+        .release_lease(authed(req, key))
+        .await
+        .map(|r| r.into_inner().already_released)
+}
+
+async fn setup(
+    db: Db,
+    counters: Counters,
+    pool: PoolSetup,
+    tenants: &[&str],
+) -> (TestEnv, TestApp) {
+    let env = TestEnv::new(db, counters).await;
+    let app = env.spawn().await;
+    let mut admin = app.admin().await;
+    pool.create(&mut admin, &app.admin_key).await;
+    for t in tenants {
+        create_tenant(&mut admin, &app.admin_key, t, "flex").await;
+    }
+    (env, app)
+}
+
+/// 100 per window with a 5 % margin: exactly 95 leases, each with the decrypted token,
+/// then NO_TOKEN_CAPACITY with a retry-after that ends when the first slot frees
+/// (first lease's expiry + window), within 100 ms.
+async fn grants_until_the_usable_limit_then_denies_with_retry_after(db: Db, counters: Counters) {
+    let (_env, app) = setup(db, counters, PoolSetup::default(), &["acme"]).await;
+    let key = app.admin_key.clone();
+    let mut first_expiry = None;
+    for i in 0..95 {
+        let Answer::Lease(lease) = acquire(&app, &key, "acme").await else {
+            panic!("lease {i} denied")
+        };
+        assert_eq!(lease.token, token_secret(0));
+        let quota = lease.quota.unwrap();
+        assert_eq!(
+            (quota.token_remaining, quota.tenant_limit),
+            (94 - i, 10_000)
+        );
+        first_expiry.get_or_insert(ts_ms(&lease.expires_at.unwrap()));
+    }
+    for _ in 0..20 {
+        let Answer::Denial(denial) = acquire(&app, &key, "acme").await else {
+            panic!("96th lease granted")
+        };
+        assert_eq!(
+            denial.reason,
+            pb::DenialReason::NoTokenCapacity as i32,
+            "{}",
+            denial.message
+        );
+        let frees_at = now_ms() + ms(&denial.retry_after.unwrap());
+        let expected = first_expiry.unwrap() + 10_000;
+        assert!(
+            (frees_at - expected).abs() <= 100,
+            "retry-after points at {frees_at}, first slot frees at {expected}"
+        );
+    }
+}
+
+/// A tenant at its quota is denied TENANT_QUOTA while another tenant on the same token
+/// is still granted.
+async fn tenant_quota_binds_before_the_token(db: Db, counters: Counters) {
+    let pool = PoolSetup {
+        guaranteed: 5,
+        burst: 5,
+        ..Default::default()
+    };
+    let (_env, app) = setup(db, counters, pool, &["small", "other"]).await;
+    let key = app.admin_key.clone();
+    for _ in 0..10 {
+        assert!(matches!(
+            acquire(&app, &key, "small").await,
+            Answer::Lease(_)
+        ));
+    }
+    let Answer::Denial(denial) = acquire(&app, &key, "small").await else {
+        panic!("over quota")
+    };
+    assert_eq!(denial.reason, pb::DenialReason::TenantQuota as i32);
+    assert!(denial.message.contains("small"), "{}", denial.message);
+    assert!(ms(&denial.retry_after.unwrap()) > 0);
+    assert!(matches!(
+        acquire(&app, &key, "other").await,
+        Answer::Lease(_)
+    ));
+}
+
+/// NOT_USED gives the slot back; SUCCESS keeps it; releasing twice is idempotent for the
+/// same outcome and FAILED_PRECONDITION for another; unknown leases are NOT_FOUND.
+async fn release_outcomes(db: Db, counters: Counters) {
+    let pool = PoolSetup {
+        guaranteed: 1,
+        burst: 1,
+        ..Default::default()
+    };
+    let (_env, app) = setup(db, counters, pool, &["acme"]).await;
+    let key = app.admin_key.clone();
+    let Answer::Lease(a) = acquire(&app, &key, "acme").await else {
+        panic!()
+    };
+    let Answer::Lease(b) = acquire(&app, &key, "acme").await else {
+        panic!()
+    };
+    assert!(
+        matches!(acquire(&app, &key, "acme").await, Answer::Denial(_)),
+        "quota of 2 used"
+    );
+
+    assert!(
+        !release(&app, &key, &a.lease_id, pb::ReleaseOutcome::NotUsed)
+            .await
+            .unwrap()
+    );
+    assert!(
+        release(&app, &key, &a.lease_id, pb::ReleaseOutcome::NotUsed)
+            .await
+            .unwrap(),
+        "same outcome twice is idempotent"
+    );
+    let conflict = release(&app, &key, &a.lease_id, pb::ReleaseOutcome::Success)
+        .await
+        .unwrap_err();
+    assert_eq!(conflict.code(), Code::FailedPrecondition);
+    let Answer::Lease(c) = acquire(&app, &key, "acme").await else {
+        panic!("NOT_USED gave the slot back")
+    };
+
+    assert!(
+        !release(&app, &key, &b.lease_id, pb::ReleaseOutcome::Success)
+            .await
+            .unwrap()
+    );
+    assert!(
+        matches!(acquire(&app, &key, "acme").await, Answer::Denial(_)),
+        "a used slot stays counted"
+    );
+    let _ = c;
+
+    let unknown = format!("up.acme.tok-0.{}", "0".repeat(32));
+    assert_eq!(
+        release(&app, &key, &unknown, pb::ReleaseOutcome::Success)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        release(&app, &key, "garbage", pb::ReleaseOutcome::Success)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let missing = release(&app, &key, "", pb::ReleaseOutcome::Success)
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::InvalidArgument);
+    let no_outcome = release(&app, &key, &b.lease_id, pb::ReleaseOutcome::Unspecified)
+        .await
+        .unwrap_err();
+    assert_eq!(no_outcome.code(), Code::InvalidArgument);
+    assert!(no_outcome.message().contains("outcome"));
+}
+
+/// A caller that may wait is held and granted once the slot frees, instead of denied.
+async fn waiting_caller_is_granted_when_a_slot_frees(db: Db, counters: Counters) {
+    let pool = PoolSetup {
+        limit: 2,
+        window_ms: 1_000,
+        ..Default::default()
+    };
+    let (_env, app) = setup(db, counters, pool, &["acme"]).await;
+    let key = app.admin_key.clone();
+    assert!(
+        matches!(acquire(&app, &key, "acme").await, Answer::Lease(_)),
+        "usable = floor(2 × 0.95) = 1"
+    );
+    let started = std::time::Instant::now();
+    let req = pb::AcquireLeaseRequest {
+        tenant_id: "acme".into(),
+        max_wait: Some(millis(5_000)),
+        ..Default::default()
+    };
+    let answer = app
+        .lease()
+        .await
+        .acquire_lease(authed(req, &key))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert!(matches!(answer, Answer::Lease(_)), "{answer:?}");
+    // The slot frees after TTL (1 s) + window (1 s).
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_500),
+        "granted only when the slot freed"
+    );
+
+    let short = pb::AcquireLeaseRequest {
+        tenant_id: "acme".into(),
+        max_wait: Some(millis(100)),
+        ..Default::default()
+    };
+    let answer = app
+        .lease()
+        .await
+        .acquire_lease(authed(short, &key))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    let Answer::Denial(denial) = answer else {
+        panic!("no slot within 100 ms")
+    };
+    assert!(denial.retry_after.is_some());
+}
+
+/// Bad AcquireLease input gets INVALID_ARGUMENT or NOT_FOUND naming the field.
+async fn bad_lease_requests(db: Db, counters: Counters) {
+    let (_env, app) = setup(db, counters, PoolSetup::default(), &["acme"]).await;
+    let mut lease = app.lease().await;
+    let base = || pb::AcquireLeaseRequest {
+        tenant_id: "acme".into(),
+        ..Default::default()
+    };
+    let cases = vec![
+        (
+            pb::AcquireLeaseRequest {
+                tenant_id: "".into(),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "tenant_id",
+        ),
+        (
+            pb::AcquireLeaseRequest {
+                tenant_id: "ghost".into(),
+                ..base()
+            },
+            Code::NotFound,
+            "tenant_id",
+        ),
+        (
+            pb::AcquireLeaseRequest {
+                upstream_id: "nope".into(),
+                ..base()
+            },
+            Code::NotFound,
+            "upstream_id",
+        ),
+        (
+            pb::AcquireLeaseRequest {
+                cost: 101,
+                ..base()
+            },
+            Code::InvalidArgument,
+            "cost",
+        ),
+        (
+            pb::AcquireLeaseRequest { cost: 96, ..base() },
+            Code::InvalidArgument,
+            "cost",
+        ),
+        (
+            pb::AcquireLeaseRequest {
+                priority: 42,
+                ..base()
+            },
+            Code::InvalidArgument,
+            "priority",
+        ),
+        (
+            pb::AcquireLeaseRequest {
+                request_kind: 42,
+                ..base()
+            },
+            Code::InvalidArgument,
+            "request_kind",
+        ),
+        (
+            pb::AcquireLeaseRequest {
+                max_wait: Some(prost_types::Duration {
+                    seconds: -1,
+                    nanos: 0,
+                }),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "max_wait",
+        ),
+    ];
+    for (req, code, needle) in cases {
+        let err = lease
+            .acquire_lease(authed(req.clone(), &app.admin_key))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{req:?}: {}", err.message());
+        assert!(
+            err.message().contains(needle),
+            "{:?} should name {needle}",
+            err.message()
+        );
+    }
+}
+
+/// Three replicas against one Redis and one token (100 per window, 5 % margin): 500
+/// concurrent AcquireLease calls from tenants whose quotas do not bind → exactly 95
+/// granted; every denial's retry-after points at the first slot's release (±100 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_grant_exactly_the_usable_limit() {
+    let env = TestEnv::new(Db::Postgres, Counters::Redis).await;
+    let replicas = [env.spawn().await, env.spawn().await, env.spawn().await];
+    let key = replicas[0].admin_key.clone();
+    let mut admin = replicas[0].admin().await;
+    PoolSetup::default().create(&mut admin, &key).await;
+    let tenants: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
+    for t in &tenants {
+        create_tenant(&mut admin, &key, t, "flex").await;
+    }
+    for r in &replicas {
+        r.leaser.config.refresh().await.unwrap();
+    }
+    let mut clients = vec![];
+    for r in &replicas {
+        clients.push(r.lease().await);
+    }
+    let calls = (0..500).map(|i| {
+        let mut client = clients[i % 3].clone();
+        let req = pb::AcquireLeaseRequest {
+            tenant_id: tenants[i % tenants.len()].clone(),
+            ..Default::default()
+        };
+        let key = key.clone();
+        tokio::spawn(async move {
+            let answer = client
+                .acquire_lease(authed(req, &key))
+                .await
+                .unwrap()
+                .into_inner()
+                .result
+                .unwrap();
+            (answer, now_ms())
+        })
+    });
+    let answers: Vec<(Answer, i64)> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let expiries: Vec<i64> = answers
+        .iter()
+        .filter_map(|(a, _)| match a {
+            Answer::Lease(l) => Some(ts_ms(l.expires_at.as_ref().unwrap())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        expiries.len(),
+        95,
+        "exactly the usable limit is granted across replicas"
+    );
+    let first_frees = expiries.iter().min().unwrap() + 10_000;
+    for (answer, at) in &answers {
+        if let Answer::Denial(d) = answer {
+            assert_eq!(d.reason, pb::DenialReason::NoTokenCapacity as i32);
+            let frees_at = at + ms(d.retry_after.as_ref().unwrap());
+            assert!(
+                (frees_at - first_frees).abs() <= 100,
+                "retry-after points at {frees_at}, first slot frees at {first_frees}"
+            );
+        }
+    }
+}

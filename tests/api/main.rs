@@ -1,0 +1,9 @@
+//! End-to-end tests over real gRPC: admin, auth, leasing, faults, reflection.
+//! One binary (faster to link); each module says what it proves.
+
+mod admin;
+mod auth;
+mod fixtures;
+mod helpers;
+mod lease;
+mod reflection;
