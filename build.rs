@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for file in PROTO_FILES {
         println!("cargo:rerun-if-changed={file}");
     }
+    // `sqlx::migrate!()` embeds migrations/ at build time: rebuild when one is added.
+    println!("cargo:rerun-if-changed=migrations");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
 
     let mut compiler = protox::Compiler::new(["proto"])?;

@@ -9,6 +9,8 @@
 
 pub mod counters;
 mod sql;
+#[cfg(test)]
+mod sql_tests;
 
 pub use sql::{Backend, ConfigStore, StoredConfig};
 

@@ -1,0 +1,275 @@
+//! The write transaction every admin write goes through, the checks it makes, and how
+//! database errors become [`StoreError`]s.
+
+use sqlx::error::ErrorKind;
+use sqlx::{Any, AnyConnection, AssertSqlSafe, Transaction};
+
+use crate::domain::{InvalidField, check_guarantees};
+use crate::store::{Kind, StoreError};
+
+use super::rows::{self, Table, field_prefix};
+use super::{Backend, ConfigStore};
+
+/// How many ids an "is used by" message lists before it stops with "…".
+const MAX_LISTED_IDS: usize = 5;
+
+/// One admin write, from the version bump to the commit. Dropping it without
+/// [`Write::finish`] rolls everything back, version bump included.
+pub(super) struct Write {
+    tx: Transaction<'static, Any>,
+    version: i64,
+    backend: Backend,
+}
+
+impl Write {
+    /// Begins the transaction and bumps the version first: that takes the
+    /// `config_meta` row lock (Postgres) or the database write lock (SQLite), so admin
+    /// writes run one at a time across every replica and each sees the one before.
+    pub(super) async fn begin(store: &ConfigStore) -> Result<Self, StoreError> {
+        let mut tx = store.pool.begin().await.map_err(map_error)?;
+        if store.backend == Backend::Postgres {
+            // Wait for another replica's write as long as SQLite waits for a writer
+            // (busy timeout), then give up with UNAVAILABLE rather than hang.
+            sqlx::query("SET LOCAL lock_timeout = '15s'")
+                .execute(&mut *tx)
+                .await
+                .map_err(map_error)?;
+        }
+        sqlx::query("UPDATE config_meta SET version = version + 1 WHERE singleton = 1")
+            .execute(&mut *tx)
+            .await
+            .map_err(map_error)?;
+        let version = rows::version(&mut tx).await?;
+        Ok(Self {
+            tx,
+            version,
+            backend: store.backend,
+        })
+    }
+
+    pub(super) fn conn(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+
+    pub(super) fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Checks the cross-object rules on the configuration as this write leaves it, then
+    /// commits. A broken rule rolls the write back: FAILED_PRECONDITION.
+    pub(super) async fn finish(mut self) -> Result<i64, StoreError> {
+        let view = rows::read_view(&mut self.tx, self.backend).await?;
+        check_guarantees(&view).map_err(StoreError::FailedPrecondition)?;
+        self.commit_unchecked().await
+    }
+
+    /// Like [`Write::finish`], returning the object `id` of `table` as stored.
+    pub(super) async fn finish_returning<T>(
+        mut self,
+        table: &Table<T>,
+        id: &str,
+    ) -> Result<(T, i64), StoreError> {
+        let stored = rows::get(&mut self.tx, table, id).await?;
+        let version = self.finish().await?;
+        Ok((stored, version))
+    }
+
+    /// Commits without the cross-object check, for writes that cannot affect it
+    /// (seeding missing rows, re-sealing secrets).
+    pub(super) async fn commit_unchecked(self) -> Result<i64, StoreError> {
+        self.tx.commit().await.map_err(map_error)?;
+        Ok(self.version)
+    }
+
+    /// Whether the defaults were seeded already.
+    pub(super) async fn seeded(&mut self) -> Result<bool, StoreError> {
+        let seeded: i64 = sqlx::query_scalar("SELECT seeded FROM config_meta WHERE singleton = 1")
+            .fetch_one(&mut *self.tx)
+            .await
+            .map_err(map_error)?;
+        Ok(seeded != 0)
+    }
+
+    pub(super) async fn mark_seeded(&mut self) -> Result<(), StoreError> {
+        sqlx::query("UPDATE config_meta SET seeded = 1 WHERE singleton = 1")
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_error)
+            .map(|_| ())
+    }
+
+    /// NOT_FOUND naming `field` unless the object `id` of `table` exists.
+    pub(super) async fn require<T>(
+        &mut self,
+        table: &Table<T>,
+        id: &str,
+        field: &str,
+    ) -> Result<(), StoreError> {
+        let sql = format!("SELECT id FROM {} WHERE id = $1", table.name);
+        let found = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_error)?;
+        match found {
+            Some(_) => Ok(()),
+            None => Err(StoreError::NotFound {
+                kind: table.kind,
+                id: id.to_owned(),
+                field: field.to_owned(),
+            }),
+        }
+    }
+
+    /// The ids of the rows of `table` whose `column` is `id`, in byte order.
+    pub(super) async fn ids_where(
+        &mut self,
+        table: &str,
+        column: &str,
+        id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let order = rows::in_byte_order(self.backend, "id");
+        let sql = format!("SELECT id FROM {table} WHERE {column} = $1 ORDER BY {order}");
+        self.ids(sql, id).await
+    }
+
+    /// The ids `sql` selects with `$1 = id`, in the order the query gives.
+    pub(super) async fn ids(&mut self, sql: String, id: &str) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(map_error)
+    }
+
+    /// Deletes the row `id` of `table`; NOT_FOUND naming `<kind>.id` if there is none.
+    pub(super) async fn delete_row<T>(
+        &mut self,
+        table: &Table<T>,
+        id: &str,
+    ) -> Result<(), StoreError> {
+        let sql = format!("DELETE FROM {} WHERE id = $1", table.name);
+        let done = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(write_error(table.kind, id))?;
+        ensure_found(done.rows_affected(), table.kind, id)
+    }
+}
+
+/// NOT_FOUND naming `<kind>.id` when an update or delete touched no row.
+pub(super) fn ensure_found(rows_affected: u64, kind: Kind, id: &str) -> Result<(), StoreError> {
+    if rows_affected == 0 {
+        return Err(StoreError::NotFound {
+            kind,
+            id: id.to_owned(),
+            field: format!("{}.id", field_prefix(kind)),
+        });
+    }
+    Ok(())
+}
+
+/// FAILED_PRECONDITION for a delete refused because others still use the object, e.g.
+/// `tier 'premium' is used by 3 tenants (acme, beta, gamma); move them …`.
+/// `users` names what uses it, singular and plural (`("tenant", "tenants")`).
+pub(super) fn in_use(
+    kind: Kind,
+    id: &str,
+    verb: &str,
+    users: (&str, &str),
+    ids: &[String],
+    advice: &str,
+) -> StoreError {
+    let noun = if ids.len() == 1 { users.0 } else { users.1 };
+    let mut listed = ids
+        .iter()
+        .take(MAX_LISTED_IDS)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if ids.len() > MAX_LISTED_IDS {
+        listed.push_str(", …");
+    }
+    StoreError::FailedPrecondition(InvalidField::new(
+        format!("{}.id", field_prefix(kind)),
+        format!(
+            "{} '{id}' {verb} {} {noun} ({listed}); {advice}",
+            kind.as_str(),
+            ids.len()
+        ),
+    ))
+}
+
+/// Maps an error of a statement that writes object `id` of `kind`: a taken id is
+/// ALREADY_EXISTS, and a foreign key or check the explicit checks missed (they run
+/// first, so this is a bug or a manual edit) is FAILED_PRECONDITION.
+pub(super) fn write_error(kind: Kind, id: &str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
+    move |err| {
+        let field = || format!("{}.id", field_prefix(kind));
+        match err.as_database_error().map(portable_kind) {
+            Some(ErrorKind::UniqueViolation) => StoreError::AlreadyExists {
+                kind,
+                id: id.to_owned(),
+            },
+            Some(ErrorKind::ForeignKeyViolation) => {
+                StoreError::FailedPrecondition(InvalidField::new(
+                    field(),
+                    format!(
+                        "{} '{id}' refers to an object that does not exist, or is still used \
+                         by another object",
+                        kind.as_str()
+                    ),
+                ))
+            }
+            Some(ErrorKind::CheckViolation | ErrorKind::NotNullViolation) => {
+                StoreError::FailedPrecondition(InvalidField::new(
+                    field(),
+                    format!("{} '{id}' has a value the database refuses", kind.as_str()),
+                ))
+            }
+            _ => map_error(err),
+        }
+    }
+}
+
+/// The kind of a database error. SQLite reports an ON DELETE RESTRICT violation as a
+/// trigger constraint (extended code 1811), which sqlx files under `Other`.
+fn portable_kind(db: &dyn sqlx::error::DatabaseError) -> ErrorKind {
+    match db.kind() {
+        ErrorKind::Other if db.message() == "FOREIGN KEY constraint failed" => {
+            ErrorKind::ForeignKeyViolation
+        }
+        kind => kind,
+    }
+}
+
+/// Maps any other database error: lock waits that ran out, serialisation failures and
+/// a server going away are UNAVAILABLE (retrying may work); the rest is INTERNAL.
+pub(super) fn map_error(err: sqlx::Error) -> StoreError {
+    if is_transient(&err) {
+        return StoreError::Unavailable(err);
+    }
+    StoreError::from_sqlx(err)
+}
+
+fn is_transient(err: &sqlx::Error) -> bool {
+    let Some(db) = err.as_database_error() else {
+        return false;
+    };
+    let Some(code) = db.code() else {
+        return false;
+    };
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes.
+        return code
+            .parse::<i32>()
+            .is_ok_and(|code| matches!(code & 0xff, 5 | 6));
+    }
+    // Postgres: serialization failure, deadlock, lock wait timed out, too many
+    // connections, shutting down, and the connection exception class.
+    matches!(
+        &*code,
+        "40001" | "40P01" | "55P03" | "53300" | "57P01" | "57P02" | "57P03"
+    ) || code.starts_with("08")
+}
