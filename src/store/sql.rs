@@ -75,8 +75,9 @@ impl Backend {
 
 /// What [`ConfigStore::reseal_tokens`] calls for each token: the new key id and sealed
 /// secret, `None` to leave the token as it is, or an error that undoes everything.
-type Reseal =
-    dyn Fn(&TokenRecord) -> Result<Option<(String, Vec<u8>)>, crate::crypto::CryptoError> + Sync;
+type Reseal<'a> = dyn Fn(&TokenRecord) -> Result<Option<(String, Vec<u8>)>, crate::crypto::CryptoError>
+    + Sync
+    + 'a;
 
 /// Everything leasing needs, read in one transaction.
 #[derive(Debug, Clone, Default)]
@@ -278,7 +279,7 @@ impl ConfigStore {
     /// token's secret, `Ok(None)` leaves it, and an `Err` rolls everything back (its
     /// message is kept). Returns how many tokens changed; the version is bumped only if
     /// some did.
-    pub async fn reseal_tokens(&self, reseal: &Reseal) -> Result<usize, StoreError> {
+    pub async fn reseal_tokens(&self, reseal: &Reseal<'_>) -> Result<usize, StoreError> {
         tenancy::reseal_tokens(self, reseal).await
     }
 

@@ -20,17 +20,36 @@ pub struct ThrowawayRedis {
 impl ThrowawayRedis {
     pub fn start(port: u16) -> Self {
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be installed for this test");
         let deadline = Instant::now() + Duration::from_secs(10);
         let url = format!("redis://127.0.0.1:{port}");
-        while redis::Client::open(url.as_str()).unwrap().get_connection().is_err() {
-            assert!(Instant::now() < deadline, "throwaway redis-server did not start on port {port}");
+        while redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection()
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "throwaway redis-server did not start on port {port}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self { port, child: Some(child) }
+        Self {
+            port,
+            child: Some(child),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -53,7 +72,11 @@ impl Drop for ThrowawayRedis {
 
 /// A free local port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Redis stops: AcquireLease answers UNAVAILABLE with a RetryInfo within the configured
@@ -67,21 +90,47 @@ async fn redis_down_fails_closed_and_recovers() {
     settings.redis.timeout_ms = 300;
     let app = env.spawn_with(settings).await;
     let mut admin = app.admin().await;
-    PoolSetup::default().create(&mut admin, &app.admin_key).await;
+    PoolSetup::default()
+        .create(&mut admin, &app.admin_key)
+        .await;
     create_tenant(&mut admin, &app.admin_key, "acme", "flex").await;
     let mut lease = app.lease().await;
-    let request = || authed(pb::AcquireLeaseRequest { tenant_id: "acme".into(), ..Default::default() }, &app.admin_key);
-    let answer = lease.acquire_lease(request()).await.unwrap().into_inner().result.unwrap();
+    let request = || {
+        authed(
+            pb::AcquireLeaseRequest {
+                tenant_id: "acme".into(),
+                ..Default::default()
+            },
+            &app.admin_key,
+        )
+    };
+    let answer = lease
+        .acquire_lease(request())
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
     assert!(matches!(answer, Answer::Lease(_)));
 
     redis.stop();
     for _ in 0..5 {
         let started = Instant::now();
-        let err = lease.acquire_lease(request()).await.expect_err("no lease may be granted while Redis is down");
+        let err = lease
+            .acquire_lease(request())
+            .await
+            .expect_err("no lease may be granted while Redis is down");
         assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
-        assert!(err.get_details_retry_info().is_some(), "UNAVAILABLE carries a retry-after");
+        assert!(
+            err.get_details_retry_info().is_some(),
+            "UNAVAILABLE carries a retry-after"
+        );
         // Bounded by the 300 ms timeout (plus a reconnect attempt and scheduling slack).
-        assert!(started.elapsed() < Duration::from_millis(1_500), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_millis(1_500),
+            "took {:?}",
+            started.elapsed()
+        );
     }
 
     let _redis = ThrowawayRedis::start(redis.port);
@@ -89,12 +138,18 @@ async fn redis_down_fails_closed_and_recovers() {
     loop {
         match lease.acquire_lease(request()).await {
             Ok(answer) => {
-                assert!(matches!(answer.into_inner().result.unwrap(), Answer::Lease(_)));
+                assert!(matches!(
+                    answer.into_inner().result.unwrap(),
+                    Answer::Lease(_)
+                ));
                 break;
             }
             Err(err) => assert_eq!(err.code(), Code::Unavailable),
         }
-        assert!(Instant::now() < deadline, "leasing did not resume after Redis came back");
+        assert!(
+            Instant::now() < deadline,
+            "leasing did not resume after Redis came back"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -209,7 +209,7 @@ pub(super) async fn delete_token(store: &ConfigStore, id: &Id) -> Result<i64, St
 /// See [`ConfigStore::reseal_tokens`].
 pub(super) async fn reseal_tokens(
     store: &ConfigStore,
-    reseal: &Reseal,
+    reseal: &Reseal<'_>,
 ) -> Result<usize, StoreError> {
     let mut write = Write::begin(store).await?;
     let backend = write.backend();
