@@ -255,8 +255,7 @@ fn ensure_embedded_key_file(data_dir: &Path) -> anyhow::Result<PathBuf> {
     if path.exists() {
         return Ok(path);
     }
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create the data folder {}", data_dir.display()))?;
+    create_private_dir(data_dir)?;
     let key = KeyRing::generate_key_base64();
     let body = format!(
         "# tokenlease master key, generated on first start. Keep it: tokens sealed with it\n\
@@ -266,6 +265,19 @@ fn ensure_embedded_key_file(data_dir: &Path) -> anyhow::Result<PathBuf> {
     write_private_file(&path, &body)?;
     tracing::info!(path = %path.display(), "generated a master key for the embedded store");
     Ok(path)
+}
+
+/// Creates `dir` (and parents) readable only by its owner when it is new: it holds the
+/// database with sealed tokens and the generated keys.
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).with_context(|| format!("cannot create the data folder {}", dir.display()))
 }
 
 /// Writes a file readable only by its owner.
