@@ -109,7 +109,7 @@ type Reply<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl AdminService for AdminApi {
-    async fn create_upstream(&self, r: Request<pb::CreateUpstreamRequest>) -> Reply<pb::Upstream> {
+    async fn create_upstream(&self, r: Request<pb::CreateUpstreamRequest>) -> Reply<pb::CreateUpstreamResponse> {
         admin(&r)?;
         let value = upstream_from_proto(r.into_inner().upstream).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -125,10 +125,10 @@ impl AdminService for AdminApi {
             version,
         )
         .await;
-        Ok(Response::new(upstream_to_proto(&stored)))
+        Ok(Response::new(pb::CreateUpstreamResponse { upstream: Some(upstream_to_proto(&stored)) }))
     }
 
-    async fn get_upstream(&self, r: Request<pb::GetUpstreamRequest>) -> Reply<pb::Upstream> {
+    async fn get_upstream(&self, r: Request<pb::GetUpstreamRequest>) -> Reply<pb::GetUpstreamResponse> {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
         let stored = self
@@ -137,7 +137,7 @@ impl AdminService for AdminApi {
             .get_upstream(&id)
             .await
             .map_err(ServiceError::from)?;
-        Ok(Response::new(upstream_to_proto(&stored)))
+        Ok(Response::new(pb::GetUpstreamResponse { upstream: Some(upstream_to_proto(&stored)) }))
     }
 
     async fn list_upstreams(
@@ -159,7 +159,7 @@ impl AdminService for AdminApi {
         }))
     }
 
-    async fn update_upstream(&self, r: Request<pb::UpdateUpstreamRequest>) -> Reply<pb::Upstream> {
+    async fn update_upstream(&self, r: Request<pb::UpdateUpstreamRequest>) -> Reply<pb::UpdateUpstreamResponse> {
         admin(&r)?;
         let value = upstream_from_proto(r.into_inner().upstream).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -175,7 +175,7 @@ impl AdminService for AdminApi {
             version,
         )
         .await;
-        Ok(Response::new(upstream_to_proto(&stored)))
+        Ok(Response::new(pb::UpdateUpstreamResponse { upstream: Some(upstream_to_proto(&stored)) }))
     }
 
     async fn delete_upstream(
@@ -195,7 +195,7 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::DeleteUpstreamResponse {}))
     }
 
-    async fn create_token(&self, r: Request<pb::CreateTokenRequest>) -> Reply<pb::Token> {
+    async fn create_token(&self, r: Request<pb::CreateTokenRequest>) -> Reply<pb::CreateTokenResponse> {
         admin(&r)?;
         let input = token_from_proto(r.into_inner().token, true).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -211,10 +211,10 @@ impl AdminService for AdminApi {
             version,
         )
         .await;
-        Ok(Response::new(token_to_proto(&stored)))
+        Ok(Response::new(pb::CreateTokenResponse { token: Some(token_to_proto(&stored)) }))
     }
 
-    async fn get_token(&self, r: Request<pb::GetTokenRequest>) -> Reply<pb::Token> {
+    async fn get_token(&self, r: Request<pb::GetTokenRequest>) -> Reply<pb::GetTokenResponse> {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
         let stored = self
@@ -223,7 +223,7 @@ impl AdminService for AdminApi {
             .get_token(&id)
             .await
             .map_err(ServiceError::from)?;
-        Ok(Response::new(token_to_proto(&stored)))
+        Ok(Response::new(pb::GetTokenResponse { token: Some(token_to_proto(&stored)) }))
     }
 
     async fn list_tokens(
@@ -245,7 +245,7 @@ impl AdminService for AdminApi {
         }))
     }
 
-    async fn update_token(&self, r: Request<pb::UpdateTokenRequest>) -> Reply<pb::Token> {
+    async fn update_token(&self, r: Request<pb::UpdateTokenRequest>) -> Reply<pb::UpdateTokenResponse> {
         admin(&r)?;
         let input = token_from_proto(r.into_inner().token, false).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -261,7 +261,7 @@ impl AdminService for AdminApi {
             version,
         )
         .await;
-        Ok(Response::new(token_to_proto(&stored)))
+        Ok(Response::new(pb::UpdateTokenResponse { token: Some(token_to_proto(&stored)) }))
     }
 
     async fn delete_token(
@@ -281,7 +281,7 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::DeleteTokenResponse {}))
     }
 
-    async fn create_pool(&self, r: Request<pb::CreatePoolRequest>) -> Reply<pb::Pool> {
+    async fn create_pool(&self, r: Request<pb::CreatePoolRequest>) -> Reply<pb::CreatePoolResponse> {
         admin(&r)?;
         let value = pool_from_proto(r.into_inner().pool).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -292,10 +292,10 @@ impl AdminService for AdminApi {
             .map_err(ServiceError::from)?;
         self.written(Resource::Pool, stored.id.as_str(), Change::Created, version)
             .await;
-        Ok(Response::new(self.pool_proto(&stored)))
+        Ok(Response::new(pb::CreatePoolResponse { pool: Some(self.pool_proto(&stored)) }))
     }
 
-    async fn get_pool(&self, r: Request<pb::GetPoolRequest>) -> Reply<pb::Pool> {
+    async fn get_pool(&self, r: Request<pb::GetPoolRequest>) -> Reply<pb::GetPoolResponse> {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
         let stored = self
@@ -304,7 +304,7 @@ impl AdminService for AdminApi {
             .get_pool(&id)
             .await
             .map_err(ServiceError::from)?;
-        Ok(Response::new(self.pool_proto(&stored)))
+        Ok(Response::new(pb::GetPoolResponse { pool: Some(self.pool_proto(&stored)) }))
     }
 
     async fn list_pools(&self, r: Request<pb::ListPoolsRequest>) -> Reply<pb::ListPoolsResponse> {
@@ -323,7 +323,7 @@ impl AdminService for AdminApi {
         }))
     }
 
-    async fn update_pool(&self, r: Request<pb::UpdatePoolRequest>) -> Reply<pb::Pool> {
+    async fn update_pool(&self, r: Request<pb::UpdatePoolRequest>) -> Reply<pb::UpdatePoolResponse> {
         admin(&r)?;
         let value = pool_from_proto(r.into_inner().pool).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -334,7 +334,7 @@ impl AdminService for AdminApi {
             .map_err(ServiceError::from)?;
         self.written(Resource::Pool, stored.id.as_str(), Change::Updated, version)
             .await;
-        Ok(Response::new(self.pool_proto(&stored)))
+        Ok(Response::new(pb::UpdatePoolResponse { pool: Some(self.pool_proto(&stored)) }))
     }
 
     async fn delete_pool(
@@ -354,7 +354,7 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::DeletePoolResponse {}))
     }
 
-    async fn create_tier(&self, r: Request<pb::CreateTierRequest>) -> Reply<pb::Tier> {
+    async fn create_tier(&self, r: Request<pb::CreateTierRequest>) -> Reply<pb::CreateTierResponse> {
         admin(&r)?;
         let value = tier_from_proto(r.into_inner().tier).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -365,10 +365,10 @@ impl AdminService for AdminApi {
             .map_err(ServiceError::from)?;
         self.written(Resource::Tier, stored.id.as_str(), Change::Created, version)
             .await;
-        Ok(Response::new(tier_to_proto(&stored)))
+        Ok(Response::new(pb::CreateTierResponse { tier: Some(tier_to_proto(&stored)) }))
     }
 
-    async fn get_tier(&self, r: Request<pb::GetTierRequest>) -> Reply<pb::Tier> {
+    async fn get_tier(&self, r: Request<pb::GetTierRequest>) -> Reply<pb::GetTierResponse> {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
         let stored = self
@@ -377,7 +377,7 @@ impl AdminService for AdminApi {
             .get_tier(&id)
             .await
             .map_err(ServiceError::from)?;
-        Ok(Response::new(tier_to_proto(&stored)))
+        Ok(Response::new(pb::GetTierResponse { tier: Some(tier_to_proto(&stored)) }))
     }
 
     async fn list_tiers(&self, r: Request<pb::ListTiersRequest>) -> Reply<pb::ListTiersResponse> {
@@ -396,7 +396,7 @@ impl AdminService for AdminApi {
         }))
     }
 
-    async fn update_tier(&self, r: Request<pb::UpdateTierRequest>) -> Reply<pb::Tier> {
+    async fn update_tier(&self, r: Request<pb::UpdateTierRequest>) -> Reply<pb::UpdateTierResponse> {
         admin(&r)?;
         let value = tier_from_proto(r.into_inner().tier).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -407,7 +407,7 @@ impl AdminService for AdminApi {
             .map_err(ServiceError::from)?;
         self.written(Resource::Tier, stored.id.as_str(), Change::Updated, version)
             .await;
-        Ok(Response::new(tier_to_proto(&stored)))
+        Ok(Response::new(pb::UpdateTierResponse { tier: Some(tier_to_proto(&stored)) }))
     }
 
     async fn delete_tier(
@@ -427,7 +427,7 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::DeleteTierResponse {}))
     }
 
-    async fn create_tenant(&self, r: Request<pb::CreateTenantRequest>) -> Reply<pb::Tenant> {
+    async fn create_tenant(&self, r: Request<pb::CreateTenantRequest>) -> Reply<pb::CreateTenantResponse> {
         admin(&r)?;
         let value = tenant_from_proto(r.into_inner().tenant).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -443,13 +443,13 @@ impl AdminService for AdminApi {
             version,
         )
         .await;
-        Ok(Response::new(tenant_to_proto(
+        Ok(Response::new(pb::CreateTenantResponse { tenant: Some(tenant_to_proto(
             &stored,
             &self.config().current(),
-        )))
+        )) }))
     }
 
-    async fn get_tenant(&self, r: Request<pb::GetTenantRequest>) -> Reply<pb::Tenant> {
+    async fn get_tenant(&self, r: Request<pb::GetTenantRequest>) -> Reply<pb::GetTenantResponse> {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
         let stored = self
@@ -458,10 +458,10 @@ impl AdminService for AdminApi {
             .get_tenant(&id)
             .await
             .map_err(ServiceError::from)?;
-        Ok(Response::new(tenant_to_proto(
+        Ok(Response::new(pb::GetTenantResponse { tenant: Some(tenant_to_proto(
             &stored,
             &self.config().current(),
-        )))
+        )) }))
     }
 
     async fn list_tenants(
@@ -487,7 +487,7 @@ impl AdminService for AdminApi {
         }))
     }
 
-    async fn update_tenant(&self, r: Request<pb::UpdateTenantRequest>) -> Reply<pb::Tenant> {
+    async fn update_tenant(&self, r: Request<pb::UpdateTenantRequest>) -> Reply<pb::UpdateTenantResponse> {
         admin(&r)?;
         let value = tenant_from_proto(r.into_inner().tenant).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -503,10 +503,10 @@ impl AdminService for AdminApi {
             version,
         )
         .await;
-        Ok(Response::new(tenant_to_proto(
+        Ok(Response::new(pb::UpdateTenantResponse { tenant: Some(tenant_to_proto(
             &stored,
             &self.config().current(),
-        )))
+        )) }))
     }
 
     async fn delete_tenant(
@@ -549,7 +549,7 @@ impl AdminService for AdminApi {
         }))
     }
 
-    async fn get_api_key(&self, r: Request<pb::GetApiKeyRequest>) -> Reply<pb::ApiKey> {
+    async fn get_api_key(&self, r: Request<pb::GetApiKeyRequest>) -> Reply<pb::GetApiKeyResponse> {
         admin(&r)?;
         let stored = self
             .config()
@@ -557,7 +557,7 @@ impl AdminService for AdminApi {
             .get_api_key(&r.get_ref().id)
             .await
             .map_err(ServiceError::from)?;
-        Ok(Response::new(api_key_to_proto(&stored)))
+        Ok(Response::new(pb::GetApiKeyResponse { api_key: Some(api_key_to_proto(&stored)) }))
     }
 
     async fn list_api_keys(
@@ -579,7 +579,7 @@ impl AdminService for AdminApi {
         }))
     }
 
-    async fn update_api_key(&self, r: Request<pb::UpdateApiKeyRequest>) -> Reply<pb::ApiKey> {
+    async fn update_api_key(&self, r: Request<pb::UpdateApiKeyRequest>) -> Reply<pb::UpdateApiKeyResponse> {
         admin(&r)?;
         let input = r.into_inner().api_key;
         let id = input.as_ref().map(|k| k.id.clone()).unwrap_or_default();
@@ -596,7 +596,7 @@ impl AdminService for AdminApi {
             .map_err(ServiceError::from)?;
         self.written(Resource::ApiKey, &stored.id, Change::Updated, version)
             .await;
-        Ok(Response::new(api_key_to_proto(&stored)))
+        Ok(Response::new(pb::UpdateApiKeyResponse { api_key: Some(api_key_to_proto(&stored)) }))
     }
 
     async fn delete_api_key(
