@@ -41,8 +41,11 @@ impl Window {
         if k == 0 {
             return now;
         }
-        let (end, _) = self.by_end.iter().nth(k as usize - 1).expect("k ≤ used");
-        end + window_ms + 1
+        match self.by_end.iter().nth(k as usize - 1) {
+            Some((end, _)) => end + window_ms + 1,
+            // `cost` exceeds `limit`: no waiting makes room.
+            None => never(now, window_ms),
+        }
     }
 
     fn insert(&mut self, member: String, end: i64) {
@@ -77,6 +80,7 @@ struct Lease {
 #[derive(Default)]
 struct State {
     windows: HashMap<String, Window>,
+    /// Live leases by `lease_key`.
     leases: HashMap<String, Lease>,
     /// Lease expiries, so expired leases are dropped without scanning all leases.
     expiries: BTreeSet<(i64, String)>,
@@ -88,8 +92,8 @@ impl State {
             if first.0 >= now {
                 break;
             }
-            let (_, nonce) = self.expiries.pop_first().expect("checked non-empty");
-            self.leases.remove(&nonce);
+            let (_, lease_key) = self.expiries.pop_first().expect("checked non-empty");
+            self.leases.remove(&lease_key);
         }
     }
 
@@ -98,12 +102,22 @@ impl State {
     }
 }
 
+/// The retry instant of a request no waiting can satisfy (see `scripts::ACQUIRE`).
+fn never(now: i64, window_ms: i64) -> i64 {
+    now + window_ms
+}
+
 fn tenant_key(upstream: &Id, tenant: &Id) -> String {
     format!("{upstream}/tw/{tenant}")
 }
 
 fn token_key(upstream: &Id, token: &Id) -> String {
     format!("{upstream}/kw/{token}")
+}
+
+/// Leases are per upstream, as in Redis: an id naming another upstream finds nothing.
+fn lease_key(upstream: &Id, nonce: &str) -> String {
+    format!("{upstream}/lease/{nonce}")
 }
 
 /// In-process counters; cheap to clone (shared state behind an `Arc`).
@@ -133,6 +147,8 @@ impl MemoryCounters {
         let now = self.clock.now_ms();
         let window_ms = req.window.as_millis() as i64;
         let horizon = now - window_ms;
+        // Every lease allows at least one call, so it takes at least one slot.
+        let cost = req.cost.max(1);
         let mut state = self.lock();
         state.drop_expired_leases(now);
 
@@ -148,15 +164,16 @@ impl MemoryCounters {
             }
             let window = state.window(token_key(&req.upstream_id, token));
             let used = window.trim(horizon);
-            if used + req.cost <= req.token_limit {
+            if used + cost <= req.token_limit {
                 if best.is_none_or(|(_, best_used)| used < best_used) {
                     best = Some((idx, used));
                 }
             } else {
-                let free = window.free_at(now, window_ms, used, req.cost, req.token_limit);
+                let free = window.free_at(now, window_ms, used, cost, req.token_limit);
                 earliest = Some(earliest.map_or(free, |e| e.min(free)));
             }
         }
+        let earliest = earliest.unwrap_or(never(now, window_ms));
 
         let deny = |reason, at: i64| {
             AcquireOutcome::Denied(Denied {
@@ -165,17 +182,16 @@ impl MemoryCounters {
                 now_ms: now,
             })
         };
-        if tenant_used + req.cost > req.tenant_limit {
+        if tenant_used + cost > req.tenant_limit {
             let tenant_window = state.window(tenant_key);
-            let mut at =
-                tenant_window.free_at(now, window_ms, tenant_used, req.cost, req.tenant_limit);
+            let mut at = tenant_window.free_at(now, window_ms, tenant_used, cost, req.tenant_limit);
             if best.is_none() {
-                at = at.max(earliest.unwrap_or(at));
+                at = at.max(earliest);
             }
             return deny(DenyReason::TenantQuota, at);
         }
         let Some((idx, token_used)) = best else {
-            return deny(DenyReason::NoTokenCapacity, earliest.unwrap_or(now));
+            return deny(DenyReason::NoTokenCapacity, earliest);
         };
 
         let token = req
@@ -186,7 +202,7 @@ impl MemoryCounters {
             .expect("index from the loop")
             .clone();
         let expires = now + req.lease_ttl.as_millis() as i64;
-        for i in 1..=req.cost {
+        for i in 1..=cost {
             let member = format!("{}#{i}", req.nonce);
             state
                 .window(tenant_key.clone())
@@ -195,23 +211,24 @@ impl MemoryCounters {
                 .window(token_key(&req.upstream_id, &token))
                 .insert(member, expires);
         }
+        let lease_key = lease_key(&req.upstream_id, &req.nonce);
         state.leases.insert(
-            req.nonce.clone(),
+            lease_key.clone(),
             Lease {
                 tenant: req.tenant_id.clone(),
                 token: token.clone(),
-                cost: req.cost,
+                cost,
                 expires,
                 outcome: None,
             },
         );
-        state.expiries.insert((expires, req.nonce.clone()));
+        state.expiries.insert((expires, lease_key));
         AcquireOutcome::Granted(Grant {
             token_id: token,
             now_ms: now,
             expires_at_ms: expires,
-            tenant_used: tenant_used + req.cost,
-            token_used: token_used + req.cost,
+            tenant_used: tenant_used + cost,
+            token_used: token_used + cost,
         })
     }
 
@@ -219,7 +236,10 @@ impl MemoryCounters {
         let now = self.clock.now_ms();
         let mut state = self.lock();
         state.drop_expired_leases(now);
-        let Some(lease) = state.leases.get_mut(&key.nonce) else {
+        let Some(lease) = state
+            .leases
+            .get_mut(&lease_key(&key.upstream_id, &key.nonce))
+        else {
             return ReleaseResult::NotFound;
         };
         if lease.tenant != key.tenant_id || lease.token != key.token_id || lease.expires < now {

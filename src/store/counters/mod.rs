@@ -46,6 +46,7 @@ pub struct AcquireRequest {
     pub token_limit: u32,
     pub window: Duration,
     pub lease_ttl: Duration,
+    /// Slots the call takes in both windows; 0 counts as 1.
     pub cost: u32,
     /// The tenant's dedicated tokens, tried first (least used first).
     pub dedicated: Vec<Id>,
@@ -234,6 +235,11 @@ impl Counters {
         }
     }
 }
+
+/// The behaviour suite, run against both backends.
+#[cfg(test)]
+#[path = "tests.rs"]
+mod behaviour;
 
 #[cfg(test)]
 mod tests {

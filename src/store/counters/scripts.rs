@@ -22,16 +22,22 @@
 /// Returns `{1, token_index (1-based), now, expires, tenant_used, token_used}` when
 /// granted, `{0, reason (1 tenant quota, 2 no token capacity), retry_after_ms, now}` when
 /// denied. A denial writes nothing but the trimming of entries that had left the window.
+/// A request no waiting can satisfy (cost above the token or tenant limit, no candidate
+/// token) is denied with a retry of one window. A cost of 0 counts as 1.
 pub const ACQUIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
+-- Every lease allows at least one call, so it takes at least one slot.
+local cost = math.max(1, tonumber(ARGV[3]))
 local tenant_limit = tonumber(ARGV[4])
 local token_limit = tonumber(ARGV[5])
 local n_dedicated = tonumber(ARGV[6])
 local horizon = now - window
+-- The retry instant of a request no waiting can satisfy (its cost exceeds a limit, or
+-- it has no candidate token): one window on, when the configuration may have changed.
+local never = now + window
 
 -- An entry whose occupancy ended before now - W cannot share a window with a use made
 -- from now on: drop it, then count what is left.
@@ -45,6 +51,8 @@ end
 local function free_at(key, used, limit)
   local k = used + cost - limit
   if k <= 0 then return now end
+  -- More entries would have to leave than there are: cost exceeds limit.
+  if k > used then return never end
   local e = redis.call('ZRANGE', key, k - 1, k - 1, 'WITHSCORES')
   return tonumber(e[2]) + window + 1
 end
@@ -65,9 +73,11 @@ for i = 3, #KEYS do
   end
 end
 
+if earliest == nil then earliest = never end
+
 if tenant_used + cost > tenant_limit then
   local retry = free_at(KEYS[1], tenant_used, tenant_limit)
-  if best == nil and earliest ~= nil and earliest > retry then retry = earliest end
+  if best == nil and earliest > retry then retry = earliest end
   return {0, 1, retry - now, now}
 end
 if best == nil then

@@ -1,0 +1,257 @@
+//! Property 12 on Redis: with Redis gone, frozen, or not yet started, every call fails
+//! closed (`CounterError::Unavailable`) within the configured timeout, never a grant,
+//! never a panic or a hang; when Redis comes back the same `RedisCounters` works again
+//! by itself. Each test runs its own throwaway `redis-server` on a free port.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+const TIMEOUT: Duration = Duration::from_millis(300);
+/// Scheduling slack on top of the timeout (the tests run in parallel).
+const SLACK: Duration = Duration::from_millis(250);
+/// How long a recovered Redis may take to be used again.
+const RECOVERY: Duration = Duration::from_secs(5);
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// A `redis-server` child process; killed when dropped.
+struct Throwaway {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Throwaway {
+    async fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed to run the fault tests");
+        let server = Self {
+            port,
+            child: Some(child),
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let client = redis::Client::open(self.url()).expect("url");
+        loop {
+            let ping = async {
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                redis::cmd("PING").query_async::<String>(&mut conn).await
+            };
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), ping).await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {} did not start",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill redis-server");
+            child.wait().expect("reap redis-server");
+        }
+    }
+
+    /// Sends a signal (`-STOP`, `-CONT`) to the server process.
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status();
+        assert!(status.expect("run kill").success(), "kill {signal} {pid}");
+    }
+}
+
+impl Drop for Throwaway {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+        }
+        self.kill();
+    }
+}
+
+async fn counters_for(url: &str) -> RedisCounters {
+    let settings = RedisSettings {
+        url: url.to_owned(),
+        key_prefix: format!("tltest-{}", uuid::Uuid::new_v4().simple()),
+        timeout: TIMEOUT,
+    };
+    RedisCounters::connect(&settings)
+        .await
+        .expect("a single-server connection is lazy and cannot fail")
+}
+
+fn request() -> AcquireRequest {
+    AcquireRequest {
+        upstream_id: id(UPSTREAM),
+        nonce: LeaseKey::new_nonce(),
+        tenant_id: id("t-a"),
+        tenant_limit: 1000,
+        token_limit: USABLE,
+        window: Duration::from_secs(60),
+        lease_ttl: Duration::from_secs(10),
+        cost: 1,
+        dedicated: vec![],
+        pooled: ids(&["k-1"]),
+    }
+}
+
+fn fresh(req: &AcquireRequest) -> AcquireRequest {
+    AcquireRequest {
+        nonce: LeaseKey::new_nonce(),
+        ..req.clone()
+    }
+}
+
+/// Every counter call fails closed, `Unavailable`, within the timeout plus slack.
+async fn assert_fails_closed(counters: &RedisCounters, what: &str) {
+    let req = request();
+    let key = LeaseKey {
+        upstream_id: req.upstream_id.clone(),
+        tenant_id: req.tenant_id.clone(),
+        token_id: id("k-1"),
+        nonce: req.nonce.clone(),
+    };
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let answer = counters.acquire(&fresh(&req)).await;
+        let took = started.elapsed();
+        assert!(
+            matches!(answer, Err(CounterError::Unavailable(_))),
+            "{what}, attempt {attempt}: {answer:?}"
+        );
+        assert!(
+            took <= TIMEOUT + SLACK,
+            "{what}, attempt {attempt}: answered after {took:?}"
+        );
+    }
+    let released = counters.release(&key, ReleaseOutcome::Success).await;
+    assert!(
+        matches!(released, Err(CounterError::Unavailable(_))),
+        "{what}: {released:?}"
+    );
+    let usage = counters
+        .usage(&req.upstream_id, req.window, &[], &req.pooled)
+        .await;
+    assert!(
+        matches!(usage, Err(CounterError::Unavailable(_))),
+        "{what}: {usage:?}"
+    );
+}
+
+/// Polls acquire until it grants; until then only `Unavailable` is acceptable.
+async fn assert_recovers(counters: &RedisCounters, what: &str) {
+    let deadline = Instant::now() + RECOVERY;
+    loop {
+        match counters.acquire(&fresh(&request())).await {
+            Ok(AcquireOutcome::Granted(_)) => return,
+            Err(CounterError::Unavailable(_)) => {}
+            other => panic!("{what}: while recovering got {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no grant within {RECOVERY:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn assert_grants(counters: &RedisCounters) {
+    let answer = counters.acquire(&fresh(&request())).await;
+    assert!(
+        matches!(answer, Ok(AcquireOutcome::Granted(_))),
+        "{answer:?}"
+    );
+}
+
+/// Property 12: Redis killed → `Unavailable` within the timeout, never a grant;
+/// restarted on the same port → the same counters grant again by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_fails_closed_then_recovers() {
+    let port = free_port();
+    let mut server = Throwaway::start(port).await;
+    let counters = counters_for(&server.url()).await;
+    assert_grants(&counters).await;
+    server.kill();
+    assert_fails_closed(&counters, "Redis killed").await;
+    let _server = Throwaway::start(port).await;
+    assert_recovers(&counters, "Redis restarted").await;
+}
+
+/// Property 12: Redis frozen (SIGSTOP: connected but silent) → `Unavailable` within the
+/// timeout, not a hang; thawed → grants again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_frozen_fails_closed_then_recovers() {
+    let server = Throwaway::start(free_port()).await;
+    let counters = counters_for(&server.url()).await;
+    assert_grants(&counters).await;
+    server.signal("-STOP");
+    assert_fails_closed(&counters, "Redis frozen").await;
+    server.signal("-CONT");
+    assert_recovers(&counters, "Redis thawed").await;
+}
+
+/// Property 12: counters created while Redis is down (lazy connect) answer
+/// `Unavailable`, not a panic or a hang, and work once Redis starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_start_fails_closed_then_recovers() {
+    let port = free_port();
+    let counters = counters_for(&format!("redis://127.0.0.1:{port}")).await;
+    assert_fails_closed(&counters, "Redis not started").await;
+    let _server = Throwaway::start(port).await;
+    assert_recovers(&counters, "Redis started").await;
+}
+
+/// No leak: every key the counters write carries a TTL of at most TTL + W + 1 s, so
+/// a replica or worker that dies mid-lease leaves nothing behind for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_keys_all_expire() {
+    Harness::run(Backend::Redis, |h| async move {
+        let req = h.request("t-a", 100, &["k-1"], &["k-2"]);
+        let released = h.grant(&req).await;
+        h.grant(&req).await;
+        h.release(&released.key, ReleaseOutcome::Success).await;
+        let TimeSource::Server(conn) = &h.time else {
+            unreachable!("Redis harness")
+        };
+        let mut conn = conn.clone();
+        let keys = keys_under(&mut conn, &h.prefix).await;
+        assert_eq!(
+            keys.len(),
+            4,
+            "tenant window, token window, two leases: {keys:?}"
+        );
+        let bound = ms(h.ttl + h.window) + 1000;
+        for key in keys {
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .expect("PTTL");
+            assert!((1..=bound).contains(&ttl), "{key}: PTTL {ttl}");
+        }
+    })
+    .await;
+}
