@@ -178,10 +178,12 @@ async fn measure(mode: &str, seconds: u64) {
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let dir = tempfile::tempdir().unwrap();
     let prefix = format!("tlbench-{}", uuid::Uuid::new_v4().simple());
-    let mut settings = Settings::default();
-    settings.listen = "127.0.0.1:0".parse().unwrap();
-    settings.data_dir = dir.path().to_path_buf();
-    settings.redis_url = Some(redis_url.clone());
+    let mut settings = Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        redis_url: Some(redis_url.clone()),
+        ..Settings::default()
+    };
     settings.redis.key_prefix = prefix.clone();
     settings.encryption.keys = BTreeMap::from([("k1".to_string(), KeyRing::generate_key_base64())]);
     let app = App::build(settings).await.unwrap();

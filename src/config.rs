@@ -311,13 +311,16 @@ mod tests {
             err.contains("lease.ttl_ms") && err.contains("between"),
             "{err}"
         );
-        let mut s = Settings::default();
-        s.redis_url = Some("http://x".into());
+        let s = Settings {
+            redis_url: Some("http://x".into()),
+            ..Settings::default()
+        };
         assert!(s.validate().unwrap_err().to_string().contains("REDIS_URL"));
     }
 
     /// The file layer and the environment layer override defaults, in that order.
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure returns figment::Error
     fn layering() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

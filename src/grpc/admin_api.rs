@@ -109,7 +109,10 @@ type Reply<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl AdminService for AdminApi {
-    async fn create_upstream(&self, r: Request<pb::CreateUpstreamRequest>) -> Reply<pb::CreateUpstreamResponse> {
+    async fn create_upstream(
+        &self,
+        r: Request<pb::CreateUpstreamRequest>,
+    ) -> Reply<pb::CreateUpstreamResponse> {
         admin(&r)?;
         let value = upstream_from_proto(r.into_inner().upstream).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -125,10 +128,15 @@ impl AdminService for AdminApi {
             version,
         )
         .await;
-        Ok(Response::new(pb::CreateUpstreamResponse { upstream: Some(upstream_to_proto(&stored)) }))
+        Ok(Response::new(pb::CreateUpstreamResponse {
+            upstream: Some(upstream_to_proto(&stored)),
+        }))
     }
 
-    async fn get_upstream(&self, r: Request<pb::GetUpstreamRequest>) -> Reply<pb::GetUpstreamResponse> {
+    async fn get_upstream(
+        &self,
+        r: Request<pb::GetUpstreamRequest>,
+    ) -> Reply<pb::GetUpstreamResponse> {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
         let stored = self
@@ -137,7 +145,9 @@ impl AdminService for AdminApi {
             .get_upstream(&id)
             .await
             .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::GetUpstreamResponse { upstream: Some(upstream_to_proto(&stored)) }))
+        Ok(Response::new(pb::GetUpstreamResponse {
+            upstream: Some(upstream_to_proto(&stored)),
+        }))
     }
 
     async fn list_upstreams(
@@ -159,7 +169,10 @@ impl AdminService for AdminApi {
         }))
     }
 
-    async fn update_upstream(&self, r: Request<pb::UpdateUpstreamRequest>) -> Reply<pb::UpdateUpstreamResponse> {
+    async fn update_upstream(
+        &self,
+        r: Request<pb::UpdateUpstreamRequest>,
+    ) -> Reply<pb::UpdateUpstreamResponse> {
         admin(&r)?;
         let value = upstream_from_proto(r.into_inner().upstream).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -175,7 +188,9 @@ impl AdminService for AdminApi {
             version,
         )
         .await;
-        Ok(Response::new(pb::UpdateUpstreamResponse { upstream: Some(upstream_to_proto(&stored)) }))
+        Ok(Response::new(pb::UpdateUpstreamResponse {
+            upstream: Some(upstream_to_proto(&stored)),
+        }))
     }
 
     async fn delete_upstream(
@@ -195,7 +210,10 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::DeleteUpstreamResponse {}))
     }
 
-    async fn create_token(&self, r: Request<pb::CreateTokenRequest>) -> Reply<pb::CreateTokenResponse> {
+    async fn create_token(
+        &self,
+        r: Request<pb::CreateTokenRequest>,
+    ) -> Reply<pb::CreateTokenResponse> {
         admin(&r)?;
         let input = token_from_proto(r.into_inner().token, true).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -211,7 +229,9 @@ impl AdminService for AdminApi {
             version,
         )
         .await;
-        Ok(Response::new(pb::CreateTokenResponse { token: Some(token_to_proto(&stored)) }))
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: Some(token_to_proto(&stored)),
+        }))
     }
 
     async fn get_token(&self, r: Request<pb::GetTokenRequest>) -> Reply<pb::GetTokenResponse> {
@@ -223,7 +243,9 @@ impl AdminService for AdminApi {
             .get_token(&id)
             .await
             .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::GetTokenResponse { token: Some(token_to_proto(&stored)) }))
+        Ok(Response::new(pb::GetTokenResponse {
+            token: Some(token_to_proto(&stored)),
+        }))
     }
 
     async fn list_tokens(
@@ -245,7 +267,10 @@ impl AdminService for AdminApi {
         }))
     }
 
-    async fn update_token(&self, r: Request<pb::UpdateTokenRequest>) -> Reply<pb::UpdateTokenResponse> {
+    async fn update_token(
+        &self,
+        r: Request<pb::UpdateTokenRequest>,
+    ) -> Reply<pb::UpdateTokenResponse> {
         admin(&r)?;
         let input = token_from_proto(r.into_inner().token, false).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -261,7 +286,9 @@ impl AdminService for AdminApi {
             version,
         )
         .await;
-        Ok(Response::new(pb::UpdateTokenResponse { token: Some(token_to_proto(&stored)) }))
+        Ok(Response::new(pb::UpdateTokenResponse {
+            token: Some(token_to_proto(&stored)),
+        }))
     }
 
     async fn delete_token(
@@ -281,7 +308,10 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::DeleteTokenResponse {}))
     }
 
-    async fn create_pool(&self, r: Request<pb::CreatePoolRequest>) -> Reply<pb::CreatePoolResponse> {
+    async fn create_pool(
+        &self,
+        r: Request<pb::CreatePoolRequest>,
+    ) -> Reply<pb::CreatePoolResponse> {
         admin(&r)?;
         let value = pool_from_proto(r.into_inner().pool).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -292,7 +322,9 @@ impl AdminService for AdminApi {
             .map_err(ServiceError::from)?;
         self.written(Resource::Pool, stored.id.as_str(), Change::Created, version)
             .await;
-        Ok(Response::new(pb::CreatePoolResponse { pool: Some(self.pool_proto(&stored)) }))
+        Ok(Response::new(pb::CreatePoolResponse {
+            pool: Some(self.pool_proto(&stored)),
+        }))
     }
 
     async fn get_pool(&self, r: Request<pb::GetPoolRequest>) -> Reply<pb::GetPoolResponse> {
@@ -304,7 +336,9 @@ impl AdminService for AdminApi {
             .get_pool(&id)
             .await
             .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::GetPoolResponse { pool: Some(self.pool_proto(&stored)) }))
+        Ok(Response::new(pb::GetPoolResponse {
+            pool: Some(self.pool_proto(&stored)),
+        }))
     }
 
     async fn list_pools(&self, r: Request<pb::ListPoolsRequest>) -> Reply<pb::ListPoolsResponse> {
@@ -323,7 +357,10 @@ impl AdminService for AdminApi {
         }))
     }
 
-    async fn update_pool(&self, r: Request<pb::UpdatePoolRequest>) -> Reply<pb::UpdatePoolResponse> {
+    async fn update_pool(
+        &self,
+        r: Request<pb::UpdatePoolRequest>,
+    ) -> Reply<pb::UpdatePoolResponse> {
         admin(&r)?;
         let value = pool_from_proto(r.into_inner().pool).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -334,7 +371,9 @@ impl AdminService for AdminApi {
             .map_err(ServiceError::from)?;
         self.written(Resource::Pool, stored.id.as_str(), Change::Updated, version)
             .await;
-        Ok(Response::new(pb::UpdatePoolResponse { pool: Some(self.pool_proto(&stored)) }))
+        Ok(Response::new(pb::UpdatePoolResponse {
+            pool: Some(self.pool_proto(&stored)),
+        }))
     }
 
     async fn delete_pool(
@@ -354,7 +393,10 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::DeletePoolResponse {}))
     }
 
-    async fn create_tier(&self, r: Request<pb::CreateTierRequest>) -> Reply<pb::CreateTierResponse> {
+    async fn create_tier(
+        &self,
+        r: Request<pb::CreateTierRequest>,
+    ) -> Reply<pb::CreateTierResponse> {
         admin(&r)?;
         let value = tier_from_proto(r.into_inner().tier).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -365,7 +407,9 @@ impl AdminService for AdminApi {
             .map_err(ServiceError::from)?;
         self.written(Resource::Tier, stored.id.as_str(), Change::Created, version)
             .await;
-        Ok(Response::new(pb::CreateTierResponse { tier: Some(tier_to_proto(&stored)) }))
+        Ok(Response::new(pb::CreateTierResponse {
+            tier: Some(tier_to_proto(&stored)),
+        }))
     }
 
     async fn get_tier(&self, r: Request<pb::GetTierRequest>) -> Reply<pb::GetTierResponse> {
@@ -377,7 +421,9 @@ impl AdminService for AdminApi {
             .get_tier(&id)
             .await
             .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::GetTierResponse { tier: Some(tier_to_proto(&stored)) }))
+        Ok(Response::new(pb::GetTierResponse {
+            tier: Some(tier_to_proto(&stored)),
+        }))
     }
 
     async fn list_tiers(&self, r: Request<pb::ListTiersRequest>) -> Reply<pb::ListTiersResponse> {
@@ -396,7 +442,10 @@ impl AdminService for AdminApi {
         }))
     }
 
-    async fn update_tier(&self, r: Request<pb::UpdateTierRequest>) -> Reply<pb::UpdateTierResponse> {
+    async fn update_tier(
+        &self,
+        r: Request<pb::UpdateTierRequest>,
+    ) -> Reply<pb::UpdateTierResponse> {
         admin(&r)?;
         let value = tier_from_proto(r.into_inner().tier).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -407,7 +456,9 @@ impl AdminService for AdminApi {
             .map_err(ServiceError::from)?;
         self.written(Resource::Tier, stored.id.as_str(), Change::Updated, version)
             .await;
-        Ok(Response::new(pb::UpdateTierResponse { tier: Some(tier_to_proto(&stored)) }))
+        Ok(Response::new(pb::UpdateTierResponse {
+            tier: Some(tier_to_proto(&stored)),
+        }))
     }
 
     async fn delete_tier(
@@ -427,7 +478,10 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::DeleteTierResponse {}))
     }
 
-    async fn create_tenant(&self, r: Request<pb::CreateTenantRequest>) -> Reply<pb::CreateTenantResponse> {
+    async fn create_tenant(
+        &self,
+        r: Request<pb::CreateTenantRequest>,
+    ) -> Reply<pb::CreateTenantResponse> {
         admin(&r)?;
         let value = tenant_from_proto(r.into_inner().tenant).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -443,10 +497,9 @@ impl AdminService for AdminApi {
             version,
         )
         .await;
-        Ok(Response::new(pb::CreateTenantResponse { tenant: Some(tenant_to_proto(
-            &stored,
-            &self.config().current(),
-        )) }))
+        Ok(Response::new(pb::CreateTenantResponse {
+            tenant: Some(tenant_to_proto(&stored, &self.config().current())),
+        }))
     }
 
     async fn get_tenant(&self, r: Request<pb::GetTenantRequest>) -> Reply<pb::GetTenantResponse> {
@@ -458,10 +511,9 @@ impl AdminService for AdminApi {
             .get_tenant(&id)
             .await
             .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::GetTenantResponse { tenant: Some(tenant_to_proto(
-            &stored,
-            &self.config().current(),
-        )) }))
+        Ok(Response::new(pb::GetTenantResponse {
+            tenant: Some(tenant_to_proto(&stored, &self.config().current())),
+        }))
     }
 
     async fn list_tenants(
@@ -487,7 +539,10 @@ impl AdminService for AdminApi {
         }))
     }
 
-    async fn update_tenant(&self, r: Request<pb::UpdateTenantRequest>) -> Reply<pb::UpdateTenantResponse> {
+    async fn update_tenant(
+        &self,
+        r: Request<pb::UpdateTenantRequest>,
+    ) -> Reply<pb::UpdateTenantResponse> {
         admin(&r)?;
         let value = tenant_from_proto(r.into_inner().tenant).map_err(ServiceError::from)?;
         let (stored, version) = self
@@ -503,10 +558,9 @@ impl AdminService for AdminApi {
             version,
         )
         .await;
-        Ok(Response::new(pb::UpdateTenantResponse { tenant: Some(tenant_to_proto(
-            &stored,
-            &self.config().current(),
-        )) }))
+        Ok(Response::new(pb::UpdateTenantResponse {
+            tenant: Some(tenant_to_proto(&stored, &self.config().current())),
+        }))
     }
 
     async fn delete_tenant(
@@ -557,7 +611,9 @@ impl AdminService for AdminApi {
             .get_api_key(&r.get_ref().id)
             .await
             .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::GetApiKeyResponse { api_key: Some(api_key_to_proto(&stored)) }))
+        Ok(Response::new(pb::GetApiKeyResponse {
+            api_key: Some(api_key_to_proto(&stored)),
+        }))
     }
 
     async fn list_api_keys(
@@ -579,7 +635,10 @@ impl AdminService for AdminApi {
         }))
     }
 
-    async fn update_api_key(&self, r: Request<pb::UpdateApiKeyRequest>) -> Reply<pb::UpdateApiKeyResponse> {
+    async fn update_api_key(
+        &self,
+        r: Request<pb::UpdateApiKeyRequest>,
+    ) -> Reply<pb::UpdateApiKeyResponse> {
         admin(&r)?;
         let input = r.into_inner().api_key;
         let id = input.as_ref().map(|k| k.id.clone()).unwrap_or_default();
@@ -596,7 +655,9 @@ impl AdminService for AdminApi {
             .map_err(ServiceError::from)?;
         self.written(Resource::ApiKey, &stored.id, Change::Updated, version)
             .await;
-        Ok(Response::new(pb::UpdateApiKeyResponse { api_key: Some(api_key_to_proto(&stored)) }))
+        Ok(Response::new(pb::UpdateApiKeyResponse {
+            api_key: Some(api_key_to_proto(&stored)),
+        }))
     }
 
     async fn delete_api_key(

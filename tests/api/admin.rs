@@ -61,7 +61,9 @@ async fn seeds_defaults_once(db: Db) {
         ))
         .await
         .unwrap()
-        .into_inner().upstream.unwrap();
+        .into_inner()
+        .upstream
+        .unwrap();
     assert_eq!(
         (
             bl.limit_per_window,
@@ -101,7 +103,9 @@ async fn crud_roundtrip_every_kind(db: Db) {
         .get_tenant(authed(pb::GetTenantRequest { id: "acme".into() }, key))
         .await
         .unwrap()
-        .into_inner().tenant.unwrap();
+        .into_inner()
+        .tenant
+        .unwrap();
     assert_eq!(
         (tenant.tier_id.as_str(), tenant.pool_id.as_str()),
         ("flex", "shared")
@@ -115,7 +119,9 @@ async fn crud_roundtrip_every_kind(db: Db) {
         ))
         .await
         .unwrap()
-        .into_inner().pool.unwrap();
+        .into_inner()
+        .pool
+        .unwrap();
     assert_eq!(
         (pool.capacity_per_window, pool.guaranteed_per_window),
         (190, 10)
@@ -133,7 +139,9 @@ async fn crud_roundtrip_every_kind(db: Db) {
         ))
         .await
         .unwrap()
-        .into_inner().tenant.unwrap();
+        .into_inner()
+        .tenant
+        .unwrap();
     assert_eq!(
         (updated.display_name.as_str(), updated.burst_override),
         ("ACME Corp", Some(7))
@@ -143,7 +151,9 @@ async fn crud_roundtrip_every_kind(db: Db) {
         .get_token(authed(pb::GetTokenRequest { id: "tok-1".into() }, key))
         .await
         .unwrap()
-        .into_inner().token.unwrap();
+        .into_inner()
+        .token
+        .unwrap();
     assert!(token.secret.is_empty(), "secrets are never returned");
     assert_eq!(token.key_id, "k1");
     let mut disable = token.clone();
@@ -157,7 +167,9 @@ async fn crud_roundtrip_every_kind(db: Db) {
         ))
         .await
         .unwrap()
-        .into_inner().token.unwrap();
+        .into_inner()
+        .token
+        .unwrap();
     assert!(t.disabled);
     admin
         .delete_token(authed(pb::DeleteTokenRequest { id: "tok-1".into() }, key))
@@ -583,7 +595,9 @@ async fn guarantee_rule_refuses_and_changes_nothing(db: Db) {
         .get_tier(authed(pb::GetTierRequest { id: "flex".into() }, key))
         .await
         .unwrap()
-        .into_inner().tier.unwrap();
+        .into_inner()
+        .tier
+        .unwrap();
     tier.guaranteed_per_window = 39; // 156 > 152
     let err = admin
         .update_tier(authed(
@@ -606,7 +620,9 @@ async fn guarantee_rule_refuses_and_changes_nothing(db: Db) {
         .get_tier(authed(pb::GetTierRequest { id: "flex".into() }, key))
         .await
         .unwrap()
-        .into_inner().tier.unwrap();
+        .into_inner()
+        .tier
+        .unwrap();
     assert_eq!(
         after.guaranteed_per_window, 30,
         "the refused write changed nothing"
@@ -723,7 +739,9 @@ async fn key_rotation_reseals_and_old_keys_still_open(db: Db) {
         ))
         .await
         .unwrap()
-        .into_inner().token.unwrap();
+        .into_inner()
+        .token
+        .unwrap();
     assert_eq!(token.key_id, "k2");
     app.stop().await;
 
@@ -766,7 +784,9 @@ async fn key_rotation_reseals_and_old_keys_still_open(db: Db) {
         ))
         .await
         .unwrap()
-        .into_inner().token.unwrap();
+        .into_inner()
+        .token
+        .unwrap();
     assert_eq!(token.key_id, "k2", "a failed rotation changed nothing");
     let _ = env.master_key.expose_secret();
 }

@@ -94,16 +94,18 @@ impl TestEnv {
 
     /// Settings for a replica of this environment.
     pub fn settings(&self) -> Settings {
-        let mut settings = Settings::default();
-        settings.listen = "127.0.0.1:0".parse().unwrap();
-        settings.data_dir = self.dir.path().to_path_buf();
-        settings.database_url = self.database_url.clone();
-        settings.redis_url = self.redis_url.clone();
+        let mut settings = Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: self.dir.path().to_path_buf(),
+            database_url: self.database_url.clone(),
+            redis_url: self.redis_url.clone(),
+            config_refresh_ms: 100,
+            shutdown_grace_ms: 1_000,
+            ..Settings::default()
+        };
         settings.redis.key_prefix = self.key_prefix.clone();
         settings.redis.timeout_ms = 500;
-        settings.config_refresh_ms = 100;
         settings.lease.ttl_ms = 1_000;
-        settings.shutdown_grace_ms = 1_000;
         settings.encryption.keys = BTreeMap::from([("k1".to_string(), self.master_key.clone())]);
         settings
     }
