@@ -21,6 +21,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod lease;
+pub mod quota;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
