@@ -60,6 +60,9 @@ pub struct LeaseSection {
     pub ttl_ms: u64,
     /// The longest `max_wait` a caller may ask for.
     pub max_wait_ms: u64,
+    /// How many callers of one tenant may wait at once on one replica; more get
+    /// RESOURCE_EXHAUSTED.
+    pub max_waiters_per_tenant: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -97,6 +100,7 @@ impl Default for Settings {
             lease: LeaseSection {
                 ttl_ms: 5_000,
                 max_wait_ms: 60_000,
+                max_waiters_per_tenant: 100,
             },
             encryption: EncryptionSection::default(),
             tls: None,
@@ -133,6 +137,12 @@ impl Settings {
     fn validate(&self) -> anyhow::Result<()> {
         check_range("lease.ttl_ms", self.lease.ttl_ms, 100, 300_000)?;
         check_range("lease.max_wait_ms", self.lease.max_wait_ms, 0, 600_000)?;
+        check_range(
+            "lease.max_waiters_per_tenant",
+            self.lease.max_waiters_per_tenant as u64,
+            1,
+            100_000,
+        )?;
         check_range("redis.timeout_ms", self.redis.timeout_ms, 10, 30_000)?;
         check_range("config_refresh_ms", self.config_refresh_ms, 100, 600_000)?;
         check_range("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000)?;

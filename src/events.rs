@@ -42,6 +42,13 @@ pub enum EventKind {
         change: Change,
         version: i64,
     },
+    QuotaChanged {
+        tenant_id: String,
+        upstream_id: String,
+        previous: u32,
+        new: u32,
+        cause: String,
+    },
 }
 
 /// One event.
@@ -62,6 +69,7 @@ impl Event {
                 ..
             } => Some(id),
             EventKind::ConfigChanged { .. } => None,
+            EventKind::QuotaChanged { tenant_id, .. } => Some(tenant_id),
         }
     }
 
@@ -73,7 +81,7 @@ impl Event {
                 id,
                 ..
             } => Some(id),
-            EventKind::ConfigChanged { .. } => None,
+            EventKind::ConfigChanged { .. } | EventKind::QuotaChanged { .. } => None,
         }
     }
 

@@ -27,7 +27,7 @@ use crate::grpc::lease_api::LeaseApi;
 use crate::grpc::pb::{
     self, admin_service_server::AdminServiceServer, lease_service_server::LeaseServiceServer,
 };
-use crate::lease::{Leaser, LiveConfig};
+use crate::lease::{Allocator, Leaser, LiveConfig, WaitingCallers};
 use crate::store::ConfigStore;
 use crate::store::counters::{Counters, MemoryCounters, RedisCounters, RedisSettings};
 
@@ -94,17 +94,25 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let replica_id = format!("{}-{}", hostname(), std::process::id());
+        let events = EventBus::new(&replica_id);
+        let allocator = Allocator::new(config.clone(), counters.clone(), events.clone());
+        if let Err(error) = allocator.refresh().await {
+            tracing::warn!(%error, "cannot compute quotas yet; tenants get their guarantees until the counters answer");
+        }
         let leaser = Leaser {
             config,
             counters,
+            allocator,
             lease_ttl: settings.lease_ttl(),
             max_wait: Duration::from_millis(settings.lease.max_wait_ms),
+            max_waiters_per_tenant: settings.lease.max_waiters_per_tenant,
+            waiting: WaitingCallers::default(),
         };
         Ok(App {
             listener,
             settings,
             leaser,
-            events: EventBus::new(&replica_id),
+            events,
         })
     }
 
@@ -120,6 +128,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        self.leaser.allocator.spawn(stop_rx.clone());
         self.leaser.config.spawn_refresher(
             Duration::from_millis(self.settings.config_refresh_ms),
             stop_rx.clone(),

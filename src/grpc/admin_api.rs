@@ -75,6 +75,9 @@ impl AdminApi {
         if let Err(error) = self.config().refresh().await {
             tracing::warn!(%error, "snapshot refresh after an admin write failed; the poller will retry");
         }
+        if let Err(error) = self.leaser.allocator.refresh().await {
+            tracing::warn!(%error, "quota refresh after an admin write failed; the allocator will retry");
+        }
         self.events.publish(EventKind::ConfigChanged {
             resource,
             id: id.to_owned(),

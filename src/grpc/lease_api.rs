@@ -190,6 +190,19 @@ fn event_to_proto(event: &Event) -> pb::Event {
             } as i32,
             config_version: *version,
         }),
+        EventKind::QuotaChanged {
+            tenant_id,
+            upstream_id,
+            previous,
+            new,
+            cause,
+        } => pb::event::Kind::QuotaChanged(pb::QuotaChanged {
+            tenant_id: tenant_id.clone(),
+            upstream_id: upstream_id.clone(),
+            previous_limit: *previous,
+            new_limit: *new,
+            cause: cause.clone(),
+        }),
     };
     pb::Event {
         occurred_at: Some(timestamp(event.occurred_at_ms)),

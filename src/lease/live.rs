@@ -39,6 +39,11 @@ impl LiveConfig {
         self.sender.borrow().clone()
     }
 
+    /// Wakes when a new snapshot is in force.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.sender.subscribe()
+    }
+
     pub fn store(&self) -> &ConfigStore {
         &self.store
     }

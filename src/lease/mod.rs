@@ -1,13 +1,17 @@
 //! The lease use cases: acquire and release over the configuration snapshot and the
 //! lease counters. No gRPC types here; `grpc/lease_api.rs` converts.
 
+mod allocator;
 mod live;
 mod snapshot;
 mod usage;
+mod waiting;
 
+pub use allocator::{Allocator, Quotas};
 pub use live::LiveConfig;
 pub use snapshot::{LiveToken, Route, Snapshot};
 pub use usage::{TenantUsage, TokenUsage, Usage};
+pub use waiting::WaitingCallers;
 
 use std::time::Duration;
 
@@ -17,9 +21,10 @@ use crate::auth::Caller;
 use crate::domain::{Id, InvalidField, Priority, Tenant, TokenOwner, Upstream};
 use crate::error::ServiceError;
 use crate::store::counters::{
-    AcquireOutcome, AcquireRequest, Counters, DenyReason, Grant, LeaseKey, ReleaseOutcome,
-    ReleaseResult,
+    AcquireOutcome, AcquireRequest, Counters, Denied, DenyReason, Grant, LeaseKey, QueueTicket,
+    ReleaseOutcome, ReleaseResult,
 };
+use waiting::{QueueEntry, priority_offset};
 
 /// The largest `cost` one lease may cover.
 pub const MAX_COST: u32 = 100;
@@ -71,8 +76,22 @@ pub enum AcquireAnswer {
 pub struct Leaser {
     pub config: LiveConfig,
     pub counters: Counters,
+    pub allocator: Allocator,
     pub lease_ttl: Duration,
     pub max_wait: Duration,
+    /// How many callers of one tenant may wait on this replica at once.
+    pub max_waiters_per_tenant: usize,
+    pub waiting: WaitingCallers,
+}
+
+/// What stays the same across the attempts of one AcquireLease call.
+struct Call {
+    /// The call's id in the queue, and its lease's if granted.
+    nonce: String,
+    /// Its virtual deadline in the queue, from the first attempt.
+    score: Option<i64>,
+    attempts: u32,
+    deadline: tokio::time::Instant,
 }
 
 /// One acquire decision prepared from the snapshot.
@@ -82,7 +101,9 @@ struct Plan {
 }
 
 impl Leaser {
-    /// Grants a lease or explains why not, waiting up to `max_wait` for a slot.
+    /// Grants a lease or explains why not, waiting up to `max_wait` for a slot: a
+    /// waiting caller keeps its place in the pool's queue (priority, then arrival) and
+    /// tries again when the slot it may use frees.
     pub async fn acquire(
         &self,
         caller: &Caller,
@@ -90,36 +111,71 @@ impl Leaser {
     ) -> Result<AcquireAnswer, ServiceError> {
         caller.require_tenant(&input.tenant_id)?;
         let deadline = tokio::time::Instant::now() + input.max_wait.min(self.max_wait);
-        let mut waited = false;
+        let mut call = Call {
+            nonce: LeaseKey::new_nonce(),
+            score: None,
+            attempts: 0,
+            deadline,
+        };
+        let mut entry: Option<QueueEntry> = None;
+        let mut slot = None;
         loop {
             let snapshot = self.config.current();
-            let plan = match self.plan(&snapshot, &input)? {
+            let plan = match self.plan(&snapshot, &input, &call)? {
                 Ok(plan) => plan,
                 Err(denial) => return Ok(denial),
             };
-            match self.counters.acquire(&plan.request).await? {
-                AcquireOutcome::Granted(grant) => return Ok(self.granted(&snapshot, &plan, grant)),
-                AcquireOutcome::Denied(denied) => {
-                    let now = tokio::time::Instant::now();
-                    // Wait only when the slot frees before the deadline; otherwise answer now.
-                    if now + denied.retry_after <= deadline && !denied.retry_after.is_zero() {
-                        waited = true;
-                        tokio::time::sleep(denied.retry_after).await;
-                        continue;
+            let outcome = self.counters.acquire(&plan.request).await?;
+            call.attempts += 1;
+            let denied = match outcome {
+                AcquireOutcome::Granted(grant) => {
+                    if let Some(e) = entry.as_mut() {
+                        e.queued = false; // the grant took it out of the queue
                     }
-                    let reason = match denied.reason {
-                        _ if waited => DenialReason::WaitTimeout,
-                        DenyReason::TenantQuota => DenialReason::TenantQuota,
-                        DenyReason::NoTokenCapacity => DenialReason::NoTokenCapacity,
-                    };
-                    let message = denial_message(denied.reason, &input.tenant_id, &plan);
-                    return Ok(AcquireAnswer::Denied {
-                        reason,
-                        retry_after: Some(denied.retry_after),
-                        message,
-                    });
+                    return Ok(self.granted(&snapshot, &plan, grant));
+                }
+                AcquireOutcome::Denied(denied) => denied,
+            };
+            call.score = denied.queue_score;
+            let waits = plan.request.queue.as_ref().is_some_and(|q| q.wait_ms > 0);
+            if waits && entry.is_none() {
+                entry = Some(QueueEntry {
+                    counters: self.counters.clone(),
+                    upstream_id: plan.request.upstream_id.clone(),
+                    queue_id: plan
+                        .request
+                        .queue
+                        .as_ref()
+                        .map(|q| q.queue_id.clone())
+                        .unwrap_or_default(),
+                    nonce: call.nonce.clone(),
+                    queued: true,
+                });
+                slot = self
+                    .waiting
+                    .enter(&input.tenant_id, self.max_waiters_per_tenant);
+                if slot.is_none() {
+                    return Err(self.queue_full(&input.tenant_id, &denied));
                 }
             }
+            let now = tokio::time::Instant::now();
+            if waits && now + denied.retry_after <= call.deadline {
+                tokio::time::sleep(denied.retry_after.max(Duration::from_millis(1))).await;
+                continue;
+            }
+            drop(slot);
+            drop(entry);
+            return Ok(denial(&input.tenant_id, &plan, &denied, call.attempts > 1));
+        }
+    }
+
+    fn queue_full(&self, tenant: &Id, denied: &Denied) -> ServiceError {
+        ServiceError::ResourceExhausted {
+            message: format!(
+                "tenant '{tenant}' already has {} callers waiting on this replica; retry later or wait less",
+                self.max_waiters_per_tenant
+            ),
+            retry_after: denied.retry_after,
         }
     }
 
@@ -128,6 +184,7 @@ impl Leaser {
         &self,
         snapshot: &Snapshot,
         input: &AcquireInput,
+        call: &Call,
     ) -> Result<Result<Plan, AcquireAnswer>, ServiceError> {
         let tenant = snapshot.tenants.get(&input.tenant_id).ok_or_else(|| {
             ServiceError::NotFound(format!(
@@ -168,12 +225,24 @@ impl Leaser {
             return Ok(Err(no_usable_token(tenant, snapshot)));
         };
         let upstream = snapshot.upstreams[&route.upstream_id].clone();
-        let tenant_limit = snapshot.tenant_limit(tenant);
-        check_cost(input.cost, tenant, tenant_limit, &upstream)?;
+        check_cost(input.cost, tenant, snapshot.tenant_limit(tenant), &upstream)?;
+        let tenant_limit = self.allocator.quota(snapshot, &tenant.id, &upstream.id);
+        let remaining_wait = call
+            .deadline
+            .saturating_duration_since(tokio::time::Instant::now());
+        let queue = QueueTicket {
+            queue_id: match &tenant.pool_id {
+                Some(pool) if !route.pooled.is_empty() => pool.to_string(),
+                _ => format!("tenant:{}", tenant.id),
+            },
+            priority_offset_ms: priority_offset(input.priority, upstream.window),
+            score: call.score,
+            wait_ms: remaining_wait.as_millis() as i64,
+        };
         Ok(Ok(Plan {
             request: AcquireRequest {
                 upstream_id: upstream.id.clone(),
-                nonce: LeaseKey::new_nonce(),
+                nonce: call.nonce.clone(),
                 tenant_id: tenant.id.clone(),
                 tenant_limit,
                 token_limit: upstream.usable_per_window(),
@@ -182,6 +251,8 @@ impl Leaser {
                 cost: input.cost,
                 dedicated: route.dedicated.clone(),
                 pooled: route.pooled.clone(),
+                count_demand: call.attempts == 0,
+                queue: Some(queue),
             },
             upstream,
         }))
@@ -296,6 +367,19 @@ fn no_usable_token(tenant: &Tenant, snapshot: &Snapshot) -> AcquireAnswer {
         reason: DenialReason::NoUsableToken,
         retry_after: None,
         message: format!("tenant '{}' has no usable token: {detail}", tenant.id),
+    }
+}
+
+fn denial(tenant: &Id, plan: &Plan, denied: &Denied, waited: bool) -> AcquireAnswer {
+    let reason = match denied.reason {
+        _ if waited => DenialReason::WaitTimeout,
+        DenyReason::TenantQuota => DenialReason::TenantQuota,
+        DenyReason::NoTokenCapacity => DenialReason::NoTokenCapacity,
+    };
+    AcquireAnswer::Denied {
+        reason,
+        retry_after: Some(denied.retry_after),
+        message: denial_message(denied.reason, tenant, plan),
     }
 }
 

@@ -5,9 +5,13 @@
 //! *spare* capacity — what is left after the guarantees tenants draw from the pool — is
 //! then divided among tenants with unmet demand by weighted water-filling: raise a level
 //! λ until the capacity runs out, each tenant taking `min(cap_i, w_i · λ)`, where `cap_i`
-//! is how much more it wants (demand − base), bounded by its burst. Shares are made
-//! whole numbers by largest remainder, ties broken by tenant order, so the result is
-//! deterministic: every replica computing from the same inputs gets the same quotas.
+//! is how much more it wants (demand − base), bounded by its burst. Capacity nobody
+//! asked for is then shared the same way among every tenant up to its burst, so a
+//! tenant that wakes up finds idle capacity at once instead of waiting for its demand
+//! to be measured; the quotas never sum to more than the pool, so guarantees stay safe.
+//! Shares are made whole numbers by largest remainder, ties broken by tenant order, so
+//! the result is deterministic: every replica computing from the same inputs gets the
+//! same quotas.
 
 /// One tenant's claim on a pool.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,9 +54,24 @@ pub fn allocate(pool_capacity: u32, claims: &[Claim]) -> Vec<u32> {
     let drawn: u64 = claims.iter().map(|c| c.drawn() as u64).sum();
     let spare = (pool_capacity as u64).saturating_sub(drawn);
     let caps: Vec<u64> = claims.iter().map(|c| c.cap() as u64).collect();
-    let weights: Vec<f64> = claims.iter().map(|c| c.weight.max(f64::MIN_POSITIVE)).collect();
+    let weights: Vec<f64> = claims
+        .iter()
+        .map(|c| c.weight.max(f64::MIN_POSITIVE))
+        .collect();
     let shares = water_fill(spare, &caps, &weights);
-    claims.iter().zip(shares).map(|(c, s)| c.base() + s as u32).collect()
+    let idle = spare - shares.iter().sum::<u64>();
+    let headroom: Vec<u64> = claims
+        .iter()
+        .zip(&shares)
+        .map(|(c, s)| (c.ceiling().saturating_sub(c.base()) as u64).saturating_sub(*s))
+        .collect();
+    let idle_shares = water_fill(idle, &headroom, &weights);
+    claims
+        .iter()
+        .zip(shares)
+        .zip(idle_shares)
+        .map(|((c, s), i)| c.base() + (s + i) as u32)
+        .collect()
 }
 
 /// Divides `spare` whole units: `min(cap_i, w_i·λ)` with the largest λ that fits, then
@@ -63,11 +82,19 @@ fn water_fill(spare: u64, caps: &[u64], weights: &[f64]) -> Vec<u64> {
         return caps.to_vec();
     }
     let level = find_level(spare as f64, caps, weights);
-    let exact: Vec<f64> = caps.iter().zip(weights).map(|(&c, &w)| (w * level).min(c as f64)).collect();
+    let exact: Vec<f64> = caps
+        .iter()
+        .zip(weights)
+        .map(|(&c, &w)| (w * level).min(c as f64))
+        .collect();
     let mut shares: Vec<u64> = exact.iter().map(|e| e.floor() as u64).collect();
     let mut left = spare - shares.iter().sum::<u64>().min(spare);
     let mut order: Vec<usize> = (0..caps.len()).collect();
-    order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        (exact[b] - exact[b].floor())
+            .total_cmp(&(exact[a] - exact[a].floor()))
+            .then(a.cmp(&b))
+    });
     for i in order {
         if left == 0 {
             break;
@@ -104,14 +131,23 @@ mod tests {
     use proptest::prelude::*;
 
     fn claim(guaranteed: u32, burst: u32, weight: f64, demand: u32) -> Claim {
-        Claim { guaranteed, burst, weight, demand, dedicated: 0 }
+        Claim {
+            guaranteed,
+            burst,
+            weight,
+            demand,
+            dedicated: 0,
+        }
     }
 
     /// Seed strategy 2 with everyone saturating: 285 usable, 30 guaranteed each, weights
     /// 2/1/1/0.5 → 165 spare split 73.3/36.7/36.7/18.3, summing exactly to capacity.
     #[test]
     fn seed_shared_pool_weights() {
-        let claims: Vec<Claim> = [2.0, 1.0, 1.0, 0.5].iter().map(|&w| claim(30, 1000, w, 10_000)).collect();
+        let claims: Vec<Claim> = [2.0, 1.0, 1.0, 0.5]
+            .iter()
+            .map(|&w| claim(30, 1000, w, 10_000))
+            .collect();
         let quotas = allocate(285, &claims);
         assert_eq!(quotas, vec![103, 67, 67, 48]);
         assert_eq!(quotas.iter().sum::<u32>(), 285);
@@ -120,7 +156,11 @@ mod tests {
     /// A flooding tenant cannot take others' guarantees; idle tenants keep their guarantee.
     #[test]
     fn flood_keeps_guarantees() {
-        let claims = vec![claim(30, 1000, 1.0, 100_000), claim(30, 1000, 1.0, 0), claim(30, 1000, 1.0, 30)];
+        let claims = vec![
+            claim(30, 1000, 1.0, 100_000),
+            claim(30, 1000, 1.0, 0),
+            claim(30, 1000, 1.0, 30),
+        ];
         let quotas = allocate(285, &claims);
         assert_eq!(quotas, vec![225, 30, 30]);
         assert_eq!(quotas.iter().sum::<u32>(), 285);
@@ -140,12 +180,23 @@ mod tests {
         assert_eq!(allocate(100, &claims), vec![15, 85]);
     }
 
-    /// Zero demand everywhere: guarantees only; zero capacity: guarantees still listed
-    /// (the 80 % rule keeps configurations from getting there).
+    /// Capacity nobody asked for is shared by weight up to each burst, so an idle
+    /// tenant that wakes up finds room; the sum never exceeds the pool.
+    #[test]
+    fn idle_capacity_is_shared() {
+        let claims = vec![claim(10, 100, 1.0, 20), claim(10, 100, 3.0, 0)];
+        // Spare 80: the first wants 10 more; the idle 70 splits 1:3 → 17.5 / 52.5.
+        let quotas = allocate(100, &claims);
+        assert_eq!(quotas.iter().sum::<u32>(), 100);
+        assert_eq!(quotas, vec![38, 62]);
+    }
+
+    /// Zero demand everywhere: the whole spare is shared as idle capacity; zero
+    /// capacity: guarantees still listed (the 80 % rule keeps configurations from it).
     #[test]
     fn zero_demand_and_zero_capacity() {
         let claims = vec![claim(10, 100, 1.0, 0), claim(0, 100, 1.0, 0)];
-        assert_eq!(allocate(100, &claims), vec![10, 0]);
+        assert_eq!(allocate(100, &claims), vec![55, 45]);
         assert_eq!(allocate(0, &claims), vec![10, 0]);
     }
 
@@ -154,6 +205,8 @@ mod tests {
     fn ties_are_deterministic() {
         let claims = vec![claim(0, 100, 1.0, 100); 3];
         assert_eq!(allocate(10, &claims), vec![4, 3, 3]);
+        let idle = vec![claim(0, 100, 1.0, 0); 3];
+        assert_eq!(allocate(10, &idle), vec![4, 3, 3]);
         assert_eq!(allocate(10, &claims), allocate(10, &claims));
     }
 
@@ -161,23 +214,38 @@ mod tests {
     /// and draws nothing from the pool.
     #[test]
     fn dedicated_tokens() {
-        let premium = Claim { guaranteed: 150, burst: 50, weight: 3.0, demand: 1000, dedicated: 190 };
+        let premium = Claim {
+            guaranteed: 150,
+            burst: 50,
+            weight: 3.0,
+            demand: 1000,
+            dedicated: 190,
+        };
         let basic = claim(20, 10, 1.0, 1000);
         // Pool 95: premium draws 0, basic draws 20; spare 75: premium may add 10, basic 10.
         assert_eq!(allocate(95, &[premium, basic]), vec![200, 30]);
     }
 
     fn claims_strategy() -> impl Strategy<Value = (u32, Vec<Claim>)> {
-        let claim = (0u32..60, 0u32..200, 1u32..40, 0u32..400, 0u32..120)
-            .prop_map(|(g, b, w, d, ded)| Claim { guaranteed: g, burst: b, weight: w as f64 / 4.0, demand: d, dedicated: ded });
+        let claim =
+            (0u32..60, 0u32..200, 1u32..40, 0u32..400, 0u32..120).prop_map(|(g, b, w, d, ded)| {
+                Claim {
+                    guaranteed: g,
+                    burst: b,
+                    weight: w as f64 / 4.0,
+                    demand: d,
+                    dedicated: ded,
+                }
+            });
         (0u32..1000, prop::collection::vec(claim, 1..12))
     }
 
     proptest! {
         /// Invariants: every quota ≥ base (guarantees hold) and ≤ guarantee + burst; the
-        /// pool is never over-allocated beyond what guarantees force; unmet demand and
-        /// idle capacity never coexist (work-conserving); weighted max-min: a tenant
-        /// below its cap never has a smaller weighted share than another (± 1 unit).
+        /// pool is never over-allocated beyond what guarantees force; capacity is never
+        /// idle while a tenant could take it (work-conserving); weighted max-min: a
+        /// tenant with unmet demand never has a smaller weighted share than another
+        /// (± 1 unit).
         #[test]
         fn fair_share_properties((capacity, claims) in claims_strategy()) {
             let quotas = allocate(capacity, &claims);
@@ -187,13 +255,13 @@ mod tests {
             for (c, q) in claims.iter().zip(&quotas) {
                 prop_assert!(*q >= c.base());
                 prop_assert!(*q <= c.ceiling().max(c.base()));
-                prop_assert!(*q - c.base() <= c.cap());
             }
             let used: u64 = shares.iter().sum();
             prop_assert!(used <= spare);
-            let unmet = claims.iter().zip(&shares).any(|(c, s)| (*s) < c.cap() as u64);
-            if unmet { prop_assert_eq!(used, spare, "capacity left idle while demand is unmet"); }
+            let room = claims.iter().zip(&shares).any(|(c, s)| *s < (c.ceiling().saturating_sub(c.base())) as u64);
+            if room { prop_assert_eq!(used, spare, "capacity left idle while a tenant could take it"); }
             for (i, a) in claims.iter().enumerate() {
+                // Max-min among tenants whose demand is unmet.
                 if shares[i] >= a.cap() as u64 { continue; }
                 for (j, b) in claims.iter().enumerate() {
                     let (sa, sb) = (shares[i] as f64 / a.weight, (shares[j] as f64 - 1.0) / b.weight);

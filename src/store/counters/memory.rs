@@ -8,9 +8,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::queue::{Demand, WaitQueue, bucket_ms};
 use super::{
-    AcquireOutcome, AcquireRequest, Denied, DenyReason, Grant, LeaseKey, ReleaseOutcome,
-    ReleaseResult, UsageCounts,
+    AcquireOutcome, AcquireRequest, Denied, DenyReason, Grant, LeaseKey, QueueTicket,
+    ReleaseOutcome, ReleaseResult, UsageCounts,
 };
 use crate::clock::Clock;
 use crate::domain::Id;
@@ -84,6 +85,10 @@ struct State {
     leases: HashMap<String, Lease>,
     /// Lease expiries, so expired leases are dropped without scanning all leases.
     expiries: BTreeSet<(i64, String)>,
+    /// Demand per tenant window key.
+    demand: HashMap<String, Demand>,
+    /// Wait queues per pool.
+    queues: HashMap<String, WaitQueue>,
 }
 
 impl State {
@@ -105,6 +110,84 @@ impl State {
 /// The retry instant of a request no waiting can satisfy (see `scripts::ACQUIRE`).
 fn never(now: i64, window_ms: i64) -> i64 {
     now + window_ms
+}
+
+/// A call's queue, its ticket and its virtual deadline.
+type Queued<'a> = (&'a mut WaitQueue, &'a QueueTicket, i64);
+
+/// What a scan of the candidate tokens found (see `scripts::ACQUIRE`).
+struct TokenScan {
+    /// The chosen token (index into dedicated ++ pooled) and its slots in use.
+    best: Option<(usize, u32)>,
+    /// When the earliest full token has room for the call.
+    earliest: i64,
+    /// Free slots over the pool tokens scanned.
+    pool_room: u32,
+    /// When the next pool slot frees.
+    pool_next_free: i64,
+}
+
+fn scan_tokens(state: &mut State, req: &AcquireRequest, now: i64, cost: u32) -> TokenScan {
+    let window_ms = req.window.as_millis() as i64;
+    let n_dedicated = req.dedicated.len();
+    let mut scan = TokenScan {
+        best: None,
+        earliest: never(now, window_ms),
+        pool_room: 0,
+        pool_next_free: never(now, window_ms),
+    };
+    let mut earliest: Option<i64> = None;
+    for (idx, token) in req.dedicated.iter().chain(&req.pooled).enumerate() {
+        if matches!(scan.best, Some((b, _)) if b < n_dedicated) && idx >= n_dedicated {
+            break;
+        }
+        let window = state.window(token_key(&req.upstream_id, token));
+        let used = window.trim(now - window_ms);
+        if idx >= n_dedicated {
+            scan.pool_room += req.token_limit.saturating_sub(used);
+            if let Some((end, _)) = window.by_end.first() {
+                scan.pool_next_free = scan.pool_next_free.min(end + window_ms + 1);
+            }
+        }
+        if used + cost <= req.token_limit {
+            if scan.best.is_none_or(|(_, best_used)| used < best_used) {
+                scan.best = Some((idx, used));
+            }
+        } else {
+            let free = window.free_at(now, window_ms, used, cost, req.token_limit);
+            earliest = Some(earliest.map_or(free, |e| e.min(free)));
+        }
+    }
+    scan.earliest = earliest.unwrap_or(scan.earliest);
+    scan
+}
+
+/// Records a grant in both windows and the lease table.
+fn record_grant(state: &mut State, req: &AcquireRequest, token: &Id, now: i64, cost: u32) {
+    let expires = now + req.lease_ttl.as_millis() as i64;
+    for i in 1..=cost {
+        let member = format!("{}#{i}", req.nonce);
+        state
+            .window(tenant_key(&req.upstream_id, &req.tenant_id))
+            .insert(member.clone(), expires);
+        state
+            .window(token_key(&req.upstream_id, token))
+            .insert(member, expires);
+    }
+    let lease_key = lease_key(&req.upstream_id, &req.nonce);
+    let lease = Lease {
+        tenant: req.tenant_id.clone(),
+        token: token.clone(),
+        cost,
+        expires,
+        outcome: None,
+    };
+    state.leases.insert(lease_key.clone(), lease);
+    state.expiries.insert((expires, lease_key));
+}
+
+fn queue_key(upstream: &Id, queue_id: &str) -> String {
+    format!("{upstream}/wq/{queue_id}")
 }
 
 fn tenant_key(upstream: &Id, tenant: &Id) -> String {
@@ -146,90 +229,111 @@ impl MemoryCounters {
     pub fn acquire(&self, req: &AcquireRequest) -> AcquireOutcome {
         let now = self.clock.now_ms();
         let window_ms = req.window.as_millis() as i64;
-        let horizon = now - window_ms;
         // Every lease allows at least one call, so it takes at least one slot.
         let cost = req.cost.max(1);
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         state.drop_expired_leases(now);
-
         let tenant_key = tenant_key(&req.upstream_id, &req.tenant_id);
-        let tenant_used = state.window(tenant_key.clone()).trim(horizon);
-
-        let n_dedicated = req.dedicated.len();
-        let mut best: Option<(usize, u32)> = None;
-        let mut earliest: Option<i64> = None;
-        for (idx, token) in req.dedicated.iter().chain(&req.pooled).enumerate() {
-            if matches!(best, Some((b, _)) if b < n_dedicated) && idx >= n_dedicated {
-                break;
-            }
-            let window = state.window(token_key(&req.upstream_id, token));
-            let used = window.trim(horizon);
-            if used + cost <= req.token_limit {
-                if best.is_none_or(|(_, best_used)| used < best_used) {
-                    best = Some((idx, used));
-                }
-            } else {
-                let free = window.free_at(now, window_ms, used, cost, req.token_limit);
-                earliest = Some(earliest.map_or(free, |e| e.min(free)));
-            }
+        if req.count_demand {
+            let bucket = now.div_euclid(bucket_ms(window_ms));
+            state
+                .demand
+                .entry(tenant_key.clone())
+                .or_default()
+                .record(bucket, cost);
         }
-        let earliest = earliest.unwrap_or(never(now, window_ms));
-
-        let deny = |reason, at: i64| {
+        let tenant_used = state.window(tenant_key.clone()).trim(now - window_ms);
+        let scan = scan_tokens(state, req, now, cost);
+        let mut queue = req.queue.as_ref().map(|ticket| {
+            let queue = state
+                .queues
+                .entry(queue_key(&req.upstream_id, &ticket.queue_id))
+                .or_default();
+            queue.purge(now);
+            let score = ticket.score.unwrap_or(now + ticket.priority_offset_ms);
+            (queue, ticket, score)
+        });
+        let deny = |queue: &mut Option<Queued>, reason, at: i64, eligible: i64| {
+            let queue_score = queue.as_mut().map(|(queue, ticket, score)| {
+                if ticket.wait_ms > 0 {
+                    queue.enqueue(&req.nonce, *score, now + ticket.wait_ms, eligible);
+                }
+                *score
+            });
             AcquireOutcome::Denied(Denied {
                 reason,
                 retry_after: Duration::from_millis((at - now).max(0) as u64),
                 now_ms: now,
+                queue_score,
             })
         };
         if tenant_used + cost > req.tenant_limit {
-            let tenant_window = state.window(tenant_key);
-            let mut at = tenant_window.free_at(now, window_ms, tenant_used, cost, req.tenant_limit);
-            if best.is_none() {
-                at = at.max(earliest);
+            let window = state.windows.get(&tenant_key).expect("trimmed above");
+            let free = window.free_at(now, window_ms, tenant_used, cost, req.tenant_limit);
+            // Both limits bind: name the one that frees last (the upstream's on a tie).
+            if scan.best.is_none() && scan.earliest >= free {
+                return deny(&mut queue, DenyReason::NoTokenCapacity, scan.earliest, free);
             }
-            return deny(DenyReason::TenantQuota, at);
+            return deny(&mut queue, DenyReason::TenantQuota, free, free);
         }
-        let Some((idx, token_used)) = best else {
-            return deny(DenyReason::NoTokenCapacity, earliest);
+        let Some((idx, token_used)) = scan.best else {
+            return deny(&mut queue, DenyReason::NoTokenCapacity, scan.earliest, now);
         };
-
+        if idx >= req.dedicated.len()
+            && let Some((q, _, score)) = queue.as_ref()
+            && q.count_ahead(*score, &req.nonce, now, scan.pool_room) + cost > scan.pool_room
+        {
+            return deny(
+                &mut queue,
+                DenyReason::NoTokenCapacity,
+                scan.pool_next_free,
+                now,
+            );
+        }
+        if let Some((q, _, _)) = queue.as_mut() {
+            q.remove(&req.nonce);
+        }
         let token = req
             .dedicated
             .iter()
             .chain(&req.pooled)
             .nth(idx)
-            .expect("index from the loop")
+            .expect("index from the scan")
             .clone();
-        let expires = now + req.lease_ttl.as_millis() as i64;
-        for i in 1..=cost {
-            let member = format!("{}#{i}", req.nonce);
-            state
-                .window(tenant_key.clone())
-                .insert(member.clone(), expires);
-            state
-                .window(token_key(&req.upstream_id, &token))
-                .insert(member, expires);
-        }
-        let lease_key = lease_key(&req.upstream_id, &req.nonce);
-        state.leases.insert(
-            lease_key.clone(),
-            Lease {
-                tenant: req.tenant_id.clone(),
-                token: token.clone(),
-                cost,
-                expires,
-                outcome: None,
-            },
-        );
-        state.expiries.insert((expires, lease_key));
+        record_grant(state, req, &token, now, cost);
         AcquireOutcome::Granted(Grant {
             token_id: token,
             now_ms: now,
-            expires_at_ms: expires,
+            expires_at_ms: now + req.lease_ttl.as_millis() as i64,
             tenant_used: tenant_used + cost,
             token_used: token_used + cost,
         })
+    }
+
+    pub fn leave_queue(&self, upstream: &Id, queue_id: &str, nonce: &str) {
+        if let Some(queue) = self.lock().queues.get_mut(&queue_key(upstream, queue_id)) {
+            queue.remove(nonce);
+        }
+    }
+
+    /// The tenants' demand over the last completed buckets, and the current bucket.
+    pub fn demand(&self, upstream: &Id, window: Duration, tenants: &[Id]) -> (i64, Vec<u32>) {
+        let bucket = self
+            .clock
+            .now_ms()
+            .div_euclid(bucket_ms(window.as_millis() as i64));
+        let state = self.lock();
+        let sums = tenants
+            .iter()
+            .map(|t| {
+                state
+                    .demand
+                    .get(&tenant_key(upstream, t))
+                    .map_or(0, |d| d.completed_sum(bucket))
+            })
+            .collect();
+        (bucket, sums)
     }
 
     pub fn release(&self, key: &LeaseKey, outcome: ReleaseOutcome) -> ReleaseResult {

@@ -22,10 +22,12 @@
 //! run the same behaviour tests and no trait objects are needed.
 
 mod memory;
+mod queue;
 mod redis_backend;
 mod scripts;
 
 pub use memory::MemoryCounters;
+pub use queue::{BUCKETS_PER_WINDOW, bucket_ms};
 pub use redis_backend::{RedisCounters, RedisSettings};
 
 use std::time::Duration;
@@ -52,6 +54,30 @@ pub struct AcquireRequest {
     pub dedicated: Vec<Id>,
     /// The tenant's pool tokens, tried next (least used first).
     pub pooled: Vec<Id>,
+    /// Count this call in the tenant's demand (its first attempt only, so a waiting
+    /// caller that retries is one unit of demand, not many).
+    pub count_demand: bool,
+    /// Where the call stands among the pool's waiters; `None` ignores the queue.
+    pub queue: Option<QueueTicket>,
+}
+
+/// A call's place in its pool's wait queue (see `queue.rs`).
+///
+/// Waiters are ordered by a *virtual deadline*: the instant of their first attempt plus
+/// an offset by priority (critical 0, high W/8, normal W/4, low W/2). Higher classes
+/// therefore go first, and a low request is overtaken only by requests that arrived less
+/// than W/2 after it: no class starves. A pool-token grant is allowed only when the
+/// waiters ahead of the call that could use a slot now leave room for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueTicket {
+    /// The pool (or, for tenants without one, the tenant) whose queue this is.
+    pub queue_id: String,
+    /// The priority's offset, added to the first attempt's time.
+    pub priority_offset_ms: i64,
+    /// The virtual deadline from the first attempt's answer; `None` on the first.
+    pub score: Option<i64>,
+    /// How long to stay queued when denied; 0 means do not queue (answer now).
+    pub wait_ms: i64,
 }
 
 /// A recorded grant.
@@ -81,6 +107,8 @@ pub struct Denied {
     /// When the earliest slot this request could use frees up, from `now_ms`.
     pub retry_after: Duration,
     pub now_ms: i64,
+    /// The call's virtual deadline in the queue, to pass back on the next attempt.
+    pub queue_score: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +222,8 @@ pub enum CounterError {
 }
 
 /// The counters backend, chosen at start-up.
+// One value per process, cloned rarely: boxing the larger variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum Counters {
     Memory(MemoryCounters),
@@ -232,6 +262,36 @@ impl Counters {
         match self {
             Self::Memory(m) => Ok(m.usage(upstream_id, window, tenants, tokens)),
             Self::Redis(r) => r.usage(upstream_id, window, tenants, tokens).await,
+        }
+    }
+
+    /// Demand per tenant over the last window's completed buckets, with the index of the
+    /// current bucket (allocations computed from the same bucket agree across replicas).
+    pub async fn demand(
+        &self,
+        upstream_id: &Id,
+        window: Duration,
+        tenants: &[Id],
+    ) -> Result<(i64, Vec<u32>), CounterError> {
+        match self {
+            Self::Memory(m) => Ok(m.demand(upstream_id, window, tenants)),
+            Self::Redis(r) => r.demand(upstream_id, window, tenants).await,
+        }
+    }
+
+    /// Takes a waiter out of its queue (its caller gave up or went away).
+    pub async fn leave_queue(
+        &self,
+        upstream_id: &Id,
+        queue_id: &str,
+        nonce: &str,
+    ) -> Result<(), CounterError> {
+        match self {
+            Self::Memory(m) => {
+                m.leave_queue(upstream_id, queue_id, nonce);
+                Ok(())
+            }
+            Self::Redis(r) => r.leave_queue(upstream_id, queue_id, nonce).await,
         }
     }
 }

@@ -21,7 +21,9 @@ use redis::{Script, Value};
 
 use super::{
     AcquireOutcome, AcquireRequest, CounterError, Denied, DenyReason, Grant, LeaseKey,
-    ReleaseOutcome, ReleaseResult, UsageCounts, scripts,
+    ReleaseOutcome, ReleaseResult, UsageCounts,
+    queue::{BUCKETS_PER_WINDOW, bucket_ms},
+    scripts,
 };
 use crate::domain::Id;
 
@@ -51,6 +53,8 @@ pub struct RedisCounters {
     acquire: Script,
     release: Script,
     usage: Script,
+    demand: Script,
+    leave_queue: Script,
 }
 
 fn unavailable(err: impl std::fmt::Display) -> CounterError {
@@ -99,6 +103,8 @@ impl RedisCounters {
             acquire: Script::new(scripts::ACQUIRE),
             release: Script::new(scripts::RELEASE),
             usage: Script::new(scripts::USAGE),
+            demand: Script::new(scripts::DEMAND),
+            leave_queue: Script::new(scripts::LEAVE_QUEUE),
         })
     }
 
@@ -140,26 +146,87 @@ impl RedisCounters {
 
     pub async fn acquire(&self, req: &AcquireRequest) -> Result<AcquireOutcome, CounterError> {
         let tokens: Vec<&Id> = req.dedicated.iter().chain(&req.pooled).collect();
+        let up = &req.upstream_id;
+        let queue_id = req.queue.as_ref().map_or("-", |q| q.queue_id.as_str());
         let mut inv = self.acquire.prepare_invoke();
-        inv.key(self.key(&req.upstream_id, "tw", req.tenant_id.as_str()))
-            .key(self.key(&req.upstream_id, "lease", &req.nonce));
+        inv.key(self.key(up, "tw", req.tenant_id.as_str()))
+            .key(self.key(up, "lease", &req.nonce))
+            .key(self.key(up, "dem", req.tenant_id.as_str()))
+            .key(self.key(up, "wq", queue_id))
+            .key(self.key(up, "wqe", queue_id))
+            .key(self.key(up, "wqi", queue_id));
         for token in &tokens {
-            inv.key(self.key(&req.upstream_id, "kw", token.as_str()));
+            inv.key(self.key(up, "kw", token.as_str()));
         }
-        inv.arg(req.window.as_millis() as u64)
+        let window_ms = req.window.as_millis() as i64;
+        inv.arg(window_ms)
             .arg(req.lease_ttl.as_millis() as u64)
             .arg(req.cost)
             .arg(req.tenant_limit)
             .arg(req.token_limit)
             .arg(req.dedicated.len())
             .arg(req.tenant_id.as_str())
-            .arg(&req.nonce);
+            .arg(&req.nonce)
+            .arg(bucket_ms(window_ms))
+            .arg(if req.count_demand { "1" } else { "0" })
+            .arg(
+                req.queue
+                    .as_ref()
+                    .and_then(|q| q.score)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(req.queue.as_ref().map_or(0, |q| q.priority_offset_ms))
+            .arg(req.queue.as_ref().map_or(-1, |q| q.wait_ms.max(0)));
         for token in &tokens {
             inv.arg(token.as_str());
         }
         let reply: Vec<i64> = redis::from_redis_value(self.run(inv).await?)
             .map_err(|e| CounterError::Internal(format!("unexpected acquire reply: {e}")))?;
         parse_acquire_reply(&reply, &tokens)
+    }
+
+    pub async fn demand(
+        &self,
+        upstream: &Id,
+        window: Duration,
+        tenants: &[Id],
+    ) -> Result<(i64, Vec<u32>), CounterError> {
+        let mut inv = self.demand.prepare_invoke();
+        for tenant in tenants {
+            inv.key(self.key(upstream, "dem", tenant.as_str()));
+        }
+        inv.arg(bucket_ms(window.as_millis() as i64))
+            .arg(BUCKETS_PER_WINDOW);
+        let mut reply: Vec<i64> = redis::from_redis_value(self.run(inv).await?)
+            .map_err(|e| CounterError::Internal(format!("unexpected demand reply: {e}")))?;
+        if reply.len() != tenants.len() + 1 {
+            return Err(CounterError::Internal(format!(
+                "demand reply has {} values for {} tenants",
+                reply.len(),
+                tenants.len()
+            )));
+        }
+        let sums = reply
+            .split_off(1)
+            .into_iter()
+            .map(|v| v.clamp(0, u32::MAX as i64) as u32)
+            .collect();
+        Ok((reply[0], sums))
+    }
+
+    pub async fn leave_queue(
+        &self,
+        upstream: &Id,
+        queue_id: &str,
+        nonce: &str,
+    ) -> Result<(), CounterError> {
+        let mut inv = self.leave_queue.prepare_invoke();
+        inv.key(self.key(upstream, "wq", queue_id))
+            .key(self.key(upstream, "wqe", queue_id))
+            .key(self.key(upstream, "wqi", queue_id))
+            .arg(nonce);
+        self.run(inv).await.map(|_| ())
     }
 
     pub async fn release(
@@ -235,7 +302,7 @@ fn parse_acquire_reply(reply: &[i64], tokens: &[&Id]) -> Result<AcquireOutcome, 
                 token_used: *token_used as u32,
             }))
         }
-        [0, reason, retry_ms, now] => Ok(AcquireOutcome::Denied(Denied {
+        [0, reason, retry_ms, now, score] => Ok(AcquireOutcome::Denied(Denied {
             reason: if *reason == 1 {
                 DenyReason::TenantQuota
             } else {
@@ -243,6 +310,7 @@ fn parse_acquire_reply(reply: &[i64], tokens: &[&Id]) -> Result<AcquireOutcome, 
             },
             retry_after: Duration::from_millis((*retry_ms).max(0) as u64),
             now_ms: *now,
+            queue_score: (*score >= 0).then_some(*score),
         })),
         _ => Err(bad()),
     }

@@ -14,16 +14,25 @@
 ///
 /// - `KEYS[1]`: the tenant's window (sorted set: member `<nonce>#<i>`, score = occupancy end, ms)
 /// - `KEYS[2]`: the lease hash to create (`tenant`, `token`, `cost`, `expires`)
-/// - `KEYS[3..]`: the candidate tokens' windows, dedicated tokens first
+/// - `KEYS[3]`: the tenant's demand (hash: bucket index → requests asked for)
+/// - `KEYS[4]`, `KEYS[5]`, `KEYS[6]`: the pool's wait queue — waiters by virtual deadline
+///   (sorted set), by expiry (sorted set), and when each may use a slot (hash)
+/// - `KEYS[7..]`: the candidate tokens' windows, dedicated tokens first
 /// - `ARGV[1]` window ms, `ARGV[2]` lease TTL ms, `ARGV[3]` cost, `ARGV[4]` tenant
 ///   limit, `ARGV[5]` token limit, `ARGV[6]` how many of the tokens are dedicated,
-///   `ARGV[7]` tenant id, `ARGV[8]` lease nonce, `ARGV[9..]` token ids (as KEYS[3..])
+///   `ARGV[7]` tenant id, `ARGV[8]` call nonce (also the lease's), `ARGV[9]` demand
+///   bucket ms, `ARGV[10]` 1 to count this call's demand, `ARGV[11]` the call's virtual
+///   deadline ('' on its first attempt), `ARGV[12]` its priority offset ms, `ARGV[13]`
+///   how long to stay queued when denied (0: answer now; -1: ignore the queue),
+///   `ARGV[14..]` token ids (as KEYS[7..])
 ///
 /// Returns `{1, token_index (1-based), now, expires, tenant_used, token_used}` when
-/// granted, `{0, reason (1 tenant quota, 2 no token capacity), retry_after_ms, now}` when
-/// denied. A denial writes nothing but the trimming of entries that had left the window.
-/// A request no waiting can satisfy (cost above the token or tenant limit, no candidate
-/// token) is denied with a retry of one window. A cost of 0 counts as 1.
+/// granted, `{0, reason (1 tenant quota, 2 no token capacity), retry_after_ms, now,
+/// virtual deadline or -1}` when denied. A denial writes only the trimming of entries
+/// that had left the window, the demand count and the caller's queue entry. A request no
+/// waiting can satisfy (cost above the token or tenant limit, no candidate token) is
+/// denied with a retry of one window. A cost of 0 counts as 1. When the tenant's quota
+/// and every token are full, the reason is the limit that frees last.
 pub const ACQUIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -34,10 +43,34 @@ local cost = math.max(1, tonumber(ARGV[3]))
 local tenant_limit = tonumber(ARGV[4])
 local token_limit = tonumber(ARGV[5])
 local n_dedicated = tonumber(ARGV[6])
+local nonce = ARGV[8]
 local horizon = now - window
+local wait_ms = tonumber(ARGV[13])
+local queued = wait_ms >= 0
 -- The retry instant of a request no waiting can satisfy (its cost exceeds a limit, or
 -- it has no candidate token): one window on, when the configuration may have changed.
 local never = now + window
+
+if ARGV[10] == '1' then
+  local bucket = math.floor(now / tonumber(ARGV[9]))
+  redis.call('HINCRBY', KEYS[3], bucket, cost)
+  redis.call('PEXPIRE', KEYS[3], 3 * window)
+  if redis.call('HLEN', KEYS[3]) > 30 then
+    for _, field in ipairs(redis.call('HKEYS', KEYS[3])) do
+      if tonumber(field) < bucket - 20 then redis.call('HDEL', KEYS[3], field) end
+    end
+  end
+end
+
+local score = nil
+if queued then
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', '(' .. now)) do
+    redis.call('ZREM', KEYS[4], gone)
+    redis.call('ZREM', KEYS[5], gone)
+    redis.call('HDEL', KEYS[6], gone)
+  end
+  if ARGV[11] == '' then score = now + tonumber(ARGV[12]) else score = tonumber(ARGV[11]) end
+end
 
 -- An entry whose occupancy ended before now - W cannot share a window with a use made
 -- from now on: drop it, then count what is left.
@@ -57,14 +90,32 @@ local function free_at(key, used, limit)
   return tonumber(e[2]) + window + 1
 end
 
+-- Denies, queueing the caller when it waits; `eligible` is when it could use a slot.
+local function deny(reason, at, eligible)
+  if not queued then return {0, reason, at - now, now, -1} end
+  if wait_ms > 0 then
+    redis.call('ZADD', KEYS[4], score, nonce)
+    redis.call('ZADD', KEYS[5], now + wait_ms, nonce)
+    redis.call('HSET', KEYS[6], nonce, eligible)
+    for i = 4, 6 do redis.call('PEXPIRE', KEYS[i], wait_ms + window) end
+  end
+  return {0, reason, at - now, now, score}
+end
+
 local tenant_used = trim(KEYS[1])
 
 local best, best_used, earliest = nil, nil, nil
-for i = 3, #KEYS do
-  local idx = i - 2
+local pool_room, pool_next = 0, never
+for i = 7, #KEYS do
+  local idx = i - 6
   -- A dedicated token with room wins over every pool token.
   if best ~= nil and best <= n_dedicated and idx > n_dedicated then break end
   local used = trim(KEYS[i])
+  if queued and idx > n_dedicated then
+    pool_room = pool_room + math.max(0, token_limit - used)
+    local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    if first[2] then pool_next = math.min(pool_next, tonumber(first[2]) + window + 1) end
+  end
   if used + cost <= token_limit then
     if best == nil or used < best_used then best, best_used = idx, used end
   else
@@ -76,18 +127,36 @@ end
 if earliest == nil then earliest = never end
 
 if tenant_used + cost > tenant_limit then
-  local retry = free_at(KEYS[1], tenant_used, tenant_limit)
-  if best == nil and earliest > retry then retry = earliest end
-  return {0, 1, retry - now, now}
+  local free = free_at(KEYS[1], tenant_used, tenant_limit)
+  -- Both limits bind: name the one that frees last (the upstream's on a tie).
+  if best == nil and earliest >= free then return deny(2, earliest, free) end
+  return deny(1, free, free)
 end
 if best == nil then
-  return {0, 2, earliest - now, now}
+  return deny(2, earliest, now)
+end
+
+-- A pool slot goes to the waiters ahead first: count those that could use one now.
+if queued and best > n_dedicated then
+  local ahead = 0
+  for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. score)) do
+    if ahead >= pool_room then break end
+    if other ~= nonce and tonumber(redis.call('HGET', KEYS[6], other) or now) <= now then
+      ahead = ahead + 1
+    end
+  end
+  if ahead + cost > pool_room then return deny(2, pool_next, now) end
+end
+if queued then
+  redis.call('ZREM', KEYS[4], nonce)
+  redis.call('ZREM', KEYS[5], nonce)
+  redis.call('HDEL', KEYS[6], nonce)
 end
 
 local expires = now + ttl
-local token_key = KEYS[best + 2]
+local token_key = KEYS[best + 6]
 for i = 1, cost do
-  local member = ARGV[8] .. '#' .. i
+  local member = nonce .. '#' .. i
   redis.call('ZADD', KEYS[1], expires, member)
   redis.call('ZADD', token_key, expires, member)
 end
@@ -96,9 +165,39 @@ local keep = ttl + window + 1000
 for _, key in ipairs({KEYS[1], token_key}) do
   if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
 end
-redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', ARGV[8 + best], 'cost', cost, 'expires', expires)
+redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', ARGV[13 + best], 'cost', cost, 'expires', expires)
 redis.call('PEXPIRE', KEYS[2], ttl)
 return {1, best, now, expires, tenant_used + cost, best_used + cost}
+"#;
+
+/// Demand of each tenant over the last `ARGV[2]` completed buckets.
+///
+/// - `KEYS[..]` the tenants' demand hashes; `ARGV[1]` bucket ms, `ARGV[2]` buckets per window.
+///   Returns `{current bucket, sum per key…}`.
+pub const DEMAND: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local bucket = math.floor(now / tonumber(ARGV[1]))
+local n = tonumber(ARGV[2])
+local out = {bucket}
+for i = 1, #KEYS do
+  local sum = 0
+  local fields = {}
+  for b = bucket - n, bucket - 1 do fields[#fields + 1] = b end
+  for _, v in ipairs(redis.call('HMGET', KEYS[i], unpack(fields))) do
+    if v then sum = sum + tonumber(v) end
+  end
+  out[#out + 1] = sum
+end
+return out
+"#;
+
+/// Takes a waiter out of a queue: `KEYS[1..3]` the queue keys, `ARGV[1]` the nonce.
+pub const LEAVE_QUEUE: &str = r#"
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
 "#;
 
 /// Records a lease's outcome.

@@ -283,6 +283,8 @@ impl Harness {
             cost: 1,
             dedicated: ids(dedicated),
             pooled: ids(pooled),
+            count_demand: false,
+            queue: None,
         }
     }
 
@@ -488,8 +490,9 @@ on_both_backends! {
         assert_eq!(usage, counts(&[3, 1], &[4]));
     }
 
-    /// A tenant denied by its quota while no candidate token has room either is told
-    /// the later of the two instants (retrying at the earlier one would fail again).
+    /// A tenant at its quota while no candidate token has room either is told the later
+    /// of the two instants (retrying at the earlier one would fail again), and the
+    /// reason names that later, binding limit.
     async fn quota_denial_waits_for_a_token_too(h: Harness) {
         let mut a_on_k1 = h.request("t-a", 1, &["k-1"], &[]);
         a_on_k1.token_limit = 1;
@@ -501,7 +504,7 @@ on_both_backends! {
         let mut a_on_k2 = h.request("t-a", 1, &[], &["k-2"]);
         a_on_k2.token_limit = 1;
         let denied = h.deny(&a_on_k2).await;
-        assert_eq!(denied.reason, DenyReason::TenantQuota);
+        assert_eq!(denied.reason, DenyReason::NoTokenCapacity);
         let token_free = b_first.grant.expires_at_ms + h.window_ms() + 1;
         assert!(token_free > a_first.grant.expires_at_ms + h.window_ms() + 1);
         assert_eq!(free_at(&denied), token_free);

@@ -115,6 +115,8 @@ fn request() -> AcquireRequest {
         cost: 1,
         dedicated: vec![],
         pooled: ids(&["k-1"]),
+        count_demand: false,
+        queue: None,
     }
 }
 

@@ -167,6 +167,8 @@ impl World {
             cost: ask.cost,
             dedicated: t.dedicated.clone(),
             pooled: t.pooled.clone(),
+            count_demand: false,
+            queue: None,
         }
     }
 

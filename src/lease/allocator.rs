@@ -1,0 +1,244 @@
+//! Keeps every tenant's quota per window: its guarantee plus a weighted max-min fair
+//! share of its pool's spare capacity, following recent demand (`quota::fair_share`).
+//!
+//! Demand is read from the counters (every replica's calls, counted in buckets of W/10)
+//! over the last *completed* buckets, so replicas recomputing within the same bucket
+//! get the same inputs and the same quotas. The allocation is recomputed whenever a
+//! bucket completes or the configuration changes. Each replica emits `QuotaChanged` to
+//! its own watchers; since every replica computes the same quotas, each watcher sees
+//! each change once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::Snapshot;
+use super::live::LiveConfig;
+use crate::domain::{Id, TokenOwner, Upstream};
+use crate::events::{EventBus, EventKind};
+use crate::quota::{Claim, allocate};
+use crate::store::counters::{CounterError, Counters, bucket_ms};
+
+/// Quotas per (tenant, upstream).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Quotas {
+    pub by_tenant: HashMap<(Id, Id), u32>,
+    /// What the quotas were computed from: config version and each upstream's bucket.
+    inputs: (i64, Vec<(Id, i64)>),
+}
+
+/// Cheap-clone handle on the current quotas.
+#[derive(Clone)]
+pub struct Allocator {
+    config: LiveConfig,
+    counters: Counters,
+    events: EventBus,
+    sender: Arc<watch::Sender<Arc<Quotas>>>,
+}
+
+impl Allocator {
+    pub fn new(config: LiveConfig, counters: Counters, events: EventBus) -> Self {
+        let (sender, _) = watch::channel(Arc::new(Quotas::default()));
+        Self {
+            config,
+            counters,
+            events,
+            sender: Arc::new(sender),
+        }
+    }
+
+    /// The tenant's quota on `upstream`; its guarantee until the first allocation.
+    pub fn quota(&self, snapshot: &Snapshot, tenant: &Id, upstream: &Id) -> u32 {
+        if let Some(q) = self
+            .sender
+            .borrow()
+            .by_tenant
+            .get(&(tenant.clone(), upstream.clone()))
+        {
+            return *q;
+        }
+        let tenant = &snapshot.tenants[tenant];
+        snapshot
+            .tiers
+            .get(&tenant.tier_id)
+            .map_or(0, |tier| tenant.guaranteed(tier))
+    }
+
+    pub fn current(&self) -> Arc<Quotas> {
+        self.sender.borrow().clone()
+    }
+
+    /// Recomputes when a bucket completed or the configuration changed.
+    #[tracing::instrument(name = "allocation", skip_all)]
+    pub async fn refresh(&self) -> Result<(), CounterError> {
+        let snapshot = self.config.current();
+        let mut quotas = Quotas::default();
+        let mut upstreams: Vec<&Upstream> = snapshot.upstreams.values().collect();
+        upstreams.sort_by(|a, b| a.id.cmp(&b.id));
+        for upstream in upstreams {
+            let bucket = self
+                .allocate_upstream(&snapshot, upstream, &mut quotas.by_tenant)
+                .await?;
+            quotas.inputs.1.push((upstream.id.clone(), bucket));
+        }
+        quotas.inputs.0 = snapshot.version;
+        let previous = self.current();
+        if previous.inputs == quotas.inputs {
+            return Ok(());
+        }
+        self.announce_changes(&previous, &quotas);
+        self.sender.send_replace(Arc::new(quotas));
+        Ok(())
+    }
+
+    /// Allocates every pool of one upstream; returns the demand bucket used.
+    async fn allocate_upstream(
+        &self,
+        snapshot: &Snapshot,
+        upstream: &Upstream,
+        out: &mut HashMap<(Id, Id), u32>,
+    ) -> Result<i64, CounterError> {
+        let tenants: Vec<Id> = sorted(
+            snapshot
+                .routes
+                .iter()
+                .filter(|(_, r)| r.iter().any(|r| r.upstream_id == upstream.id))
+                .map(|(t, _)| t.clone()),
+        );
+        let (bucket, demand) = self
+            .counters
+            .demand(&upstream.id, upstream.window, &tenants)
+            .await?;
+        let demand: HashMap<&Id, u32> = tenants.iter().zip(demand).collect();
+        let usable = upstream.usable_per_window();
+        let mut by_pool: HashMap<Option<&Id>, Vec<&Id>> = HashMap::new();
+        for tenant in &tenants {
+            by_pool
+                .entry(snapshot.tenants[tenant].pool_id.as_ref())
+                .or_default()
+                .push(tenant);
+        }
+        for (pool, members) in by_pool {
+            let claims: Vec<Claim> = members
+                .iter()
+                .map(|t| claim(snapshot, t, &upstream.id, usable, demand[t]))
+                .collect();
+            let quotas = match pool {
+                Some(pool) => {
+                    allocate(pool_capacity(snapshot, pool, &upstream.id, usable), &claims)
+                }
+                // No pool: dedicated tokens only, up to guarantee + burst.
+                None => claims
+                    .iter()
+                    .map(|c| c.guaranteed.saturating_add(c.burst))
+                    .collect(),
+            };
+            for (tenant, quota) in members.into_iter().zip(quotas) {
+                out.insert((tenant.clone(), upstream.id.clone()), quota);
+            }
+        }
+        Ok(bucket)
+    }
+
+    fn announce_changes(&self, previous: &Quotas, next: &Quotas) {
+        for ((tenant, upstream), quota) in &next.by_tenant {
+            let before = previous
+                .by_tenant
+                .get(&(tenant.clone(), upstream.clone()))
+                .copied()
+                .unwrap_or(0);
+            if before != *quota {
+                self.events.publish(EventKind::QuotaChanged {
+                    tenant_id: tenant.to_string(),
+                    upstream_id: upstream.to_string(),
+                    previous: before,
+                    new: *quota,
+                    cause: "fair share".into(),
+                });
+            }
+        }
+    }
+
+    /// Recomputes every few milliseconds (a quarter of the shortest bucket, 20 ms to 1 s)
+    /// and on every configuration change, until `shutdown` fires.
+    pub fn spawn(&self, mut shutdown: watch::Receiver<bool>) {
+        let allocator = self.clone();
+        let mut config_changes = self.config.subscribe();
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                let every = allocator.tick();
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = config_changes.changed() => {}
+                    _ = shutdown.changed() => return,
+                }
+                match allocator.refresh().await {
+                    Ok(()) => failing = false,
+                    Err(error) if !failing => {
+                        failing = true;
+                        tracing::warn!(%error, "cannot refresh quotas; keeping the last ones");
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+
+    fn tick(&self) -> Duration {
+        let shortest = self
+            .config
+            .current()
+            .upstreams
+            .values()
+            .map(|u| u.window.as_millis() as i64)
+            .min()
+            .unwrap_or(60_000);
+        Duration::from_millis((bucket_ms(shortest) / 4).clamp(20, 1_000) as u64)
+    }
+}
+
+fn sorted(ids: impl Iterator<Item = Id>) -> Vec<Id> {
+    let mut ids: Vec<Id> = ids.collect();
+    ids.sort();
+    ids
+}
+
+fn claim(snapshot: &Snapshot, tenant_id: &Id, upstream: &Id, usable: u32, demand: u32) -> Claim {
+    let tenant = &snapshot.tenants[tenant_id];
+    let dedicated = snapshot.routes[tenant_id]
+        .iter()
+        .find(|r| &r.upstream_id == upstream)
+        .map_or(0, |r| r.dedicated.len() as u32);
+    match snapshot.tiers.get(&tenant.tier_id) {
+        Some(tier) => Claim {
+            guaranteed: tenant.guaranteed(tier),
+            burst: tenant.burst(tier),
+            weight: tenant.weight(tier),
+            demand,
+            dedicated: dedicated.saturating_mul(usable),
+        },
+        None => Claim {
+            guaranteed: 0,
+            burst: 0,
+            weight: 1.0,
+            demand,
+            dedicated: 0,
+        },
+    }
+}
+
+/// Usable capacity per window of a pool's leasable tokens.
+fn pool_capacity(snapshot: &Snapshot, pool: &Id, upstream: &Id, usable: u32) -> u32 {
+    let tokens = snapshot
+        .tokens
+        .values()
+        .filter(|t| {
+            t.record.owner == TokenOwner::Pool(pool.clone()) && &t.record.upstream_id == upstream
+        })
+        .filter(|t| !t.record.disabled && t.secret.is_ok())
+        .count() as u32;
+    tokens.saturating_mul(usable)
+}

@@ -1,0 +1,107 @@
+//! In-process versions of two small structures the Redis scripts keep as keys: a
+//! tenant's recent demand, and a pool's wait queue. See `scripts::ACQUIRE`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// How many buckets make a window: demand is counted in buckets of W/10 and read over
+/// the last 10 *completed* ones, so replicas reading during the same bucket get the
+/// same numbers.
+pub const BUCKETS_PER_WINDOW: i64 = 10;
+
+/// Bucket length for a window, at least 1 ms.
+pub fn bucket_ms(window_ms: i64) -> i64 {
+    (window_ms / BUCKETS_PER_WINDOW).max(1)
+}
+
+/// Requests asked for per bucket.
+#[derive(Default)]
+pub(super) struct Demand {
+    buckets: BTreeMap<i64, u64>,
+}
+
+impl Demand {
+    pub fn record(&mut self, bucket: i64, cost: u32) {
+        *self.buckets.entry(bucket).or_default() += cost as u64;
+        let oldest_kept = bucket - 2 * BUCKETS_PER_WINDOW;
+        while self
+            .buckets
+            .first_key_value()
+            .is_some_and(|(b, _)| *b < oldest_kept)
+        {
+            self.buckets.pop_first();
+        }
+    }
+
+    /// The sum over the `BUCKETS_PER_WINDOW` buckets before `current`.
+    pub fn completed_sum(&self, current: i64) -> u32 {
+        let sum: u64 = self
+            .buckets
+            .range(current - BUCKETS_PER_WINDOW..current)
+            .map(|(_, v)| v)
+            .sum();
+        sum.min(u32::MAX as u64) as u32
+    }
+}
+
+struct Waiter {
+    score: i64,
+    expires: i64,
+    eligible: i64,
+}
+
+/// A pool's waiters, by virtual deadline.
+#[derive(Default)]
+pub(super) struct WaitQueue {
+    by_score: BTreeSet<(i64, String)>,
+    by_expiry: BTreeSet<(i64, String)>,
+    waiters: HashMap<String, Waiter>,
+}
+
+impl WaitQueue {
+    /// Drops waiters whose wait ended (they answered, or their caller went away).
+    pub fn purge(&mut self, now: i64) {
+        while let Some((expires, _)) = self.by_expiry.first() {
+            if *expires >= now {
+                break;
+            }
+            let (_, nonce) = self.by_expiry.pop_first().expect("checked non-empty");
+            self.remove(&nonce);
+        }
+    }
+
+    /// Waiters strictly ahead of `score` that could use a slot now, counted up to `limit`.
+    pub fn count_ahead(&self, score: i64, nonce: &str, now: i64, limit: u32) -> u32 {
+        let mut ahead = 0;
+        for (_, other) in self.by_score.range(..(score, String::new())) {
+            if ahead >= limit {
+                break;
+            }
+            if other != nonce && self.waiters[other].eligible <= now {
+                ahead += 1;
+            }
+        }
+        ahead
+    }
+
+    /// Adds or refreshes a waiter.
+    pub fn enqueue(&mut self, nonce: &str, score: i64, expires: i64, eligible: i64) {
+        self.remove(nonce);
+        self.by_score.insert((score, nonce.to_owned()));
+        self.by_expiry.insert((expires, nonce.to_owned()));
+        self.waiters.insert(
+            nonce.to_owned(),
+            Waiter {
+                score,
+                expires,
+                eligible,
+            },
+        );
+    }
+
+    pub fn remove(&mut self, nonce: &str) {
+        if let Some(w) = self.waiters.remove(nonce) {
+            self.by_score.remove(&(w.score, nonce.to_owned()));
+            self.by_expiry.remove(&(w.expires, nonce.to_owned()));
+        }
+    }
+}
