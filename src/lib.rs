@@ -9,14 +9,17 @@
 //! - `store/`: the configuration store (Postgres or SQLite, `store::ConfigStore`) and the
 //!   lease counters (Redis or memory, `store::counters`).
 //! - `clock`: the one place the embedded mode reads time.
+//! - `emulator/`, `baselinker`: a BaseLinker emulator (tests, `tokenlease emulator`) and client.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod auth;
+pub mod baselinker;
 pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod domain;
+pub mod emulator;
 pub mod error;
 pub mod events;
 pub mod grpc;

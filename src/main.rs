@@ -1,15 +1,19 @@
 //! The `tokenlease` binary: parse the command line, start logging, run a subcommand.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
 use tokenlease::admin::{issue_api_key, rotate_token_keys};
+use tokenlease::baselinker::UtcOffset;
 use tokenlease::config::Settings;
 use tokenlease::crypto::KeyRing;
 use tokenlease::domain::{ApiKeyRole, Id};
+use tokenlease::emulator::{Emulator, EmulatorConfig, WindowKind};
 use tokenlease::lease::LiveConfig;
 use tokenlease::startup::{App, open_store, shutdown_signal};
 use tokenlease::telemetry::init_logging;
@@ -47,6 +51,39 @@ enum Command {
     RotateKeys,
     /// Prints a new random master key (base64 of 32 bytes).
     GenMasterKey,
+    /// Runs a BaseLinker API emulator (strict per-token limit, blocks) until Ctrl-C.
+    Emulator(EmulatorArgs),
+}
+
+#[derive(clap::Args)]
+struct EmulatorArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    listen: SocketAddr,
+    /// Accepted requests per window per token.
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// Window length, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    window_secs: f64,
+    /// Block length after a violation, seconds.
+    #[arg(long, default_value_t = 600.0)]
+    block_secs: f64,
+    /// Fixed, clock-aligned windows instead of a sliding one.
+    #[arg(long)]
+    fixed_window: bool,
+    /// Requests during a block push its end out.
+    #[arg(long)]
+    extend_block: bool,
+    /// Accepted tokens, comma-separated; none given = accept any token.
+    #[arg(long, value_delimiter = ',')]
+    tokens: Vec<String>,
+    /// UTC offset of "blocked until" times (BaseLinker: probably Warsaw time).
+    #[arg(long, default_value = "+01:00", allow_hyphen_values = true)]
+    utc_offset: UtcOffset,
+    /// How many orders `getOrders` pages through.
+    #[arg(long, default_value_t = 250)]
+    orders: usize,
 }
 
 #[tokio::main]
@@ -66,6 +103,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("{}", KeyRing::generate_key_base64().expose_secret());
         return Ok(());
     }
+    if let Command::Emulator(args) = cli.command {
+        init_logging("text");
+        return run_emulator(args).await;
+    }
     let settings = Settings::load(cli.config.as_deref())?;
     init_logging(&settings.log_format);
     match cli.command {
@@ -80,8 +121,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CreateApiKey { name, tenants } => create_api_key(&settings, &name, &tenants).await,
         Command::RotateKeys => rotate_keys(&settings).await,
-        Command::GenMasterKey => unreachable!("handled above"),
+        Command::GenMasterKey | Command::Emulator(_) => unreachable!("handled above"),
     }
+}
+
+async fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
+    let seconds = |name: &str, secs: f64| {
+        Duration::try_from_secs_f64(secs).with_context(|| format!("invalid --{name} {secs}"))
+    };
+    let config = EmulatorConfig {
+        listen: args.listen,
+        limit: args.limit,
+        window: seconds("window-secs", args.window_secs)?,
+        window_kind: if args.fixed_window {
+            WindowKind::Fixed
+        } else {
+            WindowKind::Sliding
+        },
+        block: seconds("block-secs", args.block_secs)?,
+        extend_block: args.extend_block,
+        utc_offset: args.utc_offset,
+        tokens: (!args.tokens.is_empty()).then_some(args.tokens),
+        order_count: args.orders,
+        ..EmulatorConfig::default()
+    };
+    let emulator = Emulator::start(config)
+        .await
+        .context("cannot start the emulator")?;
+    println!("{}/connector.php", emulator.url());
+    shutdown_signal().await;
+    emulator.stop().await;
+    Ok(())
 }
 
 async fn live_config(settings: &Settings) -> anyhow::Result<LiveConfig> {
