@@ -135,7 +135,7 @@ impl Settings {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        check_range("lease.ttl_ms", self.lease.ttl_ms, 100, 300_000)?;
+        check_range("lease.ttl_ms", self.lease.ttl_ms, 10, 300_000)?;
         check_range("lease.max_wait_ms", self.lease.max_wait_ms, 0, 600_000)?;
         check_range(
             "lease.max_waiters_per_tenant",

@@ -27,7 +27,7 @@ use crate::grpc::lease_api::LeaseApi;
 use crate::grpc::pb::{
     self, admin_service_server::AdminServiceServer, lease_service_server::LeaseServiceServer,
 };
-use crate::lease::{Allocator, Leaser, LiveConfig, WaitingCallers};
+use crate::lease::{Allocator, Leaser, Lines, LiveConfig, WaitingCallers};
 use crate::store::ConfigStore;
 use crate::store::counters::{Counters, MemoryCounters, RedisCounters, RedisSettings};
 
@@ -107,6 +107,7 @@ impl App {
             max_wait: Duration::from_millis(settings.lease.max_wait_ms),
             max_waiters_per_tenant: settings.lease.max_waiters_per_tenant,
             waiting: WaitingCallers::default(),
+            lines: Lines::default(),
         };
         Ok(App {
             listener,

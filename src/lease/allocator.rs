@@ -111,7 +111,13 @@ impl Allocator {
             .counters
             .demand(&upstream.id, upstream.window, &tenants)
             .await?;
-        let demand: HashMap<&Id, u32> = tenants.iter().zip(demand).collect();
+        // A tenant denied recently wants more than it got: its demand is open-ended, and
+        // the burst bounds it. Otherwise it wants what it asked for.
+        let demand: HashMap<&Id, u32> = tenants
+            .iter()
+            .zip(demand)
+            .map(|(t, d)| (t, if d.unmet > 0 { u32::MAX } else { d.asked }))
+            .collect();
         let usable = upstream.usable_per_window();
         let mut by_pool: HashMap<Option<&Id>, Vec<&Id>> = HashMap::new();
         for tenant in &tenants {

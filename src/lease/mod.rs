@@ -11,7 +11,7 @@ pub use allocator::{Allocator, Quotas};
 pub use live::LiveConfig;
 pub use snapshot::{LiveToken, Route, Snapshot};
 pub use usage::{TenantUsage, TokenUsage, Usage};
-pub use waiting::WaitingCallers;
+pub use waiting::{Lines, WaitingCallers};
 
 use std::time::Duration;
 
@@ -82,6 +82,7 @@ pub struct Leaser {
     /// How many callers of one tenant may wait on this replica at once.
     pub max_waiters_per_tenant: usize,
     pub waiting: WaitingCallers,
+    pub lines: Lines,
 }
 
 /// What stays the same across the attempts of one AcquireLease call.
@@ -92,6 +93,22 @@ struct Call {
     score: Option<i64>,
     attempts: u32,
     deadline: tokio::time::Instant,
+}
+
+/// What one attempt came to.
+enum Attempt {
+    /// Granted, or denied for a reason waiting cannot change.
+    Done(AcquireAnswer),
+    /// Denied for now.
+    Denied(Box<Plan>, Denied),
+}
+
+fn queue_id(plan: &Plan) -> String {
+    plan.request
+        .queue
+        .as_ref()
+        .map(|q| q.queue_id.clone())
+        .unwrap_or_default()
 }
 
 /// One acquire decision prepared from the snapshot.
@@ -117,56 +134,110 @@ impl Leaser {
             attempts: 0,
             deadline,
         };
-        let mut entry: Option<QueueEntry> = None;
-        let mut slot = None;
-        loop {
-            let snapshot = self.config.current();
-            let plan = match self.plan(&snapshot, &input, &call)? {
-                Ok(plan) => plan,
-                Err(denial) => return Ok(denial),
-            };
-            let outcome = self.counters.acquire(&plan.request).await?;
-            call.attempts += 1;
-            let denied = match outcome {
-                AcquireOutcome::Granted(grant) => {
-                    if let Some(e) = entry.as_mut() {
-                        e.queued = false; // the grant took it out of the queue
-                    }
-                    return Ok(self.granted(&snapshot, &plan, grant));
-                }
-                AcquireOutcome::Denied(denied) => denied,
-            };
-            call.score = denied.queue_score;
-            let waits = plan.request.queue.as_ref().is_some_and(|q| q.wait_ms > 0);
-            if waits && entry.is_none() {
-                entry = Some(QueueEntry {
-                    counters: self.counters.clone(),
-                    upstream_id: plan.request.upstream_id.clone(),
-                    queue_id: plan
-                        .request
-                        .queue
-                        .as_ref()
-                        .map(|q| q.queue_id.clone())
-                        .unwrap_or_default(),
-                    nonce: call.nonce.clone(),
-                    queued: true,
-                });
-                slot = self
-                    .waiting
-                    .enter(&input.tenant_id, self.max_waiters_per_tenant);
-                if slot.is_none() {
-                    return Err(self.queue_full(&input.tenant_id, &denied));
-                }
-            }
-            let now = tokio::time::Instant::now();
-            if waits && now + denied.retry_after <= call.deadline {
-                tokio::time::sleep(denied.retry_after.max(Duration::from_millis(1))).await;
-                continue;
-            }
-            drop(slot);
-            drop(entry);
-            return Ok(denial(&input.tenant_id, &plan, &denied, call.attempts > 1));
+        let (plan, denied) = match self.attempt(&input, &mut call).await? {
+            Attempt::Done(answer) => return Ok(answer),
+            Attempt::Denied(plan, denied) => (plan, denied),
+        };
+        let waits = plan.request.queue.as_ref().is_some_and(|q| q.wait_ms > 0);
+        if !waits || tokio::time::Instant::now() + denied.retry_after > deadline {
+            self.leave_queue(&plan, &call).await;
+            return Ok(denial(&input.tenant_id, &plan, &denied, false));
         }
+        let Some(_slot) = self
+            .waiting
+            .enter(&input.tenant_id, self.max_waiters_per_tenant)
+        else {
+            self.leave_queue(&plan, &call).await;
+            return Err(self.queue_full(&input.tenant_id, &denied));
+        };
+        let mut entry = QueueEntry {
+            counters: self.counters.clone(),
+            upstream_id: plan.request.upstream_id.clone(),
+            queue_id: queue_id(&plan),
+            nonce: call.nonce.clone(),
+            queued: true,
+        };
+        let order =
+            crate::clock::system_now_ms() + priority_offset(input.priority, plan.upstream.window);
+        let place = self.lines.join(&input.tenant_id, order);
+        let answer = self
+            .wait_for_slot(&input, &mut call, &place, denied.retry_after)
+            .await;
+        if matches!(answer, Ok(AcquireAnswer::Granted(_))) {
+            entry.queued = false; // the grant took it out of the shared queue
+        }
+        answer
+    }
+
+    async fn leave_queue(&self, plan: &Plan, call: &Call) {
+        if plan.request.queue.as_ref().is_some_and(|q| q.wait_ms > 0)
+            && let Err(error) = self
+                .counters
+                .leave_queue(&plan.request.upstream_id, &queue_id(plan), &call.nonce)
+                .await
+        {
+            tracing::debug!(%error, "could not leave the wait queue; the entry expires by itself");
+        }
+    }
+
+    /// The waiting part of `acquire`: when first in its tenant's line on this replica,
+    /// the caller tries again at each instant a slot it may use frees, until granted or
+    /// out of time.
+    async fn wait_for_slot(
+        &self,
+        input: &AcquireInput,
+        call: &mut Call,
+        place: &waiting::Place,
+        mut retry_after: Duration,
+    ) -> Result<AcquireAnswer, ServiceError> {
+        loop {
+            let waited = match tokio::time::timeout_at(call.deadline, place.turn()).await {
+                Ok(waited) => waited,
+                Err(_) => break,
+            };
+            // Newly first: a slot may just have been freed by the caller before us.
+            if !waited {
+                if tokio::time::Instant::now() + retry_after > call.deadline {
+                    break;
+                }
+                tokio::time::sleep(retry_after.max(Duration::from_millis(1))).await;
+            }
+            match self.attempt(input, call).await? {
+                Attempt::Done(answer) => return Ok(answer),
+                Attempt::Denied(_, denied) => retry_after = denied.retry_after,
+            }
+        }
+        // Out of time: one last look, so the answer carries a current retry-after.
+        call.deadline = tokio::time::Instant::now();
+        match self.attempt(input, call).await? {
+            Attempt::Done(answer) => Ok(answer),
+            Attempt::Denied(plan, denied) => {
+                self.leave_queue(&plan, call).await;
+                Ok(denial(&input.tenant_id, &plan, &denied, true))
+            }
+        }
+    }
+
+    /// One decision against the counters.
+    async fn attempt(
+        &self,
+        input: &AcquireInput,
+        call: &mut Call,
+    ) -> Result<Attempt, ServiceError> {
+        let snapshot = self.config.current();
+        let plan = match self.plan(&snapshot, input, call)? {
+            Ok(plan) => plan,
+            Err(denial) => return Ok(Attempt::Done(denial)),
+        };
+        let outcome = self.counters.acquire(&plan.request).await?;
+        call.attempts += 1;
+        Ok(match outcome {
+            AcquireOutcome::Granted(grant) => Attempt::Done(self.granted(&snapshot, &plan, grant)),
+            AcquireOutcome::Denied(denied) => {
+                call.score = denied.queue_score;
+                Attempt::Denied(Box::new(plan), denied)
+            }
+        })
     }
 
     fn queue_full(&self, tenant: &Id, denied: &Denied) -> ServiceError {

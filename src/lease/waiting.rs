@@ -106,3 +106,83 @@ impl Drop for QueueEntry {
         });
     }
 }
+
+/// The callers of one tenant waiting on this replica, in queue order. Only the first
+/// of them polls the shared counters; the others sleep until it is done, so a freed
+/// slot costs one attempt per tenant and replica instead of one per waiting caller.
+#[derive(Clone, Default)]
+pub struct Lines {
+    lines: Arc<Mutex<HashMap<Id, Line>>>,
+}
+
+#[derive(Default)]
+struct Line {
+    members: std::collections::BTreeMap<(i64, u64), Arc<tokio::sync::Notify>>,
+    next_seq: u64,
+}
+
+/// A caller's place in its tenant's line; leaving (drop) wakes the next.
+pub struct Place {
+    lines: Lines,
+    tenant: Id,
+    key: (i64, u64),
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Lines {
+    /// Joins `tenant`'s line at `order` (priority offset + arrival, lower first).
+    pub fn join(&self, tenant: &Id, order: i64) -> Place {
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let line = lines.entry(tenant.clone()).or_default();
+        let key = (order, line.next_seq);
+        line.next_seq += 1;
+        let notify = Arc::new(tokio::sync::Notify::new());
+        line.members.insert(key, notify.clone());
+        Place {
+            lines: self.clone(),
+            tenant: tenant.clone(),
+            key,
+            notify,
+        }
+    }
+}
+
+impl Place {
+    fn is_first(&self) -> bool {
+        let lines = self.lines.lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines
+            .get(&self.tenant)
+            .and_then(|l| l.members.keys().next())
+            .is_some_and(|k| *k == self.key)
+    }
+
+    /// Waits until this caller is first in its line; returns whether it had to wait.
+    pub async fn turn(&self) -> bool {
+        let mut waited = false;
+        loop {
+            // Registered before the check, so a wake-up between the two is not lost.
+            let notified = self.notify.notified();
+            if self.is_first() {
+                return waited;
+            }
+            waited = true;
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut lines = self.lines.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(line) = lines.get_mut(&self.tenant) else {
+            return;
+        };
+        line.members.remove(&self.key);
+        match line.members.values().next() {
+            Some(next) => next.notify_one(),
+            None => {
+                lines.remove(&self.tenant);
+            }
+        }
+    }
+}

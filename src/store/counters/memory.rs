@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::queue::{Demand, WaitQueue, bucket_ms};
+use super::queue::{Demand, DemandCount, WaitQueue, bucket_ms};
 use super::{
     AcquireOutcome, AcquireRequest, Denied, DenyReason, Grant, LeaseKey, QueueTicket,
     ReleaseOutcome, ReleaseResult, UsageCounts,
@@ -235,8 +235,8 @@ impl MemoryCounters {
         let state = &mut *guard;
         state.drop_expired_leases(now);
         let tenant_key = tenant_key(&req.upstream_id, &req.tenant_id);
+        let bucket = now.div_euclid(bucket_ms(window_ms));
         if req.count_demand {
-            let bucket = now.div_euclid(bucket_ms(window_ms));
             state
                 .demand
                 .entry(tenant_key.clone())
@@ -254,6 +254,14 @@ impl MemoryCounters {
             let score = ticket.score.unwrap_or(now + ticket.priority_offset_ms);
             (queue, ticket, score)
         });
+        let unmet = |state_demand: &mut HashMap<String, Demand>| {
+            if req.count_demand {
+                state_demand
+                    .entry(tenant_key.clone())
+                    .or_default()
+                    .record_unmet(bucket, cost);
+            }
+        };
         let deny = |queue: &mut Option<Queued>, reason, at: i64, eligible: i64| {
             let queue_score = queue.as_mut().map(|(queue, ticket, score)| {
                 if ticket.wait_ms > 0 {
@@ -273,11 +281,14 @@ impl MemoryCounters {
             let free = window.free_at(now, window_ms, tenant_used, cost, req.tenant_limit);
             // Both limits bind: name the one that frees last (the upstream's on a tie).
             if scan.best.is_none() && scan.earliest >= free {
+                unmet(&mut state.demand);
                 return deny(&mut queue, DenyReason::NoTokenCapacity, scan.earliest, free);
             }
+            unmet(&mut state.demand);
             return deny(&mut queue, DenyReason::TenantQuota, free, free);
         }
         let Some((idx, token_used)) = scan.best else {
+            unmet(&mut state.demand);
             return deny(&mut queue, DenyReason::NoTokenCapacity, scan.earliest, now);
         };
         if idx >= req.dedicated.len()
@@ -318,22 +329,27 @@ impl MemoryCounters {
     }
 
     /// The tenants' demand over the last completed buckets, and the current bucket.
-    pub fn demand(&self, upstream: &Id, window: Duration, tenants: &[Id]) -> (i64, Vec<u32>) {
+    pub fn demand(
+        &self,
+        upstream: &Id,
+        window: Duration,
+        tenants: &[Id],
+    ) -> (i64, Vec<DemandCount>) {
         let bucket = self
             .clock
             .now_ms()
             .div_euclid(bucket_ms(window.as_millis() as i64));
         let state = self.lock();
-        let sums = tenants
+        let counts = tenants
             .iter()
             .map(|t| {
                 state
                     .demand
                     .get(&tenant_key(upstream, t))
-                    .map_or(0, |d| d.completed_sum(bucket))
+                    .map_or_else(DemandCount::default, |d| d.completed(bucket))
             })
             .collect();
-        (bucket, sums)
+        (bucket, counts)
     }
 
     pub fn release(&self, key: &LeaseKey, outcome: ReleaseOutcome) -> ReleaseResult {

@@ -27,7 +27,7 @@ mod redis_backend;
 mod scripts;
 
 pub use memory::MemoryCounters;
-pub use queue::{BUCKETS_PER_WINDOW, bucket_ms};
+pub use queue::{BUCKETS_PER_WINDOW, DemandCount, bucket_ms};
 pub use redis_backend::{RedisCounters, RedisSettings};
 
 use std::time::Duration;
@@ -272,7 +272,7 @@ impl Counters {
         upstream_id: &Id,
         window: Duration,
         tenants: &[Id],
-    ) -> Result<(i64, Vec<u32>), CounterError> {
+    ) -> Result<(i64, Vec<DemandCount>), CounterError> {
         match self {
             Self::Memory(m) => Ok(m.demand(upstream_id, window, tenants)),
             Self::Redis(r) => r.demand(upstream_id, window, tenants).await,

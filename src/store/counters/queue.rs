@@ -8,15 +8,25 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 /// same numbers.
 pub const BUCKETS_PER_WINDOW: i64 = 10;
 
+/// A tenant's demand over the last window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DemandCount {
+    /// Requests asked for (each call once, however long it waited).
+    pub asked: u32,
+    /// Requests denied on their first attempt: demand its quota did not meet.
+    pub unmet: u32,
+}
+
 /// Bucket length for a window, at least 1 ms.
 pub fn bucket_ms(window_ms: i64) -> i64 {
     (window_ms / BUCKETS_PER_WINDOW).max(1)
 }
 
-/// Requests asked for per bucket.
+/// Requests asked for, and denied on their first attempt, per bucket.
 #[derive(Default)]
 pub(super) struct Demand {
     buckets: BTreeMap<i64, u64>,
+    unmet: BTreeMap<i64, u64>,
 }
 
 impl Demand {
@@ -32,14 +42,31 @@ impl Demand {
         }
     }
 
-    /// The sum over the `BUCKETS_PER_WINDOW` buckets before `current`.
-    pub fn completed_sum(&self, current: i64) -> u32 {
-        let sum: u64 = self
-            .buckets
-            .range(current - BUCKETS_PER_WINDOW..current)
-            .map(|(_, v)| v)
-            .sum();
-        sum.min(u32::MAX as u64) as u32
+    pub fn record_unmet(&mut self, bucket: i64, cost: u32) {
+        *self.unmet.entry(bucket).or_default() += cost as u64;
+        let oldest_kept = bucket - 2 * BUCKETS_PER_WINDOW;
+        while self
+            .unmet
+            .first_key_value()
+            .is_some_and(|(b, _)| *b < oldest_kept)
+        {
+            self.unmet.pop_first();
+        }
+    }
+
+    /// Asked and unmet over the `BUCKETS_PER_WINDOW` buckets before `current`.
+    pub fn completed(&self, current: i64) -> DemandCount {
+        let sum = |map: &BTreeMap<i64, u64>| {
+            let total: u64 = map
+                .range(current - BUCKETS_PER_WINDOW..current)
+                .map(|(_, v)| v)
+                .sum();
+            total.min(u32::MAX as u64) as u32
+        };
+        DemandCount {
+            asked: sum(&self.buckets),
+            unmet: sum(&self.unmet),
+        }
     }
 }
 

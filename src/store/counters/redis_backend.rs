@@ -22,7 +22,7 @@ use redis::{Script, Value};
 use super::{
     AcquireOutcome, AcquireRequest, CounterError, Denied, DenyReason, Grant, LeaseKey,
     ReleaseOutcome, ReleaseResult, UsageCounts,
-    queue::{BUCKETS_PER_WINDOW, bucket_ms},
+    queue::{BUCKETS_PER_WINDOW, DemandCount, bucket_ms},
     scripts,
 };
 use crate::domain::Id;
@@ -191,28 +191,31 @@ impl RedisCounters {
         upstream: &Id,
         window: Duration,
         tenants: &[Id],
-    ) -> Result<(i64, Vec<u32>), CounterError> {
+    ) -> Result<(i64, Vec<DemandCount>), CounterError> {
         let mut inv = self.demand.prepare_invoke();
         for tenant in tenants {
             inv.key(self.key(upstream, "dem", tenant.as_str()));
         }
         inv.arg(bucket_ms(window.as_millis() as i64))
             .arg(BUCKETS_PER_WINDOW);
-        let mut reply: Vec<i64> = redis::from_redis_value(self.run(inv).await?)
+        let reply: Vec<i64> = redis::from_redis_value(self.run(inv).await?)
             .map_err(|e| CounterError::Internal(format!("unexpected demand reply: {e}")))?;
-        if reply.len() != tenants.len() + 1 {
+        if reply.len() != 2 * tenants.len() + 1 {
             return Err(CounterError::Internal(format!(
                 "demand reply has {} values for {} tenants",
                 reply.len(),
                 tenants.len()
             )));
         }
-        let sums = reply
-            .split_off(1)
-            .into_iter()
-            .map(|v| v.clamp(0, u32::MAX as i64) as u32)
+        let clamp = |v: i64| v.clamp(0, u32::MAX as i64) as u32;
+        let counts = reply[1..]
+            .chunks(2)
+            .map(|c| DemandCount {
+                asked: clamp(c[0]),
+                unmet: clamp(c[1]),
+            })
             .collect();
-        Ok((reply[0], sums))
+        Ok((reply[0], counts))
     }
 
     pub async fn leave_queue(

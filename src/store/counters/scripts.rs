@@ -14,7 +14,8 @@
 ///
 /// - `KEYS[1]`: the tenant's window (sorted set: member `<nonce>#<i>`, score = occupancy end, ms)
 /// - `KEYS[2]`: the lease hash to create (`tenant`, `token`, `cost`, `expires`)
-/// - `KEYS[3]`: the tenant's demand (hash: bucket index → requests asked for)
+/// - `KEYS[3]`: the tenant's demand (hash: bucket index → requests asked for, and
+///   `u<bucket>` → requests denied on their first attempt: unmet demand)
 /// - `KEYS[4]`, `KEYS[5]`, `KEYS[6]`: the pool's wait queue — waiters by virtual deadline
 ///   (sorted set), by expiry (sorted set), and when each may use a slot (hash)
 /// - `KEYS[7..]`: the candidate tokens' windows, dedicated tokens first
@@ -51,13 +52,15 @@ local queued = wait_ms >= 0
 -- it has no candidate token): one window on, when the configuration may have changed.
 local never = now + window
 
-if ARGV[10] == '1' then
-  local bucket = math.floor(now / tonumber(ARGV[9]))
+local bucket = math.floor(now / tonumber(ARGV[9]))
+local first_attempt = ARGV[10] == '1'
+if first_attempt then
   redis.call('HINCRBY', KEYS[3], bucket, cost)
   redis.call('PEXPIRE', KEYS[3], 3 * window)
-  if redis.call('HLEN', KEYS[3]) > 30 then
+  if redis.call('HLEN', KEYS[3]) > 60 then
     for _, field in ipairs(redis.call('HKEYS', KEYS[3])) do
-      if tonumber(field) < bucket - 20 then redis.call('HDEL', KEYS[3], field) end
+      local b = tonumber(field) or tonumber(string.sub(field, 2))
+      if b < bucket - 20 then redis.call('HDEL', KEYS[3], field) end
     end
   end
 end
@@ -92,6 +95,8 @@ end
 
 -- Denies, queueing the caller when it waits; `eligible` is when it could use a slot.
 local function deny(reason, at, eligible)
+  -- A call denied on its first attempt is demand the tenant's quota did not meet.
+  if first_attempt then redis.call('HINCRBY', KEYS[3], 'u' .. bucket, cost) end
   if not queued then return {0, reason, at - now, now, -1} end
   if wait_ms > 0 then
     redis.call('ZADD', KEYS[4], score, nonce)
@@ -173,21 +178,28 @@ return {1, best, now, expires, tenant_used + cost, best_used + cost}
 /// Demand of each tenant over the last `ARGV[2]` completed buckets.
 ///
 /// - `KEYS[..]` the tenants' demand hashes; `ARGV[1]` bucket ms, `ARGV[2]` buckets per window.
-///   Returns `{current bucket, sum per key…}`.
+///   Returns `{current bucket, asked₁, unmet₁, asked₂, unmet₂, …}`.
 pub const DEMAND: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local bucket = math.floor(now / tonumber(ARGV[1]))
 local n = tonumber(ARGV[2])
+local asked_fields, unmet_fields = {}, {}
+for b = bucket - n, bucket - 1 do
+  asked_fields[#asked_fields + 1] = b
+  unmet_fields[#unmet_fields + 1] = 'u' .. b
+end
+local function sum(key, fields)
+  local total = 0
+  for _, v in ipairs(redis.call('HMGET', key, unpack(fields))) do
+    if v then total = total + tonumber(v) end
+  end
+  return total
+end
 local out = {bucket}
 for i = 1, #KEYS do
-  local sum = 0
-  local fields = {}
-  for b = bucket - n, bucket - 1 do fields[#fields + 1] = b end
-  for _, v in ipairs(redis.call('HMGET', KEYS[i], unpack(fields))) do
-    if v then sum = sum + tonumber(v) end
-  end
-  out[#out + 1] = sum
+  out[#out + 1] = sum(KEYS[i], asked_fields)
+  out[#out + 1] = sum(KEYS[i], unmet_fields)
 end
 return out
 "#;
