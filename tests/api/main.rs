@@ -8,3 +8,5 @@ mod fixtures;
 mod helpers;
 mod lease;
 mod reflection;
+mod scenarios;
+mod workers;

@@ -280,15 +280,13 @@ impl MemoryCounters {
             let window = state.windows.get(&tenant_key).expect("trimmed above");
             let free = window.free_at(now, window_ms, tenant_used, cost, req.tenant_limit);
             // Both limits bind: name the one that frees last (the upstream's on a tie).
+            unmet(&mut state.demand);
             if scan.best.is_none() && scan.earliest >= free {
-                unmet(&mut state.demand);
                 return deny(&mut queue, DenyReason::NoTokenCapacity, scan.earliest, free);
             }
-            unmet(&mut state.demand);
             return deny(&mut queue, DenyReason::TenantQuota, free, free);
         }
         let Some((idx, token_used)) = scan.best else {
-            unmet(&mut state.demand);
             return deny(&mut queue, DenyReason::NoTokenCapacity, scan.earliest, now);
         };
         if idx >= req.dedicated.len()

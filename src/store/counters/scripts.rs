@@ -15,7 +15,8 @@
 /// - `KEYS[1]`: the tenant's window (sorted set: member `<nonce>#<i>`, score = occupancy end, ms)
 /// - `KEYS[2]`: the lease hash to create (`tenant`, `token`, `cost`, `expires`)
 /// - `KEYS[3]`: the tenant's demand (hash: bucket index → requests asked for, and
-///   `u<bucket>` → requests denied on their first attempt: unmet demand)
+///   `u<bucket>` → requests that found the tenant at its quota on their first attempt:
+///   unmet demand)
 /// - `KEYS[4]`, `KEYS[5]`, `KEYS[6]`: the pool's wait queue — waiters by virtual deadline
 ///   (sorted set), by expiry (sorted set), and when each may use a slot (hash)
 /// - `KEYS[7..]`: the candidate tokens' windows, dedicated tokens first
@@ -94,9 +95,10 @@ local function free_at(key, used, limit)
 end
 
 -- Denies, queueing the caller when it waits; `eligible` is when it could use a slot.
-local function deny(reason, at, eligible)
-  -- A call denied on its first attempt is demand the tenant's quota did not meet.
-  if first_attempt then redis.call('HINCRBY', KEYS[3], 'u' .. bucket, cost) end
+local function deny(reason, at, eligible, over_quota)
+  -- A call that found its tenant at quota on its first attempt is demand the quota did
+  -- not meet (a full pool is not: every tenant may be within its quota then).
+  if first_attempt and over_quota then redis.call('HINCRBY', KEYS[3], 'u' .. bucket, cost) end
   if not queued then return {0, reason, at - now, now, -1} end
   if wait_ms > 0 then
     redis.call('ZADD', KEYS[4], score, nonce)
@@ -134,11 +136,11 @@ if earliest == nil then earliest = never end
 if tenant_used + cost > tenant_limit then
   local free = free_at(KEYS[1], tenant_used, tenant_limit)
   -- Both limits bind: name the one that frees last (the upstream's on a tie).
-  if best == nil and earliest >= free then return deny(2, earliest, free) end
-  return deny(1, free, free)
+  if best == nil and earliest >= free then return deny(2, earliest, free, true) end
+  return deny(1, free, free, true)
 end
 if best == nil then
-  return deny(2, earliest, now)
+  return deny(2, earliest, now, false)
 end
 
 -- A pool slot goes to the waiters ahead first: count those that could use one now.
@@ -150,7 +152,7 @@ if queued and best > n_dedicated then
       ahead = ahead + 1
     end
   end
-  if ahead + cost > pool_room then return deny(2, pool_next, now) end
+  if ahead + cost > pool_room then return deny(2, pool_next, now, false) end
 end
 if queued then
   redis.call('ZREM', KEYS[4], nonce)
