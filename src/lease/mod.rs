@@ -89,6 +89,10 @@ pub struct Leaser {
 struct Call {
     /// The call's id in the queue, and its lease's if granted.
     nonce: String,
+    /// Whether a denial should (re)place the call in the shared queue: only the first
+    /// waiter of each tenant line does, so every entry there is one that is polling and
+    /// whose "may use a slot from" instant is current.
+    enqueue: bool,
     /// Its virtual deadline in the queue, from the first attempt.
     score: Option<i64>,
     attempts: u32,
@@ -130,6 +134,7 @@ impl Leaser {
         let deadline = tokio::time::Instant::now() + input.max_wait.min(self.max_wait);
         let mut call = Call {
             nonce: LeaseKey::new_nonce(),
+            enqueue: false,
             score: None,
             attempts: 0,
             deadline,
@@ -138,18 +143,17 @@ impl Leaser {
             Attempt::Done(answer) => return Ok(answer),
             Attempt::Denied(plan, denied) => (plan, denied),
         };
-        let waits = plan.request.queue.as_ref().is_some_and(|q| q.wait_ms > 0);
+        let waits = !input.max_wait.is_zero() && !self.max_wait.is_zero();
         if !waits || tokio::time::Instant::now() + denied.retry_after > deadline {
-            self.leave_queue(&plan, &call).await;
             return Ok(denial(&input.tenant_id, &plan, &denied, false));
         }
         let Some(_slot) = self
             .waiting
             .enter(&input.tenant_id, self.max_waiters_per_tenant)
         else {
-            self.leave_queue(&plan, &call).await;
             return Err(self.queue_full(&input.tenant_id, &denied));
         };
+        // From here on the call may sit in the shared queue; leave it however we end.
         let mut entry = QueueEntry {
             counters: self.counters.clone(),
             upstream_id: plan.request.upstream_id.clone(),
@@ -160,6 +164,7 @@ impl Leaser {
         let order =
             crate::clock::system_now_ms() + priority_offset(input.priority, plan.upstream.window);
         let place = self.lines.join(&input.tenant_id, order);
+        call.enqueue = true;
         let answer = self
             .wait_for_slot(&input, &mut call, &place, denied.retry_after)
             .await;
@@ -167,17 +172,6 @@ impl Leaser {
             entry.queued = false; // the grant took it out of the shared queue
         }
         answer
-    }
-
-    async fn leave_queue(&self, plan: &Plan, call: &Call) {
-        if plan.request.queue.as_ref().is_some_and(|q| q.wait_ms > 0)
-            && let Err(error) = self
-                .counters
-                .leave_queue(&plan.request.upstream_id, &queue_id(plan), &call.nonce)
-                .await
-        {
-            tracing::debug!(%error, "could not leave the wait queue; the entry expires by itself");
-        }
     }
 
     /// The waiting part of `acquire`: when first in its tenant's line on this replica,
@@ -211,10 +205,8 @@ impl Leaser {
         call.deadline = tokio::time::Instant::now();
         match self.attempt(input, call).await? {
             Attempt::Done(answer) => Ok(answer),
-            Attempt::Denied(plan, denied) => {
-                self.leave_queue(&plan, call).await;
-                Ok(denial(&input.tenant_id, &plan, &denied, true))
-            }
+            // The caller's queue entry goes with its `QueueEntry` guard.
+            Attempt::Denied(plan, denied) => Ok(denial(&input.tenant_id, &plan, &denied, true)),
         }
     }
 
@@ -308,7 +300,11 @@ impl Leaser {
             },
             priority_offset_ms: priority_offset(input.priority, upstream.window),
             score: call.score,
-            wait_ms: remaining_wait.as_millis() as i64,
+            wait_ms: if call.enqueue {
+                remaining_wait.as_millis() as i64
+            } else {
+                0
+            },
         };
         Ok(Ok(Plan {
             request: AcquireRequest {

@@ -8,5 +8,3 @@ mod fixtures;
 mod helpers;
 mod lease;
 mod reflection;
-mod scenarios;
-mod workers;

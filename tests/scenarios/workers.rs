@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokenlease::baselinker::{BaseLinkerClient, Outcome};
-use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer, lease_service_client::LeaseServiceClient};
+use tokenlease::grpc::pb::{
+    self, acquire_lease_response::Result as Answer, lease_service_client::LeaseServiceClient,
+};
 use tonic::transport::Channel;
 
 use super::helpers::{authed, millis};
@@ -50,7 +52,10 @@ impl Tally {
 
     /// Upstream calls made in `[from, to)` (Unix ms).
     pub fn used_between(&self, from: i64, to: i64) -> usize {
-        self.used_at_ms.iter().filter(|t| (from..to).contains(*t)).count()
+        self.used_at_ms
+            .iter()
+            .filter(|t| (from..to).contains(*t))
+            .count()
     }
 
     /// Median wait of granted calls of one priority, ms.
@@ -62,24 +67,46 @@ impl Tally {
 }
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 /// Runs every demand's workers for `duration` against `clients` (round robin over the
 /// replicas) and returns a tally per tenant.
-pub async fn run(clients: &[LeaseServiceClient<Channel>], key: &str, upstream: &BaseLinkerClient, demands: &[Demand], duration: Duration) -> HashMap<String, Tally> {
+pub async fn run(
+    clients: &[LeaseServiceClient<Channel>],
+    key: &str,
+    upstream: &BaseLinkerClient,
+    demands: &[Demand],
+    duration: Duration,
+) -> HashMap<String, Tally> {
     let until = Instant::now() + duration;
     let mut tasks = vec![];
     for demand in demands {
         for i in 0..demand.workers {
             let client = clients[(tasks.len() + i) % clients.len()].clone();
-            let worker = Worker { client, key: key.to_owned(), upstream: upstream.clone(), demand: demand.clone(), rng: StdRng::seed_from_u64(tasks.len() as u64 * 7919 + i as u64) };
+            let worker = Worker {
+                client,
+                key: key.to_owned(),
+                upstream: upstream.clone(),
+                demand: demand.clone(),
+                rng: StdRng::seed_from_u64(tasks.len() as u64 * 7919 + i as u64),
+            };
             tasks.push(tokio::spawn(worker.run(until)));
         }
     }
     let mut tallies: HashMap<String, Tally> = HashMap::new();
-    for (task, demand) in tasks.into_iter().zip(demands.iter().flat_map(|d| std::iter::repeat_n(d, d.workers))) {
-        tallies.entry(demand.tenant.clone()).or_default().merge(task.await.unwrap());
+    for (task, demand) in tasks.into_iter().zip(
+        demands
+            .iter()
+            .flat_map(|d| std::iter::repeat_n(d, d.workers)),
+    ) {
+        tallies
+            .entry(demand.tenant.clone())
+            .or_default()
+            .merge(task.await.unwrap());
     }
     tallies
 }
@@ -103,16 +130,33 @@ impl Worker {
                 max_wait: Some(millis(self.demand.max_wait.as_millis() as u64)),
                 ..Default::default()
             };
-            let answer = self.client.acquire_lease(authed(request, &self.key)).await.expect("AcquireLease").into_inner().result.unwrap();
+            let answer = self
+                .client
+                .acquire_lease(authed(request, &self.key))
+                .await
+                .expect("AcquireLease")
+                .into_inner()
+                .result
+                .unwrap();
             match answer {
                 Answer::Lease(lease) => {
-                    tally.waits_ms.entry(self.demand.priority as i32).or_default().push(started.elapsed().as_millis() as u64);
+                    tally
+                        .waits_ms
+                        .entry(self.demand.priority as i32)
+                        .or_default()
+                        .push(started.elapsed().as_millis() as u64);
                     self.use_lease(lease, &mut tally).await;
                 }
                 Answer::Denial(denial) => {
                     tally.denied += 1;
-                    let retry = denial.retry_after.map_or(50, |d| (d.seconds * 1000 + d.nanos as i64 / 1_000_000) as u64);
-                    tokio::time::sleep(Duration::from_millis(retry.max(1)).min(until.saturating_duration_since(Instant::now()))).await;
+                    let retry = denial.retry_after.map_or(50, |d| {
+                        (d.seconds * 1000 + d.nanos as i64 / 1_000_000) as u64
+                    });
+                    tokio::time::sleep(
+                        Duration::from_millis(retry.max(1))
+                            .min(until.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
                 }
             }
             if let Some(pace) = self.demand.pace {
@@ -124,11 +168,20 @@ impl Worker {
 
     /// Uses the lease at a random instant of its validity, then releases it.
     async fn use_lease(&mut self, lease: pb::Lease, tally: &mut Tally) {
-        let expires = lease.expires_at.map_or(now_ms(), |t| t.seconds * 1000 + t.nanos as i64 / 1_000_000);
+        let expires = lease
+            .expires_at
+            .map_or(now_ms(), |t| t.seconds * 1000 + t.nanos as i64 / 1_000_000);
         let left = (expires - now_ms()).max(0);
-        let at = if self.rng.random_bool(0.25) { left } else { self.rng.random_range(0..=left) };
+        let at = if self.rng.random_bool(0.25) {
+            left
+        } else {
+            self.rng.random_range(0..=left)
+        };
         tokio::time::sleep(Duration::from_millis(at as u64)).await;
-        let outcome = self.upstream.call(&lease.token, "getOrderStatusList", &serde_json::json!({})).await;
+        let outcome = self
+            .upstream
+            .call(&lease.token, "getOrderStatusList", &serde_json::json!({}))
+            .await;
         let (release, blocked_until) = match outcome {
             Ok(Outcome::Success(_)) => {
                 tally.used_at_ms.push(now_ms());
@@ -136,14 +189,25 @@ impl Worker {
             }
             Ok(Outcome::Blocked { until_unix_ms, .. }) => {
                 tally.rate_limited += 1;
-                (pb::ReleaseOutcome::UpstreamRateLimited, until_unix_ms.map(|ms| prost_types::Timestamp { seconds: ms / 1000, nanos: (ms % 1000) as i32 * 1_000_000 }))
+                (
+                    pb::ReleaseOutcome::UpstreamRateLimited,
+                    until_unix_ms.map(|ms| prost_types::Timestamp {
+                        seconds: ms / 1000,
+                        nanos: (ms % 1000) as i32 * 1_000_000,
+                    }),
+                )
             }
             Ok(Outcome::Error { .. }) | Ok(Outcome::UpstreamFailure(_)) | Err(_) => {
                 tally.upstream_errors += 1;
                 (pb::ReleaseOutcome::UpstreamError, None)
             }
         };
-        let request = pb::ReleaseLeaseRequest { lease_id: lease.lease_id, outcome: release as i32, blocked_until, ..Default::default() };
+        let request = pb::ReleaseLeaseRequest {
+            lease_id: lease.lease_id,
+            outcome: release as i32,
+            blocked_until,
+            ..Default::default()
+        };
         // A release after expiry is NOT_FOUND: the slot stays counted, which is fine.
         let _ = self.client.release_lease(authed(request, &self.key)).await;
     }
