@@ -178,6 +178,10 @@ async fn configure(
     }
 }
 
+fn id(value: &str) -> tokenlease::domain::Id {
+    tokenlease::domain::Id::parse("id", value).unwrap()
+}
+
 fn demand(
     tenant: &str,
     priority: pb::Priority,
