@@ -58,6 +58,9 @@ pub struct LeaseSection {
     /// How long a lease stays valid. Each lease occupies its slot for window + TTL
     /// when it is never released, so keep it short.
     pub ttl_ms: u64,
+    /// How long after a lease expires its call may still arrive at the upstream; the
+    /// slot stays counted that much longer when the lease is not released.
+    pub use_grace_ms: u64,
     /// The longest `max_wait` a caller may ask for.
     pub max_wait_ms: u64,
     /// How many callers of one tenant may wait at once on one replica; more get
@@ -99,6 +102,7 @@ impl Default for Settings {
             },
             lease: LeaseSection {
                 ttl_ms: 5_000,
+                use_grace_ms: 1_000,
                 max_wait_ms: 60_000,
                 max_waiters_per_tenant: 100,
             },
@@ -136,6 +140,7 @@ impl Settings {
 
     fn validate(&self) -> anyhow::Result<()> {
         check_range("lease.ttl_ms", self.lease.ttl_ms, 10, 300_000)?;
+        check_range("lease.use_grace_ms", self.lease.use_grace_ms, 0, 60_000)?;
         check_range("lease.max_wait_ms", self.lease.max_wait_ms, 0, 600_000)?;
         check_range(
             "lease.max_waiters_per_tenant",

@@ -104,6 +104,7 @@ impl App {
             counters,
             allocator,
             lease_ttl: settings.lease_ttl(),
+            use_grace: Duration::from_millis(settings.lease.use_grace_ms),
             max_wait: Duration::from_millis(settings.lease.max_wait_ms),
             max_waiters_per_tenant: settings.lease.max_waiters_per_tenant,
             waiting: WaitingCallers::default(),

@@ -19,7 +19,7 @@ use super::live::LiveConfig;
 use crate::domain::{Id, TokenOwner, Upstream};
 use crate::events::{EventBus, EventKind};
 use crate::quota::{Claim, allocate};
-use crate::store::counters::{CounterError, Counters, bucket_ms};
+use crate::store::counters::{CounterError, Counters, DemandCount, bucket_ms};
 
 /// Quotas per (tenant, upstream).
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -111,12 +111,10 @@ impl Allocator {
             .counters
             .demand(&upstream.id, upstream.window, &tenants)
             .await?;
-        // A tenant denied recently wants more than it got: its demand is open-ended, and
-        // the burst bounds it. Otherwise it wants what it asked for.
         let demand: HashMap<&Id, u32> = tenants
             .iter()
             .zip(demand)
-            .map(|(t, d)| (t, if d.unmet > 0 { u32::MAX } else { d.asked }))
+            .map(|(t, d)| (t, wanted(d)))
             .collect();
         let usable = upstream.usable_per_window();
         let mut by_pool: HashMap<Option<&Id>, Vec<&Id>> = HashMap::new();
@@ -203,6 +201,18 @@ impl Allocator {
             .min()
             .unwrap_or(60_000);
         Duration::from_millis((bucket_ms(shortest) / 4).clamp(20, 1_000) as u64)
+    }
+}
+
+/// What a tenant wants per window. One that found itself at its quota recently wants
+/// more than it got: open-ended, bounded later by its burst. Otherwise what it asked
+/// for, plus an eighth as headroom: a quota exactly at the asked rate would be hit by
+/// ordinary jitter, read as unmet demand, and make quotas swing.
+fn wanted(demand: DemandCount) -> u32 {
+    if demand.unmet > 0 {
+        u32::MAX
+    } else {
+        demand.asked.saturating_add((demand.asked / 8).max(2))
     }
 }
 

@@ -77,7 +77,14 @@ pub struct Leaser {
     pub config: LiveConfig,
     pub counters: Counters,
     pub allocator: Allocator,
+    /// How long a worker may start its upstream call.
     pub lease_ttl: Duration,
+    /// How long after that the call may still reach the upstream (network, retries
+    /// inside one call): an unreleased lease's slot is held for TTL + grace + W, and a
+    /// release is accepted until TTL + grace. Without it, a call started at the last
+    /// instant and arriving a few milliseconds later would fall outside the interval
+    /// the windows account for.
+    pub use_grace: Duration,
     pub max_wait: Duration,
     /// How many callers of one tenant may wait on this replica at once.
     pub max_waiters_per_tenant: usize,
@@ -314,7 +321,7 @@ impl Leaser {
                 tenant_limit,
                 token_limit: upstream.usable_per_window(),
                 window: upstream.window,
-                lease_ttl: self.lease_ttl,
+                lease_ttl: self.lease_ttl + self.use_grace,
                 cost: input.cost,
                 dedicated: route.dedicated.clone(),
                 pooled: route.pooled.clone(),
@@ -343,8 +350,8 @@ impl Leaser {
             lease_id: key.to_lease_id(),
             token_id: grant.token_id,
             secret,
-            expires_at_ms: grant.expires_at_ms,
-            valid_for: Duration::from_millis((grant.expires_at_ms - grant.now_ms).max(0) as u64),
+            expires_at_ms: grant.now_ms + self.lease_ttl.as_millis() as i64,
+            valid_for: self.lease_ttl,
             tenant_remaining: req.tenant_limit.saturating_sub(grant.tenant_used),
             tenant_limit: req.tenant_limit,
             token_remaining: req.token_limit.saturating_sub(grant.token_used),

@@ -726,3 +726,21 @@ on_both_backends! {
         assert_eq!(h.grant(&base).await.grant.token_used, 3);
     }
 }
+
+on_both_backends! {
+    /// Demand for fair sharing: each call's first attempt counts once, in the bucket it
+    /// arrives in, read back once that bucket completes; a call that found its tenant at
+    /// quota also counts as unmet; retries of a waiting call do not count again.
+    async fn demand_counts_first_attempts(h: Harness) {
+        let mut first = h.request("t-a", 2, &[], &["k-1"]);
+        first.count_demand = true;
+        for _ in 0..3 {
+            let _ = h.try_acquire(&first).await; // 2 granted, the third over quota
+        }
+        let retry = AcquireRequest { count_demand: false, ..first.clone() };
+        let _ = h.try_acquire(&retry).await;
+        h.advance(Duration::from_millis(super::bucket_ms(h.window_ms()) as u64 + 1)).await;
+        let (_, counts) = h.counters.demand(&id(UPSTREAM), h.window, &[id("t-a"), id("t-b")]).await.unwrap();
+        assert_eq!(counts, vec![super::DemandCount { asked: 3, unmet: 1 }, super::DemandCount::default()]);
+    }
+}
