@@ -723,3 +723,7 @@ on_both_backends! {
         assert_eq!(h.grant(&base).await.grant.token_used, 3);
     }
 }
+
+/// Token health: circuit breaker and quarantine (property 7).
+#[path = "tests/breaker.rs"]
+mod breaker;
