@@ -1,10 +1,12 @@
 //! The lease use cases: acquire and release over the configuration snapshot and the
 //! lease counters. No gRPC types here; `grpc/lease_api.rs` converts.
 
+mod health;
 mod live;
 mod snapshot;
 mod usage;
 
+pub use health::{TokenHealth, publish_admin_toggle, tenants_reaching};
 pub use live::LiveConfig;
 pub use snapshot::{LiveToken, Route, Snapshot};
 pub use usage::{TenantUsage, TokenUsage, Usage};
@@ -73,6 +75,8 @@ pub struct Leaser {
     pub counters: Counters,
     pub lease_ttl: Duration,
     pub max_wait: Duration,
+    /// Circuit breakers and quarantines: see `health.rs`.
+    pub health: TokenHealth,
 }
 
 /// One acquire decision prepared from the snapshot.
@@ -98,7 +102,14 @@ impl Leaser {
                 Err(denial) => return Ok(denial),
             };
             match self.counters.acquire(&plan.request).await? {
-                AcquireOutcome::Granted(grant) => return Ok(self.granted(&snapshot, &plan, grant)),
+                AcquireOutcome::Granted(grant) => {
+                    // The store has the last word on the token's health (`health.rs`);
+                    // when it refuses, the lease was given back: plan again without it.
+                    if !self.admit(&plan.request, &grant).await? {
+                        continue;
+                    }
+                    return Ok(self.granted(&snapshot, &plan, grant));
+                }
                 AcquireOutcome::Denied(denied) => {
                     let now = tokio::time::Instant::now();
                     // Wait only when the slot frees before the deadline; otherwise answer now.
@@ -170,6 +181,11 @@ impl Leaser {
         let upstream = snapshot.upstreams[&route.upstream_id].clone();
         let tenant_limit = snapshot.tenant_limit(tenant);
         check_cost(input.cost, tenant, tenant_limit, &upstream)?;
+        // Route around open, quarantined and busy half-open tokens (`health.rs`).
+        let (dedicated, pooled) = match self.health.route_around(&tenant.id, route) {
+            Ok(usable) => usable,
+            Err(denial) => return Ok(Err(denial)),
+        };
         Ok(Ok(Plan {
             request: AcquireRequest {
                 upstream_id: upstream.id.clone(),
@@ -180,8 +196,8 @@ impl Leaser {
                 window: upstream.window,
                 lease_ttl: self.lease_ttl,
                 cost: input.cost,
-                dedicated: route.dedicated.clone(),
-                pooled: route.pooled.clone(),
+                dedicated,
+                pooled,
             },
             upstream,
         }))
@@ -214,12 +230,14 @@ impl Leaser {
         })
     }
 
-    /// Records how a lease went. Returns whether it had been released already.
+    /// Records how a lease went (`blocked_until_ms`: the upstream's block end, with
+    /// UPSTREAM_RATE_LIMITED). Returns whether it had been released already.
     pub async fn release(
         &self,
         caller: &Caller,
         lease_id: &str,
         outcome: ReleaseOutcome,
+        blocked_until_ms: Option<i64>,
     ) -> Result<bool, ServiceError> {
         if lease_id.is_empty() {
             return Err(InvalidField::new("lease_id", "is required").into());
@@ -232,7 +250,15 @@ impl Leaser {
         };
         let key = LeaseKey::parse(lease_id).ok_or_else(not_found)?;
         caller.require_tenant(&key.tenant_id)?;
-        match self.counters.release(&key, outcome).await? {
+        let result = self.counters.release(&key, outcome).await?;
+        if matches!(
+            result,
+            ReleaseResult::Released | ReleaseResult::AlreadyReleased
+        ) {
+            // Feeds the token's breaker and quarantine (`health.rs`).
+            self.record_outcome(&key, outcome, blocked_until_ms).await?;
+        }
+        match result {
             ReleaseResult::Released => Ok(false),
             ReleaseResult::AlreadyReleased => Ok(true),
             ReleaseResult::NotFound => Err(not_found()),
