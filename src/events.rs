@@ -12,6 +12,7 @@
 //! reconnecting it tells local watchers to `Resync`. Without Redis there is one replica
 //! and the local bus is all there is.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
@@ -24,7 +25,7 @@ use crate::domain::{Id, TokenState};
 pub const CAPACITY: usize = 1024;
 
 /// Events queued for other replicas while the relay is slow (or Redis away); past it
-/// they are dropped, with a warning, and the other replicas' watchers miss them.
+/// they are dropped, counted, and the other replicas' watchers told to resync.
 pub const OUTBOX_CAPACITY: usize = 4096;
 
 /// What kind of object an admin changed.
@@ -68,7 +69,9 @@ pub enum EventKind {
         /// Why, for people.
         cause: String,
     },
-    /// Local only, never relayed: this replica may have missed events from others.
+    /// Watchers may have missed events: this replica's feed from the others was
+    /// interrupted (local), or another replica could not send `missed` of its events
+    /// (relayed by that replica once it can).
     Resync { missed: u64 },
 }
 
@@ -157,6 +160,9 @@ pub struct EventBus {
     replica_id: Arc<str>,
     /// Set once a relay to other replicas runs: events published here are queued for it.
     outbox: Arc<OnceLock<mpsc::Sender<Arc<Event>>>>,
+    /// Events other replicas never got (queue full, or publishing failed) since the
+    /// relay last said so.
+    undelivered: Arc<AtomicU64>,
 }
 
 impl EventBus {
@@ -166,6 +172,7 @@ impl EventBus {
             sender,
             replica_id: replica_id.into(),
             outbox: Arc::default(),
+            undelivered: Arc::default(),
         }
     }
 
@@ -190,8 +197,9 @@ impl EventBus {
         if let Some(outbox) = self.outbox.get()
             && !matches!(event.kind, EventKind::Resync { .. })
             && outbox.try_send(event.clone()).is_err()
+            && self.undelivered.fetch_add(1, Ordering::Relaxed) == 0
         {
-            tracing::warn!("event relay queue full or closed; other replicas miss an event");
+            tracing::warn!("event relay queue full; other replicas will be told to resync");
         }
         // No receivers is fine: nobody is watching.
         let _ = self.sender.send(event);
@@ -203,6 +211,26 @@ impl EventBus {
         let (sender, receiver) = mpsc::channel(OUTBOX_CAPACITY);
         self.outbox.set(sender).ok()?;
         Some(receiver)
+    }
+
+    /// Counts events that other replicas did not get (the relay could not publish them).
+    pub fn count_undelivered(&self, events: u64) {
+        self.undelivered.fetch_add(events, Ordering::Relaxed);
+    }
+
+    /// The events other replicas did not get since the last call; the relay sends
+    /// them a `Resync { missed }` saying so.
+    pub fn take_undelivered(&self) -> u64 {
+        self.undelivered.swap(0, Ordering::Relaxed)
+    }
+
+    /// This replica's `Resync` for other replicas' watchers (see `take_undelivered`).
+    pub fn undelivered_notice(&self, missed: u64) -> Event {
+        Event {
+            occurred_at_ms: system_now_ms(),
+            replica_id: self.replica_id.to_string(),
+            kind: EventKind::Resync { missed },
+        }
     }
 
     /// Delivers an event from another replica to local watchers. Returns false (and
@@ -292,6 +320,25 @@ mod tests {
         ));
         assert!(outbox.try_recv().is_err(), "resync is local only");
         assert!(watcher.try_recv().is_err());
+    }
+
+    /// Events the relay cannot take are counted, to be announced to other replicas as
+    /// a resync, and the count restarts once taken.
+    #[test]
+    fn events_the_relay_cannot_take_are_counted() {
+        let bus = EventBus::new("a");
+        let _outbox = bus.relay_outbox().expect("first relay");
+        for _ in 0..OUTBOX_CAPACITY + 7 {
+            bus.publish(token_event());
+        }
+        bus.count_undelivered(1);
+        assert_eq!(bus.take_undelivered(), 8);
+        assert_eq!(bus.take_undelivered(), 0);
+        let notice = bus.undelivered_notice(8);
+        assert_eq!(
+            (notice.replica_id.as_str(), notice.kind),
+            ("a", EventKind::Resync { missed: 8 })
+        );
     }
 
     /// A token filter selects token state changes of that token only.

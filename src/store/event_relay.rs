@@ -4,9 +4,9 @@
 //!
 //! Two tasks per replica:
 //! - the **publisher** drains the bus's outbox, one PUBLISH per event, over a connection
-//!   that reconnects by itself. While Redis is away events are dropped (logged once per
-//!   outage): the other replicas' watchers get a `Resync` when their own subscription
-//!   comes back, which is what they need to know.
+//!   that reconnects by itself. An event it cannot publish (Redis away, or the outbox
+//!   full) is counted, and the next successful publish is preceded by a `Resync` with
+//!   that count, so other replicas' watchers learn that they missed something.
 //! - the **subscriber** holds a dedicated pub/sub connection (a subscribed connection
 //!   can do nothing else). It notices a lost connection by the stream ending or by a
 //!   PING going unanswered, reconnects with backoff, and on every reconnection tells
@@ -78,6 +78,7 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("cannot set up the event publisher: {e}"))?;
     tokio::spawn(publish_loop(
         publisher,
+        bus.clone(),
         settings.clone(),
         outbox,
         shutdown.clone(),
@@ -90,6 +91,7 @@ pub async fn start(
 
 async fn publish_loop(
     mut conn: ConnectionManager,
+    bus: EventBus,
     settings: RelaySettings,
     mut outbox: mpsc::Receiver<Arc<Event>>,
     mut shutdown: watch::Receiver<bool>,
@@ -103,10 +105,22 @@ async fn publish_loop(
             },
             _ = shutdown.changed() => return,
         };
-        let mut command = redis::cmd("PUBLISH");
-        command.arg(&settings.channel).arg(event.to_json());
-        let publish = command.query_async::<i64>(&mut conn);
-        match tokio::time::timeout(settings.timeout, publish).await {
+        let mut command = redis::pipe();
+        let undelivered = bus.take_undelivered();
+        if undelivered > 0 {
+            let notice = bus.undelivered_notice(undelivered);
+            command
+                .publish(&settings.channel, notice.to_json())
+                .ignore();
+        }
+        command.publish(&settings.channel, event.to_json()).ignore();
+        let publish = command.query_async::<()>(&mut conn);
+        let result = tokio::time::timeout(settings.timeout, publish).await;
+        if !matches!(result, Ok(Ok(()))) {
+            // Not published (or unknown): other replicas will be told to resync.
+            bus.count_undelivered(undelivered + 1);
+        }
+        match result {
             Ok(Ok(_)) if failing => {
                 failing = false;
                 tracing::info!("event publishing to other replicas resumed");
