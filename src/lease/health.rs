@@ -167,6 +167,9 @@ impl TokenHealth {
             Admission::Leasable => return Ok(true),
             Admission::Probe => {
                 tracing::info!(token_id = %grant.token_id, tenant_id = %request.tenant_id, "probe lease granted on a half-open token");
+                // Its probe is out: spare this replica's next acquires the refusal.
+                let for_ms = grant.expires_at_ms - admitted.now_ms;
+                self.remember(&grant.token_id, TokenState::BreakerHalfOpen, for_ms);
                 return Ok(true);
             }
             Admission::Refused { state, until_ms } => (state, until_ms),
@@ -207,6 +210,10 @@ impl TokenHealth {
             policy: self.policy,
         };
         let recorded = counters.record_outcome(&report).await?;
+        if recorded.applied {
+            // If this was the probe of a half-open token, its slot is free again.
+            self.forget_half_open(&key.token_id);
+        }
         self.publish(&recorded.transitions, recorded.now_ms);
         Ok(())
     }
@@ -250,6 +257,16 @@ impl TokenHealth {
             .or_insert(Hint { state, usable_at });
         if usable_at >= hint.usable_at {
             *hint = Hint { state, usable_at };
+        }
+    }
+
+    fn forget_half_open(&self, token: &Id) {
+        let mut hints = self.hints();
+        if hints
+            .get(token)
+            .is_some_and(|h| h.state == TokenState::BreakerHalfOpen)
+        {
+            hints.remove(token);
         }
     }
 

@@ -31,6 +31,15 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 /// The longest pause between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("invalid Redis URL for the event relay: {0}")]
+    InvalidUrl(String),
+    #[error("an event relay is already running for this event bus")]
+    AlreadyRunning,
+}
+
 /// Where the relay runs.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
@@ -57,25 +66,23 @@ pub async fn start(
     settings: RelaySettings,
     bus: EventBus,
     shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> Result<(), RelayError> {
     let first_url = settings
         .url
         .split(',')
         .map(str::trim)
         .find(|u| !u.is_empty())
         .unwrap_or_default();
-    let client = redis::Client::open(first_url)
-        .map_err(|e| anyhow::anyhow!("invalid Redis URL for the event relay: {e}"))?;
-    let Some(outbox) = bus.relay_outbox() else {
-        anyhow::bail!("an event relay is already running for this bus");
-    };
+    let client =
+        redis::Client::open(first_url).map_err(|e| RelayError::InvalidUrl(e.to_string()))?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(settings.timeout))
         .set_response_timeout(Some(settings.timeout))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_millis(500));
     let publisher = ConnectionManager::new_lazy_with_config(client.clone(), config)
-        .map_err(|e| anyhow::anyhow!("cannot set up the event publisher: {e}"))?;
+        .map_err(|e| RelayError::InvalidUrl(e.to_string()))?;
+    let outbox = bus.relay_outbox().ok_or(RelayError::AlreadyRunning)?;
     tokio::spawn(publish_loop(
         publisher,
         bus.clone(),
