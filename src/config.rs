@@ -16,6 +16,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::KeyRing;
+use crate::domain::BreakerPolicy;
 
 /// Every setting of the service.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,6 +34,7 @@ pub struct Settings {
     pub redis_url: Option<String>,
     pub redis: RedisSection,
     pub lease: LeaseSection,
+    pub breaker: BreakerSection,
     pub encryption: EncryptionSection,
     pub tls: Option<TlsSection>,
     /// How often a replica checks the database for configuration changes.
@@ -66,6 +68,18 @@ pub struct LeaseSection {
     /// How many callers of one tenant may wait at once on one replica; more get
     /// RESOURCE_EXHAUSTED.
     pub max_waiters_per_tenant: usize,
+}
+
+/// Per-token circuit breaker (seed §3), shared by all replicas.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSection {
+    /// Consecutive UPSTREAM_ERROR releases on a token that open its breaker.
+    pub failures_to_open: u32,
+    /// How long an open breaker keeps the token out before half-opening.
+    pub open_ms: u64,
+    /// Consecutive successful probe leases (one at a time) that close it again.
+    pub successes_to_close: u32,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -105,6 +119,11 @@ impl Default for Settings {
                 use_grace_ms: 1_000,
                 max_wait_ms: 60_000,
                 max_waiters_per_tenant: 100,
+            },
+            breaker: BreakerSection {
+                failures_to_open: 5,
+                open_ms: 30_000,
+                successes_to_close: 2,
             },
             encryption: EncryptionSection::default(),
             tls: None,
@@ -150,6 +169,20 @@ impl Settings {
         )?;
         check_range("redis.timeout_ms", self.redis.timeout_ms, 10, 30_000)?;
         check_range("config_refresh_ms", self.config_refresh_ms, 100, 600_000)?;
+        let breaker = &self.breaker;
+        check_range(
+            "breaker.failures_to_open",
+            breaker.failures_to_open.into(),
+            1,
+            1_000,
+        )?;
+        check_range("breaker.open_ms", breaker.open_ms, 100, 3_600_000)?;
+        check_range(
+            "breaker.successes_to_close",
+            breaker.successes_to_close.into(),
+            1,
+            100,
+        )?;
         check_range("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000)?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             bail!(
@@ -191,6 +224,14 @@ impl Settings {
 
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease.ttl_ms)
+    }
+
+    pub fn breaker_policy(&self) -> BreakerPolicy {
+        BreakerPolicy {
+            failures_to_open: self.breaker.failures_to_open,
+            open_for: Duration::from_millis(self.breaker.open_ms),
+            successes_to_close: self.breaker.successes_to_close,
+        }
     }
 
     /// The database URL to use: the configured one, or the embedded SQLite file.
@@ -331,6 +372,24 @@ mod tests {
             ..Settings::default()
         };
         assert!(s.validate().unwrap_err().to_string().contains("REDIS_URL"));
+    }
+
+    /// The breaker section defaults to the seed's thresholds (5 errors, 30 s, 2 probes)
+    /// and refuses a zero threshold, naming the setting.
+    #[test]
+    fn breaker_settings() {
+        assert_eq!(
+            Settings::default().breaker_policy(),
+            BreakerPolicy::default()
+        );
+        let mut s = Settings::default();
+        s.breaker.failures_to_open = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("breaker.failures_to_open"), "{err}");
+        let mut s = Settings::default();
+        s.breaker.open_ms = 10;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("breaker.open_ms"), "{err}");
     }
 
     /// The file layer and the environment layer override defaults, in that order.

@@ -8,6 +8,10 @@
 //! - `crypto`: AES-256-GCM sealing of upstream tokens under a key ring.
 //! - `store/`: the configuration store (Postgres or SQLite, `store::ConfigStore`) and the
 //!   lease counters (Redis or memory, `store::counters`).
+//! - `lease/`: the acquire and release use cases, including routing around unhealthy
+//!   tokens (`lease/health.rs`: circuit breaker and quarantine).
+//! - `events`: the event bus behind `WatchEvents`; `store::event_relay` carries it
+//!   between replicas over Redis pub/sub.
 //! - `clock`: the one place the embedded mode reads time.
 //! - `emulator/`, `baselinker`: a BaseLinker emulator (tests, `tokenlease emulator`) and client.
 #![forbid(unsafe_code)]

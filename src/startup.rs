@@ -27,9 +27,10 @@ use crate::grpc::lease_api::LeaseApi;
 use crate::grpc::pb::{
     self, admin_service_server::AdminServiceServer, lease_service_server::LeaseServiceServer,
 };
-use crate::lease::{Allocator, Leaser, Lines, LiveConfig, WaitingCallers};
+use crate::lease::{Allocator, Leaser, Lines, LiveConfig, TokenHealth, WaitingCallers};
 use crate::store::ConfigStore;
 use crate::store::counters::{Counters, MemoryCounters, RedisCounters, RedisSettings};
+use crate::store::event_relay::{self, RelaySettings};
 
 /// A built, not yet running, server.
 pub struct App {
@@ -37,6 +38,8 @@ pub struct App {
     settings: Settings,
     pub leaser: Leaser,
     pub events: EventBus,
+    /// Tells background tasks to stop; they also stop when it is dropped.
+    stop: watch::Sender<bool>,
 }
 
 /// Connects to the configuration database, applies migrations and seeds defaults.
@@ -93,8 +96,28 @@ impl App {
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
-        let replica_id = format!("{}-{}", hostname(), std::process::id());
+        // Unique per App, even for several in one process: replicas drop their own
+        // events when the shared channel echoes them back, by this id.
+        let replica_id = format!(
+            "{}-{}-{}",
+            hostname(),
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
         let events = EventBus::new(&replica_id);
+        let (stop, stop_rx) = watch::channel(false);
+        if let Some(url) = &settings.redis_url {
+            let relay = RelaySettings {
+                url: url.clone(),
+                channel: RelaySettings::channel_for(&settings.redis.key_prefix),
+                timeout: Duration::from_millis(settings.redis.timeout_ms),
+            };
+            event_relay::start(relay, events.clone(), stop_rx.clone())
+                .await
+                .context("cannot start the event relay")?;
+        }
+        let health = TokenHealth::new(settings.breaker_policy(), events.clone());
+        health.spawn_follower(stop_rx);
         let allocator = Allocator::new(config.clone(), counters.clone(), events.clone());
         if let Err(error) = allocator.refresh().await {
             tracing::warn!(%error, "cannot compute quotas yet; tenants get their guarantees until the counters answer");
@@ -109,12 +132,14 @@ impl App {
             max_waiters_per_tenant: settings.lease.max_waiters_per_tenant,
             waiting: WaitingCallers::default(),
             lines: Lines::default(),
+            health,
         };
         Ok(App {
             listener,
             settings,
             leaser,
             events,
+            stop,
         })
     }
 
@@ -129,7 +154,8 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_tx = self.stop.clone();
+        let stop_rx = stop_tx.subscribe();
         self.leaser.allocator.spawn(stop_rx.clone());
         self.leaser.config.spawn_refresher(
             Duration::from_millis(self.settings.config_refresh_ms),

@@ -6,6 +6,7 @@
 mod id;
 mod model;
 mod priority;
+mod token_health;
 mod validate;
 
 pub use id::Id;
@@ -14,6 +15,7 @@ pub use model::{
     ApiKeyRecord, ApiKeyRole, Pool, SharedAccess, Tenant, Tier, TokenOwner, TokenRecord, Upstream,
 };
 pub use priority::{Priority, RequestKind};
+pub use token_health::{BreakerPolicy, QUARANTINE_MAX, QUARANTINE_MIN, TokenState};
 pub use validate::{CapacityReport, ConfigView, check_guarantees};
 
 /// A value that breaks a rule of the model, naming the field so a person can fix it.

@@ -1,5 +1,6 @@
 //! AdminService: CRUD over the configuration store, each write followed by a snapshot
-//! refresh on this replica (read-your-writes for leasing) and a `ConfigChanged` event.
+//! refresh on this replica (read-your-writes for leasing) and a `ConfigChanged` event
+//! (plus a `TokenStateChanged` when a token is disabled or enabled).
 
 use tonic::{Request, Response, Status};
 
@@ -10,7 +11,7 @@ use crate::auth::{Caller, generate_api_key, reveal};
 use crate::domain::{Id, InvalidField};
 use crate::error::ServiceError;
 use crate::events::{Change, EventBus, EventKind, Resource};
-use crate::lease::{Leaser, LiveConfig};
+use crate::lease::{Leaser, LiveConfig, publish_admin_toggle};
 
 /// Default and largest page sizes of List calls.
 const DEFAULT_PAGE: u32 = 100;
@@ -276,6 +277,12 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::UpdateTokenResponse> {
         admin(&r)?;
         let input = token_from_proto(r.into_inner().token, false).map_err(ServiceError::from)?;
+        let store = self.config().store();
+        let was_disabled = store
+            .get_token(&input.record.id)
+            .await
+            .ok()
+            .map(|t| t.disabled);
         let (stored, version) = self
             .config()
             .store()
@@ -289,6 +296,9 @@ impl AdminService for AdminApi {
             version,
         )
         .await;
+        if was_disabled.is_some_and(|was| was != stored.disabled) {
+            publish_admin_toggle(&self.events, &stored.id, stored.disabled);
+        }
         Ok(Response::new(pb::UpdateTokenResponse {
             token: Some(token_to_proto(&stored)),
         }))

@@ -13,10 +13,13 @@ use super::auth::caller;
 use super::convert::{duration, parse_optional_duration, timestamp};
 use super::pb::{self, lease_service_server::LeaseService};
 use crate::auth::Caller;
-use crate::domain::{Id, InvalidField, Priority, RequestKind};
+use crate::domain::{Id, InvalidField, Priority, RequestKind, TokenState};
 use crate::error::ServiceError;
 use crate::events::{Change, Event, EventBus, EventKind, Filter, Resource};
-use crate::lease::{AcquireAnswer, AcquireInput, DenialReason, Leaser, MAX_COST, Usage};
+use crate::lease::{
+    AcquireAnswer, AcquireInput, DenialReason, Leaser, LiveConfig, MAX_COST, Usage,
+    tenants_reaching,
+};
 use crate::store::counters::ReleaseOutcome;
 
 /// The LeaseService implementation.
@@ -93,6 +96,35 @@ fn parse_outcome(value: i32) -> Result<ReleaseOutcome, Status> {
             "outcome",
             "is required: SUCCESS, UPSTREAM_ERROR, UPSTREAM_RATE_LIMITED or NOT_USED",
         )),
+    }
+}
+
+/// `blocked_until` as Unix milliseconds. Far-off or past values are accepted here and
+/// clamped by the breaker (see `domain::QUARANTINE_MIN`/`MAX`).
+fn parse_blocked_until(value: Option<prost_types::Timestamp>) -> Result<Option<i64>, Status> {
+    let Some(t) = value else {
+        return Ok(None);
+    };
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(invalid(
+            "blocked_until",
+            "is not a valid timestamp (nanos must be 0 to 999,999,999)",
+        ));
+    }
+    Ok(Some(
+        t.seconds
+            .saturating_mul(1000)
+            .saturating_add(i64::from(t.nanos) / 1_000_000),
+    ))
+}
+
+fn token_state_to_proto(state: TokenState) -> pb::TokenState {
+    match state {
+        TokenState::Active => pb::TokenState::Active,
+        TokenState::BreakerOpen => pb::TokenState::BreakerOpen,
+        TokenState::BreakerHalfOpen => pb::TokenState::BreakerHalfOpen,
+        TokenState::Quarantined => pb::TokenState::Quarantined,
+        TokenState::Disabled => pb::TokenState::Disabled,
     }
 }
 
@@ -203,6 +235,20 @@ fn event_to_proto(event: &Event) -> pb::Event {
             new_limit: *new,
             cause: cause.clone(),
         }),
+        EventKind::TokenStateChanged {
+            token_id,
+            previous,
+            new,
+            until_ms,
+            cause,
+        } => pb::event::Kind::TokenStateChanged(pb::TokenStateChanged {
+            token_id: token_id.clone(),
+            previous_state: token_state_to_proto(*previous) as i32,
+            new_state: token_state_to_proto(*new) as i32,
+            until: until_ms.map(timestamp),
+            cause: cause.clone(),
+        }),
+        EventKind::Resync { missed } => pb::event::Kind::Resync(pb::Resync { missed: *missed }),
     };
     pb::Event {
         occurred_at: Some(timestamp(event.occurred_at_ms)),
@@ -222,9 +268,19 @@ fn resync(missed: u64) -> pb::WatchEventsResponse {
 }
 
 /// Whether `caller` may see `event` and it passes `filter`.
-fn visible(caller: &Caller, filter: &Filter, event: &Event) -> bool {
+fn visible(caller: &Caller, filter: &Filter, event: &Event, config: &LiveConfig) -> bool {
     if event.admin_only() && caller.require_admin().is_err() {
         return false;
+    }
+    // A token's state is about the tenants that may lease it: they (and admins) see it,
+    // and a tenant filter selects it for them.
+    if let EventKind::TokenStateChanged { token_id, .. } = &event.kind {
+        let reaching = tenants_reaching(&config.current(), token_id);
+        let in_scope =
+            caller.require_admin().is_ok() || reaching.iter().any(|t| caller.may_see_tenant(t));
+        let tenant_ok =
+            filter.tenant_ids.is_empty() || reaching.iter().any(|t| filter.tenant_ids.contains(t));
+        return in_scope && tenant_ok && filter.matches(event);
     }
     let in_scope = event
         .tenant_id()
@@ -238,10 +294,11 @@ async fn pump(
     out: mpsc::Sender<Result<pb::WatchEventsResponse, Status>>,
     caller: Caller,
     filter: Filter,
+    config: LiveConfig,
 ) {
     loop {
         let message = match events.recv().await {
-            Ok(event) if visible(&caller, &filter, &event) => pb::WatchEventsResponse {
+            Ok(event) if visible(&caller, &filter, &event, &config) => pb::WatchEventsResponse {
                 event: Some(event_to_proto(&event)),
             },
             Ok(_) => continue,
@@ -283,9 +340,13 @@ impl LeaseService for LeaseApi {
                 "is only meaningful with outcome UPSTREAM_RATE_LIMITED",
             ));
         }
+        let blocked_until_ms = parse_blocked_until(req.blocked_until)?;
         parse_optional_duration("upstream_latency", req.upstream_latency)
             .map_err(ServiceError::from)?;
-        let already_released = self.leaser.release(&caller, &req.lease_id, outcome).await?;
+        let already_released = self
+            .leaser
+            .release(&caller, &req.lease_id, outcome, blocked_until_ms)
+            .await?;
         Ok(Response::new(pb::ReleaseLeaseResponse { already_released }))
     }
 
@@ -313,7 +374,8 @@ impl LeaseService for LeaseApi {
             caller.require_tenant(tenant)?;
         }
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(pump(self.events.subscribe(), tx, caller, filter));
+        let config = self.leaser.config.clone();
+        tokio::spawn(pump(self.events.subscribe(), tx, caller, filter, config));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

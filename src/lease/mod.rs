@@ -2,12 +2,14 @@
 //! lease counters. No gRPC types here; `grpc/lease_api.rs` converts.
 
 mod allocator;
+mod health;
 mod live;
 mod snapshot;
 mod usage;
 mod waiting;
 
 pub use allocator::{Allocator, Quotas};
+pub use health::{TokenHealth, publish_admin_toggle, tenants_reaching};
 pub use live::LiveConfig;
 pub use snapshot::{LiveToken, Route, Snapshot};
 pub use usage::{TenantUsage, TokenUsage, Usage};
@@ -90,6 +92,8 @@ pub struct Leaser {
     pub max_waiters_per_tenant: usize,
     pub waiting: WaitingCallers,
     pub lines: Lines,
+    /// Circuit breakers and quarantines: see `health.rs`.
+    pub health: TokenHealth,
 }
 
 /// What stays the same across the attempts of one AcquireLease call.
@@ -223,19 +227,37 @@ impl Leaser {
         input: &AcquireInput,
         call: &mut Call,
     ) -> Result<Attempt, ServiceError> {
-        let snapshot = self.config.current();
-        let plan = match self.plan(&snapshot, input, call)? {
-            Ok(plan) => plan,
-            Err(denial) => return Ok(Attempt::Done(denial)),
-        };
-        let outcome = self.counters.acquire(&plan.request).await?;
-        call.attempts += 1;
-        Ok(match outcome {
-            AcquireOutcome::Granted(grant) => Attempt::Done(self.granted(&snapshot, &plan, grant)),
-            AcquireOutcome::Denied(denied) => {
-                call.score = denied.queue_score;
-                Attempt::Denied(Box::new(plan), denied)
+        // A grant the token's health refuses is given back; plan again (the refused token
+        // is now hinted unusable). Bounded, in case health keeps changing under us.
+        for _ in 0..3 {
+            let snapshot = self.config.current();
+            let plan = match self.plan(&snapshot, input, call)? {
+                Ok(plan) => plan,
+                Err(denial) => return Ok(Attempt::Done(denial)),
+            };
+            let outcome = self.counters.acquire(&plan.request).await?;
+            call.attempts += 1;
+            match outcome {
+                AcquireOutcome::Granted(grant) => {
+                    // The store has the last word on the token's health (`health.rs`).
+                    if self.admit(&plan.request, &grant).await? {
+                        return Ok(Attempt::Done(self.granted(&snapshot, &plan, grant)));
+                    }
+                    // The refused lease keeps its id (released NOT_USED): take a new one.
+                    call.nonce = LeaseKey::new_nonce();
+                }
+                AcquireOutcome::Denied(denied) => {
+                    call.score = denied.queue_score;
+                    return Ok(Attempt::Denied(Box::new(plan), denied));
+                }
             }
+        }
+        Err(ServiceError::Unavailable {
+            message: format!(
+                "tenant '{}': token health kept changing during the decision; retry",
+                input.tenant_id
+            ),
+            retry_after: Duration::from_millis(50),
         })
     }
 
@@ -296,13 +318,18 @@ impl Leaser {
         };
         let upstream = snapshot.upstreams[&route.upstream_id].clone();
         check_cost(input.cost, tenant, snapshot.tenant_limit(tenant), &upstream)?;
+        // Route around open, quarantined and busy half-open tokens (`health.rs`).
+        let (dedicated, pooled) = match self.health.route_around(&tenant.id, route) {
+            Ok(usable) => usable,
+            Err(denial) => return Ok(Err(denial)),
+        };
         let tenant_limit = self.allocator.quota(snapshot, &tenant.id, &upstream.id);
         let remaining_wait = call
             .deadline
             .saturating_duration_since(tokio::time::Instant::now());
         let queue = QueueTicket {
             queue_id: match &tenant.pool_id {
-                Some(pool) if !route.pooled.is_empty() => pool.to_string(),
+                Some(pool) if !pooled.is_empty() => pool.to_string(),
                 _ => format!("tenant:{}", tenant.id),
             },
             priority_offset_ms: priority_offset(input.priority, upstream.window),
@@ -323,8 +350,8 @@ impl Leaser {
                 window: upstream.window,
                 lease_ttl: self.lease_ttl + self.use_grace,
                 cost: input.cost,
-                dedicated: route.dedicated.clone(),
-                pooled: route.pooled.clone(),
+                dedicated,
+                pooled,
                 count_demand: call.attempts == 0,
                 queue: Some(queue),
             },
@@ -359,12 +386,14 @@ impl Leaser {
         })
     }
 
-    /// Records how a lease went. Returns whether it had been released already.
+    /// Records how a lease went (`blocked_until_ms`: the upstream's block end, with
+    /// UPSTREAM_RATE_LIMITED). Returns whether it had been released already.
     pub async fn release(
         &self,
         caller: &Caller,
         lease_id: &str,
         outcome: ReleaseOutcome,
+        blocked_until_ms: Option<i64>,
     ) -> Result<bool, ServiceError> {
         if lease_id.is_empty() {
             return Err(InvalidField::new("lease_id", "is required").into());
@@ -377,7 +406,15 @@ impl Leaser {
         };
         let key = LeaseKey::parse(lease_id).ok_or_else(not_found)?;
         caller.require_tenant(&key.tenant_id)?;
-        match self.counters.release(&key, outcome).await? {
+        let result = self.counters.release(&key, outcome).await?;
+        if matches!(
+            result,
+            ReleaseResult::Released | ReleaseResult::AlreadyReleased
+        ) {
+            // Feeds the token's breaker and quarantine (`health.rs`).
+            self.record_outcome(&key, outcome, blocked_until_ms).await?;
+        }
+        match result {
             ReleaseResult::Released => Ok(false),
             ReleaseResult::AlreadyReleased => Ok(true),
             ReleaseResult::NotFound => Err(not_found()),

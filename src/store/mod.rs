@@ -1,4 +1,4 @@
-//! Storage. Two kinds, with different jobs:
+//! Storage, with different jobs:
 //!
 //! - **Configuration** (`sql.rs`): upstream profiles, tokens, pools, tiers, tenants and
 //!   API keys, in Postgres for replicas or in a SQLite file for the embedded mode. One
@@ -6,8 +6,10 @@
 //!   migrations in `migrations/` run on both), and one behaviour suite tests both.
 //! - **Lease counters** (`counters/`): the sliding windows and live leases, in Redis for
 //!   replicas or in process memory for the embedded mode.
+//! - **Event relay** (`event_relay.rs`): events between replicas over Redis pub/sub.
 
 pub mod counters;
+pub mod event_relay;
 mod sql;
 #[cfg(test)]
 mod sql_tests;

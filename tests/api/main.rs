@@ -3,6 +3,7 @@
 
 mod admin;
 mod auth;
+mod breaker;
 mod faults;
 mod fixtures;
 mod helpers;

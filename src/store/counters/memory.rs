@@ -207,7 +207,9 @@ fn lease_key(upstream: &Id, nonce: &str) -> String {
 #[derive(Clone)]
 pub struct MemoryCounters {
     state: Arc<Mutex<State>>,
-    clock: Clock,
+    pub(super) clock: Clock,
+    /// Token health (breaker, quarantine): see `breaker_memory.rs`.
+    pub(super) health: Arc<Mutex<super::breaker_memory::HealthBook>>,
 }
 
 impl MemoryCounters {
@@ -215,6 +217,7 @@ impl MemoryCounters {
         Self {
             state: Arc::default(),
             clock,
+            health: Arc::default(),
         }
     }
 

@@ -26,6 +26,16 @@ mod queue;
 mod redis_backend;
 mod scripts;
 
+// Token health (circuit breaker, quarantine): see `breaker.rs`.
+mod breaker;
+mod breaker_memory;
+mod breaker_redis;
+mod breaker_scripts;
+
+pub use breaker::{
+    Admission, Admitted, OutcomeReport, Recorded, StatusReport, TokenStatus, Transition,
+    TransitionCause,
+};
 pub use memory::MemoryCounters;
 pub use queue::{BUCKETS_PER_WINDOW, DemandCount, bucket_ms};
 pub use redis_backend::{RedisCounters, RedisSettings};

@@ -108,11 +108,14 @@ impl RedisCounters {
         })
     }
 
-    fn key(&self, upstream: &Id, kind: &str, id: &str) -> String {
+    pub(super) fn key(&self, upstream: &Id, kind: &str, id: &str) -> String {
         format!("{}:{{{upstream}}}:{kind}:{id}", self.prefix)
     }
 
-    async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Result<Value, CounterError> {
+    pub(super) async fn run(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<Value, CounterError> {
         async fn go(
             invocation: &redis::ScriptInvocation<'_>,
             conn: &mut impl ConnectionLike,

@@ -744,3 +744,7 @@ on_both_backends! {
         assert_eq!(counts, vec![super::DemandCount { asked: 3, unmet: 1 }, super::DemandCount::default()]);
     }
 }
+
+/// Token health: circuit breaker and quarantine (property 7).
+#[path = "tests/breaker.rs"]
+mod breaker;

@@ -1,0 +1,519 @@
+//! Token health in leasing: leases route around tokens whose circuit breaker is open,
+//! that the upstream quarantined, or that are half-open with their one probe lease
+//! out; releases feed the breaker; every state change becomes one event.
+//!
+//! # Two reads, one authoritative
+//! The store decides (`store/counters/breaker.rs`). Every grant is *admitted* by it
+//! after the counters granted it, in one small script: that is the correctness
+//! guarantee (a token quarantined by a release that returned before the grant is never
+//! handed out), and it costs one round trip per acquire.
+//!
+//! Besides, each replica keeps **hints**: tokens it knows to be unusable until some
+//! instant, learnt from refused admissions and from `TokenStateChanged` events (its own
+//! and, through the relay, every other replica's). `plan` drops hinted tokens before
+//! calling the counters, so a known-bad token costs nothing instead of a grant, a
+//! refusal and a give-back. A hint can only be wrong for a short while, and then
+//! only costs time: a stale "unusable" hint ends at its instant (a half-open one after
+//! `PROBE_HINT` at most, since a probe's release is not announced), a missing hint is
+//! caught by admission. When the event feed may have missed something (`Resync`, or
+//! this replica's bus lagging), all hints are forgotten.
+//!
+//! Hint instants are local `tokio::time::Instant`s, computed from durations on the
+//! store's clock (`until − now`), so replicas' wall clocks do not matter — except for
+//! hints from other replicas' events, which carry store instants only; there the local
+//! wall clock stands in for the store's, and skew makes a hint a little long or short.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
+
+use super::snapshot::{Route, Snapshot};
+use super::{AcquireAnswer, DenialReason, Leaser};
+use crate::clock::system_now_ms;
+use crate::domain::{BreakerPolicy, Id, TokenOwner, TokenState};
+use crate::error::ServiceError;
+use crate::events::{Event, EventBus, EventKind};
+use crate::store::counters::{
+    AcquireRequest, Admission, Counters, Grant, LeaseKey, OutcomeReport, ReleaseOutcome, Transition,
+};
+
+/// The longest a hint about a half-open token with a probe out is trusted: the probe
+/// may be released at any moment, on any replica, and that is not announced.
+pub const PROBE_HINT: Duration = Duration::from_secs(1);
+
+/// Block time assumed when the upstream profile is gone from the configuration (its
+/// tokens go with it, so this only covers a release racing a deletion): BaseLinker's.
+const FALLBACK_BLOCK: Duration = Duration::from_secs(600);
+
+/// A token this replica believes unusable until `usable_at`.
+#[derive(Debug, Clone, Copy)]
+struct Hint {
+    state: TokenState,
+    usable_at: Instant,
+}
+
+/// Breaker policy, event publishing and this replica's hints; cheap to clone.
+#[derive(Clone)]
+pub struct TokenHealth {
+    policy: BreakerPolicy,
+    events: EventBus,
+    hints: Arc<Mutex<HashMap<Id, Hint>>>,
+}
+
+impl TokenHealth {
+    pub fn new(policy: BreakerPolicy, events: EventBus) -> Self {
+        Self {
+            policy,
+            events,
+            hints: Arc::default(),
+        }
+    }
+
+    pub fn policy(&self) -> &BreakerPolicy {
+        &self.policy
+    }
+
+    pub fn events(&self) -> &EventBus {
+        &self.events
+    }
+
+    fn hints(&self) -> std::sync::MutexGuard<'_, HashMap<Id, Hint>> {
+        // Each update is a single insert or remove: a poisoned map is still consistent.
+        self.hints
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The route's tokens minus those known to be unusable now, or — when none is
+    /// left — the NO_USABLE_TOKEN denial, with a retry-after at the earliest instant
+    /// one of them may be usable again.
+    pub(super) fn route_around(
+        &self,
+        tenant: &Id,
+        route: &Route,
+    ) -> Result<(Vec<Id>, Vec<Id>), AcquireAnswer> {
+        let now = Instant::now();
+        let mut hints = self.hints();
+        hints.retain(|_, hint| hint.usable_at > now);
+        let usable = |tokens: &[Id]| -> Vec<Id> {
+            tokens
+                .iter()
+                .filter(|t| !hints.contains_key(*t))
+                .cloned()
+                .collect()
+        };
+        let (dedicated, pooled) = (usable(&route.dedicated), usable(&route.pooled));
+        if !dedicated.is_empty() || !pooled.is_empty() {
+            return Ok((dedicated, pooled));
+        }
+        let blocked: Vec<(&Id, Hint)> = route
+            .dedicated
+            .iter()
+            .chain(&route.pooled)
+            .filter_map(|t| hints.get(t).map(|hint| (t, *hint)))
+            .collect();
+        let retry_after = blocked
+            .iter()
+            .map(|(_, hint)| hint.usable_at - now)
+            .min()
+            .unwrap_or(PROBE_HINT);
+        let reasons: Vec<String> = blocked
+            .iter()
+            .map(|(token, hint)| {
+                let why = match hint.state {
+                    TokenState::Quarantined => "is quarantined after an upstream rate-limit answer",
+                    TokenState::BreakerOpen => "has its circuit breaker open after upstream errors",
+                    TokenState::BreakerHalfOpen => "is half-open with its one probe lease out",
+                    TokenState::Active | TokenState::Disabled => "is not usable",
+                };
+                let wait = (hint.usable_at - now).as_secs_f64();
+                format!("'{token}' {why} (may be usable in {wait:.1}s)")
+            })
+            .collect();
+        Err(AcquireAnswer::Denied {
+            reason: DenialReason::NoUsableToken,
+            retry_after: Some(retry_after),
+            message: format!(
+                "tenant '{tenant}' has no usable token on upstream '{}' now: {}",
+                route.upstream_id,
+                reasons.join("; ")
+            ),
+        })
+    }
+
+    /// After the counters granted `grant` for `request`: asks the store whether the
+    /// token may be used (claiming the probe slot of a half-open token). `Ok(false)`
+    /// means no: the lease was given back (NOT_USED), a hint now keeps the token out,
+    /// and the caller should plan again.
+    pub(super) async fn admit(
+        &self,
+        counters: &Counters,
+        request: &AcquireRequest,
+        grant: &Grant,
+    ) -> Result<bool, ServiceError> {
+        let admitted = counters
+            .admit_grant(
+                &request.upstream_id,
+                &grant.token_id,
+                &request.nonce,
+                grant.expires_at_ms,
+            )
+            .await?;
+        self.publish(&admitted.transitions, admitted.now_ms);
+        let (state, until_ms) = match admitted.admission {
+            Admission::Leasable => return Ok(true),
+            Admission::Probe => {
+                tracing::info!(token_id = %grant.token_id, tenant_id = %request.tenant_id, "probe lease granted on a half-open token");
+                // Its probe is out: spare this replica's next acquires the refusal.
+                let for_ms = grant.expires_at_ms - admitted.now_ms;
+                self.remember(&grant.token_id, TokenState::BreakerHalfOpen, for_ms);
+                return Ok(true);
+            }
+            Admission::Refused { state, until_ms } => (state, until_ms),
+        };
+        self.remember(&grant.token_id, state, until_ms - admitted.now_ms);
+        let key = LeaseKey {
+            upstream_id: request.upstream_id.clone(),
+            tenant_id: request.tenant_id.clone(),
+            token_id: grant.token_id.clone(),
+            nonce: request.nonce.clone(),
+        };
+        counters.release(&key, ReleaseOutcome::NotUsed).await?;
+        Ok(false)
+    }
+
+    /// Feeds a released lease's outcome to its token's breaker and quarantine. Called
+    /// for first and repeated releases alike (the store applies each lease once), so a
+    /// worker that retries a release whose reply it lost still gets its report counted.
+    pub(super) async fn record(
+        &self,
+        counters: &Counters,
+        snapshot: &Snapshot,
+        key: &LeaseKey,
+        outcome: ReleaseOutcome,
+        blocked_until_ms: Option<i64>,
+        lease_ttl: Duration,
+    ) -> Result<(), ServiceError> {
+        let block_duration = snapshot
+            .upstreams
+            .get(&key.upstream_id)
+            .map_or(FALLBACK_BLOCK, |u| u.block_duration);
+        let report = OutcomeReport {
+            key: key.clone(),
+            outcome,
+            blocked_until_ms,
+            block_duration,
+            lease_ttl,
+            policy: self.policy,
+        };
+        let recorded = counters.record_outcome(&report).await?;
+        if recorded.applied {
+            // If this was the probe of a half-open token, its slot is free again.
+            self.forget_half_open(&key.token_id);
+        }
+        self.publish(&recorded.transitions, recorded.now_ms);
+        Ok(())
+    }
+
+    /// Publishes transitions the store reported (each exactly once, by the caller that
+    /// observed it) and updates this replica's hints at once, without waiting for the
+    /// event to come round.
+    fn publish(&self, transitions: &[Transition], store_now_ms: i64) {
+        for t in transitions {
+            tracing::info!(
+                token_id = %t.token_id,
+                previous = ?t.previous,
+                new = ?t.new,
+                until_ms = t.until_ms,
+                "token state changed"
+            );
+            self.learn(t.token_id.as_str(), t.new, t.until_ms, store_now_ms);
+            self.events.publish_at(
+                t.at_ms,
+                EventKind::TokenStateChanged {
+                    token_id: t.token_id.to_string(),
+                    previous: t.previous,
+                    new: t.new,
+                    until_ms: t.until_ms,
+                    cause: t.cause.describe(&self.policy),
+                },
+            );
+        }
+    }
+
+    /// Remembers that `token` is unusable in `state` for `for_ms` more milliseconds.
+    fn remember(&self, token: &Id, state: TokenState, for_ms: i64) {
+        let mut span = Duration::from_millis(for_ms.max(0) as u64);
+        if state == TokenState::BreakerHalfOpen {
+            span = span.min(PROBE_HINT);
+        }
+        let usable_at = Instant::now() + span;
+        let mut hints = self.hints();
+        let hint = hints
+            .entry(token.clone())
+            .or_insert(Hint { state, usable_at });
+        if usable_at >= hint.usable_at {
+            *hint = Hint { state, usable_at };
+        }
+    }
+
+    fn forget_half_open(&self, token: &Id) {
+        let mut hints = self.hints();
+        if hints
+            .get(token)
+            .is_some_and(|h| h.state == TokenState::BreakerHalfOpen)
+        {
+            hints.remove(token);
+        }
+    }
+
+    /// Updates hints from a token's new state; `until_ms` and `now_ms` on one clock.
+    fn learn(&self, token: &str, new: TokenState, until_ms: Option<i64>, now_ms: i64) {
+        let Ok(token) = Id::parse("token_id", token) else {
+            return;
+        };
+        match (new, until_ms) {
+            (TokenState::BreakerOpen | TokenState::Quarantined, Some(until)) => {
+                self.remember(&token, new, until - now_ms)
+            }
+            // Usable again, or half-open (try it: admission arbitrates the probe).
+            (TokenState::Active | TokenState::BreakerHalfOpen, _) => {
+                self.hints().remove(&token);
+            }
+            // Disabled tokens leave the routes with the configuration.
+            _ => {}
+        }
+    }
+
+    /// Keeps hints in step with `TokenStateChanged` events from every replica and
+    /// forgets them all when events may have been missed, until `shutdown` fires.
+    pub fn spawn_follower(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut events = self.events.subscribe();
+        let health = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    event = events.recv() => event,
+                    _ = shutdown.changed() => return,
+                };
+                match event {
+                    Ok(event) => health.follow(&event),
+                    Err(broadcast::error::RecvError::Lagged(_)) => health.hints().clear(),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+
+    fn follow(&self, event: &Event) {
+        match &event.kind {
+            // Own events were learnt when published (with the store's exact clock).
+            EventKind::TokenStateChanged { .. } if event.replica_id == self.events.replica_id() => {
+            }
+            EventKind::TokenStateChanged {
+                token_id,
+                new,
+                until_ms,
+                ..
+            } => self.learn(token_id, *new, *until_ms, system_now_ms()),
+            EventKind::Resync { .. } => self.hints().clear(),
+            EventKind::ConfigChanged { .. } | EventKind::QuotaChanged { .. } => {}
+        }
+    }
+}
+
+/// The two calls `Leaser::acquire` and `Leaser::release` make.
+impl Leaser {
+    /// See `TokenHealth::admit`.
+    pub(super) async fn admit(
+        &self,
+        request: &AcquireRequest,
+        grant: &Grant,
+    ) -> Result<bool, ServiceError> {
+        self.health.admit(&self.counters, request, grant).await
+    }
+
+    /// See `TokenHealth::record`.
+    pub(super) async fn record_outcome(
+        &self,
+        key: &LeaseKey,
+        outcome: ReleaseOutcome,
+        blocked_until_ms: Option<i64>,
+    ) -> Result<(), ServiceError> {
+        let snapshot = self.config.current();
+        let ttl = self.lease_ttl;
+        (self.health)
+            .record(
+                &self.counters,
+                &snapshot,
+                key,
+                outcome,
+                blocked_until_ms,
+                ttl,
+            )
+            .await
+    }
+}
+
+/// Tells watchers an admin disabled or re-enabled a token.
+pub fn publish_admin_toggle(events: &EventBus, token_id: &Id, disabled: bool) {
+    let (previous, new, cause) = if disabled {
+        (
+            TokenState::Active,
+            TokenState::Disabled,
+            "disabled by an admin",
+        )
+    } else {
+        (
+            TokenState::Disabled,
+            TokenState::Active,
+            "enabled by an admin",
+        )
+    };
+    events.publish(EventKind::TokenStateChanged {
+        token_id: token_id.to_string(),
+        previous,
+        new,
+        until_ms: None,
+        cause: cause.into(),
+    });
+}
+
+/// The tenants that may lease `token_id` (its dedicated owner, or its pool's tenants):
+/// the tenants a token's events are about, for watchers' scopes and tenant filters.
+pub fn tenants_reaching(snapshot: &Snapshot, token_id: &str) -> Vec<Id> {
+    let Some(token) = Id::parse("token_id", token_id)
+        .ok()
+        .and_then(|id| snapshot.tokens.get(&id))
+    else {
+        return vec![];
+    };
+    match &token.record.owner {
+        TokenOwner::Dedicated(owner) => vec![owner.clone()],
+        TokenOwner::Pool(pool) => snapshot
+            .tenants
+            .values()
+            .filter(|t| t.pool_id.as_ref() == Some(pool))
+            .map(|t| t.id.clone())
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(value: &str) -> Id {
+        Id::parse("test", value).unwrap()
+    }
+
+    fn route(dedicated: &[&str], pooled: &[&str]) -> Route {
+        Route {
+            upstream_id: id("up"),
+            dedicated: dedicated.iter().map(|t| id(t)).collect(),
+            pooled: pooled.iter().map(|t| id(t)).collect(),
+        }
+    }
+
+    fn health() -> TokenHealth {
+        TokenHealth::new(BreakerPolicy::default(), EventBus::new("me"))
+    }
+
+    fn remote(kind: EventKind) -> Event {
+        Event {
+            occurred_at_ms: system_now_ms(),
+            replica_id: "other".into(),
+            kind,
+        }
+    }
+
+    fn changed(token: &str, new: TokenState, until_ms: Option<i64>) -> EventKind {
+        EventKind::TokenStateChanged {
+            token_id: token.into(),
+            previous: TokenState::Active,
+            new,
+            until_ms,
+            cause: String::new(),
+        }
+    }
+
+    /// Property 7: hinted tokens are left out of the route until their instant; when
+    /// all are out, NO_USABLE_TOKEN with the earliest instant and a reason per token.
+    #[tokio::test]
+    async fn routes_around_hinted_tokens_until_they_come_back() {
+        let h = health();
+        let r = route(&["d-1"], &["p-1", "p-2"]);
+        h.remember(&id("p-1"), TokenState::Quarantined, 300);
+        assert_eq!(
+            h.route_around(&id("acme"), &r).ok().unwrap(),
+            (vec![id("d-1")], vec![id("p-2")])
+        );
+        h.remember(&id("d-1"), TokenState::BreakerOpen, 30_000);
+        h.remember(&id("p-2"), TokenState::BreakerHalfOpen, 60_000);
+        let Err(AcquireAnswer::Denied {
+            reason,
+            retry_after,
+            message,
+        }) = h.route_around(&id("acme"), &r)
+        else {
+            panic!("all tokens are hinted")
+        };
+        assert_eq!(reason, DenialReason::NoUsableToken);
+        let retry_after = retry_after.unwrap();
+        assert!(
+            retry_after <= Duration::from_millis(300) && retry_after > Duration::from_millis(200),
+            "the earliest comes back first: {retry_after:?}"
+        );
+        for part in [
+            "tenant 'acme'",
+            "on upstream 'up'",
+            "'p-1' is quarantined",
+            "'d-1' has its circuit breaker open",
+            "'p-2' is half-open",
+            "(may be usable in 1.0s)",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(
+            h.route_around(&id("acme"), &r).ok().unwrap(),
+            (vec![], vec![id("p-1")])
+        );
+    }
+
+    /// Property 8: other replicas' TokenStateChanged events add and drop hints; a
+    /// Resync forgets them all; this replica's own events are not learnt twice.
+    #[tokio::test]
+    async fn hints_follow_other_replicas_events() {
+        let h = health();
+        let r = route(&[], &["p-1", "p-2"]);
+        let until = system_now_ms() + 60_000;
+        h.follow(&remote(changed(
+            "p-1",
+            TokenState::Quarantined,
+            Some(until),
+        )));
+        assert_eq!(
+            h.route_around(&id("a"), &r).ok().unwrap().1,
+            vec![id("p-2")]
+        );
+        h.follow(&remote(changed("p-1", TokenState::Active, None)));
+        assert_eq!(h.route_around(&id("a"), &r).ok().unwrap().1.len(), 2);
+        h.follow(&remote(changed(
+            "p-2",
+            TokenState::BreakerOpen,
+            Some(until),
+        )));
+        h.follow(&remote(EventKind::Resync { missed: 3 }));
+        assert_eq!(h.route_around(&id("a"), &r).ok().unwrap().1.len(), 2);
+        let own = Event {
+            replica_id: "me".into(),
+            ..remote(changed("p-1", TokenState::BreakerOpen, Some(until)))
+        };
+        h.follow(&own);
+        assert_eq!(h.route_around(&id("a"), &r).ok().unwrap().1.len(), 2);
+    }
+}

@@ -1,0 +1,147 @@
+//! Token health in Redis: invokes `breaker_scripts.rs` and decodes the replies. The
+//! failure policy is the counters' (`redis_backend.rs`): bounded calls, errors become
+//! `CounterError::Unavailable`, and callers fail closed.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+use super::CounterError;
+use super::breaker::{
+    Admission, Admitted, OutcomeReport, Recorded, StatusReport, TokenStatus, parse_transitions,
+};
+use super::breaker_scripts;
+use super::redis_backend::RedisCounters;
+use crate::domain::{Id, QUARANTINE_MAX, QUARANTINE_MIN, TokenState};
+
+// Built once: `Script::new` hashes the source, and the scripts never change.
+static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(breaker_scripts::ADMIT));
+static RECORD: LazyLock<Script> = LazyLock::new(|| Script::new(breaker_scripts::RECORD));
+static STATUS: LazyLock<Script> = LazyLock::new(|| Script::new(breaker_scripts::STATUS));
+
+fn bad_reply(what: &str, reply: &[i64]) -> CounterError {
+    CounterError::Internal(format!("unexpected {what} reply {reply:?}"))
+}
+
+impl RedisCounters {
+    fn health_key(&self, upstream: &Id, token: &Id) -> String {
+        self.key(upstream, "health", token.as_str())
+    }
+
+    async fn run_ints(
+        &self,
+        what: &str,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<Vec<i64>, CounterError> {
+        redis::from_redis_value(self.run(invocation).await?)
+            .map_err(|e| CounterError::Internal(format!("unexpected {what} reply: {e}")))
+    }
+
+    pub(super) async fn admit_grant(
+        &self,
+        upstream: &Id,
+        token: &Id,
+        nonce: &str,
+        lease_expires_ms: i64,
+    ) -> Result<Admitted, CounterError> {
+        let mut inv = ADMIT.prepare_invoke();
+        inv.key(self.health_key(upstream, token))
+            .arg(nonce)
+            .arg(lease_expires_ms);
+        let reply = self.run_ints("admit", inv).await?;
+        let bad = || bad_reply("admit", &reply);
+        let [now, verdict, state, until, ref rest @ ..] = reply[..] else {
+            return Err(bad());
+        };
+        let admission = match verdict {
+            1 => Admission::Leasable,
+            2 => Admission::Probe,
+            0 => Admission::Refused {
+                state: TokenState::from_code(state).ok_or_else(bad)?,
+                until_ms: until,
+            },
+            _ => return Err(bad()),
+        };
+        Ok(Admitted {
+            admission,
+            now_ms: now,
+            transitions: parse_transitions(rest, &[token]).ok_or_else(bad)?,
+        })
+    }
+
+    pub(super) async fn record_outcome(
+        &self,
+        report: &OutcomeReport,
+    ) -> Result<Recorded, CounterError> {
+        let key = &report.key;
+        let policy = &report.policy;
+        let mut inv = RECORD.prepare_invoke();
+        inv.key(self.health_key(&key.upstream_id, &key.token_id))
+            .key(self.key(&key.upstream_id, "health-done", &key.nonce))
+            .arg(&key.nonce)
+            .arg(report.outcome.as_str())
+            .arg(policy.failures_to_open)
+            .arg(policy.open_for.as_millis() as u64)
+            .arg(policy.successes_to_close)
+            .arg(
+                report
+                    .blocked_until_ms
+                    .map(|ms| ms.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(report.block_duration.as_millis() as u64)
+            .arg(QUARANTINE_MIN.as_millis() as u64)
+            .arg(QUARANTINE_MAX.as_millis() as u64)
+            .arg(report.lease_ttl.as_millis() as u64 + 1_000);
+        let reply = self.run_ints("record", inv).await?;
+        let bad = || bad_reply("record", &reply);
+        let [now, applied, ref rest @ ..] = reply[..] else {
+            return Err(bad());
+        };
+        Ok(Recorded {
+            now_ms: now,
+            applied: applied == 1,
+            transitions: parse_transitions(rest, &[&key.token_id]).ok_or_else(bad)?,
+        })
+    }
+
+    pub(super) async fn token_status(
+        &self,
+        upstream: &Id,
+        tokens: &[Id],
+    ) -> Result<StatusReport, CounterError> {
+        let mut inv = STATUS.prepare_invoke();
+        for token in tokens {
+            inv.key(self.health_key(upstream, token));
+        }
+        let reply = self.run_ints("status", inv).await?;
+        let bad = || bad_reply("status", &reply);
+        let [now, n, ref rest @ ..] = reply[..] else {
+            return Err(bad());
+        };
+        if n as usize != tokens.len() || rest.len() < 4 * tokens.len() {
+            return Err(bad());
+        }
+        let (states, flat) = rest.split_at(4 * tokens.len());
+        let statuses = tokens
+            .iter()
+            .zip(states.chunks(4))
+            .map(|(token, s)| {
+                Some(TokenStatus {
+                    token_id: token.clone(),
+                    state: TokenState::from_code(s[0])?,
+                    breaker: TokenState::from_code(s[1])?,
+                    until_ms: (s[2] > 0).then_some(s[2]),
+                    consecutive_failures: s[3] as u32,
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(bad)?;
+        let refs: Vec<&Id> = tokens.iter().collect();
+        Ok(StatusReport {
+            now_ms: now,
+            tokens: statuses,
+            transitions: parse_transitions(flat, &refs).ok_or_else(bad)?,
+        })
+    }
+}

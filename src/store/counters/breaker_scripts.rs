@@ -1,0 +1,223 @@
+//! The Lua scripts of token health (breaker and quarantine) in Redis, as documented
+//! constants. The state machine is the one in `breaker.rs` (`HealthRecord`), step by
+//! step; read that first.
+//!
+//! Why Lua (see also `scripts.rs`): every operation reads the record, settles the
+//! transitions time made due, decides, and writes — branching on what it read. As one
+//! script it is atomic across replicas, so exactly one caller sees each transition.
+//! Time is Redis `TIME`, like the windows.
+//!
+//! One hash per token, `<prefix>:{<upstream>}:health:<token>` (the upstream's hash tag,
+//! like the windows, so it runs on Redis Cluster). Fields, all optional (an absent
+//! hash is a closed breaker, no quarantine):
+//! - `b` breaker: 1 closed, 2 open, 3 half-open (the `TokenState` codes)
+//! - `f` consecutive failures while closed; `ou` open until (ms)
+//! - `pn` / `pe` the half-open probe lease's nonce / expiry (ms); `ps` probe successes
+//! - `qu` quarantine until (ms), 0 = none
+//!
+//! A record back to "closed, no failures, no quarantine" is deleted. Others expire a
+//! day after their last pending instant, so a token deleted from the configuration
+//! leaves nothing behind; a breaker forgotten that way is simply closed again.
+//!
+//! Transitions are returned flat, six integers each: `token_index (1-based), at,
+//! previous state, new state, until (0 = none), cause` (`C_*` below, as
+//! `TransitionCause` in `breaker.rs`).
+
+/// Shared by every script: the clock, the codes, load / settle / save.
+macro_rules! prelude {
+    () => {
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ACTIVE, OPEN, HALF_OPEN, QUARANTINED = 1, 2, 3, 4
+local C_ERRORS, C_OPEN_ELAPSED, C_PROBES_OK, C_PROBE_FAILED, C_RATE_LIMITED, C_QUARANTINE_OVER = 1, 2, 3, 4, 5, 6
+local KEEP_MS = 86400000
+
+local transitions = {}
+local function emit(index, at, previous, new, untl, cause)
+  for _, v in ipairs({index, at, previous, new, untl, cause}) do
+    transitions[#transitions + 1] = v
+  end
+end
+
+local function load(key)
+  local v = redis.call('HMGET', key, 'b', 'f', 'ou', 'pn', 'pe', 'ps', 'qu')
+  return {
+    b = tonumber(v[1]) or ACTIVE, f = tonumber(v[2]) or 0, ou = tonumber(v[3]) or 0,
+    pn = v[4] or '', pe = tonumber(v[5]) or 0, ps = tonumber(v[6]) or 0,
+    qu = tonumber(v[7]) or 0,
+  }
+end
+
+local function save(key, s)
+  if s.b == ACTIVE and s.f == 0 and s.qu == 0 then
+    redis.call('DEL', key)
+    return
+  end
+  redis.call('HSET', key, 'b', s.b, 'f', s.f, 'ou', s.ou, 'pn', s.pn, 'pe', s.pe,
+    'ps', s.ps, 'qu', s.qu)
+  redis.call('PEXPIRE', key, KEEP_MS + math.max(0, s.qu - now, s.ou - now))
+end
+
+local function end_quarantine(index, s)
+  local untl = 0
+  if s.b == OPEN then untl = s.ou end
+  emit(index, s.qu, QUARANTINED, s.b, untl, C_QUARANTINE_OVER)
+  s.qu = 0
+end
+
+-- Applies the transitions time made due by now, in the order they happened; returns
+-- whether the record changed.
+local function settle(index, s)
+  local open_due = s.b == OPEN and s.ou <= now
+  local q_due = s.qu > 0 and s.qu <= now
+  local q_first = q_due and ((not open_due) or s.qu < s.ou)
+  local changed = open_due or q_due
+  if q_first then end_quarantine(index, s) end
+  if open_due then
+    emit(index, s.ou, OPEN, HALF_OPEN, 0, C_OPEN_ELAPSED)
+    s.b, s.ou, s.pn, s.pe, s.ps = HALF_OPEN, 0, '', 0, 0
+  end
+  if q_due and not q_first then end_quarantine(index, s) end
+  -- A probe lease that expired unreleased frees the probe slot (a lease may be
+  -- released up to and including its expiry instant).
+  if s.pn ~= '' and s.pe < now then
+    s.pn, s.pe = '', 0
+    changed = true
+  end
+  return changed
+end
+
+local function reply(head)
+  for _, v in ipairs(transitions) do head[#head + 1] = v end
+  return head
+end
+"#
+    };
+}
+
+/// Decides whether a lease the counters just granted may be handed out, claiming the
+/// probe slot of a half-open token.
+///
+/// - `KEYS[1]` the token's health hash
+/// - `ARGV[1]` the lease nonce, `ARGV[2]` the lease's expiry (ms)
+///
+/// Returns `{now, verdict, state, until, transitions…}`: verdict 1 leasable, 2 leasable
+/// as the probe, 0 refused (then `state` says why — 4 quarantined, 2 open, 3 half-open
+/// with a probe out — and `until` when that may end).
+pub const ADMIT: &str = concat!(
+    prelude!(),
+    r#"
+local s = load(KEYS[1])
+local dirty = settle(1, s)
+local verdict, state, untl = 1, ACTIVE, 0
+if s.qu > now then
+  verdict, state, untl = 0, QUARANTINED, s.qu
+  if s.b == OPEN and s.ou > untl then untl = s.ou end
+elseif s.b == OPEN then
+  verdict, state, untl = 0, OPEN, s.ou
+elseif s.b == HALF_OPEN then
+  if s.pn ~= '' and s.pn ~= ARGV[1] then
+    verdict, state, untl = 0, HALF_OPEN, s.pe + 1
+  else
+    s.pn, s.pe = ARGV[1], tonumber(ARGV[2])
+    verdict, state, dirty = 2, HALF_OPEN, true
+  end
+end
+if dirty then save(KEYS[1], s) end
+return reply({now, verdict, state, untl})
+"#
+);
+
+/// Applies a released lease's outcome.
+///
+/// - `KEYS[1]` the token's health hash, `KEYS[2]` the lease's once-only marker
+///   (`<prefix>:{<upstream>}:health-done:<nonce>`)
+/// - `ARGV[1]` nonce, `ARGV[2]` outcome (`ReleaseOutcome::as_str`), `ARGV[3]` failures
+///   to open, `ARGV[4]` open ms, `ARGV[5]` successes to close, `ARGV[6]` the reported
+///   blocked-until ms or '' when absent, `ARGV[7]` the profile's block ms, `ARGV[8]` /
+///   `ARGV[9]` the shortest / longest quarantine ms, `ARGV[10]` how long to keep the
+///   marker (ms: beyond the lease's life, so a repeated release finds it)
+///
+/// An outcome that changes nothing (a success on a healthy token) writes nothing, not
+/// even the marker. Returns `{now, applied (0/1), transitions…}`.
+pub const RECORD: &str = concat!(
+    prelude!(),
+    r#"
+local s = load(KEYS[1])
+local dirty = settle(1, s)
+local nonce, outcome = ARGV[1], ARGV[2]
+local is_probe = s.b == HALF_OPEN and s.pn == nonce
+local relevant = outcome == 'upstream_rate_limited' or is_probe
+  or (s.b == ACTIVE and (outcome == 'upstream_error' or (outcome == 'success' and s.f > 0)))
+local applied = 0
+if relevant and redis.call('SET', KEYS[2], '1', 'NX', 'PX', tonumber(ARGV[10])) then
+  applied, dirty = 1, true
+  local open_until = now + tonumber(ARGV[4])
+  if is_probe then s.pn, s.pe = '', 0 end
+  if outcome == 'upstream_rate_limited' then
+    local q = now + tonumber(ARGV[7])
+    if ARGV[6] ~= '' then q = tonumber(ARGV[6]) end
+    q = math.min(math.max(q, now + tonumber(ARGV[8])), now + tonumber(ARGV[9]))
+    if s.qu == 0 then
+      emit(1, now, s.b, QUARANTINED, q, C_RATE_LIMITED)
+      s.qu = q
+    elseif q > s.qu then
+      s.qu = q
+    end
+  elseif outcome == 'success' then
+    if s.b == ACTIVE then
+      s.f = 0
+    elseif is_probe then
+      s.ps = s.ps + 1
+      if s.ps >= tonumber(ARGV[5]) then
+        s.b, s.f, s.ps = ACTIVE, 0, 0
+        emit(1, now, HALF_OPEN, ACTIVE, 0, C_PROBES_OK)
+      end
+    end
+  elseif outcome == 'upstream_error' then
+    if s.b == ACTIVE then
+      s.f = s.f + 1
+      if s.f >= tonumber(ARGV[3]) then
+        s.b, s.f, s.ou = OPEN, 0, open_until
+        emit(1, now, ACTIVE, OPEN, open_until, C_ERRORS)
+      end
+    elseif is_probe then
+      s.b, s.ou, s.ps = OPEN, open_until, 0
+      emit(1, now, HALF_OPEN, OPEN, open_until, C_PROBE_FAILED)
+    end
+  end
+end
+if dirty then save(KEYS[1], s) end
+return reply({now, applied})
+"#
+);
+
+/// Reads the health of several tokens (settling what became due).
+///
+/// - `KEYS[..]` the tokens' health hashes; no ARGV.
+///
+/// Returns `{now, n, then n × (state, breaker, until (0 = none), consecutive failures),
+/// transitions…}` where state is 4 while quarantined, else the breaker's.
+pub const STATUS: &str = concat!(
+    prelude!(),
+    r#"
+local out = {now, #KEYS}
+for i = 1, #KEYS do
+  local s = load(KEYS[i])
+  if settle(i, s) then save(KEYS[i], s) end
+  local state, untl, failures = s.b, 0, 0
+  if s.b == OPEN then untl = s.ou end
+  if s.b == ACTIVE then failures = s.f end
+  if s.qu > 0 then
+    state = QUARANTINED
+    untl = math.max(s.qu, untl)
+  end
+  out[#out + 1] = state
+  out[#out + 1] = s.b
+  out[#out + 1] = untl
+  out[#out + 1] = failures
+end
+return reply(out)
+"#
+);

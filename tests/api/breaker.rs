@@ -1,0 +1,563 @@
+//! Token health end to end (properties 7 and 8): leases route around open and
+//! quarantined tokens, NO_USABLE_TOKEN says when to come back, a quarantine set on one
+//! replica holds on every other, and watchers on every replica see each token state
+//! change exactly once (and a Resync when they may have missed some).
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokenlease::domain::{BreakerPolicy, Id};
+use tokenlease::events::{Change, Event, EventKind, Resource};
+use tokenlease::grpc::pb::lease_service_client::LeaseServiceClient;
+use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
+use tokenlease::store::counters::{LeaseKey, OutcomeReport, ReleaseOutcome};
+use tokenlease::store::event_relay::RelaySettings;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+use super::faults::{ThrowawayRedis, free_port};
+use super::fixtures::{PoolSetup, create_tenant};
+use super::helpers::{Counters, Db, TestApp, TestEnv, authed};
+
+macro_rules! for_each_backend {
+    ($($name:ident),* $(,)?) => {
+        mod memory { $( #[tokio::test] async fn $name() { super::$name(super::Db::Sqlite, super::Counters::Memory).await } )* }
+        mod redis { $( #[tokio::test] async fn $name() { super::$name(super::Db::Postgres, super::Counters::Redis).await } )* }
+    };
+}
+
+for_each_backend!(
+    leases_route_around_an_open_breaker,
+    no_usable_token_says_when_the_first_comes_back,
+    quarantine_holds_until_blocked_until,
+);
+
+/// The breaker's open time in these tests.
+const OPEN_MS: u64 = 600;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn ms(d: &prost_types::Duration) -> i64 {
+    d.seconds * 1000 + d.nanos as i64 / 1_000_000
+}
+
+fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+/// A replica of `env` whose breakers open for `OPEN_MS`.
+async fn spawn(env: &TestEnv) -> TestApp {
+    let mut settings = env.settings();
+    settings.breaker.open_ms = OPEN_MS;
+    env.spawn_with(settings).await
+}
+
+/// A pool of `tokens` tokens and tenant "acme" in it, created through `app`.
+async fn configure(app: &TestApp, tokens: usize) {
+    let mut admin = app.admin().await;
+    let pool = PoolSetup {
+        tokens,
+        ..Default::default()
+    };
+    pool.create(&mut admin, &app.admin_key).await;
+    create_tenant(&mut admin, &app.admin_key, "acme", "flex").await;
+}
+
+async fn acquire(app: &TestApp) -> Answer {
+    let req = pb::AcquireLeaseRequest {
+        tenant_id: "acme".into(),
+        ..Default::default()
+    };
+    app.lease()
+        .await
+        .acquire_lease(authed(req, &app.admin_key))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap()
+}
+
+/// A lease on `token`: leases on other tokens are kept (unreleased), so the least-used
+/// choice moves on to `token`.
+async fn lease_on(app: &TestApp, token: &str) -> pb::Lease {
+    for _ in 0..20 {
+        match acquire(app).await {
+            Answer::Lease(lease) if lease.token_id == token => return lease,
+            Answer::Lease(_) => continue,
+            Answer::Denial(d) => panic!("wanted a lease on {token}, denied: {}", d.message),
+        }
+    }
+    panic!("no lease on {token} in 20 tries")
+}
+
+async fn release(
+    app: &TestApp,
+    lease: &pb::Lease,
+    outcome: pb::ReleaseOutcome,
+    blocked_until: Option<i64>,
+) {
+    let req = pb::ReleaseLeaseRequest {
+        lease_id: lease.lease_id.clone(),
+        outcome: outcome as i32,
+        blocked_until: blocked_until.map(timestamp),
+        ..Default::default()
+    };
+    app.lease()
+        .await
+        .release_lease(authed(req, &app.admin_key))
+        .await
+        .unwrap();
+}
+
+/// Opens `token`'s breaker: 5 leases on it released UPSTREAM_ERROR.
+async fn open_breaker(app: &TestApp, token: &str) {
+    for _ in 0..5 {
+        let lease = lease_on(app, token).await;
+        release(app, &lease, pb::ReleaseOutcome::UpstreamError, None).await;
+    }
+}
+
+fn expect_denial(answer: Answer) -> pb::Denial {
+    match answer {
+        Answer::Denial(denial) => denial,
+        Answer::Lease(lease) => panic!("expected a denial, got a lease on {}", lease.token_id),
+    }
+}
+
+/// Property 7: with tok-0's breaker open, every lease goes to tok-1.
+async fn leases_route_around_an_open_breaker(db: Db, counters: Counters) {
+    let env = TestEnv::new(db, counters).await;
+    let app = env.spawn().await;
+    configure(&app, 2).await;
+    open_breaker(&app, "tok-0").await;
+    for i in 0..30 {
+        let Answer::Lease(lease) = acquire(&app).await else {
+            panic!("lease {i} denied")
+        };
+        assert_eq!(lease.token_id, "tok-1", "lease {i} went to an open token");
+        release(&app, &lease, pb::ReleaseOutcome::Success, None).await;
+    }
+}
+
+/// Property 7: with tok-0 quarantined for 20 s and tok-1's breaker open for 30 s, a
+/// lease is denied NO_USABLE_TOKEN, retry-after ≈ 20 s (the earlier of the two),
+/// and the message says why for each token.
+async fn no_usable_token_says_when_the_first_comes_back(db: Db, counters: Counters) {
+    let env = TestEnv::new(db, counters).await;
+    let app = env.spawn().await; // default breaker: open for 30 s
+    configure(&app, 2).await;
+    open_breaker(&app, "tok-1").await;
+    let quarantined_until = now_ms() + 20_000;
+    let lease = lease_on(&app, "tok-0").await;
+    release(
+        &app,
+        &lease,
+        pb::ReleaseOutcome::UpstreamRateLimited,
+        Some(quarantined_until),
+    )
+    .await;
+    for _ in 0..3 {
+        let denial = expect_denial(acquire(&app).await);
+        assert_eq!(
+            denial.reason,
+            pb::DenialReason::NoUsableToken as i32,
+            "{}",
+            denial.message
+        );
+        let back_at = now_ms() + ms(&denial.retry_after.unwrap());
+        assert!(
+            (back_at - quarantined_until).abs() <= 500,
+            "retry-after points at {back_at}, tok-0's quarantine ends at {quarantined_until}"
+        );
+        for part in [
+            "acme",
+            "'tok-0' is quarantined",
+            "'tok-1' has its circuit breaker open",
+        ] {
+            assert!(denial.message.contains(part), "{part}: {}", denial.message);
+        }
+    }
+}
+
+/// Property 7: UPSTREAM_RATE_LIMITED with `blocked_until` = now + 1.5 s keeps the
+/// token out (NO_USABLE_TOKEN pointing at that instant) until then; then it is leased.
+async fn quarantine_holds_until_blocked_until(db: Db, counters: Counters) {
+    let env = TestEnv::new(db, counters).await;
+    let app = env.spawn().await;
+    configure(&app, 1).await;
+    let lease = lease_on(&app, "tok-0").await;
+    let blocked_until = now_ms() + 1_500;
+    release(
+        &app,
+        &lease,
+        pb::ReleaseOutcome::UpstreamRateLimited,
+        Some(blocked_until),
+    )
+    .await;
+    let denial = expect_denial(acquire(&app).await);
+    assert_eq!(denial.reason, pb::DenialReason::NoUsableToken as i32);
+    let back_at = now_ms() + ms(&denial.retry_after.unwrap());
+    assert!(
+        (back_at - blocked_until).abs() <= 300,
+        "retry-after points at {back_at}, the block ends at {blocked_until}"
+    );
+    tokio::time::sleep(Duration::from_millis(
+        (blocked_until - now_ms()).max(0) as u64 + 50,
+    ))
+    .await;
+    assert!(
+        matches!(acquire(&app).await, Answer::Lease(_)),
+        "usable again after blocked_until"
+    );
+}
+
+/// Property 7: a token quarantined in the shared store is never leased by a replica
+/// that has not heard of it (no event reached it): its grant on that token is refused
+/// by the admission that follows every grant, given back, and the lease goes to the
+/// other token. Then, with both tokens quarantined, NO_USABLE_TOKEN.
+#[tokio::test]
+async fn a_quarantine_holds_on_a_replica_that_has_not_heard_of_it() {
+    let env = TestEnv::new(Db::Postgres, Counters::Redis).await;
+    let (a, b) = (spawn(&env).await, spawn(&env).await);
+    configure(&a, 2).await;
+    wait_for_config(&b).await;
+    // Straight into the store, publishing no event: as if B's acquire raced the
+    // quarantining release on A and won the race to the events.
+    let id = |v: &str| Id::parse("test", v).unwrap();
+    let report = OutcomeReport {
+        key: LeaseKey {
+            upstream_id: id("up"),
+            tenant_id: id("acme"),
+            token_id: id("tok-0"),
+            nonce: LeaseKey::new_nonce(),
+        },
+        outcome: ReleaseOutcome::UpstreamRateLimited,
+        blocked_until_ms: Some(now_ms() + 60_000),
+        block_duration: Duration::from_secs(600),
+        lease_ttl: Duration::from_secs(1),
+        policy: BreakerPolicy::default(),
+    };
+    let recorded = a.leaser.counters.record_outcome(&report).await.unwrap();
+    assert_eq!(recorded.transitions.len(), 1, "{recorded:?}");
+    let (upstream, tok0) = (id("up"), [id("tok-0")]);
+    let tok0_usage = || async {
+        let window = Duration::from_secs(10);
+        let usage = a.leaser.counters.usage(&upstream, window, &[], &tok0);
+        usage.await.unwrap().tokens[0]
+    };
+    let before = tok0_usage().await;
+    for i in 0..10 {
+        let Answer::Lease(on_b) = acquire(&b).await else {
+            panic!("lease {i} denied though tok-1 is usable")
+        };
+        assert_eq!(
+            on_b.token_id, "tok-1",
+            "lease {i}: quarantined tok-0 leased on B"
+        );
+    }
+    assert_eq!(
+        tok0_usage().await,
+        before,
+        "refused grants on tok-0 were given back"
+    );
+    // Quarantine tok-1 through A's ReleaseLease too: B has no usable token.
+    let lease = lease_on(&a, "tok-1").await;
+    release(&a, &lease, pb::ReleaseOutcome::UpstreamRateLimited, None).await;
+    let denial = expect_denial(acquire(&b).await);
+    assert_eq!(
+        denial.reason,
+        pb::DenialReason::NoUsableToken as i32,
+        "{}",
+        denial.message
+    );
+}
+
+/// Waits until `app`'s configuration knows tenant "acme" (replicas poll every 100 ms).
+async fn wait_for_config(app: &TestApp) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !app
+        .leaser
+        .config
+        .current()
+        .tenants
+        .keys()
+        .any(|t| t.as_str() == "acme")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "replica never loaded the configuration"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn watch(app: &TestApp, key: &str, token_ids: &[&str]) -> Streaming<pb::WatchEventsResponse> {
+    let req = pb::WatchEventsRequest {
+        token_ids: token_ids.iter().map(|t| t.to_string()).collect(),
+        ..Default::default()
+    };
+    app.lease()
+        .await
+        .watch_events(authed(req, key))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Every event that arrives until none has for `quiet`.
+async fn drain(stream: &mut Streaming<pb::WatchEventsResponse>, quiet: Duration) -> Vec<pb::Event> {
+    let mut events = Vec::new();
+    while let Ok(Some(message)) = tokio::time::timeout(quiet, stream.message())
+        .await
+        .map(|m| m.unwrap())
+    {
+        events.push(message.event.unwrap());
+    }
+    events
+}
+
+/// The (token, previous, new) of each TokenStateChanged, in order.
+fn token_changes(events: &[pb::Event]) -> Vec<(String, pb::TokenState, pb::TokenState)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(pb::event::Kind::TokenStateChanged(t)) => {
+                Some((t.token_id.clone(), t.previous_state(), t.new_state()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn config_changes(events: &[pb::Event]) -> Vec<(pb::ResourceKind, String)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(pb::event::Kind::ConfigChanged(c)) => {
+                Some((c.resource_kind(), c.resource_id.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Property 8: watchers on replica B — an admin, and a worker of the token's tenant —
+/// see each breaker and quarantine transition caused on replica A exactly once, in
+/// order (open, half-open, closed, quarantined, quarantine over, disabled by admin),
+/// and the ConfigChanged of A's admin write once; so does a watcher on A itself. A
+/// watcher filtering on another token sees none of them.
+#[tokio::test]
+async fn watchers_on_every_replica_see_each_transition_once() {
+    use pb::TokenState as S;
+    let env = TestEnv::new(Db::Postgres, Counters::Redis).await;
+    let (a, b) = (spawn(&env).await, spawn(&env).await);
+    configure(&a, 1).await;
+    wait_for_config(&b).await;
+    let worker = b.worker_key(&["acme"]).await;
+    let mut on_a = watch(&a, &a.admin_key, &[]).await;
+    let mut on_b = watch(&b, &b.admin_key, &[]).await;
+    let mut worker_on_b = watch(&b, &worker, &[]).await;
+    let mut other_token_on_b = watch(&b, &b.admin_key, &["tok-9"]).await;
+
+    open_breaker(&a, "tok-0").await;
+    tokio::time::sleep(Duration::from_millis(OPEN_MS + 50)).await;
+    for _ in 0..2 {
+        let probe = lease_on(&a, "tok-0").await;
+        release(&a, &probe, pb::ReleaseOutcome::Success, None).await;
+    }
+    let lease = lease_on(&a, "tok-0").await;
+    let blocked_until = now_ms() + 1_200;
+    release(
+        &a,
+        &lease,
+        pb::ReleaseOutcome::UpstreamRateLimited,
+        Some(blocked_until),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(
+        (blocked_until - now_ms()).max(0) as u64 + 50,
+    ))
+    .await;
+    assert!(matches!(acquire(&a).await, Answer::Lease(_)));
+    let mut admin = a.admin().await;
+    let token = admin
+        .get_token(authed(
+            pb::GetTokenRequest { id: "tok-0".into() },
+            &a.admin_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+        .unwrap();
+    admin
+        .update_token(authed(
+            pb::UpdateTokenRequest {
+                token: Some(pb::Token {
+                    disabled: true,
+                    ..token
+                }),
+            },
+            &a.admin_key,
+        ))
+        .await
+        .unwrap();
+
+    let t = |prev, new| ("tok-0".to_string(), prev, new);
+    let expected = vec![
+        t(S::Active, S::BreakerOpen),
+        t(S::BreakerOpen, S::BreakerHalfOpen),
+        t(S::BreakerHalfOpen, S::Active),
+        t(S::Active, S::Quarantined),
+        t(S::Quarantined, S::Active),
+        t(S::Active, S::Disabled),
+    ];
+    let quiet = Duration::from_millis(800);
+    for (who, stream) in [
+        ("admin on A", &mut on_a),
+        ("admin on B", &mut on_b),
+        ("worker on B", &mut worker_on_b),
+    ] {
+        let events = drain(stream, quiet).await;
+        assert_eq!(token_changes(&events), expected, "{who}: {events:?}");
+        let token_writes = config_changes(&events)
+            .into_iter()
+            .filter(|c| *c == (pb::ResourceKind::Token, "tok-0".into()))
+            .count();
+        assert_eq!(token_writes, 1, "{who}: {events:?}");
+        assert!(
+            events
+                .iter()
+                .all(|e| !matches!(e.kind, Some(pb::event::Kind::Resync(_)))),
+            "{who}: no resync without a reason"
+        );
+    }
+    let filtered = drain(&mut other_token_on_b, Duration::from_millis(100)).await;
+    assert!(token_changes(&filtered).is_empty(), "{filtered:?}");
+}
+
+/// Property 8: a watcher that stops reading while 6,000 events arrive from other
+/// replicas is told `Resync` (with how many it missed) instead of silently losing
+/// them: every event is either delivered or counted as missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_watcher_gets_resync() {
+    const TOTAL: i64 = 6_000;
+    let env = TestEnv::new(Db::Postgres, Counters::Redis).await;
+    let app = spawn(&env).await;
+    // HTTP/2 windows of 64 KiB (not hyper's 2 MiB) so that what the transport and the
+    // bus buffer together (~2,500 events, measured) is well under TOTAL: the watcher
+    // lags for sure, not by being slower than the feed.
+    let channel = Channel::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let request = authed(pb::WatchEventsRequest::default(), &app.admin_key);
+    let mut lagging = LeaseServiceClient::new(channel)
+        .watch_events(request)
+        .await
+        .unwrap()
+        .into_inner();
+    // Another replica's events, straight onto the shared channel, faster than any
+    // watcher reads.
+    let channel = RelaySettings::channel_for(&env.key_prefix);
+    let mut pipe = ::redis::pipe();
+    for version in 0..TOTAL {
+        let event = Event {
+            occurred_at_ms: now_ms(),
+            replica_id: "another-replica".into(),
+            kind: EventKind::ConfigChanged {
+                resource: Resource::Pool,
+                id: "p".into(),
+                change: Change::Updated,
+                version,
+            },
+        };
+        pipe.publish(&channel, event.to_json()).ignore();
+    }
+    let client = ::redis::Client::open(env.redis_url.clone().unwrap()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    pipe.query_async::<()>(&mut conn).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let received = drain(&mut lagging, Duration::from_millis(1_000)).await;
+    let missed: u64 = received
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(pb::event::Kind::Resync(r)) => Some(r.missed),
+            _ => None,
+        })
+        .sum();
+    assert!(missed > 0, "no resync among {} events", received.len());
+    let delivered = config_changes(&received).len() as u64;
+    assert_eq!(
+        delivered + missed,
+        TOTAL as u64,
+        "each event is delivered or counted as missed"
+    );
+}
+
+/// Property 8: when the Redis carrying events goes away and comes back, the replica
+/// resubscribes by itself and tells its watchers to Resync; events flow again after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_subscription_reconnects_and_asks_for_resync() {
+    let mut redis = ThrowawayRedis::start(free_port());
+    // Postgres for the shared configuration; counters and events on the throwaway Redis.
+    let env = TestEnv::new(Db::Postgres, Counters::Memory).await;
+    let settings = || {
+        let mut s = env.settings();
+        s.redis_url = Some(redis.url());
+        s
+    };
+    let (a, b) = (
+        env.spawn_with(settings()).await,
+        env.spawn_with(settings()).await,
+    );
+    let mut on_b = watch(&b, &b.admin_key, &[]).await;
+    let publish = |version| {
+        a.leaser.health.events().publish(EventKind::ConfigChanged {
+            resource: Resource::Tier,
+            id: "t".into(),
+            change: Change::Updated,
+            version,
+        })
+    };
+    publish(1);
+    let first = drain(&mut on_b, Duration::from_millis(300)).await;
+    assert_eq!(config_changes(&first).len(), 1, "{first:?}");
+
+    redis.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _redis = ThrowawayRedis::start(redis.port);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        assert!(Instant::now() < deadline, "no resync after Redis came back");
+        let message = tokio::time::timeout(Duration::from_secs(1), on_b.message()).await;
+        if let Ok(Ok(Some(m))) = message
+            && matches!(m.event.unwrap().kind, Some(pb::event::Kind::Resync(_)))
+        {
+            break;
+        }
+    }
+    // Subscribed again: A's next event reaches B (A's publisher reconnects by itself).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut version = 2;
+    loop {
+        publish(version);
+        let events = drain(&mut on_b, Duration::from_millis(300)).await;
+        if !config_changes(&events).is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "events did not flow again");
+        version += 1;
+    }
+}
