@@ -3,7 +3,9 @@
 //! run in parallel and leave nothing behind. Missing Postgres or Redis fails the test.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::{Mutex, Once};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -215,6 +217,16 @@ impl TestApp {
         key.expose_secret().to_owned()
     }
 
+    /// Kills the replica as a dying process would: the server task is aborted (no
+    /// draining, no release of anything it granted) and its listener closed.
+    pub async fn kill(mut self) {
+        self.stop.take();
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
+    }
+
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -254,4 +266,45 @@ pub fn millis(ms: u64) -> prost_types::Duration {
         seconds: (ms / 1000) as i64,
         nanos: ((ms % 1000) * 1_000_000) as i32,
     }
+}
+
+/// Names of the threads that panicked, recorded by the hook `run_watching_panics` installs.
+static PANICKED_THREADS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Runs `test` on its own multi-thread runtime whose threads are named `<name>-…`, and
+/// fails if any of them panicked: a panic in a server task (a request handler, the
+/// configuration refresher) is caught by tokio and would otherwise go unnoticed.
+pub fn run_watching_panics(name: &str, test: impl Future<Output = ()>) {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let (Some(thread), Ok(mut seen)) =
+                (std::thread::current().name(), PANICKED_THREADS.lock())
+            {
+                seen.push(thread.to_owned());
+            }
+            previous(info);
+        }));
+    });
+    let prefix = format!("{name}-");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(format!("{prefix}rt"))
+        .enable_all()
+        .build()
+        .expect("test runtime");
+    runtime.block_on(test);
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    let panicked: Vec<String> = PANICKED_THREADS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| t.starts_with(&prefix))
+        .cloned()
+        .collect();
+    assert!(
+        panicked.is_empty(),
+        "server threads panicked (see the output above): {panicked:?}"
+    );
 }

@@ -1,11 +1,15 @@
-//! End-to-end tests over real gRPC: admin, auth, leasing, faults, reflection.
+//! End-to-end tests over real gRPC: admin, auth, leasing, faults (Redis, Postgres, a
+//! dying replica), Redis Cluster, reflection.
 //! One binary (faster to link); each module says what it proves.
 
 mod admin;
 mod auth;
 mod breaker;
+mod cluster;
 mod faults;
 mod fixtures;
 mod helpers;
 mod lease;
+mod pg_faults;
 mod reflection;
+mod replicas;

@@ -1,19 +1,24 @@
 //! Behaviour suite of the lease counters.
 //!
-//! Every test written inside `on_both_backends!` runs twice: against the in-process
-//! backend (manual clock, moved by hand, so instants are exact) and against Redis (the
-//! server's clock, real sleeps, short windows, a unique key prefix per test whose keys
-//! are deleted afterwards). Answers carry the store's own `now_ms`, so even on Redis the
-//! tests check instants exactly: a probe is judged by the time the store says it ran.
+//! Every test written inside `on_both_backends!` runs three times: against the
+//! in-process backend (manual clock, moved by hand, so instants are exact), against Redis
+//! (the server's clock, real sleeps, short windows, a unique key prefix per test whose
+//! keys are deleted afterwards), and unchanged against a throwaway three-master Redis
+//! Cluster (`<test>::cluster`; the cluster is killed and removed after the test). Answers
+//! carry the store's own `now_ms`, so even on Redis the tests check instants exactly: a
+//! probe is judged by the time the store says it ran.
 //!
 //! Redis must answer at `TOKENLEASE_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`).
 //! When it does not, the Redis tests fail with a message saying so; they never skip.
 //!
 //! `sim` holds the property test (random workers using leases at random instants, the
-//! last one included, checked by a strict upstream), `faults` the Redis outage tests.
+//! last one included, checked by a strict upstream), `faults` the Redis outage tests,
+//! `cluster` the Redis Cluster tests (keys spread over masters, a slot moved mid-test),
+//! `throwaway_cluster` the cluster those start.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -22,10 +27,16 @@ use redis::aio::MultiplexedConnection;
 use super::*;
 use crate::clock::Clock;
 
+#[path = "tests/cluster.rs"]
+mod cluster;
 #[path = "tests/faults.rs"]
 mod faults;
 #[path = "tests/sim.rs"]
 mod sim;
+#[path = "tests/throwaway_cluster.rs"]
+mod throwaway_cluster;
+
+use throwaway_cluster::ThrowawayCluster;
 
 const UPSTREAM: &str = "baselinker";
 /// BaseLinker's 100 per minute minus the 5 % margin.
@@ -136,6 +147,8 @@ async fn keys_under(conn: &mut MultiplexedConnection, prefix: &str) -> Vec<Strin
 enum Backend {
     Memory,
     Redis,
+    /// A throwaway three-master Redis Cluster, started for the test.
+    Cluster,
 }
 
 /// Where a test reads and moves the store's time.
@@ -157,6 +170,10 @@ struct Leased {
 struct Harness {
     counters: Counters,
     time: TimeSource,
+    /// Redis URL (a comma-separated list for a cluster); empty for memory.
+    url: String,
+    /// The test's own cluster, kept running while any clone of the harness lives.
+    cluster: Option<Arc<ThrowawayCluster>>,
     /// Redis key prefix (unique per test); empty for memory.
     prefix: String,
     window: Duration,
@@ -174,7 +191,11 @@ impl Harness {
     {
         let h = match backend {
             Backend::Memory => Self::memory(),
-            Backend::Redis => Self::redis().await,
+            Backend::Redis => Self::redis(redis_url(), None).await,
+            Backend::Cluster => {
+                let cluster = Arc::new(ThrowawayCluster::start());
+                Self::redis(cluster.url_list(), Some(cluster)).await
+            }
         };
         let result = AssertUnwindSafe(body(h.clone())).catch_unwind().await;
         h.cleanup().await;
@@ -188,6 +209,8 @@ impl Harness {
         Self {
             counters: Counters::Memory(MemoryCounters::new(clock.clone())),
             time: TimeSource::Manual(clock),
+            url: String::new(),
+            cluster: None,
             prefix: String::new(),
             window: Duration::from_secs(60),
             ttl: Duration::from_secs(10),
@@ -195,14 +218,18 @@ impl Harness {
         }
     }
 
-    async fn redis() -> Self {
-        let url = redis_url();
-        let conn = admin_connection(&url).await;
+    /// Counters on the Redis at `url`; on a cluster, the test's own commands (TIME)
+    /// go to its first master (every node runs on this machine's clock).
+    async fn redis(url: String, cluster: Option<Arc<ThrowawayCluster>>) -> Self {
+        let first = url.split(',').next().unwrap_or_default().to_owned();
+        let conn = admin_connection(&first).await;
         let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
         let counters = redis_counters(&url, &prefix, Duration::from_secs(5)).await;
         Self {
             counters: Counters::Redis(counters),
             time: TimeSource::Server(conn),
+            url,
+            cluster,
             prefix,
             window: Duration::from_millis(1500),
             ttl: Duration::from_millis(300),
@@ -210,7 +237,11 @@ impl Harness {
         }
     }
 
+    /// Deletes the test's keys; a cluster's keys go with the cluster.
     async fn cleanup(&self) {
+        if self.cluster.is_some() {
+            return;
+        }
         if let TimeSource::Server(conn) = &self.time {
             delete_keys(&mut conn.clone(), &self.prefix).await;
         }
@@ -229,7 +260,7 @@ impl Harness {
                 Counters::Memory(_) => self.counters.clone(),
                 Counters::Redis(_) => {
                     let timeout = Duration::from_secs(5);
-                    Counters::Redis(redis_counters(&redis_url(), &self.prefix, timeout).await)
+                    Counters::Redis(redis_counters(&self.url, &self.prefix, timeout).await)
                 }
             });
         }
@@ -419,8 +450,8 @@ impl Slots {
     }
 }
 
-/// Declares async test bodies `fn(Harness)` and runs each as `<name>::memory` and
-/// `<name>::redis`.
+/// Declares async test bodies `fn(Harness)` and runs each as `<name>::memory`,
+/// `<name>::redis` and `<name>::cluster`.
 macro_rules! on_both_backends {
     ($( $(#[$meta:meta])* async fn $name:ident($h:ident: Harness) $body:block )*) => {$(
         $(#[$meta])*
@@ -437,6 +468,12 @@ macro_rules! on_both_backends {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn redis() {
                 super::Harness::run(super::Backend::Redis, super::$name).await
+            }
+
+            $(#[$meta])*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn cluster() {
+                super::Harness::run(super::Backend::Cluster, super::$name).await
             }
         }
     )*};

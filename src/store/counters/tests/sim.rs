@@ -794,7 +794,7 @@ async fn redis_worker(sim: Arc<RedisSim>, counters: Counters, seed: u64) {
     }
 }
 
-async fn redis_simulation(h: Harness) {
+pub(super) async fn redis_simulation(h: Harness) {
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let world = World::random(&mut rng, 3, 5, 6, REDIS_SIM_WINDOW_MS);
     let replicas = h.replicas(3).await;

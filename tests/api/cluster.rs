@@ -1,0 +1,168 @@
+//! The service on Redis Cluster, end to end: replicas whose `redis_url` lists the masters
+//! of a throwaway three-master cluster (started by this test, killed at its end) lease
+//! over gRPC with the same guarantees as on one Redis server.
+
+use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
+
+use super::fixtures::{PoolSetup, create_tenant, token_secret};
+use super::helpers::{Counters, Db, TestApp, TestEnv, authed};
+
+// The counters' unit tests use the rest of the helper (moving slots).
+#[allow(dead_code)]
+#[path = "../../src/store/counters/tests/throwaway_cluster.rs"]
+mod throwaway_cluster;
+
+use throwaway_cluster::ThrowawayCluster;
+
+async fn acquire(app: &TestApp, key: &str, tenant: &str) -> Answer {
+    let req = pb::AcquireLeaseRequest {
+        tenant_id: tenant.into(),
+        ..Default::default()
+    };
+    app.lease()
+        .await
+        .acquire_lease(authed(req, key))
+        .await
+        .expect("AcquireLease answered")
+        .into_inner()
+        .result
+        .expect("a lease or a denial")
+}
+
+async fn release(app: &TestApp, key: &str, lease_id: &str, outcome: pb::ReleaseOutcome) {
+    let req = pb::ReleaseLeaseRequest {
+        lease_id: lease_id.into(),
+        outcome: outcome as i32,
+        ..Default::default()
+    };
+    let answer = app.lease().await.release_lease(authed(req, key)).await;
+    let answer = answer.expect("ReleaseLease answered").into_inner();
+    assert!(!answer.already_released, "{lease_id} released once");
+}
+
+async fn token_used(app: &TestApp, key: &str) -> u32 {
+    let req = pb::GetUsageRequest {
+        token_id: "tok-0".into(),
+        ..Default::default()
+    };
+    let usage = app.admin().await.get_usage(authed(req, key)).await;
+    let usage = usage.expect("GetUsage answered").into_inner();
+    assert_eq!(usage.tokens.len(), 1, "{usage:?}");
+    usage.tokens[0].used_in_window
+}
+
+/// Property 1 on Redis Cluster, through gRPC: three replicas (Postgres configuration,
+/// `redis_url` = the cluster's three masters, comma-separated) and one token of 100 per
+/// window with a 5 % margin → 300 concurrent AcquireLease calls over the replicas grant
+/// exactly 95, each with the decrypted token, the rest denied NO_TOKEN_CAPACITY with a
+/// retry-after; a NOT_USED release gives a slot back (granted again on another replica),
+/// a SUCCESS release keeps it; GetUsage counts 95 on every replica; and the counters'
+/// keys are on the master serving upstream "up"'s hash slot, and on no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_a_redis_cluster_grant_exactly_the_usable_limit() {
+    let cluster = ThrowawayCluster::start();
+    let env = TestEnv::new(Db::Postgres, Counters::Memory).await;
+    let mut settings = env.settings();
+    settings.redis_url = Some(cluster.url_list());
+    let replicas = [
+        env.spawn_with(settings.clone()).await,
+        env.spawn_with(settings.clone()).await,
+        env.spawn_with(settings).await,
+    ];
+    let key = replicas[0].admin_key.clone();
+    let mut admin = replicas[0].admin().await;
+    PoolSetup::default().create(&mut admin, &key).await;
+    let tenants: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
+    for t in &tenants {
+        create_tenant(&mut admin, &key, t, "flex").await;
+    }
+    for r in &replicas {
+        r.leaser.config.refresh().await.expect("refresh");
+    }
+
+    let mut clients = Vec::new();
+    for r in &replicas {
+        clients.push(r.lease().await);
+    }
+    let calls = (0..300).map(|i| {
+        let mut client = clients[i % replicas.len()].clone();
+        let req = pb::AcquireLeaseRequest {
+            tenant_id: tenants[i % tenants.len()].clone(),
+            ..Default::default()
+        };
+        let key = key.clone();
+        tokio::spawn(async move {
+            let answer = client.acquire_lease(authed(req, &key)).await;
+            answer.expect("AcquireLease answered").into_inner().result
+        })
+    });
+    let mut leases = Vec::new();
+    for answer in futures::future::join_all(calls).await {
+        match answer.expect("task").expect("a lease or a denial") {
+            Answer::Lease(lease) => {
+                assert_eq!(lease.token, token_secret(0));
+                leases.push(lease);
+            }
+            Answer::Denial(d) => {
+                assert_eq!(
+                    d.reason,
+                    pb::DenialReason::NoTokenCapacity as i32,
+                    "{}",
+                    d.message
+                );
+                assert!(d.retry_after.is_some(), "{}", d.message);
+            }
+        }
+    }
+    assert_eq!(leases.len(), 95, "exactly the usable limit on the cluster");
+    for r in &replicas {
+        assert_eq!(token_used(r, &key).await, 95);
+    }
+
+    release(
+        &replicas[1],
+        &key,
+        &leases[0].lease_id,
+        pb::ReleaseOutcome::NotUsed,
+    )
+    .await;
+    assert!(
+        matches!(acquire(&replicas[2], &key, "t0").await, Answer::Lease(_)),
+        "NOT_USED gave the slot back"
+    );
+    release(
+        &replicas[2],
+        &key,
+        &leases[1].lease_id,
+        pb::ReleaseOutcome::Success,
+    )
+    .await;
+    assert!(
+        matches!(acquire(&replicas[0], &key, "t1").await, Answer::Denial(_)),
+        "a SUCCESS release keeps its slot"
+    );
+    assert_eq!(token_used(&replicas[1], &key).await, 95);
+
+    // A window per tenant granted, 1 token window, 96 lease hashes: all on one master.
+    let mut granted: Vec<&str> = leases
+        .iter()
+        .map(|l| l.lease_id.split('.').nth(1).expect("<upstream>.<tenant>.…"))
+        .chain(["t0"])
+        .collect();
+    granted.sort_unstable();
+    granted.dedup();
+    let owner = cluster.owner_of(&format!("{}:{{up}}:kw:tok-0", env.key_prefix));
+    let pattern = format!("{}:*", env.key_prefix);
+    for port in cluster.ports() {
+        let keys = cluster.keys_on(port, &pattern);
+        if port == owner {
+            let expected = granted.len() + 1 + 96;
+            assert_eq!(keys.len(), expected, "on the owner {port}: {keys:?}");
+        } else {
+            assert!(keys.is_empty(), "keys on {port}, not the owner: {keys:?}");
+        }
+    }
+    for r in replicas {
+        r.stop().await;
+    }
+}
