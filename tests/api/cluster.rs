@@ -78,6 +78,7 @@ async fn replicas_on_a_redis_cluster_grant_exactly_the_usable_limit() {
     }
     for r in &replicas {
         r.leaser.config.refresh().await.expect("refresh");
+        r.leaser.allocator.refresh().await.expect("quotas");
     }
 
     let mut clients = Vec::new();
@@ -104,12 +105,12 @@ async fn replicas_on_a_redis_cluster_grant_exactly_the_usable_limit() {
                 leases.push(lease);
             }
             Answer::Denial(d) => {
-                assert_eq!(
-                    d.reason,
+                // Ten tenants share the token fairly: either limit may bind.
+                let binding = [
                     pb::DenialReason::NoTokenCapacity as i32,
-                    "{}",
-                    d.message
-                );
+                    pb::DenialReason::TenantQuota as i32,
+                ];
+                assert!(binding.contains(&d.reason), "{}", d.message);
                 assert!(d.retry_after.is_some(), "{}", d.message);
             }
         }
