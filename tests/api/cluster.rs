@@ -144,7 +144,8 @@ async fn replicas_on_a_redis_cluster_grant_exactly_the_usable_limit() {
     );
     assert_eq!(token_used(&replicas[1], &key).await, 95);
 
-    // A window per tenant granted, 1 token window, 96 lease hashes: all on one master.
+    // A window per tenant granted, 1 token window, 96 lease hashes, the demand
+    // counters: all on one master.
     let mut granted: Vec<&str> = leases
         .iter()
         .map(|l| l.lease_id.split('.').nth(1).expect("<upstream>.<tenant>.…"))
@@ -157,7 +158,8 @@ async fn replicas_on_a_redis_cluster_grant_exactly_the_usable_limit() {
     for port in cluster.ports() {
         let keys = cluster.keys_on(port, &pattern);
         if port == owner {
-            let expected = granted.len() + 1 + 96;
+            // Plus one demand counter per tenant that called (fair sharing's input).
+            let expected = granted.len() + 1 + 96 + tenants.len();
             assert_eq!(keys.len(), expected, "on the owner {port}: {keys:?}");
         } else {
             assert!(keys.is_empty(), "keys on {port}, not the owner: {keys:?}");
