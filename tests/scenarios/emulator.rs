@@ -12,21 +12,40 @@ use tonic::transport::Channel;
 use super::helpers::{Counters, Db, TestApp, TestEnv, authed, millis};
 use super::workers::{self, Demand, Tally, now_ms};
 
-const WINDOW: Duration = Duration::from_secs(2);
+pub const WINDOW: Duration = Duration::from_secs(2);
 
 /// Three replicas, an emulator accepting `tokens` tokens, and the configuration:
 /// upstream "bl" (100 per 2 s, 5 % margin), pool "shared" with the tokens, tier "base"
 /// (`guaranteed` + 1000 burst), and `tenants` (id, weight) in the pool.
-struct Scenario {
+pub struct Scenario {
     _env: TestEnv,
-    replicas: Vec<TestApp>,
-    emulator: EmulatorHandle,
-    key: String,
-    tokens: Vec<String>,
+    pub replicas: Vec<TestApp>,
+    pub emulator: EmulatorHandle,
+    pub key: String,
+    pub tokens: Vec<String>,
 }
 
 impl Scenario {
     async fn start(tokens: usize, guaranteed: u32, tenants: &[(&str, f64)]) -> Scenario {
+        Self::start_with(
+            tokens,
+            guaranteed,
+            tenants,
+            |_| {},
+            Duration::from_secs(600),
+        )
+        .await
+    }
+
+    /// `tweak` adjusts the replicas' settings; `block` is how long the emulator blocks
+    /// a token after a violation.
+    pub async fn start_with(
+        tokens: usize,
+        guaranteed: u32,
+        tenants: &[(&str, f64)],
+        tweak: impl Fn(&mut tokenlease::config::Settings),
+        block: Duration,
+    ) -> Scenario {
         let env = TestEnv::new(Db::Postgres, Counters::Redis).await;
         let mut settings = env.settings();
         // 1 % of the window: a lease used at a random instant of its validity wastes on
@@ -35,6 +54,7 @@ impl Scenario {
         // Calls started at the last instant arrive a little later; released leases end
         // their slot at the release, so the grace costs nothing when workers release.
         settings.lease.use_grace_ms = 200;
+        tweak(&mut settings);
         let mut replicas = vec![];
         for _ in 0..3 {
             replicas.push(env.spawn_with(settings.clone()).await);
@@ -44,6 +64,7 @@ impl Scenario {
             EmulatorConfig {
                 limit: 100,
                 window: WINDOW,
+                block,
                 ..EmulatorConfig::default()
             }
             .with_tokens(token_secrets.clone()),
@@ -65,7 +86,7 @@ impl Scenario {
         }
     }
 
-    async fn clients(&self) -> Vec<LeaseServiceClient<Channel>> {
+    pub async fn clients(&self) -> Vec<LeaseServiceClient<Channel>> {
         let mut clients = vec![];
         for r in &self.replicas {
             clients.push(r.lease().await);
@@ -73,7 +94,7 @@ impl Scenario {
         clients
     }
 
-    async fn run(
+    pub async fn run(
         &self,
         demands: &[Demand],
         duration: Duration,
@@ -90,7 +111,7 @@ impl Scenario {
     }
 
     /// The upstream saw no violation and never more than 100 requests in any window.
-    fn assert_no_violation(&self) {
+    pub fn assert_no_violation(&self) {
         for token in &self.tokens {
             let stats = self.emulator.stats(token);
             assert_eq!(
@@ -181,11 +202,11 @@ async fn configure(
     }
 }
 
-fn id(value: &str) -> tokenlease::domain::Id {
+pub fn id(value: &str) -> tokenlease::domain::Id {
     tokenlease::domain::Id::parse("id", value).unwrap()
 }
 
-fn demand(
+pub fn demand(
     tenant: &str,
     priority: pb::Priority,
     workers: usize,

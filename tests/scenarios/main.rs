@@ -8,4 +8,5 @@
 mod helpers;
 
 mod emulator;
+mod health;
 mod workers;
