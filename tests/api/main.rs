@@ -13,3 +13,4 @@ mod lease;
 mod pg_faults;
 mod reflection;
 mod replicas;
+mod tls;
