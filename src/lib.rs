@@ -9,6 +9,10 @@
 //! - `store/`: the configuration store (Postgres or SQLite, `store::ConfigStore`) and the
 //!   lease counters (Redis or memory, `store::counters`).
 //! - `clock`: the one place the embedded mode reads time.
+//! - `metrics`: every Prometheus metric name and label, the recording functions, and
+//!   the `/metrics` endpoint.
+//! - `telemetry`: logs, and OpenTelemetry traces over OTLP with the caller's trace
+//!   context taken from incoming calls.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -21,6 +25,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod lease;
+pub mod metrics;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -83,6 +83,7 @@ struct Plan {
 
 impl Leaser {
     /// Grants a lease or explains why not, waiting up to `max_wait` for a slot.
+    #[tracing::instrument(name = "lease.acquire", skip_all, fields(tenant_id = %input.tenant_id, token_id))]
     pub async fn acquire(
         &self,
         caller: &Caller,
@@ -98,12 +99,17 @@ impl Leaser {
                 Err(denial) => return Ok(denial),
             };
             match self.counters.acquire(&plan.request).await? {
-                AcquireOutcome::Granted(grant) => return Ok(self.granted(&snapshot, &plan, grant)),
+                AcquireOutcome::Granted(grant) => {
+                    crate::metrics::lease_granted(&snapshot, &plan.request, &grant);
+                    tracing::Span::current().record("token_id", grant.token_id.as_str());
+                    return Ok(self.granted(&snapshot, &plan, grant));
+                }
                 AcquireOutcome::Denied(denied) => {
                     let now = tokio::time::Instant::now();
                     // Wait only when the slot frees before the deadline; otherwise answer now.
                     if now + denied.retry_after <= deadline && !denied.retry_after.is_zero() {
                         waited = true;
+                        let _waiting = crate::metrics::waiting(&input.tenant_id);
                         tokio::time::sleep(denied.retry_after).await;
                         continue;
                     }
@@ -112,6 +118,7 @@ impl Leaser {
                         DenyReason::TenantQuota => DenialReason::TenantQuota,
                         DenyReason::NoTokenCapacity => DenialReason::NoTokenCapacity,
                     };
+                    crate::metrics::acquire_denied(&snapshot, &plan.request, reason, denied.reason);
                     let message = denial_message(denied.reason, &input.tenant_id, &plan);
                     return Ok(AcquireAnswer::Denied {
                         reason,
@@ -124,6 +131,7 @@ impl Leaser {
     }
 
     /// Picks the upstream and candidate tokens; `Ok(Err(_))` is a denial without trying.
+    #[tracing::instrument(name = "lease.plan", skip_all, fields(tenant_id = %input.tenant_id))]
     fn plan(
         &self,
         snapshot: &Snapshot,
@@ -215,6 +223,7 @@ impl Leaser {
     }
 
     /// Records how a lease went. Returns whether it had been released already.
+    #[tracing::instrument(name = "lease.release", skip_all, fields(outcome = outcome.as_str()))]
     pub async fn release(
         &self,
         caller: &Caller,
@@ -292,6 +301,7 @@ fn no_usable_token(tenant: &Tenant, snapshot: &Snapshot) -> AcquireAnswer {
     } else {
         "all of its tokens are disabled".to_owned()
     };
+    crate::metrics::lease_denied(&tenant.id, DenialReason::NoUsableToken);
     AcquireAnswer::Denied {
         reason: DenialReason::NoUsableToken,
         retry_after: None,
