@@ -7,4 +7,5 @@ mod faults;
 mod fixtures;
 mod helpers;
 mod lease;
+mod observe;
 mod reflection;
