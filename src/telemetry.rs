@@ -201,9 +201,13 @@ impl Extractor for HeaderExtractor<'_> {
 
 /// The server span of one gRPC call (for `Server::trace_fn`), named like OpenTelemetry's
 /// RPC conventions (`tokenlease.v1.LeaseService/AcquireLease`), child of the caller's
-/// span when the call carries a valid `traceparent`.
+/// span when the call carries a valid `traceparent`. Health probes and reflection get
+/// none: probes every few seconds would bury the traces that matter.
 pub fn grpc_request_span(request: &http::Request<()>) -> tracing::Span {
     let path = request.uri().path().trim_start_matches('/');
+    if path.starts_with("grpc.health.") || path.starts_with("grpc.reflection.") {
+        return tracing::Span::none();
+    }
     let (service, method) = path.split_once('/').unwrap_or((path, ""));
     let span = tracing::info_span!(
         "grpc_request",
