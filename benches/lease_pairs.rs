@@ -185,6 +185,7 @@ async fn measure(mode: &str, seconds: u64) {
         ..Settings::default()
     };
     settings.redis.key_prefix = prefix.clone();
+    settings.metrics.listen = "127.0.0.1:0".into();
     settings.encryption.keys = BTreeMap::from([("k1".to_string(), KeyRing::generate_key_base64())]);
     let app = App::build(settings).await.unwrap();
     let addr = app.local_addr();

@@ -37,6 +37,7 @@ pub struct Settings {
     pub breaker: BreakerSection,
     pub encryption: EncryptionSection,
     pub tls: Option<TlsSection>,
+    pub metrics: MetricsSection,
     /// How often a replica checks the database for configuration changes.
     pub config_refresh_ms: u64,
     /// `text` or `json` logs.
@@ -96,6 +97,17 @@ pub struct EncryptionSection {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address of the Prometheus `/metrics` HTTP endpoint; empty disables metrics.
+    pub listen: String,
+    /// Tenants with their own `tenant` label value; the rest are `tenant="_other"`.
+    pub max_tenant_series: usize,
+    /// How often token utilization is read from the counters into the gauges.
+    pub refresh_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsSection {
     /// PEM certificate chain.
     pub cert_path: PathBuf,
@@ -127,6 +139,11 @@ impl Default for Settings {
             },
             encryption: EncryptionSection::default(),
             tls: None,
+            metrics: MetricsSection {
+                listen: "127.0.0.1:9464".into(),
+                max_tenant_series: 500,
+                refresh_ms: 5_000,
+            },
             config_refresh_ms: 1_000,
             log_format: "text".into(),
             shutdown_grace_ms: 10_000,
@@ -184,6 +201,14 @@ impl Settings {
             100,
         )?;
         check_range("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000)?;
+        check_range("metrics.refresh_ms", self.metrics.refresh_ms, 100, 600_000)?;
+        check_range(
+            "metrics.max_tenant_series",
+            self.metrics.max_tenant_series as u64,
+            0,
+            100_000,
+        )?;
+        self.metrics_addr()?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             bail!(
                 "invalid setting log_format = {:?}: use \"text\" or \"json\"",
@@ -220,6 +245,19 @@ impl Settings {
             );
         }
         Ok(())
+    }
+
+    /// The `/metrics` address; `None` when `metrics.listen` is empty (metrics off).
+    pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        let listen = self.metrics.listen.trim();
+        if listen.is_empty() {
+            return Ok(None);
+        }
+        listen.parse().map(Some).map_err(|_| {
+            anyhow::anyhow!(
+                "invalid setting metrics.listen = {listen:?}: use host:port, e.g. 0.0.0.0:9464, or \"\" to turn metrics off"
+            )
+        })
     }
 
     pub fn lease_ttl(&self) -> Duration {
@@ -372,6 +410,19 @@ mod tests {
             ..Settings::default()
         };
         assert!(s.validate().unwrap_err().to_string().contains("REDIS_URL"));
+        let mut s = Settings::default();
+        s.metrics.listen = "9464".into();
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("metrics.listen"), "{err}");
+        s.metrics.listen = String::new();
+        assert_eq!(s.metrics_addr().unwrap(), None);
+        s.metrics.refresh_ms = 0;
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("metrics.refresh_ms")
+        );
     }
 
     /// The breaker section defaults to the seed's thresholds (5 errors, 30 s, 2 probes)

@@ -14,6 +14,10 @@
 //!   between replicas over Redis pub/sub.
 //! - `clock`: the one place the embedded mode reads time.
 //! - `emulator/`, `baselinker`: a BaseLinker emulator (tests, `tokenlease emulator`) and client.
+//! - `metrics`: every Prometheus metric name and label, the recording functions, and
+//!   the `/metrics` endpoint.
+//! - `telemetry`: logs, and OpenTelemetry traces over OTLP with the caller's trace
+//!   context taken from incoming calls.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -28,6 +32,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod lease;
+pub mod metrics;
 pub mod quota;
 pub mod startup;
 pub mod store;

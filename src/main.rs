@@ -16,7 +16,7 @@ use tokenlease::domain::{ApiKeyRole, Id};
 use tokenlease::emulator::{Emulator, EmulatorConfig, WindowKind};
 use tokenlease::lease::LiveConfig;
 use tokenlease::startup::{App, open_store, shutdown_signal};
-use tokenlease::telemetry::init_logging;
+use tokenlease::telemetry::{self, init_logging};
 
 #[derive(Parser)]
 #[command(
@@ -108,12 +108,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return run_emulator(args).await;
     }
     let settings = Settings::load(cli.config.as_deref())?;
+    if let Command::Serve = cli.command {
+        let telemetry = telemetry::init(&settings.log_format)?;
+        let served = match App::build(settings).await {
+            Ok(app) => app.run_until_stopped(shutdown_signal()).await,
+            Err(error) => Err(error),
+        };
+        telemetry.shutdown().await;
+        return served;
+    }
     init_logging(&settings.log_format);
     match cli.command {
-        Command::Serve => {
-            let app = App::build(settings).await?;
-            app.run_until_stopped(shutdown_signal()).await
-        }
+        Command::Serve => unreachable!("handled above"),
         Command::Migrate => {
             open_store(&settings).await?;
             println!("migrations applied");

@@ -28,6 +28,7 @@ use crate::grpc::pb::{
     self, admin_service_server::AdminServiceServer, lease_service_server::LeaseServiceServer,
 };
 use crate::lease::{Allocator, Leaser, Lines, LiveConfig, TokenHealth, WaitingCallers};
+use crate::metrics;
 use crate::store::ConfigStore;
 use crate::store::counters::{Counters, MemoryCounters, RedisCounters, RedisSettings};
 use crate::store::event_relay::{self, RelaySettings};
@@ -35,6 +36,8 @@ use crate::store::event_relay::{self, RelaySettings};
 /// A built, not yet running, server.
 pub struct App {
     listener: TcpListener,
+    /// The `/metrics` listener and the recorder's handle; `None` when metrics are off.
+    metrics: Option<(TcpListener, metrics_exporter_prometheus::PrometheusHandle)>,
     settings: Settings,
     pub leaser: Leaser,
     pub events: EventBus,
@@ -96,6 +99,15 @@ impl App {
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let metrics = match settings.metrics_addr()? {
+            Some(addr) => {
+                let idle = Duration::from_millis(settings.metrics.refresh_ms.saturating_mul(3))
+                    .max(Duration::from_secs(30));
+                let handle = metrics::install(settings.metrics.max_tenant_series, idle)?;
+                Some((metrics::bind(addr).await?, handle))
+            }
+            None => None,
+        };
         // Unique per App, even for several in one process: replicas drop their own
         // events when the shared channel echoes them back, by this id.
         let replica_id = format!(
@@ -136,6 +148,7 @@ impl App {
         };
         Ok(App {
             listener,
+            metrics,
             settings,
             leaser,
             events,
@@ -149,9 +162,16 @@ impl App {
             .expect("a bound listener has an address")
     }
 
+    /// Where `/metrics` is served, when metrics are on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .map(|(l, _)| l.local_addr().expect("a bound listener has an address"))
+    }
+
     /// Serves until `shutdown` resolves, then drains.
     pub async fn run_until_stopped(
-        self,
+        mut self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let stop_tx = self.stop.clone();
@@ -161,6 +181,22 @@ impl App {
             Duration::from_millis(self.settings.config_refresh_ms),
             stop_rx.clone(),
         );
+        if let Some((listener, handle)) = self.metrics.take() {
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+            metrics::spawn_refresher(
+                self.leaser.clone(),
+                handle.clone(),
+                Duration::from_millis(self.settings.metrics.refresh_ms),
+                stop_rx.clone(),
+            );
+            let stop = stop_rx.clone();
+            tokio::spawn(async move {
+                if let Err(error) = metrics::serve(listener, handle, stop).await {
+                    tracing::error!(error = format!("{error:#}"), "metrics endpoint stopped");
+                }
+            });
+        }
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<LeaseServiceServer<LeaseApi>>().await;
@@ -186,7 +222,8 @@ impl App {
             events: self.events.clone(),
         };
 
-        let mut builder = Server::builder();
+        // One server span per call, child of the caller's `traceparent` (see telemetry).
+        let mut builder = Server::builder().trace_fn(crate::telemetry::grpc_request_span);
         if let Some(tls) = &self.settings.tls {
             builder = builder
                 .tls_config(load_tls(tls)?)

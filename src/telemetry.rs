@@ -1,17 +1,268 @@
-//! Structured logs: `RUST_LOG` filters (default `info`), text or JSON lines on stderr.
-//! Nothing logged anywhere in the crate carries a token or an API key.
+//! Logs and traces.
+//!
+//! Logs: `RUST_LOG` filters (default `info`), text or JSON lines on stderr. Nothing
+//! logged anywhere in the crate carries a token or an API key.
+//!
+//! Traces: OpenTelemetry over OTLP/gRPC, configured by the standard `OTEL_*` variables
+//! and on only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`) is set;
+//! `OTEL_SERVICE_NAME` defaults to `tokenlease`; `OTEL_SDK_DISABLED=true` turns them off;
+//! the exporter reads `OTEL_EXPORTER_OTLP_HEADERS`/`_TIMEOUT` and the SDK
+//! `OTEL_TRACES_SAMPLER`/`_ARG` themselves. Every gRPC call gets a server span
+//! (`grpc_request_span`) whose parent is the caller's span from the W3C `traceparent`
+//! metadata; the lease use cases and counter calls are spans beneath it, with tenant and
+//! token ids as fields — never a secret: span fields are ids, reasons and outcomes only.
+//!
+//! `tracer_provider` and `otel_layer` take their inputs as arguments, so a test can
+//! build a pipeline towards its own receiver without touching the process environment.
 
-use tracing_subscriber::EnvFilter;
+use anyhow::Context;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use tonic::codegen::http;
+use tracing_opentelemetry::{OpenTelemetryLayer, OpenTelemetrySpanExt};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-/// Installs the global subscriber; a second call is a no-op.
-pub fn init_logging(format: &str) {
+/// The `service.name` when `OTEL_SERVICE_NAME` is unset.
+pub const DEFAULT_SERVICE_NAME: &str = "tokenlease";
+
+/// Where and as what to export traces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpConfig {
+    /// The collector's OTLP/gRPC endpoint, e.g. `http://otel-collector:4317`.
+    pub endpoint: String,
+    pub service_name: String,
+}
+
+impl OtlpConfig {
+    /// Reads the standard variables; `None` when tracing is not asked for.
+    pub fn from_env() -> Option<OtlpConfig> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Option<OtlpConfig> {
+        let get = |name: &str| {
+            get(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        if get("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+            return None;
+        }
+        let endpoint = get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .or_else(|| get("OTEL_EXPORTER_OTLP_ENDPOINT"))?;
+        Some(OtlpConfig {
+            endpoint,
+            service_name: get("OTEL_SERVICE_NAME").unwrap_or_else(|| DEFAULT_SERVICE_NAME.into()),
+        })
+    }
+}
+
+/// Builds a tracer provider exporting in batches over OTLP/gRPC to `config.endpoint`.
+/// Must be called inside a Tokio runtime: the batch processor is a task on it (the
+/// SDK's default thread-based one has no reactor for tonic).
+pub fn tracer_provider(config: &OtlpConfig) -> anyhow::Result<SdkTracerProvider> {
+    use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(config.endpoint.clone())
+        .build()
+        .with_context(|| {
+            format!(
+                "cannot set up the OTLP trace exporter towards {}",
+                config.endpoint
+            )
+        })?;
+    let processor =
+        BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build();
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(config.service_name.clone())
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_resource(resource)
+        .build())
+}
+
+/// The `tracing` layer that turns spans into OpenTelemetry spans of `provider`. The
+/// exporter's own transport (tonic, h2, hyper) is left out, so exporting never traces
+/// itself.
+pub fn otel_layer<S>(provider: &SdkTracerProvider) -> impl Layer<S> + Send + Sync + 'static
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync,
+{
+    let layer: OpenTelemetryLayer<S, SdkTracer> =
+        tracing_opentelemetry::layer().with_tracer(provider.tracer("tokenlease"));
+    layer.with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+        let target = meta.target();
+        !["h2", "hyper", "tonic", "tower", "opentelemetry"]
+            .iter()
+            .any(|skip| target.starts_with(skip))
+    }))
+}
+
+/// Installed logging and tracing; `shutdown` flushes the spans not yet exported.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports what is buffered and stops the exporter. Runs the SDK's blocking calls
+    /// off the runtime's threads: the batch processor is a task that must keep running.
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(error) = shutdown(provider).await
+        {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "could not flush traces on shutdown"
+            );
+        }
+    }
+}
+
+/// Exports what `provider` buffers and stops it. Call it rather than dropping the last
+/// clone inside the runtime: the drop shuts down with a blocking wait on the batch
+/// task, which a single-threaded runtime then never runs.
+pub async fn shutdown(provider: SdkTracerProvider) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || provider.shutdown())
+        .await
+        .context("shutdown task failed")?
+        .context("cannot flush traces")
+}
+
+/// Flushes `provider` without stopping it (tests use it to see spans right away).
+pub async fn flush(provider: &SdkTracerProvider) -> anyhow::Result<()> {
+    let provider = provider.clone();
+    tokio::task::spawn_blocking(move || provider.force_flush())
+        .await
+        .context("flush task failed")?
+        .context("cannot flush traces")
+}
+
+/// Installs the global subscriber: logs, and traces when `OTEL_*` asks for them. Must
+/// run inside the Tokio runtime. A second call installs nothing.
+pub fn init(log_format: &str) -> anyhow::Result<Telemetry> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let provider = OtlpConfig::from_env()
+        .map(|config| tracer_provider(&config))
+        .transpose()?;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt: Box<dyn Layer<Registry> + Send + Sync> = if log_format == "json" {
+        Box::new(fmt.json())
+    } else {
+        Box::new(fmt)
+    };
+    let otel = provider.as_ref().map(otel_layer);
+    let installed = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .with(filter)
+        .try_init()
+        .is_ok();
+    if installed && let Some(provider) = &provider {
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        tracing::info!("exporting traces over OTLP");
+    }
+    Ok(Telemetry {
+        provider: provider.filter(|_| installed),
+    })
+}
+
+/// Installs logs only (for the short-lived admin commands).
+pub fn init_logging(log_format: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let _ = if format == "json" {
+    let _ = if log_format == "json" {
         builder.json().try_init()
     } else {
         builder.try_init()
     };
+}
+
+/// Reads W3C trace context from HTTP/2 headers (gRPC metadata).
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// The server span of one gRPC call (for `Server::trace_fn`), named like OpenTelemetry's
+/// RPC conventions (`tokenlease.v1.LeaseService/AcquireLease`), child of the caller's
+/// span when the call carries a valid `traceparent`. Health probes and reflection get
+/// none: probes every few seconds would bury the traces that matter.
+pub fn grpc_request_span(request: &http::Request<()>) -> tracing::Span {
+    let path = request.uri().path().trim_start_matches('/');
+    if path.starts_with("grpc.health.") || path.starts_with("grpc.reflection.") {
+        return tracing::Span::none();
+    }
+    let (service, method) = path.split_once('/').unwrap_or((path, ""));
+    let span = tracing::info_span!(
+        "grpc_request",
+        otel.name = %path,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+    );
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
+    // Fails only when no OpenTelemetry layer is installed: nothing to link then.
+    let _ = span.set_parent(parent);
+    span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tracing is on only with an endpoint; the service name defaults to tokenlease;
+    /// OTEL_SDK_DISABLED wins.
+    #[test]
+    fn otlp_config_from_the_standard_variables() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(OtlpConfig::from_lookup(env(&[])), None);
+        assert_eq!(
+            OtlpConfig::from_lookup(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317")])),
+            Some(OtlpConfig {
+                endpoint: "http://c:4317".into(),
+                service_name: "tokenlease".into()
+            })
+        );
+        let both = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:4317"),
+            ("OTEL_SERVICE_NAME", "tl-eu"),
+        ]);
+        assert_eq!(
+            OtlpConfig::from_lookup(both),
+            Some(OtlpConfig {
+                endpoint: "http://t:4317".into(),
+                service_name: "tl-eu".into()
+            })
+        );
+        let disabled = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ]);
+        assert_eq!(OtlpConfig::from_lookup(disabled), None);
+    }
 }

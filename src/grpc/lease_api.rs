@@ -320,10 +320,17 @@ impl LeaseService for LeaseApi {
         &self,
         request: Request<pb::AcquireLeaseRequest>,
     ) -> Result<Response<pb::AcquireLeaseResponse>, Status> {
+        let started = std::time::Instant::now();
         let caller = caller(&request)?;
         let input = parse_acquire(request.into_inner())?;
-        let answer = self.leaser.acquire(&caller, input).await?;
-        Ok(Response::new(answer_to_proto(answer)))
+        let answer = self.leaser.acquire(&caller, input).await;
+        let result = match &answer {
+            Ok(AcquireAnswer::Granted(_)) => "granted",
+            Ok(AcquireAnswer::Denied { .. }) => "denied",
+            Err(_) => "error",
+        };
+        crate::metrics::acquire_finished(result, started.elapsed());
+        Ok(Response::new(answer_to_proto(answer?)))
     }
 
     #[tracing::instrument(name = "release_lease", skip_all)]
@@ -341,12 +348,16 @@ impl LeaseService for LeaseApi {
             ));
         }
         let blocked_until_ms = parse_blocked_until(req.blocked_until)?;
-        parse_optional_duration("upstream_latency", req.upstream_latency)
+        let latency = parse_optional_duration("upstream_latency", req.upstream_latency)
             .map_err(ServiceError::from)?;
         let already_released = self
             .leaser
             .release(&caller, &req.lease_id, outcome, blocked_until_ms)
             .await?;
+        if !already_released {
+            let reported = req.upstream_latency.is_some().then_some(latency);
+            crate::metrics::lease_released(&req.lease_id, outcome, reported);
+        }
         Ok(Response::new(pb::ReleaseLeaseResponse { already_released }))
     }
 

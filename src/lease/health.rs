@@ -231,6 +231,10 @@ impl TokenHealth {
                 "token state changed"
             );
             self.learn(t.token_id.as_str(), t.new, t.until_ms, store_now_ms);
+            if t.new == TokenState::BreakerOpen {
+                // Each transition is decided once across replicas, so this counts once.
+                crate::metrics::breaker_opened(&t.token_id);
+            }
             self.events.publish_at(
                 t.at_ms,
                 EventKind::TokenStateChanged {

@@ -136,6 +136,7 @@ impl Leaser {
     /// Grants a lease or explains why not, waiting up to `max_wait` for a slot: a
     /// waiting caller keeps its place in the pool's queue (priority, then arrival) and
     /// tries again when the slot it may use frees.
+    #[tracing::instrument(name = "lease.acquire", skip_all, fields(tenant_id = %input.tenant_id, token_id))]
     pub async fn acquire(
         &self,
         caller: &Caller,
@@ -156,7 +157,13 @@ impl Leaser {
         };
         let waits = !input.max_wait.is_zero() && !self.max_wait.is_zero();
         if !waits || tokio::time::Instant::now() + denied.retry_after > deadline {
-            return Ok(denial(&input.tenant_id, &plan, &denied, false));
+            return Ok(denial(
+                &self.config.current(),
+                &input.tenant_id,
+                &plan,
+                &denied,
+                false,
+            ));
         }
         let Some(_slot) = self
             .waiting
@@ -175,6 +182,7 @@ impl Leaser {
         let order =
             crate::clock::system_now_ms() + priority_offset(input.priority, plan.upstream.window);
         let place = self.lines.join(&input.tenant_id, order);
+        let _waiting = crate::metrics::waiting(&input.tenant_id);
         call.enqueue = true;
         let answer = self
             .wait_for_slot(&input, &mut call, &place, denied.retry_after)
@@ -217,7 +225,13 @@ impl Leaser {
         match self.attempt(input, call).await? {
             Attempt::Done(answer) => Ok(answer),
             // The caller's queue entry goes with its `QueueEntry` guard.
-            Attempt::Denied(plan, denied) => Ok(denial(&input.tenant_id, &plan, &denied, true)),
+            Attempt::Denied(plan, denied) => Ok(denial(
+                &self.config.current(),
+                &input.tenant_id,
+                &plan,
+                &denied,
+                true,
+            )),
         }
     }
 
@@ -241,6 +255,8 @@ impl Leaser {
                 AcquireOutcome::Granted(grant) => {
                     // The store has the last word on the token's health (`health.rs`).
                     if self.admit(&plan.request, &grant).await? {
+                        crate::metrics::lease_granted(&snapshot, &plan.request, &grant);
+                        tracing::Span::current().record("token_id", grant.token_id.as_str());
                         return Ok(Attempt::Done(self.granted(&snapshot, &plan, grant)));
                     }
                     // The refused lease keeps its id (released NOT_USED): take a new one.
@@ -272,6 +288,7 @@ impl Leaser {
     }
 
     /// Picks the upstream and candidate tokens; `Ok(Err(_))` is a denial without trying.
+    #[tracing::instrument(name = "lease.plan", skip_all, fields(tenant_id = %input.tenant_id))]
     fn plan(
         &self,
         snapshot: &Snapshot,
@@ -388,6 +405,7 @@ impl Leaser {
 
     /// Records how a lease went (`blocked_until_ms`: the upstream's block end, with
     /// UPSTREAM_RATE_LIMITED). Returns whether it had been released already.
+    #[tracing::instrument(name = "lease.release", skip_all, fields(outcome = outcome.as_str()))]
     pub async fn release(
         &self,
         caller: &Caller,
@@ -474,6 +492,7 @@ fn no_usable_token(tenant: &Tenant, snapshot: &Snapshot) -> AcquireAnswer {
     } else {
         "all of its tokens are disabled".to_owned()
     };
+    crate::metrics::lease_denied(&tenant.id, DenialReason::NoUsableToken);
     AcquireAnswer::Denied {
         reason: DenialReason::NoUsableToken,
         retry_after: None,
@@ -481,12 +500,19 @@ fn no_usable_token(tenant: &Tenant, snapshot: &Snapshot) -> AcquireAnswer {
     }
 }
 
-fn denial(tenant: &Id, plan: &Plan, denied: &Denied, waited: bool) -> AcquireAnswer {
+fn denial(
+    snapshot: &Snapshot,
+    tenant: &Id,
+    plan: &Plan,
+    denied: &Denied,
+    waited: bool,
+) -> AcquireAnswer {
     let reason = match denied.reason {
         _ if waited => DenialReason::WaitTimeout,
         DenyReason::TenantQuota => DenialReason::TenantQuota,
         DenyReason::NoTokenCapacity => DenialReason::NoTokenCapacity,
     };
+    crate::metrics::acquire_denied(snapshot, &plan.request, reason, denied.reason);
     AcquireAnswer::Denied {
         reason,
         retry_after: Some(denied.retry_after),

@@ -109,6 +109,7 @@ impl TestEnv {
         settings.redis.timeout_ms = 500;
         settings.lease.ttl_ms = 1_000;
         settings.lease.use_grace_ms = 0;
+        settings.metrics.listen = "127.0.0.1:0".into();
         settings.encryption.keys = BTreeMap::from([("k1".to_string(), self.master_key.clone())]);
         settings
     }

@@ -10,6 +10,7 @@ mod faults;
 mod fixtures;
 mod helpers;
 mod lease;
+mod observe;
 mod pg_faults;
 mod reflection;
 mod replicas;

@@ -242,6 +242,7 @@ pub enum Counters {
 
 impl Counters {
     /// Decides and records one lease atomically.
+    #[tracing::instrument(name = "counters.acquire", skip_all, fields(upstream_id = %req.upstream_id, tenant_id = %req.tenant_id))]
     pub async fn acquire(&self, req: &AcquireRequest) -> Result<AcquireOutcome, CounterError> {
         match self {
             Self::Memory(m) => Ok(m.acquire(req)),
@@ -250,6 +251,7 @@ impl Counters {
     }
 
     /// Records the outcome of a lease; "not used" frees its slots.
+    #[tracing::instrument(name = "counters.release", skip_all, fields(tenant_id = %key.tenant_id, token_id = %key.token_id))]
     pub async fn release(
         &self,
         key: &LeaseKey,
@@ -262,6 +264,7 @@ impl Counters {
     }
 
     /// Slots held now, for one upstream's tenants and tokens.
+    #[tracing::instrument(name = "counters.usage", level = "debug", skip_all, fields(upstream_id = %upstream_id))]
     pub async fn usage(
         &self,
         upstream_id: &Id,

@@ -1,0 +1,482 @@
+//! Prometheus metrics: every metric name and label of tokenlease, in one place.
+//!
+//! The `metrics` facade is process-global, so is the recorder: `install` sets up the
+//! Prometheus recorder once per process and every later call reuses it (several `App`s
+//! in one test binary share it). `/metrics` is served by `serve` on its own listener
+//! (setting `metrics.listen`), bound in `App::build` so a test can use port 0.
+//!
+//! What is measured (the seed's §4 list) and where it is recorded:
+//! - grants, borrowed grants, denials and token exhaustion: in `lease::Leaser::acquire`;
+//! - releases, rate-limit reports and upstream latency: in `grpc::lease_api` (the
+//!   latency is a field of the ReleaseLease request, not of the use case);
+//! - AcquireLease latency: in `grpc::lease_api`;
+//! - callers waiting: a guard held by `Leaser::acquire` while it sleeps for a slot;
+//! - token utilization: set every `metrics.refresh_ms` by `spawn_refresher` from the
+//!   counters (the same read-out as `GetUsage`);
+//! - breaker opens: `breaker_opened`, called by the circuit breaker.
+//!
+//! # Cardinality
+//! Label values are configuration ids (tenant, token, upstream, pool), reasons and
+//! outcomes — never a secret. Tokens and upstreams are few and admin-made; tenants may be
+//! many, so at most `metrics.max_tenant_series` tenants get their own `tenant` label
+//! value (first come, first served, for the life of the process); the others are
+//! reported together as `tenant="_other"` (ids cannot start with `_`, so it never
+//! collides with a tenant).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::domain::Id;
+use crate::lease::{DenialReason, Leaser, Snapshot, TokenUsage};
+use crate::store::counters::{AcquireRequest, DenyReason, Grant, LeaseKey, ReleaseOutcome};
+
+/// Metric names. Counters end in `_total`, durations are in seconds.
+pub mod names {
+    /// Counter {tenant, upstream}: upstream requests granted (a lease of cost n counts
+    /// n). `rate(…[1m]) * 60` is the tenant's requests per minute.
+    pub const GRANTED_REQUESTS: &str = "tokenlease_granted_requests_total";
+    /// Counter {tenant, upstream}: grants that took the tenant above its guaranteed
+    /// capacity, i.e. into borrowed (burst) capacity.
+    pub const BORROWED_GRANTS: &str = "tokenlease_borrowed_grants_total";
+    /// Counter {tenant, reason}: AcquireLease answered with a denial.
+    pub const DENIALS: &str = "tokenlease_lease_denials_total";
+    /// Counter {upstream, pool}: denials because every token the tenant may use was at
+    /// its limit (NO_TOKEN_CAPACITY, also when it ended a wait).
+    pub const TOKEN_EXHAUSTION: &str = "tokenlease_token_exhaustion_total";
+    /// Counter {upstream, outcome}: leases released, by outcome.
+    pub const RELEASES: &str = "tokenlease_lease_releases_total";
+    /// Counter {token, upstream}: releases reporting UPSTREAM_RATE_LIMITED, i.e. the
+    /// upstream itself said a token was over its limit.
+    pub const UPSTREAM_RATE_LIMITED: &str = "tokenlease_upstream_rate_limited_total";
+    /// Counter {token}: circuit breaker openings.
+    pub const BREAKER_OPENS: &str = "tokenlease_breaker_opens_total";
+    /// Histogram {upstream}: upstream call latency as reported in ReleaseLease.
+    pub const UPSTREAM_LATENCY: &str = "tokenlease_upstream_latency_seconds";
+    /// Histogram {result}: time AcquireLease took to answer, waiting included.
+    pub const ACQUIRE_DURATION: &str = "tokenlease_acquire_duration_seconds";
+    /// Gauge {tenant}: callers waiting in AcquireLease (max_wait) for a slot right now.
+    pub const WAITING_CALLERS: &str = "tokenlease_waiting_callers";
+    /// Gauge {token, upstream}: slots held in the token's current window.
+    pub const TOKEN_USED_SLOTS: &str = "tokenlease_token_used_slots";
+    /// Gauge {token, upstream}: slots a token may serve per window (limit − margin).
+    pub const TOKEN_USABLE_SLOTS: &str = "tokenlease_token_usable_slots";
+    /// Gauge {token, upstream}: used / usable slots, 0 to 1.
+    pub const TOKEN_UTILIZATION: &str = "tokenlease_token_utilization_ratio";
+}
+
+/// Every metric name, for tests and the dashboard check.
+pub const ALL: &[&str] = &[
+    names::GRANTED_REQUESTS,
+    names::BORROWED_GRANTS,
+    names::DENIALS,
+    names::TOKEN_EXHAUSTION,
+    names::RELEASES,
+    names::UPSTREAM_RATE_LIMITED,
+    names::BREAKER_OPENS,
+    names::UPSTREAM_LATENCY,
+    names::ACQUIRE_DURATION,
+    names::WAITING_CALLERS,
+    names::TOKEN_USED_SLOTS,
+    names::TOKEN_USABLE_SLOTS,
+    names::TOKEN_UTILIZATION,
+];
+
+/// Label names.
+pub mod labels {
+    /// A tenant id, or `_other` past `metrics.max_tenant_series`.
+    pub const TENANT: &str = "tenant";
+    pub const TOKEN: &str = "token";
+    pub const UPSTREAM: &str = "upstream";
+    /// A pool id, or `dedicated` when the tenant has no pool.
+    pub const POOL: &str = "pool";
+    /// `tenant_quota`, `no_token_capacity`, `no_usable_token` or `wait_timeout`.
+    pub const REASON: &str = "reason";
+    /// `success`, `upstream_error`, `upstream_rate_limited` or `not_used`.
+    pub const OUTCOME: &str = "outcome";
+    /// `granted`, `denied` or `error`.
+    pub const RESULT: &str = "result";
+}
+
+/// The `tenant` value shared by the tenants past the cap.
+pub const OTHER_TENANTS: &str = "_other";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const ACQUIRE_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// Which tenants have their own label value: the first `cap` seen.
+pub struct TenantLabels {
+    cap: AtomicUsize,
+    seen: RwLock<HashSet<String>>,
+}
+
+impl TenantLabels {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap: AtomicUsize::new(cap),
+            seen: RwLock::default(),
+        }
+    }
+
+    pub fn set_cap(&self, cap: usize) {
+        self.cap.store(cap, Ordering::Relaxed);
+    }
+
+    /// The label value for `tenant`.
+    pub fn label(&self, tenant: &Id) -> String {
+        let id = tenant.as_str();
+        if self.seen.read().expect("not poisoned").contains(id) {
+            return id.to_owned();
+        }
+        let mut seen = self.seen.write().expect("not poisoned");
+        if seen.contains(id) || seen.len() < self.cap.load(Ordering::Relaxed) {
+            seen.insert(id.to_owned());
+            id.to_owned()
+        } else {
+            OTHER_TENANTS.to_owned()
+        }
+    }
+}
+
+fn tenant_labels() -> &'static TenantLabels {
+    static LABELS: OnceLock<TenantLabels> = OnceLock::new();
+    LABELS.get_or_init(|| TenantLabels::new(500))
+}
+
+fn tenant(id: &Id) -> String {
+    tenant_labels().label(id)
+}
+
+static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same
+/// handle and only update the tenant cap). Series not updated for `idle` are dropped
+/// from the output: token gauges are refreshed far more often, so a deleted or
+/// disabled token's series goes away instead of showing its last value forever.
+pub fn install(max_tenant_series: usize, idle: Duration) -> anyhow::Result<PrometheusHandle> {
+    tenant_labels().set_cap(max_tenant_series);
+    let handle = HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(idle))
+            .set_buckets_for_metric(
+                Matcher::Full(names::UPSTREAM_LATENCY.into()),
+                LATENCY_BUCKETS,
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(names::ACQUIRE_DURATION.into()),
+                    ACQUIRE_BUCKETS,
+                )
+            })
+            .map_err(|e| e.to_string())?;
+        let handle = builder.install_recorder().map_err(|e| e.to_string())?;
+        describe_all();
+        Ok(handle)
+    });
+    handle
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("cannot install the Prometheus metrics recorder")
+}
+
+fn describe_all() {
+    use names::*;
+    describe_counter!(
+        GRANTED_REQUESTS,
+        "Upstream requests granted, by tenant (a lease of cost n counts n)."
+    );
+    describe_counter!(
+        BORROWED_GRANTS,
+        "Grants that took the tenant above its guaranteed capacity."
+    );
+    describe_counter!(DENIALS, "AcquireLease denials, by tenant and reason.");
+    describe_counter!(
+        TOKEN_EXHAUSTION,
+        "Denials because every token the tenant may use was at its limit."
+    );
+    describe_counter!(RELEASES, "Leases released, by outcome.");
+    describe_counter!(
+        UPSTREAM_RATE_LIMITED,
+        "Releases reporting that the upstream answered rate-limited."
+    );
+    describe_counter!(BREAKER_OPENS, "Circuit breaker openings, by token.");
+    describe_histogram!(
+        UPSTREAM_LATENCY,
+        metrics::Unit::Seconds,
+        "Upstream call latency reported in ReleaseLease."
+    );
+    describe_histogram!(
+        ACQUIRE_DURATION,
+        metrics::Unit::Seconds,
+        "Time AcquireLease took to answer, waiting included."
+    );
+    describe_gauge!(
+        WAITING_CALLERS,
+        "Callers waiting in AcquireLease for a slot."
+    );
+    describe_gauge!(
+        TOKEN_USED_SLOTS,
+        "Slots held in the token's current window."
+    );
+    describe_gauge!(
+        TOKEN_USABLE_SLOTS,
+        "Slots a token may serve per window (limit minus safety margin)."
+    );
+    describe_gauge!(TOKEN_UTILIZATION, "Used / usable slots of a token, 0 to 1.");
+}
+
+fn denial_reason(reason: DenialReason) -> &'static str {
+    match reason {
+        DenialReason::TenantQuota => "tenant_quota",
+        DenialReason::NoTokenCapacity => "no_token_capacity",
+        DenialReason::NoUsableToken => "no_usable_token",
+        DenialReason::WaitTimeout => "wait_timeout",
+    }
+}
+
+/// A grant: requests per tenant, and whether it drew on borrowed capacity (the tenant's
+/// slots in the window, this grant included, exceed its guarantee).
+pub fn lease_granted(snapshot: &Snapshot, request: &AcquireRequest, grant: &Grant) {
+    let tenant_label = tenant(&request.tenant_id);
+    let upstream = request.upstream_id.to_string();
+    counter!(names::GRANTED_REQUESTS, labels::TENANT => tenant_label.clone(), labels::UPSTREAM => upstream.clone())
+        .increment(u64::from(request.cost.max(1)));
+    let guaranteed = snapshot.tenants.get(&request.tenant_id).and_then(|t| {
+        let tier = snapshot.tiers.get(&t.tier_id)?;
+        Some(t.guaranteed(tier))
+    });
+    if guaranteed.is_some_and(|g| grant.tenant_used > g) {
+        counter!(names::BORROWED_GRANTS, labels::TENANT => tenant_label, labels::UPSTREAM => upstream)
+            .increment(1);
+    }
+}
+
+/// A denial the caller gets, by tenant and reason.
+pub fn lease_denied(tenant_id: &Id, reason: DenialReason) {
+    counter!(names::DENIALS, labels::TENANT => tenant(tenant_id), labels::REASON => denial_reason(reason))
+        .increment(1);
+}
+
+/// A denial after asking the counters: counted by reason, and as token exhaustion when
+/// the binding limit was the tokens' (`binding`), even if the caller sees WAIT_TIMEOUT.
+pub fn acquire_denied(
+    snapshot: &Snapshot,
+    request: &AcquireRequest,
+    reason: DenialReason,
+    binding: DenyReason,
+) {
+    lease_denied(&request.tenant_id, reason);
+    if binding == DenyReason::NoTokenCapacity {
+        let pool = snapshot
+            .tenants
+            .get(&request.tenant_id)
+            .and_then(|t| t.pool_id.as_ref())
+            .map_or_else(|| "dedicated".to_owned(), Id::to_string);
+        counter!(names::TOKEN_EXHAUSTION, labels::UPSTREAM => request.upstream_id.to_string(), labels::POOL => pool)
+            .increment(1);
+    }
+}
+
+/// A first release of a lease (not a repeated one): outcome, rate-limit reports per
+/// token, and the upstream latency when the worker reported it.
+pub fn lease_released(lease_id: &str, outcome: ReleaseOutcome, upstream_latency: Option<Duration>) {
+    let Some(key) = LeaseKey::parse(lease_id) else {
+        return;
+    };
+    let upstream = key.upstream_id.to_string();
+    counter!(names::RELEASES, labels::UPSTREAM => upstream.clone(), labels::OUTCOME => outcome.as_str())
+        .increment(1);
+    if outcome == ReleaseOutcome::UpstreamRateLimited {
+        counter!(names::UPSTREAM_RATE_LIMITED, labels::TOKEN => key.token_id.to_string(), labels::UPSTREAM => upstream.clone())
+            .increment(1);
+    }
+    if let Some(latency) = upstream_latency
+        && outcome != ReleaseOutcome::NotUsed
+    {
+        histogram!(names::UPSTREAM_LATENCY, labels::UPSTREAM => upstream).record(latency);
+    }
+}
+
+/// How long one AcquireLease took; `result` is `granted`, `denied` or `error`.
+pub fn acquire_finished(result: &'static str, elapsed: Duration) {
+    histogram!(names::ACQUIRE_DURATION, labels::RESULT => result).record(elapsed);
+}
+
+/// A circuit breaker opened on `token`.
+pub fn breaker_opened(token: &Id) {
+    counter!(names::BREAKER_OPENS, labels::TOKEN => token.to_string()).increment(1);
+}
+
+/// Callers waiting, per tenant label. Kept here (not only in the gauge) so the
+/// refresher can republish them: an idle gauge would otherwise be dropped mid-wait.
+fn waiting_counts() -> &'static Mutex<HashMap<String, i64>> {
+    static WAITING: OnceLock<Mutex<HashMap<String, i64>>> = OnceLock::new();
+    WAITING.get_or_init(Mutex::default)
+}
+
+fn add_waiting(label: &str, delta: i64) {
+    let mut counts = waiting_counts().lock().expect("not poisoned");
+    let count = counts.entry(label.to_owned()).or_default();
+    *count += delta;
+    gauge!(names::WAITING_CALLERS, labels::TENANT => label.to_owned()).set(*count as f64);
+}
+
+/// Counts a caller as waiting until dropped.
+#[must_use = "the caller counts as waiting only while the guard lives"]
+pub struct Waiting {
+    label: String,
+}
+
+/// Marks a caller of `tenant_id` as waiting for a slot.
+pub fn waiting(tenant_id: &Id) -> Waiting {
+    let label = tenant(tenant_id);
+    add_waiting(&label, 1);
+    Waiting { label }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        add_waiting(&self.label, -1);
+    }
+}
+
+/// Publishes token usage gauges, and makes each token's counters exist from the
+/// start (at 0), so `increase()` sees their first event.
+pub fn token_usage(tokens: &[TokenUsage]) {
+    for t in tokens {
+        let labels = [
+            (labels::TOKEN, t.token_id.to_string()),
+            (labels::UPSTREAM, t.upstream_id.to_string()),
+        ];
+        counter!(names::UPSTREAM_RATE_LIMITED, &labels).increment(0);
+        counter!(names::BREAKER_OPENS, labels::TOKEN => t.token_id.to_string()).increment(0);
+        if t.disabled {
+            continue; // its gauges go idle and leave the output
+        }
+        gauge!(names::TOKEN_USED_SLOTS, &labels).set(f64::from(t.used));
+        gauge!(names::TOKEN_USABLE_SLOTS, &labels).set(f64::from(t.usable));
+        let ratio = if t.usable == 0 {
+            0.0
+        } else {
+            f64::from(t.used) / f64::from(t.usable)
+        };
+        gauge!(names::TOKEN_UTILIZATION, &labels).set(ratio);
+    }
+}
+
+/// Every `every`, until `stop`: reads token usage from the counters into the gauges,
+/// republishes the waiting gauges and runs the recorder's upkeep. A failed read (Redis
+/// away) leaves the gauges as they were; it is logged once per outage.
+pub fn spawn_refresher(
+    leaser: Leaser,
+    handle: PrometheusHandle,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            match leaser.usage(None, None).await {
+                Ok(usage) => {
+                    failing = false;
+                    token_usage(&usage.tokens);
+                }
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(%error, "cannot read token usage for metrics");
+                }
+                Err(_) => {}
+            }
+            for (label, count) in waiting_counts().lock().expect("not poisoned").iter() {
+                gauge!(names::WAITING_CALLERS, labels::TENANT => label.clone()).set(*count as f64);
+            }
+            handle.run_upkeep();
+        }
+    });
+}
+
+/// Binds the `/metrics` listener.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr} (setting metrics.listen)"))
+}
+
+/// Serves `GET /metrics` in the Prometheus text format until `stop`.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use axum::http::header::CONTENT_TYPE;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move {
+                (
+                    [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    handle.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+        .context("the metrics server failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> Id {
+        Id::parse("t", s).unwrap()
+    }
+
+    /// The first `cap` tenants keep their own label; the rest share `_other`, and a
+    /// tenant keeps the label it got first.
+    #[test]
+    fn tenant_series_are_capped() {
+        let labels = TenantLabels::new(2);
+        assert_eq!(labels.label(&id("a")), "a");
+        assert_eq!(labels.label(&id("b")), "b");
+        assert_eq!(labels.label(&id("c")), OTHER_TENANTS);
+        assert_eq!(labels.label(&id("a")), "a");
+        labels.set_cap(3);
+        assert_eq!(labels.label(&id("d")), "d");
+        assert_eq!(labels.label(&id("c")), OTHER_TENANTS);
+    }
+
+    /// Every name is prefixed, unique, and counters end in `_total`.
+    #[test]
+    fn names_are_prefixed_and_unique() {
+        let unique: HashSet<&str> = ALL.iter().copied().collect();
+        assert_eq!(unique.len(), ALL.len());
+        for name in ALL {
+            assert!(name.starts_with("tokenlease_"), "{name}");
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! Observability end to end: the Prometheus metrics of a small run of the real binary
+//! (its own process, so the process-wide counters hold that run alone), and OTLP traces
+//! whose AcquireLease span is a child of the caller's span.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
+use tokenlease::metrics::names;
+use tokenlease::telemetry::{self, OtlpConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Channel, Server};
+use tracing_subscriber::layer::SubscriberExt;
+
+use super::fixtures::{PoolSetup, create_tenant, token_secret};
+use super::helpers::{Counters, Db, TestEnv, authed, millis};
+
+/// GET /metrics, the body.
+async fn scrape(addr: SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_lowercase().contains("content-type: text/plain"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// The value of the series `name{labels}` (exactly these labels), if present.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let wanted: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, found) = match series.split_once('{') {
+                Some((n, rest)) => (n, parse_labels(rest.strip_suffix('}')?)),
+                None => (series, BTreeMap::new()),
+            };
+            (series_name == name && found == wanted).then(|| value.parse().unwrap())
+        })
+}
+
+fn parse_labels(body: &str) -> BTreeMap<&str, &str> {
+    body.split(',')
+        .filter(|p| !p.is_empty())
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            Some((k, v.trim_matches('"')))
+        })
+        .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `tokenlease serve` as its own process in `data_dir`, embedded mode.
+fn start_binary(data_dir: &Path, grpc: SocketAddr, metrics: SocketAddr) -> tokio::process::Child {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenlease"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TOKENLEASE_") || name.starts_with("OTEL_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .arg("serve")
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env("TOKENLEASE_LISTEN", grpc.to_string())
+        .env("TOKENLEASE_DATA_DIR", data_dir)
+        .env("TOKENLEASE_METRICS__LISTEN", metrics.to_string())
+        .env("TOKENLEASE_METRICS__REFRESH_MS", "100")
+        .env("TOKENLEASE_LEASE__MAX_WAIT_MS", "600000")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start tokenlease serve")
+}
+
+/// Waits for the bootstrap admin key and a gRPC connection.
+async fn connect_when_ready(data_dir: &Path, grpc: SocketAddr) -> (Channel, String) {
+    for _ in 0..200 {
+        let key = std::fs::read_to_string(data_dir.join("admin.key")).unwrap_or_default();
+        if !key.trim().is_empty()
+            && let Ok(channel) = Channel::from_shared(format!("http://{grpc}"))
+                .unwrap()
+                .connect()
+                .await
+        {
+            return (channel, key.trim().to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("tokenlease serve did not come up on {grpc}");
+}
+
+/// Polls /metrics until `name{labels}` equals `value`.
+async fn wait_for(addr: SocketAddr, name: &str, labels: &[(&str, &str)], value: f64) {
+    let mut last = None;
+    for _ in 0..100 {
+        last = sample(&scrape(addr).await, name, labels);
+        if last == Some(value) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{name}{labels:?} is {last:?}, expected {value}");
+}
+
+fn acquire_request(
+    tenant: &str,
+    max_wait: Option<prost_types::Duration>,
+) -> pb::AcquireLeaseRequest {
+    pb::AcquireLeaseRequest {
+        tenant_id: tenant.into(),
+        max_wait,
+        ..Default::default()
+    }
+}
+
+/// After 5 grants, a quota denial, a token-capacity denial, a caller that waits and goes
+/// away, and NOT_USED / SUCCESS (250 ms) / UPSTREAM_RATE_LIMITED releases, /metrics shows
+/// every metric with exactly the counts this run implies, and no secret.
+#[tokio::test]
+async fn metrics_count_exactly_what_a_small_run_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _server = start_binary(dir.path(), grpc, metrics);
+    let (channel, admin_key) = connect_when_ready(dir.path(), grpc).await;
+    let mut admin = pb::admin_service_client::AdminServiceClient::new(channel.clone());
+    // One token "tok-0": 6 per minute − 5 % = 5 usable; tier "flex" 2 guaranteed + 2 burst.
+    let pool = PoolSetup {
+        limit: 6,
+        window_ms: 60_000,
+        guaranteed: 2,
+        burst: 2,
+        ..PoolSetup::default()
+    };
+    pool.create(&mut admin, &admin_key).await;
+    create_tenant(&mut admin, &admin_key, "acme", "flex").await;
+    create_tenant(&mut admin, &admin_key, "beta", "flex").await;
+    let mut lease = pb::lease_service_client::LeaseServiceClient::new(channel);
+    let acquire = async |tenant: &str| {
+        let request = authed(acquire_request(tenant, None), &admin_key);
+        let answer = lease.clone().acquire_lease(request).await.unwrap();
+        answer.into_inner().result.unwrap()
+    };
+
+    // acme: 4 grants (the 3rd and 4th above its guarantee of 2), then its quota binds.
+    let mut acme_leases = vec![];
+    for _ in 0..4 {
+        let Answer::Lease(l) = acquire("acme").await else {
+            panic!("acme denied within its quota")
+        };
+        acme_leases.push(l.lease_id);
+    }
+    assert!(
+        matches!(acquire("acme").await, Answer::Denial(d) if d.reason == pb::DenialReason::TenantQuota as i32)
+    );
+    // beta: the token's 5th slot, then the token is full.
+    assert!(matches!(acquire("beta").await, Answer::Lease(_)));
+    assert!(
+        matches!(acquire("beta").await, Answer::Denial(d) if d.reason == pb::DenialReason::NoTokenCapacity as i32)
+    );
+
+    // A beta caller waits for a slot (it frees in about a minute), then goes away.
+    let mut waiter_client = lease.clone();
+    let waiter_key = admin_key.clone();
+    let waiter = tokio::spawn(async move {
+        let request = acquire_request("beta", Some(millis(300_000)));
+        waiter_client
+            .acquire_lease(authed(request, &waiter_key))
+            .await
+    });
+    let waiting = [("tenant", "beta")];
+    wait_for(metrics, names::WAITING_CALLERS, &waiting, 1.0).await;
+    waiter.abort();
+    wait_for(metrics, names::WAITING_CALLERS, &waiting, 0.0).await;
+
+    let outcomes = [
+        (pb::ReleaseOutcome::NotUsed, None),
+        (pb::ReleaseOutcome::Success, Some(millis(250))),
+        (pb::ReleaseOutcome::UpstreamRateLimited, None),
+    ];
+    for (lease_id, (outcome, latency)) in acme_leases.iter().zip(outcomes) {
+        let request = pb::ReleaseLeaseRequest {
+            lease_id: lease_id.clone(),
+            outcome: outcome as i32,
+            upstream_latency: latency,
+            ..Default::default()
+        };
+        lease
+            .release_lease(authed(request, &admin_key))
+            .await
+            .unwrap();
+    }
+    // 5 granted − 1 not used = 4 of 5 slots held.
+    let token = [("token", "tok-0"), ("upstream", "up")];
+    wait_for(metrics, names::TOKEN_USED_SLOTS, &token, 4.0).await;
+
+    let text = scrape(metrics).await;
+    let expect = |name: &str, labels: &[(&str, &str)], value: f64| {
+        assert_eq!(
+            sample(&text, name, labels),
+            Some(value),
+            "{name}{labels:?}\n{text}"
+        );
+    };
+    let acme = [("tenant", "acme"), ("upstream", "up")];
+    let beta = [("tenant", "beta"), ("upstream", "up")];
+    expect(names::GRANTED_REQUESTS, &acme, 4.0);
+    expect(names::GRANTED_REQUESTS, &beta, 1.0);
+    expect(names::BORROWED_GRANTS, &acme, 2.0);
+    assert_eq!(
+        sample(&text, names::BORROWED_GRANTS, &beta),
+        None,
+        "beta stayed within its guarantee"
+    );
+    expect(
+        names::DENIALS,
+        &[("tenant", "acme"), ("reason", "tenant_quota")],
+        1.0,
+    );
+    expect(
+        names::DENIALS,
+        &[("tenant", "beta"), ("reason", "no_token_capacity")],
+        1.0,
+    );
+    expect(
+        names::TOKEN_EXHAUSTION,
+        &[("upstream", "up"), ("pool", "shared")],
+        1.0,
+    );
+    for outcome in ["not_used", "success", "upstream_rate_limited"] {
+        expect(
+            names::RELEASES,
+            &[("upstream", "up"), ("outcome", outcome)],
+            1.0,
+        );
+    }
+    expect(names::UPSTREAM_RATE_LIMITED, &token, 1.0);
+    expect(names::BREAKER_OPENS, &[("token", "tok-0")], 0.0);
+    let up = [("upstream", "up")];
+    expect(&format!("{}_count", names::UPSTREAM_LATENCY), &up, 1.0);
+    expect(&format!("{}_sum", names::UPSTREAM_LATENCY), &up, 0.25);
+    expect(
+        &format!("{}_bucket", names::UPSTREAM_LATENCY),
+        &[("upstream", "up"), ("le", "0.1")],
+        0.0,
+    );
+    expect(
+        &format!("{}_bucket", names::UPSTREAM_LATENCY),
+        &[("upstream", "up"), ("le", "0.25")],
+        1.0,
+    );
+    let acquire_count = format!("{}_count", names::ACQUIRE_DURATION);
+    expect(&acquire_count, &[("result", "granted")], 5.0);
+    expect(&acquire_count, &[("result", "denied")], 2.0);
+    assert_eq!(sample(&text, &acquire_count, &[("result", "error")]), None);
+    expect(names::WAITING_CALLERS, &waiting, 0.0);
+    expect(names::TOKEN_USED_SLOTS, &token, 4.0);
+    expect(names::TOKEN_USABLE_SLOTS, &token, 5.0);
+    expect(names::TOKEN_UTILIZATION, &token, 0.8);
+    for name in tokenlease::metrics::ALL {
+        assert!(
+            text.contains(&format!("# TYPE {name}")),
+            "{name} missing\n{text}"
+        );
+    }
+    assert!(!text.contains(&token_secret(0)) && !text.contains(&admin_key));
+}
+
+/// Collects exported spans.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes.iter().find(|a| a.key == key).and_then(|a| {
+        match a.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(s) => Some(s.clone()),
+            other => Some(format!("{other:?}")),
+        }
+    })
+}
+
+/// An AcquireLease carrying `traceparent` is exported over OTLP as a server span whose
+/// trace id and parent span id are the caller's; the use case and counter spans sit
+/// beneath it in the same trace with the tenant and token ids; no span carries a secret.
+#[tokio::test(flavor = "current_thread")]
+async fn acquire_lease_span_continues_the_callers_trace() {
+    // An in-process OTLP receiver.
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver = listener.local_addr().unwrap();
+    tokio::spawn(
+        Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let provider = telemetry::tracer_provider(&OtlpConfig {
+        endpoint: format!("http://{receiver}"),
+        service_name: "tokenlease-test".into(),
+    })
+    .unwrap();
+    // This thread runs every task of the test (current_thread), so a thread-local
+    // subscriber sees the server's spans without touching the global one.
+    let subscriber = tracing_subscriber::registry().with(telemetry::otel_layer(&provider));
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
+    let app = env.spawn().await;
+    let mut admin = app.admin().await;
+    PoolSetup::default()
+        .create(&mut admin, &app.admin_key)
+        .await;
+    create_tenant(&mut admin, &app.admin_key, "acme", "flex").await;
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let mut request = authed(acquire_request("acme", None), &app.admin_key);
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{caller_span}-01").parse().unwrap(),
+    );
+    let answer = app.lease().await.acquire_lease(request).await.unwrap();
+    assert!(matches!(answer.into_inner().result, Some(Answer::Lease(_))));
+
+    let mut spans = vec![];
+    for _ in 0..100 {
+        telemetry::flush(&provider).await.unwrap();
+        spans = collector.spans.lock().unwrap().clone();
+        if spans.iter().any(|s| s.name == "counters.acquire") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let find = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name && hex::encode(&s.trace_id) == trace_id)
+            .unwrap_or_else(|| panic!("no {name} span in the caller's trace: {spans:#?}"))
+    };
+    let server = find("tokenlease.v1.LeaseService/AcquireLease");
+    assert_eq!(hex::encode(&server.parent_span_id), caller_span);
+    assert_eq!(server.kind, 2, "SPAN_KIND_SERVER");
+    assert_eq!(
+        attribute(server, "rpc.method").as_deref(),
+        Some("AcquireLease")
+    );
+    let acquire = find("lease.acquire");
+    assert_eq!(attribute(acquire, "tenant_id").as_deref(), Some("acme"));
+    assert_eq!(attribute(acquire, "token_id").as_deref(), Some("tok-0"));
+    let counters = find("counters.acquire");
+    assert_eq!(counters.parent_span_id, acquire.span_id);
+    // The chain from the use case up reaches the server span.
+    let by_id = |id: &[u8]| spans.iter().find(|s| s.span_id == id);
+    let mut up = acquire;
+    while up.span_id != server.span_id {
+        up = by_id(&up.parent_span_id).expect("a parent inside the trace");
+    }
+    let secret = token_secret(0);
+    for span in &spans {
+        let text = format!("{span:?}");
+        assert!(
+            !text.contains(&secret) && !text.contains(&app.admin_key),
+            "{text}"
+        );
+    }
+    app.stop().await;
+    drop(_default);
+    telemetry::shutdown(provider).await.unwrap();
+}
