@@ -153,11 +153,13 @@ async fn metrics_count_exactly_what_a_small_run_did() {
     let _server = start_binary(dir.path(), grpc, metrics);
     let (channel, admin_key) = connect_when_ready(dir.path(), grpc).await;
     let mut admin = pb::admin_service_client::AdminServiceClient::new(channel.clone());
-    // One token "tok-0": 6 per minute − 5 % = 5 usable; tier "flex" 2 guaranteed + 2 burst.
+    // One token "tok-0": 6 per minute − 5 % = 5 usable; tier "flex" 1 guaranteed + 2
+    // burst. Fair shares with no demand measured yet: acme 3 (1 + 2 of the idle 3 by
+    // largest remainder), beta 2.
     let pool = PoolSetup {
         limit: 6,
         window_ms: 60_000,
-        guaranteed: 2,
+        guaranteed: 1,
         burst: 2,
         ..PoolSetup::default()
     };
@@ -171,9 +173,9 @@ async fn metrics_count_exactly_what_a_small_run_did() {
         answer.into_inner().result.unwrap()
     };
 
-    // acme: 4 grants (the 3rd and 4th above its guarantee of 2), then its quota binds.
+    // acme: 3 grants (the 2nd and 3rd above its guarantee of 1), then its quota binds.
     let mut acme_leases = vec![];
-    for _ in 0..4 {
+    for _ in 0..3 {
         let Answer::Lease(l) = acquire("acme").await else {
             panic!("acme denied within its quota")
         };
@@ -182,22 +184,25 @@ async fn metrics_count_exactly_what_a_small_run_did() {
     assert!(
         matches!(acquire("acme").await, Answer::Denial(d) if d.reason == pb::DenialReason::TenantQuota as i32)
     );
-    // beta: the token's 5th slot, then the token is full.
+    // beta: the token's 4th and 5th slots (the 5th above its guarantee): the token is full.
     assert!(matches!(acquire("beta").await, Answer::Lease(_)));
+    assert!(matches!(acquire("beta").await, Answer::Lease(_)));
+    // gamma, added now, is within its quota but finds the token full.
+    create_tenant(&mut admin, &admin_key, "gamma", "flex").await;
     assert!(
-        matches!(acquire("beta").await, Answer::Denial(d) if d.reason == pb::DenialReason::NoTokenCapacity as i32)
+        matches!(acquire("gamma").await, Answer::Denial(d) if d.reason == pb::DenialReason::NoTokenCapacity as i32)
     );
 
-    // A beta caller waits for a slot (it frees in about a minute), then goes away.
+    // A gamma caller waits for a slot (it frees in about a minute), then goes away.
     let mut waiter_client = lease.clone();
     let waiter_key = admin_key.clone();
     let waiter = tokio::spawn(async move {
-        let request = acquire_request("beta", Some(millis(300_000)));
+        let request = acquire_request("gamma", Some(millis(300_000)));
         waiter_client
             .acquire_lease(authed(request, &waiter_key))
             .await
     });
-    let waiting = [("tenant", "beta")];
+    let waiting = [("tenant", "gamma")];
     wait_for(metrics, names::WAITING_CALLERS, &waiting, 1.0).await;
     waiter.abort();
     wait_for(metrics, names::WAITING_CALLERS, &waiting, 0.0).await;
@@ -233,13 +238,18 @@ async fn metrics_count_exactly_what_a_small_run_did() {
     };
     let acme = [("tenant", "acme"), ("upstream", "up")];
     let beta = [("tenant", "beta"), ("upstream", "up")];
-    expect(names::GRANTED_REQUESTS, &acme, 4.0);
-    expect(names::GRANTED_REQUESTS, &beta, 1.0);
+    expect(names::GRANTED_REQUESTS, &acme, 3.0);
+    expect(names::GRANTED_REQUESTS, &beta, 2.0);
     expect(names::BORROWED_GRANTS, &acme, 2.0);
+    expect(names::BORROWED_GRANTS, &beta, 1.0);
     assert_eq!(
-        sample(&text, names::BORROWED_GRANTS, &beta),
+        sample(
+            &text,
+            names::GRANTED_REQUESTS,
+            &[("tenant", "gamma"), ("upstream", "up")]
+        ),
         None,
-        "beta stayed within its guarantee"
+        "gamma got nothing"
     );
     expect(
         names::DENIALS,
@@ -248,7 +258,7 @@ async fn metrics_count_exactly_what_a_small_run_did() {
     );
     expect(
         names::DENIALS,
-        &[("tenant", "beta"), ("reason", "no_token_capacity")],
+        &[("tenant", "gamma"), ("reason", "no_token_capacity")],
         1.0,
     );
     expect(
