@@ -67,6 +67,7 @@ if first_attempt then
 end
 
 local score = nil
+local has_waiters = false
 if queued then
   for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', '(' .. now)) do
     redis.call('ZREM', KEYS[4], gone)
@@ -74,6 +75,8 @@ if queued then
     redis.call('HDEL', KEYS[6], gone)
   end
   if ARGV[11] == '' then score = now + tonumber(ARGV[12]) else score = tonumber(ARGV[11]) end
+  -- With nobody waiting, the queue cannot hold anyone ahead: skip counting pool room.
+  has_waiters = redis.call('ZCARD', KEYS[4]) > 0
 end
 
 -- An entry whose occupancy ended before now - W cannot share a window with a use made
@@ -118,7 +121,7 @@ for i = 7, #KEYS do
   -- A dedicated token with room wins over every pool token.
   if best ~= nil and best <= n_dedicated and idx > n_dedicated then break end
   local used = trim(KEYS[i])
-  if queued and idx > n_dedicated then
+  if has_waiters and idx > n_dedicated then
     pool_room = pool_room + math.max(0, token_limit - used)
     local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
     if first[2] then pool_next = math.min(pool_next, tonumber(first[2]) + window + 1) end
@@ -144,7 +147,7 @@ if best == nil then
 end
 
 -- A pool slot goes to the waiters ahead first: count those that could use one now.
-if queued and best > n_dedicated then
+if has_waiters and best > n_dedicated then
   local ahead = 0
   for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. score)) do
     if ahead >= pool_room then break end
