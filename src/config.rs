@@ -40,6 +40,10 @@ pub struct Settings {
     pub metrics: MetricsSection,
     /// How often a replica checks the database for configuration changes.
     pub config_refresh_ms: u64,
+    /// Priority by request kind for calls that name none, overriding the seed's
+    /// mapping, e.g. `priorities.analytics = "normal"`.
+    #[serde(default)]
+    pub priorities: BTreeMap<String, String>,
     /// `text` or `json` logs.
     pub log_format: String,
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
@@ -145,6 +149,7 @@ impl Default for Settings {
                 refresh_ms: 5_000,
             },
             config_refresh_ms: 1_000,
+            priorities: BTreeMap::new(),
             log_format: "text".into(),
             shutdown_grace_ms: 10_000,
         }
@@ -209,6 +214,8 @@ impl Settings {
             100_000,
         )?;
         self.metrics_addr()?;
+        self.priority_map()
+            .map_err(|e| anyhow::anyhow!("invalid setting {e}"))?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             bail!(
                 "invalid setting log_format = {:?}: use \"text\" or \"json\"",
@@ -258,6 +265,15 @@ impl Settings {
                 "invalid setting metrics.listen = {listen:?}: use host:port, e.g. 0.0.0.0:9464, or \"\" to turn metrics off"
             )
         })
+    }
+
+    /// The request-kind → priority mapping with this configuration's overrides.
+    pub fn priority_map(&self) -> Result<crate::domain::PriorityMap, String> {
+        crate::domain::PriorityMap::with_overrides(
+            self.priorities
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
     }
 
     pub fn lease_ttl(&self) -> Duration {

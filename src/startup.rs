@@ -216,6 +216,7 @@ impl App {
         let lease = LeaseApi {
             leaser: self.leaser.clone(),
             events: self.events.clone(),
+            priorities: self.settings.priority_map().map_err(anyhow::Error::msg)?,
         };
         let admin = AdminApi {
             leaser: self.leaser.clone(),

@@ -14,7 +14,7 @@ pub use model::check_display_name;
 pub use model::{
     ApiKeyRecord, ApiKeyRole, Pool, SharedAccess, Tenant, Tier, TokenOwner, TokenRecord, Upstream,
 };
-pub use priority::{Priority, RequestKind};
+pub use priority::{Priority, PriorityMap, RequestKind};
 pub use token_health::{BreakerPolicy, QUARANTINE_MAX, QUARANTINE_MIN, TokenState};
 pub use validate::{CapacityReport, ConfigView, check_guarantees};
 

@@ -13,7 +13,7 @@ use super::auth::caller;
 use super::convert::{duration, parse_optional_duration, timestamp};
 use super::pb::{self, lease_service_server::LeaseService};
 use crate::auth::Caller;
-use crate::domain::{Id, InvalidField, Priority, RequestKind, TokenState};
+use crate::domain::{Id, InvalidField, Priority, PriorityMap, RequestKind, TokenState};
 use crate::error::ServiceError;
 use crate::events::{Change, Event, EventBus, EventKind, Filter, Resource};
 use crate::lease::{
@@ -27,6 +27,8 @@ use crate::store::counters::ReleaseOutcome;
 pub struct LeaseApi {
     pub leaser: Leaser,
     pub events: EventBus,
+    /// Priority by request kind for calls that name none.
+    pub priorities: PriorityMap,
 }
 
 fn invalid(field: &str, reason: &str) -> Status {
@@ -63,7 +65,10 @@ fn parse_request_kind(value: i32) -> Result<RequestKind, Status> {
     )
 }
 
-fn parse_acquire(req: pb::AcquireLeaseRequest) -> Result<AcquireInput, Status> {
+fn parse_acquire(
+    req: pb::AcquireLeaseRequest,
+    priorities: &PriorityMap,
+) -> Result<AcquireInput, Status> {
     let cost = match req.cost {
         0 => 1,
         c if c > MAX_COST => {
@@ -80,7 +85,7 @@ fn parse_acquire(req: pb::AcquireLeaseRequest) -> Result<AcquireInput, Status> {
         tenant_id: Id::parse("tenant_id", &req.tenant_id).map_err(ServiceError::from)?,
         upstream_id: Id::parse_optional("upstream_id", &req.upstream_id)
             .map_err(ServiceError::from)?,
-        priority: Priority::resolve(explicit, kind),
+        priority: priorities.resolve(explicit, kind),
         cost,
         max_wait: parse_optional_duration("max_wait", req.max_wait).map_err(ServiceError::from)?,
     })
@@ -322,7 +327,7 @@ impl LeaseService for LeaseApi {
     ) -> Result<Response<pb::AcquireLeaseResponse>, Status> {
         let started = std::time::Instant::now();
         let caller = caller(&request)?;
-        let input = parse_acquire(request.into_inner())?;
+        let input = parse_acquire(request.into_inner(), &self.priorities)?;
         let answer = self.leaser.acquire(&caller, input).await;
         let result = match &answer {
             Ok(AcquireAnswer::Granted(_)) => "granted",
