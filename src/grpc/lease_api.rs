@@ -176,11 +176,18 @@ pub fn usage_to_proto(usage: Usage) -> pb::GetUsageResponse {
             .tenants
             .into_iter()
             .map(|t| pb::TenantUsage {
+                requests_per_minute: t.requests_per_minute(),
+                utilization: t.utilization(),
+                borrowed_share: t.borrowed_share(),
                 tenant_id: t.tenant_id.to_string(),
                 upstream_id: t.upstream_id.to_string(),
                 used_in_window: t.used,
                 limit_per_window: t.limit,
                 window: Some(duration(t.window)),
+                guaranteed_per_window: t.guaranteed,
+                asked_in_window: t.demand.asked,
+                denied_in_window: t.demand.unmet,
+                waiting_callers: t.waiting,
             })
             .collect(),
         tokens: usage
@@ -198,6 +205,8 @@ pub fn usage_to_proto(usage: Usage) -> pb::GetUsageResponse {
                 disabled: t.disabled,
                 upstream_id: t.upstream_id.to_string(),
                 window: Some(duration(t.window)),
+                state: token_state_to_proto(t.state) as i32,
+                state_until: t.state_until_ms.map(timestamp),
             })
             .collect(),
     }

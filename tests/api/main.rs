@@ -15,3 +15,4 @@ mod pg_faults;
 mod reflection;
 mod replicas;
 mod tls;
+mod usage;
