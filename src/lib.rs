@@ -8,8 +8,15 @@
 //! - `crypto`: AES-256-GCM sealing of upstream tokens under a key ring.
 //! - `store/`: the configuration store (Postgres or SQLite, `store::ConfigStore`) and the
 //!   lease counters (Redis or memory, `store::counters`).
-//! - `lease/`: the acquire and release use cases, including routing around unhealthy
-//!   tokens (`lease/health.rs`: circuit breaker and quarantine).
+//! - `quota/`: pure quota algorithms: the weighted max-min fair share of a pool.
+//! - `lease/`: the acquire and release use cases: the configuration snapshot
+//!   (`live.rs`), quotas from measured demand (`allocator.rs`), waiting callers in
+//!   priority order (`waiting.rs`), routing around unhealthy tokens (`health.rs`:
+//!   circuit breaker and quarantine) and the usage read-out (`usage.rs`).
+//! - `grpc/`: the only place that sees proto types: conversions, status mapping, auth
+//!   interceptor, the two services.
+//! - `auth`, `admin`: API keys and callers; admin use cases shared by the CLI.
+//! - `config`, `startup`: layered settings; building and running the server.
 //! - `events`: the event bus behind `WatchEvents`; `store::event_relay` carries it
 //!   between replicas over Redis pub/sub.
 //! - `clock`: the one place the embedded mode reads time.
