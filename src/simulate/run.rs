@@ -1,0 +1,524 @@
+//! One run of a scenario: the emulator with the scenario's limit and (scaled) window,
+//! one in-process service on an embedded store, configured through the admin gRPC API,
+//! and open-loop workers asking for leases at each tenant's demand rate. Each granted
+//! lease is used at once against the emulator and released with the outcome.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use secrecy::ExposeSecret;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+use super::scenario::{Scenario, parse_access, parse_priority};
+use crate::admin::issue_api_key;
+use crate::baselinker::{BaseLinkerClient, Outcome};
+use crate::config::Settings;
+use crate::domain::ApiKeyRole;
+use crate::emulator::{Emulator, EmulatorConfig};
+use crate::grpc::pb::{
+    self, acquire_lease_response::Result as Answer, admin_service_client::AdminServiceClient,
+    lease_service_client::LeaseServiceClient,
+};
+use crate::startup::App;
+
+/// What one tenant saw. Per-window counts are by the window the request was asked in.
+#[derive(Clone, Debug, Default)]
+pub struct TenantResult {
+    pub id: String,
+    pub guaranteed: u32,
+    /// The share of its demand it should get.
+    pub target_share: f64,
+    pub asked: u64,
+    pub granted: u64,
+    pub denied: u64,
+    /// Upstream refusals (rate-limited answers) on this tenant's calls.
+    pub upstream_refusals: u64,
+    /// Waits of granted requests, in real (unscaled) ms.
+    pub waits_ms: Vec<u64>,
+    pub asked_per_window: Vec<u64>,
+    pub granted_per_window: Vec<u64>,
+}
+
+/// What the emulator saw for one token.
+#[derive(Clone, Debug, Default)]
+pub struct TokenResult {
+    pub id: String,
+    pub accepted: u64,
+    pub violations: u64,
+    pub accepted_per_window: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RunResult {
+    pub windows: u32,
+    /// Real window length, seconds (rates are reported per real minute).
+    pub window_secs: f64,
+    /// The upstream limit per window per token.
+    pub limit: u32,
+    /// Tokens in the first (planned) pool.
+    pub pool_tokens: u32,
+    pub tenants: Vec<TenantResult>,
+    pub tokens: Vec<TokenResult>,
+    /// When the workers started, Unix ms.
+    pub start_ms: i64,
+    /// Set when the service refused the configuration (e.g. the 80 % rule).
+    pub refused: Option<String>,
+}
+
+/// Runs `scenario`, with `pool_tokens` tokens in its first pool when given. Progress
+/// lines go to stderr when `progress` is set.
+pub async fn run(
+    scenario: &Scenario,
+    pool_tokens: Option<u32>,
+    progress: bool,
+) -> anyhow::Result<RunResult> {
+    let mut scenario = scenario.clone();
+    if let Some(k) = pool_tokens {
+        scenario.pools[0].tokens = k;
+    }
+    let dir = std::env::temp_dir().join(format!("tokenlease-sim-{}", uuid::Uuid::new_v4()));
+    let result = run_in(&scenario, &dir, progress).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// (token id, secret, owner) of every token of the scenario.
+fn tokens_of(s: &Scenario) -> Vec<(String, String, pb::token::Owner)> {
+    let mut tokens = vec![];
+    for pool in &s.pools {
+        for i in 0..pool.tokens {
+            tokens.push((
+                format!("{}-{i}", pool.id),
+                format!("1-{}-{i}-SIM", pool.id),
+                pb::token::Owner::PoolId(pool.id.clone()),
+            ));
+        }
+    }
+    for tenant in &s.tenants {
+        for i in 0..tenant.dedicated_tokens {
+            tokens.push((
+                format!("{}-own-{i}", tenant.id),
+                format!("2-{}-{i}-SIM", tenant.id),
+                pb::token::Owner::DedicatedTenantId(tenant.id.clone()),
+            ));
+        }
+    }
+    tokens
+}
+
+fn scaled(s: &Scenario, real_secs: f64) -> Duration {
+    Duration::from_secs_f64(real_secs / s.time_scale)
+}
+
+async fn run_in(s: &Scenario, dir: &std::path::Path, progress: bool) -> anyhow::Result<RunResult> {
+    let window_ms = s.scaled_window_ms();
+    let tokens = tokens_of(s);
+    let emulator = Emulator::start(
+        EmulatorConfig {
+            limit: s.upstream.limit,
+            window: Duration::from_millis(window_ms),
+            block: scaled(s, 600.0),
+            ..EmulatorConfig::default()
+        }
+        .with_tokens(tokens.iter().map(|t| t.1.clone())),
+    )
+    .await
+    .context("cannot start the emulator")?;
+
+    let mut settings = Settings {
+        listen: "127.0.0.1:0".parse().expect("an address"),
+        data_dir: dir.to_path_buf(),
+        database_url: None,
+        redis_url: None,
+        config_refresh_ms: 200,
+        shutdown_grace_ms: 500,
+        ..Settings::default()
+    };
+    settings.metrics.listen = String::new();
+    // Short leases: a lease used late wastes part of its slot; ~2 % of the window.
+    settings.lease.ttl_ms = (window_ms / 50).max(10);
+    settings.lease.use_grace_ms = (window_ms / 20).max(10);
+    settings.lease.max_wait_ms = window_ms.max(1_000);
+    settings.lease.max_waiters_per_tenant = 100_000;
+    let app = App::build(settings)
+        .await
+        .context("cannot build the service")?;
+    let addr = app.local_addr();
+    let key = issue_api_key(&app.leaser.config, "simulate", ApiKeyRole::Admin, vec![])
+        .await?
+        .expose_secret()
+        .to_owned();
+    let leaser = app.leaser.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let channel = Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await
+        .context("cannot connect to the in-process service")?;
+
+    let mut result = RunResult {
+        windows: s.windows,
+        window_secs: s.upstream.window_secs,
+        limit: s.upstream.limit,
+        pool_tokens: s.pools[0].tokens,
+        ..RunResult::default()
+    };
+    match configure(
+        s,
+        &AdminServiceClient::new(channel.clone()),
+        &key,
+        window_ms,
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(status)
+            if matches!(
+                status.code(),
+                Code::InvalidArgument | Code::FailedPrecondition
+            ) =>
+        {
+            result.refused = Some(status.message().to_owned());
+        }
+        Err(status) => return Err(anyhow::anyhow!("configuring the service failed: {status}")),
+    }
+    if result.refused.is_none() {
+        leaser.config.refresh().await?;
+        leaser.allocator.refresh().await?;
+        drive(s, &mut result, &channel, &key, &emulator.client(), progress).await;
+    }
+    let stats = emulator.all_stats();
+    let start_ms = result.start_ms;
+    for (id, secret, _) in &tokens {
+        let st = stats.get(secret).cloned().unwrap_or_default();
+        let mut per = vec![0u64; s.windows as usize];
+        for t in &st.accepted_at_ms {
+            let w = ((t - start_ms).max(0) as u64 / window_ms) as usize;
+            if let Some(slot) = per.get_mut(w) {
+                *slot += 1;
+            }
+        }
+        result.tokens.push(TokenResult {
+            id: id.clone(),
+            accepted: st.accepted,
+            violations: st.violations,
+            accepted_per_window: per,
+        });
+    }
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+    emulator.stop().await;
+    Ok(result)
+}
+
+fn authed<T>(message: T, key: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("ASCII"),
+    );
+    request
+}
+
+fn millis(ms: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// Upstream "sim", pools, pool tokens, tiers, tenants (with no guarantee at first, so
+/// that dedicated tokens can exist before their tenant's guarantee counts), dedicated
+/// tokens, then each tenant's guarantee. A refusal comes back as the gRPC status.
+async fn configure(
+    s: &Scenario,
+    admin: &AdminServiceClient<Channel>,
+    key: &str,
+    window_ms: u64,
+) -> Result<(), tonic::Status> {
+    let mut admin = admin.clone();
+    let upstream = pb::Upstream {
+        id: "sim".into(),
+        limit_per_window: s.upstream.limit,
+        window: Some(millis(window_ms)),
+        safety_margin: s.upstream.safety_margin,
+        block_duration: Some(millis(scaled(s, 600.0).as_millis() as u64)),
+        ..Default::default()
+    };
+    let upstream = Some(upstream);
+    admin
+        .create_upstream(authed(pb::CreateUpstreamRequest { upstream }, key))
+        .await?;
+    for pool in &s.pools {
+        let pool = Some(pb::Pool {
+            id: pool.id.clone(),
+            upstream_id: "sim".into(),
+            ..Default::default()
+        });
+        admin
+            .create_pool(authed(pb::CreatePoolRequest { pool }, key))
+            .await?;
+    }
+    let all_tokens = tokens_of(s);
+    let (pooled, dedicated): (Vec<_>, Vec<_>) = all_tokens
+        .into_iter()
+        .partition(|t| matches!(t.2, pb::token::Owner::PoolId(_)));
+    create_tokens(&mut admin, key, pooled).await?;
+    for tier in &s.tiers {
+        let tier = pb::Tier {
+            id: tier.id.clone(),
+            guaranteed_per_window: tier.guaranteed,
+            burst_per_window: tier.burst,
+            shared_access: parse_access(&tier.shared_access).expect("validated") as i32,
+            weight: tier.weight,
+            ..Default::default()
+        };
+        let created = admin
+            .create_tier(authed(
+                pb::CreateTierRequest {
+                    tier: Some(tier.clone()),
+                },
+                key,
+            ))
+            .await;
+        if let Err(status) = created {
+            if status.code() != Code::AlreadyExists {
+                return Err(status);
+            }
+            // The seeded tiers (premium, standard, basic) take the scenario's values.
+            admin
+                .update_tier(authed(pb::UpdateTierRequest { tier: Some(tier) }, key))
+                .await?;
+        }
+    }
+    let tenant_of = |t: &super::scenario::TenantSpec, guaranteed: u32| pb::Tenant {
+        id: t.id.clone(),
+        tier_id: t.tier.clone(),
+        pool_id: s.pool_of(t).to_owned(),
+        weight_override: t.weight,
+        guaranteed_override: Some(guaranteed),
+        ..Default::default()
+    };
+    for t in &s.tenants {
+        let tenant = Some(tenant_of(t, 0));
+        admin
+            .create_tenant(authed(pb::CreateTenantRequest { tenant }, key))
+            .await?;
+    }
+    create_tokens(&mut admin, key, dedicated).await?;
+    for t in &s.tenants {
+        let tenant = Some(tenant_of(t, s.guaranteed(t)));
+        admin
+            .update_tenant(authed(pb::UpdateTenantRequest { tenant }, key))
+            .await?;
+    }
+    Ok(())
+}
+
+async fn create_tokens(
+    admin: &mut AdminServiceClient<Channel>,
+    key: &str,
+    tokens: Vec<(String, String, pb::token::Owner)>,
+) -> Result<(), tonic::Status> {
+    for (id, secret, owner) in tokens {
+        let token = Some(pb::Token {
+            id,
+            upstream_id: "sim".into(),
+            secret,
+            owner: Some(owner),
+            ..Default::default()
+        });
+        admin
+            .create_token(authed(pb::CreateTokenRequest { token }, key))
+            .await?;
+    }
+    Ok(())
+}
+
+/// One observed request.
+struct Record {
+    tenant: usize,
+    asked_ms: i64,
+    granted: bool,
+    wait_ms: u64,
+    refused_upstream: bool,
+}
+
+/// Asks for leases at every demand's rate for the whole run, then fills `result`.
+async fn drive(
+    s: &Scenario,
+    result: &mut RunResult,
+    channel: &Channel,
+    key: &str,
+    upstream: &BaseLinkerClient,
+    progress: bool,
+) {
+    let window_ms = s.scaled_window_ms();
+    let run_ms = window_ms * u64::from(s.windows);
+    let start = Instant::now();
+    let start_ms = crate::clock::system_now_ms();
+    result.start_ms = start_ms;
+    let records: Arc<Mutex<Vec<Record>>> = Arc::default();
+    let max_wait = millis((window_ms as f64 * s.max_wait_fraction) as u64);
+    let mut generators = vec![];
+    for (ti, tenant) in s.tenants.iter().enumerate() {
+        for (di, d) in tenant.demand.iter().enumerate() {
+            if d.per_window <= 0.0 {
+                continue;
+            }
+            let interval = window_ms as f64 / d.per_window;
+            let from = d.from_window * window_ms as f64;
+            let to =
+                (d.to_window.unwrap_or(f64::from(s.windows)) * window_ms as f64).min(run_ms as f64);
+            let priority = parse_priority(&d.priority).expect("validated") as i32;
+            let (client, key, upstream, records) = (
+                LeaseServiceClient::new(channel.clone()),
+                key.to_owned(),
+                upstream.clone(),
+                records.clone(),
+            );
+            let tenant_id = tenant.id.clone();
+            let mut rng = StdRng::seed_from_u64((ti * 1000 + di) as u64);
+            let offset = rng.random_range(0.0..interval);
+            generators.push(tokio::spawn(async move {
+                let mut calls = vec![];
+                let mut at = from + offset;
+                while at < to {
+                    tokio::time::sleep_until((start + Duration::from_secs_f64(at / 1000.0)).into())
+                        .await;
+                    let call = one_request(
+                        client.clone(),
+                        key.clone(),
+                        upstream.clone(),
+                        tenant_id.clone(),
+                        priority,
+                        max_wait,
+                    );
+                    let records = records.clone();
+                    calls.push(tokio::spawn(async move {
+                        let mut record = call.await;
+                        record.tenant = ti;
+                        records.lock().expect("not poisoned").push(record);
+                    }));
+                    at += interval;
+                }
+                for call in calls {
+                    let _ = call.await;
+                }
+            }));
+        }
+    }
+    if progress {
+        let records = records.clone();
+        let windows = s.windows;
+        generators.push(tokio::spawn(async move {
+            for w in 1..=windows {
+                tokio::time::sleep_until(
+                    (start + Duration::from_millis(window_ms * u64::from(w))).into(),
+                )
+                .await;
+                let (asked, granted) = {
+                    let r = records.lock().expect("not poisoned");
+                    (r.len(), r.iter().filter(|r| r.granted).count())
+                };
+                eprintln!(
+                    "[simulate] window {w}/{windows} ({:.1} s): asked {asked}, granted {granted}",
+                    start.elapsed().as_secs_f64()
+                );
+            }
+        }));
+    }
+    for g in generators {
+        let _ = g.await;
+    }
+    let records = std::mem::take(&mut *records.lock().expect("not poisoned"));
+    let n = s.windows as usize;
+    result.tenants = s
+        .tenants
+        .iter()
+        .map(|t| TenantResult {
+            id: t.id.clone(),
+            guaranteed: s.guaranteed(t),
+            target_share: t.target_share.unwrap_or(s.target_share),
+            asked_per_window: vec![0; n],
+            granted_per_window: vec![0; n],
+            ..TenantResult::default()
+        })
+        .collect();
+    for r in records {
+        let t = &mut result.tenants[r.tenant];
+        let w = (((r.asked_ms - start_ms).max(0) as u64) / window_ms) as usize;
+        let w = w.min(n - 1);
+        t.asked += 1;
+        t.asked_per_window[w] += 1;
+        if r.granted {
+            t.granted += 1;
+            t.granted_per_window[w] += 1;
+            t.waits_ms.push((r.wait_ms as f64 * s.time_scale) as u64);
+        } else {
+            t.denied += 1;
+        }
+        t.upstream_refusals += u64::from(r.refused_upstream);
+    }
+}
+
+async fn one_request(
+    mut client: LeaseServiceClient<Channel>,
+    key: String,
+    upstream: BaseLinkerClient,
+    tenant_id: String,
+    priority: i32,
+    max_wait: prost_types::Duration,
+) -> Record {
+    let asked_ms = crate::clock::system_now_ms();
+    let started = Instant::now();
+    let mut record = Record {
+        tenant: 0,
+        asked_ms,
+        granted: false,
+        wait_ms: 0,
+        refused_upstream: false,
+    };
+    let request = pb::AcquireLeaseRequest {
+        tenant_id,
+        priority,
+        max_wait: Some(max_wait),
+        ..Default::default()
+    };
+    let answer = client.acquire_lease(authed(request, &key)).await;
+    let Ok(Some(Answer::Lease(lease))) = answer.map(|a| a.into_inner().result) else {
+        return record;
+    };
+    record.granted = true;
+    record.wait_ms = started.elapsed().as_millis() as u64;
+    let outcome = upstream
+        .call(&lease.token, "getOrderStatusList", &serde_json::json!({}))
+        .await;
+    let (release, blocked_until) = match outcome {
+        Ok(Outcome::Success(_)) => (pb::ReleaseOutcome::Success, None),
+        Ok(Outcome::Blocked { until_unix_ms, .. }) => {
+            record.refused_upstream = true;
+            (
+                pb::ReleaseOutcome::UpstreamRateLimited,
+                until_unix_ms.map(|ms| prost_types::Timestamp {
+                    seconds: ms / 1000,
+                    nanos: (ms % 1000) as i32 * 1_000_000,
+                }),
+            )
+        }
+        _ => (pb::ReleaseOutcome::UpstreamError, None),
+    };
+    let request = pb::ReleaseLeaseRequest {
+        lease_id: lease.lease_id,
+        outcome: release as i32,
+        blocked_until,
+        ..Default::default()
+    };
+    let _ = client.release_lease(authed(request, &key)).await;
+    record
+}
