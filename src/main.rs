@@ -124,7 +124,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return run_emulator(args).await;
     }
     if let Command::Simulate(args) = cli.command {
-        init_logging("text");
+        // Warnings only (unless RUST_LOG says otherwise): stderr carries the progress.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
         return simulate(args).await;
     }
     let settings = Settings::load(cli.config.as_deref())?;

@@ -3,6 +3,7 @@
 //! service against the in-process BaseLinker emulator, at a compressed time scale.
 //!
 //! - `scenario`: the TOML model and its validation.
+//! - `setup`: configuring the run's service through the admin gRPC API.
 //! - `run`: one run (emulator + service + paced workers) and what it observed.
 //! - `report`: the per-tenant table and the guarantee / share verdict.
 //! - `svg`: the chart (granted rate per tenant, utilization per token), written by hand.
@@ -16,6 +17,7 @@ pub mod plan;
 pub mod report;
 pub mod run;
 pub mod scenario;
+mod setup;
 pub mod svg;
 
 pub use plan::{PlanAnswer, plan};

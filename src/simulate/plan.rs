@@ -45,6 +45,11 @@ pub async fn plan(s: &Scenario, progress: bool) -> anyhow::Result<PlanAnswer> {
         last: None,
     };
     let from = lower_bound(s);
+    if progress {
+        eprintln!(
+            "[plan] starting at {from} token(s): fewer cannot hold the pool's guarantees within 80 % of its capacity"
+        );
+    }
     for k in from..=s.plan_max_tokens.max(from) {
         if progress {
             eprintln!("[plan] trying {k} token(s) in pool {}", s.pools[0].id);
