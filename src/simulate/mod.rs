@@ -11,7 +11,10 @@
 //!
 //! Replicas: a scenario with `replicas = 1` (the default) runs the service on an
 //! embedded SQLite store in a temporary folder with in-process counters. Several
-//! replicas must share state; that needs Postgres and Redis and is not supported yet.
+//! replicas must share state: they need `DATABASE_URL` (Postgres) and `REDIS_URL` in
+//! the environment. Each run then uses a fresh id prefix (`sim1a2b3c4d-`) for everything
+//! it creates and its own Redis key prefix, so runs never collide; the configuration
+//! rows it creates stay in that database — point it at a scratch database.
 
 pub mod plan;
 pub mod report;

@@ -3,6 +3,7 @@
 //! and open-loop workers asking for leases at each tenant's demand rate. Each granted
 //! lease is used at once against the emulator and released with the outcome.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use super::setup::{authed, configure, millis, scaled, tokens_of};
 use crate::admin::issue_api_key;
 use crate::baselinker::{BaseLinkerClient, Outcome};
 use crate::config::Settings;
+use crate::crypto::KeyRing;
 use crate::domain::ApiKeyRole;
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::grpc::pb::{
@@ -101,14 +103,25 @@ async fn run_in(s: &Scenario, dir: &std::path::Path, progress: bool) -> anyhow::
     .await
     .context("cannot start the emulator")?;
 
+    let shared = shared_backends(s)?;
     let mut settings = Settings {
         listen: "127.0.0.1:0".parse().expect("an address"),
         data_dir: dir.to_path_buf(),
-        database_url: None,
-        redis_url: None,
+        database_url: shared.as_ref().map(|b| b.database_url.clone()),
+        redis_url: shared.as_ref().map(|b| b.redis_url.clone()),
         config_refresh_ms: 200,
         shutdown_grace_ms: 500,
         ..Settings::default()
+    };
+    // Ids are prefixed per run on a shared database, so runs never collide.
+    let prefix = match &shared {
+        Some(b) => {
+            settings.redis.key_prefix = format!("tlsim-{}", b.run);
+            settings.encryption.keys =
+                BTreeMap::from([("k1".to_owned(), KeyRing::generate_key_base64())]);
+            format!("{}-", b.run)
+        }
+        None => String::new(),
     };
     settings.metrics.listen = String::new();
     // Short leases: a lease used late wastes part of its slot; ~2 % of the window.
@@ -116,23 +129,31 @@ async fn run_in(s: &Scenario, dir: &std::path::Path, progress: bool) -> anyhow::
     settings.lease.use_grace_ms = (window_ms / 20).max(10);
     settings.lease.max_wait_ms = window_ms.max(1_000);
     settings.lease.max_waiters_per_tenant = 100_000;
-    let app = App::build(settings)
-        .await
-        .context("cannot build the service")?;
-    let addr = app.local_addr();
-    let key = issue_api_key(&app.leaser.config, "simulate", ApiKeyRole::Admin, vec![])
-        .await?
-        .expose_secret()
-        .to_owned();
-    let leaser = app.leaser.clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
-    let channel = Channel::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await
-        .context("cannot connect to the in-process service")?;
+    let mut replicas = vec![];
+    let mut key = String::new();
+    for _ in 0..s.replicas {
+        let app = App::build(settings.clone())
+            .await
+            .context("cannot build the service")?;
+        if key.is_empty() {
+            key = issue_api_key(&app.leaser.config, "simulate", ApiKeyRole::Admin, vec![])
+                .await?
+                .expose_secret()
+                .to_owned();
+        }
+        let addr = app.local_addr();
+        let leaser = app.leaser.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await
+            .context("cannot connect to the in-process service")?;
+        replicas.push((leaser, channel, stop, server));
+    }
+    let channels: Vec<Channel> = replicas.iter().map(|r| r.1.clone()).collect();
 
     let mut result = RunResult {
         windows: s.windows,
@@ -143,9 +164,10 @@ async fn run_in(s: &Scenario, dir: &std::path::Path, progress: bool) -> anyhow::
     };
     match configure(
         s,
-        &AdminServiceClient::new(channel.clone()),
+        &AdminServiceClient::new(channels[0].clone()),
         &key,
         window_ms,
+        &prefix,
     )
     .await
     {
@@ -161,9 +183,21 @@ async fn run_in(s: &Scenario, dir: &std::path::Path, progress: bool) -> anyhow::
         Err(status) => return Err(anyhow::anyhow!("configuring the service failed: {status}")),
     }
     if result.refused.is_none() {
-        leaser.config.refresh().await?;
-        leaser.allocator.refresh().await?;
-        drive(s, &mut result, &channel, &key, &emulator.client(), progress).await;
+        for (leaser, ..) in &replicas {
+            leaser.config.refresh().await?;
+            leaser.allocator.refresh().await?;
+        }
+        let upstream = emulator.client();
+        drive(
+            s,
+            &mut result,
+            &channels,
+            &key,
+            &prefix,
+            &upstream,
+            progress,
+        )
+        .await;
     }
     let stats = emulator.all_stats();
     let start_ms = result.start_ms;
@@ -183,10 +217,44 @@ async fn run_in(s: &Scenario, dir: &std::path::Path, progress: bool) -> anyhow::
             accepted_per_window: per,
         });
     }
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+    for (_, _, stop, server) in replicas {
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+    }
     emulator.stop().await;
     Ok(result)
+}
+
+/// Postgres and Redis shared by several replicas, and this run's id.
+struct SharedBackends {
+    database_url: String,
+    redis_url: String,
+    run: String,
+}
+
+/// `None` for one replica (embedded store, in-process counters); with several, the
+/// `DATABASE_URL` (Postgres) and `REDIS_URL` they share.
+fn shared_backends(s: &Scenario) -> anyhow::Result<Option<SharedBackends>> {
+    if s.replicas <= 1 {
+        return Ok(None);
+    }
+    let var = |name: &str| {
+        std::env::var(name).ok().filter(|v| !v.is_empty()).with_context(|| {
+            format!(
+                "replicas = {} needs {name}: several replicas share a Postgres database (DATABASE_URL) and Redis (REDIS_URL)",
+                s.replicas
+            )
+        })
+    };
+    let database_url = var("DATABASE_URL")?;
+    if !database_url.starts_with("postgres") {
+        anyhow::bail!("replicas > 1 needs a postgres:// DATABASE_URL");
+    }
+    Ok(Some(SharedBackends {
+        database_url,
+        redis_url: var("REDIS_URL")?,
+        run: format!("sim{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+    }))
 }
 
 /// One observed request.
@@ -202,8 +270,9 @@ struct Record {
 async fn drive(
     s: &Scenario,
     result: &mut RunResult,
-    channel: &Channel,
+    channels: &[Channel],
     key: &str,
+    prefix: &str,
     upstream: &BaseLinkerClient,
     progress: bool,
 ) {
@@ -226,12 +295,13 @@ async fn drive(
                 (d.to_window.unwrap_or(f64::from(s.windows)) * window_ms as f64).min(run_ms as f64);
             let priority = parse_priority(&d.priority).expect("validated") as i32;
             let (client, key, upstream, records) = (
-                LeaseServiceClient::new(channel.clone()),
+                // Round robin over the replicas, one per demand stream.
+                LeaseServiceClient::new(channels[generators.len() % channels.len()].clone()),
                 key.to_owned(),
                 upstream.clone(),
                 records.clone(),
             );
-            let tenant_id = tenant.id.clone();
+            let tenant_id = format!("{prefix}{}", tenant.id);
             let mut rng = StdRng::seed_from_u64((ti * 1000 + di) as u64);
             let offset = rng.random_range(0.0..interval);
             generators.push(tokio::spawn(async move {

@@ -51,7 +51,8 @@ pub struct Scenario {
     /// Share of each tenant's demand a plan must serve (default 0.95).
     #[serde(default = "default_target_share")]
     pub target_share: f64,
-    /// Service replicas (default 1; more are not supported yet).
+    /// Service replicas (default 1). More than 1 need DATABASE_URL (Postgres) and
+    /// REDIS_URL, which the replicas share.
     #[serde(default = "default_replicas")]
     pub replicas: u32,
     /// How long a request may wait for a lease, as a fraction of the window (default 0.25).
@@ -247,8 +248,8 @@ impl Scenario {
         if !(self.target_share > 0.0 && self.target_share <= 1.0) {
             bail!("target_share must be in (0, 1]");
         }
-        if self.replicas != 1 {
-            bail!("replicas: only 1 is supported for now (several need Postgres and Redis)");
+        if self.replicas == 0 || self.replicas > 16 {
+            bail!("replicas must be between 1 and 16");
         }
         if !(self.max_wait_fraction > 0.0 && self.max_wait_fraction <= 1.0) {
             bail!("max_wait_fraction must be in (0, 1]");

@@ -61,10 +61,12 @@ pub(super) async fn configure(
     admin: &AdminServiceClient<Channel>,
     key: &str,
     window_ms: u64,
+    prefix: &str,
 ) -> Result<(), tonic::Status> {
     let mut admin = admin.clone();
+    let px = |id: &str| format!("{prefix}{id}");
     let upstream = pb::Upstream {
-        id: "sim".into(),
+        id: px("sim"),
         limit_per_window: s.upstream.limit,
         window: Some(millis(window_ms)),
         safety_margin: s.upstream.safety_margin,
@@ -77,8 +79,8 @@ pub(super) async fn configure(
         .await?;
     for pool in &s.pools {
         let pool = Some(pb::Pool {
-            id: pool.id.clone(),
-            upstream_id: "sim".into(),
+            id: px(&pool.id),
+            upstream_id: px("sim"),
             ..Default::default()
         });
         admin
@@ -89,10 +91,10 @@ pub(super) async fn configure(
     let (pooled, dedicated): (Vec<_>, Vec<_>) = all_tokens
         .into_iter()
         .partition(|t| matches!(t.2, pb::token::Owner::PoolId(_)));
-    create_tokens(&mut admin, key, pooled).await?;
+    create_tokens(&mut admin, key, pooled, prefix).await?;
     for tier in &s.tiers {
         let tier = pb::Tier {
-            id: tier.id.clone(),
+            id: px(&tier.id),
             guaranteed_per_window: tier.guaranteed,
             burst_per_window: tier.burst,
             shared_access: parse_access(&tier.shared_access).expect("validated") as i32,
@@ -118,9 +120,9 @@ pub(super) async fn configure(
         }
     }
     let tenant_of = |t: &TenantSpec, guaranteed: u32| pb::Tenant {
-        id: t.id.clone(),
-        tier_id: t.tier.clone(),
-        pool_id: s.pool_of(t).to_owned(),
+        id: px(&t.id),
+        tier_id: px(&t.tier),
+        pool_id: px(s.pool_of(t)),
         weight_override: t.weight,
         guaranteed_override: Some(guaranteed),
         ..Default::default()
@@ -131,7 +133,7 @@ pub(super) async fn configure(
             .create_tenant(authed(pb::CreateTenantRequest { tenant }, key))
             .await?;
     }
-    create_tokens(&mut admin, key, dedicated).await?;
+    create_tokens(&mut admin, key, dedicated, prefix).await?;
     for t in &s.tenants {
         let tenant = Some(tenant_of(t, s.guaranteed(t)));
         admin
@@ -145,11 +147,18 @@ async fn create_tokens(
     admin: &mut AdminServiceClient<Channel>,
     key: &str,
     tokens: Vec<(String, String, pb::token::Owner)>,
+    prefix: &str,
 ) -> Result<(), tonic::Status> {
     for (id, secret, owner) in tokens {
+        let owner = match owner {
+            pb::token::Owner::PoolId(p) => pb::token::Owner::PoolId(format!("{prefix}{p}")),
+            pb::token::Owner::DedicatedTenantId(t) => {
+                pb::token::Owner::DedicatedTenantId(format!("{prefix}{t}"))
+            }
+        };
         let token = Some(pb::Token {
-            id,
-            upstream_id: "sim".into(),
+            id: format!("{prefix}{id}"),
+            upstream_id: format!("{prefix}sim"),
             secret,
             owner: Some(owner),
             ..Default::default()
