@@ -61,6 +61,8 @@ pub struct RunResult {
     pub window_secs: f64,
     /// The upstream limit per window per token.
     pub limit: u32,
+    /// What the service may lease per window per token (limit minus margin).
+    pub usable: u32,
     /// Tokens in the first (planned) pool.
     pub pool_tokens: u32,
     pub tenants: Vec<TenantResult>,
@@ -159,6 +161,7 @@ async fn run_in(s: &Scenario, dir: &std::path::Path, progress: bool) -> anyhow::
         windows: s.windows,
         window_secs: s.upstream.window_secs,
         limit: s.upstream.limit,
+        usable: s.upstream.usable(),
         pool_tokens: s.pools[0].tokens,
         ..RunResult::default()
     };

@@ -39,12 +39,14 @@ fn panel(
     class: &str,
     series: &[Series],
     result: &RunResult,
+    reference: Option<(f64, &str)>,
 ) {
     let plot_w = WIDTH - LEFT - RIGHT;
     let windows = result.windows.max(1) as f64;
     let max = series
         .iter()
         .flat_map(|s| s.values.iter().copied())
+        .chain(reference.map(|r| r.0))
         .fold(0.0_f64, f64::max);
     let y_max = nice_ceiling(max.max(1.0));
     let bottom = top + PANEL_H;
@@ -90,6 +92,17 @@ fn panel(
         top + PANEL_H / 2.0,
         escape(unit)
     );
+    if let Some((value, label)) = reference {
+        let y = bottom - PANEL_H * (value / y_max).min(1.0);
+        let _ = writeln!(
+            out,
+            r##"<line class="reference" x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#555" stroke-dasharray="6 4"/><text x="{:.1}" y="{:.1}" font-size="11" text-anchor="end" fill="#555">{}</text>"##,
+            LEFT + plot_w,
+            LEFT + plot_w - 4.0,
+            y - 4.0,
+            escape(label)
+        );
+    }
     // One point per window, at the window's middle.
     for (i, s) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
@@ -178,6 +191,7 @@ pub fn chart(result: &RunResult, title: &str) -> String {
         "tenant",
         &tenants,
         result,
+        None,
     );
     panel(
         &mut out,
@@ -187,6 +201,10 @@ pub fn chart(result: &RunResult, title: &str) -> String {
         "token",
         &tokens,
         result,
+        Some((
+            100.0 * f64::from(result.usable) / f64::from(result.limit.max(1)),
+            "usable (limit minus margin)",
+        )),
     );
     out.push_str("</svg>\n");
     out
