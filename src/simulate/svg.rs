@@ -30,17 +30,28 @@ struct Series<'a> {
     values: Vec<f64>,
 }
 
-/// Draws one panel at vertical offset `top`.
-fn panel(
-    out: &mut String,
+/// What one panel shows besides its series.
+struct Panel<'a> {
+    /// Vertical offset.
     top: f64,
-    title: &str,
-    unit: &str,
-    class: &str,
-    series: &[Series],
-    result: &RunResult,
-    reference: Option<(f64, &str)>,
-) {
+    title: &'a str,
+    /// The y axis' label.
+    unit: &'a str,
+    /// The class of its polylines.
+    class: &'a str,
+    /// A dashed horizontal line: (value, label).
+    reference: Option<(f64, &'a str)>,
+}
+
+/// Draws one panel.
+fn panel(out: &mut String, p: &Panel, series: &[Series], result: &RunResult) {
+    let Panel {
+        top,
+        title,
+        unit,
+        class,
+        reference,
+    } = *p;
     let plot_w = WIDTH - LEFT - RIGHT;
     let windows = result.windows.max(1) as f64;
     let max = series
@@ -183,29 +194,26 @@ pub fn chart(result: &RunResult, title: &str) -> String {
 <title>{}</title>"##,
         escape(title)
     );
-    panel(
-        &mut out,
-        TOP,
-        &format!("{title}: granted rate per tenant"),
-        "granted requests / minute",
-        "tenant",
-        &tenants,
-        result,
-        None,
-    );
-    panel(
-        &mut out,
-        TOP + PANEL_H + GAP,
-        "utilization per token",
-        "% of the upstream limit",
-        "token",
-        &tokens,
-        result,
-        Some((
+    let heading = format!("{title}: granted rate per tenant");
+    let rates = Panel {
+        top: TOP,
+        title: &heading,
+        unit: "granted requests / minute",
+        class: "tenant",
+        reference: None,
+    };
+    panel(&mut out, &rates, &tenants, result);
+    let utilization = Panel {
+        top: TOP + PANEL_H + GAP,
+        title: "utilization per token",
+        unit: "% of the upstream limit",
+        class: "token",
+        reference: Some((
             100.0 * f64::from(result.usable) / f64::from(result.limit.max(1)),
             "usable (limit minus margin)",
         )),
-    );
+    };
+    panel(&mut out, &utilization, &tokens, result);
     out.push_str("</svg>\n");
     out
 }
