@@ -88,6 +88,41 @@ async fn run_writes_table_and_chart() {
     );
 }
 
+/// Three replicas on one Postgres database and one Redis share the tokens: with 2
+/// tokens (190 usable) for 150 asked per window, every tenant gets all it asks and the
+/// emulator counts no violation. Needs PostgreSQL and Redis on 127.0.0.1, as CI has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_tokens() {
+    use sqlx::Connection;
+    let name = format!("tl_sim_{}", uuid::Uuid::new_v4().simple());
+    let admin_url = "postgres://postgres@127.0.0.1:5432/postgres";
+    let mut pg = sqlx::PgConnection::connect(admin_url)
+        .await
+        .expect("PostgreSQL at 127.0.0.1:5432 must be running for this test");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut pg)
+        .await
+        .unwrap();
+    let mut scenario = Scenario::parse(KNOWN).unwrap();
+    scenario.windows = 3;
+    scenario.replicas = 3;
+    let store = simulate::SharedStore {
+        database_url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+        redis_url: "redis://127.0.0.1:6379".into(),
+    };
+    let result = simulate::run_on(&scenario, Some(2), false, Some(store)).await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut pg)
+    .await;
+    let result = result.unwrap();
+    println!("{}", simulate::table(&result));
+    let verdict = simulate::verdict(&result);
+    assert!(verdict.ok, "{:?}", verdict.reasons);
+    assert_eq!(result.tenants.len(), 3);
+}
+
 /// Scenario errors name the field.
 #[test]
 fn scenario_errors_name_the_field() {

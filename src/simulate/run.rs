@@ -73,24 +73,48 @@ pub struct RunResult {
     pub refused: Option<String>,
 }
 
+/// Where several replicas keep their shared state (when not from the environment).
+#[derive(Clone, Debug)]
+pub struct SharedStore {
+    /// A `postgres://` URL.
+    pub database_url: String,
+    pub redis_url: String,
+}
+
 /// Runs `scenario`, with `pool_tokens` tokens in its first pool when given. Progress
-/// lines go to stderr when `progress` is set.
+/// lines go to stderr when `progress` is set. Several replicas take their shared store
+/// from `DATABASE_URL` and `REDIS_URL`.
 pub async fn run(
     scenario: &Scenario,
     pool_tokens: Option<u32>,
     progress: bool,
+) -> anyhow::Result<RunResult> {
+    run_on(scenario, pool_tokens, progress, None).await
+}
+
+/// [`run`], with several replicas on `store` when given.
+pub async fn run_on(
+    scenario: &Scenario,
+    pool_tokens: Option<u32>,
+    progress: bool,
+    store: Option<SharedStore>,
 ) -> anyhow::Result<RunResult> {
     let mut scenario = scenario.clone();
     if let Some(k) = pool_tokens {
         scenario.pools[0].tokens = k;
     }
     let dir = std::env::temp_dir().join(format!("tokenlease-sim-{}", uuid::Uuid::new_v4()));
-    let result = run_in(&scenario, &dir, progress).await;
+    let result = run_in(&scenario, &dir, progress, store).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-async fn run_in(s: &Scenario, dir: &std::path::Path, progress: bool) -> anyhow::Result<RunResult> {
+async fn run_in(
+    s: &Scenario,
+    dir: &std::path::Path,
+    progress: bool,
+    store: Option<SharedStore>,
+) -> anyhow::Result<RunResult> {
     let window_ms = s.scaled_window_ms();
     let tokens = tokens_of(s);
     let emulator = Emulator::start(
@@ -105,7 +129,7 @@ async fn run_in(s: &Scenario, dir: &std::path::Path, progress: bool) -> anyhow::
     .await
     .context("cannot start the emulator")?;
 
-    let shared = shared_backends(s)?;
+    let shared = shared_backends(s, store)?;
     let mut settings = Settings {
         listen: "127.0.0.1:0".parse().expect("an address"),
         data_dir: dir.to_path_buf(),
@@ -237,9 +261,20 @@ struct SharedBackends {
 
 /// `None` for one replica (embedded store, in-process counters); with several, the
 /// `DATABASE_URL` (Postgres) and `REDIS_URL` they share.
-fn shared_backends(s: &Scenario) -> anyhow::Result<Option<SharedBackends>> {
+fn shared_backends(
+    s: &Scenario,
+    store: Option<SharedStore>,
+) -> anyhow::Result<Option<SharedBackends>> {
     if s.replicas <= 1 {
         return Ok(None);
+    }
+    let run = format!("sim{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    if let Some(store) = store {
+        return Ok(Some(SharedBackends {
+            database_url: store.database_url,
+            redis_url: store.redis_url,
+            run,
+        }));
     }
     let var = |name: &str| {
         std::env::var(name).ok().filter(|v| !v.is_empty()).with_context(|| {
@@ -256,7 +291,7 @@ fn shared_backends(s: &Scenario) -> anyhow::Result<Option<SharedBackends>> {
     Ok(Some(SharedBackends {
         database_url,
         redis_url: var("REDIS_URL")?,
-        run: format!("sim{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        run,
     }))
 }
 
