@@ -21,6 +21,7 @@
 //!   between replicas over Redis pub/sub.
 //! - `clock`: the one place the embedded mode reads time.
 //! - `emulator/`, `baselinker`: a BaseLinker emulator (tests, `tokenlease emulator`) and client.
+//! - `simulate/`: `tokenlease simulate`, capacity planning against the emulator.
 //! - `metrics`: every Prometheus metric name and label, the recording functions, and
 //!   the `/metrics` endpoint.
 //! - `telemetry`: logs, and OpenTelemetry traces over OTLP with the caller's trace
@@ -41,6 +42,7 @@ pub mod grpc;
 pub mod lease;
 pub mod metrics;
 pub mod quota;
+pub mod simulate;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -53,6 +53,22 @@ enum Command {
     GenMasterKey,
     /// Runs a BaseLinker API emulator (strict per-token limit, blocks) until Ctrl-C.
     Emulator(EmulatorArgs),
+    /// Runs a capacity-planning scenario through real leases against the emulator:
+    /// prints a per-tenant table, writes a chart, and with --plan finds the fewest tokens.
+    Simulate(SimulateArgs),
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// The scenario file (TOML; see examples/).
+    file: PathBuf,
+    /// Where to write the SVG chart (default: the scenario's name with .svg).
+    #[arg(long)]
+    chart: Option<PathBuf>,
+    /// Find the fewest tokens in the first pool that meet every guarantee and the
+    /// scenario's target share of demand.
+    #[arg(long)]
+    plan: bool,
 }
 
 #[derive(clap::Args)]
@@ -107,6 +123,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         init_logging("text");
         return run_emulator(args).await;
     }
+    if let Command::Simulate(args) = cli.command {
+        // Warnings only (unless RUST_LOG says otherwise): stderr carries the progress.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+        return simulate(args).await;
+    }
     let settings = Settings::load(cli.config.as_deref())?;
     if let Command::Serve = cli.command {
         let telemetry = telemetry::init(&settings.log_format)?;
@@ -127,7 +153,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CreateApiKey { name, tenants } => create_api_key(&settings, &name, &tenants).await,
         Command::RotateKeys => rotate_keys(&settings).await,
-        Command::GenMasterKey | Command::Emulator(_) => unreachable!("handled above"),
+        Command::GenMasterKey | Command::Emulator(_) | Command::Simulate(_) => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -157,6 +185,54 @@ async fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
     println!("{}/connector.php", emulator.url());
     shutdown_signal().await;
     emulator.stop().await;
+    Ok(())
+}
+
+async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    use tokenlease::simulate::{self, Scenario, svg};
+    let scenario = Scenario::load(&args.file)?;
+    let title = args
+        .file
+        .file_stem()
+        .map_or("scenario".into(), |s| s.to_string_lossy().into_owned());
+    let chart_path = args
+        .chart
+        .unwrap_or_else(|| PathBuf::from(format!("{title}.svg")));
+    let result = if args.plan {
+        let answer = simulate::plan(&scenario, true).await?;
+        match answer.tokens {
+            Some(k) => println!(
+                "plan: {k} token(s) in pool {} meet every guarantee and {:.0} % of demand",
+                scenario.pools[0].id,
+                100.0 * scenario.target_share
+            ),
+            None => println!(
+                "plan: no token count up to {} meets every guarantee and {:.0} % of demand",
+                scenario.plan_max_tokens,
+                100.0 * scenario.target_share
+            ),
+        }
+        answer.last.context("the plan ran nothing")?
+    } else {
+        simulate::run(&scenario, None, true).await?
+    };
+    print!("{}", simulate::table(&result));
+    let verdict = simulate::verdict(&result);
+    if verdict.ok {
+        println!(
+            "goals met: every guarantee, {:.0} % of demand, no violation",
+            100.0 * scenario.target_share
+        );
+    } else {
+        for reason in &verdict.reasons {
+            println!("not met: {reason}");
+        }
+    }
+    if result.refused.is_none() {
+        std::fs::write(&chart_path, svg::chart(&result, &title))
+            .with_context(|| format!("cannot write the chart {}", chart_path.display()))?;
+        eprintln!("chart written to {}", chart_path.display());
+    }
     Ok(())
 }
 

@@ -16,7 +16,7 @@ pub use model::{
 };
 pub use priority::{Priority, PriorityMap, RequestKind};
 pub use token_health::{BreakerPolicy, QUARANTINE_MAX, QUARANTINE_MIN, TokenState};
-pub use validate::{CapacityReport, ConfigView, check_guarantees};
+pub use validate::{CapacityReport, ConfigView, MAX_GUARANTEED_SHARE, check_guarantees};
 
 /// A value that breaks a rule of the model, naming the field so a person can fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
