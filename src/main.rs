@@ -233,6 +233,8 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write the chart {}", chart_path.display()))?;
         eprintln!("chart written to {}", chart_path.display());
     }
+    // Scripts (and CI jobs) can act on the answer: goals not met is a failure.
+    anyhow::ensure!(verdict.ok, "the scenario's goals were not met (see above)");
     Ok(())
 }
 
