@@ -305,8 +305,12 @@ async fn saturated_tenants_get_weighted_shares() {
     s.assert_no_violation();
 }
 
-/// One tenant under saturation with a mix of priorities → median wait critical < high
-/// < normal < low, and low requests still complete.
+/// One tenant under saturation with a mix of priorities → waits rise critical < high <
+/// normal < low, and low requests still complete. The order is asserted on the *mean*
+/// wait: slots of a saturated window free in bursts (they were taken in bursts), so each
+/// class's waits are bimodal — served in the burst it arrived before, or one window
+/// later — and the median flips between the two modes from run to run, while the mean
+/// (the share of calls pushed to the next burst) follows priority in every run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priorities_order_waits_without_starving_low() {
     let s = Scenario::start(1, 30, &[("solo", 1.0)]).await;
@@ -322,30 +326,22 @@ async fn priorities_order_waits_without_starving_low() {
         .collect();
     let tallies = s.run(&demands, Duration::from_secs(10)).await;
     let tally = &tallies["solo"];
-    let medians: Vec<u64> = classes
+    let waits: Vec<(u64, u64)> = classes
         .iter()
-        .map(|p| tally.median_wait(*p).unwrap_or(u64::MAX))
+        .map(|p| tally.waits(*p).unwrap_or((u64::MAX, u64::MAX)))
         .collect();
     let completed: Vec<usize> = classes
         .iter()
         .map(|p| tally.waits_ms.get(&(*p as i32)).map_or(0, Vec::len))
         .collect();
-    let mean: Vec<u64> = classes
-        .iter()
-        .map(|p| {
-            tally
-                .waits_ms
-                .get(&(*p as i32))
-                .map_or(0, |w| w.iter().sum::<u64>() / w.len().max(1) as u64)
-        })
-        .collect();
     println!(
-        "median waits ms {medians:?}, mean {mean:?}, completed {completed:?}, denied {}",
+        "(median, mean) waits ms {waits:?}, completed {completed:?}, denied {}",
         tally.denied
     );
+    let means: Vec<u64> = waits.iter().map(|w| w.1).collect();
     assert!(
-        medians.windows(2).all(|w| w[0] < w[1]),
-        "median waits must rise with lower priority: {medians:?}"
+        means.windows(2).all(|w| w[0] < w[1]),
+        "mean waits must rise with lower priority: {means:?}"
     );
     assert!(
         completed[3] > 0,

@@ -58,11 +58,12 @@ impl Tally {
             .count()
     }
 
-    /// Median wait of granted calls of one priority, ms.
-    pub fn median_wait(&self, priority: pb::Priority) -> Option<u64> {
+    /// Median and mean wait of the granted calls of one priority, ms.
+    pub fn waits(&self, priority: pb::Priority) -> Option<(u64, u64)> {
         let mut waits = self.waits_ms.get(&(priority as i32))?.clone();
         waits.sort_unstable();
-        waits.get(waits.len() / 2).copied()
+        let mean = waits.iter().sum::<u64>() / waits.len().max(1) as u64;
+        Some((*waits.get(waits.len() / 2)?, mean))
     }
 }
 
