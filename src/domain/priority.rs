@@ -105,11 +105,6 @@ impl PriorityMap {
 }
 
 impl Priority {
-    /// An explicit priority wins; otherwise the seed's mapping of the request kind.
-    pub fn resolve(explicit: Option<Priority>, kind: RequestKind) -> Priority {
-        explicit.unwrap_or_else(|| kind.default_priority())
-    }
-
     pub fn parse(value: &str) -> Option<Self> {
         [Self::Critical, Self::High, Self::Normal, Self::Low]
             .into_iter()
@@ -169,7 +164,7 @@ mod tests {
         assert_eq!(RequestKind::Analytics.default_priority(), Priority::Low);
         assert_eq!(RequestKind::Background.default_priority(), Priority::Low);
         assert_eq!(
-            Priority::resolve(Some(Priority::Low), RequestKind::Payment),
+            PriorityMap::default().resolve(Some(Priority::Low), RequestKind::Payment),
             Priority::Low
         );
     }

@@ -9,13 +9,14 @@ use tokenlease::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use tokenlease::grpc::pb::{self, lease_service_client::LeaseServiceClient};
 use tonic::transport::Channel;
 
-use super::helpers::{Counters, Db, TestApp, TestEnv, authed, millis};
+use super::fixtures::{PoolSetup, token_secret};
+use super::helpers::{Counters, Db, TestApp, TestEnv, authed};
 use super::workers::{self, Demand, Tally, now_ms};
 
 pub const WINDOW: Duration = Duration::from_secs(2);
 
 /// Three replicas, an emulator accepting `tokens` tokens, and the configuration:
-/// upstream "bl" (100 per 2 s, 5 % margin), pool "shared" with the tokens, tier "base"
+/// upstream "up" (100 per 2 s, 5 % margin), pool "shared" with the tokens, tier "flex"
 /// (`guaranteed` + 1000 burst), and `tenants` (id, weight) in the pool.
 pub struct Scenario {
     _env: TestEnv,
@@ -59,7 +60,7 @@ impl Scenario {
         for _ in 0..3 {
             replicas.push(env.spawn_with(settings.clone()).await);
         }
-        let token_secrets: Vec<String> = (0..tokens).map(|i| format!("1-{i}-SCENARIO")).collect();
+        let token_secrets: Vec<String> = (0..tokens).map(token_secret).collect();
         let emulator = Emulator::start(
             EmulatorConfig {
                 limit: 100,
@@ -72,7 +73,7 @@ impl Scenario {
         .await
         .expect("emulator");
         let key = replicas[0].admin_key.clone();
-        configure(&replicas[0], &key, &token_secrets, guaranteed, tenants).await;
+        configure(&replicas[0], &key, tokens, guaranteed, tenants).await;
         for r in &replicas {
             r.leaser.config.refresh().await.unwrap();
             r.leaser.allocator.refresh().await.unwrap();
@@ -123,69 +124,28 @@ impl Scenario {
     }
 }
 
+/// The shared test fixture (upstream "up" at 100 per 2 s, pool "shared", tokens
+/// "tok-<i>", tier "flex" with `guaranteed` + 1000 burst), and `tenants` with weights.
 async fn configure(
     app: &TestApp,
     key: &str,
-    secrets: &[String],
+    tokens: usize,
     guaranteed: u32,
     tenants: &[(&str, f64)],
 ) {
     let mut admin = app.admin().await;
-    let upstream = pb::Upstream {
-        id: "bl".into(),
-        limit_per_window: 100,
-        window: Some(millis(2_000)),
-        safety_margin: 0.05,
-        block_duration: Some(millis(10_000)),
-        ..Default::default()
+    let pool = PoolSetup {
+        limit: 100,
+        window_ms: WINDOW.as_millis() as u64,
+        tokens,
+        guaranteed,
+        burst: 1000,
     };
-    admin
-        .create_upstream(authed(
-            pb::CreateUpstreamRequest {
-                upstream: Some(upstream),
-            },
-            key,
-        ))
-        .await
-        .unwrap();
-    let pool = pb::Pool {
-        id: "shared".into(),
-        upstream_id: "bl".into(),
-        ..Default::default()
-    };
-    admin
-        .create_pool(authed(pb::CreatePoolRequest { pool: Some(pool) }, key))
-        .await
-        .unwrap();
-    for (i, secret) in secrets.iter().enumerate() {
-        let token = pb::Token {
-            id: format!("tok-{i}"),
-            upstream_id: "bl".into(),
-            secret: secret.clone(),
-            owner: Some(pb::token::Owner::PoolId("shared".into())),
-            ..Default::default()
-        };
-        admin
-            .create_token(authed(pb::CreateTokenRequest { token: Some(token) }, key))
-            .await
-            .unwrap();
-    }
-    let tier = pb::Tier {
-        id: "base".into(),
-        guaranteed_per_window: guaranteed,
-        burst_per_window: 1000,
-        shared_access: pb::SharedAccess::Normal as i32,
-        weight: 1.0,
-        ..Default::default()
-    };
-    admin
-        .create_tier(authed(pb::CreateTierRequest { tier: Some(tier) }, key))
-        .await
-        .unwrap();
+    pool.create(&mut admin, key).await;
     for (id, weight) in tenants {
         let tenant = pb::Tenant {
             id: (*id).into(),
-            tier_id: "base".into(),
+            tier_id: "flex".into(),
             pool_id: "shared".into(),
             weight_override: Some(*weight),
             ..Default::default()
@@ -252,7 +212,7 @@ async fn noisy_neighbour_cannot_take_guarantees() {
     println!(
         "flood {flood:.1} per window, denied {}, quotas {:?}",
         tallies["d"].denied,
-        ["c", "d", "e", "f"].map(|t| quotas.by_tenant[&(id(t), id("bl"))])
+        ["c", "d", "e", "f"].map(|t| quotas.by_tenant[&(id(t), id("up"))])
     );
     assert!(
         flood > 100.0,
@@ -285,7 +245,7 @@ async fn saturated_tenants_get_weighted_shares() {
         let quotas = r.leaser.allocator.current();
         let got: Vec<u32> = ["c", "d", "e", "f"]
             .iter()
-            .map(|t| quotas.by_tenant[&(id(t), id("bl"))])
+            .map(|t| quotas.by_tenant[&(id(t), id("up"))])
             .collect();
         assert_eq!(got, vec![103, 67, 67, 48], "quotas on a replica");
     }

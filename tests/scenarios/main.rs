@@ -7,6 +7,10 @@
 #[allow(dead_code)]
 mod helpers;
 
+#[path = "../api/fixtures.rs"]
+#[allow(dead_code)]
+mod fixtures;
+
 mod emulator;
 mod health;
 mod workers;
