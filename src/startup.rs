@@ -27,7 +27,7 @@ use crate::grpc::lease_api::LeaseApi;
 use crate::grpc::pb::{
     self, admin_service_server::AdminServiceServer, lease_service_server::LeaseServiceServer,
 };
-use crate::lease::{Allocator, Leaser, Lines, LiveConfig, TokenHealth, WaitingCallers};
+use crate::lease::{Allocator, Leaser, Lines, LiveConfig, TokenHealth};
 use crate::metrics;
 use crate::store::ConfigStore;
 use crate::store::counters::{Counters, MemoryCounters, RedisCounters, RedisSettings};
@@ -142,7 +142,6 @@ impl App {
             use_grace: Duration::from_millis(settings.lease.use_grace_ms),
             max_wait: Duration::from_millis(settings.lease.max_wait_ms),
             max_waiters_per_tenant: settings.lease.max_waiters_per_tenant,
-            waiting: WaitingCallers::default(),
             lines: Lines::default(),
             health,
         };

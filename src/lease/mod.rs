@@ -13,7 +13,7 @@ pub use health::{TokenHealth, publish_admin_toggle, tenants_reaching};
 pub use live::LiveConfig;
 pub use snapshot::{LiveToken, Route, Snapshot};
 pub use usage::{TenantUsage, TokenUsage, Usage};
-pub use waiting::{Lines, WaitingCallers};
+pub use waiting::Lines;
 
 use std::time::Duration;
 
@@ -90,7 +90,6 @@ pub struct Leaser {
     pub max_wait: Duration,
     /// How many callers of one tenant may wait on this replica at once.
     pub max_waiters_per_tenant: usize,
-    pub waiting: WaitingCallers,
     pub lines: Lines,
     /// Circuit breakers and quarantines: see `health.rs`.
     pub health: TokenHealth,
@@ -165,9 +164,11 @@ impl Leaser {
                 false,
             ));
         }
-        let Some(_slot) = self
-            .waiting
-            .enter(&input.tenant_id, self.max_waiters_per_tenant)
+        let order =
+            crate::clock::system_now_ms() + priority_offset(input.priority, plan.upstream.window);
+        let Some(place) = self
+            .lines
+            .join(&input.tenant_id, order, self.max_waiters_per_tenant)
         else {
             return Err(self.queue_full(&input.tenant_id, &denied));
         };
@@ -179,9 +180,6 @@ impl Leaser {
             nonce: call.nonce.clone(),
             queued: true,
         };
-        let order =
-            crate::clock::system_now_ms() + priority_offset(input.priority, plan.upstream.window);
-        let place = self.lines.join(&input.tenant_id, order);
         let _waiting = crate::metrics::waiting(&input.tenant_id);
         call.enqueue = true;
         let answer = self

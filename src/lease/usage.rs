@@ -144,7 +144,7 @@ impl Leaser {
                     .map_or(0, |tier| tenant.guaranteed(tier));
                 TenantUsage {
                     limit: self.allocator.quota(snapshot, &id, &upstream.id),
-                    waiting: self.waiting.depth(&id) as u32,
+                    waiting: self.lines.depth(&id) as u32,
                     tenant_id: id,
                     upstream_id: upstream.id.clone(),
                     used,

@@ -1,5 +1,6 @@
-//! Callers that wait for a slot (`max_wait`): their place in the pool's queue, the
-//! per-tenant bound on how many wait on this replica, and cleanup when they go away.
+//! Callers that wait for a slot (`max_wait`): their place in the pool's queue, their
+//! tenant's line on this replica (which also bounds how many wait), and cleanup when
+//! they go away.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,60 +18,6 @@ pub fn priority_offset(priority: Priority, window: Duration) -> i64 {
         Priority::High => eighth,
         Priority::Normal => 2 * eighth,
         Priority::Low => 4 * eighth,
-    }
-}
-
-/// How many callers of each tenant wait on this replica.
-#[derive(Clone, Default)]
-pub struct WaitingCallers {
-    per_tenant: Arc<Mutex<HashMap<Id, usize>>>,
-}
-
-impl WaitingCallers {
-    /// Counts one more waiter of `tenant`, unless `limit` already wait.
-    pub fn enter(&self, tenant: &Id, limit: usize) -> Option<WaitSlot> {
-        let mut map = self.per_tenant.lock().unwrap_or_else(|p| p.into_inner());
-        let count = map.entry(tenant.clone()).or_default();
-        if *count >= limit {
-            return None;
-        }
-        *count += 1;
-        Some(WaitSlot {
-            callers: self.clone(),
-            tenant: tenant.clone(),
-        })
-    }
-
-    /// Callers of `tenant` waiting now.
-    pub fn depth(&self, tenant: &Id) -> usize {
-        self.per_tenant
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(tenant)
-            .copied()
-            .unwrap_or(0)
-    }
-}
-
-/// One waiting caller; dropping it frees its place in the count.
-pub struct WaitSlot {
-    callers: WaitingCallers,
-    tenant: Id,
-}
-
-impl Drop for WaitSlot {
-    fn drop(&mut self) {
-        let mut map = self
-            .callers
-            .per_tenant
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = map.get_mut(&self.tenant) {
-            *count -= 1;
-            if *count == 0 {
-                map.remove(&self.tenant);
-            }
-        }
     }
 }
 
@@ -130,20 +77,30 @@ pub struct Place {
 }
 
 impl Lines {
-    /// Joins `tenant`'s line at `order` (priority offset + arrival, lower first).
-    pub fn join(&self, tenant: &Id, order: i64) -> Place {
+    /// Joins `tenant`'s line at `order` (priority offset + arrival, lower first), unless
+    /// `limit` callers of the tenant already wait on this replica.
+    pub fn join(&self, tenant: &Id, order: i64, limit: usize) -> Option<Place> {
         let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         let line = lines.entry(tenant.clone()).or_default();
+        if line.members.len() >= limit {
+            return None;
+        }
         let key = (order, line.next_seq);
         line.next_seq += 1;
         let notify = Arc::new(tokio::sync::Notify::new());
         line.members.insert(key, notify.clone());
-        Place {
+        Some(Place {
             lines: self.clone(),
             tenant: tenant.clone(),
             key,
             notify,
-        }
+        })
+    }
+
+    /// Callers of `tenant` waiting on this replica now.
+    pub fn depth(&self, tenant: &Id) -> usize {
+        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines.get(tenant).map_or(0, |l| l.members.len())
     }
 }
 

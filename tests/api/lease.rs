@@ -460,3 +460,79 @@ async fn three_replicas_grant_exactly_the_usable_limit() {
         );
     }
 }
+
+/// The per-tenant bound on waiting callers: past it RESOURCE_EXHAUSTED with a
+/// retry-after; callers that go away leave the line at once, making room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_callers_are_bounded_and_leave_when_gone() {
+    use tonic_types::StatusExt;
+    let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
+    let mut settings = env.settings();
+    settings.lease.max_waiters_per_tenant = 2;
+    let app = env.spawn_with(settings).await;
+    let key = app.admin_key.clone();
+    let pool = PoolSetup {
+        limit: 2,
+        ..Default::default()
+    }; // 1 usable per 10 s
+    pool.create(&mut app.admin().await, &key).await;
+    create_tenant(&mut app.admin().await, &key, "acme", "flex").await;
+    assert!(matches!(
+        acquire(&app, &key, "acme").await,
+        Answer::Lease(_)
+    ));
+    let waiting = || pb::AcquireLeaseRequest {
+        tenant_id: "acme".into(),
+        max_wait: Some(millis(20_000)),
+        ..Default::default()
+    };
+    let mut waiters = vec![];
+    for _ in 0..2 {
+        let mut client = app.lease().await;
+        let (key, request) = (key.clone(), waiting());
+        waiters.push(tokio::spawn(async move {
+            client.acquire_lease(authed(request, &key)).await
+        }));
+    }
+    let depth = async || {
+        let usage = app
+            .admin()
+            .await
+            .get_usage(authed(
+                pb::GetUsageRequest {
+                    tenant_id: "acme".into(),
+                    ..Default::default()
+                },
+                &key,
+            ))
+            .await
+            .unwrap();
+        usage.into_inner().tenants[0].waiting_callers
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while depth().await < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the two waiters never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let full = app
+        .lease()
+        .await
+        .acquire_lease(authed(waiting(), &key))
+        .await
+        .unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{}", full.message());
+    assert!(full.get_details_retry_info().is_some());
+    for waiter in &waiters {
+        waiter.abort();
+    }
+    while depth().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline + Duration::from_secs(5),
+            "aborted waiters stayed in line"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
