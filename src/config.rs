@@ -73,6 +73,11 @@ pub struct LeaseSection {
     /// How many callers of one tenant may wait at once on one replica; more get
     /// RESOURCE_EXHAUSTED.
     pub max_waiters_per_tenant: usize,
+    /// Pacing: the share of a token's per-window limit it may grant back to back;
+    /// beyond it the token grants one slot per window / limit. Keeps a saturated token
+    /// from spending its window in one burst (so waits stay short and priorities
+    /// decide who gets each slot as it frees). 100 turns pacing off.
+    pub pace_burst_percent: u32,
 }
 
 /// Per-token circuit breaker (seed §3), shared by all replicas.
@@ -135,6 +140,7 @@ impl Default for Settings {
                 use_grace_ms: 1_000,
                 max_wait_ms: 60_000,
                 max_waiters_per_tenant: 100,
+                pace_burst_percent: 25,
             },
             breaker: BreakerSection {
                 failures_to_open: 5,
@@ -188,6 +194,12 @@ impl Settings {
             self.lease.max_waiters_per_tenant as u64,
             1,
             100_000,
+        )?;
+        check_range(
+            "lease.pace_burst_percent",
+            self.lease.pace_burst_percent.into(),
+            1,
+            100,
         )?;
         check_range("redis.timeout_ms", self.redis.timeout_ms, 10, 30_000)?;
         check_range("config_refresh_ms", self.config_refresh_ms, 100, 600_000)?;
@@ -421,6 +433,10 @@ mod tests {
             err.contains("lease.ttl_ms") && err.contains("between"),
             "{err}"
         );
+        let mut s = Settings::default();
+        s.lease.pace_burst_percent = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("lease.pace_burst_percent"), "{err}");
         let s = Settings {
             redis_url: Some("http://x".into()),
             ..Settings::default()

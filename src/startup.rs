@@ -142,6 +142,7 @@ impl App {
             use_grace: Duration::from_millis(settings.lease.use_grace_ms),
             max_wait: Duration::from_millis(settings.lease.max_wait_ms),
             max_waiters_per_tenant: settings.lease.max_waiters_per_tenant,
+            pace_burst_percent: settings.lease.pace_burst_percent,
             lines: Lines::default(),
             health,
         };

@@ -66,6 +66,11 @@ impl Allocator {
             .map_or(0, |tier| tenant.guaranteed(tier))
     }
 
+    /// Sees every later change of the quotas (`changed()` wakes on the next one).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Quotas>> {
+        self.sender.subscribe()
+    }
+
     pub fn current(&self) -> Arc<Quotas> {
         self.sender.borrow().clone()
     }

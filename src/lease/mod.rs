@@ -90,6 +90,8 @@ pub struct Leaser {
     pub max_wait: Duration,
     /// How many callers of one tenant may wait on this replica at once.
     pub max_waiters_per_tenant: usize,
+    /// Share of a token's window it may grant back to back (100: no pacing).
+    pub pace_burst_percent: u32,
     pub lines: Lines,
     /// Circuit breakers and quarantines: see `health.rs`.
     pub health: TokenHealth,
@@ -183,7 +185,7 @@ impl Leaser {
         let _waiting = crate::metrics::waiting(&input.tenant_id);
         call.enqueue = true;
         let answer = self
-            .wait_for_slot(&input, &mut call, &place, denied.retry_after)
+            .wait_for_slot(&input, &mut call, &place, &mut entry, denied.retry_after)
             .await;
         if matches!(answer, Ok(AcquireAnswer::Granted(_))) {
             entry.queued = false; // the grant took it out of the shared queue
@@ -193,12 +195,16 @@ impl Leaser {
 
     /// The waiting part of `acquire`: when first in its tenant's line on this replica,
     /// the caller tries again at each instant a slot it may use frees, until granted or
-    /// out of time.
+    /// out of time. A caller that stops being first (a caller of a higher priority
+    /// joined the line ahead of it) keeps its entry in the shared queue: the caller
+    /// ahead has the earlier virtual deadline, so it takes the next slot, and then this
+    /// caller is first again with its place still held.
     async fn wait_for_slot(
         &self,
         input: &AcquireInput,
         call: &mut Call,
         place: &waiting::Place,
+        entry: &mut QueueEntry,
         mut retry_after: Duration,
     ) -> Result<AcquireAnswer, ServiceError> {
         loop {
@@ -211,9 +217,12 @@ impl Leaser {
                 if tokio::time::Instant::now() + retry_after > call.deadline {
                     break;
                 }
-                tokio::time::sleep(retry_after.max(Duration::from_millis(1))).await;
+                self.pause(retry_after).await;
             }
-            match self.attempt(input, call).await? {
+            let attempt = self.attempt(input, call).await?;
+            // A grant the token's health refused changes the call's id (`attempt`).
+            entry.nonce.clone_from(&call.nonce);
+            match attempt {
                 Attempt::Done(answer) => return Ok(answer),
                 Attempt::Denied(_, denied) => retry_after = denied.retry_after,
             }
@@ -230,6 +239,18 @@ impl Leaser {
                 &denied,
                 true,
             )),
+        }
+    }
+
+    /// Sleeps until the instant a denial pointed at, or until the quotas change: a
+    /// tenant's quota rises as its demand is measured, and a caller denied at the old
+    /// quota should not sleep until a slot of its own frees (up to a window) when the
+    /// new quota admits it now.
+    async fn pause(&self, retry_after: Duration) {
+        let mut quotas = self.allocator.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(retry_after.max(Duration::from_millis(1))) => {}
+            _ = quotas.changed() => {}
         }
     }
 
@@ -369,6 +390,7 @@ impl Leaser {
                 pooled,
                 count_demand: call.attempts == 0,
                 queue: Some(queue),
+                pace_burst: pace_burst(upstream.usable_per_window(), self.pace_burst_percent),
             },
             upstream,
         }))
@@ -440,6 +462,15 @@ impl Leaser {
             ))),
         }
     }
+}
+
+/// Slots a token may grant back to back: `percent` of its limit, at least 1; 0 (no
+/// pacing) at 100 %.
+fn pace_burst(token_limit: u32, percent: u32) -> u32 {
+    if percent >= 100 {
+        return 0;
+    }
+    (token_limit * percent).div_ceil(100).max(1)
 }
 
 fn check_cost(
@@ -523,6 +554,14 @@ fn denial_message(reason: DenyReason, tenant: &Id, plan: &Plan) -> String {
         DenyReason::TenantQuota => format!(
             "tenant '{tenant}' has used its quota of {} requests per {:?}",
             plan.request.tenant_limit, plan.upstream.window
+        ),
+        DenyReason::NoTokenCapacity if plan.request.pace_burst > 0 => format!(
+            "every token tenant '{tenant}' may use is at its limit of {} requests per {:?} \
+             or at its pace ({} back to back, then one per {:?})",
+            plan.request.token_limit,
+            plan.upstream.window,
+            plan.request.pace_burst,
+            plan.upstream.window / plan.request.token_limit.max(1),
         ),
         DenyReason::NoTokenCapacity => format!(
             "every token tenant '{tenant}' may use is at its limit of {} requests per {:?}",

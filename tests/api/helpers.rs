@@ -109,6 +109,8 @@ impl TestEnv {
         settings.redis.timeout_ms = 500;
         settings.lease.ttl_ms = 1_000;
         settings.lease.use_grace_ms = 0;
+        // Most tests fill a window on purpose; pacing has tests of its own.
+        settings.lease.pace_burst_percent = 100;
         settings.metrics.listen = "127.0.0.1:0".into();
         settings.encryption.keys = BTreeMap::from([("k1".to_string(), self.master_key.clone())]);
         settings

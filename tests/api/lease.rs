@@ -21,6 +21,8 @@ for_each_backend!(
     tenant_quota_binds_before_the_token,
     release_outcomes,
     waiting_caller_is_granted_when_a_slot_frees,
+    waiting_caller_is_granted_when_its_quota_rises,
+    pacing_spreads_a_tokens_grants,
     bad_lease_requests,
 );
 
@@ -282,6 +284,99 @@ async fn waiting_caller_is_granted_when_a_slot_frees(db: Db, counters: Counters)
         panic!("no slot within 100 ms")
     };
     assert!(denial.retry_after.is_some());
+}
+
+/// A caller waiting at its tenant's quota is granted as soon as the quota rises (here:
+/// the tier's burst is raised), not only when the tenant's own slot frees a window later.
+async fn waiting_caller_is_granted_when_its_quota_rises(db: Db, counters: Counters) {
+    let pool = PoolSetup {
+        window_ms: 1_000,
+        guaranteed: 1,
+        burst: 0,
+        ..Default::default()
+    };
+    let (_env, app) = setup(db, counters, pool, &["acme"]).await;
+    let key = app.admin_key.clone();
+    let Answer::Lease(first) = acquire(&app, &key, "acme").await else {
+        panic!("acme's guarantee of 1 is free")
+    };
+    // Never released: the slot frees at expiry + window.
+    let slot_frees_at = ts_ms(first.expires_at.as_ref().unwrap()) + 1_000;
+    let mut client = app.lease().await;
+    let waiting = pb::AcquireLeaseRequest {
+        tenant_id: "acme".into(),
+        max_wait: Some(millis(5_000)),
+        ..Default::default()
+    };
+    let (waiter_key, request) = (key.clone(), waiting);
+    let waiter = tokio::spawn(async move {
+        let answer = client.acquire_lease(authed(request, &waiter_key)).await;
+        answer.unwrap().into_inner().result.unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let tier = pb::Tier {
+        id: "flex".into(),
+        guaranteed_per_window: 1,
+        burst_per_window: 10,
+        shared_access: pb::SharedAccess::Normal as i32,
+        weight: 1.0,
+        ..Default::default()
+    };
+    app.admin()
+        .await
+        .update_tier(authed(pb::UpdateTierRequest { tier: Some(tier) }, &key))
+        .await
+        .unwrap();
+    let Answer::Lease(second) = waiter.await.unwrap() else {
+        panic!("the waiter was not granted")
+    };
+    let granted_at = ts_ms(second.expires_at.as_ref().unwrap()) - 1_000;
+    assert!(
+        granted_at < slot_frees_at,
+        "granted at {granted_at}, only when the first slot freed ({slot_frees_at})"
+    );
+    assert!(second.quota.unwrap().tenant_limit > 1);
+}
+
+/// With `lease.pace_burst_percent` = 25, a token of 95 usable per 60 s grants 24 leases
+/// back to back, then denies NO_TOKEN_CAPACITY pointing at its next paced slot (one per
+/// 60 s / 95 ≈ 632 ms), and grants it then.
+async fn pacing_spreads_a_tokens_grants(db: Db, counters: Counters) {
+    let env = TestEnv::new(db, counters).await;
+    let mut settings = env.settings();
+    settings.lease.pace_burst_percent = 25;
+    let app = env.spawn_with(settings).await;
+    let key = app.admin_key.clone();
+    let pool = PoolSetup {
+        window_ms: 60_000,
+        ..Default::default()
+    };
+    pool.create(&mut app.admin().await, &key).await;
+    create_tenant(&mut app.admin().await, &key, "acme", "flex").await;
+    let mut first = None;
+    for i in 0..24 {
+        let Answer::Lease(lease) = acquire(&app, &key, "acme").await else {
+            panic!("lease {i} of the 24 back to back denied")
+        };
+        first.get_or_insert(ts_ms(lease.expires_at.as_ref().unwrap()) - 1_000);
+    }
+    let Answer::Denial(denial) = acquire(&app, &key, "acme").await else {
+        panic!("the 25th lease was granted at once")
+    };
+    assert_eq!(denial.reason, pb::DenialReason::NoTokenCapacity as i32);
+    assert!(denial.message.contains("pace"), "{}", denial.message);
+    // 24 slots spent from the first grant: the next is allowed 631.6 ms after it.
+    let next = first.unwrap() + 632;
+    let frees_at = now_ms() + ms(denial.retry_after.as_ref().unwrap());
+    assert!(
+        (frees_at - next).abs() <= 50,
+        "retry-after points at {frees_at}, the pace allows one at {next}"
+    );
+    tokio::time::sleep(Duration::from_millis((next - now_ms()).max(0) as u64)).await;
+    assert!(matches!(
+        acquire(&app, &key, "acme").await,
+        Answer::Lease(_)
+    ));
 }
 
 /// Bad AcquireLease input gets INVALID_ARGUMENT or NOT_FOUND naming the field.

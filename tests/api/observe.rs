@@ -95,6 +95,8 @@ fn start_binary(data_dir: &Path, grpc: SocketAddr, metrics: SocketAddr) -> tokio
         .env("TOKENLEASE_METRICS__LISTEN", metrics.to_string())
         .env("TOKENLEASE_METRICS__REFRESH_MS", "100")
         .env("TOKENLEASE_LEASE__MAX_WAIT_MS", "600000")
+        // The run fills the token's window on purpose, so no pacing.
+        .env("TOKENLEASE_LEASE__PACE_BURST_PERCENT", "100")
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()

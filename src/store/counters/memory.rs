@@ -75,7 +75,70 @@ struct Lease {
     token: Id,
     cost: u32,
     expires: i64,
+    /// The pace each slot of the grant spent (ms), 0 without pacing.
+    step: f64,
     outcome: Option<ReleaseOutcome>,
+}
+
+/// A token's pacing as the scan sees it (see `paced` in `scripts::ACQUIRE`).
+struct Paced {
+    /// Slots the pace allows now.
+    room: u32,
+    /// When it allows the call's cost.
+    fits: i64,
+    /// When it allows one slot more than now.
+    grows: i64,
+}
+
+/// Pacing of one token with schedule `tat` (GCRA), `burst` slots back to back and
+/// `step` ms per slot; `burst` 0 means no pacing.
+fn paced(tat: Option<f64>, now: i64, cost: u32, burst: u32, step: f64, never: i64) -> Paced {
+    if burst == 0 {
+        return Paced {
+            room: u32::MAX,
+            fits: now,
+            grows: never,
+        };
+    }
+    let now_f = now as f64;
+    let tat = tat.unwrap_or(now_f);
+    let ahead = tat.max(now_f) - now_f;
+    let room = ((burst as f64 * step - ahead) / step).floor().max(0.0) as u32;
+    let fits = (tat - burst.saturating_sub(cost) as f64 * step).ceil() as i64;
+    let grows = if room >= burst {
+        never
+    } else {
+        (tat - (burst - room - 1) as f64 * step).ceil() as i64
+    };
+    Paced {
+        room,
+        fits: fits.max(now),
+        grows,
+    }
+}
+
+/// A full window with callers asking earns no back-to-back allowance: see `drain_pace`
+/// in `scripts::ACQUIRE`.
+fn drain_pace(state: &mut State, req: &AcquireRequest, token: &Id, now: i64) {
+    if req.pace_burst == 0 {
+        return;
+    }
+    let (step, burst) = (pace_step(req), req.pace_burst as f64);
+    let keep = (burst / 4.0).ceil();
+    let tat = state
+        .paces
+        .entry(token_key(&req.upstream_id, token))
+        .or_insert(now as f64);
+    if *tat < now as f64 + (burst - keep - 1.0) * step {
+        *tat = now as f64 + (burst - keep) * step;
+    }
+}
+
+fn pace_step(req: &AcquireRequest) -> f64 {
+    if req.pace_burst == 0 {
+        return 0.0;
+    }
+    req.window.as_millis() as f64 / req.token_limit.max(1) as f64
 }
 
 #[derive(Default)]
@@ -89,6 +152,8 @@ struct State {
     demand: HashMap<String, Demand>,
     /// Wait queues per pool.
     queues: HashMap<String, WaitQueue>,
+    /// Pacing schedules per token window key (ms).
+    paces: HashMap<String, f64>,
 }
 
 impl State {
@@ -141,21 +206,39 @@ fn scan_tokens(state: &mut State, req: &AcquireRequest, now: i64, cost: u32) -> 
         if matches!(scan.best, Some((b, _)) if b < n_dedicated) && idx >= n_dedicated {
             break;
         }
-        let window = state.window(token_key(&req.upstream_id, token));
+        let key = token_key(&req.upstream_id, token);
+        let tat = state.paces.get(&key).copied();
+        let pace = paced(
+            tat,
+            now,
+            cost,
+            req.pace_burst,
+            pace_step(req),
+            scan.earliest,
+        );
+        let window = state.window(key);
         let used = window.trim(now - window_ms);
         if idx >= n_dedicated {
-            scan.pool_room += req.token_limit.saturating_sub(used);
-            if let Some((end, _)) = window.by_end.first() {
+            let window_room = req.token_limit.saturating_sub(used);
+            scan.pool_room += window_room.min(pace.room);
+            if window_room > pace.room {
+                scan.pool_next_free = scan.pool_next_free.min(pace.grows);
+            } else if let Some((end, _)) = window.by_end.first() {
                 scan.pool_next_free = scan.pool_next_free.min(end + window_ms + 1);
             }
         }
-        if used + cost <= req.token_limit {
+        if used + cost <= req.token_limit && pace.fits <= now {
             if scan.best.is_none_or(|(_, best_used)| used < best_used) {
                 scan.best = Some((idx, used));
             }
         } else {
-            let free = window.free_at(now, window_ms, used, cost, req.token_limit);
+            let free = window
+                .free_at(now, window_ms, used, cost, req.token_limit)
+                .max(pace.fits);
             earliest = Some(earliest.map_or(free, |e| e.min(free)));
+            if used + cost > req.token_limit {
+                drain_pace(state, req, token, now);
+            }
         }
     }
     scan.earliest = earliest.unwrap_or(scan.earliest);
@@ -174,12 +257,21 @@ fn record_grant(state: &mut State, req: &AcquireRequest, token: &Id, now: i64, c
             .window(token_key(&req.upstream_id, token))
             .insert(member, expires);
     }
+    let step = pace_step(req);
+    if step > 0.0 {
+        let tat = state
+            .paces
+            .entry(token_key(&req.upstream_id, token))
+            .or_insert(now as f64);
+        *tat = tat.max(now as f64) + cost as f64 * step;
+    }
     let lease_key = lease_key(&req.upstream_id, &req.nonce);
     let lease = Lease {
         tenant: req.tenant_id.clone(),
         token: token.clone(),
         cost,
         expires,
+        step,
         outcome: None,
     };
     state.leases.insert(lease_key.clone(), lease);
@@ -371,7 +463,15 @@ impl MemoryCounters {
             Some(previous) => return ReleaseResult::Conflict { previous },
             None => lease.outcome = Some(outcome),
         }
-        let cost = lease.cost;
+        let (cost, step) = (lease.cost, lease.step);
+        if outcome == ReleaseOutcome::NotUsed
+            && let Some(tat) = state
+                .paces
+                .get_mut(&token_key(&key.upstream_id, &key.token_id))
+            && *tat > now as f64
+        {
+            *tat = (*tat - cost as f64 * step).max(now as f64);
+        }
         let keys = [
             tenant_key(&key.upstream_id, &key.tenant_id),
             token_key(&key.upstream_id, &key.token_id),

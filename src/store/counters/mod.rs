@@ -69,6 +69,9 @@ pub struct AcquireRequest {
     pub count_demand: bool,
     /// Where the call stands among the pool's waiters; `None` ignores the queue.
     pub queue: Option<QueueTicket>,
+    /// Pacing: how many slots a token may grant back to back before it grants one per
+    /// `window / token_limit`; 0 turns pacing off. See `scripts::ACQUIRE`.
+    pub pace_burst: u32,
 }
 
 /// A call's place in its pool's wait queue (see `queue.rs`).

@@ -185,6 +185,9 @@ impl RedisCounters {
         for token in &tokens {
             inv.key(self.key(up, "kw", token.as_str()));
         }
+        for token in &tokens {
+            inv.key(self.key(up, "kp", token.as_str()));
+        }
         let window_ms = req.window.as_millis() as i64;
         inv.arg(window_ms)
             .arg(req.lease_ttl.as_millis() as u64)
@@ -204,7 +207,8 @@ impl RedisCounters {
                     .unwrap_or_default(),
             )
             .arg(req.queue.as_ref().map_or(0, |q| q.priority_offset_ms))
-            .arg(req.queue.as_ref().map_or(-1, |q| q.wait_ms.max(0)));
+            .arg(req.queue.as_ref().map_or(-1, |q| q.wait_ms.max(0)))
+            .arg(req.pace_burst);
         for token in &tokens {
             inv.arg(token.as_str());
         }
@@ -268,6 +272,7 @@ impl RedisCounters {
         inv.key(self.key(&key.upstream_id, "lease", &key.nonce))
             .key(self.key(&key.upstream_id, "tw", key.tenant_id.as_str()))
             .key(self.key(&key.upstream_id, "kw", key.token_id.as_str()))
+            .key(self.key(&key.upstream_id, "kp", key.token_id.as_str()))
             .arg(outcome.as_str())
             .arg(key.tenant_id.as_str())
             .arg(key.token_id.as_str())

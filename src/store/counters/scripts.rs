@@ -19,14 +19,24 @@
 ///   unmet demand)
 /// - `KEYS[4]`, `KEYS[5]`, `KEYS[6]`: the pool's wait queue — waiters by virtual deadline
 ///   (sorted set), by expiry (sorted set), and when each may use a slot (hash)
-/// - `KEYS[7..]`: the candidate tokens' windows, dedicated tokens first
+/// - `KEYS[7..6+n]`: the candidate tokens' windows, dedicated tokens first, then
+///   `KEYS[7+n..6+2n]` their pacing schedules (the instant, in ms, up to which the
+///   token's pace is spent: the "theoretical arrival time" of GCRA)
 /// - `ARGV[1]` window ms, `ARGV[2]` lease TTL ms, `ARGV[3]` cost, `ARGV[4]` tenant
 ///   limit, `ARGV[5]` token limit, `ARGV[6]` how many of the tokens are dedicated,
 ///   `ARGV[7]` tenant id, `ARGV[8]` call nonce (also the lease's), `ARGV[9]` demand
 ///   bucket ms, `ARGV[10]` 1 to count this call's demand, `ARGV[11]` the call's virtual
 ///   deadline ('' on its first attempt), `ARGV[12]` its priority offset ms, `ARGV[13]`
 ///   how long to stay queued when denied (0: answer now; -1: ignore the queue),
-///   `ARGV[14..]` token ids (as KEYS[7..])
+///   `ARGV[14]` pacing: how many slots a token may grant back to back (0: no pacing),
+///   `ARGV[15..]` token ids (as the windows)
+///
+/// Pacing spreads a token's grants over its window: beyond the back-to-back allowance
+/// a token grants one slot per W / token limit (GCRA). The allowance is earned only
+/// while the token is not full: a full window with callers asking drains it. The window
+/// stays the hard limit; pacing only keeps a saturated token from granting slots in
+/// bursts, so that slots keep freeing one by one and the queue's order decides who gets
+/// each.
 ///
 /// Returns `{1, token_index (1-based), now, expires, tenant_used, token_used}` when
 /// granted, `{0, reason (1 tenant quota, 2 no token capacity), retry_after_ms, now,
@@ -112,25 +122,68 @@ local function deny(reason, at, eligible, over_quota)
   return {0, reason, at - now, now, score}
 end
 
+-- Pacing (see the doc comment): `step` ms per slot, `pace` slots back to back.
+local n = (#KEYS - 6) / 2
+local pace = tonumber(ARGV[14])
+local step = 0
+if pace > 0 then step = window / token_limit end
+local pace_at = {}
+
+-- How many slots token `idx`'s pace allows now, when it allows `cost` more, and when
+-- it allows one more than now. Without pacing: no bound.
+local function paced(idx)
+  if pace == 0 then return token_limit, now, never end
+  local tat = tonumber(redis.call('GET', KEYS[6 + n + idx]) or now)
+  pace_at[idx] = tat
+  local ahead = math.max(tat, now) - now
+  local room = math.max(0, math.floor((pace * step - ahead) / step))
+  local fits = math.ceil(tat - math.max(0, pace - cost) * step)
+  local grows = math.ceil(tat - (pace - room - 1) * step)
+  if room >= pace then grows = never end
+  return room, math.max(now, fits), grows
+end
+
+-- A full window with callers asking is not idleness: the pace earns no more than a
+-- quarter of its back-to-back allowance meanwhile (rewritten at most once per step), so
+-- slots a window frees at once are mostly granted one per step, not in a burst that
+-- would repeat every window. The quarter absorbs the jitter of frees (each slot frees
+-- W after its call's release, and calls take varying time) without losing capacity.
+local function drain_pace(idx)
+  if pace == 0 then return end
+  local keep = math.ceil(pace / 4)
+  local tat = pace_at[idx]
+  if tat < now + (pace - keep - 1) * step then
+    tat = now + (pace - keep) * step
+    redis.call('SET', KEYS[6 + n + idx], tostring(tat), 'PX', math.ceil(tat - now) + 1000)
+  end
+end
+
 local tenant_used = trim(KEYS[1])
 
 local best, best_used, earliest = nil, nil, nil
 local pool_room, pool_next = 0, never
-for i = 7, #KEYS do
-  local idx = i - 6
+for idx = 1, n do
+  local key = KEYS[6 + idx]
   -- A dedicated token with room wins over every pool token.
   if best ~= nil and best <= n_dedicated and idx > n_dedicated then break end
-  local used = trim(KEYS[i])
+  local used = trim(key)
+  local pace_room, pace_fits, pace_grows = paced(idx)
   if has_waiters and idx > n_dedicated then
-    pool_room = pool_room + math.max(0, token_limit - used)
-    local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
-    if first[2] then pool_next = math.min(pool_next, tonumber(first[2]) + window + 1) end
+    local window_room = math.max(0, token_limit - used)
+    pool_room = pool_room + math.min(window_room, pace_room)
+    if window_room <= pace_room then
+      local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+      if first[2] then pool_next = math.min(pool_next, tonumber(first[2]) + window + 1) end
+    else
+      pool_next = math.min(pool_next, pace_grows)
+    end
   end
-  if used + cost <= token_limit then
+  if used + cost <= token_limit and pace_fits <= now then
     if best == nil or used < best_used then best, best_used = idx, used end
   else
-    local f = free_at(KEYS[i], used, token_limit)
+    local f = math.max(free_at(key, used, token_limit), pace_fits)
     if earliest == nil or f < earliest then earliest = f end
+    if used + cost > token_limit then drain_pace(idx) end
   end
 end
 
@@ -175,7 +228,12 @@ local keep = ttl + window + 1000
 for _, key in ipairs({KEYS[1], token_key}) do
   if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
 end
-redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', ARGV[13 + best], 'cost', cost, 'expires', expires)
+if pace > 0 then
+  local tat = math.max(pace_at[best], now) + cost * step
+  redis.call('SET', KEYS[6 + n + best], tostring(tat), 'PX', math.ceil(tat - now) + 1000)
+end
+redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', ARGV[14 + best], 'cost', cost,
+  'expires', expires, 'step', step)
 redis.call('PEXPIRE', KEYS[2], ttl)
 return {1, best, now, expires, tenant_used + cost, best_used + cost}
 "#;
@@ -219,17 +277,19 @@ return 1
 
 /// Records a lease's outcome.
 ///
-/// - `KEYS[1]` the lease hash, `KEYS[2]` the tenant's window, `KEYS[3]` the token's window
+/// - `KEYS[1]` the lease hash, `KEYS[2]` the tenant's window, `KEYS[3]` the token's
+///   window, `KEYS[4]` the token's pacing schedule
 /// - `ARGV[1]` outcome, `ARGV[2]` tenant id, `ARGV[3]` token id, `ARGV[4]` nonce
 ///
-/// "not_used" removes the lease's entries (the slots come back); any other outcome
+/// "not_used" removes the lease's entries (the slots come back, and so does the pace
+/// the grant spent, as far as it is still ahead of now); any other outcome
 /// moves their end to now (the call is over, so its occupancy ends now). Returns
 /// `{'released'}`, `{'already'}`, `{'conflict', previous}` or `{'not_found'}`.
 /// The lease hash expires with the lease, so expired leases need no cleanup pass.
 pub const RELEASE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = redis.call('HMGET', KEYS[1], 'tenant', 'token', 'cost', 'expires', 'outcome')
+local lease = redis.call('HMGET', KEYS[1], 'tenant', 'token', 'cost', 'expires', 'outcome', 'step')
 if not lease[1] or lease[1] ~= ARGV[2] or lease[2] ~= ARGV[3] or tonumber(lease[4]) < now then
   return {'not_found'}
 end
@@ -245,6 +305,14 @@ for i = 1, tonumber(lease[3]) do
   else
     redis.call('ZADD', KEYS[2], 'XX', now, member)
     redis.call('ZADD', KEYS[3], 'XX', now, member)
+  end
+end
+local step = tonumber(lease[6] or 0)
+if ARGV[1] == 'not_used' and step > 0 then
+  local tat = tonumber(redis.call('GET', KEYS[4]) or 0)
+  if tat > now then
+    tat = math.max(now, tat - tonumber(lease[3]) * step)
+    redis.call('SET', KEYS[4], tostring(tat), 'PX', math.ceil(tat - now) + 1000)
   end
 end
 redis.call('HSET', KEYS[1], 'outcome', ARGV[1])

@@ -316,6 +316,7 @@ impl Harness {
             pooled: ids(pooled),
             count_demand: false,
             queue: None,
+            pace_burst: 0,
         }
     }
 
@@ -478,6 +479,9 @@ macro_rules! on_both_backends {
         }
     )*};
 }
+
+#[path = "tests/pacing.rs"]
+mod pacing;
 
 on_both_backends! {
     /// Property 1: one token grants exactly its usable limit (95) per window, then denies

@@ -44,6 +44,7 @@ fn flood_request(upstream: &str, tenant: usize) -> AcquireRequest {
         pooled: ids(&["k-1"]),
         count_demand: false,
         queue: None,
+        pace_burst: 0,
     }
 }
 

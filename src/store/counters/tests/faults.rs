@@ -117,6 +117,7 @@ fn request() -> AcquireRequest {
         pooled: ids(&["k-1"]),
         count_demand: false,
         queue: None,
+        pace_burst: 0,
     }
 }
 

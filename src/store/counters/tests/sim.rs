@@ -110,6 +110,9 @@ struct World {
     tokens: usize,
     token_limit: u32,
     window_ms: i64,
+    /// Pacing (back-to-back slots; 0 off): random, since pacing must never let a
+    /// window hold more than its limit either.
+    pace_burst: u32,
 }
 
 impl World {
@@ -139,11 +142,17 @@ impl World {
                 pooled: pool.clone(),
             })
             .collect();
+        let pace_burst = if rng.random_bool(0.5) {
+            0
+        } else {
+            rng.random_range(1..=token_limit)
+        };
         Self {
             tenants: tenant_cfgs,
             tokens,
             token_limit,
             window_ms,
+            pace_burst,
         }
     }
 
@@ -169,6 +178,7 @@ impl World {
             pooled: t.pooled.clone(),
             count_demand: false,
             queue: None,
+            pace_burst: self.pace_burst,
         }
     }
 
