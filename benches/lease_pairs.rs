@@ -8,7 +8,9 @@
 //! AcquireLease for a random tenant and, when granted, ReleaseLease(SUCCESS).
 //! - `decision`: limits so high nothing is denied, so the decision path is measured;
 //! - `saturated`: 100 per 60 s per token (95 usable), so after the first 9,500 grants
-//!   nearly every call is denied.
+//!   nearly every call is denied (pacing off, so that the warm-up takes every slot).
+//!
+//! `PACE_BURST_PERCENT=100` (or any 1–100) overrides `lease.pace_burst_percent`.
 //!
 //! The server and this load generator run in one process and share the machine's cores
 //! (2 on the reference machine): the numbers are for both together. The generator is a
@@ -186,6 +188,17 @@ async fn measure(mode: &str, seconds: u64) {
     };
     settings.redis.key_prefix = prefix.clone();
     settings.metrics.listen = "127.0.0.1:0".into();
+    // `saturated` needs the warm-up to take every slot, so no pacing there; otherwise
+    // the service's default, or PACE_BURST_PERCENT to compare.
+    if mode == "saturated" {
+        settings.lease.pace_burst_percent = 100;
+    }
+    if let Some(percent) = std::env::var("PACE_BURST_PERCENT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+    {
+        settings.lease.pace_burst_percent = percent;
+    }
     settings.encryption.keys = BTreeMap::from([("k1".to_string(), KeyRing::generate_key_base64())]);
     let app = App::build(settings).await.unwrap();
     let addr = app.local_addr();

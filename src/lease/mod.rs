@@ -127,6 +127,25 @@ fn queue_id(plan: &Plan) -> String {
         .unwrap_or_default()
 }
 
+/// When a denied waiter tries again.
+struct Retry {
+    /// When the slot it may use frees.
+    after: Duration,
+    /// After a quota denial, the upstream and the quota it met: a rise wakes it sooner.
+    quota: Option<(Id, u32)>,
+}
+
+impl Retry {
+    fn of(plan: &Plan, denied: &Denied) -> Self {
+        let req = &plan.request;
+        Retry {
+            after: denied.retry_after,
+            quota: (denied.reason == DenyReason::TenantQuota)
+                .then(|| (req.upstream_id.clone(), req.tenant_limit)),
+        }
+    }
+}
+
 /// One acquire decision prepared from the snapshot.
 struct Plan {
     request: AcquireRequest,
@@ -184,8 +203,9 @@ impl Leaser {
         };
         let _waiting = crate::metrics::waiting(&input.tenant_id);
         call.enqueue = true;
+        let retry = Retry::of(&plan, &denied);
         let answer = self
-            .wait_for_slot(&input, &mut call, &place, &mut entry, denied.retry_after)
+            .wait_for_slot(&input, &mut call, &place, &mut entry, retry)
             .await;
         if matches!(answer, Ok(AcquireAnswer::Granted(_))) {
             entry.queued = false; // the grant took it out of the shared queue
@@ -205,7 +225,7 @@ impl Leaser {
         call: &mut Call,
         place: &waiting::Place,
         entry: &mut QueueEntry,
-        mut retry_after: Duration,
+        mut retry: Retry,
     ) -> Result<AcquireAnswer, ServiceError> {
         loop {
             let waited = match tokio::time::timeout_at(call.deadline, place.turn()).await {
@@ -214,17 +234,17 @@ impl Leaser {
             };
             // Newly first: a slot may just have been freed by the caller before us.
             if !waited {
-                if tokio::time::Instant::now() + retry_after > call.deadline {
+                if tokio::time::Instant::now() + retry.after > call.deadline {
                     break;
                 }
-                self.pause(retry_after).await;
+                self.pause(&input.tenant_id, &retry).await;
             }
             let attempt = self.attempt(input, call).await?;
             // A grant the token's health refused changes the call's id (`attempt`).
             entry.nonce.clone_from(&call.nonce);
             match attempt {
                 Attempt::Done(answer) => return Ok(answer),
-                Attempt::Denied(_, denied) => retry_after = denied.retry_after,
+                Attempt::Denied(plan, denied) => retry = Retry::of(&plan, &denied),
             }
         }
         // Out of time: one last look, so the answer carries a current retry-after.
@@ -242,15 +262,25 @@ impl Leaser {
         }
     }
 
-    /// Sleeps until the instant a denial pointed at, or until the quotas change: a
-    /// tenant's quota rises as its demand is measured, and a caller denied at the old
-    /// quota should not sleep until a slot of its own frees (up to a window) when the
-    /// new quota admits it now.
-    async fn pause(&self, retry_after: Duration) {
+    /// Sleeps until the instant a denial pointed at or, after a quota denial, until the
+    /// tenant's quota rises: quotas rise as demand is measured, and a caller denied at
+    /// the old quota should not sleep until a slot of its own frees (up to a window)
+    /// when the new quota admits it now.
+    async fn pause(&self, tenant: &Id, retry: &Retry) {
         let mut quotas = self.allocator.subscribe();
+        let raised = async {
+            let Some((upstream, limit)) = &retry.quota else {
+                return std::future::pending().await;
+            };
+            let key = (tenant.clone(), upstream.clone());
+            let rose = quotas.wait_for(|q| q.by_tenant.get(&key).is_some_and(|l| l > limit));
+            if rose.await.is_err() {
+                std::future::pending::<()>().await; // no allocator any more: just sleep
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(retry_after.max(Duration::from_millis(1))) => {}
-            _ = quotas.changed() => {}
+            _ = tokio::time::sleep(retry.after.max(Duration::from_millis(1))) => {}
+            _ = raised => {}
         }
     }
 

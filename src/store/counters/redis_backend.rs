@@ -185,9 +185,7 @@ impl RedisCounters {
         for token in &tokens {
             inv.key(self.key(up, "kw", token.as_str()));
         }
-        for token in &tokens {
-            inv.key(self.key(up, "kp", token.as_str()));
-        }
+        inv.key(self.key(up, "pace", "tokens"));
         let window_ms = req.window.as_millis() as i64;
         inv.arg(window_ms)
             .arg(req.lease_ttl.as_millis() as u64)
@@ -272,7 +270,7 @@ impl RedisCounters {
         inv.key(self.key(&key.upstream_id, "lease", &key.nonce))
             .key(self.key(&key.upstream_id, "tw", key.tenant_id.as_str()))
             .key(self.key(&key.upstream_id, "kw", key.token_id.as_str()))
-            .key(self.key(&key.upstream_id, "kp", key.token_id.as_str()))
+            .key(self.key(&key.upstream_id, "pace", "tokens"))
             .arg(outcome.as_str())
             .arg(key.tenant_id.as_str())
             .arg(key.token_id.as_str())

@@ -19,9 +19,9 @@
 ///   unmet demand)
 /// - `KEYS[4]`, `KEYS[5]`, `KEYS[6]`: the pool's wait queue — waiters by virtual deadline
 ///   (sorted set), by expiry (sorted set), and when each may use a slot (hash)
-/// - `KEYS[7..6+n]`: the candidate tokens' windows, dedicated tokens first, then
-///   `KEYS[7+n..6+2n]` their pacing schedules (the instant, in ms, up to which the
-///   token's pace is spent: the "theoretical arrival time" of GCRA)
+/// - `KEYS[7..6+n]`: the candidate tokens' windows, dedicated tokens first
+/// - `KEYS[7+n]`: the upstream's pacing schedules (hash: token id → the instant, in ms,
+///   up to which the token's pace is spent: the "theoretical arrival time" of GCRA)
 /// - `ARGV[1]` window ms, `ARGV[2]` lease TTL ms, `ARGV[3]` cost, `ARGV[4]` tenant
 ///   limit, `ARGV[5]` token limit, `ARGV[6]` how many of the tokens are dedicated,
 ///   `ARGV[7]` tenant id, `ARGV[8]` call nonce (also the lease's), `ARGV[9]` demand
@@ -123,17 +123,25 @@ local function deny(reason, at, eligible, over_quota)
 end
 
 -- Pacing (see the doc comment): `step` ms per slot, `pace` slots back to back.
-local n = (#KEYS - 6) / 2
+local n = #KEYS - 7
+local pace_key = KEYS[#KEYS]
 local pace = tonumber(ARGV[14])
 local step = 0
 if pace > 0 then step = window / token_limit end
 local pace_at = {}
 
+-- Records token `idx`'s schedule; the hash lives while any schedule is ahead of now.
+local function set_schedule(idx, tat)
+  redis.call('HSET', pace_key, ARGV[14 + idx], tostring(tat))
+  local keep = math.ceil(tat - now) + 1000
+  if redis.call('PTTL', pace_key) < keep then redis.call('PEXPIRE', pace_key, keep) end
+end
+
 -- How many slots token `idx`'s pace allows now, when it allows `cost` more, and when
 -- it allows one more than now. Without pacing: no bound.
 local function paced(idx)
   if pace == 0 then return token_limit, now, never end
-  local tat = tonumber(redis.call('GET', KEYS[6 + n + idx]) or now)
+  local tat = tonumber(redis.call('HGET', pace_key, ARGV[14 + idx])) or now
   pace_at[idx] = tat
   local ahead = math.max(tat, now) - now
   local room = math.max(0, math.floor((pace * step - ahead) / step))
@@ -153,8 +161,7 @@ local function drain_pace(idx)
   local keep = math.ceil(pace / 4)
   local tat = pace_at[idx]
   if tat < now + (pace - keep - 1) * step then
-    tat = now + (pace - keep) * step
-    redis.call('SET', KEYS[6 + n + idx], tostring(tat), 'PX', math.ceil(tat - now) + 1000)
+    set_schedule(idx, now + (pace - keep) * step)
   end
 end
 
@@ -167,8 +174,14 @@ for idx = 1, n do
   -- A dedicated token with room wins over every pool token.
   if best ~= nil and best <= n_dedicated and idx > n_dedicated then break end
   local used = trim(key)
-  local pace_room, pace_fits, pace_grows = paced(idx)
-  if has_waiters and idx > n_dedicated then
+  local room = used + cost <= token_limit
+  local pooled_waiting = has_waiters and idx > n_dedicated
+  -- A token with room that would not beat the best so far needs no pacing read.
+  local pace_room, pace_fits, pace_grows = token_limit, now, never
+  if not room or best == nil or used < best_used or pooled_waiting then
+    pace_room, pace_fits, pace_grows = paced(idx)
+  end
+  if pooled_waiting then
     local window_room = math.max(0, token_limit - used)
     pool_room = pool_room + math.min(window_room, pace_room)
     if window_room <= pace_room then
@@ -178,12 +191,12 @@ for idx = 1, n do
       pool_next = math.min(pool_next, pace_grows)
     end
   end
-  if used + cost <= token_limit and pace_fits <= now then
+  if room and pace_fits <= now then
     if best == nil or used < best_used then best, best_used = idx, used end
   else
     local f = math.max(free_at(key, used, token_limit), pace_fits)
     if earliest == nil or f < earliest then earliest = f end
-    if used + cost > token_limit then drain_pace(idx) end
+    if not room then drain_pace(idx) end
   end
 end
 
@@ -229,8 +242,7 @@ for _, key in ipairs({KEYS[1], token_key}) do
   if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
 end
 if pace > 0 then
-  local tat = math.max(pace_at[best], now) + cost * step
-  redis.call('SET', KEYS[6 + n + best], tostring(tat), 'PX', math.ceil(tat - now) + 1000)
+  set_schedule(best, math.max(pace_at[best], now) + cost * step)
 end
 redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', ARGV[14 + best], 'cost', cost,
   'expires', expires, 'step', step)
@@ -278,7 +290,7 @@ return 1
 /// Records a lease's outcome.
 ///
 /// - `KEYS[1]` the lease hash, `KEYS[2]` the tenant's window, `KEYS[3]` the token's
-///   window, `KEYS[4]` the token's pacing schedule
+///   window, `KEYS[4]` the upstream's pacing schedules (see `ACQUIRE`)
 /// - `ARGV[1]` outcome, `ARGV[2]` tenant id, `ARGV[3]` token id, `ARGV[4]` nonce
 ///
 /// "not_used" removes the lease's entries (the slots come back, and so does the pace
@@ -309,10 +321,10 @@ for i = 1, tonumber(lease[3]) do
 end
 local step = tonumber(lease[6] or 0)
 if ARGV[1] == 'not_used' and step > 0 then
-  local tat = tonumber(redis.call('GET', KEYS[4]) or 0)
+  local tat = tonumber(redis.call('HGET', KEYS[4], ARGV[3])) or 0
   if tat > now then
     tat = math.max(now, tat - tonumber(lease[3]) * step)
-    redis.call('SET', KEYS[4], tostring(tat), 'PX', math.ceil(tat - now) + 1000)
+    redis.call('HSET', KEYS[4], ARGV[3], tostring(tat))
   end
 end
 redis.call('HSET', KEYS[1], 'outcome', ARGV[1])
