@@ -26,7 +26,7 @@ use crate::store::counters::{
     AcquireOutcome, AcquireRequest, Counters, Denied, DenyReason, Grant, LeaseKey, QueueTicket,
     ReleaseOutcome, ReleaseResult,
 };
-use waiting::{QueueEntry, priority_offset};
+use waiting::{QueueEntry, Retry, priority_offset};
 
 /// The largest `cost` one lease may cover.
 pub const MAX_COST: u32 = 100;
@@ -127,25 +127,6 @@ fn queue_id(plan: &Plan) -> String {
         .unwrap_or_default()
 }
 
-/// When a denied waiter tries again.
-struct Retry {
-    /// When the slot it may use frees.
-    after: Duration,
-    /// After a quota denial, the upstream and the quota it met: a rise wakes it sooner.
-    quota: Option<(Id, u32)>,
-}
-
-impl Retry {
-    fn of(plan: &Plan, denied: &Denied) -> Self {
-        let req = &plan.request;
-        Retry {
-            after: denied.retry_after,
-            quota: (denied.reason == DenyReason::TenantQuota)
-                .then(|| (req.upstream_id.clone(), req.tenant_limit)),
-        }
-    }
-}
-
 /// One acquire decision prepared from the snapshot.
 struct Plan {
     request: AcquireRequest,
@@ -211,77 +192,6 @@ impl Leaser {
             entry.queued = false; // the grant took it out of the shared queue
         }
         answer
-    }
-
-    /// The waiting part of `acquire`: when first in its tenant's line on this replica,
-    /// the caller tries again at each instant a slot it may use frees, until granted or
-    /// out of time. A caller that stops being first (a caller of a higher priority
-    /// joined the line ahead of it) keeps its entry in the shared queue: the caller
-    /// ahead has the earlier virtual deadline, so it takes the next slot, and then this
-    /// caller is first again with its place still held.
-    async fn wait_for_slot(
-        &self,
-        input: &AcquireInput,
-        call: &mut Call,
-        place: &waiting::Place,
-        entry: &mut QueueEntry,
-        mut retry: Retry,
-    ) -> Result<AcquireAnswer, ServiceError> {
-        loop {
-            let waited = match tokio::time::timeout_at(call.deadline, place.turn()).await {
-                Ok(waited) => waited,
-                Err(_) => break,
-            };
-            // Newly first: a slot may just have been freed by the caller before us.
-            if !waited {
-                if tokio::time::Instant::now() + retry.after > call.deadline {
-                    break;
-                }
-                self.pause(&input.tenant_id, &retry).await;
-            }
-            let attempt = self.attempt(input, call).await?;
-            // A grant the token's health refused changes the call's id (`attempt`).
-            entry.nonce.clone_from(&call.nonce);
-            match attempt {
-                Attempt::Done(answer) => return Ok(answer),
-                Attempt::Denied(plan, denied) => retry = Retry::of(&plan, &denied),
-            }
-        }
-        // Out of time: one last look, so the answer carries a current retry-after.
-        call.deadline = tokio::time::Instant::now();
-        match self.attempt(input, call).await? {
-            Attempt::Done(answer) => Ok(answer),
-            // The caller's queue entry goes with its `QueueEntry` guard.
-            Attempt::Denied(plan, denied) => Ok(denial(
-                &self.config.current(),
-                &input.tenant_id,
-                &plan,
-                &denied,
-                true,
-            )),
-        }
-    }
-
-    /// Sleeps until the instant a denial pointed at or, after a quota denial, until the
-    /// tenant's quota rises: quotas rise as demand is measured, and a caller denied at
-    /// the old quota should not sleep until a slot of its own frees (up to a window)
-    /// when the new quota admits it now.
-    async fn pause(&self, tenant: &Id, retry: &Retry) {
-        let mut quotas = self.allocator.subscribe();
-        let raised = async {
-            let Some((upstream, limit)) = &retry.quota else {
-                return std::future::pending().await;
-            };
-            let key = (tenant.clone(), upstream.clone());
-            let rose = quotas.wait_for(|q| q.by_tenant.get(&key).is_some_and(|l| l > limit));
-            if rose.await.is_err() {
-                std::future::pending::<()>().await; // no allocator any more: just sleep
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(retry.after.max(Duration::from_millis(1))) => {}
-            _ = raised => {}
-        }
     }
 
     /// One decision against the counters.

@@ -1,13 +1,15 @@
 //! Callers that wait for a slot (`max_wait`): their place in the pool's queue, their
-//! tenant's line on this replica (which also bounds how many wait), and cleanup when
-//! they go away.
+//! tenant's line on this replica (which also bounds how many wait), cleanup when they
+//! go away, and the waiting loop itself (`Leaser::wait_for_slot`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::{AcquireAnswer, AcquireInput, Attempt, Call, Leaser, Plan, denial};
 use crate::domain::{Id, Priority};
-use crate::store::counters::Counters;
+use crate::error::ServiceError;
+use crate::store::counters::{Counters, Denied, DenyReason};
 
 /// The offset added to a waiter's first attempt to order the queue: critical first,
 /// low last, and low overtaken only by requests arriving within W/2 after it.
@@ -140,6 +142,98 @@ impl Drop for Place {
             None => {
                 lines.remove(&self.tenant);
             }
+        }
+    }
+}
+
+/// When a denied waiter tries again.
+pub(super) struct Retry {
+    /// When the slot it may use frees.
+    after: Duration,
+    /// After a quota denial, the upstream and the quota it met: a rise wakes it sooner.
+    quota: Option<(Id, u32)>,
+}
+
+impl Retry {
+    pub(super) fn of(plan: &Plan, denied: &Denied) -> Self {
+        let req = &plan.request;
+        Retry {
+            after: denied.retry_after,
+            quota: (denied.reason == DenyReason::TenantQuota)
+                .then(|| (req.upstream_id.clone(), req.tenant_limit)),
+        }
+    }
+}
+
+impl Leaser {
+    /// The waiting part of `acquire`: when first in its tenant's line on this replica,
+    /// the caller tries again at each instant a slot it may use frees, until granted or
+    /// out of time. A caller that stops being first (a caller of a higher priority
+    /// joined the line ahead of it) keeps its entry in the shared queue: the caller
+    /// ahead has the earlier virtual deadline, so it takes the next slot, and then this
+    /// caller is first again with its place still held.
+    pub(super) async fn wait_for_slot(
+        &self,
+        input: &AcquireInput,
+        call: &mut Call,
+        place: &Place,
+        entry: &mut QueueEntry,
+        mut retry: Retry,
+    ) -> Result<AcquireAnswer, ServiceError> {
+        loop {
+            let waited = match tokio::time::timeout_at(call.deadline, place.turn()).await {
+                Ok(waited) => waited,
+                Err(_) => break,
+            };
+            // Newly first: a slot may just have been freed by the caller before us.
+            if !waited {
+                if tokio::time::Instant::now() + retry.after > call.deadline {
+                    break;
+                }
+                self.pause(&input.tenant_id, &retry).await;
+            }
+            let attempt = self.attempt(input, call).await?;
+            // A grant the token's health refused changes the call's id (`attempt`).
+            entry.nonce.clone_from(&call.nonce);
+            match attempt {
+                Attempt::Done(answer) => return Ok(answer),
+                Attempt::Denied(plan, denied) => retry = Retry::of(&plan, &denied),
+            }
+        }
+        // Out of time: one last look, so the answer carries a current retry-after.
+        call.deadline = tokio::time::Instant::now();
+        match self.attempt(input, call).await? {
+            Attempt::Done(answer) => Ok(answer),
+            // The caller's queue entry goes with its `QueueEntry` guard.
+            Attempt::Denied(plan, denied) => Ok(denial(
+                &self.config.current(),
+                &input.tenant_id,
+                &plan,
+                &denied,
+                true,
+            )),
+        }
+    }
+
+    /// Sleeps until the instant a denial pointed at or, after a quota denial, until the
+    /// tenant's quota rises: quotas rise as demand is measured, and a caller denied at
+    /// the old quota should not sleep until a slot of its own frees (up to a window)
+    /// when the new quota admits it now.
+    async fn pause(&self, tenant: &Id, retry: &Retry) {
+        let mut quotas = self.allocator.subscribe();
+        let raised = async {
+            let Some((upstream, limit)) = &retry.quota else {
+                return std::future::pending().await;
+            };
+            let key = (tenant.clone(), upstream.clone());
+            let rose = quotas.wait_for(|q| q.by_tenant.get(&key).is_some_and(|l| l > limit));
+            if rose.await.is_err() {
+                std::future::pending::<()>().await; // no allocator any more: just sleep
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(retry.after.max(Duration::from_millis(1))) => {}
+            _ = raised => {}
         }
     }
 }

@@ -8,6 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::pace::{Paced, Pacing, refund};
 use super::queue::{Demand, DemandCount, WaitQueue, bucket_ms};
 use super::{
     AcquireOutcome, AcquireRequest, Denied, DenyReason, Grant, LeaseKey, QueueTicket,
@@ -80,65 +81,13 @@ struct Lease {
     outcome: Option<ReleaseOutcome>,
 }
 
-/// A token's pacing as the scan sees it (see `paced` in `scripts::ACQUIRE`).
-struct Paced {
-    /// Slots the pace allows now.
-    room: u32,
-    /// When it allows the call's cost.
-    fits: i64,
-    /// When it allows one slot more than now.
-    grows: i64,
-}
-
-/// Pacing of one token with schedule `tat` (GCRA), `burst` slots back to back and
-/// `step` ms per slot; `burst` 0 means no pacing.
-fn paced(tat: Option<f64>, now: i64, cost: u32, burst: u32, step: f64, never: i64) -> Paced {
-    if burst == 0 {
-        return Paced {
-            room: u32::MAX,
-            fits: now,
-            grows: never,
-        };
-    }
-    let now_f = now as f64;
-    let tat = tat.unwrap_or(now_f);
-    let ahead = tat.max(now_f) - now_f;
-    let room = ((burst as f64 * step - ahead) / step).floor().max(0.0) as u32;
-    let fits = (tat - burst.saturating_sub(cost) as f64 * step).ceil() as i64;
-    let grows = if room >= burst {
-        never
-    } else {
-        (tat - (burst - room - 1) as f64 * step).ceil() as i64
-    };
-    Paced {
-        room,
-        fits: fits.max(now),
-        grows,
-    }
-}
-
-/// A full window with callers asking earns no back-to-back allowance: see `drain_pace`
-/// in `scripts::ACQUIRE`.
-fn drain_pace(state: &mut State, req: &AcquireRequest, token: &Id, now: i64) {
-    if req.pace_burst == 0 {
-        return;
-    }
-    let (step, burst) = (pace_step(req), req.pace_burst as f64);
-    let keep = (burst / 4.0).ceil();
-    let tat = state
-        .paces
-        .entry(token_key(&req.upstream_id, token))
-        .or_insert(now as f64);
-    if *tat < now as f64 + (burst - keep - 1.0) * step {
-        *tat = now as f64 + (burst - keep) * step;
-    }
-}
-
-fn pace_step(req: &AcquireRequest) -> f64 {
-    if req.pace_burst == 0 {
-        return 0.0;
-    }
-    req.window.as_millis() as f64 / req.token_limit.max(1) as f64
+/// The request's pacing (`pace.rs`).
+fn pacing(req: &AcquireRequest) -> Option<Pacing> {
+    Pacing::new(
+        req.pace_burst,
+        req.window.as_millis() as i64,
+        req.token_limit,
+    )
 }
 
 #[derive(Default)]
@@ -207,16 +156,15 @@ fn scan_tokens(state: &mut State, req: &AcquireRequest, now: i64, cost: u32) -> 
             break;
         }
         let key = token_key(&req.upstream_id, token);
-        let tat = state.paces.get(&key).copied();
-        let pace = paced(
-            tat,
-            now,
-            cost,
-            req.pace_burst,
-            pace_step(req),
-            scan.earliest,
-        );
-        let window = state.window(key);
+        let pace = match pacing(req) {
+            Some(p) => p.view(state.paces.get(&key).copied(), now, cost, scan.earliest),
+            None => Paced {
+                room: u32::MAX,
+                fits: now,
+                grows: scan.earliest,
+            },
+        };
+        let window = state.window(key.clone());
         let used = window.trim(now - window_ms);
         if idx >= n_dedicated {
             let window_room = req.token_limit.saturating_sub(used);
@@ -236,8 +184,10 @@ fn scan_tokens(state: &mut State, req: &AcquireRequest, now: i64, cost: u32) -> 
                 .free_at(now, window_ms, used, cost, req.token_limit)
                 .max(pace.fits);
             earliest = Some(earliest.map_or(free, |e| e.min(free)));
-            if used + cost > req.token_limit {
-                drain_pace(state, req, token, now);
+            if used + cost > req.token_limit
+                && let Some(pacing) = pacing(req)
+            {
+                pacing.drain(state.paces.entry(key).or_insert(now as f64), now);
             }
         }
     }
@@ -257,13 +207,10 @@ fn record_grant(state: &mut State, req: &AcquireRequest, token: &Id, now: i64, c
             .window(token_key(&req.upstream_id, token))
             .insert(member, expires);
     }
-    let step = pace_step(req);
-    if step > 0.0 {
-        let tat = state
-            .paces
-            .entry(token_key(&req.upstream_id, token))
-            .or_insert(now as f64);
-        *tat = tat.max(now as f64) + cost as f64 * step;
+    let pacing = pacing(req);
+    if let Some(pacing) = pacing {
+        let key = token_key(&req.upstream_id, token);
+        pacing.spend(state.paces.entry(key).or_insert(now as f64), now, cost);
     }
     let lease_key = lease_key(&req.upstream_id, &req.nonce);
     let lease = Lease {
@@ -271,7 +218,7 @@ fn record_grant(state: &mut State, req: &AcquireRequest, token: &Id, now: i64, c
         token: token.clone(),
         cost,
         expires,
-        step,
+        step: pacing.map_or(0.0, |p| p.step()),
         outcome: None,
     };
     state.leases.insert(lease_key.clone(), lease);
@@ -465,12 +412,11 @@ impl MemoryCounters {
         }
         let (cost, step) = (lease.cost, lease.step);
         if outcome == ReleaseOutcome::NotUsed
-            && let Some(tat) = state
+            && let Some(schedule) = state
                 .paces
                 .get_mut(&token_key(&key.upstream_id, &key.token_id))
-            && *tat > now as f64
         {
-            *tat = (*tat - cost as f64 * step).max(now as f64);
+            refund(schedule, now, cost, step);
         }
         let keys = [
             tenant_key(&key.upstream_id, &key.tenant_id),

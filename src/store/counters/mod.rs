@@ -22,6 +22,7 @@
 //! run the same behaviour tests and no trait objects are needed.
 
 mod memory;
+mod pace;
 mod queue;
 mod redis_backend;
 mod scripts;

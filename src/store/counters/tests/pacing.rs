@@ -75,6 +75,34 @@ on_both_backends! {
         h.deny(&req).await;
     }
 
+    /// A full window with callers asking earns no back-to-back allowance: when its
+    /// slots all free at once, a quarter of the burst is granted at once (5 of 20; 6 if
+    /// a step passed meanwhile), then the pace binds again, not the window.
+    async fn a_full_window_earns_no_burst(h: Harness) {
+        let req = paced(&h, "t-a", LIMIT);
+        let mut last = None;
+        for _ in 0..LIMIT {
+            last = Some(h.grant(&req).await.grant);
+        }
+        let last = last.expect("granted");
+        let all_free = last.expires_at_ms + h.window_ms() + 1;
+        h.advance_to(all_free - ms(h.lead)).await;
+        // Still full, and a caller asks: the allowance drains to a quarter.
+        assert_eq!(h.deny(&req).await.reason, DenyReason::NoTokenCapacity);
+        h.advance_to(all_free).await;
+        let mut granted = 0;
+        let denied = loop {
+            match h.try_acquire(&req).await {
+                Ok(_) => granted += 1,
+                Err(d) => break d,
+            }
+        };
+        assert!((5..=6).contains(&granted), "{granted} granted at once");
+        let usage = h.usage(&["t-a"], &["k-1"]).await;
+        assert!(usage.tokens[0] < LIMIT, "the window has room: the pace binds");
+        assert!(free_at(&denied) > denied.now_ms);
+    }
+
     /// The slot the pace frees goes to the waiter ahead: a newcomer with a later
     /// virtual deadline is denied while the waiter is queued, the waiter is granted.
     async fn paced_slot_goes_to_the_waiter_ahead(h: Harness) {
