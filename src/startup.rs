@@ -130,7 +130,12 @@ impl App {
         }
         let health = TokenHealth::new(settings.breaker_policy(), events.clone());
         health.spawn_follower(stop_rx);
-        let allocator = Allocator::new(config.clone(), counters.clone(), events.clone());
+        let allocator = Allocator::new(
+            config.clone(),
+            counters.clone(),
+            events.clone(),
+            health.clone(),
+        );
         if let Err(error) = allocator.refresh().await {
             tracing::warn!(%error, "cannot compute quotas yet; tenants get their guarantees until the counters answer");
         }

@@ -3,19 +3,22 @@
 //!
 //! Demand is read from the counters (every replica's calls, counted in buckets of W/10)
 //! over the last *completed* buckets, so replicas recomputing within the same bucket
-//! get the same inputs and the same quotas. The allocation is recomputed whenever a
-//! bucket completes or the configuration changes. Each replica emits `QuotaChanged` to
+//! get the same inputs and the same quotas. A pool's capacity counts only tokens in
+//! service: not disabled, and not behind an open breaker or in quarantine (as far as
+//! this replica knows: `health.rs`; every replica learns of those through events). The
+//! allocation is recomputed whenever a bucket completes, the configuration changes or a
+//! token goes out of or back into service. Each replica emits `QuotaChanged` to
 //! its own watchers; since every replica computes the same quotas, each watcher sees
 //! each change once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::Snapshot;
 use super::live::LiveConfig;
+use super::{Snapshot, TokenHealth};
 use crate::domain::{Id, TokenOwner, Upstream};
 use crate::events::{EventBus, EventKind};
 use crate::quota::{Claim, allocate};
@@ -25,8 +28,9 @@ use crate::store::counters::{CounterError, Counters, DemandCount, bucket_ms};
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Quotas {
     pub by_tenant: HashMap<(Id, Id), u32>,
-    /// What the quotas were computed from: config version and each upstream's bucket.
-    inputs: (i64, Vec<(Id, i64)>),
+    /// What the quotas were computed from: config version, each upstream's bucket and
+    /// the tokens out of service.
+    inputs: (i64, Vec<(Id, i64)>, BTreeSet<Id>),
 }
 
 /// Cheap-clone handle on the current quotas.
@@ -35,16 +39,23 @@ pub struct Allocator {
     config: LiveConfig,
     counters: Counters,
     events: EventBus,
+    health: TokenHealth,
     sender: Arc<watch::Sender<Arc<Quotas>>>,
 }
 
 impl Allocator {
-    pub fn new(config: LiveConfig, counters: Counters, events: EventBus) -> Self {
+    pub fn new(
+        config: LiveConfig,
+        counters: Counters,
+        events: EventBus,
+        health: TokenHealth,
+    ) -> Self {
         let (sender, _) = watch::channel(Arc::new(Quotas::default()));
         Self {
             config,
             counters,
             events,
+            health,
             sender: Arc::new(sender),
         }
     }
@@ -80,11 +91,12 @@ impl Allocator {
     pub async fn refresh(&self) -> Result<(), CounterError> {
         let snapshot = self.config.current();
         let mut quotas = Quotas::default();
+        quotas.inputs.2 = self.health.out_of_service();
         let mut upstreams: Vec<&Upstream> = snapshot.upstreams.values().collect();
         upstreams.sort_by(|a, b| a.id.cmp(&b.id));
         for upstream in upstreams {
             let bucket = self
-                .allocate_upstream(&snapshot, upstream, &mut quotas.by_tenant)
+                .allocate_upstream(&snapshot, upstream, &quotas.inputs.2, &mut quotas.by_tenant)
                 .await?;
             quotas.inputs.1.push((upstream.id.clone(), bucket));
         }
@@ -103,6 +115,7 @@ impl Allocator {
         &self,
         snapshot: &Snapshot,
         upstream: &Upstream,
+        out_of_service: &BTreeSet<Id>,
         out: &mut HashMap<(Id, Id), u32>,
     ) -> Result<i64, CounterError> {
         let tenants: Vec<Id> = sorted(
@@ -136,7 +149,8 @@ impl Allocator {
                 .collect();
             let quotas = match pool {
                 Some(pool) => {
-                    allocate(pool_capacity(snapshot, pool, &upstream.id, usable), &claims)
+                    let capacity = pool_capacity(snapshot, pool, upstream, out_of_service);
+                    allocate(capacity, &claims)
                 }
                 // No pool: dedicated tokens only, up to guarantee + burst.
                 None => claims
@@ -170,17 +184,24 @@ impl Allocator {
         }
     }
 
-    /// Recomputes every few milliseconds (a quarter of the shortest bucket, 20 ms to 1 s)
-    /// and on every configuration change, until `shutdown` fires.
+    /// Recomputes every few milliseconds (a quarter of the shortest bucket, 20 ms to 1 s),
+    /// on every configuration change and when a token comes back into service, until
+    /// `shutdown` fires.
     pub fn spawn(&self, mut shutdown: watch::Receiver<bool>) {
         let allocator = self.clone();
         let mut config_changes = self.config.subscribe();
         tokio::spawn(async move {
             let mut failing = false;
             loop {
+                // Recompute at the instant a token comes back into service too, so its
+                // capacity is in the quotas as soon as leases may use it again.
                 let every = allocator.tick();
+                let wake = allocator.health.next_return().map_or(every, |at| {
+                    at.saturating_duration_since(tokio::time::Instant::now())
+                        .min(every)
+                });
                 tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
+                    _ = tokio::time::sleep(wake) => {}
                     _ = config_changes.changed() => {}
                     _ = shutdown.changed() => return,
                 }
@@ -252,14 +273,21 @@ fn claim(snapshot: &Snapshot, tenant_id: &Id, upstream: &Id, usable: u32, demand
 }
 
 /// Usable capacity per window of a pool's leasable tokens.
-fn pool_capacity(snapshot: &Snapshot, pool: &Id, upstream: &Id, usable: u32) -> u32 {
+/// Usable capacity per window of the pool's tokens in service.
+fn pool_capacity(
+    snapshot: &Snapshot,
+    pool: &Id,
+    upstream: &Upstream,
+    out_of_service: &BTreeSet<Id>,
+) -> u32 {
     let tokens = snapshot
         .tokens
         .values()
         .filter(|t| {
-            t.record.owner == TokenOwner::Pool(pool.clone()) && &t.record.upstream_id == upstream
+            t.record.owner == TokenOwner::Pool(pool.clone()) && t.record.upstream_id == upstream.id
         })
         .filter(|t| !t.record.disabled && t.secret.is_ok())
+        .filter(|t| !out_of_service.contains(&t.record.id))
         .count() as u32;
-    tokens.saturating_mul(usable)
+    tokens.saturating_mul(upstream.usable_per_window())
 }

@@ -23,7 +23,7 @@
 //! hints from other replicas' events, which carry store instants only; there the local
 //! wall clock stands in for the store's, and skew makes a hint a little long or short.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -78,6 +78,39 @@ impl TokenHealth {
 
     pub fn events(&self) -> &EventBus {
         &self.events
+    }
+
+    /// Tokens this replica knows to be out of service now: breaker open, or quarantined.
+    /// (A half-open token still serves probe leases, so it counts as in service.)
+    pub fn out_of_service(&self) -> BTreeSet<Id> {
+        let now = Instant::now();
+        self.hints()
+            .iter()
+            .filter(|(_, hint)| hint.usable_at > now)
+            .filter(|(_, hint)| {
+                matches!(
+                    hint.state,
+                    TokenState::Quarantined | TokenState::BreakerOpen
+                )
+            })
+            .map(|(token, _)| token.clone())
+            .collect()
+    }
+
+    /// The next instant a token out of service is expected back (its hint ends).
+    pub fn next_return(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.hints()
+            .values()
+            .filter(|hint| hint.usable_at > now)
+            .filter(|hint| {
+                matches!(
+                    hint.state,
+                    TokenState::Quarantined | TokenState::BreakerOpen
+                )
+            })
+            .map(|hint| hint.usable_at)
+            .min()
     }
 
     fn hints(&self) -> std::sync::MutexGuard<'_, HashMap<Id, Hint>> {

@@ -5,6 +5,7 @@
 mod admin;
 mod auth;
 mod breaker;
+mod capacity;
 mod cluster;
 mod faults;
 mod fixtures;

@@ -8,8 +8,9 @@ use super::fixtures::{PoolSetup, create_tenant};
 use super::helpers::{Counters, Db, TestEnv, authed};
 
 /// After 8 grants (3 above a guarantee of 5) and 5 upstream errors: the tenant's slots,
-/// rate per minute, utilisation of its quota, borrowed share, demand over the last
-/// window; the token's slots and its breaker, open until a stated instant.
+/// its quota back at its guarantee (its pool's only token is out of service), rate per
+/// minute, utilisation of that quota, borrowed share, demand over the last window; the
+/// token's slots and its breaker, open until a stated instant.
 #[tokio::test]
 async fn usage_reports_tenants_and_tokens() {
     let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
@@ -69,14 +70,15 @@ async fn usage_reports_tenants_and_tokens() {
         (8, 5)
     );
     assert_eq!(
-        tenant.limit_per_window, 95,
-        "one active tenant: its fair share is the pool"
+        tenant.limit_per_window, 5,
+        "the pool's only token has its breaker open: with no capacity in service, the \
+         quota falls back to the guarantee"
     );
     assert!(
         (tenant.requests_per_minute - 48.0).abs() < 1e-9,
         "8 per 10 s"
     );
-    assert!((tenant.utilization - 8.0 / 95.0).abs() < 1e-9);
+    assert!((tenant.utilization - 8.0 / 5.0).abs() < 1e-9);
     assert!((tenant.borrowed_share - 3.0 / 8.0).abs() < 1e-9);
     assert_eq!(
         (

@@ -1,0 +1,103 @@
+//! Quotas follow the capacity in service: a quarantined token's capacity leaves its
+//! pool's allocation until the quarantine ends, so quotas never promise slots no token
+//! can grant (property 2 during an upstream block).
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokenlease::domain::Id;
+use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
+
+use super::fixtures::{PoolSetup, create_tenant};
+use super::helpers::{Counters, Db, TestApp, TestEnv, authed};
+
+macro_rules! for_each_backend {
+    ($($name:ident),* $(,)?) => {
+        mod memory { $( #[tokio::test] async fn $name() { super::$name(super::Db::Sqlite, super::Counters::Memory).await } )* }
+        mod redis { $( #[tokio::test] async fn $name() { super::$name(super::Db::Postgres, super::Counters::Redis).await } )* }
+    };
+}
+
+for_each_backend!(a_quarantined_tokens_capacity_leaves_the_quotas);
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn quota(app: &TestApp) -> u32 {
+    let key = (
+        Id::parse("t", "acme").unwrap(),
+        Id::parse("u", "up").unwrap(),
+    );
+    let quotas = app.leaser.allocator.current();
+    quotas.by_tenant.get(&key).copied().unwrap_or(0)
+}
+
+/// Waits up to 3 s for acme's quota to become `expected`; returns when it did (Unix ms).
+async fn quota_becomes(app: &TestApp, expected: u32) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while quota(app) != expected {
+        assert!(
+            Instant::now() < deadline,
+            "acme's quota stayed {}, expected {expected}",
+            quota(app)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    now_ms()
+}
+
+/// Two tokens of 95 usable; acme alone in the pool with room to burst: its quota is the
+/// pool's 190. tok-0 reported rate-limited until now + 1.5 s → 95 until then, 190 after.
+async fn a_quarantined_tokens_capacity_leaves_the_quotas(db: Db, counters: Counters) {
+    let env = TestEnv::new(db, counters).await;
+    let app = env.spawn().await;
+    let mut admin = app.admin().await;
+    let pool = PoolSetup {
+        tokens: 2,
+        ..Default::default()
+    };
+    pool.create(&mut admin, &app.admin_key).await;
+    create_tenant(&mut admin, &app.admin_key, "acme", "flex").await;
+    quota_becomes(&app, 190).await;
+    let request = pb::AcquireLeaseRequest {
+        tenant_id: "acme".into(),
+        ..Default::default()
+    };
+    let answer = app
+        .lease()
+        .await
+        .acquire_lease(authed(request, &app.admin_key))
+        .await
+        .unwrap();
+    let Some(Answer::Lease(lease)) = answer.into_inner().result else {
+        panic!("acme's first lease was denied")
+    };
+    let blocked_until = now_ms() + 1_500;
+    let release = pb::ReleaseLeaseRequest {
+        lease_id: lease.lease_id,
+        outcome: pb::ReleaseOutcome::UpstreamRateLimited as i32,
+        blocked_until: Some(prost_types::Timestamp {
+            seconds: blocked_until / 1000,
+            nanos: (blocked_until % 1000) as i32 * 1_000_000,
+        }),
+        ..Default::default()
+    };
+    app.lease()
+        .await
+        .release_lease(authed(release, &app.admin_key))
+        .await
+        .unwrap();
+    let shrunk_at = quota_becomes(&app, 95).await;
+    assert!(
+        shrunk_at < blocked_until,
+        "the quota shrank only after the block"
+    );
+    let restored_at = quota_becomes(&app, 190).await;
+    assert!(
+        restored_at >= blocked_until - 50,
+        "the quota came back at {restored_at}, before the block ended at {blocked_until}"
+    );
+}
