@@ -44,6 +44,10 @@ use crate::store::counters::{
 /// may be released at any moment, on any replica, and that is not announced.
 pub const PROBE_HINT: Duration = Duration::from_secs(1);
 
+/// How long before a token comes back into service its capacity returns to the quotas:
+/// so that a caller retrying at that very instant finds the quota already raised.
+const RETURN_LEAD: Duration = Duration::from_millis(100);
+
 /// Block time assumed when the upstream profile is gone from the configuration (its
 /// tokens go with it, so this only covers a release racing a deletion): BaseLinker's.
 const FALLBACK_BLOCK: Duration = Duration::from_secs(600);
@@ -80,13 +84,14 @@ impl TokenHealth {
         &self.events
     }
 
-    /// Tokens this replica knows to be out of service now: breaker open, or quarantined.
-    /// (A half-open token still serves probe leases, so it counts as in service.)
+    /// Tokens this replica knows to be out of service: breaker open, or quarantined, for
+    /// longer than `RETURN_LEAD` from now. (A half-open token still serves probe leases,
+    /// so it counts as in service.)
     pub fn out_of_service(&self) -> BTreeSet<Id> {
-        let now = Instant::now();
+        let soon = Instant::now() + RETURN_LEAD;
         self.hints()
             .iter()
-            .filter(|(_, hint)| hint.usable_at > now)
+            .filter(|(_, hint)| hint.usable_at > soon)
             .filter(|(_, hint)| {
                 matches!(
                     hint.state,
@@ -97,19 +102,20 @@ impl TokenHealth {
             .collect()
     }
 
-    /// The next instant a token out of service is expected back (its hint ends).
+    /// `RETURN_LEAD` before the next instant a token out of service is expected back:
+    /// when `out_of_service` changes next.
     pub fn next_return(&self) -> Option<Instant> {
-        let now = Instant::now();
+        let soon = Instant::now() + RETURN_LEAD;
         self.hints()
             .values()
-            .filter(|hint| hint.usable_at > now)
+            .filter(|hint| hint.usable_at > soon)
             .filter(|hint| {
                 matches!(
                     hint.state,
                     TokenState::Quarantined | TokenState::BreakerOpen
                 )
             })
-            .map(|hint| hint.usable_at)
+            .map(|hint| hint.usable_at - RETURN_LEAD)
             .min()
     }
 

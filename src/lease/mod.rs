@@ -152,11 +152,21 @@ impl Leaser {
             attempts: 0,
             deadline,
         };
-        let (plan, denied) = match self.attempt(&input, &mut call).await? {
-            Attempt::Done(answer) => return Ok(answer),
-            Attempt::Denied(plan, denied) => (plan, denied),
-        };
         let waits = !input.max_wait.is_zero() && !self.max_wait.is_zero();
+        let (plan, denied) = loop {
+            match self.attempt(&input, &mut call).await? {
+                // Every token is out of service, but one is back within the wait.
+                Attempt::Done(AcquireAnswer::Denied {
+                    reason: DenialReason::NoUsableToken,
+                    retry_after: Some(back),
+                    ..
+                }) if waits && tokio::time::Instant::now() + back <= deadline => {
+                    tokio::time::sleep(back.max(Duration::from_millis(1))).await;
+                }
+                Attempt::Done(answer) => return Ok(answer),
+                Attempt::Denied(plan, denied) => break (plan, denied),
+            }
+        };
         if !waits || tokio::time::Instant::now() + denied.retry_after > deadline {
             return Ok(denial(
                 &self.config.current(),

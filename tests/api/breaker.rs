@@ -29,6 +29,7 @@ for_each_backend!(
     leases_route_around_an_open_breaker,
     no_usable_token_says_when_the_first_comes_back,
     quarantine_holds_until_blocked_until,
+    a_waiting_caller_outlasts_a_quarantine,
 );
 
 /// The breaker's open time in these tests.
@@ -216,6 +217,55 @@ async fn quarantine_holds_until_blocked_until(db: Db, counters: Counters) {
     assert!(
         matches!(acquire(&app).await, Answer::Lease(_)),
         "usable again after blocked_until"
+    );
+}
+
+/// Property 6 with 7: a caller that may wait outlasts a quarantine that ends within
+/// its wait (granted once the block ends); one that may not wait that long is told
+/// NO_USABLE_TOKEN at once.
+async fn a_waiting_caller_outlasts_a_quarantine(db: Db, counters: Counters) {
+    let env = TestEnv::new(db, counters).await;
+    let app = env.spawn().await;
+    configure(&app, 1).await;
+    let lease = lease_on(&app, "tok-0").await;
+    let blocked_until = now_ms() + 1_000;
+    release(
+        &app,
+        &lease,
+        pb::ReleaseOutcome::UpstreamRateLimited,
+        Some(blocked_until),
+    )
+    .await;
+    let waiting = |max_wait_ms: u64| pb::AcquireLeaseRequest {
+        tenant_id: "acme".into(),
+        max_wait: Some(super::helpers::millis(max_wait_ms)),
+        ..Default::default()
+    };
+    let mut client = app.lease().await;
+    let short = client
+        .acquire_lease(authed(waiting(200), &app.admin_key))
+        .await
+        .unwrap();
+    let denial = expect_denial(short.into_inner().result.unwrap());
+    assert_eq!(denial.reason, pb::DenialReason::NoUsableToken as i32);
+    assert!(
+        now_ms() < blocked_until,
+        "answered at once, not after waiting"
+    );
+    let long = client
+        .acquire_lease(authed(waiting(3_000), &app.admin_key))
+        .await
+        .unwrap();
+    let Some(Answer::Lease(lease)) = long.into_inner().result else {
+        panic!("the caller that may wait 3 s was not granted")
+    };
+    let granted_at = lease
+        .expires_at
+        .map_or(0, |t| t.seconds * 1000 + t.nanos as i64 / 1_000_000)
+        - env.settings().lease.ttl_ms as i64;
+    assert!(
+        granted_at >= blocked_until - 300,
+        "granted at {granted_at}, before the block ended at {blocked_until}"
     );
 }
 

@@ -96,8 +96,10 @@ async fn a_quarantined_tokens_capacity_leaves_the_quotas(db: Db, counters: Count
         "the quota shrank only after the block"
     );
     let restored_at = quota_becomes(&app, 190).await;
+    // The capacity returns to the quotas 100 ms before the token does, so that a caller
+    // retrying at that instant finds the quota raised already (`health::RETURN_LEAD`).
     assert!(
-        restored_at >= blocked_until - 50,
+        restored_at >= blocked_until - 150,
         "the quota came back at {restored_at}, before the block ended at {blocked_until}"
     );
 }
