@@ -420,7 +420,8 @@ fn pace_burst(token_limit: u32, percent: u32) -> u32 {
     if percent >= 100 {
         return 0;
     }
-    (token_limit * percent).div_ceil(100).max(1)
+    let burst = (u64::from(token_limit) * u64::from(percent)).div_ceil(100);
+    burst.clamp(1, u64::from(u32::MAX)) as u32
 }
 
 fn check_cost(
@@ -523,4 +524,19 @@ fn denial_message(reason: DenyReason, tenant: &Id, plan: &Plan) -> String {
 /// Echoes at most 80 characters of caller input in messages.
 fn truncate(value: &str) -> String {
     value.chars().take(80).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pace_burst;
+
+    /// A share of the limit rounded up, at least 1, 0 (off) at 100 %, no overflow.
+    #[test]
+    fn pace_burst_is_a_share_of_the_limit() {
+        assert_eq!(pace_burst(95, 25), 24);
+        assert_eq!(pace_burst(5, 25), 2);
+        assert_eq!(pace_burst(1, 1), 1);
+        assert_eq!(pace_burst(95, 100), 0);
+        assert_eq!(pace_burst(u32::MAX, 99), 4_252_017_623);
+    }
 }

@@ -13,7 +13,8 @@
 /// Decides one lease and records it when granted.
 ///
 /// - `KEYS[1]`: the tenant's window (sorted set: member `<nonce>#<i>`, score = occupancy end, ms)
-/// - `KEYS[2]`: the lease hash to create (`tenant`, `token`, `cost`, `expires`)
+/// - `KEYS[2]`: the lease hash to create (`tenant`, `token`, `cost`, `expires`, and
+///   `step`: the pace each slot spent, for a "not used" release to give back)
 /// - `KEYS[3]`: the tenant's demand (hash: bucket index → requests asked for, and
 ///   `u<bucket>` → requests that found the tenant at its quota on their first attempt:
 ///   unmet demand)
@@ -33,15 +34,18 @@
 ///
 /// Pacing spreads a token's grants over its window: beyond the back-to-back allowance
 /// a token grants one slot per W / token limit (GCRA). The allowance is earned only
-/// while the token is not full: a full window with callers asking drains it. The window
-/// stays the hard limit; pacing only keeps a saturated token from granting slots in
-/// bursts, so that slots keep freeing one by one and the queue's order decides who gets
-/// each.
+/// while the token is not full: a full window with callers asking drains it to a
+/// quarter. The window stays the hard limit; pacing only keeps a saturated token from
+/// granting slots in bursts, so that slots keep freeing one by one and the queue's
+/// order decides who gets each. A schedule is read only where it can matter (a token
+/// that could be chosen, a full token, pool tokens while callers wait): the scan stays
+/// cheap.
 ///
 /// Returns `{1, token_index (1-based), now, expires, tenant_used, token_used}` when
 /// granted, `{0, reason (1 tenant quota, 2 no token capacity), retry_after_ms, now,
 /// virtual deadline or -1}` when denied. A denial writes only the trimming of entries
-/// that had left the window, the demand count and the caller's queue entry. A request no
+/// that had left the window, the demand count, the caller's queue entry and drained
+/// pacing allowances. A request no
 /// waiting can satisfy (cost above the token or tenant limit, no candidate token) is
 /// denied with a retry of one window. A cost of 0 counts as 1. When the tenant's quota
 /// and every token are full, the reason is the limit that frees last.
