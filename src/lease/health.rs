@@ -88,6 +88,18 @@ impl TokenHealth {
     /// longer than `RETURN_LEAD` from now. (A half-open token still serves probe leases,
     /// so it counts as in service.)
     pub fn out_of_service(&self) -> BTreeSet<Id> {
+        self.out_until().into_keys().collect()
+    }
+
+    /// `RETURN_LEAD` before the next instant a token out of service is expected back:
+    /// when `out_of_service` changes next.
+    pub fn next_return(&self) -> Option<Instant> {
+        let back = self.out_until().into_values().min()?;
+        Some(back - RETURN_LEAD)
+    }
+
+    /// The tokens of `out_of_service`, each with the instant it is expected back.
+    fn out_until(&self) -> HashMap<Id, Instant> {
         let soon = Instant::now() + RETURN_LEAD;
         self.hints()
             .iter()
@@ -98,25 +110,8 @@ impl TokenHealth {
                     TokenState::Quarantined | TokenState::BreakerOpen
                 )
             })
-            .map(|(token, _)| token.clone())
+            .map(|(token, hint)| (token.clone(), hint.usable_at))
             .collect()
-    }
-
-    /// `RETURN_LEAD` before the next instant a token out of service is expected back:
-    /// when `out_of_service` changes next.
-    pub fn next_return(&self) -> Option<Instant> {
-        let soon = Instant::now() + RETURN_LEAD;
-        self.hints()
-            .values()
-            .filter(|hint| hint.usable_at > soon)
-            .filter(|hint| {
-                matches!(
-                    hint.state,
-                    TokenState::Quarantined | TokenState::BreakerOpen
-                )
-            })
-            .map(|hint| hint.usable_at - RETURN_LEAD)
-            .min()
     }
 
     fn hints(&self) -> std::sync::MutexGuard<'_, HashMap<Id, Hint>> {

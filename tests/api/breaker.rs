@@ -35,7 +35,7 @@ for_each_backend!(
 /// The breaker's open time in these tests.
 const OPEN_MS: u64 = 600;
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -61,7 +61,7 @@ async fn spawn(env: &TestEnv) -> TestApp {
 }
 
 /// A pool of `tokens` tokens and tenant "acme" in it, created through `app`.
-async fn configure(app: &TestApp, tokens: usize) {
+pub(super) async fn configure(app: &TestApp, tokens: usize) {
     let mut admin = app.admin().await;
     let pool = PoolSetup {
         tokens,
@@ -116,6 +116,21 @@ async fn release(
         .release_lease(authed(req, &app.admin_key))
         .await
         .unwrap();
+}
+
+/// Quarantines `token` as the upstream would: a lease on it released
+/// UPSTREAM_RATE_LIMITED, blocked for `for_ms` from now. Returns the block's end.
+pub(super) async fn quarantine(app: &TestApp, token: &str, for_ms: i64) -> i64 {
+    let lease = lease_on(app, token).await;
+    let blocked_until = now_ms() + for_ms;
+    release(
+        app,
+        &lease,
+        pb::ReleaseOutcome::UpstreamRateLimited,
+        Some(blocked_until),
+    )
+    .await;
+    blocked_until
 }
 
 /// Opens `token`'s breaker: 5 leases on it released UPSTREAM_ERROR.
@@ -194,15 +209,7 @@ async fn quarantine_holds_until_blocked_until(db: Db, counters: Counters) {
     let env = TestEnv::new(db, counters).await;
     let app = env.spawn().await;
     configure(&app, 1).await;
-    let lease = lease_on(&app, "tok-0").await;
-    let blocked_until = now_ms() + 1_500;
-    release(
-        &app,
-        &lease,
-        pb::ReleaseOutcome::UpstreamRateLimited,
-        Some(blocked_until),
-    )
-    .await;
+    let blocked_until = quarantine(&app, "tok-0", 1_500).await;
     let denial = expect_denial(acquire(&app).await);
     assert_eq!(denial.reason, pb::DenialReason::NoUsableToken as i32);
     let back_at = now_ms() + ms(&denial.retry_after.unwrap());
@@ -227,15 +234,7 @@ async fn a_waiting_caller_outlasts_a_quarantine(db: Db, counters: Counters) {
     let env = TestEnv::new(db, counters).await;
     let app = env.spawn().await;
     configure(&app, 1).await;
-    let lease = lease_on(&app, "tok-0").await;
-    let blocked_until = now_ms() + 1_000;
-    release(
-        &app,
-        &lease,
-        pb::ReleaseOutcome::UpstreamRateLimited,
-        Some(blocked_until),
-    )
-    .await;
+    let blocked_until = quarantine(&app, "tok-0", 1_000).await;
     let waiting = |max_wait_ms: u64| pb::AcquireLeaseRequest {
         tenant_id: "acme".into(),
         max_wait: Some(super::helpers::millis(max_wait_ms)),

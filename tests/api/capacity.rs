@@ -2,13 +2,12 @@
 //! pool's allocation until the quarantine ends, so quotas never promise slots no token
 //! can grant (property 2 during an upstream block).
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokenlease::domain::Id;
-use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
 
-use super::fixtures::{PoolSetup, create_tenant};
-use super::helpers::{Counters, Db, TestApp, TestEnv, authed};
+use super::breaker::{configure, now_ms, quarantine};
+use super::helpers::{Counters, Db, TestApp, TestEnv};
 
 macro_rules! for_each_backend {
     ($($name:ident),* $(,)?) => {
@@ -18,13 +17,6 @@ macro_rules! for_each_backend {
 }
 
 for_each_backend!(a_quarantined_tokens_capacity_leaves_the_quotas);
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 fn quota(app: &TestApp) -> u32 {
     let key = (
@@ -54,42 +46,9 @@ async fn quota_becomes(app: &TestApp, expected: u32) -> i64 {
 async fn a_quarantined_tokens_capacity_leaves_the_quotas(db: Db, counters: Counters) {
     let env = TestEnv::new(db, counters).await;
     let app = env.spawn().await;
-    let mut admin = app.admin().await;
-    let pool = PoolSetup {
-        tokens: 2,
-        ..Default::default()
-    };
-    pool.create(&mut admin, &app.admin_key).await;
-    create_tenant(&mut admin, &app.admin_key, "acme", "flex").await;
+    configure(&app, 2).await;
     quota_becomes(&app, 190).await;
-    let request = pb::AcquireLeaseRequest {
-        tenant_id: "acme".into(),
-        ..Default::default()
-    };
-    let answer = app
-        .lease()
-        .await
-        .acquire_lease(authed(request, &app.admin_key))
-        .await
-        .unwrap();
-    let Some(Answer::Lease(lease)) = answer.into_inner().result else {
-        panic!("acme's first lease was denied")
-    };
-    let blocked_until = now_ms() + 1_500;
-    let release = pb::ReleaseLeaseRequest {
-        lease_id: lease.lease_id,
-        outcome: pb::ReleaseOutcome::UpstreamRateLimited as i32,
-        blocked_until: Some(prost_types::Timestamp {
-            seconds: blocked_until / 1000,
-            nanos: (blocked_until % 1000) as i32 * 1_000_000,
-        }),
-        ..Default::default()
-    };
-    app.lease()
-        .await
-        .release_lease(authed(release, &app.admin_key))
-        .await
-        .unwrap();
+    let blocked_until = quarantine(&app, "tok-0", 1_500).await;
     let shrunk_at = quota_becomes(&app, 95).await;
     assert!(
         shrunk_at < blocked_until,
