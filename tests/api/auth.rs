@@ -6,21 +6,16 @@ use std::sync::{Arc, Mutex};
 use tokenlease::grpc::pb;
 use tonic::{Code, Request};
 
-use super::fixtures::{PoolSetup, create_tenant, token_secret};
-use super::helpers::{Counters, Db, TestEnv, authed};
+use super::fixtures::{PoolSetup, app_with, token_secret};
+use super::helpers::{Counters, Db, authed};
 
 /// Missing key, malformed key, wrong key, worker key on admin RPCs and worker key for
 /// another tenant each get their status.
 #[tokio::test]
 async fn statuses_for_every_auth_failure() {
-    let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
-    let app = env.spawn().await;
+    let pool = PoolSetup::default();
+    let (_env, app) = app_with(Db::Sqlite, Counters::Memory, pool, &["acme", "other"]).await;
     let mut admin = app.admin().await;
-    PoolSetup::default()
-        .create(&mut admin, &app.admin_key)
-        .await;
-    create_tenant(&mut admin, &app.admin_key, "acme", "flex").await;
-    create_tenant(&mut admin, &app.admin_key, "other", "flex").await;
     let worker = app.worker_key(&["acme"]).await;
     let mut lease = app.lease().await;
     let acquire = |tenant: &str| pb::AcquireLeaseRequest {
@@ -160,16 +155,12 @@ async fn no_secret_reaches_the_logs() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
-    let app = env.spawn().await;
-    let mut admin = app.admin().await;
-    PoolSetup {
+    let pool = PoolSetup {
         tokens: 2,
         ..Default::default()
-    }
-    .create(&mut admin, &app.admin_key)
-    .await;
-    create_tenant(&mut admin, &app.admin_key, "acme", "flex").await;
+    };
+    let (_env, app) = app_with(Db::Sqlite, Counters::Memory, pool, &["acme"]).await;
+    let mut admin = app.admin().await;
     let worker = app.worker_key(&["acme"]).await;
     let mut lease = app.lease().await;
     for _ in 0..3 {

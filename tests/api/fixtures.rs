@@ -3,7 +3,7 @@
 use tokenlease::grpc::pb::{self, admin_service_client::AdminServiceClient};
 use tonic::transport::Channel;
 
-use super::helpers::{authed, millis};
+use super::helpers::{Counters, Db, TestApp, TestEnv, authed, millis};
 
 /// A test upstream "up" with `limit` per `window_ms` and 5 % margin, a pool "shared"
 /// holding `tokens` tokens ("tok-0", …), and a tier "flex" (`guaranteed` + `burst`).
@@ -87,6 +87,24 @@ impl PoolSetup {
             .await
             .unwrap();
     }
+}
+
+/// A fresh environment and replica with `pool` configured and `tenants` in it (tier
+/// "flex"); keep the environment alive as long as the replica.
+pub async fn app_with(
+    db: Db,
+    counters: Counters,
+    pool: PoolSetup,
+    tenants: &[&str],
+) -> (TestEnv, TestApp) {
+    let env = TestEnv::new(db, counters).await;
+    let app = env.spawn().await;
+    let mut admin = app.admin().await;
+    pool.create(&mut admin, &app.admin_key).await;
+    for t in tenants {
+        create_tenant(&mut admin, &app.admin_key, t, "flex").await;
+    }
+    (env, app)
 }
 
 /// Creates tenant `id` in tier `tier` and pool "shared".

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
 use tonic::Code;
 
-use super::fixtures::{PoolSetup, create_tenant, token_secret};
+use super::fixtures::{PoolSetup, app_with, create_tenant, token_secret};
 use super::helpers::{Counters, Db, TestApp, TestEnv, authed, millis};
 
 macro_rules! for_each_backend {
@@ -74,27 +74,11 @@ async fn release(
         .map(|r| r.into_inner().already_released)
 }
 
-async fn setup(
-    db: Db,
-    counters: Counters,
-    pool: PoolSetup,
-    tenants: &[&str],
-) -> (TestEnv, TestApp) {
-    let env = TestEnv::new(db, counters).await;
-    let app = env.spawn().await;
-    let mut admin = app.admin().await;
-    pool.create(&mut admin, &app.admin_key).await;
-    for t in tenants {
-        create_tenant(&mut admin, &app.admin_key, t, "flex").await;
-    }
-    (env, app)
-}
-
 /// 100 per window with a 5 % margin: exactly 95 leases, each with the decrypted token,
 /// then NO_TOKEN_CAPACITY with a retry-after that ends when the first slot frees
 /// (first lease's expiry + window), within 100 ms.
 async fn grants_until_the_usable_limit_then_denies_with_retry_after(db: Db, counters: Counters) {
-    let (_env, app) = setup(db, counters, PoolSetup::default(), &["acme"]).await;
+    let (_env, app) = app_with(db, counters, PoolSetup::default(), &["acme"]).await;
     let key = app.admin_key.clone();
     let mut first_expiry = None;
     for i in 0..95 {
@@ -134,7 +118,7 @@ async fn tenant_quota_binds_before_the_token(db: Db, counters: Counters) {
         burst: 5,
         ..Default::default()
     };
-    let (_env, app) = setup(db, counters, pool, &["small", "other"]).await;
+    let (_env, app) = app_with(db, counters, pool, &["small", "other"]).await;
     let key = app.admin_key.clone();
     for _ in 0..10 {
         assert!(matches!(
@@ -162,7 +146,7 @@ async fn release_outcomes(db: Db, counters: Counters) {
         burst: 1,
         ..Default::default()
     };
-    let (_env, app) = setup(db, counters, pool, &["acme"]).await;
+    let (_env, app) = app_with(db, counters, pool, &["acme"]).await;
     let key = app.admin_key.clone();
     let Answer::Lease(a) = acquire(&app, &key, "acme").await else {
         panic!()
@@ -238,7 +222,7 @@ async fn waiting_caller_is_granted_when_a_slot_frees(db: Db, counters: Counters)
         window_ms: 1_000,
         ..Default::default()
     };
-    let (_env, app) = setup(db, counters, pool, &["acme"]).await;
+    let (_env, app) = app_with(db, counters, pool, &["acme"]).await;
     let key = app.admin_key.clone();
     assert!(
         matches!(acquire(&app, &key, "acme").await, Answer::Lease(_)),
@@ -295,7 +279,7 @@ async fn waiting_caller_is_granted_when_its_quota_rises(db: Db, counters: Counte
         burst: 0,
         ..Default::default()
     };
-    let (_env, app) = setup(db, counters, pool, &["acme"]).await;
+    let (_env, app) = app_with(db, counters, pool, &["acme"]).await;
     let key = app.admin_key.clone();
     let Answer::Lease(first) = acquire(&app, &key, "acme").await else {
         panic!("acme's guarantee of 1 is free")
@@ -381,7 +365,7 @@ async fn pacing_spreads_a_tokens_grants(db: Db, counters: Counters) {
 
 /// Bad AcquireLease input gets INVALID_ARGUMENT or NOT_FOUND naming the field.
 async fn bad_lease_requests(db: Db, counters: Counters) {
-    let (_env, app) = setup(db, counters, PoolSetup::default(), &["acme"]).await;
+    let (_env, app) = app_with(db, counters, PoolSetup::default(), &["acme"]).await;
     let mut lease = app.lease().await;
     let base = || pb::AcquireLeaseRequest {
         tenant_id: "acme".into(),

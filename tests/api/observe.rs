@@ -24,8 +24,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Server};
 use tracing_subscriber::layer::SubscriberExt;
 
-use super::fixtures::{PoolSetup, create_tenant, token_secret};
-use super::helpers::{Counters, Db, TestEnv, authed, millis};
+use super::fixtures::{PoolSetup, app_with, create_tenant, token_secret};
+use super::helpers::{Counters, Db, authed, millis};
 
 /// GET /metrics, the body.
 async fn scrape(addr: SocketAddr) -> String {
@@ -364,13 +364,8 @@ async fn acquire_lease_span_continues_the_callers_trace() {
     let subscriber = tracing_subscriber::registry().with(telemetry::otel_layer(&provider));
     let _default = tracing::subscriber::set_default(subscriber);
 
-    let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
-    let app = env.spawn().await;
-    let mut admin = app.admin().await;
-    PoolSetup::default()
-        .create(&mut admin, &app.admin_key)
-        .await;
-    create_tenant(&mut admin, &app.admin_key, "acme", "flex").await;
+    let pool = PoolSetup::default();
+    let (_env, app) = app_with(Db::Sqlite, Counters::Memory, pool, &["acme"]).await;
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
 
-use super::fixtures::{PoolSetup, create_tenant};
-use super::helpers::{Counters, Db, TestEnv, authed};
+use super::fixtures::{PoolSetup, app_with};
+use super::helpers::{Counters, Db, authed};
 
 /// After 8 grants (3 above a guarantee of 5) and 5 upstream errors: the tenant's slots,
 /// its quota back at its guarantee (its pool's only token is out of service), rate per
@@ -13,18 +13,14 @@ use super::helpers::{Counters, Db, TestEnv, authed};
 /// token's slots and its breaker, open until a stated instant.
 #[tokio::test]
 async fn usage_reports_tenants_and_tokens() {
-    let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
-    let app = env.spawn().await;
-    let key = app.admin_key.clone();
-    let mut admin = app.admin().await;
-    PoolSetup {
+    let pool = PoolSetup {
         guaranteed: 5,
         burst: 100,
         ..Default::default()
-    }
-    .create(&mut admin, &key)
-    .await;
-    create_tenant(&mut admin, &key, "acme", "flex").await;
+    };
+    let (_env, app) = app_with(Db::Sqlite, Counters::Memory, pool, &["acme"]).await;
+    let key = app.admin_key.clone();
+    let mut admin = app.admin().await;
     let mut lease = app.lease().await;
     let mut leases = vec![];
     for _ in 0..8 {
