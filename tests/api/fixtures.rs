@@ -107,6 +107,20 @@ pub async fn app_with(
     (env, app)
 }
 
+/// AdminService.GetUsage for `tenant`.
+pub async fn tenant_usage(
+    app: &TestApp,
+    key: &str,
+    tenant: &str,
+) -> Result<pb::GetUsageResponse, tonic::Status> {
+    let request = pb::GetUsageRequest {
+        tenant_id: tenant.into(),
+        ..Default::default()
+    };
+    let answer = app.admin().await.get_usage(authed(request, key)).await;
+    answer.map(tonic::Response::into_inner)
+}
+
 /// Creates tenant `id` in tier `tier` and pool "shared".
 pub async fn create_tenant(
     admin: &mut AdminServiceClient<Channel>,

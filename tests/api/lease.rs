@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
 use tonic::Code;
 
-use super::fixtures::{PoolSetup, app_with, create_tenant, token_secret};
+use super::fixtures::{PoolSetup, app_with, create_tenant, tenant_usage, token_secret};
 use super::helpers::{Counters, Db, TestApp, TestEnv, authed, millis};
 
 macro_rules! for_each_backend {
@@ -574,19 +574,8 @@ async fn waiting_callers_are_bounded_and_leave_when_gone() {
         }));
     }
     let depth = async || {
-        let usage = app
-            .admin()
-            .await
-            .get_usage(authed(
-                pb::GetUsageRequest {
-                    tenant_id: "acme".into(),
-                    ..Default::default()
-                },
-                &key,
-            ))
-            .await
-            .unwrap();
-        usage.into_inner().tenants[0].waiting_callers
+        let usage = tenant_usage(&app, &key, "acme").await.unwrap();
+        usage.tenants[0].waiting_callers
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while depth().await < 2 {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
 
-use super::fixtures::{PoolSetup, app_with};
+use super::fixtures::{PoolSetup, app_with, tenant_usage};
 use super::helpers::{Counters, Db, authed};
 
 /// After 8 grants (3 above a guarantee of 5) and 5 upstream errors: the tenant's slots,
@@ -20,7 +20,6 @@ async fn usage_reports_tenants_and_tokens() {
     };
     let (_env, app) = app_with(Db::Sqlite, Counters::Memory, pool, &["acme"]).await;
     let key = app.admin_key.clone();
-    let mut admin = app.admin().await;
     let mut lease = app.lease().await;
     let mut leases = vec![];
     for _ in 0..8 {
@@ -49,17 +48,7 @@ async fn usage_reports_tenants_and_tokens() {
     }
     // Demand is read over completed buckets (W/10 = 1 s here).
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-    let usage = admin
-        .get_usage(authed(
-            pb::GetUsageRequest {
-                tenant_id: "acme".into(),
-                ..Default::default()
-            },
-            &key,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let usage = tenant_usage(&app, &key, "acme").await.unwrap();
     let tenant = &usage.tenants[0];
     assert_eq!(
         (tenant.used_in_window, tenant.guaranteed_per_window),
@@ -95,15 +84,6 @@ async fn usage_reports_tenants_and_tokens() {
         "5 upstream errors open the breaker"
     );
     assert!(token.state_until.is_some());
-    let err = admin
-        .get_usage(authed(
-            pb::GetUsageRequest {
-                tenant_id: "ghost".into(),
-                ..Default::default()
-            },
-            &key,
-        ))
-        .await
-        .unwrap_err();
+    let err = tenant_usage(&app, &key, "ghost").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
