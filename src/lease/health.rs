@@ -480,7 +480,8 @@ mod tests {
 
     /// Property 7: hinted tokens are left out of the route until their instant; when
     /// all are out, NO_USABLE_TOKEN with the earliest instant and a reason per token.
-    #[tokio::test]
+    /// Hints live on tokio's clock, paused here: instants are exact.
+    #[tokio::test(start_paused = true)]
     async fn routes_around_hinted_tokens_until_they_come_back() {
         let h = health();
         let r = route(&["d-1"], &["p-1", "p-2"]);
@@ -500,10 +501,10 @@ mod tests {
             panic!("all tokens are hinted")
         };
         assert_eq!(reason, DenialReason::NoUsableToken);
-        let retry_after = retry_after.unwrap();
-        assert!(
-            retry_after <= Duration::from_millis(300) && retry_after > Duration::from_millis(200),
-            "the earliest comes back first: {retry_after:?}"
+        assert_eq!(
+            retry_after,
+            Some(Duration::from_millis(300)),
+            "the earliest comes back first"
         );
         for part in [
             "tenant 'acme'",
@@ -515,7 +516,12 @@ mod tests {
         ] {
             assert!(message.contains(part), "{part}: {message}");
         }
-        tokio::time::sleep(Duration::from_millis(350)).await;
+        tokio::time::advance(Duration::from_millis(299)).await;
+        assert!(
+            h.route_around(&id("acme"), &r).is_err(),
+            "1 ms before p-1 is back"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(
             h.route_around(&id("acme"), &r).ok().unwrap(),
             (vec![], vec![id("p-1")])
