@@ -4,7 +4,8 @@
 //! in-process backend (manual clock, moved by hand, so instants are exact), against Redis
 //! (the server's clock, real sleeps, short windows, a unique key prefix per test whose
 //! keys are deleted afterwards), and unchanged against a throwaway three-master Redis
-//! Cluster (`<test>::cluster`; the cluster is killed and removed after the test). Answers
+//! Cluster (`<test>::cluster`; one cluster shared by the tests of the process, each
+//! under its own key prefix; killed and removed when the process exits). Answers
 //! carry the store's own `now_ms`, so even on Redis the tests check instants exactly: a
 //! probe is judged by the time the store says it ran.
 //!
@@ -18,7 +19,6 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -172,8 +172,8 @@ struct Harness {
     time: TimeSource,
     /// Redis URL (a comma-separated list for a cluster); empty for memory.
     url: String,
-    /// The test's own cluster, kept running while any clone of the harness lives.
-    cluster: Option<Arc<ThrowawayCluster>>,
+    /// The cluster the test runs on (shared by the tests of this process).
+    cluster: Option<&'static ThrowawayCluster>,
     /// Redis key prefix (unique per test); empty for memory.
     prefix: String,
     window: Duration,
@@ -193,7 +193,7 @@ impl Harness {
             Backend::Memory => Self::memory(),
             Backend::Redis => Self::redis(redis_url(), None).await,
             Backend::Cluster => {
-                let cluster = Arc::new(ThrowawayCluster::start());
+                let cluster = ThrowawayCluster::shared();
                 Self::redis(cluster.url_list(), Some(cluster)).await
             }
         };
@@ -220,7 +220,7 @@ impl Harness {
 
     /// Counters on the Redis at `url`; on a cluster, the test's own commands (TIME)
     /// go to its first master (every node runs on this machine's clock).
-    async fn redis(url: String, cluster: Option<Arc<ThrowawayCluster>>) -> Self {
+    async fn redis(url: String, cluster: Option<&'static ThrowawayCluster>) -> Self {
         let first = url.split(',').next().unwrap_or_default().to_owned();
         let conn = admin_connection(&first).await;
         let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
@@ -237,12 +237,13 @@ impl Harness {
         }
     }
 
-    /// Deletes the test's keys; a cluster's keys go with the cluster.
+    /// Deletes the test's keys (on a cluster, from every master).
     async fn cleanup(&self) {
-        if self.cluster.is_some() {
-            return;
-        }
-        if let TimeSource::Server(conn) = &self.time {
+        if let Some(cluster) = self.cluster {
+            for url in cluster.urls() {
+                delete_keys(&mut admin_connection(&url).await, &self.prefix).await;
+            }
+        } else if let TimeSource::Server(conn) = &self.time {
             delete_keys(&mut conn.clone(), &self.prefix).await;
         }
     }

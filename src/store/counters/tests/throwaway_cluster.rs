@@ -35,6 +35,8 @@ pub struct SlotRange {
 pub struct ThrowawayCluster {
     nodes: Vec<Node>,
     dir: tempfile::TempDir,
+    /// The shared cluster's watchdog (see `shared`).
+    watchdog: Option<Child>,
 }
 
 /// `n` distinct free local ports (all bound at once, so they differ).
@@ -75,6 +77,7 @@ impl ThrowawayCluster {
         let mut cluster = Self {
             nodes: Vec::new(),
             dir,
+            watchdog: None,
         };
         let ports = free_ports(6);
         for pair in ports.chunks(2) {
@@ -337,8 +340,52 @@ impl ThrowawayCluster {
     }
 }
 
+impl ThrowawayCluster {
+    /// One cluster for every test of this process that only reads and writes keys
+    /// under its own prefix (tests that move slots or flush scripts start their own).
+    /// Started on first use; a static is never dropped, so a watchdog process kills
+    /// the nodes and removes their folder once this test process has exited.
+    pub fn shared() -> &'static ThrowawayCluster {
+        static SHARED: std::sync::OnceLock<ThrowawayCluster> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| {
+            let mut cluster = Self::start();
+            cluster.watchdog = Some(cluster.watch_for_exit());
+            cluster
+        })
+    }
+
+    /// Starts `sh` polling this process every 0.5 s; when it is gone, the nodes are
+    /// killed and their folder removed.
+    fn watch_for_exit(&self) -> Child {
+        let pids: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| n.child.id().to_string())
+            .collect();
+        let script = format!(
+            "while kill -0 {parent} 2>/dev/null; do sleep 0.5; done; kill {pids}; sleep 1; \
+             kill -9 {pids} 2>/dev/null; rm -rf '{dir}'",
+            parent = std::process::id(),
+            pids = pids.join(" "),
+            dir = self.dir.path().display(),
+        );
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the shared cluster's watchdog (sh)")
+    }
+}
+
 impl Drop for ThrowawayCluster {
     fn drop(&mut self) {
+        for child in self.watchdog.iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for node in &mut self.nodes {
             let _ = node.child.kill();
             let _ = node.child.wait();
