@@ -125,9 +125,11 @@ async fn redis_down_fails_closed_and_recovers() {
             err.get_details_retry_info().is_some(),
             "UNAVAILABLE carries a retry-after"
         );
-        // Bounded by the 300 ms timeout (plus a reconnect attempt and scheduling slack).
+        // Answered, not hung: bounded by the 300 ms timeout plus a reconnect attempt,
+        // with room for a loaded machine's scheduling (how tight the bound is belongs to
+        // the fault suite's server-side measurement, not to a wall clock here).
         assert!(
-            started.elapsed() < Duration::from_millis(1_500),
+            started.elapsed() < Duration::from_millis(3_000),
             "took {:?}",
             started.elapsed()
         );

@@ -311,3 +311,87 @@ pub fn run_watching_panics(name: &str, test: impl Future<Output = ()>) {
         "server threads panicked (see the output above): {panicked:?}"
     );
 }
+
+/// Now, in Unix milliseconds (the clock the server and Redis read too: one machine).
+pub fn now_ms() -> i64 {
+    tokenlease::clock::system_now_ms()
+}
+
+/// The wall-clock instants (Unix ms) just before a call was sent and just after its
+/// answer arrived: the server decided at some instant between them, however long the
+/// machine made the call take.
+#[derive(Clone, Copy, Debug)]
+pub struct Span {
+    pub before: i64,
+    pub after: i64,
+}
+
+/// Runs `call`, returning its output and the span it took.
+pub async fn timed<T>(call: impl Future<Output = T>) -> (T, Span) {
+    let before = now_ms();
+    let output = call.await;
+    (
+        output,
+        Span {
+            before,
+            after: now_ms(),
+        },
+    )
+}
+
+impl Span {
+    /// Asserts that a retry-after of `retry_after_ms`, counted from the server's answer,
+    /// points at the instant `expected`: the answer was made at some instant in the
+    /// span, so `expected` lies within the span shifted by the retry-after (±1 ms for
+    /// rounding to milliseconds). Exact on a loaded machine: a slow call widens the span,
+    /// it never moves the instant.
+    pub fn assert_points_at(&self, retry_after_ms: i64, expected: i64, what: &str) {
+        let (earliest, latest) = (self.before + retry_after_ms, self.after + retry_after_ms);
+        assert!(
+            earliest - 1 <= expected && expected <= latest + 1,
+            "{what}: the retry-after points into [{earliest}, {latest}] (answered within \
+             [{}, {}]), not at {expected}",
+            self.before,
+            self.after
+        );
+    }
+}
+
+impl Span {
+    /// Like `assert_points_at`, for an instant the service learnt during the call
+    /// `learnt` and keeps on its own monotonic clock (a quarantine's end, a breaker's
+    /// open time): it may hold it late by up to that call's length, never early.
+    pub fn assert_points_near(&self, retry_after_ms: i64, instant: i64, learnt: Span, what: &str) {
+        let (earliest, latest) = (self.before + retry_after_ms, self.after + retry_after_ms);
+        let held_late = learnt.after - learnt.before;
+        assert!(
+            earliest - 1 <= instant + held_late && instant <= latest + 1,
+            "{what}: the retry-after points into [{earliest}, {latest}] (answered within \
+             [{}, {}]), not at {instant} (+ up to {held_late} ms)",
+            self.before,
+            self.after
+        );
+    }
+}
+
+/// Polls `probe` every 20 ms until it gives `Some`, and returns that; fails with `what`
+/// once `deadline` has passed. For conditions that become true by themselves (a replica
+/// loading the configuration, a slot freeing, a watcher registering): the test states
+/// the condition instead of sleeping a fixed time and hoping.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let give_up = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "{what}: not within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -282,7 +282,9 @@ async fn postgres_gone() {
     lease(&app, &worker, "acme").await;
 
     pg.stop_immediately();
-    // Let the refresher (every 100 ms) find the database gone a few times.
+    // A fixed pause, not a wait for a condition: the refresher (every 100 ms) should
+    // find the database gone a few times before leasing is tried; what follows must
+    // hold whether it has or not.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Leasing and authentication go on from the last loaded configuration.

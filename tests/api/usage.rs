@@ -46,7 +46,9 @@ async fn usage_reports_tenants_and_tokens() {
         };
         lease.release_lease(authed(release, &key)).await.unwrap();
     }
-    // Demand is read over completed buckets (W/10 = 1 s here).
+    // Demand is read over completed buckets (W/10 = 1 s here). A fixed pause, not a
+    // wait for a condition: the bucket holding these calls has ended once 1.1 s have
+    // passed, however slow the machine (the window of 10 s leaves room for that).
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let usage = tenant_usage(&app, &key, "acme").await.unwrap();
     let tenant = &usage.tenants[0];

@@ -9,7 +9,7 @@ use tokenlease::grpc::pb::{self, event::Kind, lease_service_client::LeaseService
 use tonic::transport::Channel;
 
 use super::emulator::{Scenario, demand};
-use super::helpers::authed;
+use super::helpers::{authed, eventually};
 use super::workers::now_ms;
 
 /// (token, previous state, new state, until ms) of every token event a watcher saw.
@@ -86,7 +86,15 @@ async fn breaker_opens_routes_around_and_closes() {
 
     s.emulator.set_fault(&s.tokens[0], Fault::none());
     s.run(&workers, Duration::from_secs(4)).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The watcher on another replica sees the closing shortly after the run.
+    eventually(
+        Duration::from_secs(5),
+        "tok-0 closed, seen by the watcher",
+        || async {
+            (states(&seen, "tok-0").last() == Some(&(pb::TokenState::Active as i32))).then_some(())
+        },
+    )
+    .await;
     let tok0 = states(&seen, "tok-0");
     assert!(
         tok0.contains(&(pb::TokenState::BreakerHalfOpen as i32)),
