@@ -37,6 +37,11 @@ pub struct Tally {
     pub denied: u64,
     pub upstream_errors: u64,
     pub rate_limited: u64,
+    /// Every lease as the accounting sees it: (granted at on the service's clock, ms
+    /// from then until its release was answered). A used slot counts from its grant to
+    /// one window after its release, so how long workers hold leases bounds what a
+    /// token can serve: `limit` slots per `W + hold`.
+    pub holds_ms: Vec<(i64, i64)>,
 }
 
 impl Tally {
@@ -48,6 +53,18 @@ impl Tally {
         self.denied += other.denied;
         self.upstream_errors += other.upstream_errors;
         self.rate_limited += other.rate_limited;
+        self.holds_ms.extend(other.holds_ms);
+    }
+
+    /// Mean hold (ms, grant to answered release) of the leases granted in `[from, to)`.
+    pub fn mean_hold_between(&self, from: i64, to: i64) -> f64 {
+        let holds: Vec<i64> = self
+            .holds_ms
+            .iter()
+            .filter(|(granted, _)| (from..to).contains(granted))
+            .map(|(_, held)| *held)
+            .collect();
+        holds.iter().sum::<i64>() as f64 / holds.len().max(1) as f64
     }
 
     /// Upstream calls made in `[from, to)` (Unix ms).
@@ -172,6 +189,10 @@ impl Worker {
         let expires = lease
             .expires_at
             .map_or(now_ms(), |t| t.seconds * 1000 + t.nanos as i64 / 1_000_000);
+        let granted_at = expires
+            - lease
+                .valid_for
+                .map_or(0, |d| d.seconds * 1000 + d.nanos as i64 / 1_000_000);
         let left = (expires - now_ms()).max(0);
         let at = if self.rng.random_bool(0.25) {
             left
@@ -211,5 +232,6 @@ impl Worker {
         };
         // A release after expiry is NOT_FOUND: the slot stays counted, which is fine.
         let _ = self.client.release_lease(authed(request, &self.key)).await;
+        tally.holds_ms.push((granted_at, now_ms() - granted_at));
     }
 }
