@@ -32,6 +32,9 @@ pub struct Demand {
 pub struct Tally {
     /// Unix ms of every upstream call that succeeded.
     pub used_at_ms: Vec<i64>,
+    /// Unix ms at which every AcquireLease was sent, and those of the granted ones.
+    pub asked_at_ms: Vec<i64>,
+    pub granted_at_ms: Vec<i64>,
     /// AcquireLease latency of granted calls, ms, by priority.
     pub waits_ms: BTreeMap<i32, Vec<u64>>,
     pub denied: u64,
@@ -47,6 +50,8 @@ pub struct Tally {
 impl Tally {
     fn merge(&mut self, other: Tally) {
         self.used_at_ms.extend(other.used_at_ms);
+        self.asked_at_ms.extend(other.asked_at_ms);
+        self.granted_at_ms.extend(other.granted_at_ms);
         for (p, w) in other.waits_ms {
             self.waits_ms.entry(p).or_default().extend(w);
         }
@@ -69,10 +74,15 @@ impl Tally {
 
     /// Upstream calls made in `[from, to)` (Unix ms).
     pub fn used_between(&self, from: i64, to: i64) -> usize {
-        self.used_at_ms
-            .iter()
-            .filter(|t| (from..to).contains(*t))
-            .count()
+        between(&self.used_at_ms, from, to)
+    }
+
+    /// AcquireLease calls sent in `[from, to)`, and how many of them were granted.
+    pub fn asked_and_granted_between(&self, from: i64, to: i64) -> (usize, usize) {
+        (
+            between(&self.asked_at_ms, from, to),
+            between(&self.granted_at_ms, from, to),
+        )
     }
 
     /// Median and mean wait of the granted calls of one priority, ms.
@@ -82,6 +92,10 @@ impl Tally {
         let mean = waits.iter().sum::<u64>() / waits.len().max(1) as u64;
         Some((*waits.get(waits.len() / 2)?, mean))
     }
+}
+
+fn between(instants: &[i64], from: i64, to: i64) -> usize {
+    instants.iter().filter(|t| (from..to).contains(*t)).count()
 }
 
 pub fn now_ms() -> i64 {
@@ -142,6 +156,8 @@ impl Worker {
         let mut tally = Tally::default();
         while Instant::now() < until {
             let started = Instant::now();
+            let sent_at = now_ms();
+            tally.asked_at_ms.push(sent_at);
             let request = pb::AcquireLeaseRequest {
                 tenant_id: self.demand.tenant.clone(),
                 priority: self.demand.priority as i32,
@@ -158,6 +174,7 @@ impl Worker {
                 .unwrap();
             match answer {
                 Answer::Lease(lease) => {
+                    tally.granted_at_ms.push(sent_at);
                     tally
                         .waits_ms
                         .entry(self.demand.priority as i32)
