@@ -32,6 +32,9 @@ pub struct Settings {
     /// `redis://…` (comma-separated for a Redis Cluster); unset: in-process counters.
     #[serde(skip_serializing, default)]
     pub redis_url: Option<String>,
+    /// Where the lease counters live: see `CountersMode`.
+    #[serde(default)]
+    pub counters: CountersMode,
     pub redis: RedisSection,
     pub lease: LeaseSection,
     pub breaker: BreakerSection,
@@ -48,6 +51,20 @@ pub struct Settings {
     pub log_format: String,
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace_ms: u64,
+}
+
+/// Where the lease counters live. With `auto`, in Redis when `REDIS_URL` is set, else in
+/// process, except that a replica sharing a Postgres configuration refuses to count on
+/// its own: replicas that each count alone grant a token's limit once per replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CountersMode {
+    #[default]
+    Auto,
+    /// In process, also with `DATABASE_URL`: this replica is the only one.
+    Memory,
+    /// In Redis: `REDIS_URL` is required.
+    Redis,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -131,6 +148,7 @@ impl Default for Settings {
             data_dir: PathBuf::from("tokenlease-data"),
             database_url: None,
             redis_url: None,
+            counters: CountersMode::Auto,
             redis: RedisSection {
                 key_prefix: "tl".into(),
                 timeout_ms: 250,
@@ -263,7 +281,32 @@ impl Settings {
                 "invalid setting REDIS_URL: expected redis://host:port (comma-separated for a cluster)"
             );
         }
+        self.counters_redis_url()?;
         Ok(())
+    }
+
+    /// The Redis the lease counters live in, or `None` for in-process counters; an
+    /// error when the settings would make replicas count alone, or contradict.
+    pub fn counters_redis_url(&self) -> anyhow::Result<Option<&str>> {
+        let redis = self.redis_url.as_deref();
+        match (self.counters, redis) {
+            (CountersMode::Auto, None) if self.is_distributed() => bail!(
+                "DATABASE_URL points at Postgres, so replicas share one configuration, but \
+                 REDIS_URL is not set: each replica would count leases on its own, and N \
+                 replicas would grant up to N times each token's limit. Set REDIS_URL to \
+                 the Redis every replica shares, or, if this replica is the only one, set \
+                 counters = \"memory\" (TOKENLEASE_COUNTERS=memory)."
+            ),
+            (CountersMode::Auto | CountersMode::Redis, Some(url)) => Ok(Some(url)),
+            (CountersMode::Auto | CountersMode::Memory, None) => Ok(None),
+            (CountersMode::Redis, None) => {
+                bail!("counters = \"redis\" needs REDIS_URL (redis://host:port)")
+            }
+            (CountersMode::Memory, Some(_)) => bail!(
+                "counters = \"memory\" and REDIS_URL are both set: unset REDIS_URL to count \
+                 in this process alone, or set counters = \"auto\" to count in Redis"
+            ),
+        }
     }
 
     /// The `/metrics` address; `None` when `metrics.listen` is empty (metrics off).
@@ -497,6 +540,44 @@ mod tests {
             assert!(err.to_lowercase().contains("lease.ttl_ms"), "{err}");
             Ok(())
         });
+    }
+
+    /// A replica on a shared Postgres with no Redis refuses to count alone, saying why
+    /// and what to set; `counters = "memory"` says it is alone.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure returns figment::Error
+    fn no_accidental_single_replica_counting() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DATABASE_URL", "postgres://db/tokenlease");
+            let err = Settings::load(None).unwrap_err().to_string();
+            for part in ["REDIS_URL is not set", "N times", "counters = \"memory\""] {
+                assert!(err.contains(part), "{part}: {err}");
+            }
+            jail.set_env("TOKENLEASE_COUNTERS", "memory");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.counters_redis_url().unwrap(), None);
+            jail.set_env("REDIS_URL", "redis://127.0.0.1:6379");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.contains("both set"), "{err}");
+            jail.set_env("TOKENLEASE_COUNTERS", "auto");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                s.counters_redis_url().unwrap(),
+                Some("redis://127.0.0.1:6379")
+            );
+            jail.set_env("TOKENLEASE_COUNTERS", "sometimes");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.to_lowercase().contains("counters"), "{err}");
+            assert!(err.contains("`auto`, `memory`, `redis`"), "{err}");
+            Ok(())
+        });
+        let embedded = Settings::default();
+        assert_eq!(embedded.counters_redis_url().unwrap(), None);
+        let redis_without_url = Settings {
+            counters: CountersMode::Redis,
+            ..Settings::default()
+        };
+        assert!(redis_without_url.counters_redis_url().is_err());
     }
 
     /// The embedded mode generates a private key file once and reuses it.

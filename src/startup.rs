@@ -70,11 +70,11 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<ConfigStore> {
 }
 
 async fn open_counters(settings: &Settings) -> anyhow::Result<Counters> {
-    let Some(url) = &settings.redis_url else {
+    let Some(url) = settings.counters_redis_url()? else {
         return Ok(Counters::Memory(MemoryCounters::new(Clock::System)));
     };
     let redis = RedisSettings {
-        url: url.clone(),
+        url: url.to_owned(),
         key_prefix: settings.redis.key_prefix.clone(),
         timeout: Duration::from_millis(settings.redis.timeout_ms),
     };
@@ -150,6 +150,7 @@ impl App {
             pace_burst_percent: settings.lease.pace_burst_percent,
             lines: Lines::default(),
             health,
+            stopping: stop.subscribe(),
         };
         Ok(App {
             listener,

@@ -95,6 +95,9 @@ pub struct Leaser {
     pub lines: Lines,
     /// Circuit breakers and quarantines: see `health.rs`.
     pub health: TokenHealth,
+    /// True once the replica is shutting down: callers waiting for a slot are answered
+    /// UNAVAILABLE at once, so that they go to another replica instead of being cut off.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// What stays the same across the attempts of one AcquireLease call.
@@ -117,6 +120,16 @@ enum Attempt {
     Done(AcquireAnswer),
     /// Denied for now.
     Denied(Box<Plan>, Denied),
+}
+
+/// The answer to a caller that would wait on a replica that is shutting down: no lease
+/// was granted, and another replica can answer at once.
+fn shutting_down_error() -> ServiceError {
+    ServiceError::Unavailable {
+        message: "this replica is shutting down; no lease was granted: call another replica now"
+            .into(),
+        retry_after: Duration::ZERO,
+    }
 }
 
 fn queue_id(plan: &Plan) -> String {
@@ -161,12 +174,18 @@ impl Leaser {
                     retry_after: Some(back),
                     ..
                 }) if waits && tokio::time::Instant::now() + back <= deadline => {
-                    tokio::time::sleep(back.max(Duration::from_millis(1))).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(back.max(Duration::from_millis(1))) => {}
+                        _ = self.shutting_down() => return Err(shutting_down_error()),
+                    }
                 }
                 Attempt::Done(answer) => return Ok(answer),
                 Attempt::Denied(plan, denied) => break (plan, denied),
             }
         };
+        if waits && *self.stopping.borrow() {
+            return Err(shutting_down_error());
+        }
         if !waits || tokio::time::Instant::now() + denied.retry_after > deadline {
             return Ok(denial(
                 &self.config.current(),
@@ -195,13 +214,21 @@ impl Leaser {
         let _waiting = crate::metrics::waiting(&input.tenant_id);
         call.enqueue = true;
         let retry = Retry::of(&plan, &denied);
-        let answer = self
-            .wait_for_slot(&input, &mut call, &place, &mut entry, retry)
-            .await;
+        let answer = tokio::select! {
+            answer = self.wait_for_slot(&input, &mut call, &place, &mut entry, retry) => answer,
+            // The caller leaves its line and the queue as a cancelled caller would.
+            _ = self.shutting_down() => Err(shutting_down_error()),
+        };
         if matches!(answer, Ok(AcquireAnswer::Granted(_))) {
             entry.queued = false; // the grant took it out of the shared queue
         }
         answer
+    }
+
+    /// Resolves once the replica is shutting down (or its server is gone).
+    async fn shutting_down(&self) {
+        let mut stopping = self.stopping.clone();
+        let _ = stopping.wait_for(|stopping| *stopping).await;
     }
 
     /// One decision against the counters.

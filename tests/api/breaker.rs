@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use tokenlease::config::CountersMode;
 use tokenlease::domain::{BreakerPolicy, Id};
 use tokenlease::events::{Change, Event, EventKind, Resource};
 use tokenlease::grpc::pb::lease_service_client::LeaseServiceClient;
@@ -615,6 +616,7 @@ async fn the_event_subscription_reconnects_and_asks_for_resync() {
     let settings = || {
         let mut s = env.settings();
         s.redis_url = Some(redis.url());
+        s.counters = CountersMode::Redis;
         s
     };
     let (a, b) = (

@@ -2,6 +2,7 @@
 //! of a throwaway three-master cluster (started by this test, killed at its end) lease
 //! over gRPC with the same guarantees as on one Redis server.
 
+use tokenlease::config::CountersMode;
 use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
 
 use super::fixtures::{PoolSetup, create_tenant, token_secret};
@@ -64,6 +65,7 @@ async fn replicas_on_a_redis_cluster_grant_exactly_the_usable_limit() {
     let env = TestEnv::new(Db::Postgres, Counters::Memory).await;
     let mut settings = env.settings();
     settings.redis_url = Some(cluster.url_list());
+    settings.counters = CountersMode::Redis;
     // Lease hashes expire after their TTL; the test counts them at the end, which a
     // loaded machine may reach many seconds later.
     settings.lease.ttl_ms = 120_000;

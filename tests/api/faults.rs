@@ -4,6 +4,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tokenlease::config::CountersMode;
 use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -87,6 +88,7 @@ async fn redis_down_fails_closed_and_recovers() {
     let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
     let mut settings = env.settings();
     settings.redis_url = Some(redis.url());
+    settings.counters = CountersMode::Redis;
     settings.redis.timeout_ms = 300;
     let app = env.spawn_with(settings).await;
     let mut admin = app.admin().await;

@@ -121,6 +121,20 @@ pub async fn tenant_usage(
     answer.map(tonic::Response::into_inner)
 }
 
+/// AdminService.GetUsage for `tenant` through `admin` (a server in another process).
+pub async fn tenant_usage_on(
+    admin: &mut AdminServiceClient<Channel>,
+    key: &str,
+    tenant: &str,
+) -> pb::GetUsageResponse {
+    let request = pb::GetUsageRequest {
+        tenant_id: tenant.into(),
+        ..Default::default()
+    };
+    let answer = admin.get_usage(authed(request, key)).await;
+    answer.expect("GetUsage answered").into_inner()
+}
+
 /// Creates tenant `id` in tier `tier` and pool "shared".
 pub async fn create_tenant(
     admin: &mut AdminServiceClient<Channel>,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use tokenlease::admin::issue_api_key;
-use tokenlease::config::Settings;
+use tokenlease::config::{CountersMode, Settings};
 use tokenlease::crypto::KeyRing;
 use tokenlease::domain::{ApiKeyRole, Id};
 use tokenlease::grpc::pb::admin_service_client::AdminServiceClient;
@@ -106,7 +106,15 @@ impl TestEnv {
             ..Settings::default()
         };
         settings.redis.key_prefix = self.key_prefix.clone();
-        settings.redis.timeout_ms = 500;
+        if self.redis_url.is_none() {
+            // In-process counters, also beside a Postgres configuration: each test's
+            // replica is alone (tests of several replicas use Redis).
+            settings.counters = CountersMode::Memory;
+        }
+        // Generous: a loaded machine with hundreds of calls in flight queues Redis
+        // calls for longer than the default 250 ms, and these tests are not about
+        // failing closed (the fault tests set their own, short timeout).
+        settings.redis.timeout_ms = 3_000;
         settings.lease.ttl_ms = 1_000;
         settings.lease.use_grace_ms = 0;
         // Most tests fill a window on purpose; pacing has tests of its own.

@@ -11,6 +11,7 @@ mod faults;
 mod fixtures;
 mod helpers;
 mod lease;
+mod lifecycle;
 mod observe;
 mod pg_faults;
 mod reflection;

@@ -70,7 +70,7 @@ fn parse_labels(body: &str) -> BTreeMap<&str, &str> {
         .collect()
 }
 
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -79,7 +79,11 @@ fn free_port() -> u16 {
 }
 
 /// `tokenlease serve` as its own process in `data_dir`, embedded mode.
-fn start_binary(data_dir: &Path, grpc: SocketAddr, metrics: SocketAddr) -> tokio::process::Child {
+pub(super) fn start_binary(
+    data_dir: &Path,
+    grpc: SocketAddr,
+    metrics: SocketAddr,
+) -> tokio::process::Child {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenlease"));
     for (name, _) in std::env::vars() {
         if name.starts_with("TOKENLEASE_") || name.starts_with("OTEL_") {
@@ -104,7 +108,7 @@ fn start_binary(data_dir: &Path, grpc: SocketAddr, metrics: SocketAddr) -> tokio
 }
 
 /// Waits for the bootstrap admin key and a gRPC connection.
-async fn connect_when_ready(data_dir: &Path, grpc: SocketAddr) -> (Channel, String) {
+pub(super) async fn connect_when_ready(data_dir: &Path, grpc: SocketAddr) -> (Channel, String) {
     for _ in 0..200 {
         let key = std::fs::read_to_string(data_dir.join("admin.key")).unwrap_or_default();
         if !key.trim().is_empty()

@@ -1,0 +1,120 @@
+//! A replica's start and stop as a process: it refuses to count leases alone beside
+//! other replicas, and on SIGTERM it answers every waiting caller before it exits.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
+use tokenlease::grpc::pb::{
+    admin_service_client::AdminServiceClient, lease_service_client::LeaseServiceClient,
+};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use super::fixtures::{PoolSetup, create_tenant, tenant_usage_on};
+use super::helpers::{PG_ADMIN_URL, authed, eventually, millis};
+use super::observe::{connect_when_ready, free_port, start_binary};
+
+/// `serve` with a Postgres DATABASE_URL and no REDIS_URL exits non-zero, saying why
+/// (replicas counting alone grant a token's limit once each) and what to set.
+#[tokio::test]
+async fn serve_refuses_to_count_alone_beside_other_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenlease"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TOKENLEASE_") {
+            command.env_remove(name);
+        }
+    }
+    let run = command
+        .arg("serve")
+        .env("DATABASE_URL", PG_ADMIN_URL)
+        .env_remove("REDIS_URL")
+        .env("TOKENLEASE_DATA_DIR", dir.path())
+        .env("TOKENLEASE_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("serve exits instead of serving")
+        .expect("run tokenlease serve");
+    assert!(!output.status.success(), "serve started: {output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for part in ["REDIS_URL is not set", "TOKENLEASE_COUNTERS=memory"] {
+        assert!(stderr.contains(part), "{part}: {stderr}");
+    }
+}
+
+/// SIGTERM with 4 callers waiting for a slot: each is answered UNAVAILABLE with a
+/// RetryInfo saying "now" (go to another replica), none is cut off by the transport,
+/// and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_every_waiting_caller_then_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut server = start_binary(dir.path(), grpc, metrics);
+    let (channel, key) = connect_when_ready(dir.path(), grpc).await;
+    let mut admin = AdminServiceClient::new(channel.clone());
+    let pool = PoolSetup {
+        limit: 2, // one usable slot per 30 s
+        window_ms: 30_000,
+        ..Default::default()
+    };
+    pool.create(&mut admin, &key).await;
+    create_tenant(&mut admin, &key, "acme", "flex").await;
+    let lease = LeaseServiceClient::new(channel.clone());
+    let request = |max_wait_ms| {
+        authed(
+            pb::AcquireLeaseRequest {
+                tenant_id: "acme".into(),
+                max_wait: Some(millis(max_wait_ms)),
+                ..Default::default()
+            },
+            &key,
+        )
+    };
+    let first = lease.clone().acquire_lease(request(0)).await.unwrap();
+    assert!(matches!(first.into_inner().result, Some(Answer::Lease(_))));
+    let waiters: Vec<_> = (0..4)
+        .map(|_| {
+            // The slot frees after TTL + W (35 s): within the wait, so they wait.
+            let (mut client, request) = (lease.clone(), request(120_000));
+            tokio::spawn(async move { client.acquire_lease(request).await })
+        })
+        .collect();
+    eventually(Duration::from_secs(10), "4 callers waiting", || {
+        let (mut admin, key) = (admin.clone(), key.clone());
+        async move {
+            let usage = tenant_usage_on(&mut admin, &key, "acme").await;
+            (usage.tenants[0].waiting_callers == 4).then_some(())
+        }
+    })
+    .await;
+
+    let pid = server.id().expect("server pid").to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(kill.expect("run kill").success());
+    for waiter in waiters {
+        let status = tokio::time::timeout(Duration::from_secs(20), waiter)
+            .await
+            .expect("a waiting caller was answered")
+            .unwrap()
+            .expect_err("no slot frees for 35 s: no lease");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("shutting down"), "{status:?}");
+        let retry = status.get_details_retry_info();
+        assert_eq!(
+            retry.and_then(|r| r.retry_delay),
+            Some(Duration::ZERO),
+            "RetryInfo says: another replica, now: {status:?}"
+        );
+    }
+    let exit = tokio::time::timeout(Duration::from_secs(20), server.wait())
+        .await
+        .expect("the process exits after answering")
+        .unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+}
