@@ -8,9 +8,10 @@
 //! far below what one Redis node runs.
 //!
 //! Failure policy (fail closed): every call is bounded by `timeout`; a timeout or a
-//! connection error becomes `CounterError::Unavailable` and the caller denies. A script
-//! that timed out on our side may still have run: its grant is then recorded but never
-//! handed out, which costs a slot but can never exceed the limit.
+//! connection error becomes `CounterError::Unavailable` and the caller denies. An
+//! acquire carries its deadline: a script that reaches Redis after it (Redis frozen or
+//! slow) does nothing. One that ran in time but whose answer came late has its grant
+//! recorded but never handed out, which costs a slot but can never exceed the limit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -210,6 +211,9 @@ impl RedisCounters {
         for token in &tokens {
             inv.arg(token.as_str());
         }
+        // When this call stops waiting for the answer (`run`'s timeout): a script that
+        // reaches Redis later does nothing.
+        inv.arg(crate::clock::system_now_ms() + self.timeout.as_millis() as i64);
         let reply: Vec<i64> = redis::from_redis_value(self.run(inv).await?)
             .map_err(|e| CounterError::Internal(format!("unexpected acquire reply: {e}")))?;
         parse_acquire_reply(&reply, &tokens)
@@ -335,6 +339,9 @@ fn parse_acquire_reply(reply: &[i64], tokens: &[&Id]) -> Result<AcquireOutcome, 
                 token_used: *token_used as u32,
             }))
         }
+        [-1, _now] => Err(CounterError::Unavailable(
+            "the decision reached Redis after the call's deadline and did nothing".into(),
+        )),
         [0, reason, retry_ms, now, score] => Ok(AcquireOutcome::Denied(Denied {
             reason: if *reason == 1 {
                 DenyReason::TenantQuota

@@ -30,7 +30,9 @@
 ///   deadline ('' on its first attempt), `ARGV[12]` its priority offset ms, `ARGV[13]`
 ///   how long to stay queued when denied (0: answer now; -1: ignore the queue),
 ///   `ARGV[14]` pacing: how many slots a token may grant back to back (0: no pacing),
-///   `ARGV[15..]` token ids (as the windows)
+///   `ARGV[15..14+n]` token ids (as the windows), and last `ARGV[15+n]` the instant
+///   (Unix ms, the replica's clock) after which the caller no longer waits for this
+///   answer (0: none)
 ///
 /// Pacing spreads a token's grants over its window: beyond the back-to-back allowance
 /// a token grants one slot per W / token limit (GCRA). The allowance is earned only
@@ -40,6 +42,10 @@
 /// order decides who gets each. A schedule is read only where it can matter (a token
 /// that could be chosen, a full token, pool tokens while callers wait): the scan stays
 /// cheap.
+///
+/// A call that reaches Redis after its caller's deadline (Redis was frozen or slow and
+/// the caller has been told no lease was granted) writes nothing and returns
+/// `{-1, now}`: otherwise it would take a slot nobody hands out, for TTL + grace + W.
 ///
 /// Returns `{1, token_index (1-based), now, expires, tenant_used, token_used}` when
 /// granted, `{0, reason (1 tenant quota, 2 no token capacity), retry_after_ms, now,
@@ -52,6 +58,8 @@
 pub const ACQUIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local give_up_at = tonumber(ARGV[#ARGV])
+if give_up_at > 0 and now > give_up_at then return {-1, now} end
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 -- Every lease allows at least one call, so it takes at least one slot.

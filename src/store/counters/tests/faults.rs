@@ -216,6 +216,36 @@ async fn redis_frozen_fails_closed_then_recovers() {
     assert_recovers(&counters, "Redis thawed").await;
 }
 
+/// A late script takes no slot: 5 acquires fail while Redis is frozen; when it thaws it
+/// runs their scripts, after their deadlines, and they grant nothing. A grant before
+/// (it also loads the script, so that the frozen calls send EVALSHA and not a first
+/// EVALSHA waiting for NOSCRIPT) and the first grant after the thaw (on the same
+/// connection, so after them) leave 2 slots used, not 7.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_failed_while_redis_was_frozen_take_no_slot() {
+    let server = Throwaway::start(free_port()).await;
+    let counters = counters_for(&server.url()).await;
+    let (req, tenants) = (request(), [id("t-a")]);
+    let usage = || counters.usage(&req.upstream_id, req.window, &tenants, &req.pooled);
+    assert_grants(&counters).await;
+    assert_eq!(usage().await.expect("usage"), counts(&[1], &[1]));
+    server.signal("-STOP");
+    for attempt in 0..5 {
+        let answer = counters.acquire(&fresh(&req)).await;
+        assert!(
+            matches!(answer, Err(CounterError::Unavailable(_))),
+            "attempt {attempt}: {answer:?}"
+        );
+    }
+    server.signal("-CONT");
+    assert_recovers(&counters, "Redis thawed").await;
+    assert_eq!(
+        usage().await.expect("usage"),
+        counts(&[2], &[2]),
+        "only the grants before the freeze and after the thaw hold slots"
+    );
+}
+
 /// Property 12: counters created while Redis is down (lazy connect) answer
 /// `Unavailable`, not a panic or a hang, and work once Redis starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
