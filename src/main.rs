@@ -240,7 +240,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
 
 async fn live_config(settings: &Settings) -> anyhow::Result<LiveConfig> {
     let ring = std::sync::Arc::new(settings.key_ring()?);
-    let store = open_store(settings).await?;
+    let (store, _) = open_store(settings).await?;
     LiveConfig::load(store, ring)
         .await
         .context("cannot load the configuration")

@@ -244,6 +244,7 @@ fn denial_reason(reason: DenialReason) -> &'static str {
         DenialReason::NoTokenCapacity => "no_token_capacity",
         DenialReason::NoUsableToken => "no_usable_token",
         DenialReason::WaitTimeout => "wait_timeout",
+        DenialReason::CountersRecovering => "counters_recovering",
     }
 }
 

@@ -20,6 +20,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use crate::admin::ensure_admin_key;
 use crate::clock::Clock;
 use crate::config::{Settings, write_private_file};
+use crate::domain::Id;
 use crate::events::EventBus;
 use crate::grpc::admin_api::AdminApi;
 use crate::grpc::auth::AuthInterceptor;
@@ -45,8 +46,9 @@ pub struct App {
     stop: watch::Sender<bool>,
 }
 
-/// Connects to the configuration database, applies migrations and seeds defaults.
-pub async fn open_store(settings: &Settings) -> anyhow::Result<ConfigStore> {
+/// Connects to the configuration database, applies migrations and seeds defaults;
+/// returns the store and the upstream the seeding created, if it did.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<(ConfigStore, Option<Id>)> {
     if settings.database_url.is_none() {
         std::fs::create_dir_all(&settings.data_dir).with_context(|| {
             format!(
@@ -62,11 +64,11 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<ConfigStore> {
         .migrate()
         .await
         .context("cannot apply database migrations")?;
-    store
+    let seeded = store
         .seed_defaults()
         .await
         .context("cannot seed the default tiers and upstream")?;
-    Ok(store)
+    Ok((store, seeded))
 }
 
 async fn open_counters(settings: &Settings) -> anyhow::Result<Counters> {
@@ -88,7 +90,7 @@ impl App {
     /// Opens everything and binds the listener. Nothing is served yet.
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         let ring = Arc::new(settings.key_ring()?);
-        let store = open_store(&settings).await?;
+        let (store, seeded) = open_store(&settings).await?;
         let config = LiveConfig::load(store, ring)
             .await
             .context("cannot load the configuration")?;
@@ -96,6 +98,11 @@ impl App {
             bootstrap_admin_key(&settings, &config).await?;
         }
         let counters = open_counters(&settings).await?;
+        if let Some(upstream) = seeded
+            && let Err(error) = counters.mark_fresh(&upstream).await
+        {
+            tracing::warn!(%error, %upstream, "cannot mark the new upstream's lease counters fresh; its first leases wait one window + TTL");
+        }
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;

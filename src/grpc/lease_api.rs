@@ -159,6 +159,7 @@ fn answer_to_proto(answer: AcquireAnswer) -> pb::AcquireLeaseResponse {
                 DenialReason::NoTokenCapacity => pb::DenialReason::NoTokenCapacity,
                 DenialReason::NoUsableToken => pb::DenialReason::NoUsableToken,
                 DenialReason::WaitTimeout => pb::DenialReason::WaitTimeout,
+                DenialReason::CountersRecovering => pb::DenialReason::CountersRecovering,
             } as i32,
             retry_after: retry_after.map(duration),
             message,

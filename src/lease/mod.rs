@@ -48,6 +48,7 @@ pub enum DenialReason {
     NoTokenCapacity,
     NoUsableToken,
     WaitTimeout,
+    CountersRecovering,
 }
 
 /// A granted lease, with the opened secret.
@@ -518,6 +519,7 @@ fn denial(
         _ if waited => DenialReason::WaitTimeout,
         DenyReason::TenantQuota => DenialReason::TenantQuota,
         DenyReason::NoTokenCapacity => DenialReason::NoTokenCapacity,
+        DenyReason::CountersLost => DenialReason::CountersRecovering,
     };
     crate::metrics::acquire_denied(snapshot, &plan.request, reason, denied.reason);
     AcquireAnswer::Denied {
@@ -544,6 +546,13 @@ fn denial_message(reason: DenyReason, tenant: &Id, plan: &Plan) -> String {
         DenyReason::NoTokenCapacity => format!(
             "every token tenant '{tenant}' may use is at its limit of {} requests per {:?}",
             plan.request.token_limit, plan.upstream.window
+        ),
+        DenyReason::CountersLost => format!(
+            "the lease counters of upstream '{}' were lost (Redis restarted empty or failed \
+             over, or the service restarted): no lease until every lease granted before can \
+             no longer reach the upstream (window + lease TTL + grace after the loss was \
+             noticed)",
+            plan.upstream.id
         ),
     }
 }

@@ -194,18 +194,22 @@ impl ConfigStore {
     /// On first start only: the default tiers and the BaseLinker profile. Idempotent,
     /// and safe when two replicas start at once: the `config_meta` row lock is taken
     /// first, and an id that already exists is left as it is.
-    pub async fn seed_defaults(&self) -> Result<(), StoreError> {
+    /// Seeds the default tiers and upstream once; returns the upstream it created, if
+    /// this call seeded (its lease counters are then fresh: `Counters::mark_fresh`).
+    pub async fn seed_defaults(&self) -> Result<Option<Id>, StoreError> {
         let mut write = Write::begin(self).await?;
         if write.seeded().await? {
-            return Ok(()); // dropping the transaction undoes the version bump
+            return Ok(None); // dropping the transaction undoes the version bump
         }
         let now = system_now_ms();
         for tier in Tier::seed_defaults(now) {
             config::insert_tier_if_missing(write.conn(), &tier).await?;
         }
-        config::insert_upstream_if_missing(write.conn(), &Upstream::baselinker(now)).await?;
+        let upstream = Upstream::baselinker(now);
+        config::insert_upstream_if_missing(write.conn(), &upstream).await?;
         write.mark_seeded().await?;
-        write.commit_unchecked().await.map(|_| ())
+        write.commit_unchecked().await?;
+        Ok(Some(upstream.id))
     }
 
     pub async fn version(&self) -> Result<i64, StoreError> {

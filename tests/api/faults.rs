@@ -10,7 +10,7 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use super::fixtures::{PoolSetup, create_tenant};
-use super::helpers::{Counters, Db, TestEnv, authed};
+use super::helpers::{Counters, Db, TestEnv, authed, timed};
 
 /// A redis-server child process on its own port, killed on drop.
 pub struct ThrowawayRedis {
@@ -81,7 +81,10 @@ pub fn free_port() -> u16 {
 }
 
 /// Redis stops: AcquireLease answers UNAVAILABLE with a RetryInfo within the configured
-/// timeout and grants nothing; Redis comes back: leasing resumes without a restart.
+/// timeout and grants nothing; Redis comes back empty (no persistence): the counters
+/// were lost, so the replica denies COUNTERS_RECOVERING until W + TTL + grace after it
+/// noticed (the leases granted before may still be in use), then leasing resumes by
+/// itself, no earlier than the retry-after said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_fails_closed_and_recovers() {
     let mut redis = ThrowawayRedis::start(free_port());
@@ -92,9 +95,11 @@ async fn redis_down_fails_closed_and_recovers() {
     settings.redis.timeout_ms = 300;
     let app = env.spawn_with(settings).await;
     let mut admin = app.admin().await;
-    PoolSetup::default()
-        .create(&mut admin, &app.admin_key)
-        .await;
+    let pool = PoolSetup {
+        window_ms: 2_000,
+        ..Default::default()
+    };
+    pool.create(&mut admin, &app.admin_key).await;
     create_tenant(&mut admin, &app.admin_key, "acme", "flex").await;
     let mut lease = app.lease().await;
     let request = || {
@@ -139,14 +144,32 @@ async fn redis_down_fails_closed_and_recovers() {
 
     let _redis = ThrowawayRedis::start(redis.port);
     let deadline = Instant::now() + Duration::from_secs(15);
+    let mut resume_at = None;
     loop {
-        match lease.acquire_lease(request()).await {
-            Ok(answer) => {
-                assert!(matches!(
-                    answer.into_inner().result.unwrap(),
-                    Answer::Lease(_)
-                ));
+        let (answer, span) = timed(lease.acquire_lease(request())).await;
+        match answer.map(|a| a.into_inner().result.unwrap()) {
+            Ok(Answer::Lease(granted)) => {
+                let resume_at = resume_at.expect("a lease without the hold of lost counters");
+                let expires = granted.expires_at.unwrap();
+                let granted_at = expires.seconds * 1000 + expires.nanos as i64 / 1_000_000 - 1_000; // the lease TTL
+                assert!(
+                    granted_at + 1 >= resume_at,
+                    "granted at {granted_at}, the hold ended at {resume_at}"
+                );
                 break;
+            }
+            Ok(Answer::Denial(denial)) => {
+                assert_eq!(
+                    denial.reason,
+                    pb::DenialReason::CountersRecovering as i32,
+                    "{}",
+                    denial.message
+                );
+                let retry = denial.retry_after.unwrap();
+                let retry_ms = retry.seconds * 1000 + retry.nanos as i64 / 1_000_000;
+                // Window 2 s + TTL 1 s + grace 0, from the first decision that noticed.
+                assert!(retry_ms <= 3_000, "{retry_ms} ms");
+                resume_at.get_or_insert(span.before + retry_ms);
             }
             Err(err) => assert_eq!(err.code(), Code::Unavailable),
         }

@@ -12,7 +12,7 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use super::fixtures::{PoolSetup, create_tenant, tenant_usage_on};
-use super::helpers::{PG_ADMIN_URL, authed, eventually, millis};
+use super::helpers::{Counters, Db, PG_ADMIN_URL, TestApp, TestEnv, authed, eventually, millis};
 use super::observe::{connect_when_ready, free_port, start_binary};
 
 /// `serve` with a Postgres DATABASE_URL and no REDIS_URL exits non-zero, saying why
@@ -117,4 +117,80 @@ async fn sigterm_answers_every_waiting_caller_then_exits_cleanly() {
         .expect("the process exits after answering")
         .unwrap();
     assert!(exit.success(), "exit status {exit:?}");
+}
+
+/// The embedded replica restarted mid-window (stop, start at once, same data folder):
+/// its new in-process counters know nothing of the leases granted before, so it holds
+/// the upstream (COUNTERS_RECOVERING) and grants again only once every earlier lease
+/// is out of every window: no window spanning the restart sees more than the limit.
+#[tokio::test]
+async fn an_embedded_restart_holds_until_earlier_leases_are_out() {
+    let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
+    let app = env.spawn().await;
+    let pool = PoolSetup {
+        limit: 20, // 19 usable per 2 s
+        window_ms: 2_000,
+        ..Default::default()
+    };
+    pool.create(&mut app.admin().await, &app.admin_key).await;
+    create_tenant(&mut app.admin().await, &app.admin_key, "acme", "flex").await;
+    let mut last_expiry = 0;
+    for i in 0..19 {
+        let Answer::Lease(lease) = acquire(&app).await else {
+            panic!("lease {i} of 19 denied")
+        };
+        last_expiry = last_expiry.max(ts_ms(lease.expires_at.as_ref().unwrap()));
+    }
+    app.stop().await;
+
+    let app = env.spawn().await;
+    let Answer::Denial(denial) = acquire(&app).await else {
+        panic!("granted right after the restart")
+    };
+    assert_eq!(
+        denial.reason,
+        pb::DenialReason::CountersRecovering as i32,
+        "{}",
+        denial.message
+    );
+    // Window 2 s + TTL 1 s (+ grace 0) from this, the first call after the restart.
+    assert_eq!(
+        denial.retry_after,
+        Some(millis(3_000)),
+        "{}",
+        denial.message
+    );
+    let lease = eventually(
+        Duration::from_secs(10),
+        "a lease after the hold",
+        || async {
+            match acquire(&app).await {
+                Answer::Lease(lease) => Some(lease),
+                Answer::Denial(_) => None,
+            }
+        },
+    )
+    .await;
+    let granted_at = ts_ms(lease.expires_at.as_ref().unwrap()) - 1_000;
+    assert!(
+        granted_at > last_expiry + 2_000,
+        "granted at {granted_at}, in a window with the lease that expired at {last_expiry}"
+    );
+}
+
+async fn acquire(app: &TestApp) -> Answer {
+    let request = pb::AcquireLeaseRequest {
+        tenant_id: "acme".into(),
+        ..Default::default()
+    };
+    let answer = app
+        .lease()
+        .await
+        .acquire_lease(authed(request, &app.admin_key))
+        .await;
+    answer.unwrap().into_inner().result.unwrap()
+}
+
+fn ts_ms(t: &prost_types::Timestamp) -> i64 {
+    t.seconds * 1000 + t.nanos as i64 / 1_000_000
 }

@@ -103,6 +103,9 @@ struct State {
     queues: HashMap<String, WaitQueue>,
     /// Pacing schedules per token window key (ms).
     paces: HashMap<String, f64>,
+    /// Per upstream, the instant grants may resume from (`Counters::mark_fresh`); a
+    /// new process has none, so it holds each upstream once unless marked fresh.
+    fences: HashMap<Id, i64>,
 }
 
 impl State {
@@ -268,6 +271,10 @@ impl MemoryCounters {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    pub fn mark_fresh(&self, upstream: &Id) {
+        self.lock().fences.entry(upstream.clone()).or_insert(0);
+    }
+
     pub fn acquire(&self, req: &AcquireRequest) -> AcquireOutcome {
         let now = self.clock.now_ms();
         let window_ms = req.window.as_millis() as i64;
@@ -275,6 +282,19 @@ impl MemoryCounters {
         let cost = req.cost.max(1);
         let mut guard = self.lock();
         let state = &mut *guard;
+        let hold = window_ms + req.lease_ttl.as_millis() as i64;
+        let resume_at = *state
+            .fences
+            .entry(req.upstream_id.clone())
+            .or_insert(now + hold);
+        if resume_at > now {
+            return AcquireOutcome::Denied(Denied {
+                reason: DenyReason::CountersLost,
+                retry_after: Duration::from_millis((resume_at - now) as u64),
+                now_ms: now,
+                queue_score: None,
+            });
+        }
         state.drop_expired_leases(now);
         let tenant_key = tenant_key(&req.upstream_id, &req.tenant_id);
         let bucket = now.div_euclid(bucket_ms(window_ms));

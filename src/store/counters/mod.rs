@@ -17,6 +17,19 @@
 //! Time is the store's own clock (Redis `TIME`, or the process clock in memory), never
 //! a replica's: replicas may disagree about time, the store does not.
 //!
+//! # When the counters are lost
+//!
+//! The argument above needs every earlier grant to be in the windows. When they are
+//! gone (Redis restarted without persistence, a flushed key, a new embedded process),
+//! the upstream's *fence* is gone with them: the first decision that finds it missing
+//! sets it to `now + W + T` (T including the use grace) and nothing is granted before.
+//! A grant made before the loss, at `g ≤ now`, is used by `g + T` and its request
+//! leaves every window by `g + T + W ≤ now + W + T`; a grant from the fence on shares
+//! no window with it, and grants after the fence are counted as above. A new upstream
+//! is marked fresh when it is created (`Counters::mark_fresh`), so only a loss holds.
+//! Not covered: a failover to a Redis replica that kept the fence but missed some of
+//! the last writes.
+//!
 //! # Backends
 //! `Counters` is an enum over the two backends (chosen once in `startup.rs`), so both
 //! run the same behaviour tests and no trait objects are needed.
@@ -112,6 +125,9 @@ pub struct Grant {
 pub enum DenyReason {
     TenantQuota,
     NoTokenCapacity,
+    /// The upstream's counters were lost (see `Counters::mark_fresh`): no grant until
+    /// every lease granted before the loss can no longer reach the upstream.
+    CountersLost,
 }
 
 /// A denial; nothing was recorded.
@@ -251,6 +267,29 @@ impl Counters {
         match self {
             Self::Memory(m) => Ok(m.acquire(req)),
             Self::Redis(r) => r.acquire(req).await,
+        }
+    }
+
+    /// Marks the counters of a new upstream as complete: nothing was ever granted on it,
+    /// so nothing can have been lost.
+    ///
+    /// Every upstream's counters carry a *fence*. The first acquire that finds it
+    /// missing (Redis restarted empty, a flushed key, a new embedded process) cannot
+    /// know what was granted before: it sets the fence to now + W + TTL (+ grace, which
+    /// the TTL passed to the counters includes) and every acquire on the upstream is
+    /// denied (`CountersLost`) until then. Why that is enough: a lease granted before
+    /// the loss, at t₀ ≤ now, is used at the latest at t₀ + TTL + grace, and that call
+    /// leaves every window by t₀ + TTL + grace + W ≤ the fence; grants from the fence on
+    /// share no window with it. Writing the fence here, when the upstream is created,
+    /// spares a new deployment that wait; it never lifts a hold already set.
+    #[tracing::instrument(name = "counters.mark_fresh", skip_all, fields(upstream_id = %upstream))]
+    pub async fn mark_fresh(&self, upstream: &Id) -> Result<(), CounterError> {
+        match self {
+            Self::Memory(m) => {
+                m.mark_fresh(upstream);
+                Ok(())
+            }
+            Self::Redis(r) => r.mark_fresh(upstream).await,
         }
     }
 

@@ -1,7 +1,8 @@
 //! Lease counters in Redis (one server or a Redis Cluster), shared by every replica.
 //!
 //! Keys: `<prefix>:{<upstream>}:tw:<tenant>` (tenant window), `…:kw:<token>` (token
-//! window), `…:lease:<nonce>` (lease hash). The `{<upstream>}` hash tag puts one
+//! window), `…:lease:<nonce>` (lease hash), `…:fence:counters` (the upstream's fence,
+//! see `Counters::mark_fresh`: the one key without a TTL). The `{<upstream>}` hash tag puts one
 //! upstream's keys in one cluster slot, so a decision that spans a tenant and many
 //! tokens is one atomic script. One slot per upstream is ample: an upstream allowing
 //! 100 requests per minute per token needs ~1,700 decisions a second for 1,000 tokens,
@@ -187,6 +188,7 @@ impl RedisCounters {
             inv.key(self.key(up, "kw", token.as_str()));
         }
         inv.key(self.key(up, "pace", "tokens"));
+        inv.key(self.key(up, "fence", "counters"));
         let window_ms = req.window.as_millis() as i64;
         inv.arg(window_ms)
             .arg(req.lease_ttl.as_millis() as u64)
@@ -217,6 +219,29 @@ impl RedisCounters {
         let reply: Vec<i64> = redis::from_redis_value(self.run(inv).await?)
             .map_err(|e| CounterError::Internal(format!("unexpected acquire reply: {e}")))?;
         parse_acquire_reply(&reply, &tokens)
+    }
+
+    pub async fn mark_fresh(&self, upstream: &Id) -> Result<(), CounterError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(upstream, "fence", "counters"))
+            .arg(0)
+            .arg("NX");
+        let call = async {
+            match &self.connection {
+                Connection::Single(c) => cmd.query_async::<Value>(&mut c.clone()).await,
+                Connection::Cluster(c, turns) => {
+                    let _turn = turns.acquire().await.ok();
+                    cmd.query_async::<Value>(&mut c.clone()).await
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(unavailable(
+                "no answer from Redis while marking an upstream fresh",
+            )),
+        }
     }
 
     pub async fn demand(
@@ -343,10 +368,10 @@ fn parse_acquire_reply(reply: &[i64], tokens: &[&Id]) -> Result<AcquireOutcome, 
             "the decision reached Redis after the call's deadline and did nothing".into(),
         )),
         [0, reason, retry_ms, now, score] => Ok(AcquireOutcome::Denied(Denied {
-            reason: if *reason == 1 {
-                DenyReason::TenantQuota
-            } else {
-                DenyReason::NoTokenCapacity
+            reason: match reason {
+                1 => DenyReason::TenantQuota,
+                3 => DenyReason::CountersLost,
+                _ => DenyReason::NoTokenCapacity,
             },
             retry_after: Duration::from_millis((*retry_ms).max(0) as u64),
             now_ms: *now,

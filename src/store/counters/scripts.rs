@@ -23,6 +23,9 @@
 /// - `KEYS[7..6+n]`: the candidate tokens' windows, dedicated tokens first
 /// - `KEYS[7+n]`: the upstream's pacing schedules (hash: token id → the instant, in ms,
 ///   up to which the token's pace is spent: the "theoretical arrival time" of GCRA)
+/// - `KEYS[8+n]`: the upstream's fence (string: the instant grants may resume from; see
+///   `Counters::mark_fresh`). Missing means the counters were lost: it is set to now +
+///   W + TTL and the call denied.
 /// - `ARGV[1]` window ms, `ARGV[2]` lease TTL ms, `ARGV[3]` cost, `ARGV[4]` tenant
 ///   limit, `ARGV[5]` token limit, `ARGV[6]` how many of the tokens are dedicated,
 ///   `ARGV[7]` tenant id, `ARGV[8]` call nonce (also the lease's), `ARGV[9]` demand
@@ -48,8 +51,8 @@
 /// `{-1, now}`: otherwise it would take a slot nobody hands out, for TTL + grace + W.
 ///
 /// Returns `{1, token_index (1-based), now, expires, tenant_used, token_used}` when
-/// granted, `{0, reason (1 tenant quota, 2 no token capacity), retry_after_ms, now,
-/// virtual deadline or -1}` when denied. A denial writes only the trimming of entries
+/// granted, `{0, reason (1 tenant quota, 2 no token capacity, 3 counters lost: held
+/// until the fence), retry_after_ms, now, virtual deadline or -1}` when denied. A denial writes only the trimming of entries
 /// that had left the window, the demand count, the caller's queue entry and drained
 /// pacing allowances. A request no
 /// waiting can satisfy (cost above the token or tenant limit, no candidate token) is
@@ -62,6 +65,12 @@ local give_up_at = tonumber(ARGV[#ARGV])
 if give_up_at > 0 and now > give_up_at then return {-1, now} end
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
+local fence = tonumber(redis.call('GET', KEYS[#KEYS]))
+if not fence then
+  fence = now + window + ttl
+  redis.call('SET', KEYS[#KEYS], fence)
+end
+if fence > now then return {0, 3, fence - now, now, -1} end
 -- Every lease allows at least one call, so it takes at least one slot.
 local cost = math.max(1, tonumber(ARGV[3]))
 local tenant_limit = tonumber(ARGV[4])
@@ -135,8 +144,8 @@ local function deny(reason, at, eligible, over_quota)
 end
 
 -- Pacing (see the doc comment): `step` ms per slot, `pace` slots back to back.
-local n = #KEYS - 7
-local pace_key = KEYS[#KEYS]
+local n = #KEYS - 8
+local pace_key = KEYS[#KEYS - 1]
 local pace = tonumber(ARGV[14])
 local step = 0
 if pace > 0 then step = window / token_limit end

@@ -197,6 +197,10 @@ impl Harness {
                 Self::redis(cluster.url_list(), Some(cluster)).await
             }
         };
+        h.counters
+            .mark_fresh(&id(UPSTREAM))
+            .await
+            .expect("mark the test upstream fresh");
         let result = AssertUnwindSafe(body(h.clone())).catch_unwind().await;
         h.cleanup().await;
         if let Err(panic) = result {
@@ -250,6 +254,22 @@ impl Harness {
 
     fn window_ms(&self) -> i64 {
         ms(self.window)
+    }
+
+    /// The same harness after its counters were lost: in memory a new process's
+    /// counters (same clock), on Redis every key of the test deleted (a flush, or a
+    /// restart without persistence).
+    async fn lose_counters(self) -> Self {
+        match &self.time {
+            TimeSource::Manual(clock) => Self {
+                counters: Counters::Memory(MemoryCounters::new(clock.clone())),
+                ..self
+            },
+            TimeSource::Server(_) => {
+                self.cleanup().await;
+                self
+            }
+        }
     }
 
     /// More handles on the same counters: clones in memory, new connections
@@ -770,6 +790,33 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// Lost counters (Redis flushed or restarted empty, a new embedded process) hold the
+    /// upstream: the first decision after the loss sets the fence at now + W + TTL and
+    /// every decision until then is denied CountersLost, pointing at the fence; from the
+    /// fence on, grants resume. Without the hold, the grant before the loss and those
+    /// after it could share a window beyond the limit.
+    async fn lost_counters_hold_grants_until_earlier_leases_are_out(h: Harness) {
+        let req = h.request("t-a", 10_000, &[], &["k-1"]);
+        h.grant(&req).await;
+        let h = h.lose_counters().await;
+        let noticed = h.deny(&req).await;
+        assert_eq!(noticed.reason, DenyReason::CountersLost, "{noticed:?}");
+        let resume = noticed.now_ms + ms(h.window + h.ttl);
+        assert_eq!(free_at(&noticed), resume, "{noticed:?}");
+        let again = h.deny(&req).await;
+        assert_eq!(
+            (again.reason, free_at(&again)),
+            (DenyReason::CountersLost, resume),
+            "the hold is set once, not moved by later calls"
+        );
+        h.expect_free_at(&req, resume).await;
+        // The hold is the upstream's: marking it fresh afterwards does not lift one.
+        let h = h.lose_counters().await;
+        let held = h.deny(&req).await;
+        h.counters.mark_fresh(&id(UPSTREAM)).await.expect("mark fresh");
+        assert_eq!(free_at(&h.deny(&req).await), free_at(&held));
+    }
+
     /// Demand for fair sharing: each call's first attempt counts once, in the bucket it
     /// arrives in, read back once that bucket completes; a call that found its tenant at
     /// quota also counts as unmet; retries of a waiting call do not count again.

@@ -64,6 +64,12 @@ async fn flood(
     upstreams: &[String],
     tenant_of: impl Fn(usize) -> usize,
 ) -> BTreeMap<String, Vec<Leased>> {
+    for upstream in upstreams {
+        instances[0]
+            .mark_fresh(&id(upstream))
+            .await
+            .expect("mark the upstream fresh");
+    }
     let mut tasks = Vec::new();
     for i in 0..ACQUIRES {
         for upstream in upstreams {
@@ -243,9 +249,9 @@ async fn upstreams_on_different_masters_each_grant_exactly_the_limit() {
         check_releases(&instances, upstream, leases).await;
     }
 
-    // Where the keys are: a window per tenant granted, 1 token window and 96 lease
-    // hashes (95 grants and the one after NOT_USED) per upstream, all on its slot's
-    // master and on no other.
+    // Where the keys are: a window per tenant granted, 1 token window, 96 lease hashes
+    // (95 grants and the one after NOT_USED) and the fence per upstream, all on its
+    // slot's master and on no other.
     for (port, upstream) in &owner {
         let tenants = per_tenant(&grants[upstream])
             .iter()
@@ -254,7 +260,11 @@ async fn upstreams_on_different_masters_each_grant_exactly_the_limit() {
         for node in cluster.ports() {
             let keys = cluster.keys_on(node, &format!("{prefix}:*"));
             let here = keys.iter().filter(|k| upstream_of(k) == upstream).count();
-            let expected = if node == *port { tenants + 1 + 96 } else { 0 };
+            let expected = if node == *port {
+                tenants + 1 + 96 + 1
+            } else {
+                0
+            };
             assert_eq!(
                 here, expected,
                 "keys of {upstream} on node {node}: {keys:?}"
@@ -282,6 +292,10 @@ async fn a_moved_slot_is_followed_without_overgranting() {
         .find(|&&p| p != from)
         .expect("another master");
     let instances = instances(&cluster, &prefix).await;
+    instances[0]
+        .mark_fresh(&id(&upstream))
+        .await
+        .expect("mark the upstream fresh");
 
     let mut before = Vec::new();
     for i in 0..40 {
@@ -327,8 +341,8 @@ async fn a_moved_slot_is_followed_without_overgranting() {
     let moved = cluster.keys_on(to, &pattern);
     assert_eq!(
         moved.len(),
-        TENANTS + 1 + 96,
-        "every key on {to}: {moved:?}"
+        TENANTS + 1 + 96 + 1,
+        "every key (tenant windows, token window, leases, fence) on {to}: {moved:?}"
     );
 }
 

@@ -98,9 +98,12 @@ async fn counters_for(url: &str) -> RedisCounters {
         key_prefix: format!("tltest-{}", uuid::Uuid::new_v4().simple()),
         timeout: TIMEOUT,
     };
-    RedisCounters::connect(&settings)
+    let counters = RedisCounters::connect(&settings)
         .await
-        .expect("a single-server connection is lazy and cannot fail")
+        .expect("a single-server connection is lazy and cannot fail");
+    // A new upstream; fails (and is ignored) when Redis is not up yet.
+    let _ = counters.mark_fresh(&id(UPSTREAM)).await;
+    counters
 }
 
 fn request() -> AcquireRequest {
@@ -166,10 +169,52 @@ async fn assert_fails_closed(counters: &RedisCounters, what: &str) {
 
 /// Polls acquire until it grants; until then only `Unavailable` is acceptable.
 async fn assert_recovers(counters: &RedisCounters, what: &str) {
+    poll_until_granted(counters, &request(), None, what).await;
+}
+
+/// After Redis came back empty: `Unavailable` until it answers, then the hold of lost
+/// counters, W + TTL from the first decision that noticed (a short window here), then
+/// grants again, from the end of the hold on.
+async fn assert_holds_then_recovers(counters: &RedisCounters, what: &str) {
+    let req = AcquireRequest {
+        window: Duration::from_millis(1_000),
+        lease_ttl: Duration::from_millis(300),
+        ..request()
+    };
+    poll_until_granted(counters, &req, Some(1_300), what).await;
+}
+
+/// Polls `req` every 100 ms until it is granted, accepting `Unavailable` meanwhile and,
+/// when `hold_ms` is given, the hold of lost counters: the first such denial must point
+/// `hold_ms` ahead, later ones at the same instant, and the grant may not come earlier.
+async fn poll_until_granted(
+    counters: &RedisCounters,
+    req: &AcquireRequest,
+    hold_ms: Option<i64>,
+    what: &str,
+) {
     let deadline = Instant::now() + RECOVERY;
+    let mut resume = None;
     loop {
-        match counters.acquire(&fresh(&request())).await {
-            Ok(AcquireOutcome::Granted(_)) => return,
+        match counters.acquire(&fresh(req)).await {
+            Ok(AcquireOutcome::Granted(grant)) => {
+                if hold_ms.is_some() {
+                    let resume = resume.unwrap_or_else(|| panic!("{what}: granted without a hold"));
+                    assert!(
+                        grant.now_ms >= resume,
+                        "{what}: granted at {} before {resume}",
+                        grant.now_ms
+                    );
+                }
+                return;
+            }
+            Ok(AcquireOutcome::Denied(d))
+                if hold_ms.is_some() && d.reason == DenyReason::CountersLost =>
+            {
+                let first = d.now_ms + hold_ms.unwrap_or_default();
+                let at = d.now_ms + ms(d.retry_after);
+                assert_eq!(*resume.get_or_insert(first), at, "{what}: {d:?}");
+            }
             Err(CounterError::Unavailable(_)) => {}
             other => panic!("{what}: while recovering got {other:?}"),
         }
@@ -190,7 +235,8 @@ async fn assert_grants(counters: &RedisCounters) {
 }
 
 /// Property 12: Redis killed → `Unavailable` within the timeout, never a grant;
-/// restarted on the same port → the same counters grant again by themselves.
+/// restarted on the same port, empty → the same counters hold the upstream (its
+/// counters were lost), then grant again by themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_fails_closed_then_recovers() {
     let port = free_port();
@@ -200,7 +246,7 @@ async fn redis_killed_fails_closed_then_recovers() {
     server.kill();
     assert_fails_closed(&counters, "Redis killed").await;
     let _server = Throwaway::start(port).await;
-    assert_recovers(&counters, "Redis restarted").await;
+    assert_holds_then_recovers(&counters, "Redis restarted empty").await;
 }
 
 /// Property 12: Redis frozen (SIGSTOP: connected but silent) → `Unavailable` within the
@@ -247,18 +293,21 @@ async fn calls_that_failed_while_redis_was_frozen_take_no_slot() {
 }
 
 /// Property 12: counters created while Redis is down (lazy connect) answer
-/// `Unavailable`, not a panic or a hang, and work once Redis starts.
+/// `Unavailable`, not a panic or a hang, and work once Redis starts (after the hold:
+/// an empty Redis cannot tell "new" from "lost").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_at_start_fails_closed_then_recovers() {
     let port = free_port();
     let counters = counters_for(&format!("redis://127.0.0.1:{port}")).await;
     assert_fails_closed(&counters, "Redis not started").await;
     let _server = Throwaway::start(port).await;
-    assert_recovers(&counters, "Redis started").await;
+    assert_holds_then_recovers(&counters, "Redis started").await;
 }
 
 /// No leak: every key the counters write carries a TTL of at most TTL + W + 1 s, so
-/// a replica or worker that dies mid-lease leaves nothing behind for ever.
+/// a replica or worker that dies mid-lease leaves nothing behind for ever; the one
+/// exception is the upstream's fence (one small key per upstream, which must outlive
+/// idleness: its absence means the counters were lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_keys_all_expire() {
     Harness::run(Backend::Redis, |h| async move {
@@ -270,7 +319,16 @@ async fn redis_keys_all_expire() {
             unreachable!("Redis harness")
         };
         let mut conn = conn.clone();
-        let keys = keys_under(&mut conn, &h.prefix).await;
+        let mut keys = keys_under(&mut conn, &h.prefix).await;
+        let fence = format!("{}:{{{UPSTREAM}}}:fence:counters", h.prefix);
+        assert!(keys.contains(&fence), "{keys:?}");
+        let fence_ttl: i64 = redis::cmd("PTTL")
+            .arg(&fence)
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        assert_eq!(fence_ttl, -1, "the fence never expires");
+        keys.retain(|k| *k != fence);
         assert_eq!(
             keys.len(),
             4,

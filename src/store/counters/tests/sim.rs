@@ -426,8 +426,10 @@ impl MemorySim {
             cfg.window_ms,
         );
         let clock = Clock::manual(MANUAL_START_MS);
+        let counters = MemoryCounters::new(clock.clone());
+        counters.mark_fresh(&id(UPSTREAM));
         Self {
-            counters: MemoryCounters::new(clock.clone()),
+            counters,
             clock,
             rng,
             world,
