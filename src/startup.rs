@@ -98,10 +98,8 @@ impl App {
             bootstrap_admin_key(&settings, &config).await?;
         }
         let counters = open_counters(&settings).await?;
-        if let Some(upstream) = seeded
-            && let Err(error) = counters.mark_fresh(&upstream).await
-        {
-            tracing::warn!(%error, %upstream, "cannot mark the new upstream's lease counters fresh; its first leases wait one window + TTL");
+        if let Some(upstream) = seeded {
+            counters.mark_created(&upstream).await;
         }
         let listener = TcpListener::bind(settings.listen)
             .await

@@ -126,9 +126,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(ServiceError::from)?;
         // Nothing was ever granted on a new upstream: its counters start complete.
-        if let Err(error) = self.leaser.counters.mark_fresh(&stored.id).await {
-            tracing::warn!(%error, upstream = %stored.id, "cannot mark the new upstream's lease counters fresh; its first leases wait one window + TTL");
-        }
+        self.leaser.counters.mark_created(&stored.id).await;
         self.written(
             Resource::Upstream,
             stored.id.as_str(),

@@ -282,11 +282,14 @@ impl MemoryCounters {
         let cost = req.cost.max(1);
         let mut guard = self.lock();
         let state = &mut *guard;
-        let hold = window_ms + req.lease_ttl.as_millis() as i64;
-        let resume_at = *state
-            .fences
-            .entry(req.upstream_id.clone())
-            .or_insert(now + hold);
+        let resume_at = match state.fences.get(&req.upstream_id) {
+            Some(&at) => at,
+            None => {
+                let at = now + window_ms + req.lease_ttl.as_millis() as i64;
+                state.fences.insert(req.upstream_id.clone(), at);
+                at
+            }
+        };
         if resume_at > now {
             return AcquireOutcome::Denied(Denied {
                 reason: DenyReason::CountersLost,

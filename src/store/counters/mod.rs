@@ -293,6 +293,14 @@ impl Counters {
         }
     }
 
+    /// `mark_fresh` for an upstream just created; a failure (Redis down) only costs its
+    /// first leases one hold, so it is logged, not returned.
+    pub async fn mark_created(&self, upstream: &Id) {
+        if let Err(error) = self.mark_fresh(upstream).await {
+            tracing::warn!(%error, %upstream, "cannot mark the new upstream's lease counters fresh; its first leases wait one window + TTL");
+        }
+    }
+
     /// Records the outcome of a lease; "not used" frees its slots.
     #[tracing::instrument(name = "counters.release", skip_all, fields(tenant_id = %key.tenant_id, token_id = %key.token_id))]
     pub async fn release(

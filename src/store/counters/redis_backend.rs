@@ -77,6 +77,7 @@ pub struct RedisCounters {
     usage: Script,
     demand: Script,
     leave_queue: Script,
+    mark_fresh: Script,
 }
 
 fn unavailable(err: impl std::fmt::Display) -> CounterError {
@@ -127,6 +128,7 @@ impl RedisCounters {
             usage: Script::new(scripts::USAGE),
             demand: Script::new(scripts::DEMAND),
             leave_queue: Script::new(scripts::LEAVE_QUEUE),
+            mark_fresh: Script::new(scripts::MARK_FRESH),
         })
     }
 
@@ -222,26 +224,9 @@ impl RedisCounters {
     }
 
     pub async fn mark_fresh(&self, upstream: &Id) -> Result<(), CounterError> {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.key(upstream, "fence", "counters"))
-            .arg(0)
-            .arg("NX");
-        let call = async {
-            match &self.connection {
-                Connection::Single(c) => cmd.query_async::<Value>(&mut c.clone()).await,
-                Connection::Cluster(c, turns) => {
-                    let _turn = turns.acquire().await.ok();
-                    cmd.query_async::<Value>(&mut c.clone()).await
-                }
-            }
-        };
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(unavailable(
-                "no answer from Redis while marking an upstream fresh",
-            )),
-        }
+        let mut inv = self.mark_fresh.prepare_invoke();
+        inv.key(self.key(upstream, "fence", "counters"));
+        self.run(inv).await.map(|_| ())
     }
 
     pub async fn demand(

@@ -300,6 +300,13 @@ end
 return out
 "#;
 
+/// Marks an upstream's counters complete (`Counters::mark_fresh`): `KEYS[1]` its fence,
+/// set to 0 (grants may start at once) unless one is already there, a hold included.
+pub const MARK_FRESH: &str = r#"
+redis.call('SET', KEYS[1], 0, 'NX')
+return 1
+"#;
+
 /// Takes a waiter out of a queue: `KEYS[1..3]` the queue keys, `ARGV[1]` the nonce.
 pub const LEAVE_QUEUE: &str = r#"
 redis.call('ZREM', KEYS[1], ARGV[1])
