@@ -3,7 +3,7 @@
 //! replica holds on every other, and watchers on every replica see each token state
 //! change exactly once (and a Resync when they may have missed some).
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokenlease::config::CountersMode;
 use tokenlease::domain::{BreakerPolicy, Id};
@@ -17,7 +17,9 @@ use tonic::transport::Channel;
 
 use super::faults::{ThrowawayRedis, free_port};
 use super::fixtures::{PoolSetup, create_tenant};
-use super::helpers::{Counters, Db, TestApp, TestEnv, authed, eventually, timed};
+use super::helpers::{
+    Counters, Db, TestApp, TestEnv, authed, eventually, granted_at, ms, now_ms, timed,
+};
 
 macro_rules! for_each_backend {
     ($($name:ident),* $(,)?) => {
@@ -35,17 +37,6 @@ for_each_backend!(
 
 /// The breaker's open time in these tests.
 const OPEN_MS: u64 = 600;
-
-pub(super) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-fn ms(d: &prost_types::Duration) -> i64 {
-    d.seconds * 1000 + d.nanos as i64 / 1_000_000
-}
 
 fn timestamp(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -155,13 +146,6 @@ async fn lease_when_usable(app: &TestApp, token: &str) -> pb::Lease {
         }
     })
     .await
-}
-
-/// When `lease` was granted, on the service's clock.
-fn granted_at(lease: &pb::Lease) -> i64 {
-    let expires = lease.expires_at.as_ref().expect("expires_at");
-    let valid_for = lease.valid_for.as_ref().expect("valid_for");
-    expires.seconds * 1000 + expires.nanos as i64 / 1_000_000 - ms(valid_for)
 }
 
 fn expect_denial(answer: Answer) -> pb::Denial {
@@ -275,10 +259,7 @@ async fn a_waiting_caller_outlasts_a_quarantine(db: Db, counters: Counters) {
     let Some(Answer::Lease(lease)) = long.into_inner().result else {
         panic!("the caller that may wait 3 s was not granted")
     };
-    let granted_at = lease
-        .expires_at
-        .map_or(0, |t| t.seconds * 1000 + t.nanos as i64 / 1_000_000)
-        - env.settings().lease.ttl_ms as i64;
+    let granted_at = granted_at(&lease);
     assert!(
         granted_at >= blocked_until - 300,
         "granted at {granted_at}, before the block ended at {blocked_until}"

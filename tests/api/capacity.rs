@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use tokenlease::domain::Id;
 
-use super::breaker::{configure, now_ms, quarantine};
+use super::breaker::{configure, quarantine};
+use super::helpers::now_ms;
 use super::helpers::{Counters, Db, TestApp, TestEnv};
 
 macro_rules! for_each_backend {

@@ -10,7 +10,7 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use super::fixtures::{PoolSetup, create_tenant};
-use super::helpers::{Counters, Db, TestEnv, authed, timed};
+use super::helpers::{Counters, Db, TestEnv, authed, granted_at, ms, timed};
 
 /// A redis-server child process on its own port, killed on drop.
 pub struct ThrowawayRedis {
@@ -150,8 +150,7 @@ async fn redis_down_fails_closed_and_recovers() {
         match answer.map(|a| a.into_inner().result.unwrap()) {
             Ok(Answer::Lease(granted)) => {
                 let resume_at = resume_at.expect("a lease without the hold of lost counters");
-                let expires = granted.expires_at.unwrap();
-                let granted_at = expires.seconds * 1000 + expires.nanos as i64 / 1_000_000 - 1_000; // the lease TTL
+                let granted_at = granted_at(&granted);
                 assert!(
                     granted_at + 1 >= resume_at,
                     "granted at {granted_at}, the hold ended at {resume_at}"
@@ -165,8 +164,7 @@ async fn redis_down_fails_closed_and_recovers() {
                     "{}",
                     denial.message
                 );
-                let retry = denial.retry_after.unwrap();
-                let retry_ms = retry.seconds * 1000 + retry.nanos as i64 / 1_000_000;
+                let retry_ms = ms(&denial.retry_after.unwrap());
                 // Window 2 s + TTL 1 s + grace 0, from the first decision that noticed.
                 assert!(retry_ms <= 3_000, "{retry_ms} ms");
                 resume_at.get_or_insert(span.before + retry_ms);

@@ -325,6 +325,22 @@ pub fn now_ms() -> i64 {
     tokenlease::clock::system_now_ms()
 }
 
+/// A protobuf duration in milliseconds.
+pub fn ms(d: &prost_types::Duration) -> i64 {
+    d.seconds * 1000 + d.nanos as i64 / 1_000_000
+}
+
+/// A protobuf timestamp in Unix milliseconds.
+pub fn ts_ms(t: &prost_types::Timestamp) -> i64 {
+    t.seconds * 1000 + t.nanos as i64 / 1_000_000
+}
+
+/// When `lease` was granted, on the service's clock: its expiry less its validity.
+pub fn granted_at(lease: &tokenlease::grpc::pb::Lease) -> i64 {
+    let expires = lease.expires_at.as_ref().expect("expires_at");
+    ts_ms(expires) - ms(lease.valid_for.as_ref().expect("valid_for"))
+}
+
 /// The wall-clock instants (Unix ms) just before a call was sent and just after its
 /// answer arrived: the server decided at some instant between them, however long the
 /// machine made the call take.

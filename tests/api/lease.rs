@@ -8,7 +8,7 @@ use tonic::Code;
 
 use super::fixtures::{PoolSetup, app_with, create_tenant, tenant_usage, token_secret};
 use super::helpers::{
-    Counters, Db, Span, TestApp, TestEnv, authed, eventually, millis, now_ms, timed,
+    Counters, Db, Span, TestApp, TestEnv, authed, eventually, millis, ms, now_ms, timed, ts_ms,
 };
 
 macro_rules! for_each_backend {
@@ -27,14 +27,6 @@ for_each_backend!(
     pacing_spreads_a_tokens_grants,
     bad_lease_requests,
 );
-
-fn ms(d: &prost_types::Duration) -> i64 {
-    d.seconds * 1000 + d.nanos as i64 / 1_000_000
-}
-
-fn ts_ms(t: &prost_types::Timestamp) -> i64 {
-    t.seconds * 1000 + t.nanos as i64 / 1_000_000
-}
 
 async fn acquire(app: &TestApp, key: &str, tenant: &str) -> Answer {
     let req = pb::AcquireLeaseRequest {

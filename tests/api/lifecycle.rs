@@ -12,7 +12,9 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use super::fixtures::{PoolSetup, create_tenant, tenant_usage_on};
-use super::helpers::{Counters, Db, PG_ADMIN_URL, TestApp, TestEnv, authed, eventually, millis};
+use super::helpers::{
+    Counters, Db, PG_ADMIN_URL, TestApp, TestEnv, authed, eventually, granted_at, millis, ts_ms,
+};
 use super::observe::{connect_when_ready, free_port, start_binary};
 
 /// `serve` with a Postgres DATABASE_URL and no REDIS_URL exits non-zero, saying why
@@ -171,7 +173,7 @@ async fn an_embedded_restart_holds_until_earlier_leases_are_out() {
         },
     )
     .await;
-    let granted_at = ts_ms(lease.expires_at.as_ref().unwrap()) - 1_000;
+    let granted_at = granted_at(&lease);
     assert!(
         granted_at > last_expiry + 2_000,
         "granted at {granted_at}, in a window with the lease that expired at {last_expiry}"
@@ -189,8 +191,4 @@ async fn acquire(app: &TestApp) -> Answer {
         .acquire_lease(authed(request, &app.admin_key))
         .await;
     answer.unwrap().into_inner().result.unwrap()
-}
-
-fn ts_ms(t: &prost_types::Timestamp) -> i64 {
-    t.seconds * 1000 + t.nanos as i64 / 1_000_000
 }

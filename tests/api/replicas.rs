@@ -9,21 +9,13 @@ use tonic::transport::Channel;
 
 use super::fixtures::{PoolSetup, create_tenant};
 use super::helpers::{
-    Counters, Db, Span, TestApp, TestEnv, authed, now_ms, run_watching_panics, timed,
+    Counters, Db, Span, TestApp, TestEnv, authed, ms, now_ms, run_watching_panics, timed, ts_ms,
 };
 
 const WINDOW_MS: i64 = 2_000;
 /// Leases replica A holds when it dies, of the token's 9 usable slots.
 const HELD_BY_A: usize = 5;
 const USABLE: usize = 9;
-
-fn ms(d: &prost_types::Duration) -> i64 {
-    d.seconds * 1000 + d.nanos as i64 / 1_000_000
-}
-
-fn ts_ms(t: &prost_types::Timestamp) -> i64 {
-    t.seconds * 1000 + t.nanos as i64 / 1_000_000
-}
 
 async fn acquire(app: &TestApp, key: &str) -> Answer {
     let req = pb::AcquireLeaseRequest {
