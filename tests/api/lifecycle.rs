@@ -11,6 +11,7 @@ use tokenlease::grpc::pb::{
 use tonic::Code;
 use tonic_types::StatusExt;
 
+use super::breaker::{configure, quarantine};
 use super::fixtures::{PoolSetup, create_tenant, tenant_usage_on};
 use super::helpers::{
     Counters, Db, PG_ADMIN_URL, TestApp, TestEnv, authed, eventually, granted_at, millis, ts_ms,
@@ -191,4 +192,39 @@ async fn acquire(app: &TestApp) -> Answer {
         .acquire_lease(authed(request, &app.admin_key))
         .await;
     answer.unwrap().into_inner().result.unwrap()
+}
+
+/// Shutdown also answers a caller waiting for a token to come back (its only token is
+/// quarantined, and the quarantine ends within its wait): UNAVAILABLE with RetryInfo 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_a_caller_waiting_for_a_token_to_come_back() {
+    let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
+    let app = env.spawn().await;
+    configure(&app, 1).await;
+    quarantine(&app, "tok-0", 20_000).await;
+    let request = authed(
+        pb::AcquireLeaseRequest {
+            tenant_id: "acme".into(),
+            max_wait: Some(millis(30_000)),
+            ..Default::default()
+        },
+        &app.admin_key,
+    );
+    let mut client = app.lease().await;
+    let waiter = tokio::spawn(async move { client.acquire_lease(request).await });
+    // A fixed pause, not a wait for a condition: a caller waiting for a token holds no
+    // place in its tenant's line, so nothing shows it from outside. Had the call not
+    // reached the server by the shutdown, it would fail with a transport error, not
+    // pass: a slow machine can only make this test fail, never pass wrongly.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.stop().await;
+    let status = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiting caller was answered")
+        .unwrap()
+        .expect_err("the token is quarantined for 20 s: no lease");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
+    let retry = status.get_details_retry_info();
+    assert_eq!(retry.and_then(|r| r.retry_delay), Some(Duration::ZERO));
 }
