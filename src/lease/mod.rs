@@ -23,8 +23,8 @@ use crate::auth::Caller;
 use crate::domain::{Id, InvalidField, Priority, Tenant, TokenOwner, Upstream};
 use crate::error::ServiceError;
 use crate::store::counters::{
-    AcquireOutcome, AcquireRequest, Counters, Denied, DenyReason, Grant, LeaseKey, QueueTicket,
-    ReleaseOutcome, ReleaseResult,
+    AcquireOutcome, AcquireRequest, CounterError, Counters, Denied, DenyReason, Grant, LeaseKey,
+    QueueTicket, ReleaseOutcome, ReleaseResult,
 };
 use waiting::{QueueEntry, Retry, priority_offset};
 
@@ -133,6 +133,23 @@ fn shutting_down_error() -> ServiceError {
     }
 }
 
+/// Releases NOT_USED a lease its caller was told it did not get, retrying while Redis
+/// is away (every 250 ms for up to 30 s): until then its slot stays counted, which is
+/// safe, only wasteful.
+async fn give_back(counters: Counters, key: LeaseKey) {
+    use backon::{ConstantBuilder, Retryable};
+    let retries = ConstantBuilder::new()
+        .with_delay(Duration::from_millis(250))
+        .with_max_times(120);
+    let given = (|| counters.release(&key, ReleaseOutcome::NotUsed))
+        .retry(retries)
+        .when(|e| matches!(e, CounterError::Unavailable(_)))
+        .await;
+    if let Err(error) = given {
+        tracing::warn!(%error, token_id = %key.token_id, "cannot give back a lease whose caller was told no; its slot stays counted until it expires");
+    }
+}
+
 fn queue_id(plan: &Plan) -> String {
     plan.request
         .queue
@@ -232,12 +249,16 @@ impl Leaser {
         let _ = stopping.wait_for(|stopping| *stopping).await;
     }
 
-    /// One decision against the counters.
+    /// One decision against the counters, answered within the counters' timeout
+    /// whatever Redis does: the health admission gets what the decision left of it.
     async fn attempt(
         &self,
         input: &AcquireInput,
         call: &mut Call,
     ) -> Result<Attempt, ServiceError> {
+        let budget = self.counters.timeout().unwrap_or(Duration::MAX);
+        let answer_by = tokio::time::Instant::now().checked_add(budget);
+        let left = || answer_by.map_or(Duration::MAX, |by| by - tokio::time::Instant::now());
         // A grant the token's health refuses is given back; plan again (the refused token
         // is now hinted unusable). Bounded, in case health keeps changing under us.
         for _ in 0..3 {
@@ -246,12 +267,12 @@ impl Leaser {
                 Ok(plan) => plan,
                 Err(denial) => return Ok(Attempt::Done(denial)),
             };
-            let outcome = self.counters.acquire(&plan.request).await?;
+            let outcome = self.counters.acquire_within(&plan.request, left()).await?;
             call.attempts += 1;
             match outcome {
                 AcquireOutcome::Granted(grant) => {
                     // The store has the last word on the token's health (`health.rs`).
-                    if self.admit(&plan.request, &grant).await? {
+                    if self.admit_within(&plan.request, &grant, left()).await? {
                         crate::metrics::lease_granted(&snapshot, &plan.request, &grant);
                         tracing::Span::current().record("token_id", grant.token_id.as_str());
                         return Ok(Attempt::Done(self.granted(&snapshot, &plan, grant)));
@@ -272,6 +293,32 @@ impl Leaser {
             ),
             retry_after: Duration::from_millis(50),
         })
+    }
+
+    /// `admit` within `budget`. A grant that cannot be admitted in time (Redis slow or
+    /// gone after the decision) is given back in the background, so that the caller
+    /// told no does not hold its slot for TTL + grace + W.
+    async fn admit_within(
+        &self,
+        request: &AcquireRequest,
+        grant: &Grant,
+        budget: Duration,
+    ) -> Result<bool, ServiceError> {
+        let error = match tokio::time::timeout(budget, self.admit(request, grant)).await {
+            Ok(Ok(admitted)) => return Ok(admitted),
+            Ok(Err(error)) => error,
+            Err(_) => ServiceError::from(CounterError::Unavailable(format!(
+                "no answer from Redis within {budget:?} after the decision"
+            ))),
+        };
+        let key = LeaseKey {
+            upstream_id: request.upstream_id.clone(),
+            tenant_id: request.tenant_id.clone(),
+            token_id: grant.token_id.clone(),
+            nonce: request.nonce.clone(),
+        };
+        tokio::spawn(give_back(self.counters.clone(), key));
+        Err(error)
     }
 
     fn queue_full(&self, tenant: &Id, denied: &Denied) -> ServiceError {

@@ -9,8 +9,8 @@ use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use super::fixtures::{PoolSetup, create_tenant};
-use super::helpers::{Counters, Db, TestEnv, authed, granted_at, ms, timed};
+use super::fixtures::{PoolSetup, create_tenant, tenant_usage_on};
+use super::helpers::{Counters, Db, TestEnv, authed, eventually, granted_at, ms, timed};
 
 /// A redis-server child process on its own port, killed on drop.
 pub struct ThrowawayRedis {
@@ -55,6 +55,13 @@ impl ThrowawayRedis {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends a signal (`-STOP` freezes it, `-CONT` thaws it).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
     }
 
     pub fn stop(&mut self) {
@@ -177,4 +184,112 @@ async fn redis_down_fails_closed_and_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Property 12 and issue 10, point 2: Redis frozen (SIGSTOP: connected but silent) while
+/// 5 AcquireLease calls fail. Each fails UNAVAILABLE within `redis.timeout_ms` + 50 ms
+/// (one budget for the decision and the health admission), and once Redis thaws and runs
+/// the 5 scripts it had queued, after their deadlines, they take no slot: the tenant's
+/// used slots stay 0, and leasing goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_failed_while_redis_was_frozen_take_no_slot() {
+    const TIMEOUT_MS: u64 = 250;
+    let redis = ThrowawayRedis::start(free_port());
+    let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
+    let mut settings = env.settings();
+    settings.redis_url = Some(redis.url());
+    settings.counters = CountersMode::Redis;
+    settings.redis.timeout_ms = TIMEOUT_MS;
+    let app = env.spawn_with(settings).await;
+    let mut admin = app.admin().await;
+    PoolSetup::default()
+        .create(&mut admin, &app.admin_key)
+        .await;
+    create_tenant(&mut admin, &app.admin_key, "acme", "flex").await;
+    let mut lease = app.lease().await;
+    let request = || {
+        authed(
+            pb::AcquireLeaseRequest {
+                tenant_id: "acme".into(),
+                ..Default::default()
+            },
+            &app.admin_key,
+        )
+    };
+    // One lease given back: its scripts are loaded, so the frozen calls send EVALSHA.
+    let Some(Answer::Lease(first)) = lease
+        .acquire_lease(request())
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+    else {
+        panic!("the first call is granted");
+    };
+    let release = pb::ReleaseLeaseRequest {
+        lease_id: first.lease_id,
+        outcome: pb::ReleaseOutcome::NotUsed as i32,
+        ..Default::default()
+    };
+    lease
+        .release_lease(authed(release, &app.admin_key))
+        .await
+        .unwrap();
+    let used =
+        |usage: pb::GetUsageResponse| usage.tenants.iter().map(|t| t.used_in_window).sum::<u32>();
+    assert_eq!(
+        used(tenant_usage_on(&mut admin, &app.admin_key, "acme").await),
+        0
+    );
+
+    redis.signal("-STOP");
+    for call in 0..5 {
+        let (answer, span) = timed(lease.acquire_lease(request())).await;
+        let err = answer.expect_err("no lease while Redis is frozen");
+        assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+        assert!(
+            err.get_details_retry_info().is_some(),
+            "UNAVAILABLE carries a retry-after"
+        );
+        let took = span.after - span.before;
+        assert!(
+            took <= (TIMEOUT_MS + 50) as i64,
+            "call {call} took {took} ms, the bound is {TIMEOUT_MS} ms + 50 ms"
+        );
+    }
+    redis.signal("-CONT");
+
+    // GetUsage reads Redis after the 5 queued scripts have run.
+    let usage = eventually(
+        Duration::from_secs(10),
+        "GetUsage answers after the thaw",
+        || {
+            let mut admin = admin.clone();
+            let key = app.admin_key.clone();
+            async move {
+                let request = pb::GetUsageRequest {
+                    tenant_id: "acme".into(),
+                    ..Default::default()
+                };
+                admin
+                    .get_usage(authed(request, &key))
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner())
+            }
+        },
+    )
+    .await;
+    assert_eq!(used(usage), 0, "a call that was told no holds no slot");
+    let again = lease
+        .acquire_lease(request())
+        .await
+        .unwrap()
+        .into_inner()
+        .result;
+    assert!(matches!(again, Some(Answer::Lease(_))), "{again:?}");
+    assert_eq!(
+        used(tenant_usage_on(&mut admin, &app.admin_key, "acme").await),
+        1
+    );
 }

@@ -264,9 +264,27 @@ impl Counters {
     /// Decides and records one lease atomically.
     #[tracing::instrument(name = "counters.acquire", skip_all, fields(upstream_id = %req.upstream_id, tenant_id = %req.tenant_id))]
     pub async fn acquire(&self, req: &AcquireRequest) -> Result<AcquireOutcome, CounterError> {
+        self.acquire_within(req, Duration::MAX).await
+    }
+
+    /// `acquire`, answering within `budget` (or the configured Redis timeout, if
+    /// shorter): a decision that would reach Redis later is not made.
+    pub async fn acquire_within(
+        &self,
+        req: &AcquireRequest,
+        budget: Duration,
+    ) -> Result<AcquireOutcome, CounterError> {
         match self {
             Self::Memory(m) => Ok(m.acquire(req)),
-            Self::Redis(r) => r.acquire(req).await,
+            Self::Redis(r) => r.acquire_within(req, budget).await,
+        }
+    }
+
+    /// How long one call may wait for the counters (`None`: in process, no wait).
+    pub fn timeout(&self) -> Option<Duration> {
+        match self {
+            Self::Memory(_) => None,
+            Self::Redis(r) => Some(r.timeout()),
         }
     }
 

@@ -136,9 +136,23 @@ impl RedisCounters {
         format!("{}:{{{upstream}}}:{kind}:{id}", self.prefix)
     }
 
+    /// How long one call waits for Redis.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub(super) async fn run(
         &self,
         invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<Value, CounterError> {
+        self.run_for(invocation, self.timeout).await
+    }
+
+    /// `run`, waiting at most `timeout` (no more than the configured one).
+    async fn run_for(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+        timeout: Duration,
     ) -> Result<Value, CounterError> {
         async fn go(
             invocation: &redis::ScriptInvocation<'_>,
@@ -156,10 +170,9 @@ impl RedisCounters {
                 }
             }
         };
-        match tokio::time::timeout(self.timeout, call).await {
+        match tokio::time::timeout(timeout, call).await {
             Err(_) => Err(unavailable(format!(
-                "no answer from Redis within {:?}",
-                self.timeout
+                "no answer from Redis within {timeout:?}"
             ))),
             Ok(Err(e))
                 if e.is_io_error()
@@ -175,7 +188,19 @@ impl RedisCounters {
         }
     }
 
+    /// Decides one lease, waiting at most the configured timeout for the answer.
     pub async fn acquire(&self, req: &AcquireRequest) -> Result<AcquireOutcome, CounterError> {
+        self.acquire_within(req, self.timeout).await
+    }
+
+    /// Decides one lease, waiting at most `budget` (and no more than the configured
+    /// timeout) for the answer; the script does nothing if it runs later than that.
+    pub async fn acquire_within(
+        &self,
+        req: &AcquireRequest,
+        budget: Duration,
+    ) -> Result<AcquireOutcome, CounterError> {
+        let budget = budget.min(self.timeout);
         let tokens: Vec<&Id> = req.dedicated.iter().chain(&req.pooled).collect();
         let up = &req.upstream_id;
         let queue_id = req.queue.as_ref().map_or("-", |q| q.queue_id.as_str());
@@ -215,10 +240,10 @@ impl RedisCounters {
         for token in &tokens {
             inv.arg(token.as_str());
         }
-        // When this call stops waiting for the answer (`run`'s timeout): a script that
-        // reaches Redis later does nothing.
-        inv.arg(crate::clock::system_now_ms() + self.timeout.as_millis() as i64);
-        let reply: Vec<i64> = redis::from_redis_value(self.run(inv).await?)
+        // When this call stops waiting for the answer: a script that reaches Redis later
+        // does nothing.
+        inv.arg(crate::clock::system_now_ms() + budget.as_millis() as i64);
+        let reply: Vec<i64> = redis::from_redis_value(self.run_for(inv, budget).await?)
             .map_err(|e| CounterError::Internal(format!("unexpected acquire reply: {e}")))?;
         parse_acquire_reply(&reply, &tokens)
     }
