@@ -43,6 +43,9 @@ pub struct Settings {
     pub metrics: MetricsSection,
     /// How often a replica checks the database for configuration changes.
     pub config_refresh_ms: u64,
+    /// How long an admin call waits for the configuration database: a write fails
+    /// UNAVAILABLE after it, a read is answered from the configuration loaded last.
+    pub database_timeout_ms: u64,
     /// Priority by request kind for calls that name none, overriding the seed's
     /// mapping, e.g. `priorities.analytics = "normal"`.
     #[serde(default)]
@@ -173,6 +176,7 @@ impl Default for Settings {
                 refresh_ms: 5_000,
             },
             config_refresh_ms: 1_000,
+            database_timeout_ms: 1_000,
             priorities: BTreeMap::new(),
             log_format: "text".into(),
             shutdown_grace_ms: 10_000,
@@ -221,6 +225,7 @@ impl Settings {
         )?;
         check_range("redis.timeout_ms", self.redis.timeout_ms, 10, 30_000)?;
         check_range("config_refresh_ms", self.config_refresh_ms, 100, 600_000)?;
+        check_range("database_timeout_ms", self.database_timeout_ms, 50, 60_000)?;
         let breaker = &self.breaker;
         check_range(
             "breaker.failures_to_open",

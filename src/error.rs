@@ -54,7 +54,9 @@ impl From<StoreError> for ServiceError {
             StoreError::FailedPrecondition(field) => Self::FailedPrecondition(field.to_string()),
             StoreError::Unavailable(_) => Self::Unavailable {
                 message: format!(
-                    "{err}; leasing goes on, admin writes are refused until it is back"
+                    "{err}; the change was not confirmed. Leasing goes on with the configuration \
+                     loaded last, and admin reads are answered from it; retry the write once \
+                     the database is back"
                 ),
                 retry_after: BACKEND_RETRY_AFTER,
             },

@@ -76,6 +76,13 @@ pub enum EventKind {
         /// Why, for people.
         cause: String,
     },
+    /// An upstream's lease counters were lost: no grant on it until `until_ms` (Unix
+    /// ms). Published once, by the replica whose decision noticed the loss.
+    CountersRecovering {
+        upstream_id: String,
+        until_ms: i64,
+        cause: String,
+    },
     /// Watchers may have missed events: this replica's feed from the others was
     /// interrupted (local), or another replica could not send `missed` of its events
     /// (relayed by that replica once it can).
@@ -101,6 +108,7 @@ impl Event {
             } => Some(id),
             EventKind::ConfigChanged { .. }
             | EventKind::TokenStateChanged { .. }
+            | EventKind::CountersRecovering { .. }
             | EventKind::Resync { .. } => None,
             EventKind::QuotaChanged { tenant_id, .. } => Some(tenant_id),
         }
@@ -117,6 +125,7 @@ impl Event {
             | EventKind::TokenStateChanged { token_id: id, .. } => Some(id),
             EventKind::ConfigChanged { .. }
             | EventKind::Resync { .. }
+            | EventKind::CountersRecovering { .. }
             | EventKind::QuotaChanged { .. } => None,
         }
     }

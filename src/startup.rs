@@ -34,6 +34,12 @@ use crate::store::ConfigStore;
 use crate::store::counters::{Counters, MemoryCounters, RedisCounters, RedisSettings};
 use crate::store::event_relay::{self, RelaySettings};
 
+mod waiting;
+
+/// The services' names, as health checks ask for them.
+const LEASE_SERVICE: &str = <LeaseServiceServer<LeaseApi> as tonic::server::NamedService>::NAME;
+const ADMIN_SERVICE: &str = <AdminServiceServer<AdminApi> as tonic::server::NamedService>::NAME;
+
 /// A built, not yet running, server.
 pub struct App {
     listener: TcpListener,
@@ -90,10 +96,10 @@ impl App {
     /// Opens everything and binds the listener. Nothing is served yet.
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         let ring = Arc::new(settings.key_ring()?);
-        let (store, seeded) = open_store(&settings).await?;
-        let config = LiveConfig::load(store, ring)
+        let listener = TcpListener::bind(settings.listen)
             .await
-            .context("cannot load the configuration")?;
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let (config, seeded) = waiting::open_config(&settings, ring, &listener).await?;
         if !settings.is_distributed() {
             bootstrap_admin_key(&settings, &config).await?;
         }
@@ -101,9 +107,6 @@ impl App {
         if let Some(upstream) = seeded {
             counters.mark_created(&upstream).await;
         }
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let metrics = match settings.metrics_addr()? {
             Some(addr) => {
                 let idle = Duration::from_millis(settings.metrics.refresh_ms.saturating_mul(3))
@@ -232,6 +235,7 @@ impl App {
         let admin = AdminApi {
             leaser: self.leaser.clone(),
             events: self.events.clone(),
+            database_timeout: Duration::from_millis(self.settings.database_timeout_ms),
         };
 
         // One server span per call, child of the caller's `traceparent` (see telemetry).

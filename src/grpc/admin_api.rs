@@ -4,6 +4,7 @@
 
 use tonic::{Request, Response, Status};
 
+use super::admin_store::{Read, loaded_one, loaded_page, mark, write_by};
 use super::auth::caller;
 use super::convert::*;
 use super::pb::{self, admin_service_server::AdminService};
@@ -12,6 +13,7 @@ use crate::domain::{Id, InvalidField};
 use crate::error::ServiceError;
 use crate::events::{Change, EventBus, EventKind, Resource};
 use crate::lease::{Leaser, LiveConfig, publish_admin_toggle};
+use crate::store::{Kind, StoreError};
 
 /// Default and largest page sizes of List calls.
 const DEFAULT_PAGE: u32 = 100;
@@ -22,6 +24,8 @@ const MAX_PAGE: u32 = 1000;
 pub struct AdminApi {
     pub leaser: Leaser,
     pub events: EventBus,
+    /// How long one admin call waits for the configuration database (`admin_store.rs`).
+    pub database_timeout: std::time::Duration,
 }
 
 /// Checks the caller is an admin.
@@ -71,9 +75,32 @@ impl AdminApi {
         &self.leaser.config
     }
 
+    /// One admin write, bounded by the database timeout.
+    async fn write<T>(
+        &self,
+        write: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, ServiceError> {
+        write_by(tokio::time::Instant::now() + self.database_timeout, write).await
+    }
+
+    /// One admin read, bounded by the database timeout; answered from the loaded
+    /// configuration when the database is away.
+    async fn read<T>(
+        &self,
+        stored: impl Future<Output = Result<T, StoreError>>,
+        loaded: impl FnOnce(&crate::lease::Snapshot) -> Result<T, StoreError>,
+    ) -> Result<Read<T>, ServiceError> {
+        super::admin_store::read(self.database_timeout, self.config(), stored, loaded).await
+    }
+
     /// After a successful write: refresh this replica's snapshot and tell watchers.
     async fn written(&self, resource: Resource, id: &str, change: Change, version: i64) {
-        if let Err(error) = self.config().refresh().await {
+        let refresh = self.config().refresh();
+        let refreshed = tokio::time::timeout(self.database_timeout, refresh).await;
+        if let Err(error) = refreshed
+            .map_err(|_| "timed out".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
             tracing::warn!(%error, "snapshot refresh after an admin write failed; the poller will retry");
         }
         if let Err(error) = self.leaser.allocator.refresh().await {
@@ -120,11 +147,8 @@ impl AdminService for AdminApi {
         admin(&r)?;
         let value = upstream_from_proto(r.into_inner().upstream).map_err(ServiceError::from)?;
         let (stored, version) = self
-            .config()
-            .store()
-            .create_upstream(value)
-            .await
-            .map_err(ServiceError::from)?;
+            .write(self.config().store().create_upstream(value))
+            .await?;
         // Nothing was ever granted on a new upstream: its counters start complete.
         self.leaser.counters.mark_created(&stored.id).await;
         self.written(
@@ -145,13 +169,12 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::GetUpstreamResponse> {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
-        let stored = self
-            .config()
-            .store()
-            .get_upstream(&id)
-            .await
-            .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::GetUpstreamResponse {
+        let read = self
+            .read(self.config().store().get_upstream(&id), |s| {
+                loaded_one(s.upstreams.get(&id), Kind::Upstream, id.as_str())
+            })
+            .await?;
+        Ok(read.respond(|stored| pb::GetUpstreamResponse {
             upstream: Some(upstream_to_proto(&stored)),
         }))
     }
@@ -162,17 +185,24 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::ListUpstreamsResponse> {
         admin(&r)?;
         let (after, limit) = page(r.get_ref().page_size, &r.get_ref().page_token)?;
-        let mut items = self
-            .config()
-            .store()
-            .list_upstreams(after.as_deref(), limit + 1)
-            .await
-            .map_err(ServiceError::from)?;
+        let read = self
+            .read(
+                self.config()
+                    .store()
+                    .list_upstreams(after.as_deref(), limit + 1),
+                |s| Ok(loaded_page(&s.upstreams, after.as_deref(), limit + 1)),
+            )
+            .await?;
+        let loaded_version = read.loaded_version;
+        let mut items = read.value;
         let next_page_token = next_page(&mut items, limit, |u| u.id.to_string());
-        Ok(Response::new(pb::ListUpstreamsResponse {
-            upstreams: items.iter().map(upstream_to_proto).collect(),
-            next_page_token,
-        }))
+        Ok(mark(
+            Response::new(pb::ListUpstreamsResponse {
+                upstreams: items.iter().map(upstream_to_proto).collect(),
+                next_page_token,
+            }),
+            loaded_version,
+        ))
     }
 
     async fn update_upstream(
@@ -182,11 +212,8 @@ impl AdminService for AdminApi {
         admin(&r)?;
         let value = upstream_from_proto(r.into_inner().upstream).map_err(ServiceError::from)?;
         let (stored, version) = self
-            .config()
-            .store()
-            .update_upstream(value)
-            .await
-            .map_err(ServiceError::from)?;
+            .write(self.config().store().update_upstream(value))
+            .await?;
         self.written(
             Resource::Upstream,
             stored.id.as_str(),
@@ -206,11 +233,8 @@ impl AdminService for AdminApi {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
         let version = self
-            .config()
-            .store()
-            .delete_upstream(&id)
-            .await
-            .map_err(ServiceError::from)?;
+            .write(self.config().store().delete_upstream(&id))
+            .await?;
         self.written(Resource::Upstream, id.as_str(), Change::Deleted, version)
             .await;
         Ok(Response::new(pb::DeleteUpstreamResponse {}))
@@ -223,11 +247,8 @@ impl AdminService for AdminApi {
         admin(&r)?;
         let input = token_from_proto(r.into_inner().token, true).map_err(ServiceError::from)?;
         let (stored, version) = self
-            .config()
-            .store()
-            .create_token(self.seal(input))
-            .await
-            .map_err(ServiceError::from)?;
+            .write(self.config().store().create_token(self.seal(input)))
+            .await?;
         self.written(
             Resource::Token,
             stored.id.as_str(),
@@ -243,13 +264,16 @@ impl AdminService for AdminApi {
     async fn get_token(&self, r: Request<pb::GetTokenRequest>) -> Reply<pb::GetTokenResponse> {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
-        let stored = self
-            .config()
-            .store()
-            .get_token(&id)
-            .await
-            .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::GetTokenResponse {
+        let read = self
+            .read(self.config().store().get_token(&id), |s| {
+                loaded_one(
+                    s.tokens.get(&id).map(|t| &t.record),
+                    Kind::Token,
+                    id.as_str(),
+                )
+            })
+            .await?;
+        Ok(read.respond(|stored| pb::GetTokenResponse {
             token: Some(token_to_proto(&stored)),
         }))
     }
@@ -260,17 +284,33 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::ListTokensResponse> {
         admin(&r)?;
         let (after, limit) = page(r.get_ref().page_size, &r.get_ref().page_token)?;
-        let mut items = self
-            .config()
-            .store()
-            .list_tokens(after.as_deref(), limit + 1)
-            .await
-            .map_err(ServiceError::from)?;
+        let read = self
+            .read(
+                self.config()
+                    .store()
+                    .list_tokens(after.as_deref(), limit + 1),
+                |s| {
+                    Ok(loaded_page(
+                        &s.tokens
+                            .iter()
+                            .map(|(id, t)| (id, t.record.clone()))
+                            .collect(),
+                        after.as_deref(),
+                        limit + 1,
+                    ))
+                },
+            )
+            .await?;
+        let loaded_version = read.loaded_version;
+        let mut items = read.value;
         let next_page_token = next_page(&mut items, limit, |t| t.id.to_string());
-        Ok(Response::new(pb::ListTokensResponse {
-            tokens: items.iter().map(token_to_proto).collect(),
-            next_page_token,
-        }))
+        Ok(mark(
+            Response::new(pb::ListTokensResponse {
+                tokens: items.iter().map(token_to_proto).collect(),
+                next_page_token,
+            }),
+            loaded_version,
+        ))
     }
 
     async fn update_token(
@@ -279,18 +319,12 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::UpdateTokenResponse> {
         admin(&r)?;
         let input = token_from_proto(r.into_inner().token, false).map_err(ServiceError::from)?;
+        // One bound for the read of the old state and the write.
+        let deadline = tokio::time::Instant::now() + self.database_timeout;
         let store = self.config().store();
-        let was_disabled = store
-            .get_token(&input.record.id)
-            .await
-            .ok()
-            .map(|t| t.disabled);
-        let (stored, version) = self
-            .config()
-            .store()
-            .update_token(self.seal(input))
-            .await
-            .map_err(ServiceError::from)?;
+        let old = write_by(deadline, store.get_token(&input.record.id)).await;
+        let was_disabled = old.ok().map(|t| t.disabled);
+        let (stored, version) = write_by(deadline, store.update_token(self.seal(input))).await?;
         self.written(
             Resource::Token,
             stored.id.as_str(),
@@ -312,12 +346,7 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::DeleteTokenResponse> {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
-        let version = self
-            .config()
-            .store()
-            .delete_token(&id)
-            .await
-            .map_err(ServiceError::from)?;
+        let version = self.write(self.config().store().delete_token(&id)).await?;
         self.written(Resource::Token, id.as_str(), Change::Deleted, version)
             .await;
         Ok(Response::new(pb::DeleteTokenResponse {}))
@@ -329,12 +358,7 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::CreatePoolResponse> {
         admin(&r)?;
         let value = pool_from_proto(r.into_inner().pool).map_err(ServiceError::from)?;
-        let (stored, version) = self
-            .config()
-            .store()
-            .create_pool(value)
-            .await
-            .map_err(ServiceError::from)?;
+        let (stored, version) = self.write(self.config().store().create_pool(value)).await?;
         self.written(Resource::Pool, stored.id.as_str(), Change::Created, version)
             .await;
         Ok(Response::new(pb::CreatePoolResponse {
@@ -345,13 +369,12 @@ impl AdminService for AdminApi {
     async fn get_pool(&self, r: Request<pb::GetPoolRequest>) -> Reply<pb::GetPoolResponse> {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
-        let stored = self
-            .config()
-            .store()
-            .get_pool(&id)
-            .await
-            .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::GetPoolResponse {
+        let read = self
+            .read(self.config().store().get_pool(&id), |s| {
+                loaded_one(s.pools.get(&id), Kind::Pool, id.as_str())
+            })
+            .await?;
+        Ok(read.respond(|stored| pb::GetPoolResponse {
             pool: Some(self.pool_proto(&stored)),
         }))
     }
@@ -359,17 +382,24 @@ impl AdminService for AdminApi {
     async fn list_pools(&self, r: Request<pb::ListPoolsRequest>) -> Reply<pb::ListPoolsResponse> {
         admin(&r)?;
         let (after, limit) = page(r.get_ref().page_size, &r.get_ref().page_token)?;
-        let mut items = self
-            .config()
-            .store()
-            .list_pools(after.as_deref(), limit + 1)
-            .await
-            .map_err(ServiceError::from)?;
+        let read = self
+            .read(
+                self.config()
+                    .store()
+                    .list_pools(after.as_deref(), limit + 1),
+                |s| Ok(loaded_page(&s.pools, after.as_deref(), limit + 1)),
+            )
+            .await?;
+        let loaded_version = read.loaded_version;
+        let mut items = read.value;
         let next_page_token = next_page(&mut items, limit, |p| p.id.to_string());
-        Ok(Response::new(pb::ListPoolsResponse {
-            pools: items.iter().map(|p| self.pool_proto(p)).collect(),
-            next_page_token,
-        }))
+        Ok(mark(
+            Response::new(pb::ListPoolsResponse {
+                pools: items.iter().map(|p| self.pool_proto(p)).collect(),
+                next_page_token,
+            }),
+            loaded_version,
+        ))
     }
 
     async fn update_pool(
@@ -378,12 +408,7 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::UpdatePoolResponse> {
         admin(&r)?;
         let value = pool_from_proto(r.into_inner().pool).map_err(ServiceError::from)?;
-        let (stored, version) = self
-            .config()
-            .store()
-            .update_pool(value)
-            .await
-            .map_err(ServiceError::from)?;
+        let (stored, version) = self.write(self.config().store().update_pool(value)).await?;
         self.written(Resource::Pool, stored.id.as_str(), Change::Updated, version)
             .await;
         Ok(Response::new(pb::UpdatePoolResponse {
@@ -397,12 +422,7 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::DeletePoolResponse> {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
-        let version = self
-            .config()
-            .store()
-            .delete_pool(&id)
-            .await
-            .map_err(ServiceError::from)?;
+        let version = self.write(self.config().store().delete_pool(&id)).await?;
         self.written(Resource::Pool, id.as_str(), Change::Deleted, version)
             .await;
         Ok(Response::new(pb::DeletePoolResponse {}))
@@ -414,12 +434,7 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::CreateTierResponse> {
         admin(&r)?;
         let value = tier_from_proto(r.into_inner().tier).map_err(ServiceError::from)?;
-        let (stored, version) = self
-            .config()
-            .store()
-            .create_tier(value)
-            .await
-            .map_err(ServiceError::from)?;
+        let (stored, version) = self.write(self.config().store().create_tier(value)).await?;
         self.written(Resource::Tier, stored.id.as_str(), Change::Created, version)
             .await;
         Ok(Response::new(pb::CreateTierResponse {
@@ -430,13 +445,12 @@ impl AdminService for AdminApi {
     async fn get_tier(&self, r: Request<pb::GetTierRequest>) -> Reply<pb::GetTierResponse> {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
-        let stored = self
-            .config()
-            .store()
-            .get_tier(&id)
-            .await
-            .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::GetTierResponse {
+        let read = self
+            .read(self.config().store().get_tier(&id), |s| {
+                loaded_one(s.tiers.get(&id), Kind::Tier, id.as_str())
+            })
+            .await?;
+        Ok(read.respond(|stored| pb::GetTierResponse {
             tier: Some(tier_to_proto(&stored)),
         }))
     }
@@ -444,17 +458,24 @@ impl AdminService for AdminApi {
     async fn list_tiers(&self, r: Request<pb::ListTiersRequest>) -> Reply<pb::ListTiersResponse> {
         admin(&r)?;
         let (after, limit) = page(r.get_ref().page_size, &r.get_ref().page_token)?;
-        let mut items = self
-            .config()
-            .store()
-            .list_tiers(after.as_deref(), limit + 1)
-            .await
-            .map_err(ServiceError::from)?;
+        let read = self
+            .read(
+                self.config()
+                    .store()
+                    .list_tiers(after.as_deref(), limit + 1),
+                |s| Ok(loaded_page(&s.tiers, after.as_deref(), limit + 1)),
+            )
+            .await?;
+        let loaded_version = read.loaded_version;
+        let mut items = read.value;
         let next_page_token = next_page(&mut items, limit, |t| t.id.to_string());
-        Ok(Response::new(pb::ListTiersResponse {
-            tiers: items.iter().map(tier_to_proto).collect(),
-            next_page_token,
-        }))
+        Ok(mark(
+            Response::new(pb::ListTiersResponse {
+                tiers: items.iter().map(tier_to_proto).collect(),
+                next_page_token,
+            }),
+            loaded_version,
+        ))
     }
 
     async fn update_tier(
@@ -463,12 +484,7 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::UpdateTierResponse> {
         admin(&r)?;
         let value = tier_from_proto(r.into_inner().tier).map_err(ServiceError::from)?;
-        let (stored, version) = self
-            .config()
-            .store()
-            .update_tier(value)
-            .await
-            .map_err(ServiceError::from)?;
+        let (stored, version) = self.write(self.config().store().update_tier(value)).await?;
         self.written(Resource::Tier, stored.id.as_str(), Change::Updated, version)
             .await;
         Ok(Response::new(pb::UpdateTierResponse {
@@ -482,12 +498,7 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::DeleteTierResponse> {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
-        let version = self
-            .config()
-            .store()
-            .delete_tier(&id)
-            .await
-            .map_err(ServiceError::from)?;
+        let version = self.write(self.config().store().delete_tier(&id)).await?;
         self.written(Resource::Tier, id.as_str(), Change::Deleted, version)
             .await;
         Ok(Response::new(pb::DeleteTierResponse {}))
@@ -500,11 +511,8 @@ impl AdminService for AdminApi {
         admin(&r)?;
         let value = tenant_from_proto(r.into_inner().tenant).map_err(ServiceError::from)?;
         let (stored, version) = self
-            .config()
-            .store()
-            .create_tenant(value)
-            .await
-            .map_err(ServiceError::from)?;
+            .write(self.config().store().create_tenant(value))
+            .await?;
         self.written(
             Resource::Tenant,
             stored.id.as_str(),
@@ -520,13 +528,12 @@ impl AdminService for AdminApi {
     async fn get_tenant(&self, r: Request<pb::GetTenantRequest>) -> Reply<pb::GetTenantResponse> {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
-        let stored = self
-            .config()
-            .store()
-            .get_tenant(&id)
-            .await
-            .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::GetTenantResponse {
+        let read = self
+            .read(self.config().store().get_tenant(&id), |s| {
+                loaded_one(s.tenants.get(&id), Kind::Tenant, id.as_str())
+            })
+            .await?;
+        Ok(read.respond(|stored| pb::GetTenantResponse {
             tenant: Some(tenant_to_proto(&stored, &self.config().current())),
         }))
     }
@@ -537,21 +544,28 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::ListTenantsResponse> {
         admin(&r)?;
         let (after, limit) = page(r.get_ref().page_size, &r.get_ref().page_token)?;
-        let mut items = self
-            .config()
-            .store()
-            .list_tenants(after.as_deref(), limit + 1)
-            .await
-            .map_err(ServiceError::from)?;
+        let read = self
+            .read(
+                self.config()
+                    .store()
+                    .list_tenants(after.as_deref(), limit + 1),
+                |s| Ok(loaded_page(&s.tenants, after.as_deref(), limit + 1)),
+            )
+            .await?;
+        let loaded_version = read.loaded_version;
+        let mut items = read.value;
         let next_page_token = next_page(&mut items, limit, |t| t.id.to_string());
         let snapshot = self.config().current();
-        Ok(Response::new(pb::ListTenantsResponse {
-            tenants: items
-                .iter()
-                .map(|t| tenant_to_proto(t, &snapshot))
-                .collect(),
-            next_page_token,
-        }))
+        Ok(mark(
+            Response::new(pb::ListTenantsResponse {
+                tenants: items
+                    .iter()
+                    .map(|t| tenant_to_proto(t, &snapshot))
+                    .collect(),
+                next_page_token,
+            }),
+            loaded_version,
+        ))
     }
 
     async fn update_tenant(
@@ -561,11 +575,8 @@ impl AdminService for AdminApi {
         admin(&r)?;
         let value = tenant_from_proto(r.into_inner().tenant).map_err(ServiceError::from)?;
         let (stored, version) = self
-            .config()
-            .store()
-            .update_tenant(value)
-            .await
-            .map_err(ServiceError::from)?;
+            .write(self.config().store().update_tenant(value))
+            .await?;
         self.written(
             Resource::Tenant,
             stored.id.as_str(),
@@ -584,12 +595,7 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::DeleteTenantResponse> {
         admin(&r)?;
         let id = parse_id("id", &r.get_ref().id)?;
-        let version = self
-            .config()
-            .store()
-            .delete_tenant(&id)
-            .await
-            .map_err(ServiceError::from)?;
+        let version = self.write(self.config().store().delete_tenant(&id)).await?;
         self.written(Resource::Tenant, id.as_str(), Change::Deleted, version)
             .await;
         Ok(Response::new(pb::DeleteTenantResponse {}))
@@ -605,11 +611,8 @@ impl AdminService for AdminApi {
         record.id = new.id.clone();
         record.secret_hash = new.secret_hash;
         let (stored, version) = self
-            .config()
-            .store()
-            .create_api_key(record)
-            .await
-            .map_err(ServiceError::from)?;
+            .write(self.config().store().create_api_key(record))
+            .await?;
         self.written(Resource::ApiKey, &stored.id, Change::Created, version)
             .await;
         Ok(Response::new(pb::CreateApiKeyResponse {
@@ -620,13 +623,13 @@ impl AdminService for AdminApi {
 
     async fn get_api_key(&self, r: Request<pb::GetApiKeyRequest>) -> Reply<pb::GetApiKeyResponse> {
         admin(&r)?;
-        let stored = self
-            .config()
-            .store()
-            .get_api_key(&r.get_ref().id)
-            .await
-            .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::GetApiKeyResponse {
+        let id = r.get_ref().id.as_str();
+        let read = self
+            .read(self.config().store().get_api_key(id), |s| {
+                loaded_one(s.api_keys.get(id), Kind::ApiKey, id)
+            })
+            .await?;
+        Ok(read.respond(|stored| pb::GetApiKeyResponse {
             api_key: Some(api_key_to_proto(&stored)),
         }))
     }
@@ -637,17 +640,24 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::ListApiKeysResponse> {
         admin(&r)?;
         let (after, limit) = page(r.get_ref().page_size, &r.get_ref().page_token)?;
-        let mut items = self
-            .config()
-            .store()
-            .list_api_keys(after.as_deref(), limit + 1)
-            .await
-            .map_err(ServiceError::from)?;
+        let read = self
+            .read(
+                self.config()
+                    .store()
+                    .list_api_keys(after.as_deref(), limit + 1),
+                |s| Ok(loaded_page(&s.api_keys, after.as_deref(), limit + 1)),
+            )
+            .await?;
+        let loaded_version = read.loaded_version;
+        let mut items = read.value;
         let next_page_token = next_page(&mut items, limit, |k| k.id.clone());
-        Ok(Response::new(pb::ListApiKeysResponse {
-            api_keys: items.iter().map(api_key_to_proto).collect(),
-            next_page_token,
-        }))
+        Ok(mark(
+            Response::new(pb::ListApiKeysResponse {
+                api_keys: items.iter().map(api_key_to_proto).collect(),
+                next_page_token,
+            }),
+            loaded_version,
+        ))
     }
 
     async fn update_api_key(
@@ -663,11 +673,8 @@ impl AdminService for AdminApi {
         }
         record.id = id;
         let (stored, version) = self
-            .config()
-            .store()
-            .update_api_key(record)
-            .await
-            .map_err(ServiceError::from)?;
+            .write(self.config().store().update_api_key(record))
+            .await?;
         self.written(Resource::ApiKey, &stored.id, Change::Updated, version)
             .await;
         Ok(Response::new(pb::UpdateApiKeyResponse {
@@ -687,11 +694,8 @@ impl AdminService for AdminApi {
             ));
         }
         let version = self
-            .config()
-            .store()
-            .delete_api_key(&id)
-            .await
-            .map_err(ServiceError::from)?;
+            .write(self.config().store().delete_api_key(&id))
+            .await?;
         self.written(Resource::ApiKey, &id, Change::Deleted, version)
             .await;
         Ok(Response::new(pb::DeleteApiKeyResponse {}))

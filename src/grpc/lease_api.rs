@@ -263,6 +263,15 @@ fn event_to_proto(event: &Event) -> pb::Event {
             until: until_ms.map(timestamp),
             cause: cause.clone(),
         }),
+        EventKind::CountersRecovering {
+            upstream_id,
+            until_ms,
+            cause,
+        } => pb::event::Kind::CountersRecovering(pb::CountersRecovering {
+            upstream_id: upstream_id.clone(),
+            until: Some(timestamp(*until_ms)),
+            cause: cause.clone(),
+        }),
         EventKind::Resync { missed } => pb::event::Kind::Resync(pb::Resync { missed: *missed }),
     };
     pb::Event {

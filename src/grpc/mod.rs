@@ -3,9 +3,11 @@
 //! - `convert`: proto ⇄ domain, with errors naming the field path;
 //! - `status`: `ServiceError` → `tonic::Status` (with RetryInfo where a retry helps);
 //! - `auth`: the interceptor that turns `authorization` metadata into a `Caller`;
-//! - `admin_api`, `lease_api`: the two services.
+//! - `admin_api`, `lease_api`: the two services; `admin_store`: how admin calls reach
+//!   the configuration database when it may be away.
 
 pub mod admin_api;
+pub mod admin_store;
 pub mod auth;
 pub mod convert;
 pub mod lease_api;

@@ -358,7 +358,9 @@ impl TokenHealth {
                 ..
             } => self.learn(token_id, *new, *until_ms, system_now_ms()),
             EventKind::Resync { .. } => self.hints().clear(),
-            EventKind::ConfigChanged { .. } | EventKind::QuotaChanged { .. } => {}
+            EventKind::ConfigChanged { .. }
+            | EventKind::QuotaChanged { .. }
+            | EventKind::CountersRecovering { .. } => {}
         }
     }
 }

@@ -281,6 +281,9 @@ impl Leaser {
                     call.nonce = LeaseKey::new_nonce();
                 }
                 AcquireOutcome::Denied(denied) => {
+                    if denied.reason == DenyReason::CountersLostNoticed {
+                        self.announce_hold(&plan.request.upstream_id, &denied);
+                    }
                     call.score = denied.queue_score;
                     return Ok(Attempt::Denied(Box::new(plan), denied));
                 }
@@ -319,6 +322,29 @@ impl Leaser {
         };
         tokio::spawn(give_back(self.counters.clone(), key));
         Err(error)
+    }
+
+    /// Tells operators and watchers that an upstream is held because its counters were
+    /// lost: this decision noticed it, and no other will.
+    fn announce_hold(&self, upstream: &Id, denied: &Denied) {
+        let until_ms = denied.now_ms + denied.retry_after.as_millis() as i64;
+        tracing::warn!(
+            upstream_id = %upstream,
+            hold_ms = denied.retry_after.as_millis() as u64,
+            "the lease counters of this upstream were lost (Redis restarted empty, failed over \
+             or flushed, or the service restarted): no lease until every lease granted before \
+             has run out"
+        );
+        self.health.events().publish_at(
+            denied.now_ms,
+            crate::events::EventKind::CountersRecovering {
+                upstream_id: upstream.to_string(),
+                until_ms,
+                cause: "lease counters lost; held for window + lease TTL + grace so that no \
+                        lease granted before the loss shares a window with a new one"
+                    .into(),
+            },
+        );
     }
 
     fn queue_full(&self, tenant: &Id, denied: &Denied) -> ServiceError {
@@ -566,7 +592,9 @@ fn denial(
         _ if waited => DenialReason::WaitTimeout,
         DenyReason::TenantQuota => DenialReason::TenantQuota,
         DenyReason::NoTokenCapacity => DenialReason::NoTokenCapacity,
-        DenyReason::CountersLost => DenialReason::CountersRecovering,
+        DenyReason::CountersLost | DenyReason::CountersLostNoticed => {
+            DenialReason::CountersRecovering
+        }
     };
     crate::metrics::acquire_denied(snapshot, &plan.request, reason, denied.reason);
     AcquireAnswer::Denied {
@@ -594,7 +622,7 @@ fn denial_message(reason: DenyReason, tenant: &Id, plan: &Plan) -> String {
             "every token tenant '{tenant}' may use is at its limit of {} requests per {:?}",
             plan.request.token_limit, plan.upstream.window
         ),
-        DenyReason::CountersLost => format!(
+        DenyReason::CountersLost | DenyReason::CountersLostNoticed => format!(
             "the lease counters of upstream '{}' were lost (Redis restarted empty or failed \
              over, or the service restarted): no lease until every lease granted before can \
              no longer reach the upstream (window + lease TTL + grace after the loss was \

@@ -40,6 +40,14 @@ impl Kind {
             Self::ApiKey => "api key",
         }
     }
+
+    /// How request fields name this kind (`api_key.id`, `tenant.id`).
+    pub fn field_prefix(self) -> &'static str {
+        match self {
+            Self::ApiKey => "api_key",
+            other => other.as_str(),
+        }
+    }
 }
 
 /// Why a configuration store call failed. Each variant maps to one gRPC status.

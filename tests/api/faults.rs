@@ -90,8 +90,9 @@ pub fn free_port() -> u16 {
 /// Redis stops: AcquireLease answers UNAVAILABLE with a RetryInfo within the configured
 /// timeout and grants nothing; Redis comes back empty (no persistence): the counters
 /// were lost, so the replica denies COUNTERS_RECOVERING until W + TTL + grace after it
-/// noticed (the leases granted before may still be in use), then leasing resumes by
-/// itself, no earlier than the retry-after said.
+/// noticed (the leases granted before may still be in use), announces the hold once as
+/// a `CountersRecovering` event whose `until` is the retry-after's instant, then leasing
+/// resumes by itself, no earlier than the retry-after said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_fails_closed_and_recovers() {
     let mut redis = ThrowawayRedis::start(free_port());
@@ -118,6 +119,12 @@ async fn redis_down_fails_closed_and_recovers() {
             &app.admin_key,
         )
     };
+    let watch = pb::WatchEventsRequest::default();
+    let mut events = lease
+        .watch_events(authed(watch, &app.admin_key))
+        .await
+        .unwrap()
+        .into_inner();
     let answer = lease
         .acquire_lease(request())
         .await
@@ -152,6 +159,7 @@ async fn redis_down_fails_closed_and_recovers() {
     let _redis = ThrowawayRedis::start(redis.port);
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut resume_at = None;
+    let mut first_hold = None;
     loop {
         let (answer, span) = timed(lease.acquire_lease(request())).await;
         match answer.map(|a| a.into_inner().result.unwrap()) {
@@ -175,6 +183,7 @@ async fn redis_down_fails_closed_and_recovers() {
                 // Window 2 s + TTL 1 s + grace 0, from the first decision that noticed.
                 assert!(retry_ms <= 3_000, "{retry_ms} ms");
                 resume_at.get_or_insert(span.before + retry_ms);
+                first_hold.get_or_insert((span, retry_ms));
             }
             Err(err) => assert_eq!(err.code(), Code::Unavailable),
         }
@@ -184,6 +193,38 @@ async fn redis_down_fails_closed_and_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let announced = holds_announced(&mut events).await;
+    assert_eq!(
+        announced.len(),
+        1,
+        "one announcement per loss: {announced:?}"
+    );
+    let (upstream, until) = &announced[0];
+    assert_eq!(upstream, "up");
+    let (span, retry_ms) = first_hold.unwrap();
+    span.assert_points_at(retry_ms, *until, "the announced end of the hold");
+}
+
+/// The `CountersRecovering` events (upstream, until in Unix ms) among those that arrive
+/// on `events` until none has for 300 ms.
+pub async fn holds_announced(
+    events: &mut tonic::Streaming<pb::WatchEventsResponse>,
+) -> Vec<(String, i64)> {
+    let mut holds = Vec::new();
+    let quiet = Duration::from_millis(300);
+    while let Ok(Some(message)) = tokio::time::timeout(quiet, events.message())
+        .await
+        .map(|m| m.unwrap())
+    {
+        if let Some(pb::event::Kind::CountersRecovering(hold)) = message.event.and_then(|e| e.kind)
+        {
+            holds.push((
+                hold.upstream_id,
+                super::helpers::ts_ms(&hold.until.unwrap()),
+            ));
+        }
+    }
+    holds
 }
 
 /// Property 12 and issue 10, point 2: Redis frozen (SIGSTOP: connected but silent) while

@@ -282,17 +282,17 @@ impl MemoryCounters {
         let cost = req.cost.max(1);
         let mut guard = self.lock();
         let state = &mut *guard;
-        let resume_at = match state.fences.get(&req.upstream_id) {
-            Some(&at) => at,
+        let (resume_at, reason) = match state.fences.get(&req.upstream_id) {
+            Some(&at) => (at, DenyReason::CountersLost),
             None => {
                 let at = now + window_ms + req.lease_ttl.as_millis() as i64;
                 state.fences.insert(req.upstream_id.clone(), at);
-                at
+                (at, DenyReason::CountersLostNoticed)
             }
         };
         if resume_at > now {
             return AcquireOutcome::Denied(Denied {
-                reason: DenyReason::CountersLost,
+                reason,
                 retry_after: Duration::from_millis((resume_at - now) as u64),
                 now_ms: now,
                 queue_score: None,

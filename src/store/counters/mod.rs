@@ -128,6 +128,16 @@ pub enum DenyReason {
     /// The upstream's counters were lost (see `Counters::mark_fresh`): no grant until
     /// every lease granted before the loss can no longer reach the upstream.
     CountersLost,
+    /// The same, found by this very decision, which started the hold: its caller
+    /// announces it (once across replicas).
+    CountersLostNoticed,
+}
+
+impl DenyReason {
+    /// Whether the upstream is held because its counters were lost.
+    pub fn counters_lost(self) -> bool {
+        matches!(self, Self::CountersLost | Self::CountersLostNoticed)
+    }
 }
 
 /// A denial; nothing was recorded.

@@ -381,6 +381,7 @@ fn parse_acquire_reply(reply: &[i64], tokens: &[&Id]) -> Result<AcquireOutcome, 
             reason: match reason {
                 1 => DenyReason::TenantQuota,
                 3 => DenyReason::CountersLost,
+                4 => DenyReason::CountersLostNoticed,
                 _ => DenyReason::NoTokenCapacity,
             },
             retry_after: Duration::from_millis((*retry_ms).max(0) as u64),

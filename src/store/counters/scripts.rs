@@ -52,7 +52,8 @@
 ///
 /// Returns `{1, token_index (1-based), now, expires, tenant_used, token_used}` when
 /// granted, `{0, reason (1 tenant quota, 2 no token capacity, 3 counters lost: held
-/// until the fence), retry_after_ms, now, virtual deadline or -1}` when denied. A denial writes only the trimming of entries
+/// until the fence, 4 the same, noticed by this call, which set the fence),
+/// retry_after_ms, now, virtual deadline or -1}` when denied. A denial writes only the trimming of entries
 /// that had left the window, the demand count, the caller's queue entry and drained
 /// pacing allowances. A request no
 /// waiting can satisfy (cost above the token or tenant limit, no candidate token) is
@@ -69,6 +70,7 @@ local fence = tonumber(redis.call('GET', KEYS[#KEYS]))
 if not fence then
   fence = now + window + ttl
   redis.call('SET', KEYS[#KEYS], fence)
+  return {0, 4, fence - now, now, -1}
 end
 if fence > now then return {0, 3, fence - now, now, -1} end
 -- Every lease allows at least one call, so it takes at least one slot.

@@ -791,7 +791,8 @@ on_both_backends! {
 
 on_both_backends! {
     /// Lost counters (Redis flushed or restarted empty, a new embedded process) hold the
-    /// upstream: the first decision after the loss sets the fence at now + W + TTL and
+    /// upstream: the first decision after the loss sets the fence at now + W + TTL (and
+    /// is told so: CountersLostNoticed, for its caller to announce the hold once) and
     /// every decision until then is denied CountersLost, pointing at the fence; from the
     /// fence on, grants resume. Without the hold, the grant before the loss and those
     /// after it could share a window beyond the limit.
@@ -800,7 +801,7 @@ on_both_backends! {
         h.grant(&req).await;
         let h = h.lose_counters().await;
         let noticed = h.deny(&req).await;
-        assert_eq!(noticed.reason, DenyReason::CountersLost, "{noticed:?}");
+        assert_eq!(noticed.reason, DenyReason::CountersLostNoticed, "{noticed:?}");
         let resume = noticed.now_ms + ms(h.window + h.ttl);
         assert_eq!(free_at(&noticed), resume, "{noticed:?}");
         let again = h.deny(&req).await;

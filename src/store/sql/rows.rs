@@ -70,14 +70,6 @@ pub(super) const API_KEYS: Table<ApiKeyRecord> = Table {
     decode: api_key,
 };
 
-/// How a kind is spelled in request field paths: `tenant.id`, `api_key.tenant_ids`.
-pub(super) fn field_prefix(kind: Kind) -> &'static str {
-    match kind {
-        Kind::ApiKey => "api_key",
-        other => other.as_str(),
-    }
-}
-
 /// `column` as an expression that sorts by bytes on both backends. Ids are ASCII, but a
 /// Postgres database with a linguistic collation (en_US) would sort `a-b` after `ab`.
 pub(super) fn in_byte_order(backend: Backend, column: &str) -> String {
@@ -120,7 +112,7 @@ pub(super) async fn get<T>(
         .ok_or_else(|| StoreError::NotFound {
             kind: table.kind,
             id: id.to_owned(),
-            field: format!("{}.id", field_prefix(table.kind)),
+            field: format!("{}.id", table.kind.field_prefix()),
         })
 }
 

@@ -7,7 +7,7 @@ use sqlx::{Any, AnyConnection, AssertSqlSafe, Transaction};
 use crate::domain::{InvalidField, check_guarantees};
 use crate::store::{Kind, StoreError};
 
-use super::rows::{self, Table, field_prefix};
+use super::rows::{self, Table};
 use super::{Backend, ConfigStore};
 
 /// How many ids an "is used by" message lists before it stops with "…".
@@ -164,7 +164,7 @@ pub(super) fn ensure_found(rows_affected: u64, kind: Kind, id: &str) -> Result<(
         return Err(StoreError::NotFound {
             kind,
             id: id.to_owned(),
-            field: format!("{}.id", field_prefix(kind)),
+            field: format!("{}.id", kind.field_prefix()),
         });
     }
     Ok(())
@@ -192,7 +192,7 @@ pub(super) fn in_use(
         listed.push_str(", …");
     }
     StoreError::FailedPrecondition(InvalidField::new(
-        format!("{}.id", field_prefix(kind)),
+        format!("{}.id", kind.field_prefix()),
         format!(
             "{} '{id}' {verb} {} {noun} ({listed}); {advice}",
             kind.as_str(),
@@ -206,7 +206,7 @@ pub(super) fn in_use(
 /// first, so this is a bug or a manual edit) is FAILED_PRECONDITION.
 pub(super) fn write_error(kind: Kind, id: &str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
     move |err| {
-        let field = || format!("{}.id", field_prefix(kind));
+        let field = || format!("{}.id", kind.field_prefix());
         match err.as_database_error().map(portable_kind) {
             Some(ErrorKind::UniqueViolation) => StoreError::AlreadyExists {
                 kind,

@@ -208,9 +208,14 @@ async fn poll_until_granted(
                 }
                 return;
             }
-            Ok(AcquireOutcome::Denied(d))
-                if hold_ms.is_some() && d.reason == DenyReason::CountersLost =>
-            {
+            Ok(AcquireOutcome::Denied(d)) if hold_ms.is_some() && d.reason.counters_lost() => {
+                // The first decision after the loss noticed it; later ones only see it.
+                let noticed = resume.is_none();
+                assert_eq!(
+                    d.reason == DenyReason::CountersLostNoticed,
+                    noticed,
+                    "{what}: {d:?}"
+                );
                 let first = d.now_ms + hold_ms.unwrap_or_default();
                 let at = d.now_ms + ms(d.retry_after);
                 assert_eq!(*resume.get_or_insert(first), at, "{what}: {d:?}");
