@@ -15,11 +15,11 @@ use tokenlease::store::event_relay::RelaySettings;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-use super::faults::{ThrowawayRedis, free_port};
 use super::fixtures::{PoolSetup, create_tenant};
 use super::helpers::{
     Counters, Db, TestApp, TestEnv, authed, eventually, granted_at, ms, now_ms, timed,
 };
+use super::throwaway::{ThrowawayRedis, free_port};
 
 macro_rules! for_each_backend {
     ($($name:ident),* $(,)?) => {

@@ -1,7 +1,6 @@
 //! Backend faults: Redis stopping mid-test (a throwaway Redis this test starts, not the
 //! shared one) makes calls fail closed with UNAVAILABLE, and leasing resumes by itself.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokenlease::config::CountersMode;
@@ -11,81 +10,7 @@ use tonic_types::StatusExt;
 
 use super::fixtures::{PoolSetup, create_tenant, tenant_usage_on};
 use super::helpers::{Counters, Db, TestEnv, authed, eventually, granted_at, ms, timed};
-
-/// A redis-server child process on its own port, killed on drop.
-pub struct ThrowawayRedis {
-    pub port: u16,
-    child: Option<Child>,
-}
-
-impl ThrowawayRedis {
-    pub fn start(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed for this test");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let url = format!("redis://127.0.0.1:{port}");
-        while redis::Client::open(url.as_str())
-            .unwrap()
-            .get_connection()
-            .is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "throwaway redis-server did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self {
-            port,
-            child: Some(child),
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Sends a signal (`-STOP` freezes it, `-CONT` thaws it).
-    pub fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
-        let status = Command::new("kill").args([signal, &pid]).status().unwrap();
-        assert!(status.success(), "kill {signal} {pid}");
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for ThrowawayRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// A free local port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use super::throwaway::{ThrowawayRedis, free_port};
 
 /// Redis stops: AcquireLease answers UNAVAILABLE with a RetryInfo within the configured
 /// timeout and grants nothing; Redis comes back empty (no persistence): the counters

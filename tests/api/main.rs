@@ -16,5 +16,6 @@ mod observe;
 mod pg_faults;
 mod reflection;
 mod replicas;
+mod throwaway;
 mod tls;
 mod usage;

@@ -11,9 +11,9 @@ use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-use super::faults::free_port;
 use super::fixtures::{PoolSetup, create_tenant, token_secret};
 use super::helpers::{Counters, Db, TestApp, TestEnv, authed, run_watching_panics};
+use super::throwaway::free_port;
 
 /// How long an admin call may take while the database is away: `database_timeout_ms`
 /// (default 1 s) plus 300 ms for a loaded machine's scheduling.

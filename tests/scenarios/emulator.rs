@@ -185,6 +185,7 @@ pub fn demand(
         workers,
         max_wait: Duration::from_millis(max_wait_ms),
         pace: pace_ms.map(Duration::from_millis),
+        expect_unavailable: false,
     }
 }
 

@@ -11,6 +11,11 @@ mod helpers;
 #[allow(dead_code)]
 mod fixtures;
 
+#[path = "../api/throwaway.rs"]
+#[allow(dead_code)]
+mod throwaway;
+
 mod emulator;
+mod faults;
 mod health;
 mod workers;

@@ -11,6 +11,7 @@ use tokenlease::grpc::pb::{
     self, acquire_lease_response::Result as Answer, lease_service_client::LeaseServiceClient,
 };
 use tonic::transport::Channel;
+use tonic_types::StatusExt;
 
 use super::helpers::{authed, millis};
 
@@ -25,6 +26,9 @@ pub struct Demand {
     pub max_wait: Duration,
     /// Each worker starts a call at most this often (None: as fast as it can).
     pub pace: Option<Duration>,
+    /// Whether AcquireLease may fail UNAVAILABLE (a fault test breaks Redis): the worker
+    /// then waits the RetryInfo and asks again. Otherwise such a failure fails the test.
+    pub expect_unavailable: bool,
 }
 
 /// What one worker saw.
@@ -38,6 +42,10 @@ pub struct Tally {
     /// AcquireLease latency of granted calls, ms, by priority.
     pub waits_ms: BTreeMap<i32, Vec<u64>>,
     pub denied: u64,
+    /// Unix ms at which a call was denied COUNTERS_RECOVERING (the hold of lost counters).
+    pub held_at_ms: Vec<i64>,
+    /// AcquireLease calls that failed UNAVAILABLE (only with `expect_unavailable`).
+    pub unavailable: u64,
     pub upstream_errors: u64,
     pub rate_limited: u64,
     /// Every lease as the accounting sees it: (granted at on the service's clock, ms
@@ -56,6 +64,8 @@ impl Tally {
             self.waits_ms.entry(p).or_default().extend(w);
         }
         self.denied += other.denied;
+        self.held_at_ms.extend(other.held_at_ms);
+        self.unavailable += other.unavailable;
         self.upstream_errors += other.upstream_errors;
         self.rate_limited += other.rate_limited;
         self.holds_ms.extend(other.holds_ms);
@@ -164,14 +174,23 @@ impl Worker {
                 max_wait: Some(millis(self.demand.max_wait.as_millis() as u64)),
                 ..Default::default()
             };
-            let answer = self
-                .client
-                .acquire_lease(authed(request, &self.key))
-                .await
-                .expect("AcquireLease")
-                .into_inner()
-                .result
-                .unwrap();
+            let answer = match self.client.acquire_lease(authed(request, &self.key)).await {
+                Ok(answer) => answer.into_inner().result.unwrap(),
+                Err(status)
+                    if self.demand.expect_unavailable
+                        && status.code() == tonic::Code::Unavailable =>
+                {
+                    tally.unavailable += 1;
+                    let retry = status.get_details_retry_info().and_then(|r| r.retry_delay);
+                    let retry = retry
+                        .unwrap_or(Duration::from_millis(50))
+                        .max(Duration::from_millis(10));
+                    tokio::time::sleep(retry.min(until.saturating_duration_since(Instant::now())))
+                        .await;
+                    continue;
+                }
+                Err(status) => panic!("AcquireLease: {status:?}"),
+            };
             match answer {
                 Answer::Lease(lease) => {
                     tally.granted_at_ms.push(sent_at);
@@ -184,6 +203,9 @@ impl Worker {
                 }
                 Answer::Denial(denial) => {
                     tally.denied += 1;
+                    if denial.reason == pb::DenialReason::CountersRecovering as i32 {
+                        tally.held_at_ms.push(now_ms());
+                    }
                     let retry = denial.retry_after.map_or(50, |d| {
                         (d.seconds * 1000 + d.nanos as i64 / 1_000_000) as u64
                     });

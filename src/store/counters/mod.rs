@@ -272,13 +272,13 @@ pub enum Counters {
 
 impl Counters {
     /// Decides and records one lease atomically.
-    #[tracing::instrument(name = "counters.acquire", skip_all, fields(upstream_id = %req.upstream_id, tenant_id = %req.tenant_id))]
     pub async fn acquire(&self, req: &AcquireRequest) -> Result<AcquireOutcome, CounterError> {
         self.acquire_within(req, Duration::MAX).await
     }
 
     /// `acquire`, answering within `budget` (or the configured Redis timeout, if
     /// shorter): a decision that would reach Redis later is not made.
+    #[tracing::instrument(name = "counters.acquire", skip_all, fields(upstream_id = %req.upstream_id, tenant_id = %req.tenant_id))]
     pub async fn acquire_within(
         &self,
         req: &AcquireRequest,
