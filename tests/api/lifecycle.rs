@@ -12,11 +12,13 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use super::breaker::{configure, quarantine};
+use super::faults::holds_announced;
 use super::fixtures::{PoolSetup, create_tenant, tenant_usage_on};
 use super::helpers::{
-    Counters, Db, PG_ADMIN_URL, TestApp, TestEnv, authed, eventually, granted_at, millis, ts_ms,
+    Counters, Db, PG_ADMIN_URL, TestApp, TestEnv, authed, eventually, granted_at, millis, ms,
+    timed, ts_ms,
 };
-use super::observe::{connect_when_ready, free_port, start_binary};
+use super::observe::{connect_when_ready, free_port, start_binary, wait_for};
 
 /// `serve` with a Postgres DATABASE_URL and no REDIS_URL exits non-zero, saying why
 /// (replicas counting alone grant a token's limit once each) and what to set.
@@ -179,6 +181,74 @@ async fn an_embedded_restart_holds_until_earlier_leases_are_out() {
         granted_at > last_expiry + 2_000,
         "granted at {granted_at}, in a window with the lease that expired at {last_expiry}"
     );
+}
+
+/// The same restart of the real binary (killed, started again at once on the same data
+/// folder) is visible to operators: the first call after it is denied
+/// COUNTERS_RECOVERING, one `CountersRecovering` event says until when, and /metrics
+/// counts the denial under `reason="counters_recovering"` (what the LeaseCountersLost
+/// alert watches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_restart_is_announced_in_events_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let addresses = || -> (SocketAddr, SocketAddr) {
+        let grpc = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        (grpc, format!("127.0.0.1:{}", free_port()).parse().unwrap())
+    };
+    let (grpc, metrics) = addresses();
+    let mut server = start_binary(dir.path(), grpc, metrics);
+    let (channel, key) = connect_when_ready(dir.path(), grpc).await;
+    let pool = PoolSetup {
+        window_ms: 2_000,
+        ..Default::default()
+    };
+    pool.create(&mut AdminServiceClient::new(channel.clone()), &key)
+        .await;
+    create_tenant(
+        &mut AdminServiceClient::new(channel.clone()),
+        &key,
+        "acme",
+        "flex",
+    )
+    .await;
+    let request = || {
+        let request = pb::AcquireLeaseRequest {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        };
+        authed(request, &key)
+    };
+    let mut lease = LeaseServiceClient::new(channel);
+    let first = lease.acquire_lease(request()).await.unwrap().into_inner();
+    assert!(matches!(first.result, Some(Answer::Lease(_))));
+    server.kill().await.unwrap();
+
+    let (grpc, metrics) = addresses();
+    let _server = start_binary(dir.path(), grpc, metrics);
+    let (channel, _) = connect_when_ready(dir.path(), grpc).await;
+    let mut lease = LeaseServiceClient::new(channel);
+    let watch = pb::WatchEventsRequest::default();
+    let mut events = lease
+        .watch_events(authed(watch, &key))
+        .await
+        .unwrap()
+        .into_inner();
+    let (answer, span) = timed(lease.acquire_lease(request())).await;
+    let Some(Answer::Denial(denial)) = answer.unwrap().into_inner().result else {
+        panic!("granted right after the restart")
+    };
+    assert_eq!(
+        denial.reason,
+        pb::DenialReason::CountersRecovering as i32,
+        "{denial:?}"
+    );
+    let retry_ms = ms(&denial.retry_after.unwrap());
+    let announced = holds_announced(&mut events).await;
+    assert_eq!(announced.len(), 1, "{announced:?}");
+    assert_eq!(announced[0].0, "up");
+    span.assert_points_at(retry_ms, announced[0].1, "the announced end of the hold");
+    let labels = [("tenant", "acme"), ("reason", "counters_recovering")];
+    wait_for(metrics, tokenlease::metrics::names::DENIALS, &labels, 1.0).await;
 }
 
 async fn acquire(app: &TestApp) -> Answer {

@@ -125,7 +125,7 @@ pub(super) async fn connect_when_ready(data_dir: &Path, grpc: SocketAddr) -> (Ch
 }
 
 /// Polls /metrics until `name{labels}` equals `value`.
-async fn wait_for(addr: SocketAddr, name: &str, labels: &[(&str, &str)], value: f64) {
+pub(super) async fn wait_for(addr: SocketAddr, name: &str, labels: &[(&str, &str)], value: f64) {
     let mut last = None;
     for _ in 0..100 {
         last = sample(&scrape(addr).await, name, labels);

@@ -87,9 +87,13 @@ async fn redis_restarted_empty_five_times_no_violation() {
     let stats = s.emulator.stats(&s.tokens[0]);
     eprintln!(
         "redis restarts (kill → answering, ms): {:?}; grants {}; COUNTERS_RECOVERING denials \
-         {held}; UNAVAILABLE {unavailable}; upstream {stats:?}",
+         {held}; UNAVAILABLE {unavailable}; upstream accepted {}, violations {}, most in one \
+         window {}",
         kills.iter().map(|(k, r)| r - k).collect::<Vec<_>>(),
-        grants.len()
+        grants.len(),
+        stats.accepted,
+        stats.violations,
+        stats.max_accepted_in_any_window(WINDOW)
     );
     s.assert_no_violation();
     for (killed_at, back_at) in &kills {
