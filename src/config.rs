@@ -77,6 +77,13 @@ pub struct RedisSection {
     pub key_prefix: String,
     /// Upper bound on one Redis call; past it the call fails closed (UNAVAILABLE).
     pub timeout_ms: u64,
+    /// Set only when Redis keeps every acknowledged write across restarts and failovers
+    /// (`appendonly yes` with `appendfsync always`): a new Redis process then does not
+    /// hold leasing. With the default (false) every Redis restart or failover that kept
+    /// the keys holds each upstream once for W + TTL + grace, since the last writes
+    /// (grants) may be missing.
+    #[serde(default)]
+    pub durable: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -155,6 +162,7 @@ impl Default for Settings {
             redis: RedisSection {
                 key_prefix: "tl".into(),
                 timeout_ms: 250,
+                durable: false,
             },
             lease: LeaseSection {
                 ttl_ms: 5_000,

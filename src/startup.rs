@@ -85,6 +85,7 @@ async fn open_counters(settings: &Settings) -> anyhow::Result<Counters> {
         url: url.to_owned(),
         key_prefix: settings.redis.key_prefix.clone(),
         timeout: Duration::from_millis(settings.redis.timeout_ms),
+        durable: settings.redis.durable,
     };
     let counters = RedisCounters::connect(&redis)
         .await

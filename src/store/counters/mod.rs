@@ -27,8 +27,16 @@
 //! leaves every window by `g + T + W ≤ now + W + T`; a grant from the fence on shares
 //! no window with it, and grants after the fence are counted as above. A new upstream
 //! is marked fresh when it is created (`Counters::mark_fresh`), so only a loss holds.
-//! Not covered: a failover to a Redis replica that kept the fence but missed some of
-//! the last writes.
+//!
+//! A partial loss looks different: a Redis restarted from a snapshot or an AOF written
+//! every second, or a replica promoted by a failover, has the fence but may lack the
+//! last grants. So the fence also names the Redis process that last confirmed it (its
+//! `run_id`); a decision on another process treats the counters as lost in the same way,
+//! unless the deployment declares that its Redis keeps every acknowledged write
+//! (`redis.durable`). Not covered: a failover inside a Redis Cluster, where keys also
+//! move between nodes whole when slots are resharded, so a new node cannot mean a loss
+//! (run each shard with `min-replicas-to-write` and AOF). The embedded mode has no such
+//! case: its counters live and die with the process.
 //!
 //! # Backends
 //! `Counters` is an enum over the two backends (chosen once in `startup.rs`), so both

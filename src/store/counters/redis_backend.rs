@@ -1,7 +1,7 @@
 //! Lease counters in Redis (one server or a Redis Cluster), shared by every replica.
 //!
 //! Keys: `<prefix>:{<upstream>}:tw:<tenant>` (tenant window), `…:kw:<token>` (token
-//! window), `…:lease:<nonce>` (lease hash), `…:fence:counters` (the upstream's fence,
+//! window), `…:lease:<nonce>` (lease hash), `…:fence:epoch` (the upstream's fence,
 //! see `Counters::mark_fresh`: the one key without a TTL). The `{<upstream>}` hash tag puts one
 //! upstream's keys in one cluster slot, so a decision that spans a tenant and many
 //! tokens is one atomic script. One slot per upstream is ample: an upstream allowing
@@ -57,6 +57,10 @@ pub struct RedisSettings {
     pub key_prefix: String,
     /// Upper bound on one counter call, connection attempts included.
     pub timeout: Duration,
+    /// Whether this Redis keeps every acknowledged write across restarts and failovers
+    /// (`appendfsync always`, or replication that waits). When false, a new Redis
+    /// process behind the same keys holds every upstream once (see the fence).
+    pub durable: bool,
 }
 
 #[derive(Clone)]
@@ -72,6 +76,10 @@ pub struct RedisCounters {
     connection: Connection,
     prefix: String,
     timeout: Duration,
+    /// Whether a fence confirmed by another Redis process is trusted (see the fence in
+    /// `scripts::ACQUIRE`): when Redis is declared durable, and on a Redis Cluster,
+    /// where resharding moves keys between nodes whole (MIGRATE) and must not hold.
+    trust_new_server: bool,
     acquire: Script,
     release: Script,
     usage: Script,
@@ -119,10 +127,12 @@ impl RedisCounters {
                 ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?,
             )
         };
+        let trust_new_server = settings.durable || matches!(connection, Connection::Cluster(..));
         Ok(Self {
             connection,
             prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
+            trust_new_server,
             acquire: Script::new(scripts::ACQUIRE),
             release: Script::new(scripts::RELEASE),
             usage: Script::new(scripts::USAGE),
@@ -215,7 +225,7 @@ impl RedisCounters {
             inv.key(self.key(up, "kw", token.as_str()));
         }
         inv.key(self.key(up, "pace", "tokens"));
-        inv.key(self.key(up, "fence", "counters"));
+        inv.key(self.key(up, "fence", "epoch"));
         let window_ms = req.window.as_millis() as i64;
         inv.arg(window_ms)
             .arg(req.lease_ttl.as_millis() as u64)
@@ -240,6 +250,7 @@ impl RedisCounters {
         for token in &tokens {
             inv.arg(token.as_str());
         }
+        inv.arg(if self.trust_new_server { "1" } else { "0" });
         // When this call stops waiting for the answer: a script that reaches Redis later
         // does nothing.
         inv.arg(crate::clock::system_now_ms() + budget.as_millis() as i64);
@@ -250,7 +261,7 @@ impl RedisCounters {
 
     pub async fn mark_fresh(&self, upstream: &Id) -> Result<(), CounterError> {
         let mut inv = self.mark_fresh.prepare_invoke();
-        inv.key(self.key(upstream, "fence", "counters"));
+        inv.key(self.key(upstream, "fence", "epoch"));
         self.run(inv).await.map(|_| ())
     }
 

@@ -23,9 +23,14 @@
 /// - `KEYS[7..6+n]`: the candidate tokens' windows, dedicated tokens first
 /// - `KEYS[7+n]`: the upstream's pacing schedules (hash: token id → the instant, in ms,
 ///   up to which the token's pace is spent: the "theoretical arrival time" of GCRA)
-/// - `KEYS[8+n]`: the upstream's fence (string: the instant grants may resume from; see
-///   `Counters::mark_fresh`). Missing means the counters were lost: it is set to now +
-///   W + TTL and the call denied.
+/// - `KEYS[8+n]`: the upstream's fence (hash: `until`, the instant grants may resume
+///   from, and `server`, the run id of the Redis process that last confirmed it; see
+///   `Counters::mark_fresh`). Missing means the counters were lost; written by another
+///   Redis process (a restart that reloaded a snapshot or an AOF, a failover to a
+///   replica) means some of the last writes may be lost, unless another process is to
+///   be trusted (`ARGV[#ARGV-1]` = 1: Redis declared durable, or a Redis Cluster, whose
+///   resharding moves keys between nodes). Either way the hold is set to now + W + TTL
+///   and the call denied.
 /// - `ARGV[1]` window ms, `ARGV[2]` lease TTL ms, `ARGV[3]` cost, `ARGV[4]` tenant
 ///   limit, `ARGV[5]` token limit, `ARGV[6]` how many of the tokens are dedicated,
 ///   `ARGV[7]` tenant id, `ARGV[8]` call nonce (also the lease's), `ARGV[9]` demand
@@ -33,9 +38,9 @@
 ///   deadline ('' on its first attempt), `ARGV[12]` its priority offset ms, `ARGV[13]`
 ///   how long to stay queued when denied (0: answer now; -1: ignore the queue),
 ///   `ARGV[14]` pacing: how many slots a token may grant back to back (0: no pacing),
-///   `ARGV[15..14+n]` token ids (as the windows), and last `ARGV[15+n]` the instant
-///   (Unix ms, the replica's clock) after which the caller no longer waits for this
-///   answer (0: none)
+///   `ARGV[15..14+n]` token ids (as the windows), `ARGV[15+n]` 1 to trust a fence
+///   another Redis process confirmed (see the fence), and last `ARGV[16+n]` the instant (Unix ms, the replica's clock)
+///   after which the caller no longer waits for this answer (0: none)
 ///
 /// Pacing spreads a token's grants over its window: beyond the back-to-back allowance
 /// a token grants one slot per W / token limit (GCRA). The allowance is earned only
@@ -66,13 +71,18 @@ local give_up_at = tonumber(ARGV[#ARGV])
 if give_up_at > 0 and now > give_up_at then return {-1, now} end
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
-local fence = tonumber(redis.call('GET', KEYS[#KEYS]))
-if not fence then
-  fence = now + window + ttl
-  redis.call('SET', KEYS[#KEYS], fence)
-  return {0, 4, fence - now, now, -1}
+local server = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local fence = redis.call('HMGET', KEYS[#KEYS], 'until', 'server')
+local hold_until = tonumber(fence[1])
+if fence[2] ~= server then
+  if not hold_until or ARGV[#ARGV - 1] ~= '1' then
+    hold_until = now + window + ttl
+    redis.call('HSET', KEYS[#KEYS], 'until', hold_until, 'server', server)
+    return {0, 4, hold_until - now, now, -1}
+  end
+  redis.call('HSET', KEYS[#KEYS], 'server', server)
 end
-if fence > now then return {0, 3, fence - now, now, -1} end
+if hold_until > now then return {0, 3, hold_until - now, now, -1} end
 -- Every lease allows at least one call, so it takes at least one slot.
 local cost = math.max(1, tonumber(ARGV[3]))
 local tenant_limit = tonumber(ARGV[4])
@@ -303,9 +313,13 @@ return out
 "#;
 
 /// Marks an upstream's counters complete (`Counters::mark_fresh`): `KEYS[1]` its fence,
-/// set to 0 (grants may start at once) unless one is already there, a hold included.
+/// set to "no hold, confirmed by this Redis process" unless one is already there, a
+/// hold included.
 pub const MARK_FRESH: &str = r#"
-redis.call('SET', KEYS[1], 0, 'NX')
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local server = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  redis.call('HSET', KEYS[1], 'until', 0, 'server', server)
+end
 return 1
 "#;
 

@@ -97,6 +97,7 @@ async fn redis_counters(url: &str, prefix: &str, timeout: Duration) -> RedisCoun
         url: url.to_owned(),
         key_prefix: prefix.to_owned(),
         timeout,
+        durable: false,
     };
     RedisCounters::connect(&settings)
         .await

@@ -27,9 +27,17 @@ struct Throwaway {
 
 impl Throwaway {
     async fn start(port: u16) -> Self {
+        Self::start_in(port, &std::env::temp_dir()).await
+    }
+
+    /// Starts with `dir` as its data folder: a `dump.rdb` there (from `SAVE`) is loaded.
+    async fn start_in(port: u16, dir: &std::path::Path) -> Self {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .args(["--dbfilename", &format!("tokenlease-test-{port}.rdb")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -93,17 +101,23 @@ impl Drop for Throwaway {
 }
 
 async fn counters_for(url: &str) -> RedisCounters {
-    let settings = RedisSettings {
-        url: url.to_owned(),
-        key_prefix: format!("tltest-{}", uuid::Uuid::new_v4().simple()),
-        timeout: TIMEOUT,
-    };
-    let counters = RedisCounters::connect(&settings)
-        .await
-        .expect("a single-server connection is lazy and cannot fail");
+    let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
+    let counters = counters_with(url, &prefix, false).await;
     // A new upstream; fails (and is ignored) when Redis is not up yet.
     let _ = counters.mark_fresh(&id(UPSTREAM)).await;
     counters
+}
+
+async fn counters_with(url: &str, prefix: &str, durable: bool) -> RedisCounters {
+    let settings = RedisSettings {
+        url: url.to_owned(),
+        key_prefix: prefix.to_owned(),
+        timeout: TIMEOUT,
+        durable,
+    };
+    RedisCounters::connect(&settings)
+        .await
+        .expect("a single-server connection is lazy and cannot fail")
 }
 
 fn request() -> AcquireRequest {
@@ -254,6 +268,78 @@ async fn redis_killed_fails_closed_then_recovers() {
     assert_holds_then_recovers(&counters, "Redis restarted empty").await;
 }
 
+/// A new Redis process behind the same keys (a restart that reloaded a snapshot, or a
+/// failover to a replica) may lack the last grants even though the fence survived: the
+/// fence names the Redis process that confirmed it, so the first decision on the new
+/// one holds the upstream for W + TTL, unless the deployment declares its Redis durable
+/// (every acknowledged write survives). Here 2 grants after the `SAVE` are lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_redis_process_with_the_old_keys_holds_unless_durable() {
+    let (port, dir) = (free_port(), tempfile::tempdir().unwrap());
+    let mut server = Throwaway::start_in(port, dir.path()).await;
+    let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
+    let counters = counters_with(&server.url(), &prefix, false).await;
+    let durable = counters_with(&server.url(), &prefix, true).await;
+    let held = request();
+    let trusted = AcquireRequest {
+        upstream_id: id("up-durable"),
+        ..request()
+    };
+    counters
+        .mark_fresh(&held.upstream_id)
+        .await
+        .expect("mark fresh");
+    durable
+        .mark_fresh(&trusted.upstream_id)
+        .await
+        .expect("mark fresh");
+    let granted = |answer| matches!(answer, Ok(AcquireOutcome::Granted(_)));
+    assert!(granted(counters.acquire(&fresh(&held)).await));
+    assert!(granted(durable.acquire(&fresh(&trusted)).await));
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("SAVE")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("SAVE");
+    for _ in 0..2 {
+        assert!(granted(counters.acquire(&fresh(&held)).await));
+        assert!(granted(durable.acquire(&fresh(&trusted)).await));
+    }
+    server.kill();
+    let _server = Throwaway::start_in(port, dir.path()).await;
+
+    let answer = eventually_answered(&counters, &held).await;
+    let AcquireOutcome::Denied(denied) = answer else {
+        panic!("granted on a Redis that lost the last grants: {answer:?}")
+    };
+    assert_eq!(denied.reason, DenyReason::CountersLostNoticed, "{denied:?}");
+    assert_eq!(
+        denied.retry_after,
+        held.window + held.lease_ttl,
+        "{denied:?}"
+    );
+    let answer = eventually_answered(&durable, &trusted).await;
+    assert!(
+        matches!(answer, AcquireOutcome::Granted(_)),
+        "durable: {answer:?}"
+    );
+}
+
+/// The first answer once the reconnection is through.
+async fn eventually_answered(counters: &RedisCounters, req: &AcquireRequest) -> AcquireOutcome {
+    let deadline = Instant::now() + RECOVERY;
+    loop {
+        match counters.acquire(&fresh(req)).await {
+            Ok(answer) => return answer,
+            Err(CounterError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+}
+
 /// Property 12: Redis frozen (SIGSTOP: connected but silent) → `Unavailable` within the
 /// timeout, not a hang; thawed → grants again by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,7 +411,7 @@ async fn redis_keys_all_expire() {
         };
         let mut conn = conn.clone();
         let mut keys = keys_under(&mut conn, &h.prefix).await;
-        let fence = format!("{}:{{{UPSTREAM}}}:fence:counters", h.prefix);
+        let fence = format!("{}:{{{UPSTREAM}}}:fence:epoch", h.prefix);
         assert!(keys.contains(&fence), "{keys:?}");
         let fence_ttl: i64 = redis::cmd("PTTL")
             .arg(&fence)
