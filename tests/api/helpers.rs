@@ -17,6 +17,7 @@ use tokenlease::grpc::pb::admin_service_client::AdminServiceClient;
 use tokenlease::grpc::pb::lease_service_client::LeaseServiceClient;
 use tokenlease::lease::Leaser;
 use tokenlease::startup::App;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Request;
 use tonic::transport::Channel;
 
@@ -52,6 +53,10 @@ pub struct TestEnv {
 /// A running replica.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// Where its /metrics is served (the recorder is one per process: every app of a
+    /// test binary shows the same counters). Read by the scenario suite.
+    #[allow(dead_code)]
+    pub metrics_addr: Option<SocketAddr>,
     pub leaser: Leaser,
     pub admin_key: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -131,6 +136,7 @@ impl TestEnv {
     pub async fn spawn_with(&self, settings: Settings) -> TestApp {
         let app = App::build(settings).await.expect("build app");
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let leaser = app.leaser.clone();
         let admin_key = issue_api_key(&leaser.config, "test admin", ApiKeyRole::Admin, vec![])
             .await
@@ -141,6 +147,7 @@ impl TestEnv {
         }));
         TestApp {
             addr,
+            metrics_addr,
             leaser,
             admin_key: admin_key.expose_secret().to_owned(),
             stop: Some(stop),
@@ -418,4 +425,47 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// GET /metrics, the body.
+pub async fn scrape(addr: SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_lowercase().contains("content-type: text/plain"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// The value of the series `name{labels}` (exactly these labels), if present.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let wanted: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, found) = match series.split_once('{') {
+                Some((n, rest)) => (n, parse_labels(rest.strip_suffix('}')?)),
+                None => (series, BTreeMap::new()),
+            };
+            (series_name == name && found == wanted).then(|| value.parse().unwrap())
+        })
+}
+
+fn parse_labels(body: &str) -> BTreeMap<&str, &str> {
+    body.split(',')
+        .filter(|p| !p.is_empty())
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            Some((k, v.trim_matches('"')))
+        })
+        .collect()
 }

@@ -2,7 +2,6 @@
 //! (its own process, so the process-wide counters hold that run alone), and OTLP traces
 //! whose AcquireLease span is a child of the caller's span.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -19,56 +18,12 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
 use tokenlease::metrics::names;
 use tokenlease::telemetry::{self, OtlpConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Server};
 use tracing_subscriber::layer::SubscriberExt;
 
 use super::fixtures::{PoolSetup, app_with, create_tenant, token_secret};
-use super::helpers::{Counters, Db, authed, millis};
-
-/// GET /metrics, the body.
-async fn scrape(addr: SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        head.to_lowercase().contains("content-type: text/plain"),
-        "{head}"
-    );
-    body.to_owned()
-}
-
-/// The value of the series `name{labels}` (exactly these labels), if present.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let wanted: BTreeMap<&str, &str> = labels.iter().copied().collect();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (series_name, found) = match series.split_once('{') {
-                Some((n, rest)) => (n, parse_labels(rest.strip_suffix('}')?)),
-                None => (series, BTreeMap::new()),
-            };
-            (series_name == name && found == wanted).then(|| value.parse().unwrap())
-        })
-}
-
-fn parse_labels(body: &str) -> BTreeMap<&str, &str> {
-    body.split(',')
-        .filter(|p| !p.is_empty())
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=')?;
-            Some((k, v.trim_matches('"')))
-        })
-        .collect()
-}
+use super::helpers::{Counters, Db, authed, millis, sample, scrape};
 
 pub(super) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

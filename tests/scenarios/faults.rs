@@ -9,7 +9,7 @@ use tokenlease::config::CountersMode;
 use tokenlease::grpc::pb;
 
 use super::emulator::{Scenario, WINDOW, demand};
-use super::helpers::{authed, ts_ms};
+use super::helpers::{authed, sample, scrape, ts_ms};
 use super::throwaway::{ThrowawayRedis, free_port};
 use super::workers::now_ms;
 
@@ -30,7 +30,8 @@ type Announcement = (String, String, i64);
 /// Redis SIGKILLed and restarted empty within 100 ms, five times, while 8 workers keep
 /// a token saturated through three replicas: the emulator counts 0 violations and never
 /// more than 100 calls in a window; each loss is announced exactly once (one
-/// `CountersRecovering` event) and denied COUNTERS_RECOVERING meanwhile; no lease is
+/// `CountersRecovering` event) and denied COUNTERS_RECOVERING meanwhile, each denial
+/// counted in /metrics (what the LeaseCountersLost alert watches); no lease is
 /// granted between a kill and the end of its hold, and leasing resumes by itself after
 /// each hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,6 +148,17 @@ async fn redis_restarted_empty_five_times_no_violation() {
         held > 0,
         "callers were told COUNTERS_RECOVERING during the holds"
     );
+    // /metrics counts each of those denials (the recorder is the process's, shared by
+    // the three replicas; no other test of this binary runs at the same time).
+    let text = scrape(s.replicas[0].metrics_addr.expect("metrics on")).await;
+    let counted: f64 = ["a", "b"]
+        .iter()
+        .filter_map(|tenant| {
+            let labels = [("tenant", *tenant), ("reason", "counters_recovering")];
+            sample(&text, tokenlease::metrics::names::DENIALS, &labels)
+        })
+        .sum();
+    assert_eq!(counted, held as f64, "denials counted in /metrics");
 }
 
 /// Collects the `CountersRecovering` events every replica's watchers see.
