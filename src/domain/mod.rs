@@ -15,7 +15,9 @@ pub use model::{
     ApiKeyRecord, ApiKeyRole, Pool, SharedAccess, Tenant, Tier, TokenOwner, TokenRecord, Upstream,
 };
 pub use priority::{Priority, PriorityMap, RequestKind};
-pub use token_health::{BreakerPolicy, QUARANTINE_MAX, QUARANTINE_MIN, TokenState};
+pub use token_health::{
+    BreakerPolicy, MAX_BLOCK_FACTOR, QUARANTINE_MAX, QUARANTINE_MIN, TokenState, quarantine_max,
+};
 pub use validate::{CapacityReport, ConfigView, MAX_GUARANTEED_SHARE, check_guarantees};
 
 /// A value that breaks a rule of the model, naming the field so a person can fix it.

@@ -80,6 +80,19 @@ pub const QUARANTINE_MIN: Duration = Duration::from_secs(1);
 /// service for weeks. Matches the longest `block_duration` an upstream profile may have.
 pub const QUARANTINE_MAX: Duration = Duration::from_secs(86_400);
 
+/// A reported block may last at most this many times the upstream profile's block
+/// duration: an upstream that blocks tokens for minutes does not block one for a day,
+/// so a `blocked_until` further ahead is a worker's misparsed date or a hostile report
+/// (one worker key must not take its pool out of service), and is cut.
+pub const MAX_BLOCK_FACTOR: u32 = 4;
+
+/// The longest quarantine one report may set, for an upstream whose block lasts `block`.
+pub fn quarantine_max(block: Duration) -> Duration {
+    block
+        .saturating_mul(MAX_BLOCK_FACTOR)
+        .clamp(QUARANTINE_MIN, QUARANTINE_MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -701,6 +701,27 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::DeleteApiKeyResponse {}))
     }
 
+    async fn reset_token_health(
+        &self,
+        r: Request<pb::ResetTokenHealthRequest>,
+    ) -> Reply<pb::ResetTokenHealthResponse> {
+        admin(&r)?;
+        let id = parse_id("token_id", &r.get_ref().token_id)?;
+        let snapshot = self.config().current();
+        let Some(token) = snapshot.tokens.get(&id) else {
+            return Err(
+                ServiceError::NotFound(format!("token_id: token '{id}' does not exist")).into(),
+            );
+        };
+        let leaser = &self.leaser;
+        let previous = (leaser.health)
+            .reset(&leaser.counters, &token.record.upstream_id, &id)
+            .await?;
+        Ok(Response::new(pb::ResetTokenHealthResponse {
+            previous_state: super::convert::token_state_to_proto(previous) as i32,
+        }))
+    }
+
     async fn get_usage(&self, r: Request<pb::GetUsageRequest>) -> Reply<pb::GetUsageResponse> {
         admin(&r)?;
         let req = r.into_inner();

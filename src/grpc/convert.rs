@@ -309,3 +309,14 @@ pub fn api_key_to_proto(k: &ApiKeyRecord) -> pb::ApiKey {
         create_time: Some(timestamp(k.create_time_ms)),
     }
 }
+
+pub fn token_state_to_proto(state: crate::domain::TokenState) -> pb::TokenState {
+    use crate::domain::TokenState;
+    match state {
+        TokenState::Active => pb::TokenState::Active,
+        TokenState::BreakerOpen => pb::TokenState::BreakerOpen,
+        TokenState::BreakerHalfOpen => pb::TokenState::BreakerHalfOpen,
+        TokenState::Quarantined => pb::TokenState::Quarantined,
+        TokenState::Disabled => pb::TokenState::Disabled,
+    }
+}

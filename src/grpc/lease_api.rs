@@ -10,10 +10,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::auth::caller;
-use super::convert::{duration, parse_optional_duration, timestamp};
+use super::convert::{duration, parse_optional_duration, timestamp, token_state_to_proto};
 use super::pb::{self, lease_service_server::LeaseService};
 use crate::auth::Caller;
-use crate::domain::{Id, InvalidField, Priority, PriorityMap, RequestKind, TokenState};
+use crate::domain::{Id, InvalidField, Priority, PriorityMap, RequestKind};
 use crate::error::ServiceError;
 use crate::events::{Change, Event, EventBus, EventKind, Filter, Resource};
 use crate::lease::{
@@ -121,16 +121,6 @@ fn parse_blocked_until(value: Option<prost_types::Timestamp>) -> Result<Option<i
             .saturating_mul(1000)
             .saturating_add(i64::from(t.nanos) / 1_000_000),
     ))
-}
-
-fn token_state_to_proto(state: TokenState) -> pb::TokenState {
-    match state {
-        TokenState::Active => pb::TokenState::Active,
-        TokenState::BreakerOpen => pb::TokenState::BreakerOpen,
-        TokenState::BreakerHalfOpen => pb::TokenState::BreakerHalfOpen,
-        TokenState::Quarantined => pb::TokenState::Quarantined,
-        TokenState::Disabled => pb::TokenState::Disabled,
-    }
 }
 
 fn answer_to_proto(answer: AcquireAnswer) -> pb::AcquireLeaseResponse {

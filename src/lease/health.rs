@@ -243,6 +243,21 @@ impl TokenHealth {
             lease_ttl,
             policy: self.policy,
         };
+        if let Some(until) = blocked_until_ms {
+            let cap = crate::domain::quarantine_max(block_duration).as_millis() as i64;
+            let ahead = until - crate::clock::system_now_ms();
+            if ahead > cap {
+                tracing::warn!(
+                    token_id = %key.token_id,
+                    tenant_id = %key.tenant_id,
+                    reported_ms = ahead,
+                    cap_ms = cap,
+                    "a rate-limit report's blocked_until is further ahead than this upstream \
+                     ever blocks; the quarantine is cut to the cap (a worker misparsing the \
+                     upstream's date?)"
+                );
+            }
+        }
         let recorded = counters.record_outcome(&report).await?;
         if recorded.applied {
             // If this was the probe of a half-open token, its slot is free again.
@@ -250,6 +265,38 @@ impl TokenHealth {
         }
         self.publish(&recorded.transitions, recorded.now_ms);
         Ok(())
+    }
+
+    /// Puts `token` of `upstream` back in service (an admin's decision): forgets its
+    /// quarantine and breaker in the store, here, and, through the event, on every
+    /// replica. Returns its state just before.
+    pub async fn reset(
+        &self,
+        counters: &Counters,
+        upstream: &Id,
+        token: &Id,
+    ) -> Result<TokenState, ServiceError> {
+        let before = counters.reset_health(upstream, token).await?;
+        self.publish(&before.transitions, before.now_ms);
+        let previous = before
+            .tokens
+            .first()
+            .map_or(TokenState::Active, |status| status.state);
+        self.hints().remove(token);
+        if previous != TokenState::Active {
+            tracing::info!(token_id = %token, ?previous, "token health reset by an admin");
+            self.events.publish_at(
+                before.now_ms,
+                EventKind::TokenStateChanged {
+                    token_id: token.to_string(),
+                    previous,
+                    new: TokenState::Active,
+                    until_ms: None,
+                    cause: "cleared by an admin".into(),
+                },
+            );
+        }
+        Ok(previous)
     }
 
     /// Publishes transitions the store reported (each exactly once, by the caller that

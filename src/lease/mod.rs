@@ -197,7 +197,16 @@ impl Leaser {
                         _ = self.shutting_down() => return Err(shutting_down_error()),
                     }
                 }
-                Attempt::Done(answer) => return Ok(answer),
+                Attempt::Done(answer) => {
+                    if let AcquireAnswer::Denied {
+                        reason: DenialReason::NoUsableToken,
+                        ..
+                    } = &answer
+                    {
+                        crate::metrics::lease_denied(&input.tenant_id, DenialReason::NoUsableToken);
+                    }
+                    return Ok(answer);
+                }
                 Attempt::Denied(plan, denied) => break (plan, denied),
             }
         };
@@ -573,7 +582,6 @@ fn no_usable_token(tenant: &Tenant, snapshot: &Snapshot) -> AcquireAnswer {
     } else {
         "all of its tokens are disabled".to_owned()
     };
-    crate::metrics::lease_denied(&tenant.id, DenialReason::NoUsableToken);
     AcquireAnswer::Denied {
         reason: DenialReason::NoUsableToken,
         retry_after: None,

@@ -33,6 +33,7 @@ for_each_backend!(
     no_usable_token_says_when_the_first_comes_back,
     quarantine_holds_until_blocked_until,
     a_waiting_caller_outlasts_a_quarantine,
+    a_far_off_block_is_cut_and_an_admin_clears_it,
 );
 
 /// The breaker's open time in these tests.
@@ -225,6 +226,88 @@ async fn quarantine_holds_until_blocked_until(db: Db, counters: Counters) {
         granted_at(&lease) >= blocked_until,
         "leased at {}, before the block ended at {blocked_until}",
         granted_at(&lease)
+    );
+}
+
+/// Issue 11, row 1: a worker reports its token blocked until 2036 (hostile, or a
+/// misparsed date). The quarantine is cut to 4 × the profile's block duration (60 s
+/// here: 240 s, not ten years nor the old 24 h), and an admin's ResetTokenHealth puts
+/// the token back at once: it answers the state before (QUARANTINED), tells watchers
+/// (TOKEN_STATE_ACTIVE, "cleared by an admin"), and the next call is granted. Disabling
+/// and enabling the token did not clear it before; a reset of a healthy token answers
+/// ACTIVE and sends nothing; an unknown token is NOT_FOUND.
+async fn a_far_off_block_is_cut_and_an_admin_clears_it(db: Db, counters: Counters) {
+    let env = TestEnv::new(db, counters).await;
+    let app = env.spawn().await;
+    configure(&app, 1).await;
+    let mut events = watch(&app, &app.admin_key, &["tok-0"]).await;
+    let lease = lease_on(&app, "tok-0").await;
+    let year_2036 = 2_082_758_400_000;
+    let (_, reported) = timed(release(
+        &app,
+        &lease,
+        pb::ReleaseOutcome::UpstreamRateLimited,
+        Some(year_2036),
+    ))
+    .await;
+    let (answer, span) = timed(acquire(&app)).await;
+    let denial = expect_denial(answer);
+    assert_eq!(denial.reason, pb::DenialReason::NoUsableToken as i32);
+    let retry_after = ms(&denial.retry_after.unwrap());
+    let cap = 4 * 60_000;
+    span.assert_points_near(
+        retry_after,
+        reported.before + cap,
+        reported,
+        "the cut block's end",
+    );
+
+    let mut admin = app.admin().await;
+    let reset = |token: &str| {
+        let request = pb::ResetTokenHealthRequest {
+            token_id: token.into(),
+        };
+        authed(request, &app.admin_key)
+    };
+    let previous = admin.reset_token_health(reset("tok-0")).await.unwrap();
+    assert_eq!(
+        previous.into_inner().previous_state,
+        pb::TokenState::Quarantined as i32
+    );
+    assert!(
+        matches!(acquire(&app).await, Answer::Lease(l) if l.token_id == "tok-0"),
+        "leased at once after the reset"
+    );
+    let again = admin.reset_token_health(reset("tok-0")).await.unwrap();
+    assert_eq!(
+        again.into_inner().previous_state,
+        pb::TokenState::Active as i32
+    );
+    let missing = admin.reset_token_health(reset("tok-9")).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+
+    let changes: Vec<(i32, i32, String)> = drain(&mut events, Duration::from_millis(300))
+        .await
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            Some(pb::event::Kind::TokenStateChanged(c)) => {
+                Some((c.previous_state, c.new_state, c.cause))
+            }
+            _ => None,
+        })
+        .collect();
+    let quarantined = pb::TokenState::Quarantined as i32;
+    let active = pb::TokenState::Active as i32;
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert_eq!(
+        (changes[0].0, changes[0].1),
+        (active, quarantined),
+        "{changes:?}"
+    );
+    assert_eq!(
+        changes[1],
+        (quarantined, active, "cleared by an admin".to_owned()),
+        "{changes:?}"
     );
 }
 

@@ -127,7 +127,7 @@ async fn metrics_count_exactly_what_a_small_run_did() {
     pool.create(&mut admin, &admin_key).await;
     create_tenant(&mut admin, &admin_key, "acme", "flex").await;
     create_tenant(&mut admin, &admin_key, "beta", "flex").await;
-    let mut lease = pb::lease_service_client::LeaseServiceClient::new(channel);
+    let lease = pb::lease_service_client::LeaseServiceClient::new(channel);
     let acquire = async |tenant: &str| {
         let request = authed(acquire_request(tenant, None), &admin_key);
         let answer = lease.clone().acquire_lease(request).await.unwrap();
@@ -181,6 +181,7 @@ async fn metrics_count_exactly_what_a_small_run_did() {
             ..Default::default()
         };
         lease
+            .clone()
             .release_lease(authed(request, &admin_key))
             .await
             .unwrap();
@@ -188,6 +189,10 @@ async fn metrics_count_exactly_what_a_small_run_did() {
     // 5 granted − 1 not used = 4 of 5 slots held.
     let token = [("token", "tok-0"), ("upstream", "up")];
     wait_for(metrics, names::TOKEN_USED_SLOTS, &token, 4.0).await;
+    // The rate-limited release quarantined the pool's only token: beta finds none.
+    assert!(
+        matches!(acquire("beta").await, Answer::Denial(d) if d.reason == pb::DenialReason::NoUsableToken as i32)
+    );
 
     let text = scrape(metrics).await;
     let expect = |name: &str, labels: &[(&str, &str)], value: f64| {
@@ -223,6 +228,11 @@ async fn metrics_count_exactly_what_a_small_run_did() {
         1.0,
     );
     expect(
+        names::DENIALS,
+        &[("tenant", "beta"), ("reason", "no_usable_token")],
+        1.0,
+    );
+    expect(
         names::TOKEN_EXHAUSTION,
         &[("upstream", "up"), ("pool", "shared")],
         1.0,
@@ -251,7 +261,7 @@ async fn metrics_count_exactly_what_a_small_run_did() {
     );
     let acquire_count = format!("{}_count", names::ACQUIRE_DURATION);
     expect(&acquire_count, &[("result", "granted")], 5.0);
-    expect(&acquire_count, &[("result", "denied")], 2.0);
+    expect(&acquire_count, &[("result", "denied")], 3.0);
     assert_eq!(sample(&text, &acquire_count, &[("result", "error")]), None);
     expect(names::WAITING_CALLERS, &waiting, 0.0);
     expect(names::TOKEN_USED_SLOTS, &token, 4.0);

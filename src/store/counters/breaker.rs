@@ -12,8 +12,9 @@
 //!   a probe released that way (or expired unreleased) frees the probe slot.
 //! - **Quarantine**, beside the breaker: an UPSTREAM_RATE_LIMITED release blocks the
 //!   token until the upstream's `blocked_until` (or now + the profile's block duration),
-//!   clamped to [`QUARANTINE_MIN`, `QUARANTINE_MAX`] from now. A later report only ever
-//!   extends it.
+//!   clamped to [`QUARANTINE_MIN`, `quarantine_max`] from now (at most 4 times the
+//!   profile's block duration, and a day). A later report only ever extends it; only an
+//!   admin's `reset_health` lifts it early.
 //!
 //! Transitions that time alone causes (open → half-open, quarantine over) have no release
 //! to trigger them: every operation first *settles* the record, applying those due by
@@ -34,7 +35,7 @@
 use std::time::Duration;
 
 use super::{CounterError, Counters, LeaseKey, ReleaseOutcome};
-use crate::domain::{BreakerPolicy, Id, QUARANTINE_MAX, QUARANTINE_MIN, TokenState};
+use crate::domain::{BreakerPolicy, Id, QUARANTINE_MIN, TokenState, quarantine_max};
 
 /// Why a token changed state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +205,19 @@ impl Counters {
         }
     }
 
+    /// Puts a token back in service: forgets its quarantine and breaker (an admin's
+    /// decision). Returns its health just before.
+    pub async fn reset_health(
+        &self,
+        upstream_id: &Id,
+        token_id: &Id,
+    ) -> Result<StatusReport, CounterError> {
+        match self {
+            Self::Memory(m) => Ok(m.reset_health(upstream_id, token_id)),
+            Self::Redis(r) => r.reset_health(upstream_id, token_id).await,
+        }
+    }
+
     /// The health of `tokens` now (settling transitions that became due).
     pub async fn token_status(
         &self,
@@ -222,7 +236,7 @@ pub(super) fn quarantine_end(now: i64, blocked_until: Option<i64>, block: Durati
     let wanted = blocked_until.unwrap_or(now.saturating_add(block.as_millis() as i64));
     wanted.clamp(
         now + QUARANTINE_MIN.as_millis() as i64,
-        now + QUARANTINE_MAX.as_millis() as i64,
+        now + quarantine_max(block).as_millis() as i64,
     )
 }
 

@@ -117,6 +117,13 @@ impl MemoryCounters {
         }
     }
 
+    /// Forgets the token's health record (`Counters::reset_health`).
+    pub(super) fn reset_health(&self, upstream: &Id, token: &Id) -> StatusReport {
+        let report = self.token_status(upstream, std::slice::from_ref(token));
+        self.health().records.remove(&record_key(upstream, token));
+        report
+    }
+
     pub(super) fn token_status(&self, upstream: &Id, tokens: &[Id]) -> StatusReport {
         let now = self.clock.now_ms();
         let mut transitions = Vec::new();

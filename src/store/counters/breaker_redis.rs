@@ -12,12 +12,13 @@ use super::breaker::{
 };
 use super::breaker_scripts;
 use super::redis_backend::RedisCounters;
-use crate::domain::{Id, QUARANTINE_MAX, QUARANTINE_MIN, TokenState};
+use crate::domain::{Id, QUARANTINE_MIN, TokenState, quarantine_max};
 
 // Built once: `Script::new` hashes the source, and the scripts never change.
 static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(breaker_scripts::ADMIT));
 static RECORD: LazyLock<Script> = LazyLock::new(|| Script::new(breaker_scripts::RECORD));
 static STATUS: LazyLock<Script> = LazyLock::new(|| Script::new(breaker_scripts::STATUS));
+static RESET: LazyLock<Script> = LazyLock::new(|| Script::new(breaker_scripts::RESET));
 
 fn bad_reply(what: &str, reply: &[i64]) -> CounterError {
     CounterError::Internal(format!("unexpected {what} reply {reply:?}"))
@@ -91,7 +92,7 @@ impl RedisCounters {
             )
             .arg(report.block_duration.as_millis() as u64)
             .arg(QUARANTINE_MIN.as_millis() as u64)
-            .arg(QUARANTINE_MAX.as_millis() as u64)
+            .arg(quarantine_max(report.block_duration).as_millis() as u64)
             .arg(report.lease_ttl.as_millis() as u64 + 1_000);
         let reply = self.run_ints("record", inv).await?;
         let bad = || bad_reply("record", &reply);
@@ -103,6 +104,21 @@ impl RedisCounters {
             applied: applied == 1,
             transitions: parse_transitions(rest, &[&key.token_id]).ok_or_else(bad)?,
         })
+    }
+
+    /// The token's health before (`token_status`), then its record deleted.
+    pub(super) async fn reset_health(
+        &self,
+        upstream: &Id,
+        token: &Id,
+    ) -> Result<StatusReport, CounterError> {
+        let report = self
+            .token_status(upstream, std::slice::from_ref(token))
+            .await?;
+        let mut inv = RESET.prepare_invoke();
+        inv.key(self.health_key(upstream, token));
+        self.run_ints("reset", inv).await?;
+        Ok(report)
     }
 
     pub(super) async fn token_status(

@@ -221,3 +221,10 @@ end
 return reply(out)
 "#
 );
+
+/// Forgets a token's health record (`Counters::reset_health`): `KEYS[1]` the record.
+/// Returns `{1}`.
+pub const RESET: &str = r#"
+redis.call('DEL', KEYS[1])
+return {1}
+"#;
