@@ -29,6 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Parse errors answer INVALID_ARGUMENT (see src/grpc/codec.rs).
+        .codec_path("crate::grpc::codec::Codec")
         .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

@@ -12,7 +12,7 @@ use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
-use crate::domain::{ApiKeyRecord, ApiKeyRole, Id};
+use crate::domain::{ApiKeyRecord, ApiKeyRole, Id, InvalidField};
 use crate::error::ServiceError;
 
 /// A freshly generated key: the record to store and the secret to show once.
@@ -41,6 +41,24 @@ pub fn generate_api_key() -> NewApiKey {
 
 fn hash_secret(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+/// Checks an API key id from a request (`field`): 16 hex digits, as CreateApiKey
+/// returned. The value is never echoed, and a whole key passed by mistake is named as
+/// such: ids reach messages, logs and traces, secrets must not.
+pub fn parse_api_key_id(field: &str, value: &str) -> Result<String, InvalidField> {
+    if value.len() == 16 && value.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Ok(value.to_ascii_lowercase());
+    }
+    let why = if value.starts_with("tl_") {
+        "looks like a whole API key: pass only its id (the 16 hex digits after \"tl_\"), \
+         never the secret"
+    } else if value.is_empty() {
+        "is required"
+    } else {
+        "is not an API key id (16 hex digits, as CreateApiKey returned)"
+    };
+    Err(InvalidField::new(field, why))
 }
 
 /// Splits `tl_<id>_<secret>` into its parts; `None` when the shape is wrong.

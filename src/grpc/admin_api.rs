@@ -8,7 +8,7 @@ use super::admin_store::{Read, loaded_one, loaded_page, mark, write_by};
 use super::auth::caller;
 use super::convert::*;
 use super::pb::{self, admin_service_server::AdminService};
-use crate::auth::{Caller, generate_api_key, reveal};
+use crate::auth::{Caller, generate_api_key, parse_api_key_id, reveal};
 use crate::domain::{Id, InvalidField};
 use crate::error::ServiceError;
 use crate::events::{Change, EventBus, EventKind, Resource};
@@ -623,7 +623,8 @@ impl AdminService for AdminApi {
 
     async fn get_api_key(&self, r: Request<pb::GetApiKeyRequest>) -> Reply<pb::GetApiKeyResponse> {
         admin(&r)?;
-        let id = r.get_ref().id.as_str();
+        let id = parse_api_key_id("id", &r.get_ref().id).map_err(ServiceError::from)?;
+        let id = id.as_str();
         let read = self
             .read(self.config().store().get_api_key(id), |s| {
                 loaded_one(s.api_keys.get(id), Kind::ApiKey, id)
@@ -666,11 +667,9 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::UpdateApiKeyResponse> {
         admin(&r)?;
         let input = r.into_inner().api_key;
-        let id = input.as_ref().map(|k| k.id.clone()).unwrap_or_default();
+        let id = input.as_ref().map(|k| k.id.as_str()).unwrap_or_default();
+        let id = parse_api_key_id("api_key.id", id).map_err(ServiceError::from)?;
         let mut record = api_key_from_proto(input).map_err(ServiceError::from)?;
-        if id.is_empty() {
-            return Err(ServiceError::from(InvalidField::new("api_key.id", "is required")).into());
-        }
         record.id = id;
         let (stored, version) = self
             .write(self.config().store().update_api_key(record))
@@ -687,7 +686,7 @@ impl AdminService for AdminApi {
         r: Request<pb::DeleteApiKeyRequest>,
     ) -> Reply<pb::DeleteApiKeyResponse> {
         let me = admin(&r)?;
-        let id = r.get_ref().id.clone();
+        let id = parse_api_key_id("id", &r.get_ref().id).map_err(ServiceError::from)?;
         if id == me.key_id {
             return Err(Status::failed_precondition(
                 "id: an API key cannot revoke itself; use another admin key",

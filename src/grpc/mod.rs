@@ -2,6 +2,7 @@
 //!
 //! - `convert`: proto ⇄ domain, with errors naming the field path;
 //! - `status`: `ServiceError` → `tonic::Status` (with RetryInfo where a retry helps);
+//! - `codec`: prost's codec, with unparseable requests answered INVALID_ARGUMENT;
 //! - `auth`: the interceptor that turns `authorization` metadata into a `Caller`;
 //! - `admin_api`, `lease_api`: the two services; `admin_store`: how admin calls reach
 //!   the configuration database when it may be away.
@@ -9,6 +10,7 @@
 pub mod admin_api;
 pub mod admin_store;
 pub mod auth;
+pub mod codec;
 pub mod convert;
 pub mod lease_api;
 pub mod status;

@@ -496,13 +496,21 @@ impl Leaser {
         if lease_id.is_empty() {
             return Err(InvalidField::new("lease_id", "is required").into());
         }
+        // Not echoed: a caller that pastes the wrong value (an API key, a token) must
+        // not find it in an error message, a log line or a trace.
+        let key = LeaseKey::parse(lease_id).ok_or_else(|| {
+            InvalidField::new(
+                "lease_id",
+                "is not a lease id (AcquireLease returns one: \
+                 <upstream>.<tenant>.<token>.<32 hex digits>)",
+            )
+        })?;
         let not_found = || {
             ServiceError::NotFound(format!(
                 "lease_id: lease '{}' is unknown or expired",
-                truncate(lease_id)
+                key.to_lease_id()
             ))
         };
-        let key = LeaseKey::parse(lease_id).ok_or_else(not_found)?;
         caller.require_tenant(&key.tenant_id)?;
         let result = self.counters.release(&key, outcome).await?;
         if matches!(
@@ -638,11 +646,6 @@ fn denial_message(reason: DenyReason, tenant: &Id, plan: &Plan) -> String {
             plan.upstream.id
         ),
     }
-}
-
-/// Echoes at most 80 characters of caller input in messages.
-fn truncate(value: &str) -> String {
-    value.chars().take(80).collect()
 }
 
 #[cfg(test)]

@@ -187,7 +187,7 @@ async fn release_outcomes(db: Db, counters: Counters) {
             .await
             .unwrap_err()
             .code(),
-        Code::NotFound
+        Code::InvalidArgument
     );
     let missing = release(&app, &key, "", pb::ReleaseOutcome::Success)
         .await

@@ -10,6 +10,7 @@ mod cluster;
 mod faults;
 mod fixtures;
 mod helpers;
+mod hostile;
 mod lease;
 mod lifecycle;
 mod observe;

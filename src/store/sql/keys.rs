@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
 use crate::clock::system_now_ms;
-use crate::domain::{ApiKeyRecord, Id};
+use crate::domain::{ApiKeyRecord, ApiKeyRole, Id, InvalidField};
 use crate::store::{Kind, StoreError};
 
 use super::rows::{self, API_KEYS, TENANTS};
@@ -162,6 +162,26 @@ pub(super) async fn update(
 ) -> Result<(ApiKeyRecord, i64), StoreError> {
     normalise(&mut v.tenant_ids);
     let mut write = Write::begin(store).await?;
+    // The key keeps its role: check the new scope against the stored one, not the
+    // role the request happened to carry.
+    let role: Option<String> = sqlx::query_scalar("SELECT role FROM api_keys WHERE id = $1")
+        .bind(v.id.clone())
+        .fetch_optional(write.conn())
+        .await
+        .map_err(write_error(Kind::ApiKey, &v.id))?;
+    let role = role.and_then(|r| ApiKeyRole::parse(&r));
+    ensure_found(u64::from(role.is_some()), Kind::ApiKey, &v.id)?;
+    let stored = role.expect("checked above");
+    if v.role != stored {
+        return Err(StoreError::FailedPrecondition(InvalidField::new(
+            "api_key.role",
+            format!(
+                "a key keeps its role (this one is {}); create a new key for another role",
+                stored.as_str()
+            ),
+        )));
+    }
+    v.validate().map_err(StoreError::FailedPrecondition)?;
     let done = sqlx::query("UPDATE api_keys SET display_name = $2 WHERE id = $1")
         .bind(v.id.clone())
         .bind(v.display_name.clone())

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::domain::{ApiKeyRole, SharedAccess};
+use crate::store::StoreError;
 
 use super::harness::*;
 
@@ -228,7 +229,17 @@ pub(super) async fn api_key_round_trip(db: &TestDb) {
         .unwrap();
     assert_eq!(store.count_admin_keys().await.unwrap(), 1);
 
-    let mut change = api_key("k-w", ApiKeyRole::Admin, &["c"]);
+    // A key keeps its role: an update that says otherwise is refused, changing nothing.
+    let refused = store
+        .update_api_key(api_key("k-w", ApiKeyRole::Admin, &[]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::FailedPrecondition(f) if f.field == "api_key.role"),
+        "{refused:?}"
+    );
+    assert_eq!(store.get_api_key("k-w").await.unwrap(), worker);
+    let mut change = api_key("k-w", ApiKeyRole::Worker, &["c"]);
     change.display_name = "renamed".into();
     change.secret_hash = vec![1, 2, 3];
     let (updated, _) = store.update_api_key(change).await.unwrap();

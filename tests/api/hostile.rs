@@ -1,0 +1,251 @@
+//! Issue 11: careless and hostile callers. Each test reproduces one defect found by
+//! testing the service from outside, as an attacker would.
+
+use bytes::{Buf, BufMut};
+use tokenlease::grpc::pb;
+use tonic::Code;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+use super::fixtures::{PoolSetup, app_with};
+use super::helpers::{Counters, Db, TestApp, authed};
+
+/// Sends bytes as they are and reads the answer's bytes: a client that does not speak
+/// protobuf (or speaks it wrong).
+#[derive(Default)]
+struct RawCodec;
+
+struct Raw;
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        Ok(Some(buf.copy_to_bytes(buf.remaining()).to_vec()))
+    }
+}
+
+/// Calls `path` with `body` as the request's encoded message.
+async fn raw_call(app: &TestApp, path: &'static str, body: Vec<u8>) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(app.channel().await);
+    grpc.ready().await.unwrap();
+    let answer = grpc
+        .unary(
+            authed(body, &app.admin_key),
+            http::uri::PathAndQuery::from_static(path),
+            RawCodec,
+        )
+        .await;
+    answer.expect_err("a malformed message is refused")
+}
+
+/// Row 8: a message that is not valid protobuf (a truncated varint, a field number 0, a
+/// length past the end) is INVALID_ARGUMENT with a message naming the expected type,
+/// not INTERNAL, on both services.
+#[tokio::test]
+async fn malformed_protobuf_is_invalid_argument() {
+    let (_env, app) = app_with(
+        Db::Sqlite,
+        Counters::Memory,
+        PoolSetup::default(),
+        &["acme"],
+    )
+    .await;
+    let bodies: [Vec<u8>; 3] = [vec![0x0a, 0xff], vec![0x00, 0x01], vec![0x0a, 0x20, b'a']];
+    for body in bodies {
+        for (path, message) in [
+            (
+                "/tokenlease.v1.LeaseService/AcquireLease",
+                "AcquireLeaseRequest",
+            ),
+            ("/tokenlease.v1.AdminService/GetTenant", "GetTenantRequest"),
+        ] {
+            let status = raw_call(&app, path, body.clone()).await;
+            assert_eq!(
+                status.code(),
+                Code::InvalidArgument,
+                "{path} {body:?}: {status:?}"
+            );
+            assert!(status.message().contains(message), "{status:?}");
+        }
+    }
+}
+
+/// A worker key for "acme" created through the admin API: (id, whole key).
+async fn worker_key(app: &TestApp) -> (String, String) {
+    let key = pb::ApiKey {
+        display_name: "worker".into(),
+        role: pb::ApiKeyRole::Worker as i32,
+        tenant_ids: vec!["acme".into()],
+        ..Default::default()
+    };
+    let created = app
+        .admin()
+        .await
+        .create_api_key(authed(
+            pb::CreateApiKeyRequest { api_key: Some(key) },
+            &app.admin_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    (created.api_key.unwrap().id, created.secret)
+}
+
+/// Rows 6 and 7: API key ids are checked before they reach a store, and never echoed.
+/// A NUL (INTERNAL from Postgres before), 20,000 characters (a 20 KB grpc-message
+/// before) and a whole key passed as an id (its secret echoed before) are
+/// INVALID_ARGUMENT with a short message that contains none of the value, on Get,
+/// Update and Delete, on both backends; ReleaseLease with a whole key as `lease_id`
+/// (60 of its 64 secret hex digits echoed before) likewise.
+#[tokio::test]
+async fn api_key_ids_are_checked_and_never_echoed() {
+    for db in [Db::Sqlite, Db::Postgres] {
+        let (_env, app) = app_with(db, Counters::Memory, PoolSetup::default(), &["acme"]).await;
+        let (id, whole) = worker_key(&app).await;
+        let secret = whole.rsplit('_').next().unwrap().to_owned();
+        let mut admin = app.admin().await;
+        let k = app.admin_key.as_str();
+        for bad in [
+            "ab\0cd".to_owned(),
+            "x".repeat(20_000),
+            whole.clone(),
+            String::new(),
+        ] {
+            let update = pb::ApiKey {
+                id: bad.clone(),
+                display_name: "w".into(),
+                role: pb::ApiKeyRole::Worker as i32,
+                tenant_ids: vec!["acme".into()],
+                ..Default::default()
+            };
+            let answers = [
+                admin
+                    .get_api_key(authed(pb::GetApiKeyRequest { id: bad.clone() }, k))
+                    .await
+                    .map(|_| ()),
+                admin
+                    .delete_api_key(authed(pb::DeleteApiKeyRequest { id: bad.clone() }, k))
+                    .await
+                    .map(|_| ()),
+                admin
+                    .update_api_key(authed(
+                        pb::UpdateApiKeyRequest {
+                            api_key: Some(update),
+                        },
+                        k,
+                    ))
+                    .await
+                    .map(|_| ()),
+            ];
+            for answer in answers {
+                let status = answer.expect_err("a bad id is refused");
+                assert_eq!(status.code(), Code::InvalidArgument, "{db:?}: {status:?}");
+                assert!(
+                    status.message().len() < 200,
+                    "{db:?}: {} bytes",
+                    status.message().len()
+                );
+                assert!(
+                    !status.message().contains(&secret),
+                    "{db:?}: the secret is echoed"
+                );
+                if bad.starts_with("tl_") {
+                    assert!(status.message().contains("whole API key"), "{status:?}");
+                }
+            }
+        }
+        let release = pb::ReleaseLeaseRequest {
+            lease_id: whole.clone(),
+            outcome: pb::ReleaseOutcome::NotUsed as i32,
+            ..Default::default()
+        };
+        let status = app
+            .lease()
+            .await
+            .release_lease(authed(release, k))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(!status.message().contains(&secret[..16]), "{status:?}");
+        // The key itself is untouched and still works by its id.
+        let kept = admin
+            .get_api_key(authed(pb::GetApiKeyRequest { id: id.clone() }, k))
+            .await;
+        assert_eq!(
+            kept.unwrap().into_inner().api_key.unwrap().tenant_ids,
+            ["acme"]
+        );
+    }
+}
+
+/// Row 9: UpdateApiKey checks the scope against the key's stored role. Before, a
+/// request saying ADMIN stored a worker key with no tenant (and a request saying
+/// WORKER gave an admin key a tenant list). Now a role change is FAILED_PRECONDITION
+/// naming `api_key.role`, and the key is unchanged.
+#[tokio::test]
+async fn update_api_key_keeps_the_stored_role() {
+    for db in [Db::Sqlite, Db::Postgres] {
+        let (_env, app) = app_with(db, Counters::Memory, PoolSetup::default(), &["acme"]).await;
+        let (id, _) = worker_key(&app).await;
+        let mut admin = app.admin().await;
+        let k = app.admin_key.as_str();
+        let as_admin = pb::ApiKey {
+            id: id.clone(),
+            display_name: "now an admin?".into(),
+            role: pb::ApiKeyRole::Admin as i32,
+            tenant_ids: vec![],
+            ..Default::default()
+        };
+        let status = admin
+            .update_api_key(authed(
+                pb::UpdateApiKeyRequest {
+                    api_key: Some(as_admin),
+                },
+                k,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::FailedPrecondition,
+            "{db:?}: {status:?}"
+        );
+        assert!(status.message().starts_with("api_key.role"), "{status:?}");
+        let kept = admin
+            .get_api_key(authed(pb::GetApiKeyRequest { id }, k))
+            .await
+            .unwrap();
+        let kept = kept.into_inner().api_key.unwrap();
+        assert_eq!(
+            (kept.role, kept.tenant_ids),
+            (pb::ApiKeyRole::Worker as i32, vec!["acme".to_owned()])
+        );
+        assert_eq!(kept.display_name, "worker");
+    }
+}
