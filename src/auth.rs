@@ -106,6 +106,19 @@ impl Caller {
         })
     }
 
+    /// The same key as it stands in `snapshot` now (an open stream re-checks its caller
+    /// when the configuration changes): UNAUTHENTICATED once revoked.
+    pub fn as_it_stands(&self, snapshot: &crate::lease::Snapshot) -> Result<Caller, ServiceError> {
+        let record = snapshot.api_keys.get(&self.key_id).ok_or_else(|| {
+            ServiceError::Unauthenticated(format!("API key '{}' was revoked", self.key_id))
+        })?;
+        Ok(Caller {
+            key_id: record.id.clone(),
+            role: record.role,
+            tenants: record.tenant_ids.iter().cloned().collect(),
+        })
+    }
+
     /// An admin, for tests and the CLI.
     pub fn admin(key_id: &str) -> Self {
         Self {

@@ -232,6 +232,7 @@ impl App {
             leaser: self.leaser.clone(),
             events: self.events.clone(),
             priorities: self.settings.priority_map().map_err(anyhow::Error::msg)?,
+            streams: Default::default(),
         };
         let admin = AdminApi {
             leaser: self.leaser.clone(),

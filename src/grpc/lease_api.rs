@@ -1,10 +1,9 @@
 //! LeaseService: AcquireLease, ReleaseLease and the WatchEvents stream.
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use secrecy::ExposeSecret;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -12,14 +11,11 @@ use tonic::{Request, Response, Status};
 use super::auth::caller;
 use super::convert::{duration, parse_optional_duration, timestamp, token_state_to_proto};
 use super::pb::{self, lease_service_server::LeaseService};
-use crate::auth::Caller;
+use super::watch::{Streams, Watcher, parse_filter_ids};
 use crate::domain::{Id, InvalidField, Priority, PriorityMap, RequestKind};
 use crate::error::ServiceError;
 use crate::events::{Change, Event, EventBus, EventKind, Filter, Resource};
-use crate::lease::{
-    AcquireAnswer, AcquireInput, DenialReason, Leaser, LiveConfig, MAX_COST, Usage,
-    tenants_reaching,
-};
+use crate::lease::{AcquireAnswer, AcquireInput, DenialReason, Leaser, MAX_COST, Usage};
 use crate::store::counters::ReleaseOutcome;
 
 /// The LeaseService implementation.
@@ -29,6 +25,8 @@ pub struct LeaseApi {
     pub events: EventBus,
     /// Priority by request kind for calls that name none.
     pub priorities: PriorityMap,
+    /// Open WatchEvents streams per API key (`watch.rs`).
+    pub streams: Streams,
 }
 
 fn invalid(field: &str, reason: &str) -> Status {
@@ -271,60 +269,6 @@ fn event_to_proto(event: &Event) -> pb::Event {
     }
 }
 
-fn resync(missed: u64) -> pb::WatchEventsResponse {
-    let now = crate::clock::system_now_ms();
-    let event = pb::Event {
-        occurred_at: Some(timestamp(now)),
-        replica_id: String::new(),
-        kind: Some(pb::event::Kind::Resync(pb::Resync { missed })),
-    };
-    pb::WatchEventsResponse { event: Some(event) }
-}
-
-/// Whether `caller` may see `event` and it passes `filter`.
-fn visible(caller: &Caller, filter: &Filter, event: &Event, config: &LiveConfig) -> bool {
-    if event.admin_only() && caller.require_admin().is_err() {
-        return false;
-    }
-    // A token's state is about the tenants that may lease it: they (and admins) see it,
-    // and a tenant filter selects it for them.
-    if let EventKind::TokenStateChanged { token_id, .. } = &event.kind {
-        let reaching = tenants_reaching(&config.current(), token_id);
-        let in_scope =
-            caller.require_admin().is_ok() || reaching.iter().any(|t| caller.may_see_tenant(t));
-        let tenant_ok =
-            filter.tenant_ids.is_empty() || reaching.iter().any(|t| filter.tenant_ids.contains(t));
-        return in_scope && tenant_ok && filter.matches(event);
-    }
-    let in_scope = event
-        .tenant_id()
-        .is_none_or(|t| Id::parse("t", t).is_ok_and(|t| caller.may_see_tenant(&t)));
-    in_scope && filter.matches(event)
-}
-
-/// Feeds one watcher until it goes away.
-async fn pump(
-    mut events: broadcast::Receiver<Arc<Event>>,
-    out: mpsc::Sender<Result<pb::WatchEventsResponse, Status>>,
-    caller: Caller,
-    filter: Filter,
-    config: LiveConfig,
-) {
-    loop {
-        let message = match events.recv().await {
-            Ok(event) if visible(&caller, &filter, &event, &config) => pb::WatchEventsResponse {
-                event: Some(event_to_proto(&event)),
-            },
-            Ok(_) => continue,
-            Err(broadcast::error::RecvError::Lagged(missed)) => resync(missed),
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        if out.send(Ok(message)).await.is_err() {
-            return; // the watcher went away
-        }
-    }
-}
-
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -383,24 +327,24 @@ impl LeaseService for LeaseApi {
     ) -> Result<Response<EventStream>, Status> {
         let caller = caller(&request)?;
         let req = request.into_inner();
-        let parse_all = |field: &str, ids: &[String]| -> Result<Vec<Id>, Status> {
-            ids.iter()
-                .enumerate()
-                .map(|(i, t)| {
-                    Id::parse(&format!("{field}[{i}]"), t).map_err(|e| ServiceError::from(e).into())
-                })
-                .collect()
-        };
         let filter = Filter {
-            tenant_ids: parse_all("tenant_ids", &req.tenant_ids)?,
-            token_ids: parse_all("token_ids", &req.token_ids)?,
+            tenant_ids: parse_filter_ids("tenant_ids", &req.tenant_ids)?,
+            token_ids: parse_filter_ids("token_ids", &req.token_ids)?,
         };
         for tenant in &filter.tenant_ids {
             caller.require_tenant(tenant)?;
         }
-        let (tx, rx) = mpsc::channel(64);
-        let config = self.leaser.config.clone();
-        tokio::spawn(pump(self.events.subscribe(), tx, caller, filter, config));
+        let slot = self.streams.open(&caller.key_id)?;
+        let (out, rx) = mpsc::channel(64);
+        let watcher = Watcher {
+            events: self.events.subscribe(),
+            out,
+            caller,
+            filter,
+            config: self.leaser.config.clone(),
+            slot,
+        };
+        tokio::spawn(watcher.pump(event_to_proto));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -1,13 +1,15 @@
 //! Issue 11: careless and hostile callers. Each test reproduces one defect found by
 //! testing the service from outside, as an attacker would.
 
+use std::time::Duration;
+
 use bytes::{Buf, BufMut};
 use tokenlease::grpc::pb;
 use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use super::fixtures::{PoolSetup, app_with};
-use super::helpers::{Counters, Db, TestApp, authed};
+use super::helpers::{Counters, Db, TestApp, authed, eventually};
 
 /// Sends bytes as they are and reads the answer's bytes: a client that does not speak
 /// protobuf (or speaks it wrong).
@@ -248,4 +250,217 @@ async fn update_api_key_keeps_the_stored_role() {
         );
         assert_eq!(kept.display_name, "worker");
     }
+}
+
+/// Opens WatchEvents for `key`, filtered by `tenants` and `tokens`.
+async fn watch(
+    app: &TestApp,
+    key: &str,
+    tenants: &[&str],
+    tokens: &[&str],
+) -> Result<tonic::Streaming<pb::WatchEventsResponse>, tonic::Status> {
+    let request = pb::WatchEventsRequest {
+        tenant_ids: tenants.iter().map(|t| t.to_string()).collect(),
+        token_ids: tokens.iter().map(|t| t.to_string()).collect(),
+    };
+    let answer = app.lease().await.watch_events(authed(request, key)).await;
+    answer.map(tonic::Response::into_inner)
+}
+
+/// The ids of the `ConfigChanged` events that arrive until none has for 300 ms, and
+/// the status that ended the stream, if it ended.
+async fn config_changes(
+    stream: &mut tonic::Streaming<pb::WatchEventsResponse>,
+) -> (Vec<String>, Option<tonic::Status>) {
+    let mut ids = Vec::new();
+    loop {
+        let next = tokio::time::timeout(Duration::from_millis(300), stream.message()).await;
+        match next {
+            Err(_) | Ok(Ok(None)) => return (ids, None),
+            Ok(Err(status)) => return (ids, Some(status)),
+            Ok(Ok(Some(message))) => {
+                if let Some(pb::event::Kind::ConfigChanged(c)) = message.event.and_then(|e| e.kind)
+                {
+                    ids.push(c.resource_id);
+                }
+            }
+        }
+    }
+}
+
+/// A change to token `id` (its display name), through the admin API.
+async fn touch_token(app: &TestApp, id: &str, owner: pb::token::Owner) {
+    let token = pb::Token {
+        id: id.into(),
+        upstream_id: "up".into(),
+        display_name: format!("touched {}", uuid_like()),
+        owner: Some(owner),
+        ..Default::default()
+    };
+    app.admin()
+        .await
+        .update_token(authed(
+            pb::UpdateTokenRequest { token: Some(token) },
+            &app.admin_key,
+        ))
+        .await
+        .unwrap();
+}
+
+fn uuid_like() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Row 4: a worker sees only its tenants' objects and shared ones. Before, an acme
+/// worker received `ConfigChanged` for `beta-private` (a token dedicated to beta), both
+/// unfiltered and with `token_ids` naming it. Now: the pool token acme uses, yes; beta's
+/// token, no; an admin sees both.
+#[tokio::test]
+async fn a_worker_sees_only_its_tenants_objects() {
+    let (_env, app) = app_with(
+        Db::Sqlite,
+        Counters::Memory,
+        PoolSetup::default(),
+        &["acme", "beta"],
+    )
+    .await;
+    let private = pb::Token {
+        id: "beta-private".into(),
+        upstream_id: "up".into(),
+        secret: "s3cret-beta".into(),
+        owner: Some(pb::token::Owner::DedicatedTenantId("beta".into())),
+        ..Default::default()
+    };
+    app.admin()
+        .await
+        .create_token(authed(
+            pb::CreateTokenRequest {
+                token: Some(private),
+            },
+            &app.admin_key,
+        ))
+        .await
+        .unwrap();
+    let worker = app.worker_key(&["acme"]).await;
+    let mut unfiltered = watch(&app, &worker, &[], &[]).await.unwrap();
+    let mut aimed = watch(&app, &worker, &[], &["beta-private"]).await.unwrap();
+    let mut admin = watch(&app, &app.admin_key, &[], &[]).await.unwrap();
+    touch_token(
+        &app,
+        "beta-private",
+        pb::token::Owner::DedicatedTenantId("beta".into()),
+    )
+    .await;
+    touch_token(&app, "tok-0", pb::token::Owner::PoolId("shared".into())).await;
+    assert_eq!(config_changes(&mut unfiltered).await.0, ["tok-0"]);
+    assert_eq!(config_changes(&mut aimed).await.0, Vec::<String>::new());
+    assert_eq!(
+        config_changes(&mut admin).await.0,
+        ["beta-private", "tok-0"]
+    );
+}
+
+/// Row 5: an open stream follows its key. Before, it kept delivering after the key was
+/// deleted or its tenants shrank. Now a stream filtered by a tenant the key lost ends
+/// PERMISSION_DENIED, and every stream of a deleted key ends UNAUTHENTICATED.
+#[tokio::test]
+async fn a_stream_ends_when_its_key_is_narrowed_or_revoked() {
+    let (_env, app) = app_with(
+        Db::Sqlite,
+        Counters::Memory,
+        PoolSetup::default(),
+        &["acme", "beta"],
+    )
+    .await;
+    let mut admin = app.admin().await;
+    let k = app.admin_key.as_str();
+    let scoped = |tenants: &[&str]| pb::ApiKey {
+        display_name: "worker".into(),
+        role: pb::ApiKeyRole::Worker as i32,
+        tenant_ids: tenants.iter().map(|t| t.to_string()).collect(),
+        ..Default::default()
+    };
+    let created = admin
+        .create_api_key(authed(
+            pb::CreateApiKeyRequest {
+                api_key: Some(scoped(&["acme", "beta"])),
+            },
+            k,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (id, key) = (created.api_key.unwrap().id, created.secret);
+    let mut on_beta = watch(&app, &key, &["beta"], &[]).await.unwrap();
+    let mut on_all = watch(&app, &key, &[], &[]).await.unwrap();
+    let narrowed = pb::ApiKey {
+        id: id.clone(),
+        ..scoped(&["acme"])
+    };
+    admin
+        .update_api_key(authed(
+            pb::UpdateApiKeyRequest {
+                api_key: Some(narrowed),
+            },
+            k,
+        ))
+        .await
+        .unwrap();
+    let (_, ended) = config_changes(&mut on_beta).await;
+    assert_eq!(ended.map(|s| s.code()), Some(Code::PermissionDenied));
+    let (_, ended) = config_changes(&mut on_all).await;
+    assert!(ended.is_none(), "the stream without a lost tenant goes on");
+    admin
+        .delete_api_key(authed(pb::DeleteApiKeyRequest { id }, k))
+        .await
+        .unwrap();
+    let (_, ended) = config_changes(&mut on_all).await;
+    assert_eq!(ended.map(|s| s.code()), Some(Code::Unauthenticated));
+}
+
+/// Row 2: WatchEvents is bounded. Before, a 4 MB tenant list cost ~80 MB and 20,000
+/// streams from one key were accepted, and a cancelled stream lived until its next
+/// event. Now a filter of more than 1,000 ids is INVALID_ARGUMENT, the 17th stream of a
+/// key on one replica is RESOURCE_EXHAUSTED, and a cancelled stream frees its place at
+/// once (no event is published meanwhile).
+#[tokio::test]
+async fn watch_streams_and_filters_are_bounded() {
+    let (_env, app) = app_with(
+        Db::Sqlite,
+        Counters::Memory,
+        PoolSetup::default(),
+        &["acme"],
+    )
+    .await;
+    let worker = app.worker_key(&["acme"]).await;
+    let many: Vec<String> = (0..1001).map(|i| format!("t{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    for (tenants, tokens) in [(&many[..], &[][..]), (&[][..], &many[..])] {
+        let status = watch(&app, &worker, tenants, tokens).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("at most 1000"), "{status:?}");
+    }
+    let mut open = Vec::new();
+    for _ in 0..16 {
+        open.push(watch(&app, &worker, &[], &[]).await.unwrap());
+    }
+    let status = watch(&app, &worker, &[], &[]).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("16 WatchEvents streams"),
+        "{status:?}"
+    );
+    drop(open.pop());
+    let reopened = eventually(
+        Duration::from_secs(5),
+        "a place freed by the cancelled stream",
+        || async { watch(&app, &worker, &[], &[]).await.ok() },
+    )
+    .await;
+    open.push(reopened);
+    // Another key is not affected.
+    assert!(watch(&app, &app.admin_key, &[], &[]).await.is_ok());
 }
