@@ -54,6 +54,8 @@ pub struct Settings {
     pub log_format: String,
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace_ms: u64,
+    /// How long a new connection may stay silent before it is closed.
+    pub handshake_timeout_ms: u64,
 }
 
 /// Where the lease counters live. With `auto`, in Redis when `REDIS_URL` is set, else in
@@ -188,6 +190,7 @@ impl Default for Settings {
             priorities: BTreeMap::new(),
             log_format: "text".into(),
             shutdown_grace_ms: 10_000,
+            handshake_timeout_ms: 10_000,
         }
     }
 }
@@ -249,6 +252,12 @@ impl Settings {
             100,
         )?;
         check_range("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000)?;
+        check_range(
+            "handshake_timeout_ms",
+            self.handshake_timeout_ms,
+            100,
+            600_000,
+        )?;
         check_range("metrics.refresh_ms", self.metrics.refresh_ms, 100, 600_000)?;
         check_range(
             "metrics.max_tenant_series",
@@ -346,6 +355,10 @@ impl Settings {
 
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease.ttl_ms)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
     }
 
     pub fn breaker_policy(&self) -> BreakerPolicy {

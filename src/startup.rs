@@ -14,7 +14,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::admin::ensure_admin_key;
@@ -34,7 +33,16 @@ use crate::store::ConfigStore;
 use crate::store::counters::{Counters, MemoryCounters, RedisCounters, RedisSettings};
 use crate::store::event_relay::{self, RelaySettings};
 
+mod incoming;
 mod waiting;
+
+/// HTTP/2 PINGs on a connection idle this long, to find peers that went away, and how
+/// long a PING may stay unanswered before the connection is closed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Calls in flight on one connection (HTTP/2 streams); a client wanting more opens
+/// another connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// The services' names, as health checks ask for them.
 const LEASE_SERVICE: &str = <LeaseServiceServer<LeaseApi> as tonic::server::NamedService>::NAME;
@@ -96,6 +104,11 @@ async fn open_counters(settings: &Settings) -> anyhow::Result<Counters> {
 impl App {
     /// Opens everything and binds the listener. Nothing is served yet.
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        // Settings that can be wrong are checked before anything is written (the data
+        // folder, a generated master key, the database).
+        if let Some(tls) = &settings.tls {
+            load_tls(tls)?;
+        }
         let ring = Arc::new(settings.key_ring()?);
         let listener = TcpListener::bind(settings.listen)
             .await
@@ -241,7 +254,11 @@ impl App {
         };
 
         // One server span per call, child of the caller's `traceparent` (see telemetry).
-        let mut builder = Server::builder().trace_fn(crate::telemetry::grpc_request_span);
+        let mut builder = Server::builder()
+            .trace_fn(crate::telemetry::grpc_request_span)
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
         if let Some(tls) = &self.settings.tls {
             builder = builder
                 .tls_config(load_tls(tls)?)
@@ -254,6 +271,14 @@ impl App {
             "http"
         };
         tracing::info!(%addr, scheme, distributed = self.settings.is_distributed(), "tokenlease serving");
+        if self.settings.tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "listening beyond this host without TLS: API keys and the decrypted upstream \
+                 tokens in AcquireLease answers cross the network in clear. Set tls.cert_path \
+                 and tls.key_path, or listen on 127.0.0.1 behind a TLS-terminating proxy"
+            );
+        }
 
         let grace = Duration::from_millis(self.settings.shutdown_grace_ms);
         let signal = async move {
@@ -273,7 +298,10 @@ impl App {
             .add_service(reflection_v1alpha)
             .add_service(LeaseServiceServer::with_interceptor(lease, auth.clone()))
             .add_service(AdminServiceServer::with_interceptor(admin, auth))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), signal);
+            .serve_with_incoming_shutdown(
+                incoming::incoming(&self.listener, self.settings.handshake_timeout()),
+                signal,
+            );
         let mut stopped = stop_rx;
         tokio::select! {
             result = serve => result.context("the gRPC server failed")?,

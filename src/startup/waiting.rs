@@ -101,9 +101,7 @@ async fn serve_not_serving(
     if let Some(tls) = &settings.tls {
         builder = builder.tls_config(load_tls(tls)?)?;
     }
-    let incoming = futures::stream::unfold(listener, |listener| async move {
-        Some((listener.accept().await.map(|(stream, _)| stream), listener))
-    });
+    let incoming = super::incoming::incoming(listener, settings.handshake_timeout());
     builder
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, until)

@@ -10,6 +10,8 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use super::fixtures::{PoolSetup, app_with};
 use super::helpers::{Counters, Db, TestApp, authed, eventually};
+use super::observe::connect_when_ready;
+use super::throwaway::free_port;
 
 /// Sends bytes as they are and reads the answer's bytes: a client that does not speak
 /// protobuf (or speaks it wrong).
@@ -463,4 +465,148 @@ async fn watch_streams_and_filters_are_bounded() {
     open.push(reopened);
     // Another key is not affected.
     assert!(watch(&app, &app.admin_key, &[], &[]).await.is_ok());
+}
+
+/// Row 3: connections that never send a byte are closed after `handshake_timeout_ms`.
+/// Before, 300 silent TCP connections exhausted a 256-file limit and locked every
+/// caller out (health checks timed out) with nothing logged. Here the real binary runs
+/// with 64 files and a 1 s handshake timeout; 80 silent connections (held open by this
+/// test) cannot keep a health check out for long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let grpc: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut command = tokio::process::Command::new("sh");
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TOKENLEASE_") || name.starts_with("OTEL_") {
+            command.env_remove(name);
+        }
+    }
+    let mut server = command
+        .args([
+            "-c",
+            "ulimit -n 64 && exec \"$0\" serve",
+            env!("CARGO_BIN_EXE_tokenlease"),
+        ])
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env("TOKENLEASE_LISTEN", grpc.to_string())
+        .env("TOKENLEASE_DATA_DIR", dir.path())
+        .env("TOKENLEASE_METRICS__LISTEN", "")
+        .env("TOKENLEASE_HANDSHAKE_TIMEOUT_MS", "1000")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start tokenlease serve");
+    let _ready = connect_when_ready(dir.path(), grpc).await;
+    let mut silent = Vec::new();
+    for _ in 0..80 {
+        silent.push(
+            tokio::net::TcpStream::connect(grpc)
+                .await
+                .expect("the kernel accepts"),
+        );
+    }
+    eventually(
+        Duration::from_secs(20),
+        "a health check past 80 silent connections",
+        || async {
+            let check = async {
+                let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .ok()?;
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                let request = tonic_health::pb::HealthCheckRequest::default();
+                health.check(request).await.ok()
+            };
+            tokio::time::timeout(Duration::from_secs(2), check)
+                .await
+                .ok()
+                .flatten()
+        },
+    )
+    .await;
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "the server is still running"
+    );
+    drop(silent);
+}
+
+/// Runs `tokenlease serve` with `vars` in a fresh data folder until it exits or
+/// `for_long` passes (then kills it); returns whether it exited, its stderr, and the
+/// data folder.
+async fn serve_briefly(
+    vars: &[(&str, String)],
+    for_long: Duration,
+) -> (Option<std::process::ExitStatus>, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenlease"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TOKENLEASE_") || name.starts_with("OTEL_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .arg("serve")
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env("TOKENLEASE_DATA_DIR", dir.path())
+        .env("TOKENLEASE_METRICS__LISTEN", "")
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (name, value) in vars {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().expect("start tokenlease serve");
+    let exited = tokio::time::timeout(for_long, child.wait())
+        .await
+        .ok()
+        .map(Result::unwrap);
+    if exited.is_none() {
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+    }
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    (exited, stderr, dir)
+}
+
+/// Rows 10 and 13: a missing TLS file stops `serve` before it writes anything (before,
+/// the data folder, a master key and the database were created first); a server
+/// listening beyond loopback without TLS says so loudly at start (before, nothing).
+#[tokio::test]
+async fn tls_is_checked_first_and_plaintext_beyond_loopback_is_named() {
+    let missing = [
+        ("TOKENLEASE_LISTEN", format!("127.0.0.1:{}", free_port())),
+        (
+            "TOKENLEASE_TLS__CERT_PATH",
+            "/nonexistent/cert.pem".to_owned(),
+        ),
+        (
+            "TOKENLEASE_TLS__KEY_PATH",
+            "/nonexistent/key.pem".to_owned(),
+        ),
+    ];
+    let (exited, stderr, dir) = serve_briefly(&missing, Duration::from_secs(20)).await;
+    assert!(exited.is_some_and(|s| !s.success()), "{exited:?}: {stderr}");
+    assert!(stderr.contains("tls.cert_path"), "{stderr}");
+    let written: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(written.is_empty(), "nothing is written first: {written:?}");
+
+    let open = [("TOKENLEASE_LISTEN", format!("0.0.0.0:{}", free_port()))];
+    let (exited, stderr, _dir) = serve_briefly(&open, Duration::from_secs(3)).await;
+    assert!(exited.is_none(), "it serves: {stderr}");
+    assert!(
+        stderr.contains("listening beyond this host without TLS"),
+        "{stderr}"
+    );
+    let local = [("TOKENLEASE_LISTEN", format!("127.0.0.1:{}", free_port()))];
+    let (_, stderr, _dir) = serve_briefly(&local, Duration::from_secs(3)).await;
+    assert!(!stderr.contains("without TLS"), "{stderr}");
 }
