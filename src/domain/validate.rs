@@ -36,33 +36,49 @@ impl ConfigView {
         self.upstreams.iter().find(|u| &u.id == id)
     }
 
-    /// Usable capacity per window of the enabled tokens matching `owner`.
-    fn enabled_capacity(&self, owner: &TokenOwner, upstream: &Upstream) -> u64 {
+    /// Usable capacity per window of the tokens matching `owner` (the enabled ones, or
+    /// all of them with `with_disabled`).
+    fn capacity(&self, owner: &TokenOwner, upstream: &Upstream, with_disabled: bool) -> u64 {
         let count = self
             .tokens
             .iter()
-            .filter(|t| !t.disabled && &t.owner == owner && t.upstream_id == upstream.id)
+            .filter(|t| with_disabled || !t.disabled)
+            .filter(|t| &t.owner == owner && t.upstream_id == upstream.id)
             .count() as u64;
         count * upstream.usable_per_window() as u64
     }
 
-    /// Capacity and drawn guarantees of every pool.
+    /// Capacity (of the enabled tokens) and drawn guarantees of every pool: what
+    /// leasing can serve now.
     pub fn pool_reports(&self) -> HashMap<Id, CapacityReport> {
+        self.reports(false)
+    }
+
+    /// The same counting disabled tokens too: what the pool is provisioned with. The
+    /// guarantee rule is checked against this, so disabling a token (an emergency: a
+    /// leaked or blocked token) is always allowed; quotas then fall back as for an
+    /// open breaker until it is enabled or replaced.
+    pub fn provisioned_reports(&self) -> HashMap<Id, CapacityReport> {
+        self.reports(true)
+    }
+
+    fn reports(&self, with_disabled: bool) -> HashMap<Id, CapacityReport> {
         let tiers: HashMap<&Id, &Tier> = self.tiers.iter().map(|t| (&t.id, t)).collect();
         let mut reports = HashMap::new();
         for pool in &self.pools {
             let Some(upstream) = self.upstream(&pool.upstream_id) else {
                 continue;
             };
-            let capacity = self.enabled_capacity(&TokenOwner::Pool(pool.id.clone()), upstream);
+            let pool_owner = TokenOwner::Pool(pool.id.clone());
+            let capacity = self.capacity(&pool_owner, upstream, with_disabled);
             let drawn: u64 = self
                 .tenants
                 .iter()
                 .filter(|t| t.pool_id.as_ref() == Some(&pool.id))
                 .filter_map(|t| tiers.get(&t.tier_id).map(|tier| (t, tier)))
                 .map(|(tenant, tier)| {
-                    let dedicated =
-                        self.enabled_capacity(&TokenOwner::Dedicated(tenant.id.clone()), upstream);
+                    let owner = TokenOwner::Dedicated(tenant.id.clone());
+                    let dedicated = self.capacity(&owner, upstream, with_disabled);
                     (tenant.guaranteed(tier) as u64).saturating_sub(dedicated)
                 })
                 .sum();
@@ -81,7 +97,7 @@ impl ConfigView {
 /// Checks every cross-object rule; the error names the field and the numbers involved.
 pub fn check_guarantees(view: &ConfigView) -> Result<(), InvalidField> {
     check_token_upstreams(view)?;
-    let mut reports: Vec<_> = view.pool_reports().into_iter().collect();
+    let mut reports: Vec<_> = view.provisioned_reports().into_iter().collect();
     reports.sort_by(|a, b| a.0.cmp(&b.0));
     for (pool_id, report) in reports {
         let allowed = (report.capacity_per_window as f64 * MAX_GUARANTEED_SHARE).floor() as u32;
@@ -90,8 +106,10 @@ pub fn check_guarantees(view: &ConfigView) -> Result<(), InvalidField> {
                 "guaranteed_per_window",
                 format!(
                     "pool '{pool_id}' would owe its tenants {} guaranteed requests per window, \
-                     more than 80% of its usable capacity of {} ({allowed}); add tokens to the \
-                     pool, lower the guarantees, or move tenants to another pool",
+                     but its tokens (disabled ones included) serve {} per window and at most \
+                     80% of that ({allowed}) may be guaranteed; add tokens to the pool, lower \
+                     the guarantees, or move tenants to another pool (to take a token out of \
+                     service at once, disable it: that is always allowed)",
                     report.guaranteed_per_window, report.capacity_per_window
                 ),
             ));
@@ -210,12 +228,19 @@ mod tests {
         assert_eq!(v.pool_reports()[&id("shared")].guaranteed_per_window, 55);
     }
 
-    /// Disabled tokens add no capacity.
+    /// Disabled tokens add no capacity to what leasing can serve now, but the guarantee
+    /// rule counts them (disabling is the always-allowed emergency switch); removing a
+    /// token is what the rule refuses.
     #[test]
-    fn disabled_tokens_do_not_count() {
+    fn disabled_tokens_count_as_provisioned_not_live() {
         let mut v = view(2, &[("a", 100)]);
         assert!(check_guarantees(&v).is_ok());
         v.tokens[1].disabled = true;
+        assert!(check_guarantees(&v).is_ok());
+        let shared = id("shared");
+        assert_eq!(v.pool_reports()[&shared].capacity_per_window, 95);
+        assert_eq!(v.provisioned_reports()[&shared].capacity_per_window, 190);
+        v.tokens.pop();
         assert!(check_guarantees(&v).is_err());
     }
 }

@@ -124,6 +124,24 @@ impl AdminApi {
         record
     }
 
+    /// When the pool of a token's `owner` owes its tenants more than its enabled tokens
+    /// serve (a token was just disabled), says so: quotas then fall back to what is
+    /// left, as when a breaker opens.
+    fn pool_shortfall(&self, owner: &crate::domain::TokenOwner) -> Option<String> {
+        let crate::domain::TokenOwner::Pool(pool) = owner else {
+            return None;
+        };
+        let report = *self.config().current().pool_reports.get(pool)?;
+        (report.guaranteed_per_window > report.capacity_per_window).then(|| {
+            format!(
+                "pool '{pool}' now serves {} requests per window with its enabled tokens but \
+                 guarantees {}: tenants get less than their guarantees until a token is \
+                 enabled or added",
+                report.capacity_per_window, report.guaranteed_per_window
+            )
+        })
+    }
+
     fn pool_proto(&self, pool: &crate::domain::Pool) -> pb::Pool {
         let report = self
             .config()
@@ -333,7 +351,11 @@ impl AdminService for AdminApi {
         )
         .await;
         if was_disabled.is_some_and(|was| was != stored.disabled) {
-            publish_admin_toggle(&self.events, &stored.id, stored.disabled);
+            let shortfall = self.pool_shortfall(&stored.owner);
+            if let Some(shortfall) = &shortfall {
+                tracing::warn!(token_id = %stored.id, "{shortfall}");
+            }
+            publish_admin_toggle(&self.events, &stored.id, stored.disabled, shortfall);
         }
         Ok(Response::new(pb::UpdateTokenResponse {
             token: Some(token_to_proto(&stored)),

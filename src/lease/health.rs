@@ -445,9 +445,15 @@ impl Leaser {
     }
 }
 
-/// Tells watchers an admin disabled or re-enabled a token.
-pub fn publish_admin_toggle(events: &EventBus, token_id: &Id, disabled: bool) {
-    let (previous, new, cause) = if disabled {
+/// Tells watchers an admin disabled or re-enabled a token; `shortfall` says what the
+/// token's pool lacks now, if its guarantees no longer fit what is left.
+pub fn publish_admin_toggle(
+    events: &EventBus,
+    token_id: &Id,
+    disabled: bool,
+    shortfall: Option<String>,
+) {
+    let (previous, new, what) = if disabled {
         (
             TokenState::Active,
             TokenState::Disabled,
@@ -460,12 +466,16 @@ pub fn publish_admin_toggle(events: &EventBus, token_id: &Id, disabled: bool) {
             "enabled by an admin",
         )
     };
+    let cause = match shortfall {
+        Some(shortfall) => format!("{what}; {shortfall}"),
+        None => what.to_owned(),
+    };
     events.publish(EventKind::TokenStateChanged {
         token_id: token_id.to_string(),
         previous,
         new,
         until_ms: None,
-        cause: cause.into(),
+        cause,
     });
 }
 

@@ -610,3 +610,98 @@ async fn tls_is_checked_first_and_plaintext_beyond_loopback_is_named() {
     let (_, stderr, _dir) = serve_briefly(&local, Duration::from_secs(3)).await;
     assert!(!stderr.contains("without TLS"), "{stderr}");
 }
+
+/// Row 11: an emergency off-switch. Before, disabling the only token of a pool with
+/// guarantees was refused by the 80 % rule (naming the wrong field, "…usable capacity
+/// of 0 (0)"). Now disabling is always allowed: leasing stops on the token at once, the
+/// event says the pool now falls short of its guarantees, and enabling it again
+/// restores leasing. Deleting it is still refused (the pool would be provisioned below
+/// its guarantees), with a message that points at disabling.
+#[tokio::test]
+async fn a_token_can_always_be_disabled() {
+    let pool = PoolSetup {
+        guaranteed: 40,
+        ..PoolSetup::default()
+    };
+    let (_env, app) = app_with(Db::Sqlite, Counters::Memory, pool, &["acme"]).await;
+    let k = app.admin_key.as_str();
+    let mut events = watch(&app, k, &[], &["tok-0"]).await.unwrap();
+    let mut admin = app.admin().await;
+    let token = |disabled| pb::Token {
+        id: "tok-0".into(),
+        upstream_id: "up".into(),
+        owner: Some(pb::token::Owner::PoolId("shared".into())),
+        disabled,
+        ..Default::default()
+    };
+    let update = |disabled| {
+        authed(
+            pb::UpdateTokenRequest {
+                token: Some(token(disabled)),
+            },
+            k,
+        )
+    };
+    admin
+        .update_token(update(true))
+        .await
+        .expect("disabling is always allowed");
+    let acquire = || async {
+        let request = pb::AcquireLeaseRequest {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        };
+        let answer = app
+            .lease()
+            .await
+            .acquire_lease(authed(request, k))
+            .await
+            .unwrap();
+        answer.into_inner().result.unwrap()
+    };
+    use pb::acquire_lease_response::Result as Answer;
+    assert!(
+        matches!(acquire().await, Answer::Denial(d) if d.reason == pb::DenialReason::NoUsableToken as i32),
+        "no lease on a disabled token"
+    );
+    let deleted = admin
+        .delete_token(authed(pb::DeleteTokenRequest { id: "tok-0".into() }, k))
+        .await
+        .unwrap_err();
+    assert_eq!(deleted.code(), Code::FailedPrecondition, "{deleted:?}");
+    assert!(deleted.message().contains("disable it"), "{deleted:?}");
+    admin
+        .update_token(update(false))
+        .await
+        .expect("enabled again");
+    assert!(
+        matches!(acquire().await, Answer::Lease(_)),
+        "leasing is back"
+    );
+
+    let mut causes = Vec::new();
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(300), events.message())
+        .await
+        .map(Result::unwrap)
+    {
+        if let Some(pb::event::Kind::TokenStateChanged(c)) = message.event.and_then(|e| e.kind) {
+            causes.push((c.new_state, c.cause));
+        }
+    }
+    assert_eq!(causes.len(), 2, "{causes:?}");
+    assert_eq!(causes[0].0, pb::TokenState::Disabled as i32);
+    assert!(
+        causes[0]
+            .1
+            .contains("pool 'shared' now serves 0 requests per window")
+            && causes[0].1.contains("guarantees 40"),
+        "{causes:?}"
+    );
+    assert_eq!(
+        causes[1],
+        (
+            pb::TokenState::Active as i32,
+            "enabled by an admin".to_owned()
+        )
+    );
+}
