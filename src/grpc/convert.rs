@@ -36,8 +36,15 @@ pub fn parse_duration(
     value: Option<prost_types::Duration>,
 ) -> Result<Duration, InvalidField> {
     let value = value.ok_or_else(|| InvalidField::new(field, "is required"))?;
-    Duration::try_from(value)
-        .map_err(|_| InvalidField::new(field, "must be a non-negative duration"))
+    // Checked by hand: prost's conversion normalises first, which overflows (a panic in
+    // debug builds) on seconds = i64::MIN.
+    match (u64::try_from(value.seconds), u32::try_from(value.nanos)) {
+        (Ok(seconds), Ok(nanos)) if nanos < 1_000_000_000 => Ok(Duration::new(seconds, nanos)),
+        _ => Err(InvalidField::new(
+            field,
+            "must be a non-negative duration (seconds ≥ 0, nanos 0 to 999,999,999)",
+        )),
+    }
 }
 
 /// An optional duration: absent means zero.

@@ -9,6 +9,7 @@ mod capacity;
 mod cluster;
 mod faults;
 mod fixtures;
+mod fuzz;
 mod helpers;
 mod hostile;
 mod lease;
