@@ -71,6 +71,10 @@ pub mod names {
     pub const TOKEN_USABLE_SLOTS: &str = "tokenlease_token_usable_slots";
     /// Gauge {token, upstream}: used / usable slots, 0 to 1.
     pub const TOKEN_UTILIZATION: &str = "tokenlease_token_utilization_ratio";
+    /// Gauge {upstream, state}: tokens in each state (active, breaker_open,
+    /// breaker_half_open, quarantined, disabled). Every replica reports the same shared
+    /// state: aggregate with `max`, not `sum`.
+    pub const TOKENS: &str = "tokenlease_tokens";
 }
 
 /// Every metric name, for tests and the dashboard check.
@@ -88,6 +92,7 @@ pub const ALL: &[&str] = &[
     names::TOKEN_USED_SLOTS,
     names::TOKEN_USABLE_SLOTS,
     names::TOKEN_UTILIZATION,
+    names::TOKENS,
 ];
 
 /// Label names.
@@ -96,6 +101,8 @@ pub mod labels {
     pub const TENANT: &str = "tenant";
     pub const TOKEN: &str = "token";
     pub const UPSTREAM: &str = "upstream";
+    /// A token state (`tokenlease_tokens`).
+    pub const STATE: &str = "state";
     /// A pool id, or `dedicated` when the tenant has no pool.
     pub const POOL: &str = "pool";
     /// `tenant_quota`, `no_token_capacity`, `no_usable_token` or `wait_timeout`.
@@ -236,6 +243,10 @@ fn describe_all() {
         "Slots a token may serve per window (limit minus safety margin)."
     );
     describe_gauge!(TOKEN_UTILIZATION, "Used / usable slots of a token, 0 to 1.");
+    describe_gauge!(
+        TOKENS,
+        "Tokens per upstream and state (active, breaker_open, breaker_half_open, quarantined, disabled)."
+    );
 }
 
 fn denial_reason(reason: DenialReason) -> &'static str {
@@ -357,6 +368,7 @@ impl Drop for Waiting {
 /// Publishes token usage gauges, and makes each token's counters exist from the
 /// start (at 0), so `increase()` sees their first event.
 pub fn token_usage(tokens: &[TokenUsage]) {
+    token_states(tokens);
     for t in tokens {
         let labels = [
             (labels::TOKEN, t.token_id.to_string()),
@@ -375,6 +387,36 @@ pub fn token_usage(tokens: &[TokenUsage]) {
             f64::from(t.used) / f64::from(t.usable)
         };
         gauge!(names::TOKEN_UTILIZATION, &labels).set(ratio);
+    }
+}
+
+/// Tokens per upstream and state, zeros included (an alert needs the series to exist).
+fn token_states(tokens: &[TokenUsage]) {
+    use crate::domain::TokenState;
+    const STATES: [(TokenState, &str); 5] = [
+        (TokenState::Active, "active"),
+        (TokenState::BreakerOpen, "breaker_open"),
+        (TokenState::BreakerHalfOpen, "breaker_half_open"),
+        (TokenState::Quarantined, "quarantined"),
+        (TokenState::Disabled, "disabled"),
+    ];
+    let mut counts: HashMap<(&Id, TokenState), u32> = HashMap::new();
+    for t in tokens {
+        let state = if t.disabled {
+            TokenState::Disabled
+        } else {
+            t.state
+        };
+        *counts.entry((&t.upstream_id, state)).or_default() += 1;
+    }
+    let upstreams: std::collections::BTreeSet<&Id> =
+        tokens.iter().map(|t| &t.upstream_id).collect();
+    for upstream in upstreams {
+        for (state, label) in STATES {
+            let count = counts.get(&(upstream, state)).copied().unwrap_or(0);
+            gauge!(names::TOKENS, labels::UPSTREAM => upstream.to_string(), labels::STATE => label)
+                .set(f64::from(count));
+        }
     }
 }
 

@@ -189,6 +189,9 @@ async fn metrics_count_exactly_what_a_small_run_did() {
     // 5 granted − 1 not used = 4 of 5 slots held.
     let token = [("token", "tok-0"), ("upstream", "up")];
     wait_for(metrics, names::TOKEN_USED_SLOTS, &token, 4.0).await;
+    // The gauge of token states shows it (before, a quarantined pool looked idle).
+    let quarantined = [("upstream", "up"), ("state", "quarantined")];
+    wait_for(metrics, names::TOKENS, &quarantined, 1.0).await;
     // The rate-limited release quarantined the pool's only token: beta finds none.
     assert!(
         matches!(acquire("beta").await, Answer::Denial(d) if d.reason == pb::DenialReason::NoUsableToken as i32)
@@ -267,6 +270,16 @@ async fn metrics_count_exactly_what_a_small_run_did() {
     expect(names::TOKEN_USED_SLOTS, &token, 4.0);
     expect(names::TOKEN_USABLE_SLOTS, &token, 5.0);
     expect(names::TOKEN_UTILIZATION, &token, 0.8);
+    expect(
+        names::TOKENS,
+        &[("upstream", "up"), ("state", "active")],
+        0.0,
+    );
+    expect(
+        names::TOKENS,
+        &[("upstream", "up"), ("state", "disabled")],
+        0.0,
+    );
     for name in tokenlease::metrics::ALL {
         assert!(
             text.contains(&format!("# TYPE {name}")),
