@@ -398,14 +398,18 @@ impl Settings {
             }
             key_file = Some(ensure_embedded_key_file(&self.data_dir)?);
         }
+        let mut file_active = None;
         if let Some(path) = &key_file {
-            keys.extend(read_key_file(path)?);
+            let file = read_key_file(path)?;
+            keys.extend(file.keys);
+            file_active = file.active;
         }
-        let active = match &self.encryption.active_key {
-            Some(active) => active.clone(),
-            None if keys.len() == 1 => keys.keys().next().expect("one key").clone(),
-            None => bail!(
-                "several master keys are configured: set encryption.active_key to the one that seals new tokens"
+        let active = match (self.encryption.active_key.clone(), file_active) {
+            (Some(active), _) | (None, Some(active)) => active,
+            (None, None) if keys.len() == 1 => keys.keys().next().expect("one key").clone(),
+            (None, None) => bail!(
+                "several master keys are configured: set encryption.active_key (or an \
+                 `active=<id>` line in the key file) to the one that seals new tokens"
             ),
         };
         KeyRing::from_base64(&keys, &active).context("invalid encryption settings")
@@ -419,11 +423,19 @@ fn check_range(name: &str, value: u64, min: u64, max: u64) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Reads `id=base64` lines; blank lines and `#` comments are skipped.
-fn read_key_file(path: &Path) -> anyhow::Result<BTreeMap<String, SecretString>> {
+/// A key file: its keys, and the one it names active (`active=<id>`), if it does.
+struct KeyFile {
+    keys: BTreeMap<String, SecretString>,
+    active: Option<String>,
+}
+
+/// Reads `id=base64` lines and an optional `active=<id>` line; blank lines and `#`
+/// comments are skipped.
+fn read_key_file(path: &Path) -> anyhow::Result<KeyFile> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the master key file {}", path.display()))?;
     let mut keys = BTreeMap::new();
+    let mut active = None;
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -432,12 +444,16 @@ fn read_key_file(path: &Path) -> anyhow::Result<BTreeMap<String, SecretString>> 
         let Some((id, key)) = line.split_once('=') else {
             bail!("{} line {}: expected id=base64key", path.display(), n + 1);
         };
+        if id.trim() == "active" {
+            active = Some(key.trim().to_owned());
+            continue;
+        }
         keys.insert(
             id.trim().to_owned(),
             SecretString::from(key.trim().to_owned()),
         );
     }
-    Ok(keys)
+    Ok(KeyFile { keys, active })
 }
 
 /// Creates `data_dir/master.key` (mode 0600) with one random key if it is missing.
@@ -449,8 +465,11 @@ fn ensure_embedded_key_file(data_dir: &Path) -> anyhow::Result<PathBuf> {
     create_private_dir(data_dir)?;
     let key = KeyRing::generate_key_base64();
     let body = format!(
-        "# tokenlease master key, generated on first start. Keep it: tokens sealed with it\n\
-         # cannot be read without it. Add new keys as new lines to rotate.\nk1={}\n",
+        "# tokenlease master keys, generated on first start. Keep them: tokens sealed with\n\
+         # a key cannot be read without it. To rotate: add a line k2=<tokenlease\n\
+         # gen-master-key>, point `active` at it, send SIGHUP to the running server (or\n\
+         # restart it), then run `tokenlease rotate-keys`; drop k1 once no token uses it.\n\
+         active=k1\nk1={}\n",
         secrecy::ExposeSecret::expose_secret(&key)
     );
     write_private_file(&path, &body)?;

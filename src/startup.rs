@@ -209,6 +209,11 @@ impl App {
             Duration::from_millis(self.settings.config_refresh_ms),
             stop_rx.clone(),
         );
+        spawn_key_reloader(
+            self.settings.clone(),
+            self.leaser.config.clone(),
+            stop_rx.clone(),
+        )?;
         if let Some((listener, handle)) = self.metrics.take() {
             let addr = listener.local_addr()?;
             tracing::info!(%addr, "serving Prometheus metrics on /metrics");
@@ -312,6 +317,37 @@ impl App {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// On SIGHUP: reads the master keys again (the key file; keys set in the environment
+/// need a restart) and puts them in force, until `stop`. A bad key file is logged and
+/// the keys in force stay.
+fn spawn_key_reloader(
+    settings: Settings,
+    config: LiveConfig,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                received = hangups.recv() => if received.is_none() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let reloaded = match settings.key_ring() {
+                Ok(ring) => config.reload_keys(ring).await.map_err(anyhow::Error::from),
+                Err(error) => Err(error),
+            };
+            if let Err(error) = reloaded {
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "SIGHUP: master keys not reloaded; the keys in force stay"
+                );
+            }
+        }
+    });
+    Ok(())
 }
 
 fn load_tls(tls: &crate::config::TlsSection) -> anyhow::Result<ServerTlsConfig> {

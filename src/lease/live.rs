@@ -15,7 +15,8 @@ use crate::store::{ConfigStore, StoreError};
 #[derive(Clone)]
 pub struct LiveConfig {
     store: ConfigStore,
-    ring: Arc<KeyRing>,
+    /// Replaced whole when the master keys are reloaded (`reload_keys`).
+    ring: Arc<std::sync::RwLock<Arc<KeyRing>>>,
     sender: Arc<watch::Sender<Arc<Snapshot>>>,
     /// Serialises reloads so an older load never replaces a newer one.
     reload_lock: Arc<tokio::sync::Mutex<()>>,
@@ -28,7 +29,7 @@ impl LiveConfig {
         let (sender, _) = watch::channel(snapshot);
         Ok(Self {
             store,
-            ring,
+            ring: Arc::new(std::sync::RwLock::new(ring)),
             sender: Arc::new(sender),
             reload_lock: Arc::default(),
         })
@@ -48,8 +49,23 @@ impl LiveConfig {
         &self.store
     }
 
-    pub fn ring(&self) -> &KeyRing {
-        &self.ring
+    /// The master keys in force now.
+    pub fn ring(&self) -> Arc<KeyRing> {
+        self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts new master keys in force (a key file re-read on SIGHUP): new tokens are
+    /// sealed with its active key, and the snapshot is rebuilt so that tokens sealed
+    /// with a key this replica did not have open now.
+    pub async fn reload_keys(&self, ring: KeyRing) -> Result<(), StoreError> {
+        let active = ring.active_key_id().to_owned();
+        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ring);
+        let _guard = self.reload_lock.lock().await;
+        let stored = self.store.load().await?;
+        tracing::info!(active_key = %active, version = stored.version, "master keys reloaded");
+        self.sender
+            .send_replace(Snapshot::build(stored, &self.ring()));
+        Ok(())
     }
 
     /// Reloads if the store's version is newer than the snapshot's.
@@ -63,7 +79,7 @@ impl LiveConfig {
         if stored.version > self.current().version {
             tracing::info!(version = stored.version, "configuration reloaded");
             self.sender
-                .send_replace(Snapshot::build(stored, &self.ring));
+                .send_replace(Snapshot::build(stored, &self.ring()));
         }
         Ok(())
     }

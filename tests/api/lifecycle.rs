@@ -298,3 +298,116 @@ async fn shutdown_answers_a_caller_waiting_for_a_token_to_come_back() {
     let retry = status.get_details_retry_info();
     assert_eq!(retry.and_then(|r| r.retry_delay), Some(Duration::ZERO));
 }
+
+/// Issue 11, row 12: master keys rotate in a running server. Before, a server did not
+/// know a key added after it started (tokens re-sealed with it gave NO_USABLE_TOKEN
+/// until a restart), and a master.key with two keys made `serve` refuse to start. Now
+/// the key file names its active key; SIGHUP reloads it: new tokens are sealed with
+/// the new key, `rotate-keys` re-seals the others while the server runs, leasing goes
+/// on with the right secrets, and a restart with both keys starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_keys_rotate_in_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let addresses = || -> (SocketAddr, SocketAddr) {
+        let grpc = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        (grpc, format!("127.0.0.1:{}", free_port()).parse().unwrap())
+    };
+    let (grpc, metrics) = addresses();
+    let mut server = start_binary(dir.path(), grpc, metrics);
+    let (channel, key) = connect_when_ready(dir.path(), grpc).await;
+    let mut admin = AdminServiceClient::new(channel.clone());
+    PoolSetup::default().create(&mut admin, &key).await;
+    create_tenant(&mut admin, &key, "acme", "flex").await;
+
+    let binary = env!("CARGO_BIN_EXE_tokenlease");
+    let new_key = std::process::Command::new(binary)
+        .arg("gen-master-key")
+        .output()
+        .unwrap();
+    let new_key = String::from_utf8(new_key.stdout).unwrap().trim().to_owned();
+    let key_file = dir.path().join("master.key");
+    let old = std::fs::read_to_string(&key_file).unwrap();
+    assert!(old.contains("active=k1"), "{old}");
+    let rotated = format!("{}k2={new_key}\n", old.replace("active=k1", "active=k2"));
+    std::fs::write(&key_file, rotated).unwrap();
+    let pid = server.id().unwrap().to_string();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status();
+    assert!(hup.unwrap().success());
+
+    // New tokens are sealed with k2 once the reload is through.
+    let mut n = 0;
+    eventually(Duration::from_secs(10), "a token sealed with k2", || {
+        n += 1;
+        let (mut admin, key) = (admin.clone(), key.clone());
+        let id = format!("tok-new-{n}");
+        async move {
+            let token = pb::Token {
+                id: id.clone(),
+                upstream_id: "up".into(),
+                secret: super::fixtures::token_secret(7),
+                owner: Some(pb::token::Owner::DedicatedTenantId("acme".into())),
+                ..Default::default()
+            };
+            let created = admin
+                .create_token(authed(pb::CreateTokenRequest { token: Some(token) }, &key))
+                .await
+                .unwrap();
+            (created.into_inner().token.unwrap().key_id == "k2").then_some(())
+        }
+    })
+    .await;
+    let rotate = tokio::process::Command::new(binary)
+        .arg("rotate-keys")
+        .env_remove("DATABASE_URL")
+        .env("TOKENLEASE_DATA_DIR", dir.path())
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&rotate.stdout);
+    assert!(
+        rotate.status.success() && said.contains("under key 'k2'"),
+        "{said} {rotate:?}"
+    );
+    let tokens = admin
+        .list_tokens(authed(pb::ListTokensRequest::default(), &key))
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert!(tokens.iter().all(|t| t.key_id == "k2"), "{tokens:?}");
+    // The running server opens the re-sealed pool token.
+    let lease = LeaseServiceClient::new(channel);
+    let leased = eventually(
+        Duration::from_secs(10),
+        "a lease on the re-sealed token",
+        || {
+            let (mut lease, key) = (lease.clone(), key.clone());
+            async move {
+                let request = pb::AcquireLeaseRequest {
+                    tenant_id: "acme".into(),
+                    ..Default::default()
+                };
+                match lease
+                    .acquire_lease(authed(request, &key))
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .result
+                {
+                    Some(Answer::Lease(l)) if l.token_id == "tok-0" => Some(l),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(leased.token, super::fixtures::token_secret(0));
+
+    // A restart with both keys in the file starts.
+    server.kill().await.unwrap();
+    let (grpc, metrics) = addresses();
+    let _server = start_binary(dir.path(), grpc, metrics);
+    connect_when_ready(dir.path(), grpc).await;
+}
