@@ -8,6 +8,27 @@ use crate::domain::{ApiKeyRecord, ApiKeyRole, Id};
 use crate::error::ServiceError;
 use crate::lease::LiveConfig;
 
+/// How often a running replica records which master keys it holds.
+pub const KEYS_ANNOUNCE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// A replica heard of within this long counts as running for `rotate-keys`.
+const KEYS_LIVE_WITHIN: std::time::Duration = std::time::Duration::from_secs(35);
+
+/// Records that replica `replica_id` holds the master keys in force in `config`.
+pub async fn announce_keys(config: &LiveConfig, replica_id: &str) -> Result<(), ServiceError> {
+    let ring = config.ring();
+    let forget_before = crate::clock::system_now_ms() - 10 * KEYS_LIVE_WITHIN.as_millis() as i64;
+    config
+        .store()
+        .announce_keys(replica_id, &ring.key_ids(), forget_before)
+        .await?;
+    Ok(())
+}
+
+/// Removes the record of a replica that stops (errors are ignored: the record goes stale).
+pub async fn forget_replica_keys(config: &LiveConfig, replica_id: &str) {
+    let _ = config.store().forget_replica_keys(replica_id).await;
+}
+
 /// Makes sure an admin key exists; returns a new one when none did (bootstrap).
 pub async fn ensure_admin_key(
     config: &LiveConfig,
@@ -47,6 +68,23 @@ pub async fn issue_api_key(
 pub async fn rotate_token_keys(config: &LiveConfig) -> Result<usize, ServiceError> {
     let ring = config.ring();
     let active = ring.active_key_id().to_owned();
+    let since = crate::clock::system_now_ms() - KEYS_LIVE_WITHIN.as_millis() as i64;
+    let lacking: Vec<String> = config
+        .store()
+        .key_holders(since)
+        .await?
+        .into_iter()
+        .filter(|(_, keys)| !keys.contains(&active))
+        .map(|(replica, _)| replica)
+        .collect();
+    if !lacking.is_empty() {
+        return Err(ServiceError::FailedPrecondition(format!(
+            "running replica(s) {} do not hold master key '{active}', so they could not open \
+             tokens sealed with it: give them the key (in their key file, then SIGHUP, or in \
+             their settings and restart) and run rotate-keys again",
+            lacking.join(", ")
+        )));
+    }
     let changed = config
         .store()
         .reseal_tokens(&|record| {

@@ -110,6 +110,11 @@ impl KeyRing {
     }
 
     /// The id of the key new seals use.
+    /// The ids of every key in the ring.
+    pub fn key_ids(&self) -> Vec<&str> {
+        self.keys.keys().map(String::as_str).collect()
+    }
+
     pub fn active_key_id(&self) -> &str {
         &self.active
     }

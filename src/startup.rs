@@ -209,9 +209,10 @@ impl App {
             Duration::from_millis(self.settings.config_refresh_ms),
             stop_rx.clone(),
         );
-        spawn_key_reloader(
+        let key_keeper = spawn_key_keeper(
             self.settings.clone(),
             self.leaser.config.clone(),
+            self.events.replica_id().to_owned(),
             stop_rx.clone(),
         )?;
         if let Some((listener, handle)) = self.metrics.take() {
@@ -314,40 +315,61 @@ impl App {
                 tracing::warn!(?grace, "in-flight calls did not finish within the grace period");
             }
         }
+        // The keeper removes this replica's master keys record as it stops.
+        if tokio::time::timeout(Duration::from_secs(1), key_keeper)
+            .await
+            .is_err()
+        {
+            tracing::debug!("could not remove this replica's master keys record; it goes stale");
+        }
         tracing::info!("stopped");
         Ok(())
     }
 }
 
-/// On SIGHUP: reads the master keys again (the key file; keys set in the environment
-/// need a restart) and puts them in force, until `stop`. A bad key file is logged and
-/// the keys in force stay.
-fn spawn_key_reloader(
+/// Keeps this replica's master keys current and known, until `stop`: on SIGHUP it reads
+/// them again (the key file; keys set in the environment need a restart) and puts them
+/// in force (a bad key file is logged and the keys in force stay); at start, after a
+/// reload and every `KEYS_ANNOUNCE_EVERY` it records in the configuration store which
+/// keys it holds, for `rotate-keys` to check; when it stops, it removes that record (a
+/// stopped replica holds no key).
+fn spawn_key_keeper(
     settings: Settings,
     config: LiveConfig,
+    replica_id: String,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangups = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(crate::admin::KEYS_ANNOUNCE_EVERY);
         loop {
-            tokio::select! {
-                received = hangups.recv() => if received.is_none() { return },
-                _ = stop.wait_for(|s| *s) => return,
-            }
-            let reloaded = match settings.key_ring() {
-                Ok(ring) => config.reload_keys(ring).await.map_err(anyhow::Error::from),
-                Err(error) => Err(error),
+            let hangup = tokio::select! {
+                _ = ticker.tick() => false,
+                received = hangups.recv() => match received {
+                    Some(()) => true,
+                    None => break,
+                },
+                _ = stop.wait_for(|s| *s) => break,
             };
-            if let Err(error) = reloaded {
-                tracing::error!(
-                    error = format!("{error:#}"),
-                    "SIGHUP: master keys not reloaded; the keys in force stay"
-                );
+            if hangup {
+                let reloaded = match settings.key_ring() {
+                    Ok(ring) => config.reload_keys(ring).await.map_err(anyhow::Error::from),
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = reloaded {
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        "SIGHUP: master keys not reloaded; the keys in force stay"
+                    );
+                }
+            }
+            if let Err(error) = crate::admin::announce_keys(&config, &replica_id).await {
+                tracing::debug!(%error, "cannot record this replica's master keys; retrying later");
             }
         }
-    });
-    Ok(())
+        crate::admin::forget_replica_keys(&config, &replica_id).await;
+    }))
 }
 
 fn load_tls(tls: &crate::config::TlsSection) -> anyhow::Result<ServerTlsConfig> {

@@ -372,6 +372,65 @@ impl ConfigStore {
     pub async fn delete_api_key(&self, id: &str) -> Result<i64, StoreError> {
         keys::delete(self, id).await
     }
+    /// Records that `replica` holds master keys `key_ids` now, and forgets replicas not
+    /// heard of since `forget_before_ms`.
+    pub async fn announce_keys(
+        &self,
+        replica: &str,
+        key_ids: &[&str],
+        forget_before_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut ids: Vec<&str> = key_ids.to_vec();
+        ids.sort_unstable();
+        let mut conn = self.pool.acquire().await.map_err(tx::map_error)?;
+        sqlx::query(
+            "INSERT INTO replica_keys (replica_id, key_ids, seen_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (replica_id) DO UPDATE SET key_ids = excluded.key_ids, seen_ms = excluded.seen_ms",
+        )
+        .bind(replica.to_owned())
+        .bind(ids.join(","))
+        .bind(system_now_ms())
+        .execute(&mut *conn)
+        .await
+        .map_err(tx::map_error)?;
+        sqlx::query("DELETE FROM replica_keys WHERE seen_ms < $1")
+            .bind(forget_before_ms)
+            .execute(&mut *conn)
+            .await
+            .map_err(tx::map_error)?;
+        Ok(())
+    }
+
+    /// Forgets `replica`'s master keys record (it stops).
+    pub async fn forget_replica_keys(&self, replica: &str) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(tx::map_error)?;
+        sqlx::query("DELETE FROM replica_keys WHERE replica_id = $1")
+            .bind(replica.to_owned())
+            .execute(&mut *conn)
+            .await
+            .map_err(tx::map_error)?;
+        Ok(())
+    }
+
+    /// The replicas heard of since `since_ms`, each with the master key ids it holds.
+    pub async fn key_holders(
+        &self,
+        since_ms: i64,
+    ) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(tx::map_error)?;
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT replica_id, key_ids FROM replica_keys WHERE seen_ms >= $1 ORDER BY replica_id",
+        )
+        .bind(since_ms)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(tx::map_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|(replica, ids)| (replica, ids.split(',').map(str::to_owned).collect()))
+            .collect())
+    }
+
     /// How many admin keys exist (for the bootstrap path).
     pub async fn count_admin_keys(&self) -> Result<u64, StoreError> {
         let mut conn = self.pool.acquire().await.map_err(tx::map_error)?;

@@ -302,9 +302,10 @@ async fn shutdown_answers_a_caller_waiting_for_a_token_to_come_back() {
 /// Issue 11, row 12: master keys rotate in a running server. Before, a server did not
 /// know a key added after it started (tokens re-sealed with it gave NO_USABLE_TOKEN
 /// until a restart), and a master.key with two keys made `serve` refuse to start. Now
-/// the key file names its active key; SIGHUP reloads it: new tokens are sealed with
-/// the new key, `rotate-keys` re-seals the others while the server runs, leasing goes
-/// on with the right secrets, and a restart with both keys starts.
+/// the key file names its active key; `rotate-keys` refuses while a running replica
+/// lacks the new key; SIGHUP reloads it: new tokens are sealed with the new key,
+/// `rotate-keys` re-seals the others while the server runs, leasing goes on with the
+/// right secrets, and a restart with both keys starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_keys_rotate_in_a_running_server() {
     let dir = tempfile::tempdir().unwrap();
@@ -330,6 +331,18 @@ async fn master_keys_rotate_in_a_running_server() {
     assert!(old.contains("active=k1"), "{old}");
     let rotated = format!("{}k2={new_key}\n", old.replace("active=k1", "active=k2"));
     std::fs::write(&key_file, rotated).unwrap();
+    let rotate_keys = || {
+        tokio::process::Command::new(binary)
+            .arg("rotate-keys")
+            .env_remove("DATABASE_URL")
+            .env("TOKENLEASE_DATA_DIR", dir.path())
+            .output()
+    };
+    // The running server does not hold k2 yet: rotate-keys refuses, changing nothing.
+    let refused = rotate_keys().await.unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(said.contains("do not hold master key 'k2'"), "{said}");
     let pid = server.id().unwrap().to_string();
     let hup = std::process::Command::new("kill")
         .args(["-HUP", &pid])
@@ -358,13 +371,7 @@ async fn master_keys_rotate_in_a_running_server() {
         }
     })
     .await;
-    let rotate = tokio::process::Command::new(binary)
-        .arg("rotate-keys")
-        .env_remove("DATABASE_URL")
-        .env("TOKENLEASE_DATA_DIR", dir.path())
-        .output()
-        .await
-        .unwrap();
+    let rotate = rotate_keys().await.unwrap();
     let said = String::from_utf8_lossy(&rotate.stdout);
     assert!(
         rotate.status.success() && said.contains("under key 'k2'"),
