@@ -45,12 +45,20 @@ pub struct Upstream {
     pub window: Duration,
     pub safety_margin: f64,
     pub block_duration: Duration,
+    /// The longest quarantine one rate-limit report may set; `None`: 4 × the block
+    /// duration (see `quarantine_max`).
+    pub max_block: Option<Duration>,
     pub rate_limit_error_codes: Vec<String>,
     pub create_time_ms: i64,
     pub update_time_ms: i64,
 }
 
 impl Upstream {
+    /// The longest quarantine one rate-limit report may set on a token of this upstream.
+    pub fn max_block(&self) -> Duration {
+        crate::domain::quarantine_max(self.block_duration, self.max_block)
+    }
+
     /// Requests per token per window that leases may use: floor(limit × (1 − margin)).
     pub fn usable_per_window(&self) -> u32 {
         // The margin is validated to [0, 0.5], so this never exceeds the limit.
@@ -85,6 +93,14 @@ impl Upstream {
                 "must be at most 1 day",
             ));
         }
+        if let Some(max) = self.max_block
+            && (max < self.block_duration || max > Duration::from_secs(86_400))
+        {
+            return Err(InvalidField::new(
+                "upstream.max_block",
+                "must be at least block_duration and at most 1 day (or absent: 4 × block_duration)",
+            ));
+        }
         for (i, code) in self.rate_limit_error_codes.iter().enumerate() {
             if code.is_empty() || code.len() > 100 || code.chars().any(char::is_control) {
                 return Err(InvalidField::new(
@@ -105,6 +121,7 @@ impl Upstream {
             window: Duration::from_secs(60),
             safety_margin: 0.05,
             block_duration: Duration::from_secs(600),
+            max_block: None,
             rate_limit_error_codes: vec![
                 "ERROR_BLOCKED_TOKEN".into(),
                 "ERROR_USER_ACCOUNT_BLOCKED".into(),

@@ -86,10 +86,11 @@ pub const QUARANTINE_MAX: Duration = Duration::from_secs(86_400);
 /// (one worker key must not take its pool out of service), and is cut.
 pub const MAX_BLOCK_FACTOR: u32 = 4;
 
-/// The longest quarantine one report may set, for an upstream whose block lasts `block`.
-pub fn quarantine_max(block: Duration) -> Duration {
-    block
-        .saturating_mul(MAX_BLOCK_FACTOR)
+/// The longest quarantine one report may set, for an upstream whose block lasts `block`
+/// and whose profile sets `max_block` (or not: `MAX_BLOCK_FACTOR` × `block`).
+pub fn quarantine_max(block: Duration, max_block: Option<Duration>) -> Duration {
+    max_block
+        .unwrap_or_else(|| block.saturating_mul(MAX_BLOCK_FACTOR))
         .clamp(QUARANTINE_MIN, QUARANTINE_MAX)
 }
 

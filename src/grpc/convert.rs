@@ -68,6 +68,10 @@ pub fn upstream_from_proto(message: Option<pb::Upstream>) -> Result<Upstream, In
         window: parse_duration("upstream.window", u.window)?,
         safety_margin: u.safety_margin,
         block_duration: parse_optional_duration("upstream.block_duration", u.block_duration)?,
+        max_block: match u.max_block {
+            Some(max) => Some(parse_duration("upstream.max_block", Some(max))?),
+            None => None,
+        },
         rate_limit_error_codes: u.rate_limit_error_codes,
         create_time_ms: 0,
         update_time_ms: 0,
@@ -84,6 +88,7 @@ pub fn upstream_to_proto(u: &Upstream) -> pb::Upstream {
         window: Some(duration(u.window)),
         safety_margin: u.safety_margin,
         block_duration: Some(duration(u.block_duration)),
+        max_block: u.max_block.map(duration),
         rate_limit_error_codes: u.rate_limit_error_codes.clone(),
         usable_per_window: u.usable_per_window(),
         create_time: Some(timestamp(u.create_time_ms)),

@@ -231,20 +231,21 @@ impl TokenHealth {
         blocked_until_ms: Option<i64>,
         lease_ttl: Duration,
     ) -> Result<(), ServiceError> {
-        let block_duration = snapshot
+        let (block_duration, max_block) = snapshot
             .upstreams
             .get(&key.upstream_id)
-            .map_or(FALLBACK_BLOCK, |u| u.block_duration);
+            .map_or((FALLBACK_BLOCK, None), |u| (u.block_duration, u.max_block));
         let report = OutcomeReport {
             key: key.clone(),
             outcome,
             blocked_until_ms,
             block_duration,
+            max_block: crate::domain::quarantine_max(block_duration, max_block),
             lease_ttl,
             policy: self.policy,
         };
         if let Some(until) = blocked_until_ms {
-            let cap = crate::domain::quarantine_max(block_duration).as_millis() as i64;
+            let cap = report.max_block.as_millis() as i64;
             let ahead = until - crate::clock::system_now_ms();
             if ahead > cap {
                 tracing::warn!(

@@ -711,3 +711,100 @@ async fn a_token_can_always_be_disabled() {
         )
     );
 }
+
+/// Row 1, the profile's part: an upstream's `max_block` bounds what one report may do
+/// (here 5 s, so a report of 2036 quarantines the token for 5 s); a `max_block` below
+/// the block duration is INVALID_ARGUMENT.
+#[tokio::test]
+async fn an_upstreams_max_block_bounds_a_report() {
+    let (_env, app) = app_with(
+        Db::Sqlite,
+        Counters::Memory,
+        PoolSetup::default(),
+        &["acme"],
+    )
+    .await;
+    let mut admin = app.admin().await;
+    let k = app.admin_key.as_str();
+    let mut upstream = admin
+        .get_upstream(authed(pb::GetUpstreamRequest { id: "up".into() }, k))
+        .await
+        .unwrap()
+        .into_inner()
+        .upstream
+        .unwrap();
+    assert_eq!(upstream.max_block, None);
+    upstream.block_duration = Some(super::helpers::millis(2_000));
+    upstream.max_block = Some(super::helpers::millis(1_000));
+    let refused = admin
+        .update_upstream(authed(
+            pb::UpdateUpstreamRequest {
+                upstream: Some(upstream.clone()),
+            },
+            k,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().starts_with("upstream.max_block"),
+        "{refused:?}"
+    );
+    upstream.max_block = Some(super::helpers::millis(5_000));
+    let stored = admin
+        .update_upstream(authed(
+            pb::UpdateUpstreamRequest {
+                upstream: Some(upstream),
+            },
+            k,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .upstream
+        .unwrap();
+    assert_eq!(stored.max_block, Some(super::helpers::millis(5_000)));
+
+    let mut lease = app.lease().await;
+    let request = || {
+        authed(
+            pb::AcquireLeaseRequest {
+                tenant_id: "acme".into(),
+                ..Default::default()
+            },
+            k,
+        )
+    };
+    let Some(pb::acquire_lease_response::Result::Lease(granted)) = lease
+        .acquire_lease(request())
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+    else {
+        panic!("granted")
+    };
+    let release = pb::ReleaseLeaseRequest {
+        lease_id: granted.lease_id,
+        outcome: pb::ReleaseOutcome::UpstreamRateLimited as i32,
+        blocked_until: Some(prost_types::Timestamp {
+            seconds: 2_082_758_400,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let (_, reported) = super::helpers::timed(lease.release_lease(authed(release, k))).await;
+    let (answer, span) = super::helpers::timed(lease.acquire_lease(request())).await;
+    let Some(pb::acquire_lease_response::Result::Denial(denial)) =
+        answer.unwrap().into_inner().result
+    else {
+        panic!("the token is quarantined")
+    };
+    let retry = super::helpers::ms(&denial.retry_after.unwrap());
+    span.assert_points_near(
+        retry,
+        reported.before + 5_000,
+        reported,
+        "the cut block's end",
+    );
+}

@@ -12,8 +12,8 @@
 //!   a probe released that way (or expired unreleased) frees the probe slot.
 //! - **Quarantine**, beside the breaker: an UPSTREAM_RATE_LIMITED release blocks the
 //!   token until the upstream's `blocked_until` (or now + the profile's block duration),
-//!   clamped to [`QUARANTINE_MIN`, `quarantine_max`] from now (at most 4 times the
-//!   profile's block duration, and a day). A later report only ever extends it; only an
+//!   clamped to [`QUARANTINE_MIN`, the profile's `max_block`] from now (by default 4
+//!   times its block duration; at most a day). A later report only ever extends it; only an
 //!   admin's `reset_health` lifts it early.
 //!
 //! Transitions that time alone causes (open → half-open, quarantine over) have no release
@@ -35,7 +35,7 @@
 use std::time::Duration;
 
 use super::{CounterError, Counters, LeaseKey, ReleaseOutcome};
-use crate::domain::{BreakerPolicy, Id, QUARANTINE_MIN, TokenState, quarantine_max};
+use crate::domain::{BreakerPolicy, Id, QUARANTINE_MIN, TokenState};
 
 /// Why a token changed state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +138,8 @@ pub struct OutcomeReport {
     pub blocked_until_ms: Option<i64>,
     /// The upstream profile's block duration, used when `blocked_until_ms` is absent.
     pub block_duration: Duration,
+    /// The longest quarantine this report may set (`Upstream::max_block`).
+    pub max_block: Duration,
     /// The service's lease TTL: a release can be repeated at most this long after it.
     pub lease_ttl: Duration,
     pub policy: BreakerPolicy,
@@ -232,11 +234,13 @@ impl Counters {
 }
 
 /// The end of a quarantine reported at `now`, clamped (see `QUARANTINE_MIN`/`MAX`).
-pub(super) fn quarantine_end(now: i64, blocked_until: Option<i64>, block: Duration) -> i64 {
-    let wanted = blocked_until.unwrap_or(now.saturating_add(block.as_millis() as i64));
+pub(super) fn quarantine_end(now: i64, report: &OutcomeReport) -> i64 {
+    let block = report.block_duration.as_millis() as i64;
+    let wanted = report.blocked_until_ms.unwrap_or(now.saturating_add(block));
+    let max = report.max_block.max(QUARANTINE_MIN);
     wanted.clamp(
         now + QUARANTINE_MIN.as_millis() as i64,
-        now + quarantine_max(block).as_millis() as i64,
+        now + max.as_millis() as i64,
     )
 }
 

@@ -105,7 +105,7 @@ impl MemoryCounters {
         let lease = format!("{}/{}", key.upstream_id, key.nonce);
         let applied = relevant && book.mark_applied(lease, now, keep_until);
         if applied {
-            let end = quarantine_end(now, report.blocked_until_ms, report.block_duration);
+            let end = quarantine_end(now, report);
             book.settled(&key.upstream_id, &key.token_id, now, &mut transitions)
                 .apply(report, end, now, &mut transitions);
         }

@@ -12,7 +12,7 @@ use super::breaker::{
 };
 use super::breaker_scripts;
 use super::redis_backend::RedisCounters;
-use crate::domain::{Id, QUARANTINE_MIN, TokenState, quarantine_max};
+use crate::domain::{Id, QUARANTINE_MIN, TokenState};
 
 // Built once: `Script::new` hashes the source, and the scripts never change.
 static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(breaker_scripts::ADMIT));
@@ -92,7 +92,7 @@ impl RedisCounters {
             )
             .arg(report.block_duration.as_millis() as u64)
             .arg(QUARANTINE_MIN.as_millis() as u64)
-            .arg(quarantine_max(report.block_duration).as_millis() as u64)
+            .arg(report.max_block.max(QUARANTINE_MIN).as_millis() as u64)
             .arg(report.lease_ttl.as_millis() as u64 + 1_000);
         let reply = self.run_ints("record", inv).await?;
         let bad = || bad_reply("record", &reply);

@@ -16,12 +16,12 @@ type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
 
 const INSERT_UPSTREAM: &str = "INSERT INTO upstreams (id, display_name, limit_per_window, \
     window_ms, safety_margin, block_duration_ms, rate_limit_error_codes, update_time_ms, \
-    create_time_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+    max_block_ms, create_time_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 const UPDATE_UPSTREAM: &str = "UPDATE upstreams SET display_name = $2, limit_per_window = $3, \
     window_ms = $4, safety_margin = $5, block_duration_ms = $6, rate_limit_error_codes = $7, \
-    update_time_ms = $8 WHERE id = $1";
+    update_time_ms = $8, max_block_ms = $9 WHERE id = $1";
 
-/// Binds `$1` to `$8` of the upstream statements (`$9`, the create time, is insert only).
+/// Binds `$1` to `$9` of the upstream statements (`$10`, the create time, is insert only).
 fn bind_upstream<'q>(sql: impl SqlSafeStr, v: &Upstream) -> AnyQuery<'q> {
     sqlx::query(sql)
         .bind(v.id.as_str().to_owned())
@@ -32,6 +32,7 @@ fn bind_upstream<'q>(sql: impl SqlSafeStr, v: &Upstream) -> AnyQuery<'q> {
         .bind(to_millis(v.block_duration))
         .bind(join_lines(&v.rate_limit_error_codes))
         .bind(v.update_time_ms)
+        .bind(v.max_block.map_or(0, to_millis))
 }
 
 pub(super) async fn create_upstream(

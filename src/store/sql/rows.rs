@@ -27,7 +27,8 @@ pub(super) const UPSTREAMS: Table<Upstream> = Table {
     kind: Kind::Upstream,
     name: "upstreams",
     columns: "id, display_name, limit_per_window, window_ms, safety_margin, \
-              block_duration_ms, rate_limit_error_codes, create_time_ms, update_time_ms",
+              block_duration_ms, rate_limit_error_codes, create_time_ms, update_time_ms, \
+              max_block_ms",
     decode: upstream,
 };
 
@@ -245,6 +246,7 @@ fn upstream(row: &AnyRow) -> Result<Upstream, StoreError> {
         window: millis(row, "window_ms")?,
         safety_margin: float(row, "safety_margin")?,
         block_duration: millis(row, "block_duration_ms")?,
+        max_block: Some(millis(row, "max_block_ms")?).filter(|d| !d.is_zero()),
         rate_limit_error_codes: split_lines(&text(row, "rate_limit_error_codes")?),
         create_time_ms: int(row, "create_time_ms")?,
         update_time_ms: int(row, "update_time_ms")?,

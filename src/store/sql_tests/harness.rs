@@ -158,6 +158,7 @@ pub fn upstream(upstream_id: &str) -> Upstream {
         window: Duration::from_secs(30),
         safety_margin: 0.1,
         block_duration: Duration::from_millis(1500),
+        max_block: None,
         rate_limit_error_codes: vec!["SLOW_DOWN".into(), "E429".into()],
         create_time_ms: 0,
         update_time_ms: 0,

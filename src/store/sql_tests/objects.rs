@@ -88,6 +88,7 @@ pub(super) async fn upstream_round_trip(db: &TestDb) {
         )
     );
     assert_eq!(created.block_duration, Duration::from_millis(1500));
+    assert_eq!(created.max_block, None, "absent unless set");
     assert_eq!(
         created.rate_limit_error_codes,
         expected.rate_limit_error_codes
@@ -98,9 +99,11 @@ pub(super) async fn upstream_round_trip(db: &TestDb) {
     let mut changed = created.clone();
     changed.limit_per_window = 90;
     changed.rate_limit_error_codes = vec![];
+    changed.max_block = Some(Duration::from_secs(90));
     changed.create_time_ms = 1; // ignored: the store keeps the original
     let (updated, _) = store.update_upstream(changed).await.unwrap();
     assert_eq!(updated.limit_per_window, 90);
+    assert_eq!(updated.max_block, Some(Duration::from_secs(90)));
     assert!(updated.rate_limit_error_codes.is_empty());
     assert_eq!(updated.create_time_ms, created.create_time_ms);
     assert!(updated.update_time_ms > created.update_time_ms);

@@ -43,6 +43,7 @@ async fn report(
         outcome,
         blocked_until_ms,
         block_duration: Duration::from_secs(600),
+        max_block: crate::domain::quarantine_max(Duration::from_secs(600), None),
         lease_ttl: h.ttl,
         policy: policy(h),
     };
@@ -301,6 +302,7 @@ on_both_backends! {
                 outcome: ReleaseOutcome::UpstreamRateLimited,
                 blocked_until_ms: blocked_until(now),
                 block_duration: Duration::from_secs(600),
+                max_block: crate::domain::quarantine_max(Duration::from_secs(600), None),
                 lease_ttl: h.ttl,
                 policy: policy(&h),
             };
