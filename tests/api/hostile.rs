@@ -10,7 +10,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use super::fixtures::{PoolSetup, app_with};
 use super::helpers::{Counters, Db, TestApp, authed, eventually};
-use super::observe::connect_when_ready;
+use super::observe::{clean_command, connect_when_ready};
 use super::throwaway::free_port;
 
 /// Sends bytes as they are and reads the answer's bytes: a client that does not speak
@@ -482,26 +482,17 @@ async fn watch_streams_and_filters_are_bounded() {
 async fn silent_connections_are_closed() {
     let dir = tempfile::tempdir().unwrap();
     let grpc: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut command = tokio::process::Command::new("sh");
-    for (name, _) in std::env::vars() {
-        if name.starts_with("TOKENLEASE_") || name.starts_with("OTEL_") {
-            command.env_remove(name);
-        }
-    }
-    let mut server = command
+    let mut server = clean_command("sh")
         .args([
             "-c",
             "ulimit -n 64 && exec \"$0\" serve",
             env!("CARGO_BIN_EXE_tokenlease"),
         ])
-        .env_remove("DATABASE_URL")
-        .env_remove("REDIS_URL")
         .env("TOKENLEASE_LISTEN", grpc.to_string())
         .env("TOKENLEASE_DATA_DIR", dir.path())
         .env("TOKENLEASE_METRICS__LISTEN", "")
         .env("TOKENLEASE_HANDSHAKE_TIMEOUT_MS", "1000")
         .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
         .spawn()
         .expect("start tokenlease serve");
     let _ready = connect_when_ready(dir.path(), grpc).await;
@@ -549,21 +540,13 @@ async fn serve_briefly(
     for_long: Duration,
 ) -> (Option<std::process::ExitStatus>, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenlease"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("TOKENLEASE_") || name.starts_with("OTEL_") {
-            command.env_remove(name);
-        }
-    }
+    let mut command = clean_command(env!("CARGO_BIN_EXE_tokenlease"));
     command
         .arg("serve")
-        .env_remove("DATABASE_URL")
-        .env_remove("REDIS_URL")
         .env("TOKENLEASE_DATA_DIR", dir.path())
         .env("TOKENLEASE_METRICS__LISTEN", "")
         .env("RUST_LOG", "warn")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
+        .stderr(std::process::Stdio::piped());
     for (name, value) in vars {
         command.env(name, value);
     }

@@ -18,26 +18,20 @@ use super::helpers::{
     Counters, Db, PG_ADMIN_URL, TestApp, TestEnv, authed, eventually, granted_at, millis, ms,
     timed, ts_ms,
 };
-use super::observe::{connect_when_ready, free_port, start_binary, wait_for};
+use super::observe::{
+    clean_command, connect_when_ready, free_port, start_binary, two_addresses, wait_for,
+};
 
 /// `serve` with a Postgres DATABASE_URL and no REDIS_URL exits non-zero, saying why
 /// (replicas counting alone grant a token's limit once each) and what to set.
 #[tokio::test]
 async fn serve_refuses_to_count_alone_beside_other_replicas() {
     let dir = tempfile::tempdir().unwrap();
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenlease"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("TOKENLEASE_") {
-            command.env_remove(name);
-        }
-    }
-    let run = command
+    let run = clean_command(env!("CARGO_BIN_EXE_tokenlease"))
         .arg("serve")
         .env("DATABASE_URL", PG_ADMIN_URL)
-        .env_remove("REDIS_URL")
         .env("TOKENLEASE_DATA_DIR", dir.path())
         .env("TOKENLEASE_LISTEN", format!("127.0.0.1:{}", free_port()))
-        .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(Duration::from_secs(30), run)
         .await
@@ -191,11 +185,7 @@ async fn an_embedded_restart_holds_until_earlier_leases_are_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_embedded_restart_is_announced_in_events_and_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let addresses = || -> (SocketAddr, SocketAddr) {
-        let grpc = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        (grpc, format!("127.0.0.1:{}", free_port()).parse().unwrap())
-    };
-    let (grpc, metrics) = addresses();
+    let (grpc, metrics) = two_addresses();
     let mut server = start_binary(dir.path(), grpc, metrics);
     let (channel, key) = connect_when_ready(dir.path(), grpc).await;
     let pool = PoolSetup {
@@ -223,7 +213,7 @@ async fn an_embedded_restart_is_announced_in_events_and_metrics() {
     assert!(matches!(first.result, Some(Answer::Lease(_))));
     server.kill().await.unwrap();
 
-    let (grpc, metrics) = addresses();
+    let (grpc, metrics) = two_addresses();
     let _server = start_binary(dir.path(), grpc, metrics);
     let (channel, _) = connect_when_ready(dir.path(), grpc).await;
     let mut lease = LeaseServiceClient::new(channel);
@@ -309,11 +299,7 @@ async fn shutdown_answers_a_caller_waiting_for_a_token_to_come_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_keys_rotate_in_a_running_server() {
     let dir = tempfile::tempdir().unwrap();
-    let addresses = || -> (SocketAddr, SocketAddr) {
-        let grpc = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        (grpc, format!("127.0.0.1:{}", free_port()).parse().unwrap())
-    };
-    let (grpc, metrics) = addresses();
+    let (grpc, metrics) = two_addresses();
     let mut server = start_binary(dir.path(), grpc, metrics);
     let (channel, key) = connect_when_ready(dir.path(), grpc).await;
     let mut admin = AdminServiceClient::new(channel.clone());
@@ -414,7 +400,7 @@ async fn master_keys_rotate_in_a_running_server() {
 
     // A restart with both keys in the file starts.
     server.kill().await.unwrap();
-    let (grpc, metrics) = addresses();
+    let (grpc, metrics) = two_addresses();
     let _server = start_binary(dir.path(), grpc, metrics);
     connect_when_ready(dir.path(), grpc).await;
 }

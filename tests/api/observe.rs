@@ -33,22 +33,37 @@ pub(super) fn free_port() -> u16 {
         .port()
 }
 
-/// `tokenlease serve` as its own process in `data_dir`, embedded mode.
-pub(super) fn start_binary(
-    data_dir: &Path,
-    grpc: SocketAddr,
-    metrics: SocketAddr,
-) -> tokio::process::Child {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenlease"));
+/// `program` (the binary, or a shell that runs it) with none of this process's
+/// settings: no `TOKENLEASE_*`, `OTEL_*`, `DATABASE_URL` or `REDIS_URL`, so the server it
+/// starts is embedded and configured only by what the test sets.
+pub(super) fn clean_command(program: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(program);
     for (name, _) in std::env::vars() {
         if name.starts_with("TOKENLEASE_") || name.starts_with("OTEL_") {
             command.env_remove(name);
         }
     }
     command
-        .arg("serve")
         .env_remove("DATABASE_URL")
         .env_remove("REDIS_URL")
+        .kill_on_drop(true);
+    command
+}
+
+/// Two free local addresses: for gRPC and for /metrics.
+pub(super) fn two_addresses() -> (SocketAddr, SocketAddr) {
+    let address = || format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    (address(), address())
+}
+
+/// `tokenlease serve` as its own process in `data_dir`, embedded mode.
+pub(super) fn start_binary(
+    data_dir: &Path,
+    grpc: SocketAddr,
+    metrics: SocketAddr,
+) -> tokio::process::Child {
+    clean_command(env!("CARGO_BIN_EXE_tokenlease"))
+        .arg("serve")
         .env("TOKENLEASE_LISTEN", grpc.to_string())
         .env("TOKENLEASE_DATA_DIR", data_dir)
         .env("TOKENLEASE_METRICS__LISTEN", metrics.to_string())
@@ -57,7 +72,6 @@ pub(super) fn start_binary(
         // The run fills the token's window on purpose, so no pacing.
         .env("TOKENLEASE_LEASE__PACE_BURST_PERCENT", "100")
         .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
         .spawn()
         .expect("start tokenlease serve")
 }
