@@ -57,6 +57,10 @@ pub mod names {
     /// Counter {token, upstream}: releases reporting UPSTREAM_RATE_LIMITED, i.e. the
     /// upstream itself said a token was over its limit.
     pub const UPSTREAM_RATE_LIMITED: &str = "tokenlease_upstream_rate_limited_total";
+    /// Counter {token, upstream}: UPSTREAM_RATE_LIMITED reports on a token the service
+    /// counted at less than half its usable slots (used outside the service, a wrong
+    /// profile, or a worker misreporting).
+    pub const IMPLAUSIBLE_REPORTS: &str = "tokenlease_implausible_rate_limit_reports_total";
     /// Counter {token}: circuit breaker openings.
     pub const BREAKER_OPENS: &str = "tokenlease_breaker_opens_total";
     /// Histogram {upstream}: upstream call latency as reported in ReleaseLease.
@@ -85,6 +89,7 @@ pub const ALL: &[&str] = &[
     names::TOKEN_EXHAUSTION,
     names::RELEASES,
     names::UPSTREAM_RATE_LIMITED,
+    names::IMPLAUSIBLE_REPORTS,
     names::BREAKER_OPENS,
     names::UPSTREAM_LATENCY,
     names::ACQUIRE_DURATION,
@@ -219,6 +224,10 @@ fn describe_all() {
         UPSTREAM_RATE_LIMITED,
         "Releases reporting that the upstream answered rate-limited."
     );
+    describe_counter!(
+        IMPLAUSIBLE_REPORTS,
+        "Rate-limit reports on a token counted at less than half its usable slots."
+    );
     describe_counter!(BREAKER_OPENS, "Circuit breaker openings, by token.");
     describe_histogram!(
         UPSTREAM_LATENCY,
@@ -302,6 +311,12 @@ pub fn acquire_denied(
     }
 }
 
+/// A rate-limit report the service's own counts make implausible (see `Leaser`).
+pub fn implausible_report(token: &Id, upstream: &Id) {
+    counter!(names::IMPLAUSIBLE_REPORTS, labels::TOKEN => token.to_string(), labels::UPSTREAM => upstream.to_string())
+        .increment(1);
+}
+
 /// A first release of a lease (not a repeated one): outcome, rate-limit reports per
 /// token, and the upstream latency when the worker reported it.
 pub fn lease_released(lease_id: &str, outcome: ReleaseOutcome, upstream_latency: Option<Duration>) {
@@ -375,6 +390,7 @@ pub fn token_usage(tokens: &[TokenUsage]) {
             (labels::UPSTREAM, t.upstream_id.to_string()),
         ];
         counter!(names::UPSTREAM_RATE_LIMITED, &labels).increment(0);
+        counter!(names::IMPLAUSIBLE_REPORTS, &labels).increment(0);
         counter!(names::BREAKER_OPENS, labels::TOKEN => t.token_id.to_string()).increment(0);
         if t.disabled {
             continue; // its gauges go idle and leave the output

@@ -333,6 +333,39 @@ impl Leaser {
         Err(error)
     }
 
+    /// A rate-limit report on a token this service counts at less than half its usable
+    /// slots is implausible: the token is used outside the service, the profile's limit
+    /// is wrong, or the worker misreports. Logged and counted, not refused (the upstream
+    /// may know better); a failed read is ignored.
+    async fn check_plausible(&self, key: &LeaseKey) {
+        let snapshot = self.config.current();
+        let Some(upstream) = snapshot.upstreams.get(&key.upstream_id) else {
+            return;
+        };
+        let tokens = std::slice::from_ref(&key.token_id);
+        let used = match self
+            .counters
+            .usage(&upstream.id, upstream.window, &[], tokens)
+            .await
+        {
+            Ok(counts) => counts.tokens.first().copied().unwrap_or(0),
+            Err(_) => return,
+        };
+        let usable = upstream.usable_per_window();
+        if used.saturating_mul(2) < usable {
+            tracing::warn!(
+                token_id = %key.token_id,
+                tenant_id = %key.tenant_id,
+                used,
+                usable,
+                "a worker reported the upstream rate-limited a token this service counts at \
+                 less than half its limit: is the token used outside tokenlease, is the \
+                 upstream profile's limit right, or does the worker misreport?"
+            );
+            crate::metrics::implausible_report(&key.token_id, &upstream.id);
+        }
+    }
+
     /// Tells operators and watchers that an upstream is held because its counters were
     /// lost: this decision noticed it, and no other will.
     fn announce_hold(&self, upstream: &Id, denied: &Denied) {
@@ -519,6 +552,9 @@ impl Leaser {
         ) {
             // Feeds the token's breaker and quarantine (`health.rs`).
             self.record_outcome(&key, outcome, blocked_until_ms).await?;
+        }
+        if result == ReleaseResult::Released && outcome == ReleaseOutcome::UpstreamRateLimited {
+            self.check_plausible(&key).await;
         }
         match result {
             ReleaseResult::Released => Ok(false),

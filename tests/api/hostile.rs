@@ -10,7 +10,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use super::fixtures::{PoolSetup, app_with};
 use super::helpers::{Counters, Db, TestApp, authed, eventually};
-use super::observe::{clean_command, connect_when_ready};
+use super::observe::{clean_command, connect_when_ready, start_binary, two_addresses, wait_for};
 use super::throwaway::free_port;
 
 /// Sends bytes as they are and reads the answer's bytes: a client that does not speak
@@ -790,4 +790,38 @@ async fn an_upstreams_max_block_bounds_a_report() {
         reported,
         "the cut block's end",
     );
+}
+
+/// "A report that the service's own counts make implausible is logged and counted": a
+/// worker reports the upstream rate-limited a token the service counts at 1 of its 95
+/// usable slots. The report still quarantines the token (the upstream may know better),
+/// and /metrics counts it as implausible (the real binary: its own process's metrics).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_implausible_rate_limit_report_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, metrics) = two_addresses();
+    let _server = start_binary(dir.path(), grpc, metrics);
+    let (channel, key) = connect_when_ready(dir.path(), grpc).await;
+    let mut admin = pb::admin_service_client::AdminServiceClient::new(channel.clone());
+    PoolSetup::default().create(&mut admin, &key).await;
+    super::fixtures::create_tenant(&mut admin, &key, "acme", "flex").await;
+    let mut lease = pb::lease_service_client::LeaseServiceClient::new(channel);
+    let request = pb::AcquireLeaseRequest {
+        tenant_id: "acme".into(),
+        ..Default::default()
+    };
+    let answer = lease.acquire_lease(authed(request, &key)).await.unwrap();
+    let Some(pb::acquire_lease_response::Result::Lease(granted)) = answer.into_inner().result
+    else {
+        panic!("granted")
+    };
+    let release = pb::ReleaseLeaseRequest {
+        lease_id: granted.lease_id,
+        outcome: pb::ReleaseOutcome::UpstreamRateLimited as i32,
+        ..Default::default()
+    };
+    lease.release_lease(authed(release, &key)).await.unwrap();
+    let token = [("token", "tok-0"), ("upstream", "up")];
+    let name = tokenlease::metrics::names::IMPLAUSIBLE_REPORTS;
+    wait_for(metrics, name, &token, 1.0).await;
 }

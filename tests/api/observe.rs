@@ -262,6 +262,8 @@ async fn metrics_count_exactly_what_a_small_run_did() {
         );
     }
     expect(names::UPSTREAM_RATE_LIMITED, &token, 1.0);
+    // The token was full when it was reported: a plausible report.
+    expect(names::IMPLAUSIBLE_REPORTS, &token, 0.0);
     expect(names::BREAKER_OPENS, &[("token", "tok-0")], 0.0);
     let up = [("upstream", "up")];
     expect(&format!("{}_count", names::UPSTREAM_LATENCY), &up, 1.0);
