@@ -151,6 +151,10 @@ pub struct TlsSection {
     pub cert_path: PathBuf,
     /// PEM private key.
     pub key_path: PathBuf,
+    /// PEM certificate(s) of the authority that signs client certificates: when set,
+    /// every client must present one it signed (mutual TLS), before any API key.
+    #[serde(default)]
+    pub client_ca_path: Option<PathBuf>,
 }
 
 impl Default for Settings {

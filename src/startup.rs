@@ -377,7 +377,13 @@ fn load_tls(tls: &crate::config::TlsSection) -> anyhow::Result<ServerTlsConfig> 
         .with_context(|| format!("cannot read tls.cert_path {}", tls.cert_path.display()))?;
     let key = std::fs::read(&tls.key_path)
         .with_context(|| format!("cannot read tls.key_path {}", tls.key_path.display()))?;
-    Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+    let config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    let Some(ca_path) = &tls.client_ca_path else {
+        return Ok(config);
+    };
+    let ca = std::fs::read(ca_path)
+        .with_context(|| format!("cannot read tls.client_ca_path {}", ca_path.display()))?;
+    Ok(config.client_ca_root(tonic::transport::Certificate::from_pem(ca)))
 }
 
 /// Embedded mode, first start: creates an admin key and writes it to
