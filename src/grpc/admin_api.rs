@@ -350,15 +350,16 @@ impl AdminService for AdminApi {
             version,
         )
         .await;
+        let shortfall = self.pool_shortfall(&stored.owner);
         if was_disabled.is_some_and(|was| was != stored.disabled) {
-            let shortfall = self.pool_shortfall(&stored.owner);
             if let Some(shortfall) = &shortfall {
                 tracing::warn!(token_id = %stored.id, "{shortfall}");
             }
-            publish_admin_toggle(&self.events, &stored.id, stored.disabled, shortfall);
+            publish_admin_toggle(&self.events, &stored.id, stored.disabled, shortfall.clone());
         }
         Ok(Response::new(pb::UpdateTokenResponse {
             token: Some(token_to_proto(&stored)),
+            capacity_warning: shortfall.unwrap_or_default(),
         }))
     }
 

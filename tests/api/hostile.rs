@@ -603,9 +603,10 @@ async fn tls_is_checked_first_and_plaintext_beyond_loopback_is_named() {
 /// Row 11: an emergency off-switch. Before, disabling the only token of a pool with
 /// guarantees was refused by the 80 % rule (naming the wrong field, "…usable capacity
 /// of 0 (0)"). Now disabling is always allowed: leasing stops on the token at once, the
-/// event says the pool now falls short of its guarantees, and enabling it again
-/// restores leasing. Deleting it is still refused (the pool would be provisioned below
-/// its guarantees), with a message that points at disabling.
+/// response (`capacity_warning`) and the event say the pool now falls short of its
+/// guarantees, and enabling it again restores leasing. Deleting it is still refused
+/// (the pool would be provisioned below its guarantees), with a message that points at
+/// disabling.
 #[tokio::test]
 async fn a_token_can_always_be_disabled() {
     let pool = PoolSetup {
@@ -631,10 +632,17 @@ async fn a_token_can_always_be_disabled() {
             k,
         )
     };
-    admin
+    let disabled = admin
         .update_token(update(true))
         .await
-        .expect("disabling is always allowed");
+        .expect("disabling is always allowed")
+        .into_inner();
+    assert!(
+        disabled
+            .capacity_warning
+            .contains("pool 'shared' now serves 0 requests per window"),
+        "{disabled:?}"
+    );
     let acquire = || async {
         let request = pb::AcquireLeaseRequest {
             tenant_id: "acme".into(),
@@ -659,10 +667,15 @@ async fn a_token_can_always_be_disabled() {
         .unwrap_err();
     assert_eq!(deleted.code(), Code::FailedPrecondition, "{deleted:?}");
     assert!(deleted.message().contains("disable it"), "{deleted:?}");
-    admin
+    let enabled = admin
         .update_token(update(false))
         .await
         .expect("enabled again");
+    assert_eq!(
+        enabled.into_inner().capacity_warning,
+        "",
+        "the pool is whole again"
+    );
     assert!(
         matches!(acquire().await, Answer::Lease(_)),
         "leasing is back"
