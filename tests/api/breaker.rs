@@ -445,13 +445,8 @@ async fn watch(app: &TestApp, key: &str, token_ids: &[&str]) -> Streaming<pb::Wa
 
 /// Every event that arrives until none has for `quiet`.
 async fn drain(stream: &mut Streaming<pb::WatchEventsResponse>, quiet: Duration) -> Vec<pb::Event> {
-    let mut events = Vec::new();
-    while let Ok(Some(message)) = tokio::time::timeout(quiet, stream.message())
-        .await
-        .map(|m| m.unwrap())
-    {
-        events.push(message.event.unwrap());
-    }
+    let (events, ended) = super::helpers::drain_events(stream, quiet).await;
+    assert!(ended.is_none(), "the stream ended: {ended:?}");
     events
 }
 

@@ -9,7 +9,10 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use super::fixtures::{PoolSetup, create_tenant, tenant_usage_on};
-use super::helpers::{Counters, Db, TestEnv, authed, eventually, granted_at, ms, timed};
+use super::helpers::{
+    Counters, Db, TestEnv, authed, drain_events, eventually, granted_at, lease_request, ms, timed,
+    ts_ms,
+};
 use super::throwaway::{ThrowawayRedis, free_port};
 
 /// Redis stops: AcquireLease answers UNAVAILABLE with a RetryInfo within the configured
@@ -35,15 +38,7 @@ async fn redis_down_fails_closed_and_recovers() {
     pool.create(&mut admin, &app.admin_key).await;
     create_tenant(&mut admin, &app.admin_key, "acme", "flex").await;
     let mut lease = app.lease().await;
-    let request = || {
-        authed(
-            pb::AcquireLeaseRequest {
-                tenant_id: "acme".into(),
-                ..Default::default()
-            },
-            &app.admin_key,
-        )
-    };
+    let request = || lease_request("acme", &app.admin_key);
     let watch = pb::WatchEventsRequest::default();
     let mut events = lease
         .watch_events(authed(watch, &app.admin_key))
@@ -135,21 +130,17 @@ async fn redis_down_fails_closed_and_recovers() {
 pub async fn holds_announced(
     events: &mut tonic::Streaming<pb::WatchEventsResponse>,
 ) -> Vec<(String, i64)> {
-    let mut holds = Vec::new();
-    let quiet = Duration::from_millis(300);
-    while let Ok(Some(message)) = tokio::time::timeout(quiet, events.message())
-        .await
-        .map(|m| m.unwrap())
-    {
-        if let Some(pb::event::Kind::CountersRecovering(hold)) = message.event.and_then(|e| e.kind)
-        {
-            holds.push((
-                hold.upstream_id,
-                super::helpers::ts_ms(&hold.until.unwrap()),
-            ));
-        }
-    }
-    holds
+    let (received, ended) = drain_events(events, Duration::from_millis(300)).await;
+    assert!(ended.is_none(), "the stream ended: {ended:?}");
+    received
+        .into_iter()
+        .filter_map(|event| match event.kind {
+            Some(pb::event::Kind::CountersRecovering(hold)) => {
+                Some((hold.upstream_id, ts_ms(&hold.until.unwrap())))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Property 12 and issue 10, point 2: Redis frozen (SIGSTOP: connected but silent) while
@@ -173,15 +164,7 @@ async fn calls_failed_while_redis_was_frozen_take_no_slot() {
         .await;
     create_tenant(&mut admin, &app.admin_key, "acme", "flex").await;
     let mut lease = app.lease().await;
-    let request = || {
-        authed(
-            pb::AcquireLeaseRequest {
-                tenant_id: "acme".into(),
-                ..Default::default()
-            },
-            &app.admin_key,
-        )
-    };
+    let request = || lease_request("acme", &app.admin_key);
     // One lease given back: its scripts are loaded, so the frozen calls send EVALSHA.
     let Some(Answer::Lease(first)) = lease
         .acquire_lease(request())

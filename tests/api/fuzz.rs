@@ -17,7 +17,7 @@ use tokenlease::grpc::pb;
 use tonic::{Code, Status};
 
 use super::fixtures::{PoolSetup, app_with};
-use super::helpers::{Counters, Db, TestApp, authed, run_watching_panics};
+use super::helpers::{Counters, Db, TestApp, authed, lease_request, run_watching_panics};
 use super::hostile::raw_call;
 
 fn requests() -> usize {
@@ -220,15 +220,8 @@ async fn fuzz(db: Db, counters: Counters, seed: u64) -> BTreeMap<String, usize> 
         *codes.entry(format!("{code:?}")).or_insert(0) += 1;
     }
     // Still serving, and still right.
-    let request = pb::AcquireLeaseRequest {
-        tenant_id: "acme".into(),
-        ..Default::default()
-    };
-    let answer = app
-        .lease()
-        .await
-        .acquire_lease(authed(request, &app.admin_key))
-        .await;
+    let request = lease_request("acme", &app.admin_key);
+    let answer = app.lease().await.acquire_lease(request).await;
     let answer = answer
         .expect("a valid call after the fuzzing")
         .into_inner()

@@ -469,3 +469,31 @@ fn parse_labels(body: &str) -> BTreeMap<&str, &str> {
         })
         .collect()
 }
+
+/// An AcquireLease for `tenant` with `key`, nothing else set.
+pub fn lease_request(
+    tenant: &str,
+    key: &str,
+) -> Request<tokenlease::grpc::pb::AcquireLeaseRequest> {
+    let request = tokenlease::grpc::pb::AcquireLeaseRequest {
+        tenant_id: tenant.into(),
+        ..Default::default()
+    };
+    authed(request, key)
+}
+
+/// Every event that arrives on a WatchEvents stream until none has for `quiet`, and
+/// the status that ended the stream, if it ended.
+pub async fn drain_events(
+    stream: &mut tonic::Streaming<tokenlease::grpc::pb::WatchEventsResponse>,
+    quiet: Duration,
+) -> (Vec<tokenlease::grpc::pb::Event>, Option<tonic::Status>) {
+    let mut events = Vec::new();
+    loop {
+        match tokio::time::timeout(quiet, stream.message()).await {
+            Err(_) | Ok(Ok(None)) => return (events, None),
+            Ok(Err(status)) => return (events, Some(status)),
+            Ok(Ok(Some(message))) => events.extend(message.event),
+        }
+    }
+}

@@ -9,7 +9,7 @@ use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use super::fixtures::{PoolSetup, app_with};
-use super::helpers::{Counters, Db, TestApp, authed, eventually};
+use super::helpers::{Counters, Db, TestApp, authed, drain_events, eventually, lease_request};
 use super::observe::{clean_command, connect_when_ready, start_binary, two_addresses, wait_for};
 use super::throwaway::free_port;
 
@@ -280,20 +280,15 @@ async fn watch(
 async fn config_changes(
     stream: &mut tonic::Streaming<pb::WatchEventsResponse>,
 ) -> (Vec<String>, Option<tonic::Status>) {
-    let mut ids = Vec::new();
-    loop {
-        let next = tokio::time::timeout(Duration::from_millis(300), stream.message()).await;
-        match next {
-            Err(_) | Ok(Ok(None)) => return (ids, None),
-            Ok(Err(status)) => return (ids, Some(status)),
-            Ok(Ok(Some(message))) => {
-                if let Some(pb::event::Kind::ConfigChanged(c)) = message.event.and_then(|e| e.kind)
-                {
-                    ids.push(c.resource_id);
-                }
-            }
-        }
-    }
+    let (events, ended) = drain_events(stream, Duration::from_millis(300)).await;
+    let ids = events
+        .into_iter()
+        .filter_map(|event| match event.kind {
+            Some(pb::event::Kind::ConfigChanged(c)) => Some(c.resource_id),
+            _ => None,
+        })
+        .collect();
+    (ids, ended)
 }
 
 /// A change to token `id` (its display name), through the admin API.
@@ -644,17 +639,9 @@ async fn a_token_can_always_be_disabled() {
         "{disabled:?}"
     );
     let acquire = || async {
-        let request = pb::AcquireLeaseRequest {
-            tenant_id: "acme".into(),
-            ..Default::default()
-        };
-        let answer = app
-            .lease()
-            .await
-            .acquire_lease(authed(request, k))
-            .await
-            .unwrap();
-        answer.into_inner().result.unwrap()
+        let mut lease = app.lease().await;
+        let answer = lease.acquire_lease(lease_request("acme", k)).await;
+        answer.unwrap().into_inner().result.unwrap()
     };
     use pb::acquire_lease_response::Result as Answer;
     assert!(
@@ -681,15 +668,15 @@ async fn a_token_can_always_be_disabled() {
         "leasing is back"
     );
 
-    let mut causes = Vec::new();
-    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(300), events.message())
-        .await
-        .map(Result::unwrap)
-    {
-        if let Some(pb::event::Kind::TokenStateChanged(c)) = message.event.and_then(|e| e.kind) {
-            causes.push((c.new_state, c.cause));
-        }
-    }
+    let (received, ended) = drain_events(&mut events, Duration::from_millis(300)).await;
+    assert!(ended.is_none(), "the stream ended: {ended:?}");
+    let causes: Vec<(i32, String)> = received
+        .into_iter()
+        .filter_map(|event| match event.kind {
+            Some(pb::event::Kind::TokenStateChanged(c)) => Some((c.new_state, c.cause)),
+            _ => None,
+        })
+        .collect();
     assert_eq!(causes.len(), 2, "{causes:?}");
     assert_eq!(causes[0].0, pb::TokenState::Disabled as i32);
     assert!(
@@ -762,15 +749,7 @@ async fn an_upstreams_max_block_bounds_a_report() {
     assert_eq!(stored.max_block, Some(super::helpers::millis(5_000)));
 
     let mut lease = app.lease().await;
-    let request = || {
-        authed(
-            pb::AcquireLeaseRequest {
-                tenant_id: "acme".into(),
-                ..Default::default()
-            },
-            k,
-        )
-    };
+    let request = || lease_request("acme", k);
     let Some(pb::acquire_lease_response::Result::Lease(granted)) = lease
         .acquire_lease(request())
         .await
@@ -819,11 +798,10 @@ async fn an_implausible_rate_limit_report_is_counted() {
     PoolSetup::default().create(&mut admin, &key).await;
     super::fixtures::create_tenant(&mut admin, &key, "acme", "flex").await;
     let mut lease = pb::lease_service_client::LeaseServiceClient::new(channel);
-    let request = pb::AcquireLeaseRequest {
-        tenant_id: "acme".into(),
-        ..Default::default()
-    };
-    let answer = lease.acquire_lease(authed(request, &key)).await.unwrap();
+    let answer = lease
+        .acquire_lease(lease_request("acme", &key))
+        .await
+        .unwrap();
     let Some(pb::acquire_lease_response::Result::Lease(granted)) = answer.into_inner().result
     else {
         panic!("granted")

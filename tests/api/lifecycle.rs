@@ -15,8 +15,8 @@ use super::breaker::{configure, quarantine};
 use super::faults::holds_announced;
 use super::fixtures::{PoolSetup, create_tenant, tenant_usage_on};
 use super::helpers::{
-    Counters, Db, PG_ADMIN_URL, TestApp, TestEnv, authed, eventually, granted_at, millis, ms,
-    timed, ts_ms,
+    Counters, Db, PG_ADMIN_URL, TestApp, TestEnv, authed, eventually, granted_at, lease_request,
+    millis, ms, timed, ts_ms,
 };
 use super::observe::{
     clean_command, connect_when_ready, free_port, start_binary, two_addresses, wait_for,
@@ -242,15 +242,8 @@ async fn an_embedded_restart_is_announced_in_events_and_metrics() {
 }
 
 async fn acquire(app: &TestApp) -> Answer {
-    let request = pb::AcquireLeaseRequest {
-        tenant_id: "acme".into(),
-        ..Default::default()
-    };
-    let answer = app
-        .lease()
-        .await
-        .acquire_lease(authed(request, &app.admin_key))
-        .await;
+    let request = lease_request("acme", &app.admin_key);
+    let answer = app.lease().await.acquire_lease(request).await;
     answer.unwrap().into_inner().result.unwrap()
 }
 
