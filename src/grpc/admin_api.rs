@@ -95,13 +95,14 @@ impl AdminApi {
 
     /// After a successful write: refresh this replica's snapshot and tell watchers.
     async fn written(&self, resource: Resource, id: &str, change: Change, version: i64) {
-        let refresh = self.config().refresh();
-        let refreshed = tokio::time::timeout(self.database_timeout, refresh).await;
-        if let Err(error) = refreshed
-            .map_err(|_| "timed out".to_owned())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-        {
-            tracing::warn!(%error, "snapshot refresh after an admin write failed; the poller will retry");
+        match tokio::time::timeout(self.database_timeout, self.config().refresh()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "snapshot refresh after an admin write failed; the poller will retry")
+            }
+            Err(_) => tracing::warn!(
+                "snapshot refresh after an admin write timed out; the poller will retry"
+            ),
         }
         if let Err(error) = self.leaser.allocator.refresh().await {
             tracing::warn!(%error, "quota refresh after an admin write failed; the allocator will retry");

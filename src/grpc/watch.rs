@@ -60,12 +60,6 @@ impl Streams {
             key_id: key_id.to_owned(),
         })
     }
-
-    /// How many streams `key_id` holds open here.
-    pub fn open_for(&self, key_id: &str) -> usize {
-        let open = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        open.get(key_id).copied().unwrap_or(0)
-    }
 }
 
 impl Drop for StreamSlot {
@@ -136,11 +130,9 @@ fn visible(caller: &Caller, filter: &Filter, event: &Event, snapshot: &Snapshot)
             let in_scope = admin || tenants.iter().any(|t| caller.may_see_tenant(t));
             let tenant_ok = filter.tenant_ids.is_empty()
                 || tenants.iter().any(|t| filter.tenant_ids.contains(t));
-            let token_ok = filter.token_ids.is_empty()
-                || event
-                    .token_id()
-                    .is_none_or(|t| filter.token_ids.iter().any(|f| f.as_str() == t));
-            in_scope && tenant_ok && token_ok
+            // `matches` adds the token filter (the tenant part passes events with no
+            // tenant of their own, such as token events).
+            in_scope && tenant_ok && filter.matches(event)
         }
     }
 }
