@@ -37,7 +37,8 @@ use crate::domain::{BreakerPolicy, Id, TokenOwner, TokenState};
 use crate::error::ServiceError;
 use crate::events::{Event, EventBus, EventKind};
 use crate::store::counters::{
-    AcquireRequest, Admission, Counters, Grant, LeaseKey, OutcomeReport, ReleaseOutcome, Transition,
+    AcquireRequest, Counters, Grant, LeaseKey, OutcomeReport, Recorded, ReleaseOutcome,
+    ReleaseResult, Transition, Unhealthy,
 };
 
 /// The longest a hint about a half-open token with a probe out is trusted: the probe
@@ -178,59 +179,39 @@ impl TokenHealth {
         })
     }
 
-    /// After the counters granted `grant` for `request`: asks the store whether the
-    /// token may be used (claiming the probe slot of a half-open token). `Ok(false)`
-    /// means no: the lease was given back (NOT_USED), a hint now keeps the token out,
-    /// and the caller should plan again.
-    pub(super) async fn admit(
-        &self,
-        counters: &Counters,
-        request: &AcquireRequest,
-        grant: &Grant,
-    ) -> Result<bool, ServiceError> {
-        let admitted = counters
-            .admit_grant(
-                &request.upstream_id,
-                &grant.token_id,
-                &request.nonce,
-                grant.expires_at_ms,
-            )
-            .await?;
-        self.publish(&admitted.transitions, admitted.now_ms);
-        let (state, until_ms) = match admitted.admission {
-            Admission::Leasable => return Ok(true),
-            Admission::Probe => {
-                tracing::info!(token_id = %grant.token_id, tenant_id = %request.tenant_id, "probe lease granted on a half-open token");
-                // Its probe is out: spare this replica's next acquires the refusal.
-                let for_ms = grant.expires_at_ms - admitted.now_ms;
-                self.remember(&grant.token_id, TokenState::BreakerHalfOpen, for_ms);
-                return Ok(true);
-            }
-            Admission::Refused { state, until_ms } => (state, until_ms),
-        };
-        self.remember(&grant.token_id, state, until_ms - admitted.now_ms);
-        let key = LeaseKey {
-            upstream_id: request.upstream_id.clone(),
-            tenant_id: request.tenant_id.clone(),
-            token_id: grant.token_id.clone(),
-            nonce: request.nonce.clone(),
-        };
-        counters.release(&key, ReleaseOutcome::NotUsed).await?;
-        Ok(false)
+    /// After the counters granted `grant` for `request` (the store's admission ran in
+    /// the same decision): reports the transitions it made due and, for a probe lease,
+    /// spares this replica's next acquires the refusal while the probe is out.
+    pub(super) fn granted(&self, request: &AcquireRequest, grant: &Grant) {
+        self.publish(&grant.transitions, grant.now_ms);
+        if grant.probe {
+            tracing::info!(token_id = %grant.token_id, tenant_id = %request.tenant_id, "probe lease granted on a half-open token");
+            let for_ms = grant.expires_at_ms - grant.now_ms;
+            self.remember(&grant.token_id, TokenState::BreakerHalfOpen, for_ms);
+        }
     }
 
-    /// Feeds a released lease's outcome to its token's breaker and quarantine. Called
-    /// for first and repeated releases alike (the store applies each lease once), so a
-    /// worker that retries a release whose reply it lost still gets its report counted.
-    pub(super) async fn record(
+    /// The decision chose a token its health refuses (nothing was recorded): a hint now
+    /// keeps the token out until it may be usable, and the caller plans again.
+    pub(super) fn refused(&self, refused: &Unhealthy) {
+        self.publish(&refused.transitions, refused.now_ms);
+        self.remember(
+            &refused.token_id,
+            refused.state,
+            refused.until_ms - refused.now_ms,
+        );
+    }
+
+    /// What a release tells the token's breaker and quarantine, in this upstream's
+    /// terms; warns when the reported block end is beyond what the upstream ever blocks.
+    pub(super) fn outcome_report(
         &self,
-        counters: &Counters,
         snapshot: &Snapshot,
         key: &LeaseKey,
         outcome: ReleaseOutcome,
         blocked_until_ms: Option<i64>,
         lease_ttl: Duration,
-    ) -> Result<(), ServiceError> {
+    ) -> OutcomeReport {
         let (block_duration, max_block) = snapshot
             .upstreams
             .get(&key.upstream_id)
@@ -259,13 +240,18 @@ impl TokenHealth {
                 );
             }
         }
-        let recorded = counters.record_outcome(&report).await?;
+        report
+    }
+
+    /// What the store did with a release's outcome (fed for first and repeated releases
+    /// alike: the store applies each lease once, so a worker that retries a release
+    /// whose reply it lost still gets its report counted).
+    pub(super) fn recorded(&self, key: &LeaseKey, recorded: &Recorded) {
         if recorded.applied {
             // If this was the probe of a half-open token, its slot is free again.
             self.forget_half_open(&key.token_id);
         }
         self.publish(&recorded.transitions, recorded.now_ms);
-        Ok(())
     }
 
     /// Puts `token` of `upstream` back in service (an admin's decision): forgets its
@@ -413,36 +399,23 @@ impl TokenHealth {
     }
 }
 
-/// The two calls `Leaser::acquire` and `Leaser::release` make.
 impl Leaser {
-    /// See `TokenHealth::admit`.
-    pub(super) async fn admit(
-        &self,
-        request: &AcquireRequest,
-        grant: &Grant,
-    ) -> Result<bool, ServiceError> {
-        self.health.admit(&self.counters, request, grant).await
-    }
-
-    /// See `TokenHealth::record`.
-    pub(super) async fn record_outcome(
+    /// Releases a lease and feeds its outcome to the token's breaker and quarantine, in
+    /// one call to the store.
+    pub(super) async fn release_reporting(
         &self,
         key: &LeaseKey,
         outcome: ReleaseOutcome,
         blocked_until_ms: Option<i64>,
-    ) -> Result<(), ServiceError> {
+    ) -> Result<ReleaseResult, ServiceError> {
         let snapshot = self.config.current();
-        let ttl = self.lease_ttl;
-        (self.health)
-            .record(
-                &self.counters,
-                &snapshot,
-                key,
-                outcome,
-                blocked_until_ms,
-                ttl,
-            )
-            .await
+        let report =
+            (self.health).outcome_report(&snapshot, key, outcome, blocked_until_ms, self.lease_ttl);
+        let (result, recorded) = self.counters.release_reporting(&report).await?;
+        if let Some(recorded) = recorded {
+            self.health.recorded(key, &recorded);
+        }
+        Ok(result)
     }
 }
 

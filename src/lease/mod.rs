@@ -23,8 +23,8 @@ use crate::auth::Caller;
 use crate::domain::{Id, InvalidField, Priority, Tenant, TokenOwner, Upstream};
 use crate::error::ServiceError;
 use crate::store::counters::{
-    AcquireOutcome, AcquireRequest, CounterError, Counters, Denied, DenyReason, Grant, LeaseKey,
-    QueueTicket, ReleaseOutcome, ReleaseResult,
+    AcquireOutcome, AcquireRequest, Counters, Denied, DenyReason, Grant, LeaseKey, QueueTicket,
+    ReleaseOutcome, ReleaseResult,
 };
 use waiting::{QueueEntry, Retry, priority_offset};
 
@@ -130,23 +130,6 @@ fn shutting_down_error() -> ServiceError {
         message: "this replica is shutting down; no lease was granted: call another replica now"
             .into(),
         retry_after: Duration::ZERO,
-    }
-}
-
-/// Releases NOT_USED a lease its caller was told it did not get, retrying while Redis
-/// is away (every 250 ms for up to 30 s): until then its slot stays counted, which is
-/// safe, only wasteful.
-async fn give_back(counters: Counters, key: LeaseKey) {
-    use backon::{ConstantBuilder, Retryable};
-    let retries = ConstantBuilder::new()
-        .with_delay(Duration::from_millis(250))
-        .with_max_times(120);
-    let given = (|| counters.release(&key, ReleaseOutcome::NotUsed))
-        .retry(retries)
-        .when(|e| matches!(e, CounterError::Unavailable(_)))
-        .await;
-    if let Err(error) = given {
-        tracing::warn!(%error, token_id = %key.token_id, "cannot give back a lease whose caller was told no; its slot stays counted until it expires");
     }
 }
 
@@ -258,8 +241,8 @@ impl Leaser {
         let _ = stopping.wait_for(|stopping| *stopping).await;
     }
 
-    /// One decision against the counters, answered within the counters' timeout
-    /// whatever Redis does: the health admission gets what the decision left of it.
+    /// One decision against the counters (the token's health admission included),
+    /// answered within the counters' timeout whatever Redis does.
     async fn attempt(
         &self,
         input: &AcquireInput,
@@ -268,7 +251,7 @@ impl Leaser {
         let budget = self.counters.timeout().unwrap_or(Duration::MAX);
         let answer_by = tokio::time::Instant::now().checked_add(budget);
         let left = || answer_by.map_or(Duration::MAX, |by| by - tokio::time::Instant::now());
-        // A grant the token's health refuses is given back; plan again (the refused token
+        // A token the store's health refuses is not granted; plan again (the refused token
         // is now hinted unusable). Bounded, in case health keeps changing under us.
         for _ in 0..3 {
             let snapshot = self.config.current();
@@ -280,13 +263,16 @@ impl Leaser {
             call.attempts += 1;
             match outcome {
                 AcquireOutcome::Granted(grant) => {
-                    // The store has the last word on the token's health (`health.rs`).
-                    if self.admit_within(&plan.request, &grant, left()).await? {
-                        crate::metrics::lease_granted(&snapshot, &plan.request, &grant);
-                        tracing::Span::current().record("token_id", grant.token_id.as_str());
-                        return Ok(Attempt::Done(self.granted(&snapshot, &plan, grant)));
-                    }
-                    // The refused lease keeps its id (released NOT_USED): take a new one.
+                    self.health.granted(&plan.request, &grant);
+                    crate::metrics::lease_granted(&snapshot, &plan.request, &grant);
+                    tracing::Span::current().record("token_id", grant.token_id.as_str());
+                    return Ok(Attempt::Done(self.granted(&snapshot, &plan, grant)));
+                }
+                // The store's health refused the chosen token (`health.rs`): the hint now
+                // routes around it; plan again.
+                AcquireOutcome::Unhealthy(refused) => {
+                    self.health.refused(&refused);
+                    // The embedded store keeps the refused lease as given back: a new id.
                     call.nonce = LeaseKey::new_nonce();
                 }
                 AcquireOutcome::Denied(denied) => {
@@ -305,32 +291,6 @@ impl Leaser {
             ),
             retry_after: Duration::from_millis(50),
         })
-    }
-
-    /// `admit` within `budget`. A grant that cannot be admitted in time (Redis slow or
-    /// gone after the decision) is given back in the background, so that the caller
-    /// told no does not hold its slot for TTL + grace + W.
-    async fn admit_within(
-        &self,
-        request: &AcquireRequest,
-        grant: &Grant,
-        budget: Duration,
-    ) -> Result<bool, ServiceError> {
-        let error = match tokio::time::timeout(budget, self.admit(request, grant)).await {
-            Ok(Ok(admitted)) => return Ok(admitted),
-            Ok(Err(error)) => error,
-            Err(_) => ServiceError::from(CounterError::Unavailable(format!(
-                "no answer from Redis within {budget:?} after the decision"
-            ))),
-        };
-        let key = LeaseKey {
-            upstream_id: request.upstream_id.clone(),
-            tenant_id: request.tenant_id.clone(),
-            token_id: grant.token_id.clone(),
-            nonce: request.nonce.clone(),
-        };
-        tokio::spawn(give_back(self.counters.clone(), key));
-        Err(error)
     }
 
     /// A rate-limit report on a token this service counts at less than half its usable
@@ -545,14 +505,10 @@ impl Leaser {
             ))
         };
         caller.require_tenant(&key.tenant_id)?;
-        let result = self.counters.release(&key, outcome).await?;
-        if matches!(
-            result,
-            ReleaseResult::Released | ReleaseResult::AlreadyReleased
-        ) {
-            // Feeds the token's breaker and quarantine (`health.rs`).
-            self.record_outcome(&key, outcome, blocked_until_ms).await?;
-        }
+        // Also feeds the token's breaker and quarantine (`health.rs`).
+        let result = self
+            .release_reporting(&key, outcome, blocked_until_ms)
+            .await?;
         if result == ReleaseResult::Released && outcome == ReleaseOutcome::UpstreamRateLimited {
             self.check_plausible(&key).await;
         }

@@ -4,9 +4,10 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::breaker::{
-    Admitted, HealthRecord, OutcomeReport, Recorded, StatusReport, quarantine_end,
+    Admission, Admitted, HealthRecord, OutcomeReport, Recorded, StatusReport, quarantine_end,
 };
 use super::memory::MemoryCounters;
+use super::{AcquireOutcome, AcquireRequest, LeaseKey, ReleaseOutcome, ReleaseResult, Unhealthy};
 use crate::domain::Id;
 
 /// Every token's record, plus the leases whose outcome was applied (so a repeated
@@ -91,6 +92,57 @@ impl MemoryCounters {
             now_ms: now,
             transitions,
         }
+    }
+
+    /// `acquire`, then the chosen token's health decides (as the Redis script does in
+    /// one step): a refused grant is taken back and reported as `Unhealthy`.
+    pub(super) fn acquire_admitted(&self, req: &AcquireRequest) -> AcquireOutcome {
+        let mut grant = match self.acquire(req) {
+            AcquireOutcome::Granted(grant) => grant,
+            other => return other,
+        };
+        let admitted = self.admit_grant(
+            &req.upstream_id,
+            &grant.token_id,
+            &req.nonce,
+            grant.expires_at_ms,
+        );
+        match admitted.admission {
+            Admission::Leasable | Admission::Probe => {
+                grant.probe = admitted.admission == Admission::Probe;
+                grant.transitions = admitted.transitions;
+                AcquireOutcome::Granted(grant)
+            }
+            Admission::Refused { state, until_ms } => {
+                let key = LeaseKey {
+                    upstream_id: req.upstream_id.clone(),
+                    tenant_id: req.tenant_id.clone(),
+                    token_id: grant.token_id.clone(),
+                    nonce: req.nonce.clone(),
+                };
+                self.release(&key, ReleaseOutcome::NotUsed);
+                AcquireOutcome::Unhealthy(Unhealthy {
+                    token_id: grant.token_id,
+                    state,
+                    until_ms,
+                    now_ms: admitted.now_ms,
+                    transitions: admitted.transitions,
+                })
+            }
+        }
+    }
+
+    /// `release`, then the outcome fed to the token's health (`Counters::release_reporting`).
+    pub(super) fn release_reporting(
+        &self,
+        report: &OutcomeReport,
+    ) -> (ReleaseResult, Option<Recorded>) {
+        let result = self.release(&report.key, report.outcome);
+        let fed = matches!(
+            result,
+            ReleaseResult::Released | ReleaseResult::AlreadyReleased
+        );
+        (result, fed.then(|| self.record_outcome(report)))
     }
 
     pub(super) fn record_outcome(&self, report: &OutcomeReport) -> Recorded {

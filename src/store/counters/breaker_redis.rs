@@ -24,6 +24,24 @@ fn bad_reply(what: &str, reply: &[i64]) -> CounterError {
     CounterError::Internal(format!("unexpected {what} reply {reply:?}"))
 }
 
+/// The breaker policy and quarantine bounds of a report, as `RECORD` reads them (eight
+/// arguments; `RELEASE` passes the same).
+pub(super) fn push_policy(inv: &mut redis::ScriptInvocation<'_>, report: &OutcomeReport) {
+    let policy = &report.policy;
+    let blocked_until = report
+        .blocked_until_ms
+        .map(|ms| ms.to_string())
+        .unwrap_or_default();
+    inv.arg(policy.failures_to_open)
+        .arg(policy.open_for.as_millis() as u64)
+        .arg(policy.successes_to_close)
+        .arg(blocked_until)
+        .arg(report.block_duration.as_millis() as u64)
+        .arg(QUARANTINE_MIN.as_millis() as u64)
+        .arg(report.max_block.max(QUARANTINE_MIN).as_millis() as u64)
+        .arg(report.lease_ttl.as_millis() as u64 + 1_000);
+}
+
 impl RedisCounters {
     fn health_key(&self, upstream: &Id, token: &Id) -> String {
         self.key(upstream, "health", token.as_str())
@@ -75,25 +93,12 @@ impl RedisCounters {
         report: &OutcomeReport,
     ) -> Result<Recorded, CounterError> {
         let key = &report.key;
-        let policy = &report.policy;
         let mut inv = RECORD.prepare_invoke();
         inv.key(self.health_key(&key.upstream_id, &key.token_id))
             .key(self.key(&key.upstream_id, "health-done", &key.nonce))
             .arg(&key.nonce)
-            .arg(report.outcome.as_str())
-            .arg(policy.failures_to_open)
-            .arg(policy.open_for.as_millis() as u64)
-            .arg(policy.successes_to_close)
-            .arg(
-                report
-                    .blocked_until_ms
-                    .map(|ms| ms.to_string())
-                    .unwrap_or_default(),
-            )
-            .arg(report.block_duration.as_millis() as u64)
-            .arg(QUARANTINE_MIN.as_millis() as u64)
-            .arg(report.max_block.max(QUARANTINE_MIN).as_millis() as u64)
-            .arg(report.lease_ttl.as_millis() as u64 + 1_000);
+            .arg(report.outcome.as_str());
+        push_policy(&mut inv, report);
         let reply = self.run_ints("record", inv).await?;
         let bad = || bad_reply("record", &reply);
         let [now, applied, ref rest @ ..] = reply[..] else {

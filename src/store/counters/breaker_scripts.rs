@@ -23,7 +23,8 @@
 //! previous state, new state, until (0 = none), cause` (`C_*` below, as
 //! `TransitionCause` in `breaker.rs`).
 
-/// Shared by every script: the clock, the codes, load / settle / save.
+/// Shared by every script: the clock, the codes, load / settle / save, and the two
+/// decisions also folded into the lease scripts (`scripts.rs`): `admit` and `record`.
 macro_rules! prelude {
     () => {
         r#"
@@ -92,9 +93,88 @@ local function reply(head)
   for _, v in ipairs(transitions) do head[#head + 1] = v end
   return head
 end
+
+-- May a lease granted now on the token of `key` (index `index` in the reply's
+-- transitions) be handed out? Claims a half-open token's probe slot for `nonce` until
+-- `expires`. Returns verdict (1 leasable, 2 leasable as the probe, 0 refused), the
+-- state that refused (4 quarantined, 2 open, 3 half-open with a probe out) and until
+-- when it may.
+local function admit(index, key, nonce, expires)
+  local s = load(key)
+  local dirty = settle(index, s)
+  local verdict, state, untl = 1, ACTIVE, 0
+  if s.qu > now then
+    verdict, state, untl = 0, QUARANTINED, s.qu
+    if s.b == OPEN and s.ou > untl then untl = s.ou end
+  elseif s.b == OPEN then
+    verdict, state, untl = 0, OPEN, s.ou
+  elseif s.b == HALF_OPEN then
+    if s.pn ~= '' and s.pn ~= nonce then
+      verdict, state, untl = 0, HALF_OPEN, s.pe + 1
+    else
+      s.pn, s.pe = nonce, expires
+      verdict, state, dirty = 2, HALF_OPEN, true
+    end
+  end
+  if dirty then save(key, s) end
+  return verdict, state, untl
+end
+
+-- Applies a released lease's outcome to the token of `key`, once per lease (`marker`).
+-- `p` is the policy: failures to open, open ms, successes to close, the reported
+-- blocked-until ms ('' when absent), the profile's block ms, the shortest and longest
+-- quarantine ms, how long to keep the marker (ms). Returns 1 if it changed the record.
+local function record(index, key, marker, nonce, outcome, p)
+  local s = load(key)
+  local dirty = settle(index, s)
+  local is_probe = s.b == HALF_OPEN and s.pn == nonce
+  local relevant = outcome == 'upstream_rate_limited' or is_probe
+    or (s.b == ACTIVE and (outcome == 'upstream_error' or (outcome == 'success' and s.f > 0)))
+  local applied = 0
+  if relevant and redis.call('SET', marker, '1', 'NX', 'PX', tonumber(p[8])) then
+    applied, dirty = 1, true
+    local open_until = now + tonumber(p[2])
+    if is_probe then s.pn, s.pe = '', 0 end
+    if outcome == 'upstream_rate_limited' then
+      local q = now + tonumber(p[5])
+      if p[4] ~= '' then q = tonumber(p[4]) end
+      q = math.min(math.max(q, now + tonumber(p[6])), now + tonumber(p[7]))
+      if s.qu == 0 then
+        emit(index, now, s.b, QUARANTINED, q, C_RATE_LIMITED)
+        s.qu = q
+      elseif q > s.qu then
+        s.qu = q
+      end
+    elseif outcome == 'success' then
+      if s.b == ACTIVE then
+        s.f = 0
+      elseif is_probe then
+        s.ps = s.ps + 1
+        if s.ps >= tonumber(p[3]) then
+          s.b, s.f, s.ps = ACTIVE, 0, 0
+          emit(index, now, HALF_OPEN, ACTIVE, 0, C_PROBES_OK)
+        end
+      end
+    elseif outcome == 'upstream_error' then
+      if s.b == ACTIVE then
+        s.f = s.f + 1
+        if s.f >= tonumber(p[1]) then
+          s.b, s.f, s.ou = OPEN, 0, open_until
+          emit(index, now, ACTIVE, OPEN, open_until, C_ERRORS)
+        end
+      elseif is_probe then
+        s.b, s.ou, s.ps = OPEN, open_until, 0
+        emit(index, now, HALF_OPEN, OPEN, open_until, C_PROBE_FAILED)
+      end
+    end
+  end
+  if dirty then save(key, s) end
+  return applied
+end
 "#
     };
 }
+pub(super) use prelude;
 
 /// Decides whether a lease the counters just granted may be handed out, claiming the
 /// probe slot of a half-open token.
@@ -108,23 +188,7 @@ end
 pub const ADMIT: &str = concat!(
     prelude!(),
     r#"
-local s = load(KEYS[1])
-local dirty = settle(1, s)
-local verdict, state, untl = 1, ACTIVE, 0
-if s.qu > now then
-  verdict, state, untl = 0, QUARANTINED, s.qu
-  if s.b == OPEN and s.ou > untl then untl = s.ou end
-elseif s.b == OPEN then
-  verdict, state, untl = 0, OPEN, s.ou
-elseif s.b == HALF_OPEN then
-  if s.pn ~= '' and s.pn ~= ARGV[1] then
-    verdict, state, untl = 0, HALF_OPEN, s.pe + 1
-  else
-    s.pn, s.pe = ARGV[1], tonumber(ARGV[2])
-    verdict, state, dirty = 2, HALF_OPEN, true
-  end
-end
-if dirty then save(KEYS[1], s) end
+local verdict, state, untl = admit(1, KEYS[1], ARGV[1], tonumber(ARGV[2]))
 return reply({now, verdict, state, untl})
 "#
 );
@@ -144,52 +208,8 @@ return reply({now, verdict, state, untl})
 pub const RECORD: &str = concat!(
     prelude!(),
     r#"
-local s = load(KEYS[1])
-local dirty = settle(1, s)
-local nonce, outcome = ARGV[1], ARGV[2]
-local is_probe = s.b == HALF_OPEN and s.pn == nonce
-local relevant = outcome == 'upstream_rate_limited' or is_probe
-  or (s.b == ACTIVE and (outcome == 'upstream_error' or (outcome == 'success' and s.f > 0)))
-local applied = 0
-if relevant and redis.call('SET', KEYS[2], '1', 'NX', 'PX', tonumber(ARGV[10])) then
-  applied, dirty = 1, true
-  local open_until = now + tonumber(ARGV[4])
-  if is_probe then s.pn, s.pe = '', 0 end
-  if outcome == 'upstream_rate_limited' then
-    local q = now + tonumber(ARGV[7])
-    if ARGV[6] ~= '' then q = tonumber(ARGV[6]) end
-    q = math.min(math.max(q, now + tonumber(ARGV[8])), now + tonumber(ARGV[9]))
-    if s.qu == 0 then
-      emit(1, now, s.b, QUARANTINED, q, C_RATE_LIMITED)
-      s.qu = q
-    elseif q > s.qu then
-      s.qu = q
-    end
-  elseif outcome == 'success' then
-    if s.b == ACTIVE then
-      s.f = 0
-    elseif is_probe then
-      s.ps = s.ps + 1
-      if s.ps >= tonumber(ARGV[5]) then
-        s.b, s.f, s.ps = ACTIVE, 0, 0
-        emit(1, now, HALF_OPEN, ACTIVE, 0, C_PROBES_OK)
-      end
-    end
-  elseif outcome == 'upstream_error' then
-    if s.b == ACTIVE then
-      s.f = s.f + 1
-      if s.f >= tonumber(ARGV[3]) then
-        s.b, s.f, s.ou = OPEN, 0, open_until
-        emit(1, now, ACTIVE, OPEN, open_until, C_ERRORS)
-      end
-    elseif is_probe then
-      s.b, s.ou, s.ps = OPEN, open_until, 0
-      emit(1, now, HALF_OPEN, OPEN, open_until, C_PROBE_FAILED)
-    end
-  end
-end
-if dirty then save(KEYS[1], s) end
-return reply({now, applied})
+local policy = {unpack(ARGV, 3, 10)}
+return reply({now, record(1, KEYS[1], KEYS[2], ARGV[1], ARGV[2], policy)})
 "#
 );
 

@@ -382,6 +382,8 @@ impl MemoryCounters {
             expires_at_ms: now + req.lease_ttl.as_millis() as i64,
             tenant_used: tenant_used + cost,
             token_used: token_used + cost,
+            probe: false,
+            transitions: Vec::new(),
         })
     }
 

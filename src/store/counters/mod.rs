@@ -126,6 +126,23 @@ pub struct Grant {
     pub tenant_used: u32,
     /// Slots the token holds in the window, this grant included.
     pub token_used: u32,
+    /// Whether this lease is the probe of a half-open token (see `breaker.rs`).
+    pub probe: bool,
+    /// Health transitions the decision made due (each reported once across replicas).
+    pub transitions: Vec<Transition>,
+}
+
+/// The decision chose a token its health refuses (quarantined, open, or half-open with
+/// its probe out: see `breaker.rs`); nothing was recorded. The caller routes around it
+/// and decides again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unhealthy {
+    pub token_id: Id,
+    pub state: crate::domain::TokenState,
+    /// When the token may be usable again (store clock, Unix ms).
+    pub until_ms: i64,
+    pub now_ms: i64,
+    pub transitions: Vec<Transition>,
 }
 
 /// The binding constraint of a denial.
@@ -163,6 +180,7 @@ pub struct Denied {
 pub enum AcquireOutcome {
     Granted(Grant),
     Denied(Denied),
+    Unhealthy(Unhealthy),
 }
 
 /// How a lease was used, as far as the counters care.
@@ -181,6 +199,17 @@ impl ReleaseOutcome {
             Self::UpstreamError => "upstream_error",
             Self::UpstreamRateLimited => "upstream_rate_limited",
             Self::NotUsed => "not_used",
+        }
+    }
+
+    /// The code the release script replies with (1 success … 4 not used).
+    pub fn from_code(code: i64) -> Option<Self> {
+        match code {
+            1 => Some(Self::Success),
+            2 => Some(Self::UpstreamError),
+            3 => Some(Self::UpstreamRateLimited),
+            4 => Some(Self::NotUsed),
+            _ => None,
         }
     }
 
@@ -293,7 +322,7 @@ impl Counters {
         budget: Duration,
     ) -> Result<AcquireOutcome, CounterError> {
         match self {
-            Self::Memory(m) => Ok(m.acquire(req)),
+            Self::Memory(m) => Ok(m.acquire_admitted(req)),
             Self::Redis(r) => r.acquire_within(req, budget).await,
         }
     }
@@ -337,7 +366,22 @@ impl Counters {
         }
     }
 
-    /// Records the outcome of a lease; "not used" frees its slots.
+    /// Records the outcome of a lease and feeds it to its token's health (one round
+    /// trip on Redis): the health record is only fed by a first or repeated release
+    /// with the same outcome (`Released`, `AlreadyReleased`), and applies each lease once.
+    #[tracing::instrument(name = "counters.release", skip_all, fields(tenant_id = %report.key.tenant_id, token_id = %report.key.token_id))]
+    pub async fn release_reporting(
+        &self,
+        report: &OutcomeReport,
+    ) -> Result<(ReleaseResult, Option<Recorded>), CounterError> {
+        match self {
+            Self::Memory(m) => Ok(m.release_reporting(report)),
+            Self::Redis(r) => r.release_reporting(report).await,
+        }
+    }
+
+    /// Records the outcome of a lease without telling its token's health (a lease given
+    /// back, a test); "not used" frees its slots.
     #[tracing::instrument(name = "counters.release", skip_all, fields(tenant_id = %key.tenant_id, token_id = %key.token_id))]
     pub async fn release(
         &self,

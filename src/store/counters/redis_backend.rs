@@ -23,13 +23,15 @@ use redis::cluster_async::ClusterConnection;
 use redis::{IntoConnectionInfo, RedisError, Script, Value};
 use tokio::sync::Semaphore;
 
+use super::breaker::{OutcomeReport, Recorded, parse_transitions};
+use super::breaker_redis::push_policy;
 use super::{
     AcquireOutcome, AcquireRequest, CounterError, Denied, DenyReason, Grant, LeaseKey,
-    ReleaseOutcome, ReleaseResult, UsageCounts,
+    ReleaseOutcome, ReleaseResult, Unhealthy, UsageCounts,
     queue::{BUCKETS_PER_WINDOW, DemandCount, bucket_ms},
     scripts,
 };
-use crate::domain::Id;
+use crate::domain::{Id, TokenState};
 
 /// Most counter calls in flight at once on one Redis Cluster connection; more wait for
 /// a turn, within the call's timeout.
@@ -178,7 +180,12 @@ impl RedisCounters {
     }
 
     pub(super) fn key(&self, upstream: &Id, kind: &str, id: &str) -> String {
-        format!("{}:{{{upstream}}}:{kind}:{id}", self.prefix)
+        format!("{}{kind}:{id}", self.key_base(upstream))
+    }
+
+    /// What every key of `upstream` starts with, its hash tag included.
+    fn key_base(&self, upstream: &Id) -> String {
+        format!("{}:{{{upstream}}}:", self.prefix)
     }
 
     /// How long one call waits for Redis.
@@ -272,14 +279,15 @@ impl RedisCounters {
             )
             .arg(req.queue.as_ref().map_or(0, |q| q.priority_offset_ms))
             .arg(req.queue.as_ref().map_or(-1, |q| q.wait_ms.max(0)))
-            .arg(req.pace_burst);
+            .arg(req.pace_burst)
+            .arg(if self.trust_new_server { "1" } else { "0" })
+            // When this call stops waiting for the answer: a script that reaches Redis
+            // later does nothing.
+            .arg(crate::clock::system_now_ms() + budget.as_millis() as i64)
+            .arg(self.key_base(up));
         for token in &tokens {
             inv.arg(token.as_str());
         }
-        inv.arg(if self.trust_new_server { "1" } else { "0" });
-        // When this call stops waiting for the answer: a script that reaches Redis later
-        // does nothing.
-        inv.arg(crate::clock::system_now_ms() + budget.as_millis() as i64);
         let reply: Vec<i64> = redis::from_redis_value(self.run_for(inv, budget).await?)
             .map_err(|e| CounterError::Internal(format!("unexpected acquire reply: {e}")))?;
         parse_acquire_reply(&reply, &tokens)
@@ -342,30 +350,69 @@ impl RedisCounters {
         key: &LeaseKey,
         outcome: ReleaseOutcome,
     ) -> Result<ReleaseResult, CounterError> {
+        let (result, _) = self.release_script(key, outcome, None).await?;
+        Ok(result)
+    }
+
+    /// See `Counters::release_reporting`: one script records the release and feeds
+    /// the token's health.
+    pub async fn release_reporting(
+        &self,
+        report: &OutcomeReport,
+    ) -> Result<(ReleaseResult, Option<Recorded>), CounterError> {
+        self.release_script(&report.key, report.outcome, Some(report))
+            .await
+    }
+
+    async fn release_script(
+        &self,
+        key: &LeaseKey,
+        outcome: ReleaseOutcome,
+        report: Option<&OutcomeReport>,
+    ) -> Result<(ReleaseResult, Option<Recorded>), CounterError> {
+        let up = &key.upstream_id;
         let mut inv = self.release.prepare_invoke();
-        inv.key(self.key(&key.upstream_id, "lease", &key.nonce))
-            .key(self.key(&key.upstream_id, "tw", key.tenant_id.as_str()))
-            .key(self.key(&key.upstream_id, "kw", key.token_id.as_str()))
-            .key(self.key(&key.upstream_id, "pace", "tokens"))
+        inv.key(self.key(up, "lease", &key.nonce))
+            .key(self.key(up, "tw", key.tenant_id.as_str()))
+            .key(self.key(up, "kw", key.token_id.as_str()))
+            .key(self.key(up, "pace", "tokens"))
+            .key(self.key(up, "health", key.token_id.as_str()))
+            .key(self.key(up, "health-done", &key.nonce))
             .arg(outcome.as_str())
             .arg(key.tenant_id.as_str())
             .arg(key.token_id.as_str())
-            .arg(&key.nonce);
-        let reply: Vec<String> = redis::from_redis_value(self.run(inv).await?)
-            .map_err(|e| CounterError::Internal(format!("unexpected release reply: {e}")))?;
-        match reply.first().map(String::as_str) {
-            Some("released") => Ok(ReleaseResult::Released),
-            Some("already") => Ok(ReleaseResult::AlreadyReleased),
-            Some("not_found") => Ok(ReleaseResult::NotFound),
-            Some("conflict") => reply
-                .get(1)
-                .and_then(|p| ReleaseOutcome::parse(p))
-                .map(|previous| ReleaseResult::Conflict { previous })
-                .ok_or_else(|| CounterError::Internal(format!("bad conflict reply {reply:?}"))),
-            _ => Err(CounterError::Internal(format!(
-                "unexpected release reply {reply:?}"
-            ))),
+            .arg(&key.nonce)
+            .arg(if report.is_some() { "1" } else { "0" });
+        if let Some(report) = report {
+            push_policy(&mut inv, report);
         }
+        let reply: Vec<i64> = redis::from_redis_value(self.run(inv).await?)
+            .map_err(|e| CounterError::Internal(format!("unexpected release reply: {e}")))?;
+        let bad = || CounterError::Internal(format!("unexpected release reply {reply:?}"));
+        let [code, previous, now, applied, ref rest @ ..] = reply[..] else {
+            return Err(bad());
+        };
+        let result = match code {
+            1 => ReleaseResult::Released,
+            2 => ReleaseResult::AlreadyReleased,
+            3 => ReleaseResult::Conflict {
+                previous: ReleaseOutcome::from_code(previous).ok_or_else(bad)?,
+            },
+            4 => ReleaseResult::NotFound,
+            _ => return Err(bad()),
+        };
+        let fed = report.is_some() && code <= 2;
+        let recorded = fed
+            .then(|| {
+                Some(Recorded {
+                    now_ms: now,
+                    applied: applied == 1,
+                    transitions: parse_transitions(rest, &[&key.token_id])?,
+                })
+            })
+            .map(|recorded| recorded.ok_or_else(bad))
+            .transpose()?;
+        Ok((result, recorded))
     }
 
     pub async fn usage(
@@ -398,19 +445,38 @@ impl RedisCounters {
 
 fn parse_acquire_reply(reply: &[i64], tokens: &[&Id]) -> Result<AcquireOutcome, CounterError> {
     let bad = || CounterError::Internal(format!("unexpected acquire reply {reply:?}"));
+    let token = |index: i64| {
+        tokens
+            .get((index as usize).wrapping_sub(1))
+            .map(|token| (*token).clone())
+            .ok_or_else(bad)
+    };
     match reply {
-        [1, index, now, expires, tenant_used, token_used] => {
-            let token = tokens
-                .get((*index as usize).wrapping_sub(1))
-                .ok_or_else(bad)?;
-            Ok(AcquireOutcome::Granted(Grant {
-                token_id: (*token).clone(),
-                now_ms: *now,
-                expires_at_ms: *expires,
-                tenant_used: *tenant_used as u32,
-                token_used: *token_used as u32,
-            }))
-        }
+        [
+            1,
+            index,
+            now,
+            expires,
+            tenant_used,
+            token_used,
+            verdict,
+            rest @ ..,
+        ] => Ok(AcquireOutcome::Granted(Grant {
+            token_id: token(*index)?,
+            now_ms: *now,
+            expires_at_ms: *expires,
+            tenant_used: *tenant_used as u32,
+            token_used: *token_used as u32,
+            probe: *verdict == 2,
+            transitions: parse_transitions(rest, tokens).ok_or_else(bad)?,
+        })),
+        [2, index, now, state, until, rest @ ..] => Ok(AcquireOutcome::Unhealthy(Unhealthy {
+            token_id: token(*index)?,
+            state: TokenState::from_code(*state).ok_or_else(bad)?,
+            until_ms: *until,
+            now_ms: *now,
+            transitions: parse_transitions(rest, tokens).ok_or_else(bad)?,
+        })),
         [-1, _now] => Err(CounterError::Unavailable(
             "the decision reached Redis after the call's deadline and did nothing".into(),
         )),

@@ -4,11 +4,19 @@
 //! and writes depending on what it read; a transaction cannot branch on its own reads,
 //! and WATCH-retry loops degrade under exactly the contention this service exists for.
 //! A script runs atomically on the server, so replicas never interleave inside one
-//! decision. Every key a script touches is passed in KEYS and carries the upstream's hash
-//! tag `{<upstream>}`, so the scripts run unchanged on Redis Cluster.
+//! decision. Every key a script touches carries the upstream's hash tag `{<upstream>}`,
+//! so the scripts run unchanged on Redis Cluster. Keys are passed in KEYS, except the
+//! ones a script only knows once it has decided (the chosen token's health record):
+//! those it names from the upstream's key prefix, in the same hash slot.
+//!
+//! The lease scripts also carry the token-health decisions (`breaker_scripts.rs`): the
+//! admission of a grant and the record of a release's outcome run inside them, so that
+//! a granted pair is two round trips to Redis, not four.
 //!
 //! Time is `redis.call('TIME')`: the server's clock, the same for every replica. Redis 7
 //! replicates scripts by effects, so reading the clock in a script is allowed.
+
+use super::breaker_scripts::prelude;
 
 /// Decides one lease and records it when granted.
 ///
@@ -38,9 +46,11 @@
 ///   deadline ('' on its first attempt), `ARGV[12]` its priority offset ms, `ARGV[13]`
 ///   how long to stay queued when denied (0: answer now; -1: ignore the queue),
 ///   `ARGV[14]` pacing: how many slots a token may grant back to back (0: no pacing),
-///   `ARGV[15..14+n]` token ids (as the windows), `ARGV[15+n]` 1 to trust a fence
-///   another Redis process confirmed (see the fence), and last `ARGV[16+n]` the instant (Unix ms, the replica's clock)
-///   after which the caller no longer waits for this answer (0: none)
+///   `ARGV[15]` 1 to trust a fence another Redis process confirmed (see the fence),
+///   `ARGV[16]` the instant (Unix ms, the replica's clock) after which the caller no
+///   longer waits for this answer (0: none), `ARGV[17]` the prefix of the upstream's
+///   keys (`<prefix>:{<upstream>}:`, to name the chosen token's health record), and
+///   `ARGV[18..17+n]` token ids (as the windows)
 ///
 /// Pacing spreads a token's grants over its window: beyond the back-to-back allowance
 /// a token grants one slot per W / token limit (GCRA). The allowance is earned only
@@ -55,8 +65,13 @@
 /// the caller has been told no lease was granted) writes nothing and returns
 /// `{-1, now}`: otherwise it would take a slot nobody hands out, for TTL + grace + W.
 ///
-/// Returns `{1, token_index (1-based), now, expires, tenant_used, token_used}` when
-/// granted, `{0, reason (1 tenant quota, 2 no token capacity, 3 counters lost: held
+/// The chosen token's health decides last (`admit` in `breaker_scripts.rs`, in this
+/// same script, so a grant is one round trip): a token quarantined, open or half-open
+/// with its probe out is not granted; the call gets `{2, token_index, now, state,
+/// until, transitions…}` and nothing is recorded, so that it routes around the token.
+///
+/// Returns `{1, token_index (1-based), now, expires, tenant_used, token_used, verdict
+/// (1 leasable, 2 the half-open token's probe), transitions…}` when granted, `{0, reason (1 tenant quota, 2 no token capacity, 3 counters lost: held
 /// until the fence, 4 the same, noticed by this call, which set the fence),
 /// retry_after_ms, now, virtual deadline or -1}` when denied. A denial writes only the trimming of entries
 /// that had left the window, the demand count, the caller's queue entry and drained
@@ -64,10 +79,10 @@
 /// waiting can satisfy (cost above the token or tenant limit, no candidate token) is
 /// denied with a retry of one window. A cost of 0 counts as 1. When the tenant's quota
 /// and every token are full, the reason is the limit that frees last.
-pub const ACQUIRE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local give_up_at = tonumber(ARGV[#ARGV])
+pub const ACQUIRE: &str = concat!(
+    prelude!(),
+    r#"
+local give_up_at = tonumber(ARGV[16])
 if give_up_at > 0 and now > give_up_at then return {-1, now} end
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -75,7 +90,7 @@ local server = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 local fence = redis.call('HMGET', KEYS[#KEYS], 'until', 'server')
 local hold_until = tonumber(fence[1])
 if fence[2] ~= server then
-  if not hold_until or ARGV[#ARGV - 1] ~= '1' then
+  if not hold_until or ARGV[15] ~= '1' then
     hold_until = now + window + ttl
     redis.call('HSET', KEYS[#KEYS], 'until', hold_until, 'server', server)
     return {0, 4, hold_until - now, now, -1}
@@ -165,7 +180,7 @@ local pace_at = {}
 
 -- Records token `idx`'s schedule; the hash lives while any schedule is ahead of now.
 local function set_schedule(idx, tat)
-  redis.call('HSET', pace_key, ARGV[14 + idx], tostring(tat))
+  redis.call('HSET', pace_key, ARGV[17 + idx], tostring(tat))
   local keep = math.ceil(tat - now) + 1000
   if redis.call('PTTL', pace_key) < keep then redis.call('PEXPIRE', pace_key, keep) end
 end
@@ -174,7 +189,7 @@ end
 -- it allows one more than now. Without pacing: no bound.
 local function paced(idx)
   if pace == 0 then return token_limit, now, never end
-  local tat = tonumber(redis.call('HGET', pace_key, ARGV[14 + idx])) or now
+  local tat = tonumber(redis.call('HGET', pace_key, ARGV[17 + idx])) or now
   pace_at[idx] = tat
   local ahead = math.max(tat, now) - now
   local room = math.max(0, math.floor((pace * step - ahead) / step))
@@ -256,13 +271,19 @@ if has_waiters and best > n_dedicated then
   end
   if ahead + cost > pool_room then return deny(2, pool_next, now, false) end
 end
+
+-- The token's health has the last word (`breaker_scripts.rs`): a refused token is
+-- reported, with until when, and nothing is recorded; the caller routes around it.
+local expires = now + ttl
+local verdict, state, untl = admit(best, ARGV[17] .. 'health:' .. ARGV[17 + best], nonce, expires)
+if verdict == 0 then return reply({2, best, now, state, untl}) end
+
 if queued then
   redis.call('ZREM', KEYS[4], nonce)
   redis.call('ZREM', KEYS[5], nonce)
   redis.call('HDEL', KEYS[6], nonce)
 end
 
-local expires = now + ttl
 local token_key = KEYS[best + 6]
 for i = 1, cost do
   local member = nonce .. '#' .. i
@@ -277,11 +298,12 @@ end
 if pace > 0 then
   set_schedule(best, math.max(pace_at[best], now) + cost * step)
 end
-redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', ARGV[14 + best], 'cost', cost,
+redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', ARGV[17 + best], 'cost', cost,
   'expires', expires, 'step', step)
 redis.call('PEXPIRE', KEYS[2], ttl)
-return {1, best, now, expires, tenant_used + cost, best_used + cost}
-"#;
+return reply({1, best, now, expires, tenant_used + cost, best_used + cost, verdict})
+"#
+);
 
 /// Demand of each tenant over the last `ARGV[2]` completed buckets.
 ///
@@ -331,49 +353,72 @@ redis.call('HDEL', KEYS[3], ARGV[1])
 return 1
 "#;
 
-/// Records a lease's outcome.
+/// Records a lease's outcome, and feeds it to its token's health in the same script
+/// (one round trip per release).
 ///
 /// - `KEYS[1]` the lease hash, `KEYS[2]` the tenant's window, `KEYS[3]` the token's
-///   window, `KEYS[4]` the upstream's pacing schedules (see `ACQUIRE`)
-/// - `ARGV[1]` outcome, `ARGV[2]` tenant id, `ARGV[3]` token id, `ARGV[4]` nonce
+///   window, `KEYS[4]` the upstream's pacing schedules (see `ACQUIRE`), `KEYS[5]` the
+///   token's health hash, `KEYS[6]` the lease's once-only health marker
+///   (`breaker_scripts::RECORD`)
+/// - `ARGV[1]` outcome, `ARGV[2]` tenant id, `ARGV[3]` token id, `ARGV[4]` nonce,
+///   `ARGV[5]` 1 to feed the outcome to the token's health (0: a lease given back),
+///   `ARGV[6..13]` the breaker policy, as `RECORD`'s `ARGV[3..10]`
 ///
 /// "not_used" removes the lease's entries (the slots come back, and so does the pace
 /// the grant spent, as far as it is still ahead of now); any other outcome
-/// moves their end to now (the call is over, so its occupancy ends now). Returns
-/// `{'released'}`, `{'already'}`, `{'conflict', previous}` or `{'not_found'}`.
+/// moves their end to now (the call is over, so its occupancy ends now). A first or a
+/// repeated release with the same outcome then goes to the token's health, which
+/// applies each lease once. Returns `{result, previous, now, applied, transitions…}`:
+/// result 1 released, 2 already released with this outcome, 3 released before with
+/// another (`previous`: 1 success, 2 upstream error, 3 rate-limited, 4 not used), 4
+/// unknown or expired; `applied` 1 when the health record changed.
 /// The lease hash expires with the lease, so expired leases need no cleanup pass.
-pub const RELEASE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+pub const RELEASE: &str = concat!(
+    prelude!(),
+    r#"
 local lease = redis.call('HMGET', KEYS[1], 'tenant', 'token', 'cost', 'expires', 'outcome', 'step')
-if not lease[1] or lease[1] ~= ARGV[2] or lease[2] ~= ARGV[3] or tonumber(lease[4]) < now then
-  return {'not_found'}
-end
-if lease[5] then
-  if lease[5] == ARGV[1] then return {'already'} end
-  return {'conflict', lease[5]}
-end
-for i = 1, tonumber(lease[3]) do
-  local member = ARGV[4] .. '#' .. i
-  if ARGV[1] == 'not_used' then
-    redis.call('ZREM', KEYS[2], member)
-    redis.call('ZREM', KEYS[3], member)
-  else
-    redis.call('ZADD', KEYS[2], 'XX', now, member)
-    redis.call('ZADD', KEYS[3], 'XX', now, member)
+local outcome = ARGV[1]
+local function released()
+  if not lease[1] or lease[1] ~= ARGV[2] or lease[2] ~= ARGV[3] or tonumber(lease[4]) < now then
+    return 4
   end
-end
-local step = tonumber(lease[6] or 0)
-if ARGV[1] == 'not_used' and step > 0 then
-  local tat = tonumber(redis.call('HGET', KEYS[4], ARGV[3])) or 0
-  if tat > now then
-    tat = math.max(now, tat - tonumber(lease[3]) * step)
-    redis.call('HSET', KEYS[4], ARGV[3], tostring(tat))
+  if lease[5] then
+    if lease[5] == outcome then return 2 end
+    return 3
   end
+  for i = 1, tonumber(lease[3]) do
+    local member = ARGV[4] .. '#' .. i
+    if outcome == 'not_used' then
+      redis.call('ZREM', KEYS[2], member)
+      redis.call('ZREM', KEYS[3], member)
+    else
+      redis.call('ZADD', KEYS[2], 'XX', now, member)
+      redis.call('ZADD', KEYS[3], 'XX', now, member)
+    end
+  end
+  local step = tonumber(lease[6] or 0)
+  if outcome == 'not_used' and step > 0 then
+    local tat = tonumber(redis.call('HGET', KEYS[4], ARGV[3])) or 0
+    if tat > now then
+      tat = math.max(now, tat - tonumber(lease[3]) * step)
+      redis.call('HSET', KEYS[4], ARGV[3], tostring(tat))
+    end
+  end
+  redis.call('HSET', KEYS[1], 'outcome', outcome)
+  return 1
 end
-redis.call('HSET', KEYS[1], 'outcome', ARGV[1])
-return {'released'}
-"#;
+local result = released()
+local previous = 0
+if result == 3 then
+  previous = ({success = 1, upstream_error = 2, upstream_rate_limited = 3, not_used = 4})[lease[5]] or 0
+end
+local applied = 0
+if ARGV[5] == '1' and result <= 2 then
+  applied = record(1, KEYS[5], KEYS[6], ARGV[4], outcome, {unpack(ARGV, 6, 13)})
+end
+return reply({result, previous, now, applied})
+"#
+);
 
 /// Counts the entries still in the window of each key, without writing.
 ///

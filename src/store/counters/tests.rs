@@ -415,6 +415,7 @@ async fn try_acquire_on(counters: &Counters, req: &AcquireRequest) -> Result<Lea
             grant,
         }),
         AcquireOutcome::Denied(denied) => Err(denied),
+        AcquireOutcome::Unhealthy(refused) => panic!("no token health here: {refused:?}"),
     }
 }
 

@@ -329,3 +329,95 @@ on_both_backends! {
         }
     }
 }
+
+/// The release of `lease` with its outcome fed to TOKEN's health, as the service does.
+async fn release_reporting(
+    h: &Harness,
+    lease: &LeaseKey,
+    outcome: ReleaseOutcome,
+) -> (ReleaseResult, Option<Recorded>) {
+    let report = OutcomeReport {
+        key: lease.clone(),
+        outcome,
+        blocked_until_ms: None,
+        block_duration: Duration::from_secs(600),
+        max_block: crate::domain::quarantine_max(Duration::from_secs(600), None),
+        lease_ttl: h.ttl,
+        policy: policy(h),
+    };
+    h.counters
+        .release_reporting(&report)
+        .await
+        .expect("release answered")
+}
+
+/// One acquire on TOKEN alone, through `Counters::acquire` (admission included).
+async fn acquire_on_token(h: &Harness) -> AcquireOutcome {
+    let req = h.request("t-a", 10_000, &[], &[TOKEN]);
+    h.counters.acquire(&req).await.expect("acquire answered")
+}
+
+on_both_backends! {
+    /// The lease decision carries the health admission (one round trip on Redis): a
+    /// quarantined token is not granted and nothing is counted; an open breaker, once
+    /// due, half-opens inside the decision, whose grant is the probe (reported once);
+    /// while the probe is out the token is refused until the probe's expiry.
+    async fn the_decision_admits_by_token_health(h: Harness) {
+        let until = open(&h).await;
+        let AcquireOutcome::Unhealthy(refused) = acquire_on_token(&h).await else {
+            panic!("an open token was granted");
+        };
+        assert_eq!((refused.token_id.as_str(), refused.state), (TOKEN, TokenState::BreakerOpen));
+        assert_eq!(refused.until_ms, until);
+        assert_eq!(h.usage(&["t-a"], &[TOKEN]).await.tokens, vec![0], "nothing counted");
+        h.advance_to(until).await;
+        let AcquireOutcome::Granted(probe) = acquire_on_token(&h).await else {
+            panic!("the half-open token's probe was not granted");
+        };
+        assert!(probe.probe);
+        let t = only(&probe.transitions, TokenState::BreakerOpen, TokenState::BreakerHalfOpen);
+        assert_eq!(t.at_ms, until);
+        let AcquireOutcome::Unhealthy(busy) = acquire_on_token(&h).await else {
+            panic!("a second probe was granted");
+        };
+        assert_eq!(busy.state, TokenState::BreakerHalfOpen);
+        assert_eq!(busy.until_ms, probe.expires_at_ms + 1);
+        assert!(busy.transitions.is_empty(), "the half-opening is reported once");
+        assert_eq!(h.usage(&["t-a"], &[TOKEN]).await.tokens, vec![1], "only the probe");
+    }
+
+    /// The release carries the outcome to the token's health (one round trip on
+    /// Redis): five released errors open the breaker, reported by the fifth release; a
+    /// repeated release is not applied again; an unknown lease feeds nothing.
+    async fn the_release_feeds_the_token_health_once(h: Harness) {
+        let mut last = None;
+        for n in 1..=5 {
+            let Ok(lease) = h.try_acquire(&h.request("t-a", 10_000, &[], &[TOKEN])).await else {
+                panic!("grant {n} refused");
+            };
+            let (result, recorded) = release_reporting(&h, &lease.key, ReleaseOutcome::UpstreamError).await;
+            assert_eq!(result, ReleaseResult::Released);
+            let recorded = recorded.expect("a release feeds the health");
+            assert!(recorded.applied, "release {n}");
+            if n < 5 {
+                assert!(recorded.transitions.is_empty(), "release {n}: {recorded:?}");
+            } else {
+                let t = only(&recorded.transitions, TokenState::Active, TokenState::BreakerOpen);
+                assert_eq!(t.until_ms, Some(recorded.now_ms + ms(policy(&h).open_for)));
+            }
+            last = Some(lease.key);
+        }
+        let last = last.expect("five leases");
+        let (again, recorded) = release_reporting(&h, &last, ReleaseOutcome::UpstreamError).await;
+        assert_eq!(again, ReleaseResult::AlreadyReleased);
+        let recorded = recorded.expect("a repeated release is fed, and not applied");
+        assert!(!recorded.applied && recorded.transitions.is_empty(), "{recorded:?}");
+        let (conflict, none) = release_reporting(&h, &last, ReleaseOutcome::Success).await;
+        assert_eq!(conflict, ReleaseResult::Conflict { previous: ReleaseOutcome::UpstreamError });
+        assert!(none.is_none());
+        let unknown = LeaseKey { nonce: LeaseKey::new_nonce(), ..last };
+        let (missing, none) = release_reporting(&h, &unknown, ReleaseOutcome::UpstreamError).await;
+        assert_eq!((missing, none), (ReleaseResult::NotFound, None));
+        assert_eq!(status(&h).await.breaker, TokenState::BreakerOpen);
+    }
+}

@@ -487,6 +487,7 @@ impl MemorySim {
             req.lease_ttl = Duration::from_millis(1);
         }
         match self.counters.acquire(&req) {
+            AcquireOutcome::Unhealthy(refused) => panic!("no token health here: {refused:?}"),
             AcquireOutcome::Granted(grant) => self.on_grant(&req, &ask, grant),
             AcquireOutcome::Denied(d) => {
                 self.stats.denials += 1;
@@ -794,6 +795,7 @@ async fn redis_worker(sim: Arc<RedisSim>, counters: Counters, seed: u64) {
                 }
                 continue;
             }
+            AcquireOutcome::Unhealthy(refused) => panic!("no token health here: {refused:?}"),
         };
         sim.world.check_grant(&req, &grant);
         now = grant.now_ms;
