@@ -2,20 +2,30 @@
 //! makes on one channel (`<key_prefix>:events`, so deployments sharing a Redis stay
 //! apart) and subscribes to it, feeding what others made into its local `EventBus`.
 //!
-//! Two tasks per replica:
+//! Two tasks per replica, each using one node of `REDIS_URL` at a time: the only one for
+//! a single server; for a Redis Cluster (a comma-separated list of nodes) whichever
+//! answers, starting with the first. Classic PUBLISH on any node of a cluster is
+//! broadcast over the cluster bus to subscribers on every node (even while the cluster
+//! itself is down for keys), so one live node on each side is enough.
 //! - the **publisher** drains the bus's outbox, one PUBLISH per event, over a connection
-//!   that reconnects by itself. An event it cannot publish (Redis away, or the outbox
-//!   full) is counted, and the next successful publish is preceded by a `Resync` with
-//!   that count, so other replicas' watchers learn that they missed something.
+//!   per node that reconnects by itself with backoff. When its node fails, the next node
+//!   of the list takes over. An event it cannot publish (no node answers, the node failed
+//!   while it was being sent, or the outbox is full) is counted, and the next successful
+//!   publish is preceded by a `Resync` with that count, so other replicas' watchers learn
+//!   that they missed something. An event is sent again through the next node only when
+//!   the failed node refused the connection (so it was never sent): otherwise it may have
+//!   been published, and sending it again could deliver it twice.
 //! - the **subscriber** holds a dedicated pub/sub connection (a subscribed connection
-//!   can do nothing else). It notices a lost connection by the stream ending or by a
-//!   PING going unanswered, reconnects with backoff, and on every reconnection tells
-//!   local watchers to `Resync`, since events may have been published meanwhile.
+//!   can do nothing else). It notices a lost connection by the stream ending (a node that
+//!   dies closes it at once) or by a PING going unanswered, and then subscribes again,
+//!   trying every node once from the one after the lost node; when none answers it
+//!   retries with backoff. On every new subscription after a loss it tells local
+//!   watchers to `Resync`, since events may have been published meanwhile.
 //!
-//! Pub/sub delivers at most once and only to current subscribers: the guarantee is
-//! "each event once, or a Resync". With a Redis Cluster both tasks use the first node of
-//! the list: classic PUBLISH is broadcast to every node of a cluster, so any one node
-//! sees every event.
+//! So when a cluster node dies, each side moves to the next node: watchers on other
+//! replicas get a `Resync` (from their own subscriber, or as the publisher's count of
+//! dropped events), then every later event. Pub/sub delivers at most once and only to
+//! current subscribers: the guarantee is "each event once, or a Resync".
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +38,8 @@ use crate::events::{Event, EventBus};
 
 /// How often the subscriber checks that its connection still answers.
 const PING_EVERY: Duration = Duration::from_secs(5);
+/// The first pause before subscribing again.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest pause between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -43,7 +55,7 @@ pub enum RelayError {
 /// Where the relay runs.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
-    /// `redis://…`; a comma-separated cluster list uses its first node.
+    /// `redis://…`; a comma-separated cluster list: each node of it, one at a time.
     pub url: String,
     /// The channel, e.g. `tl:events`.
     pub channel: String,
@@ -58,52 +70,65 @@ impl RelaySettings {
     }
 }
 
+/// One node of `REDIS_URL`: its client, and its address for logs (without a password).
+#[derive(Clone)]
+struct Node {
+    client: redis::Client,
+    addr: String,
+}
+
+/// The nodes of a URL list, in its order; at least one.
+fn nodes_of(url: &str) -> Result<Vec<Node>, RelayError> {
+    let nodes = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            let client =
+                redis::Client::open(u).map_err(|e| RelayError::InvalidUrl(e.to_string()))?;
+            let addr = client.get_connection_info().addr().to_string();
+            Ok(Node { client, addr })
+        })
+        .collect::<Result<Vec<_>, RelayError>>()?;
+    if nodes.is_empty() {
+        return Err(RelayError::InvalidUrl("no URL given".into()));
+    }
+    Ok(nodes)
+}
+
 /// Starts relaying `bus` until `shutdown` fires (or its sender is dropped). Returns once
-/// the first subscription attempt has finished, so that a replica that answers calls is
-/// already receiving other replicas' events — unless Redis is away, in which case the
-/// subscriber keeps trying in the background.
+/// the first subscription attempt (every node tried once) has finished, so that a
+/// replica that answers calls is already receiving other replicas' events — unless no
+/// node answers, in which case the subscriber keeps trying in the background.
 pub async fn start(
     settings: RelaySettings,
     bus: EventBus,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), RelayError> {
-    let first_url = settings
-        .url
-        .split(',')
-        .map(str::trim)
-        .find(|u| !u.is_empty())
-        .unwrap_or_default();
-    let client =
-        redis::Client::open(first_url).map_err(|e| RelayError::InvalidUrl(e.to_string()))?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(settings.timeout))
-        .set_response_timeout(Some(settings.timeout))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_millis(500));
-    let publisher = ConnectionManager::new_lazy_with_config(client.clone(), config)
-        .map_err(|e| RelayError::InvalidUrl(e.to_string()))?;
+    let nodes = nodes_of(&settings.url)?;
+    let publisher = Publisher::new(&nodes, settings.timeout)?;
     let outbox = bus.relay_outbox().ok_or(RelayError::AlreadyRunning)?;
     tokio::spawn(publish_loop(
         publisher,
         bus.clone(),
-        settings.clone(),
+        settings.channel.clone(),
         outbox,
         shutdown.clone(),
     ));
     let (ready_tx, ready_rx) = oneshot::channel();
-    tokio::spawn(subscribe_loop(client, settings, bus, shutdown, ready_tx));
+    let subscriber = Subscriber::new(nodes, settings, bus);
+    tokio::spawn(subscriber.run(shutdown, ready_tx));
     let _ = ready_rx.await;
     Ok(())
 }
 
 async fn publish_loop(
-    mut conn: ConnectionManager,
+    mut publisher: Publisher,
     bus: EventBus,
-    settings: RelaySettings,
+    channel: String,
     mut outbox: mpsc::Receiver<Arc<Event>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut failing = false;
     loop {
         let event = tokio::select! {
             event = outbox.recv() => match event {
@@ -112,37 +137,103 @@ async fn publish_loop(
             },
             _ = shutdown.changed() => return,
         };
-        let mut command = redis::pipe();
         let undelivered = bus.take_undelivered();
+        let mut command = redis::pipe();
         if undelivered > 0 {
             let notice = bus.undelivered_notice(undelivered);
-            command
-                .publish(&settings.channel, notice.to_json())
-                .ignore();
+            command.publish(&channel, notice.to_json()).ignore();
         }
-        command.publish(&settings.channel, event.to_json()).ignore();
-        let publish = command.query_async::<()>(&mut conn);
-        let result = tokio::time::timeout(settings.timeout, publish).await;
-        if !matches!(result, Ok(Ok(()))) {
+        command.publish(&channel, event.to_json()).ignore();
+        if !publisher.publish(&command).await {
             // Not published (or unknown): other replicas will be told to resync.
             bus.count_undelivered(undelivered + 1);
         }
-        match result {
-            Ok(Ok(_)) if failing => {
-                failing = false;
-                tracing::info!("event publishing to other replicas resumed");
+    }
+}
+
+/// The publishing side: a connection per node, and the node in use.
+struct Publisher {
+    /// Each node's address and connection (lazy; it reconnects by itself, with backoff).
+    conns: Vec<(String, ConnectionManager)>,
+    current: usize,
+    timeout: Duration,
+    /// Whether the last attempt failed, so that only changes are logged.
+    failing: bool,
+}
+
+impl Publisher {
+    fn new(nodes: &[Node], timeout: Duration) -> Result<Self, RelayError> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conns = nodes
+            .iter()
+            .map(|node| {
+                ConnectionManager::new_lazy_with_config(node.client.clone(), config.clone())
+                    .map(|conn| (node.addr.clone(), conn))
+                    .map_err(|e| RelayError::InvalidUrl(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            conns,
+            current: 0,
+            timeout,
+            failing: false,
+        })
+    }
+
+    /// Sends `command` through the node in use; returns whether it was published. A
+    /// node that fails hands over to the next one, which gets `command` too only when
+    /// the failed node refused the connection (nothing was sent), each node once.
+    async fn publish(&mut self, command: &redis::Pipeline) -> bool {
+        for _ in 0..self.conns.len() {
+            let conn = &mut self.conns[self.current].1;
+            let sent = tokio::time::timeout(self.timeout, command.query_async::<()>(conn)).await;
+            let error = match sent {
+                Ok(Ok(())) => {
+                    self.resumed();
+                    return true;
+                }
+                Ok(Err(error)) => error,
+                Err(_) => {
+                    self.failed(format!("no answer within {:?}", self.timeout));
+                    return false;
+                }
+            };
+            let refused = error.is_connection_refusal();
+            self.failed(error.to_string());
+            if !refused {
+                return false;
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) if !failing => {
-                failing = true;
-                tracing::warn!(%error, "cannot publish events to other replicas; they are dropped until Redis answers");
-            }
-            Err(_) if !failing => {
-                failing = true;
-                tracing::warn!(timeout = ?settings.timeout, "publishing an event to other replicas timed out; events are dropped until Redis answers");
-            }
-            _ => {}
         }
+        false
+    }
+
+    /// The node in use failed: the next node of the list takes over.
+    fn failed(&mut self, reason: String) {
+        if !self.failing {
+            self.failing = true;
+            let node = &self.conns[self.current].0;
+            tracing::warn!(%node, %reason, "cannot publish events to other replicas through this Redis node; moving to the next node, and events are dropped until one answers");
+        }
+        self.current = (self.current + 1) % self.conns.len();
+    }
+
+    fn resumed(&mut self) {
+        if self.failing {
+            self.failing = false;
+            let node = &self.conns[self.current].0;
+            tracing::info!(%node, "event publishing to other replicas resumed");
+        }
+    }
+}
+
+/// Tells `start` that the first attempt to subscribe has finished (once).
+fn tell_ready(ready: &mut Option<oneshot::Sender<()>>) {
+    if let Some(ready) = ready.take() {
+        let _ = ready.send(());
     }
 }
 
@@ -152,54 +243,104 @@ enum Ended {
     Lost(String),
 }
 
-async fn subscribe_loop(
-    client: redis::Client,
+/// The subscribing side, between subscriptions.
+struct Subscriber {
+    nodes: Vec<Node>,
     settings: RelaySettings,
     bus: EventBus,
-    mut shutdown: watch::Receiver<bool>,
-    ready: oneshot::Sender<()>,
-) {
-    let mut ready = Some(ready);
-    // Whether events may have been missed: after a lost subscription, or a failed first
-    // attempt (other replicas may have published since this one started).
-    let mut may_have_missed = false;
-    let mut failing = false;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match subscribe(&client, &settings).await {
-            Ok(pubsub) => {
-                if may_have_missed {
-                    tracing::info!("event subscription restored; telling watchers to resync");
-                    bus.resync();
-                }
-                if let Some(ready) = ready.take() {
-                    let _ = ready.send(());
-                }
-                failing = false;
-                backoff = Duration::from_millis(100);
-                match forward(pubsub, &bus, &settings, &mut shutdown).await {
-                    Ended::Shutdown => return,
-                    Ended::Lost(reason) => {
-                        tracing::warn!(%reason, "lost the event subscription; reconnecting");
+    /// The node to try first: the one after the node whose subscription was lost.
+    next: usize,
+    /// Whether events may have been missed: after a lost subscription, or a failed first
+    /// attempt (other replicas may have published since this one started).
+    may_have_missed: bool,
+    /// Whether the last attempt failed on every node, so that only changes are logged.
+    failing: bool,
+    backoff: Duration,
+}
+
+impl Subscriber {
+    fn new(nodes: Vec<Node>, settings: RelaySettings, bus: EventBus) -> Self {
+        Self {
+            nodes,
+            settings,
+            bus,
+            next: 0,
+            may_have_missed: false,
+            failing: false,
+            backoff: MIN_BACKOFF,
+        }
+    }
+
+    /// Subscribes, forwards, and subscribes again when lost, until shutdown. `ready`
+    /// fires after the first attempt, whether a node answered or not.
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>, ready: oneshot::Sender<()>) {
+        let mut ready = Some(ready);
+        loop {
+            let attempt = tokio::select! {
+                attempt = self.subscribe_any() => attempt,
+                _ = shutdown.changed() => return,
+            };
+            match attempt {
+                Ok((node, pubsub)) => {
+                    self.subscribed(node);
+                    tell_ready(&mut ready);
+                    let ended = forward(pubsub, &self.bus, &self.settings, &mut shutdown);
+                    match ended.await {
+                        Ended::Shutdown => return,
+                        Ended::Lost(reason) => self.lost(node, &reason),
                     }
                 }
-            }
-            Err(reason) => {
-                if !failing {
-                    failing = true;
-                    tracing::warn!(%reason, "cannot subscribe to other replicas' events; retrying");
-                }
-                if let Some(ready) = ready.take() {
-                    let _ = ready.send(());
+                Err(reason) => {
+                    self.failed(&reason);
+                    tell_ready(&mut ready);
                 }
             }
+            self.may_have_missed = true;
+            tokio::select! {
+                _ = tokio::time::sleep(self.backoff) => {}
+                _ = shutdown.changed() => return,
+            }
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         }
-        may_have_missed = true;
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => return,
+    }
+
+    /// Subscribes through the first node that answers, trying each once from `next`;
+    /// returns which node, or why none answered.
+    async fn subscribe_any(&self) -> Result<(usize, redis::aio::PubSub), String> {
+        let mut reasons = Vec::new();
+        for step in 0..self.nodes.len() {
+            let i = (self.next + step) % self.nodes.len();
+            match subscribe(&self.nodes[i].client, &self.settings).await {
+                Ok(pubsub) => return Ok((i, pubsub)),
+                Err(reason) => reasons.push(format!("{}: {reason}", self.nodes[i].addr)),
+            }
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        Err(reasons.join("; "))
+    }
+
+    fn subscribed(&mut self, node: usize) {
+        let node_addr = &self.nodes[node].addr;
+        if self.may_have_missed {
+            tracing::info!(node = %node_addr, "event subscription restored; telling watchers to resync");
+            self.bus.resync();
+        } else if node != 0 {
+            tracing::info!(node = %node_addr, "subscribed to other replicas' events through a later node of the list; the ones before it did not answer");
+        }
+        self.failing = false;
+        self.backoff = MIN_BACKOFF;
+    }
+
+    fn lost(&mut self, node: usize, reason: &str) {
+        let node_addr = &self.nodes[node].addr;
+        tracing::warn!(node = %node_addr, %reason, "lost the event subscription; subscribing again, from the next node");
+        self.next = (node + 1) % self.nodes.len();
+    }
+
+    fn failed(&mut self, reason: &str) {
+        if !self.failing {
+            self.failing = true;
+            tracing::warn!(%reason, "cannot subscribe to other replicas' events on any node; retrying");
+        }
     }
 }
 
@@ -263,3 +404,7 @@ async fn forward(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "event_relay_tests.rs"]
+mod tests;
