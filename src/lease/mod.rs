@@ -407,11 +407,15 @@ impl Leaser {
         };
         let upstream = snapshot.upstreams[&route.upstream_id].clone();
         check_cost(input.cost, tenant, snapshot.tenant_limit(tenant), &upstream)?;
-        // Route around open, quarantined and busy half-open tokens (`health.rs`).
-        let (dedicated, pooled) = match self.health.route_around(&tenant.id, route) {
-            Ok(usable) => usable,
+        // Route around open, quarantined and busy half-open dedicated tokens
+        // (`health.rs`). Pool tokens go whole: the store keeps the pool's unusable
+        // tokens out itself (its pool index, `index_scripts.rs`), and one list per pool
+        // lets every tenant of the pool share that index.
+        let dedicated = match self.health.route_around(&tenant.id, route) {
+            Ok((dedicated, _)) => dedicated,
             Err(denial) => return Ok(Err(denial)),
         };
+        let pooled = route.pooled.clone();
         let tenant_limit = self.allocator.quota(snapshot, &tenant.id, &upstream.id);
         let remaining_wait = call
             .deadline
@@ -600,6 +604,7 @@ fn denial(
         _ if waited => DenialReason::WaitTimeout,
         DenyReason::TenantQuota => DenialReason::TenantQuota,
         DenyReason::NoTokenCapacity => DenialReason::NoTokenCapacity,
+        DenyReason::NoUsableToken => DenialReason::NoUsableToken,
         DenyReason::CountersLost | DenyReason::CountersLostNoticed => {
             DenialReason::CountersRecovering
         }
@@ -629,6 +634,13 @@ fn denial_message(reason: DenyReason, tenant: &Id, plan: &Plan) -> String {
         DenyReason::NoTokenCapacity => format!(
             "every token tenant '{tenant}' may use is at its limit of {} requests per {:?}",
             plan.request.token_limit, plan.upstream.window
+        ),
+        DenyReason::NoUsableToken => format!(
+            "no token tenant '{tenant}' may use on upstream '{}' is in service now: each is \
+             quarantined after an upstream rate-limit answer, has its circuit breaker open \
+             after upstream errors, or is half-open with its one probe lease out (see \
+             GetUsage or WatchEvents for which)",
+            plan.upstream.id
         ),
         DenyReason::CountersLost | DenyReason::CountersLostNoticed => format!(
             "the lease counters of upstream '{}' were lost (Redis restarted empty or failed \

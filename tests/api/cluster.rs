@@ -175,9 +175,9 @@ async fn replicas_on_a_redis_cluster_grant_exactly_the_usable_limit() {
     for port in cluster.ports() {
         let keys = cluster.keys_on(port, &pattern);
         if port == owner {
-            // Plus one demand counter per tenant that called (fair sharing's input) and
-            // the upstream's fence.
-            let expected = granted.len() + 1 + 96 + tenants.len() + 1;
+            // Plus one demand counter per tenant that called (fair sharing's input), the
+            // upstream's fence and its pool's index (5 keys).
+            let expected = granted.len() + 1 + 96 + tenants.len() + 1 + 5;
             assert_eq!(keys.len(), expected, "on the owner {port}: {keys:?}");
         } else {
             assert!(keys.is_empty(), "keys on {port}, not the owner: {keys:?}");

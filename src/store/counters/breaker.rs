@@ -371,6 +371,23 @@ impl HealthRecord {
         });
     }
 
+    /// When the record admits a lease: `now`, or the end of its quarantine, of its open
+    /// breaker, or of its half-open probe (+1 ms). Read only, unsettled: the twin of
+    /// `health_from` in `index_scripts.rs`.
+    pub(super) fn usable_from(&self, now: i64) -> i64 {
+        let mut at = now;
+        if let Some(quarantine) = self.quarantine_until.filter(|q| *q > now) {
+            at = quarantine;
+        }
+        match &self.breaker {
+            Breaker::Open { until } => at.max(*until),
+            Breaker::HalfOpen {
+                probe: Some(probe), ..
+            } if probe.expires >= now => at.max(probe.expires + 1),
+            _ => at,
+        }
+    }
+
     /// See `Counters::admit_grant`. Call after `settle`.
     pub(super) fn admit(&mut self, nonce: &str, lease_expires: i64) -> Admission {
         if let Some(quarantine) = self.quarantine_until {

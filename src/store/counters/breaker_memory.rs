@@ -94,6 +94,21 @@ impl MemoryCounters {
         }
     }
 
+    /// The tokens of `upstream` whose health refuses a lease now, with the instant it
+    /// may (records are few: only tokens with something to say have one).
+    pub(super) fn health_blocked(&self, upstream: &Id, now: i64) -> HashMap<Id, i64> {
+        let prefix = format!("{upstream}/");
+        self.health()
+            .records
+            .iter()
+            .filter_map(|(key, record)| {
+                let token = Id::parse("token_id", key.strip_prefix(&prefix)?).ok()?;
+                let at = record.usable_from(now);
+                (at > now).then_some((token, at))
+            })
+            .collect()
+    }
+
     /// `acquire`, then the chosen token's health decides (as the Redis script does in
     /// one step): a refused grant is taken back and reported as `Unhealthy`.
     pub(super) fn acquire_admitted(&self, req: &AcquireRequest) -> AcquireOutcome {

@@ -121,7 +121,10 @@ impl RedisCounters {
             .token_status(upstream, std::slice::from_ref(token))
             .await?;
         let mut inv = RESET.prepare_invoke();
-        inv.key(self.health_key(upstream, token));
+        inv.key(self.health_key(upstream, token))
+            .key(self.key(upstream, "pace", "tokens"))
+            .arg(self.key_base(upstream))
+            .arg(token.as_str());
         self.run_ints("reset", inv).await?;
         Ok(report)
     }

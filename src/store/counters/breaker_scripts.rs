@@ -176,6 +176,8 @@ end
 }
 pub(super) use prelude;
 
+use super::index_scripts::pool_index;
+
 /// Decides whether a lease the counters just granted may be handed out, claiming the
 /// probe slot of a half-open token.
 ///
@@ -242,9 +244,17 @@ return reply(out)
 "#
 );
 
-/// Forgets a token's health record (`Counters::reset_health`): `KEYS[1]` the record.
-/// Returns `{1}`.
-pub const RESET: &str = r#"
+/// Forgets a token's health record (`Counters::reset_health`) and puts the token back
+/// in the pool indexes the record names (`index_scripts.rs`): `KEYS[1]` the record,
+/// `KEYS[2]` the upstream's pacing schedules; `ARGV[1]` the prefix of the upstream's
+/// keys, `ARGV[2]` the token id. Returns `{1}`.
+pub const RESET: &str = concat!(
+    prelude!(),
+    pool_index!(),
+    r#"
+local refs = redis.call('HGETALL', KEYS[1])
 redis.call('DEL', KEYS[1])
+pi_refresh_refs(ARGV[1], ARGV[2], refs, KEYS[2])
 return {1}
-"#;
+"#
+);

@@ -144,7 +144,16 @@ struct TokenScan {
     pool_next_free: i64,
 }
 
-fn scan_tokens(state: &mut State, req: &AcquireRequest, now: i64, cost: u32) -> TokenScan {
+/// `blocked`: pool tokens whose health refuses a lease until the instant given (the
+/// pool index of the Redis backend keeps them out the same way; dedicated tokens are
+/// left to the admission, like there).
+fn scan_tokens(
+    state: &mut State,
+    req: &AcquireRequest,
+    now: i64,
+    cost: u32,
+    blocked: &HashMap<Id, i64>,
+) -> TokenScan {
     let window_ms = req.window.as_millis() as i64;
     let n_dedicated = req.dedicated.len();
     let mut scan = TokenScan {
@@ -169,6 +178,18 @@ fn scan_tokens(state: &mut State, req: &AcquireRequest, now: i64, cost: u32) -> 
         };
         let window = state.window(key.clone());
         let used = window.trim(now - window_ms);
+        let health_at = blocked
+            .get(token)
+            .copied()
+            .filter(|_| idx >= n_dedicated)
+            .unwrap_or(now);
+        if health_at > now {
+            let free = window.free_at(now, window_ms, used, cost, req.token_limit);
+            let at = free.max(pace.fits).max(health_at);
+            earliest = Some(earliest.map_or(at, |e| e.min(at)));
+            scan.pool_next_free = scan.pool_next_free.min(at);
+            continue;
+        }
         if idx >= n_dedicated {
             let window_room = req.token_limit.saturating_sub(used);
             scan.pool_room += window_room.min(pace.room);
@@ -280,6 +301,8 @@ impl MemoryCounters {
         let window_ms = req.window.as_millis() as i64;
         // Every lease allows at least one call, so it takes at least one slot.
         let cost = req.cost.max(1);
+        // Read before the state's lock: the two locks are never held together.
+        let blocked = self.health_blocked(&req.upstream_id, now);
         let mut guard = self.lock();
         let state = &mut *guard;
         let (resume_at, reason) = match state.fences.get(&req.upstream_id) {
@@ -309,7 +332,7 @@ impl MemoryCounters {
                 .record(bucket, cost);
         }
         let tenant_used = state.window(tenant_key.clone()).trim(now - window_ms);
-        let scan = scan_tokens(state, req, now, cost);
+        let scan = scan_tokens(state, req, now, cost, &blocked);
         let mut queue = req.queue.as_ref().map(|ticket| {
             let queue = state
                 .queues
@@ -352,7 +375,17 @@ impl MemoryCounters {
             return deny(&mut queue, DenyReason::TenantQuota, free, free);
         }
         let Some((idx, token_used)) = scan.best else {
-            return deny(&mut queue, DenyReason::NoTokenCapacity, scan.earliest, now);
+            // No dedicated token passed and every pool token out of service: that is
+            // the reason, not a full pool (as the Redis script says it).
+            let all_out = req.dedicated.is_empty()
+                && !req.pooled.is_empty()
+                && req.pooled.iter().all(|t| blocked.contains_key(t));
+            let reason = if all_out {
+                DenyReason::NoUsableToken
+            } else {
+                DenyReason::NoTokenCapacity
+            };
+            return deny(&mut queue, reason, scan.earliest, now);
         };
         if idx >= req.dedicated.len()
             && let Some((q, _, score)) = queue.as_ref()

@@ -42,6 +42,7 @@
 //! `Counters` is an enum over the two backends (chosen once in `startup.rs`), so both
 //! run the same behaviour tests and no trait objects are needed.
 
+mod index_scripts;
 mod memory;
 mod pace;
 mod queue;
@@ -150,6 +151,9 @@ pub struct Unhealthy {
 pub enum DenyReason {
     TenantQuota,
     NoTokenCapacity,
+    /// Every candidate token is out of service (quarantined, breaker open, or half-open
+    /// with its probe out): the retry-after is when the first may be leased again.
+    NoUsableToken,
     /// The upstream's counters were lost (see `Counters::mark_fresh`): no grant until
     /// every lease granted before the loss can no longer reach the upstream.
     CountersLost,

@@ -184,7 +184,7 @@ impl RedisCounters {
     }
 
     /// What every key of `upstream` starts with, its hash tag included.
-    fn key_base(&self, upstream: &Id) -> String {
+    pub(super) fn key_base(&self, upstream: &Id) -> String {
         format!("{}:{{{upstream}}}:", self.prefix)
     }
 
@@ -244,7 +244,30 @@ impl RedisCounters {
         budget: Duration,
     ) -> Result<AcquireOutcome, CounterError> {
         let budget = budget.min(self.timeout);
-        let tokens: Vec<&Id> = req.dedicated.iter().chain(&req.pooled).collect();
+        let started = tokio::time::Instant::now();
+        let digest = pool_digest(req);
+        match self.acquire_script(req, &digest, false, budget).await? {
+            Some(outcome) => Ok(outcome),
+            // The pool's index is missing (new pool, new configuration, expired or lost):
+            // send the pool's tokens so that the script builds it.
+            None => {
+                let left = budget.saturating_sub(started.elapsed());
+                self.acquire_script(req, &digest, true, left)
+                    .await?
+                    .ok_or_else(|| CounterError::Internal("the pool index was not built".into()))
+            }
+        }
+    }
+
+    /// One run of the acquire script; `None` when the pool's index must be built first
+    /// (`with_pool`: send the pool's token ids for that).
+    async fn acquire_script(
+        &self,
+        req: &AcquireRequest,
+        digest: &str,
+        with_pool: bool,
+        budget: Duration,
+    ) -> Result<Option<AcquireOutcome>, CounterError> {
         let up = &req.upstream_id;
         let queue_id = req.queue.as_ref().map_or("-", |q| q.queue_id.as_str());
         let mut inv = self.acquire.prepare_invoke();
@@ -254,7 +277,7 @@ impl RedisCounters {
             .key(self.key(up, "wq", queue_id))
             .key(self.key(up, "wqe", queue_id))
             .key(self.key(up, "wqi", queue_id));
-        for token in &tokens {
+        for token in &req.dedicated {
             inv.key(self.key(up, "kw", token.as_str()));
         }
         inv.key(self.key(up, "pace", "tokens"));
@@ -285,12 +308,22 @@ impl RedisCounters {
             // later does nothing.
             .arg(crate::clock::system_now_ms() + budget.as_millis() as i64)
             .arg(self.key_base(up));
-        for token in &tokens {
+        for token in &req.dedicated {
             inv.arg(token.as_str());
+        }
+        inv.arg(digest);
+        if with_pool {
+            for token in &req.pooled {
+                inv.arg(token.as_str());
+            }
         }
         let reply: Vec<i64> = redis::from_redis_value(self.run_for(inv, budget).await?)
             .map_err(|e| CounterError::Internal(format!("unexpected acquire reply: {e}")))?;
-        parse_acquire_reply(&reply, &tokens)
+        if let [-2, _now] = reply[..] {
+            return Ok(None);
+        }
+        let tokens: Vec<&Id> = req.dedicated.iter().chain(&req.pooled).collect();
+        parse_acquire_reply(&reply, &tokens).map(Some)
     }
 
     pub async fn mark_fresh(&self, upstream: &Id) -> Result<(), CounterError> {
@@ -382,7 +415,8 @@ impl RedisCounters {
             .arg(key.tenant_id.as_str())
             .arg(key.token_id.as_str())
             .arg(&key.nonce)
-            .arg(if report.is_some() { "1" } else { "0" });
+            .arg(if report.is_some() { "1" } else { "0" })
+            .arg(self.key_base(up));
         if let Some(report) = report {
             push_policy(&mut inv, report);
         }
@@ -443,6 +477,32 @@ impl RedisCounters {
     }
 }
 
+/// Names a pool's index (`index_scripts.rs`): a digest of everything the index depends
+/// on — the pool's tokens in order, the window, the limit and the pacing allowance — so
+/// that replicas on the same configuration share one, and a change starts another.
+/// Empty when the request has no pool tokens.
+fn pool_digest(req: &AcquireRequest) -> String {
+    use sha2::{Digest, Sha256};
+    if req.pooled.is_empty() {
+        return String::new();
+    }
+    let mut hash = Sha256::new();
+    hash.update(format!(
+        "{}/{}/{}",
+        req.window.as_millis(),
+        req.token_limit,
+        req.pace_burst
+    ));
+    for token in &req.pooled {
+        hash.update(b",");
+        hash.update(token.as_str());
+    }
+    hash.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 fn parse_acquire_reply(reply: &[i64], tokens: &[&Id]) -> Result<AcquireOutcome, CounterError> {
     let bad = || CounterError::Internal(format!("unexpected acquire reply {reply:?}"));
     let token = |index: i64| {
@@ -485,6 +545,7 @@ fn parse_acquire_reply(reply: &[i64], tokens: &[&Id]) -> Result<AcquireOutcome, 
                 1 => DenyReason::TenantQuota,
                 3 => DenyReason::CountersLost,
                 4 => DenyReason::CountersLostNoticed,
+                5 => DenyReason::NoUsableToken,
                 _ => DenyReason::NoTokenCapacity,
             },
             retry_after: Duration::from_millis((*retry_ms).max(0) as u64),

@@ -17,6 +17,7 @@
 //! replicates scripts by effects, so reading the clock in a script is allowed.
 
 use super::breaker_scripts::prelude;
+use super::index_scripts::pool_index;
 
 /// Decides one lease and records it when granted.
 ///
@@ -81,6 +82,7 @@ use super::breaker_scripts::prelude;
 /// and every token are full, the reason is the limit that frees last.
 pub const ACQUIRE: &str = concat!(
     prelude!(),
+    pool_index!(),
     r#"
 local give_up_at = tonumber(ARGV[16])
 if give_up_at > 0 and now > give_up_at then return {-1, now} end
@@ -110,6 +112,19 @@ local queued = wait_ms >= 0
 -- The retry instant of a request no waiting can satisfy (its cost exceeds a limit, or
 -- it has no candidate token): one window on, when the configuration may have changed.
 local never = now + window
+local base = ARGV[17]
+local pace_key = KEYS[#KEYS - 1]
+local pace = tonumber(ARGV[14])
+local step = 0
+if pace > 0 then step = window / token_limit end
+
+-- The pool's tokens are found through its index (`index_scripts.rs`); a missing index
+-- is built from the pool's token ids, which the caller sends only when told to.
+local digest = ARGV[18 + n_dedicated]
+if digest ~= '' then
+  pi_open(base, digest, window, token_limit, pace, pace_key)
+  if not pi_ensure(19 + n_dedicated) then return {-2, now} end
+end
 
 local bucket = math.floor(now / tonumber(ARGV[9]))
 local first_attempt = ARGV[10] == '1'
@@ -170,33 +185,15 @@ local function deny(reason, at, eligible, over_quota)
   return {0, reason, at - now, now, score}
 end
 
--- Pacing (see the doc comment): `step` ms per slot, `pace` slots back to back.
-local n = #KEYS - 8
-local pace_key = KEYS[#KEYS - 1]
-local pace = tonumber(ARGV[14])
-local step = 0
-if pace > 0 then step = window / token_limit end
+-- Pacing of a dedicated token (see the doc comment; pool tokens: `pi_refresh`): how
+-- many slots its pace allows now, when it allows `cost` more, and when one more.
 local pace_at = {}
-
--- Records token `idx`'s schedule; the hash lives while any schedule is ahead of now.
-local function set_schedule(idx, tat)
-  redis.call('HSET', pace_key, ARGV[17 + idx], tostring(tat))
-  local keep = math.ceil(tat - now) + 1000
-  if redis.call('PTTL', pace_key) < keep then redis.call('PEXPIRE', pace_key, keep) end
-end
-
--- How many slots token `idx`'s pace allows now, when it allows `cost` more, and when
--- it allows one more than now. Without pacing: no bound.
-local function paced(idx)
+local function paced(token)
   if pace == 0 then return token_limit, now, never end
-  local tat = tonumber(redis.call('HGET', pace_key, ARGV[17 + idx])) or now
-  pace_at[idx] = tat
-  local ahead = math.max(tat, now) - now
-  local room = math.max(0, math.floor((pace * step - ahead) / step))
-  local fits = math.ceil(tat - math.max(0, pace - cost) * step)
-  local grows = math.ceil(tat - (pace - room - 1) * step)
-  if room >= pace then grows = never end
-  return room, math.max(now, fits), grows
+  local tat = tonumber(redis.call('HGET', pace_key, token)) or now
+  pace_at[token] = tat
+  local room, fits, grows = pace_math(tat, cost, pace, step)
+  return room, fits, grows or never
 end
 
 -- A full window with callers asking is not idleness: the pace earns no more than a
@@ -204,48 +201,56 @@ end
 -- slots a window frees at once are mostly granted one per step, not in a burst that
 -- would repeat every window. The quarter absorbs the jitter of frees (each slot frees
 -- W after its call's release, and calls take varying time) without losing capacity.
-local function drain_pace(idx)
+-- (A pool token is drained when its window frees, as of the pool's last ask.)
+local function drain_pace(token)
   if pace == 0 then return end
   local keep = math.ceil(pace / 4)
-  local tat = pace_at[idx]
-  if tat < now + (pace - keep - 1) * step then
-    set_schedule(idx, now + (pace - keep) * step)
+  if pace_at[token] < now + (pace - keep - 1) * step then
+    set_schedule(pace_key, token, now + (pace - keep) * step)
   end
 end
 
 local tenant_used = trim(KEYS[1])
 
-local best, best_used, earliest = nil, nil, nil
-local pool_room, pool_next = 0, never
+-- Dedicated tokens first, least used first; one with room wins over every pool token.
+local n = n_dedicated
+-- `earliest`: when the first full candidate has room (nil: none; `never` if none ever).
+local best, best_used, best_token, earliest = nil, nil, nil, nil
+local function sooner(at)
+  if earliest == nil or at < earliest then earliest = at end
+end
 for idx = 1, n do
   local key = KEYS[6 + idx]
-  -- A dedicated token with room wins over every pool token.
-  if best ~= nil and best <= n_dedicated and idx > n_dedicated then break end
+  local token = ARGV[17 + idx]
   local used = trim(key)
   local room = used + cost <= token_limit
-  local pooled_waiting = has_waiters and idx > n_dedicated
   -- A token with room that would not beat the best so far needs no pacing read.
-  local pace_room, pace_fits, pace_grows = token_limit, now, never
-  if not room or best == nil or used < best_used or pooled_waiting then
-    pace_room, pace_fits, pace_grows = paced(idx)
-  end
-  if pooled_waiting then
-    local window_room = math.max(0, token_limit - used)
-    pool_room = pool_room + math.min(window_room, pace_room)
-    if window_room <= pace_room then
-      local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-      if first[2] then pool_next = math.min(pool_next, tonumber(first[2]) + window + 1) end
-    else
-      pool_next = math.min(pool_next, pace_grows)
-    end
+  local pace_fits = now
+  if not room or best == nil or used < best_used then
+    local _, fits = paced(token)
+    pace_fits = fits
   end
   if room and pace_fits <= now then
-    if best == nil or used < best_used then best, best_used = idx, used end
+    if best == nil or used < best_used then best, best_used, best_token = idx, used, token end
   else
-    local f = math.max(free_at(key, used, token_limit), pace_fits)
-    if earliest == nil or f < earliest then earliest = f end
-    if not room then drain_pace(idx) end
+    sooner(math.max(free_at(key, used, token_limit), pace_fits))
+    if not room then drain_pace(token) end
   end
+end
+
+-- Then the pool's least used token that can take the call. This call is an ask: a
+-- token whose window frees later drains its pace as of now (`pi_drain`).
+local pool_pos = nil
+if digest ~= '' then
+  if best == nil then
+    local token, p, used = pi_choose(cost)
+    if token then
+      best, best_used, best_token, pool_pos = n + p, used, token, p
+    else
+      sooner(pi_earliest(cost, never))
+    end
+  end
+  redis.call('HSET', PI.meta, 'a', now)
 end
 
 if earliest == nil then earliest = never end
@@ -257,26 +262,48 @@ if tenant_used + cost > tenant_limit then
   return deny(1, free, free, true)
 end
 if best == nil then
+  -- No dedicated token passed (all out of service, or none) and every pool token out
+  -- of service: that is the reason, not a full pool.
+  if n == 0 and digest ~= '' and pi_all_out() then return deny(5, earliest, now, false) end
   return deny(2, earliest, now, false)
 end
 
--- A pool slot goes to the waiters ahead first: count those that could use one now.
-if has_waiters and best > n_dedicated then
-  local ahead = 0
-  for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. score)) do
-    if ahead >= pool_room then break end
-    if other ~= nonce and tonumber(redis.call('HGET', KEYS[6], other) or now) <= now then
-      ahead = ahead + 1
+-- A pool slot goes to the waiters ahead first: count those that could use one now,
+-- and the pool's room now (ready tokens, least used first) as far as it takes.
+if has_waiters and pool_pos then
+  local room, walked, ahead = 0, 0, 0
+  local function grow(need)
+    while room < need do
+      local e = redis.call('ZRANGE', PI.ready, walked, walked, 'WITHSCORES')
+      if e[1] == '' or not e[1] then return end
+      walked = walked + 1
+      local slots = PI.l - math.floor(tonumber(e[2]) / M)
+      if pace > 0 then
+        local tat = tonumber(redis.call('HGET', pace_key, e[1])) or now
+        slots = math.min(slots, (pace_math(tat, 1, pace, step)))
+      end
+      room = room + math.max(0, slots)
     end
   end
-  if ahead + cost > pool_room then return deny(2, pool_next, now, false) end
+  grow(cost)
+  for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. score)) do
+    if other ~= nonce and tonumber(redis.call('HGET', KEYS[6], other) or now) <= now then
+      ahead = ahead + 1
+      grow(ahead + cost)
+      if ahead + cost > room then break end
+    end
+  end
+  if ahead + cost > room then return deny(2, pi_earliest(1, never), now, false) end
 end
 
 -- The token's health has the last word (`breaker_scripts.rs`): a refused token is
 -- reported, with until when, and nothing is recorded; the caller routes around it.
 local expires = now + ttl
-local verdict, state, untl = admit(best, ARGV[17] .. 'health:' .. ARGV[17 + best], nonce, expires)
-if verdict == 0 then return reply({2, best, now, state, untl}) end
+local verdict, state, untl = admit(best, base .. 'health:' .. best_token, nonce, expires)
+if verdict == 0 then
+  if pool_pos then pi_refresh(best_token, pool_pos) end
+  return reply({2, best, now, state, untl})
+end
 
 if queued then
   redis.call('ZREM', KEYS[4], nonce)
@@ -284,7 +311,7 @@ if queued then
   redis.call('HDEL', KEYS[6], nonce)
 end
 
-local token_key = KEYS[best + 6]
+local token_key = base .. 'kw:' .. best_token
 for i = 1, cost do
   local member = nonce .. '#' .. i
   redis.call('ZADD', KEYS[1], expires, member)
@@ -296,10 +323,15 @@ for _, key in ipairs({KEYS[1], token_key}) do
   if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
 end
 if pace > 0 then
-  set_schedule(best, math.max(pace_at[best], now) + cost * step)
+  local tat = pace_at[best_token] or tonumber(redis.call('HGET', pace_key, best_token)) or now
+  set_schedule(pace_key, best_token, math.max(tat, now) + cost * step)
 end
-redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', ARGV[17 + best], 'cost', cost,
+redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', best_token, 'cost', cost,
   'expires', expires, 'step', step)
+if pool_pos then
+  redis.call('HSET', KEYS[2], 'ix', digest, 'ip', pool_pos)
+  pi_refresh(best_token, pool_pos)
+end
 redis.call('PEXPIRE', KEYS[2], ttl)
 return reply({1, best, now, expires, tenant_used + cost, best_used + cost, verdict})
 "#
@@ -362,7 +394,9 @@ return 1
 ///   (`breaker_scripts::RECORD`)
 /// - `ARGV[1]` outcome, `ARGV[2]` tenant id, `ARGV[3]` token id, `ARGV[4]` nonce,
 ///   `ARGV[5]` 1 to feed the outcome to the token's health (0: a lease given back),
-///   `ARGV[6..13]` the breaker policy, as `RECORD`'s `ARGV[3..10]`
+///   `ARGV[6]` the prefix of the upstream's keys (to refresh a pool token in its pool's
+///   index, `index_scripts.rs`), `ARGV[7..14]` the breaker policy, as `RECORD`'s
+///   `ARGV[3..10]` (absent when not fed)
 ///
 /// "not_used" removes the lease's entries (the slots come back, and so does the pace
 /// the grant spent, as far as it is still ahead of now); any other outcome
@@ -375,8 +409,9 @@ return 1
 /// The lease hash expires with the lease, so expired leases need no cleanup pass.
 pub const RELEASE: &str = concat!(
     prelude!(),
+    pool_index!(),
     r#"
-local lease = redis.call('HMGET', KEYS[1], 'tenant', 'token', 'cost', 'expires', 'outcome', 'step')
+local lease = redis.call('HMGET', KEYS[1], 'tenant', 'token', 'cost', 'expires', 'outcome', 'step', 'ix', 'ip')
 local outcome = ARGV[1]
 local function released()
   if not lease[1] or lease[1] ~= ARGV[2] or lease[2] ~= ARGV[3] or tonumber(lease[4]) < now then
@@ -414,7 +449,15 @@ if result == 3 then
 end
 local applied = 0
 if ARGV[5] == '1' and result <= 2 then
-  applied = record(1, KEYS[5], KEYS[6], ARGV[4], outcome, {unpack(ARGV, 6, 13)})
+  applied = record(1, KEYS[5], KEYS[6], ARGV[4], outcome, {unpack(ARGV, 7, 14)})
+end
+-- A pool token's place in its pool's index follows what the release changed.
+if (result == 1 or applied == 1) and lease[7] then
+  local cfg = redis.call('HMGET', ARGV[6] .. 'im:' .. lease[7], 'w', 'l', 'p')
+  if cfg[1] then
+    pi_open(ARGV[6], lease[7], tonumber(cfg[1]), tonumber(cfg[2]), tonumber(cfg[3]), KEYS[4])
+    pi_refresh(ARGV[3], tonumber(lease[8]))
+  end
 end
 return reply({result, previous, now, applied})
 "#

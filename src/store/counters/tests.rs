@@ -682,6 +682,28 @@ on_both_backends! {
         assert_eq!(free_at(&denied), first_end + h.window_ms() + 1);
     }
 
+    /// Least used first also once time frees slots: a full pool token whose entries
+    /// have left the window is the least used again and wins over a busier token that
+    /// had room all along (the Redis pool index refreshes tokens whose instant came).
+    async fn a_token_freed_by_time_is_least_used_again(h: Harness) {
+        let mut req = h.request("t-a", 1000, &[], &["k-1", "k-2"]);
+        req.token_limit = 2;
+        let g1 = h.grant(&req).await;
+        let g2 = h.grant(&req).await;
+        let g3 = h.grant(&req).await;
+        let chosen = [&g1, &g2, &g3].map(|g| g.grant.token_id.to_string());
+        assert_eq!(chosen, ["k-1", "k-2", "k-1"]);
+        h.release(&g1.key, ReleaseOutcome::Success).await;
+        let released = h.now_ms().await;
+        h.release(&g3.key, ReleaseOutcome::Success).await;
+        let last_release = h.now_ms().await;
+        assert!(released < g2.grant.expires_at_ms, "g2 still counts after k-1 frees");
+        h.advance_to(last_release + h.window_ms() + 1).await;
+        let usage = h.usage(&[], &["k-1", "k-2"]).await;
+        assert_eq!(usage.tokens, vec![0, 1], "k-1 freed by time, k-2 still holds g2");
+        assert_eq!(h.grant(&req).await.grant.token_id.as_str(), "k-1");
+    }
+
     /// Cost > 1 takes `cost` slots on both windows, is refused while fewer than `cost`
     /// are free (retry when enough have freed), skips a dedicated token without room
     /// for the cost, and a "not used" release gives all its slots back.

@@ -351,38 +351,69 @@ async fn release_reporting(
         .expect("release answered")
 }
 
-/// One acquire on TOKEN alone, through `Counters::acquire` (admission included).
-async fn acquire_on_token(h: &Harness) -> AcquireOutcome {
-    let req = h.request("t-a", 10_000, &[], &[TOKEN]);
+/// One acquire on TOKEN alone, through `Counters::acquire` (admission included), as the
+/// tenant's dedicated token or as its pool's.
+async fn acquire_on_token(h: &Harness, dedicated: bool) -> AcquireOutcome {
+    let req = if dedicated {
+        h.request("t-a", 10_000, &[TOKEN], &[])
+    } else {
+        h.request("t-a", 10_000, &[], &[TOKEN])
+    };
     h.counters.acquire(&req).await.expect("acquire answered")
 }
 
 on_both_backends! {
-    /// The lease decision carries the health admission (one round trip on Redis): a
-    /// quarantined token is not granted and nothing is counted; an open breaker, once
-    /// due, half-opens inside the decision, whose grant is the probe (reported once);
-    /// while the probe is out the token is refused until the probe's expiry.
-    async fn the_decision_admits_by_token_health(h: Harness) {
+    /// The lease decision carries the health admission (one round trip on Redis). A
+    /// dedicated token refused by its health is reported `Unhealthy`, with until when,
+    /// and nothing is counted; an open breaker, once due, half-opens inside the
+    /// decision, whose grant is the probe (reported once); while the probe is out the
+    /// token is refused until the probe's expiry.
+    async fn the_decision_admits_a_dedicated_token_by_its_health(h: Harness) {
         let until = open(&h).await;
-        let AcquireOutcome::Unhealthy(refused) = acquire_on_token(&h).await else {
+        let AcquireOutcome::Unhealthy(refused) = acquire_on_token(&h, true).await else {
             panic!("an open token was granted");
         };
         assert_eq!((refused.token_id.as_str(), refused.state), (TOKEN, TokenState::BreakerOpen));
         assert_eq!(refused.until_ms, until);
         assert_eq!(h.usage(&["t-a"], &[TOKEN]).await.tokens, vec![0], "nothing counted");
         h.advance_to(until).await;
-        let AcquireOutcome::Granted(probe) = acquire_on_token(&h).await else {
+        let AcquireOutcome::Granted(probe) = acquire_on_token(&h, true).await else {
             panic!("the half-open token's probe was not granted");
         };
         assert!(probe.probe);
         let t = only(&probe.transitions, TokenState::BreakerOpen, TokenState::BreakerHalfOpen);
         assert_eq!(t.at_ms, until);
-        let AcquireOutcome::Unhealthy(busy) = acquire_on_token(&h).await else {
+        let AcquireOutcome::Unhealthy(busy) = acquire_on_token(&h, true).await else {
             panic!("a second probe was granted");
         };
         assert_eq!(busy.state, TokenState::BreakerHalfOpen);
         assert_eq!(busy.until_ms, probe.expires_at_ms + 1);
         assert!(busy.transitions.is_empty(), "the half-opening is reported once");
+        assert_eq!(h.usage(&["t-a"], &[TOKEN]).await.tokens, vec![1], "only the probe");
+    }
+
+    /// A pool token its health refuses is not a candidate: with no other, the call is
+    /// denied (no usable token) with a retry at exactly the instant the token may be
+    /// leased again — the breaker's end, then the probe's expiry — and nothing counted.
+    async fn a_pool_token_out_of_service_is_waited_for_exactly(h: Harness) {
+        let until = open(&h).await;
+        let AcquireOutcome::Denied(open_denied) = acquire_on_token(&h, false).await else {
+            panic!("an open pool token was not denied");
+        };
+        assert_eq!(open_denied.reason, DenyReason::NoUsableToken);
+        assert_eq!(free_at(&open_denied), until);
+        assert_eq!(h.usage(&["t-a"], &[TOKEN]).await.tokens, vec![0], "nothing counted");
+        h.advance_to(until).await;
+        let AcquireOutcome::Granted(probe) = acquire_on_token(&h, false).await else {
+            panic!("the half-open pool token's probe was not granted");
+        };
+        assert!(probe.probe);
+        only(&probe.transitions, TokenState::BreakerOpen, TokenState::BreakerHalfOpen);
+        let AcquireOutcome::Denied(busy) = acquire_on_token(&h, false).await else {
+            panic!("a second probe was granted");
+        };
+        assert_eq!(busy.reason, DenyReason::NoUsableToken);
+        assert_eq!(free_at(&busy), probe.expires_at_ms + 1);
         assert_eq!(h.usage(&["t-a"], &[TOKEN]).await.tokens, vec![1], "only the probe");
     }
 

@@ -1,0 +1,278 @@
+//! The pool index: how the acquire script finds the least used pool token that can take
+//! a slot, and the earliest instant one can, without reading every token of the pool.
+//!
+//! # What it holds
+//!
+//! One index per pool token list (and window, limit and pacing: `RedisCounters` names
+//! it by a digest of all four, so a configuration change starts a new one), three keys
+//! under the upstream's hash tag:
+//! - `ir:<digest>` *ready* (sorted set): the tokens that can take one slot now — room in
+//!   their window, their pace allows one, their health admits a lease — scored by
+//!   `used × 2^17 + position`, so the first member is the least used, the first listed
+//!   on a tie (the order of the old full scan);
+//! - `iw:<digest>` *wait* (sorted set): for a token out of *ready*, the instant it can
+//!   take one slot (its window frees one, its pace allows one, its quarantine or open
+//!   breaker ends, its half-open probe expires: the latest of these); for a token in
+//!   *ready*, the instant its use next drops (its earliest entry leaves the window, or a
+//!   binding pace grows). Absent: nothing about the token changes with time alone;
+//! - `ih:<digest>` *out* (sorted set): the tokens whose health refuses leases, until
+//!   when: when it holds every token, a denial says "no usable token", not "full";
+//! - `ip:<digest>` the tokens' positions (hash), and `im:<digest>` its settings (hash:
+//!   `w` window, `l` limit, `p` pacing allowance, `a` the last instant a caller asked).
+//!
+//! The sorted sets keep a sentinel member `''` scored `+inf`, so that they never empty
+//! (an empty key would lose its expiry) and their first member is "none" when only it
+//! is left. The five keys expire together, 10 windows + 10 minutes after the index was
+//! last used. A token out of service also has its health record name the index
+//! (`x:<digest>` → position), so that an admin's reset (`breaker_scripts::RESET`) puts
+//! it back in the index at once.
+//!
+//! # Why it is exact
+//!
+//! A token's entry is right as long as nothing but time changes the token, because
+//! every condition of "can take one slot" only ever turns true with time (entries leave
+//! the window, the pace earns, a quarantine ends) and the instant it does is known. The
+//! writes that change a token — a grant, a release (its outcome moves or removes
+//! entries, and changes its health), a pace drained — refresh its entry in the same
+//! script (`pi_refresh`), and every decision first refreshes the tokens whose *wait*
+//! instant has come (a bounded number per call; the choice keeps refreshing while the
+//! index is behind). So the first member of *ready* is the least used token that can
+//! take a slot, and, when *ready* is empty, the first instant of *wait* is the exact
+//! earliest instant one can. The choice is then checked against the token's own window
+//! before anything is granted: a wrong index could only cost a retry, never a slot over
+//! the limit (invariant 1 rests on that check, as before).
+//!
+//! Costs: a decision reads O(log n) per token it refreshes, and refreshes the chosen
+//! token, the due ones (amortised: each grant's entry comes due once) and, for a caller
+//! behind waiters, as many ready tokens as it takes to count the room for the waiters
+//! ahead. Requests of cost > 1 walk the ready tokens in order and, when none fits, read
+//! every token for the earliest instant (rare, and bounded by the pool).
+//!
+//! The one write to a token outside the lease scripts, an admin's health reset, refreshes
+//! the token in the indexes its health record names.
+
+/// The index's Lua: `pace_math`, `set_schedule`, `pi_open`, `pi_refresh`, `pi_ensure`,
+/// `pi_settle_due`, `pi_choose`, `pi_all_out`, `pi_refresh_refs`, `pi_earliest`. Needs
+/// `now` (the breaker prelude).
+macro_rules! pool_index {
+    () => {
+        r#"
+-- GCRA (see ACQUIRE): for schedule `tat`, how many slots the pace allows now, the
+-- instant it allows `c` more, and the instant it allows one more than now (nil when it
+-- is at its full allowance, so time earns it nothing).
+local function pace_math(tat, c, pace, step)
+  local ahead = math.max(tat, now) - now
+  local room = math.max(0, math.floor((pace * step - ahead) / step))
+  local fits = math.max(now, math.ceil(tat - math.max(0, pace - c) * step))
+  local grows = nil
+  if room < pace then grows = math.ceil(tat - (pace - room - 1) * step) end
+  return room, fits, grows
+end
+
+-- Records a token's pacing schedule; the hash lives while any schedule is ahead.
+local function set_schedule(pace_key, token, tat)
+  redis.call('HSET', pace_key, token, tostring(tat))
+  local keep = math.ceil(tat - now) + 1000
+  if redis.call('PTTL', pace_key) < keep then redis.call('PEXPIRE', pace_key, keep) end
+end
+
+local M = 131072
+local PI = nil
+
+local function pi_open(base, digest, w, l, pace, pace_key)
+  local step = 0
+  if pace > 0 then step = w / l end
+  PI = {base = base, ready = base .. 'ir:' .. digest, wait = base .. 'iw:' .. digest,
+    pos = base .. 'ip:' .. digest, meta = base .. 'im:' .. digest, out = base .. 'ih:' .. digest,
+    digest = digest,
+    w = w, l = l, pace = pace, step = step, pace_key = pace_key, keep = 10 * w + 600000}
+end
+
+-- When the token's health admits a lease (now, or the instant it may): read only; the
+-- admission at the grant settles and reports what time made due.
+local function health_from(token)
+  local v = redis.call('HMGET', PI.base .. 'health:' .. token, 'b', 'ou', 'pn', 'pe', 'qu')
+  local b, ou, pe, qu = tonumber(v[1]) or 1, tonumber(v[2]) or 0, tonumber(v[4]) or 0, tonumber(v[5]) or 0
+  local at = now
+  if qu > now then at = qu end
+  if b == 2 then at = math.max(at, ou) end
+  if b == 3 and (v[3] or '') ~= '' and pe >= now then at = math.max(at, pe + 1) end
+  return at
+end
+
+-- A token whose window had no room and has now: if callers asked meanwhile, its pace
+-- keeps only a quarter of its allowance, as of the last ask (see ACQUIRE's pacing).
+local function pi_drain(token, tat)
+  local asked = tonumber(redis.call('HGET', PI.meta, 'a')) or 0
+  local keep = math.ceil(PI.pace / 4)
+  if tat < asked + (PI.pace - keep - 1) * PI.step then
+    tat = asked + (PI.pace - keep) * PI.step
+    set_schedule(PI.pace_key, token, tat)
+  end
+  return tat
+end
+
+-- Puts the token at position `p` where it belongs (see the module doc); returns its
+-- slots in use and its pacing schedule.
+local function pi_refresh(token, p)
+  local key = PI.base .. 'kw:' .. token
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - PI.w))
+  local used = redis.call('ZCARD', key)
+  local window_at = now
+  if used >= PI.l then
+    window_at = tonumber(redis.call('ZRANGE', key, used - PI.l, used - PI.l, 'WITHSCORES')[2]) + PI.w + 1
+  end
+  local tat, pace_room, pace_fits, pace_grows = now, PI.l, now, nil
+  if PI.pace > 0 then
+    tat = tonumber(redis.call('HGET', PI.pace_key, token)) or now
+    if window_at <= now and not redis.call('ZSCORE', PI.ready, token) then tat = pi_drain(token, tat) end
+    pace_room, pace_fits, pace_grows = pace_math(tat, 1, PI.pace, PI.step)
+  end
+  local health_at = health_from(token)
+  if health_at > now then
+    -- Out of service: counted (all out is "no usable token"), and the health record
+    -- names this index, so that an admin's reset can put the token back at once.
+    redis.call('ZADD', PI.out, health_at, token)
+    redis.call('HSET', PI.base .. 'health:' .. token, 'x:' .. PI.digest, p)
+  else
+    redis.call('ZREM', PI.out, token)
+  end
+  local at = math.max(window_at, pace_fits, health_at)
+  if at > now then
+    redis.call('ZREM', PI.ready, token)
+    redis.call('ZADD', PI.wait, at, token)
+    return used, tat
+  end
+  redis.call('ZADD', PI.ready, used * M + p, token)
+  local change = nil
+  if used > 0 then
+    change = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) + PI.w + 1
+  end
+  if pace_grows and pace_room < PI.l - used then change = math.min(change or pace_grows, pace_grows) end
+  if change then redis.call('ZADD', PI.wait, change, token) else redis.call('ZREM', PI.wait, token) end
+  return used, tat
+end
+
+-- Makes sure the index exists: builds it from ARGV[first..] (the pool's token ids, in
+-- order) when it does not; false when it does not and the ids were not sent.
+local function pi_ensure(first)
+  local left = redis.call('PTTL', PI.meta)
+  local keys = {PI.ready, PI.wait, PI.pos, PI.meta, PI.out}
+  if left >= 0 then
+    if left < PI.keep / 2 then
+      for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end
+    end
+    return true
+  end
+  if #ARGV < first then return false end
+  redis.call('DEL', PI.ready, PI.wait, PI.pos, PI.out)
+  for _, k in ipairs({PI.ready, PI.wait, PI.out}) do redis.call('ZADD', k, 'inf', '') end
+  redis.call('HSET', PI.meta, 'w', PI.w, 'l', PI.l, 'p', PI.pace, 'a', 0)
+  for i = first, #ARGV do
+    redis.call('HSET', PI.pos, ARGV[i], i - first + 1)
+    pi_refresh(ARGV[i], i - first + 1)
+  end
+  for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end
+  return true
+end
+
+-- Refreshes up to 16 tokens whose wait instant has come; returns how many.
+local function pi_settle_due()
+  local due = redis.call('ZRANGEBYSCORE', PI.wait, '-inf', now, 'LIMIT', 0, 16)
+  for _, token in ipairs(due) do
+    local p = tonumber(redis.call('HGET', PI.pos, token))
+    if p then
+      pi_refresh(token, p)
+    else
+      redis.call('ZREM', PI.wait, token)
+      redis.call('ZREM', PI.ready, token)
+    end
+  end
+  return #due
+end
+
+-- The least used pool token that can take `c` slots now (first listed on a tie), its
+-- position and its slots in use; nil when none can.
+local function pi_choose(c)
+  -- Tokens whose wait instant has come first: they may be the least used now.
+  pi_settle_due()
+  if c == 1 then
+    for _ = 1, 64 do
+      local top = redis.call('ZRANGE', PI.ready, 0, 0, 'WITHSCORES')
+      if top[1] == '' then
+        if pi_settle_due() == 0 then return nil end
+      else
+        local p = tonumber(top[2]) % M
+        local used = pi_refresh(top[1], p)
+        if redis.call('ZSCORE', PI.ready, top[1]) then return top[1], p, used end
+      end
+    end
+    return nil
+  end
+  while pi_settle_due() == 16 do end
+  for _, token in ipairs(redis.call('ZRANGE', PI.ready, 0, -1)) do
+    if token ~= '' then
+      local p = tonumber(redis.call('HGET', PI.pos, token))
+      local used, tat = pi_refresh(token, p)
+      local fits = now
+      if PI.pace > 0 then
+        local _, f = pace_math(tat, c, PI.pace, PI.step)
+        fits = f
+      end
+      if used + c <= PI.l and fits <= now and redis.call('ZSCORE', PI.ready, token) then
+        return token, p, used
+      end
+    end
+  end
+  return nil
+end
+
+-- Whether every token of the pool is out of service (its health refuses leases).
+local function pi_all_out()
+  return redis.call('ZCARD', PI.out) - 1 >= redis.call('HLEN', PI.pos)
+end
+
+-- Puts a token back in its place in every index its health record names (an admin
+-- reset its health): `refs` the record's fields before the reset.
+local function pi_refresh_refs(base, token, refs, pace_key)
+  for i = 1, #refs, 2 do
+    local digest = string.match(refs[i], '^x:(.+)$')
+    local cfg = digest and redis.call('HMGET', base .. 'im:' .. digest, 'w', 'l', 'p')
+    if cfg and cfg[1] then
+      pi_open(base, digest, tonumber(cfg[1]), tonumber(cfg[2]), tonumber(cfg[3]), pace_key)
+      pi_refresh(token, tonumber(refs[i + 1]))
+    end
+  end
+end
+
+-- The earliest instant a pool token can take `c` slots (`never` if none ever can:
+-- `c` above the limit).
+local function pi_earliest(c, never)
+  if c == 1 then
+    local first = redis.call('ZRANGE', PI.wait, 0, 0, 'WITHSCORES')
+    if first[1] == '' then return never end
+    return math.max(now + 1, tonumber(first[2]))
+  end
+  if c > PI.l then return never end
+  local earliest = nil
+  for _, token in ipairs(redis.call('HKEYS', PI.pos)) do
+    local key = PI.base .. 'kw:' .. token
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - PI.w))
+    local used = redis.call('ZCARD', key)
+    local at = now
+    local k = used + c - PI.l
+    if k > 0 then at = tonumber(redis.call('ZRANGE', key, k - 1, k - 1, 'WITHSCORES')[2]) + PI.w + 1 end
+    if PI.pace > 0 then
+      local tat = tonumber(redis.call('HGET', PI.pace_key, token)) or now
+      local _, fits = pace_math(tat, c, PI.pace, PI.step)
+      at = math.max(at, fits)
+    end
+    at = math.max(at, health_from(token))
+    if earliest == nil or at < earliest then earliest = at end
+  end
+  return earliest or never
+end
+"#
+    };
+}
+pub(super) use pool_index;
