@@ -147,7 +147,7 @@ impl TokenHealth {
         let blocked: Vec<(&Id, Hint)> = route
             .dedicated
             .iter()
-            .chain(&route.pooled)
+            .chain(route.pooled.iter())
             .filter_map(|t| hints.get(t).map(|hint| (t, *hint)))
             .collect();
         let retry_after = blocked
@@ -485,7 +485,8 @@ mod tests {
         Route {
             upstream_id: id("up"),
             dedicated: dedicated.iter().map(|t| id(t)).collect(),
-            pooled: pooled.iter().map(|t| id(t)).collect(),
+            pooled: pooled.iter().map(|t| id(t)).collect::<Vec<_>>().into(),
+            pooled_digest: "test".into(),
         }
     }
 

@@ -445,6 +445,7 @@ impl Leaser {
                 cost: input.cost,
                 dedicated,
                 pooled,
+                pooled_digest: Some(route.pooled_digest.clone()),
                 count_demand: call.attempts == 0,
                 queue: Some(queue),
                 pace_burst: pace_burst(upstream.usable_per_window(), self.pace_burst_percent),

@@ -12,6 +12,7 @@ use crate::domain::{
     ApiKeyRecord, CapacityReport, Id, Pool, Tenant, Tier, TokenOwner, TokenRecord, Upstream,
 };
 use crate::store::StoredConfig;
+use crate::store::counters::list_digest;
 
 /// A token with its secret opened (or the reason it could not be).
 pub struct LiveToken {
@@ -25,8 +26,11 @@ pub struct Route {
     pub upstream_id: Id,
     /// Enabled, openable tokens dedicated to the tenant.
     pub dedicated: Vec<Id>,
-    /// Enabled, openable tokens of the tenant's pool.
-    pub pooled: Vec<Id>,
+    /// Enabled, openable tokens of the tenant's pool, by id: one list per pool and
+    /// upstream, shared by the pool's tenants.
+    pub pooled: Arc<[Id]>,
+    /// `counters::list_digest(&pooled)`, computed once with the list.
+    pub pooled_digest: Arc<str>,
 }
 
 /// An immutable view of the configuration.
@@ -91,6 +95,9 @@ impl Snapshot {
         Arc::new(snapshot)
     }
 
+    /// Every tenant's routes. A pool's token list per upstream is built once and shared
+    /// by all its tenants (`Arc`): the work and the memory grow with tenants plus
+    /// tokens, not with their product.
     fn compute_routes(&self) -> HashMap<Id, Vec<Route>> {
         let mut usable: Vec<&LiveToken> = self
             .tokens
@@ -98,37 +105,57 @@ impl Snapshot {
             .filter(|t| !t.record.disabled && t.secret.is_ok())
             .collect();
         usable.sort_by(|a, b| a.record.id.cmp(&b.record.id));
+        type Lists<'a> = HashMap<(&'a Id, &'a Id), Vec<Id>>;
+        let (mut pooled, mut dedicated): (Lists, Lists) = Default::default();
+        for token in &usable {
+            let record = &token.record;
+            let (lists, owner) = match &record.owner {
+                TokenOwner::Pool(pool) => (&mut pooled, pool),
+                TokenOwner::Dedicated(tenant) => (&mut dedicated, tenant),
+            };
+            lists
+                .entry((owner, &record.upstream_id))
+                .or_default()
+                .push(record.id.clone());
+        }
+        type Shared = (Arc<[Id]>, Arc<str>);
+        let pooled: HashMap<(&Id, &Id), Shared> = pooled
+            .into_iter()
+            .map(|(k, v)| {
+                let digest: Arc<str> = list_digest(&v).into();
+                (k, (v.into(), digest))
+            })
+            .collect();
+        let upstreams: Vec<&Id> = {
+            let mut ids: Vec<&Id> = usable.iter().map(|t| &t.record.upstream_id).collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        };
         let mut routes = HashMap::new();
         for tenant in self.tenants.values() {
-            let pool = tenant.pool_id.as_ref().and_then(|p| self.pools.get(p));
-            let mut by_upstream: HashMap<&Id, Route> = HashMap::new();
-            for token in &usable {
-                let record = &token.record;
-                let route = || Route {
-                    upstream_id: record.upstream_id.clone(),
-                    dedicated: vec![],
-                    pooled: vec![],
-                };
-                match &record.owner {
-                    TokenOwner::Dedicated(owner) if owner == &tenant.id => {
-                        by_upstream
-                            .entry(&record.upstream_id)
-                            .or_insert_with(route)
-                            .dedicated
-                            .push(record.id.clone());
-                    }
-                    TokenOwner::Pool(p) if pool.is_some_and(|pool| &pool.id == p) => {
-                        by_upstream
-                            .entry(&record.upstream_id)
-                            .or_insert_with(route)
-                            .pooled
-                            .push(record.id.clone());
-                    }
-                    _ => {}
-                }
-            }
-            let mut list: Vec<Route> = by_upstream.into_values().collect();
-            list.sort_by(|a, b| a.upstream_id.cmp(&b.upstream_id));
+            let pool = tenant
+                .pool_id
+                .as_ref()
+                .filter(|p| self.pools.contains_key(*p));
+            let list: Vec<Route> = upstreams
+                .iter()
+                .filter_map(|&upstream| {
+                    let (pooled, pooled_digest) = pool
+                        .and_then(|p| pooled.get(&(p, upstream)).cloned())
+                        .unwrap_or_else(|| (Arc::from([]), Arc::from("")));
+                    let dedicated = dedicated
+                        .get(&(&tenant.id, upstream))
+                        .cloned()
+                        .unwrap_or_default();
+                    (!pooled.is_empty() || !dedicated.is_empty()).then(|| Route {
+                        upstream_id: upstream.clone(),
+                        dedicated,
+                        pooled,
+                        pooled_digest,
+                    })
+                })
+                .collect();
             routes.insert(tenant.id.clone(), list);
         }
         routes

@@ -163,7 +163,7 @@ fn scan_tokens(
         pool_next_free: never(now, window_ms),
     };
     let mut earliest: Option<i64> = None;
-    for (idx, token) in req.dedicated.iter().chain(&req.pooled).enumerate() {
+    for (idx, token) in req.dedicated.iter().chain(req.pooled.iter()).enumerate() {
         if matches!(scan.best, Some((b, _)) if b < n_dedicated) && idx >= n_dedicated {
             break;
         }
@@ -404,7 +404,7 @@ impl MemoryCounters {
         let token = req
             .dedicated
             .iter()
-            .chain(&req.pooled)
+            .chain(req.pooled.iter())
             .nth(idx)
             .expect("index from the scan")
             .clone();

@@ -86,7 +86,10 @@ pub struct AcquireRequest {
     /// The tenant's dedicated tokens, tried first (least used first).
     pub dedicated: Vec<Id>,
     /// The tenant's pool tokens, tried next (least used first).
-    pub pooled: Vec<Id>,
+    pub pooled: std::sync::Arc<[Id]>,
+    /// `list_digest(&pooled)`, when the caller keeps it (the snapshot computes it once
+    /// per pool); `None` computes it per call.
+    pub pooled_digest: Option<std::sync::Arc<str>>,
     /// Count this call in the tenant's demand (its first attempt only, so a waiting
     /// caller that retries is one unit of demand, not many).
     pub count_demand: bool,
@@ -95,6 +98,21 @@ pub struct AcquireRequest {
     /// Pacing: how many slots a token may grant back to back before it grants one per
     /// `window / token_limit`; 0 turns pacing off. See `scripts::ACQUIRE`.
     pub pace_burst: u32,
+}
+
+/// A digest of a token list (16 hex digits of its SHA-256): with the window, limit
+/// and pacing, it names the list's pool index in Redis (`index_scripts.rs`).
+pub fn list_digest(tokens: &[Id]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for token in tokens {
+        hash.update(token.as_str());
+        hash.update(b",");
+    }
+    hash.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A call's place in its pool's wait queue (see `queue.rs`).

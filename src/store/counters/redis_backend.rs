@@ -313,7 +313,7 @@ impl RedisCounters {
         }
         inv.arg(digest);
         if with_pool {
-            for token in &req.pooled {
+            for token in req.pooled.iter() {
                 inv.arg(token.as_str());
             }
         }
@@ -322,7 +322,7 @@ impl RedisCounters {
         if let [-2, _now] = reply[..] {
             return Ok(None);
         }
-        let tokens: Vec<&Id> = req.dedicated.iter().chain(&req.pooled).collect();
+        let tokens: Vec<&Id> = req.dedicated.iter().chain(req.pooled.iter()).collect();
         parse_acquire_reply(&reply, &tokens).map(Some)
     }
 
@@ -477,30 +477,24 @@ impl RedisCounters {
     }
 }
 
-/// Names a pool's index (`index_scripts.rs`): a digest of everything the index depends
-/// on — the pool's tokens in order, the window, the limit and the pacing allowance — so
-/// that replicas on the same configuration share one, and a change starts another.
-/// Empty when the request has no pool tokens.
+/// Names a pool's index (`index_scripts.rs`) by everything the index depends on — the
+/// pool's tokens in order (their digest), the window, the limit and the pacing
+/// allowance — so that replicas on the same configuration share one, and a change
+/// starts another. Empty when the request has no pool tokens.
 fn pool_digest(req: &AcquireRequest) -> String {
-    use sha2::{Digest, Sha256};
     if req.pooled.is_empty() {
         return String::new();
     }
-    let mut hash = Sha256::new();
-    hash.update(format!(
-        "{}/{}/{}",
+    let list = match &req.pooled_digest {
+        Some(digest) => digest.to_string(),
+        None => super::list_digest(&req.pooled),
+    };
+    format!(
+        "{list}-{}-{}-{}",
         req.window.as_millis(),
         req.token_limit,
         req.pace_burst
-    ));
-    for token in &req.pooled {
-        hash.update(b",");
-        hash.update(token.as_str());
-    }
-    hash.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    )
 }
 
 fn parse_acquire_reply(reply: &[i64], tokens: &[&Id]) -> Result<AcquireOutcome, CounterError> {

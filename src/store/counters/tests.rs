@@ -335,7 +335,8 @@ impl Harness {
             lease_ttl: self.ttl,
             cost: 1,
             dedicated: ids(dedicated),
-            pooled: ids(pooled),
+            pooled: ids(pooled).into(),
+            pooled_digest: None,
             count_demand: false,
             queue: None,
             pace_burst: 0,
@@ -801,7 +802,7 @@ on_both_backends! {
             ("zero quota", with(|r| r.tenant_limit = 0), quota),
             ("cost above token limit", with(|r| (r.cost, r.tenant_limit) = (96, 1000)), no_token),
             ("cost above quota", with(|r| r.cost = 11), quota),
-            ("no token", with(|r| r.pooled.clear()), no_token),
+            ("no token", with(|r| r.pooled = std::sync::Arc::from([])), no_token),
         ];
         for (what, req, reason) in &cases {
             let denied = h.deny(req).await;

@@ -175,7 +175,8 @@ impl World {
             lease_ttl: Duration::from_millis(ask.ttl_ms as u64),
             cost: ask.cost,
             dedicated: t.dedicated.clone(),
-            pooled: t.pooled.clone(),
+            pooled: t.pooled.clone().into(),
+            pooled_digest: None,
             count_demand: false,
             queue: None,
             pace_burst: self.pace_burst,
@@ -189,7 +190,7 @@ impl World {
         let candidate = req
             .dedicated
             .iter()
-            .chain(&req.pooled)
+            .chain(req.pooled.iter())
             .any(|k| *k == grant.token_id);
         assert!(
             candidate,
