@@ -153,6 +153,19 @@ local function pi_refresh(token, p)
   return used, tat
 end
 
+-- After a grant of the token at position `p` (checked just before, so it had room and
+-- is healthy), which now holds `used` slots: without pacing, its new place is known
+-- without reading its window again, unless it became full or the grant is the probe
+-- of a half-open token (which keeps it out until the probe ends).
+local function pi_granted(token, p, used, was_empty, expires, probe)
+  if PI.pace > 0 or used >= PI.l or probe then
+    pi_refresh(token, p)
+    return
+  end
+  redis.call('ZADD', PI.ready, used * M + p, token)
+  if was_empty then redis.call('ZADD', PI.wait, expires + PI.w + 1, token) end
+end
+
 -- Makes sure the index exists: builds it from ARGV[first..] (the pool's token ids, in
 -- order) when it does not; false when it does not and the ids were not sent.
 local function pi_ensure(first)
@@ -202,9 +215,24 @@ local function pi_choose(c)
       if top[1] == '' then
         if pi_settle_due() == 0 then return nil end
       else
-        local p = tonumber(top[2]) % M
-        local used = pi_refresh(top[1], p)
-        if redis.call('ZSCORE', PI.ready, top[1]) then return top[1], p, used end
+        -- Check the first against its own window (and pace): if it has room, it is the
+        -- choice (its use can only have dropped since it was placed, so it is still the
+        -- least used); otherwise put it right and look again.
+        local token, p = top[1], tonumber(top[2]) % M
+        local key = PI.base .. 'kw:' .. token
+        local trimmed = redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - PI.w))
+        local used = redis.call('ZCARD', key)
+        local fits = now
+        if PI.pace > 0 then
+          local tat = tonumber(redis.call('HGET', PI.pace_key, token)) or now
+          local _, f = pace_math(tat, 1, PI.pace, PI.step)
+          fits = f
+        end
+        if used < PI.l and fits <= now then
+          if trimmed > 0 then pi_refresh(token, p) end
+          return token, p, used
+        end
+        pi_refresh(token, p)
       end
     end
     return nil

@@ -128,8 +128,8 @@ end
 
 local bucket = math.floor(now / tonumber(ARGV[9]))
 local first_attempt = ARGV[10] == '1'
-if first_attempt then
-  redis.call('HINCRBY', KEYS[3], bucket, cost)
+-- A bucket's first count renews the hash's life and drops buckets long past.
+if first_attempt and redis.call('HINCRBY', KEYS[3], bucket, cost) == cost then
   redis.call('PEXPIRE', KEYS[3], 3 * window)
   if redis.call('HLEN', KEYS[3]) > 60 then
     for _, field in ipairs(redis.call('HKEYS', KEYS[3])) do
@@ -142,14 +142,17 @@ end
 local score = nil
 local has_waiters = false
 if queued then
-  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', '(' .. now)) do
-    redis.call('ZREM', KEYS[4], gone)
-    redis.call('ZREM', KEYS[5], gone)
-    redis.call('HDEL', KEYS[6], gone)
-  end
   if ARGV[11] == '' then score = now + tonumber(ARGV[12]) else score = tonumber(ARGV[11]) end
   -- With nobody waiting, the queue cannot hold anyone ahead: skip counting pool room.
   has_waiters = redis.call('ZCARD', KEYS[4]) > 0
+  if has_waiters then
+    for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', '(' .. now)) do
+      redis.call('ZREM', KEYS[4], gone)
+      redis.call('ZREM', KEYS[5], gone)
+      redis.call('HDEL', KEYS[6], gone)
+    end
+    has_waiters = redis.call('ZCARD', KEYS[4]) > 0
+  end
 end
 
 -- An entry whose occupancy ended before now - W cannot share a window with a use made
@@ -250,7 +253,7 @@ if digest ~= '' then
       sooner(pi_earliest(cost, never))
     end
   end
-  redis.call('HSET', PI.meta, 'a', now)
+  if pace > 0 then redis.call('HSET', PI.meta, 'a', now) end
 end
 
 if earliest == nil then earliest = never end
@@ -317,20 +320,25 @@ for i = 1, cost do
   redis.call('ZADD', KEYS[1], expires, member)
   redis.call('ZADD', token_key, expires, member)
 end
--- Keep a window at least until its newest entry has left it.
+-- Keep a window at least until its newest entry has left it: never shortened (GT), and
+-- set on a window just created (it has no expiry yet, which GT leaves alone).
 local keep = ttl + window + 1000
 for _, key in ipairs({KEYS[1], token_key}) do
-  if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
+  if redis.call('PEXPIRE', key, keep, 'GT') == 0 and redis.call('PTTL', key) == -1 then
+    redis.call('PEXPIRE', key, keep)
+  end
 end
 if pace > 0 then
   local tat = pace_at[best_token] or tonumber(redis.call('HGET', pace_key, best_token)) or now
   set_schedule(pace_key, best_token, math.max(tat, now) + cost * step)
 end
-redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', best_token, 'cost', cost,
-  'expires', expires, 'step', step)
 if pool_pos then
-  redis.call('HSET', KEYS[2], 'ix', digest, 'ip', pool_pos)
-  pi_refresh(best_token, pool_pos)
+  redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', best_token, 'cost', cost,
+    'expires', expires, 'step', step, 'ix', digest, 'ip', pool_pos)
+  pi_granted(best_token, pool_pos, best_used + cost, best_used == 0, expires, verdict == 2)
+else
+  redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', best_token, 'cost', cost,
+    'expires', expires, 'step', step)
 end
 redis.call('PEXPIRE', KEYS[2], ttl)
 return reply({1, best, now, expires, tenant_used + cost, best_used + cost, verdict})
@@ -451,8 +459,14 @@ local applied = 0
 if ARGV[5] == '1' and result <= 2 then
   applied = record(1, KEYS[5], KEYS[6], ARGV[4], outcome, {unpack(ARGV, 7, 14)})
 end
--- A pool token's place in its pool's index follows what the release changed.
-if (result == 1 or applied == 1) and lease[7] then
+-- A pool token's place in its pool's index follows what the release changed: its use
+-- (not used), its health, or the instant a full token frees. A success on a token with
+-- room changes neither its use nor its room.
+local moved = false
+if result == 1 and lease[7] then
+  moved = outcome == 'not_used' or not redis.call('ZSCORE', ARGV[6] .. 'ir:' .. lease[7], ARGV[3])
+end
+if (moved or applied == 1) and lease[7] then
   local cfg = redis.call('HMGET', ARGV[6] .. 'im:' .. lease[7], 'w', 'l', 'p')
   if cfg[1] then
     pi_open(ARGV[6], lease[7], tonumber(cfg[1]), tonumber(cfg[2]), tonumber(cfg[3]), KEYS[4])

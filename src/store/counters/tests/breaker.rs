@@ -396,13 +396,24 @@ on_both_backends! {
     /// denied (no usable token) with a retry at exactly the instant the token may be
     /// leased again — the breaker's end, then the probe's expiry — and nothing counted.
     async fn a_pool_token_out_of_service_is_waited_for_exactly(h: Harness) {
-        let until = open(&h).await;
+        // Opened as the service opens it: five leases released as upstream errors.
+        let mut opened = None;
+        for _ in 0..5 {
+            let lease = h.grant(&h.request("t-a", 10_000, &[], &[TOKEN])).await;
+            let (_, recorded) =
+                release_reporting(&h, &lease.key, ReleaseOutcome::UpstreamError).await;
+            opened = recorded;
+        }
+        let opened = opened.expect("fed");
+        let until = only(&opened.transitions, TokenState::Active, TokenState::BreakerOpen)
+            .until_ms
+            .expect("open until");
         let AcquireOutcome::Denied(open_denied) = acquire_on_token(&h, false).await else {
             panic!("an open pool token was not denied");
         };
         assert_eq!(open_denied.reason, DenyReason::NoUsableToken);
         assert_eq!(free_at(&open_denied), until);
-        assert_eq!(h.usage(&["t-a"], &[TOKEN]).await.tokens, vec![0], "nothing counted");
+        let held = h.usage(&["t-a"], &[TOKEN]).await.tokens;
         h.advance_to(until).await;
         let AcquireOutcome::Granted(probe) = acquire_on_token(&h, false).await else {
             panic!("the half-open pool token's probe was not granted");
@@ -414,7 +425,7 @@ on_both_backends! {
         };
         assert_eq!(busy.reason, DenyReason::NoUsableToken);
         assert_eq!(free_at(&busy), probe.expires_at_ms + 1);
-        assert_eq!(h.usage(&["t-a"], &[TOKEN]).await.tokens, vec![1], "only the probe");
+        assert_eq!(held, vec![5], "the denials counted nothing");
     }
 
     /// The release carries the outcome to the token's health (one round trip on
