@@ -1,339 +1,217 @@
-//! AcquireLease + ReleaseLease throughput and latency over real gRPC (loopback TCP),
-//! against a release build with local Redis. Not a test: it prints numbers.
+//! AcquireLease + ReleaseLease over real gRPC against `tokenlease serve` in its own
+//! process, with what each pair costs. Not a test: it prints tables.
 //!
-//!     cargo bench --bench lease_pairs                 # both modes, 15 s each
-//!     cargo bench --bench lease_pairs -- saturated 30 # one mode, 30 s
+//! ```sh
+//! cargo bench --bench lease_pairs                       # redis and embedded, 100 tokens, 1,000 tenants
+//! cargo bench --bench lease_pairs -- --mode redis --tokens 100 --tenants 1000 --secs 15 --runs 3
+//! cargo bench --bench lease_pairs -- --sweep            # 2 modes × 10/100/1,000 tokens × 1,000/10,000 tenants
+//! cargo bench --bench lease_pairs -- --latency-check    # 1, 4, 16 calls in flight
+//! cargo bench --bench lease_pairs -- --rate 2000        # open loop
+//! cargo bench --bench lease_pairs -- --steady 120       # embedded, one row per 15 s
+//! cargo bench --bench lease_pairs -- --all              # all of the above
+//! ```
 //!
-//! Setup: 1,000 tenants in one pool of 100 tokens, 64 callers in flight, each calling
-//! AcquireLease for a random tenant and, when granted, ReleaseLease(SUCCESS).
-//! - `decision`: limits so high nothing is denied, so the decision path is measured;
-//! - `saturated`: 100 per 60 s per token (95 usable), so after the first 9,500 grants
-//!   nearly every call is denied (pacing off, so that the warm-up takes every slot).
+//! **What runs.** `cargo bench` builds the release binary; each configuration starts
+//! `target/release/tokenlease serve` in a fresh data folder (configuration in SQLite),
+//! with lease counters in Redis (`REDIS_URL`, default the local one, under a key prefix
+//! unique to the run, deleted afterwards) or in the server's memory (embedded), creates
+//! one upstream, one pool of N tokens and M tenants through the admin API (bounded
+//! concurrency; the time it takes is printed), warms up once, and measures its runs
+//! back to back on the same server. Each pair is
+//! AcquireLease for a random tenant then, when granted, ReleaseLease(SUCCESS). The
+//! limits are so high that nothing is denied (the decision path), unless
+//! `--limits saturated`.
 //!
-//! `PACE_BURST_PERCENT=100` (or any 1–100) overrides `lease.pace_burst_percent`.
+//! **Why its own process.** So that the server's CPU time can be read from /proc and
+//! divided by the pairs done: throughput on a shared 2-core machine says little alone
+//! (the server, Redis and this load generator compete for the cores), but CPU µs per
+//! pair, Redis CPU µs and commands per pair say where the work goes and what a
+//! change saved, whatever else the machine was doing.
 //!
-//! The server and this load generator run in one process and share the machine's cores
-//! (2 on the reference machine): the numbers are for both together. The generator is a
-//! compiled tonic client doing nothing but calls and a latency record per call.
-//! Needs Redis at `REDIS_URL` (default redis://127.0.0.1:6379); keys are removed after.
+//! **Closed and open loop.** The closed loop (64 callers over 4 HTTP/2 connections by
+//! default) finds the throughput; with 1, 4 and 16 callers it shows the latency of an
+//! unloaded service (a 40 ms tail there is Nagle's algorithm meeting delayed ACKs). The
+//! open loop starts pairs on a fixed schedule and counts latency from each scheduled
+//! start, so queueing behind a slow answer is measured, not hidden. The steady check
+//! runs one configuration long and compares the first and last 15 s.
+//!
+//! Columns (medians of `--runs`, range below): pairs/s; AcquireLease p50/p99 and the
+//! pair's p99, ms; the server's CPU (utime + stime, all threads) µs per pair; Redis's
+//! CPU µs per pair and commands per pair (`INFO commandstats`, the bench's own INFO
+//! calls taken out, the commands Lua scripts run counted in; whole-server, so anything
+//! else using that Redis counts too) and scripts per pair (EVAL/EVALSHA/FCALL: the
+//! server's round trips to Redis); the
+//! server's VmRSS at the end of the run; the share of AcquireLease denied; the three
+//! Redis commands run most per pair. With `--limits saturated` a "pair" is a denied
+//! AcquireLease alone. `TOKENLEASE_*` variables reach the server.
 
-use std::collections::BTreeMap;
+mod support;
+
 use std::time::{Duration, Instant};
 
-use secrecy::ExposeSecret;
-use tokenlease::admin::issue_api_key;
-use tokenlease::config::Settings;
-use tokenlease::crypto::KeyRing;
-use tokenlease::domain::ApiKeyRole;
-use tokenlease::grpc::pb::{
-    self, admin_service_client::AdminServiceClient, lease_service_client::LeaseServiceClient,
-};
-use tokenlease::startup::App;
-use tonic::Request;
-use tonic::transport::Channel;
+use clap::Parser;
+use support::cli::{Args, Config, Limits, Mode, Section, Workload};
+use support::load::Load;
+use support::probe::Probe;
+use support::report::{self, Measured};
+use support::server::{self, Server};
+use support::setup;
 
-const TENANTS: usize = 1_000;
-const TOKENS: usize = 100;
-const CALLERS: usize = 64;
-
-fn authed<T>(message: T, key: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    request
-}
-
-struct Run {
-    pairs: u64,
-    grants: u64,
-    denials: u64,
-    latencies_us: Vec<u64>,
-    elapsed: Duration,
-}
-
-async fn setup(admin: &mut AdminServiceClient<Channel>, key: &str, limit: u32) {
-    let upstream = pb::Upstream {
-        id: "bench".into(),
-        limit_per_window: limit,
-        window: Some(prost_types::Duration {
-            seconds: 60,
-            nanos: 0,
-        }),
-        safety_margin: 0.05,
-        ..Default::default()
-    };
-    admin
-        .create_upstream(authed(
-            pb::CreateUpstreamRequest {
-                upstream: Some(upstream),
-            },
-            key,
-        ))
-        .await
-        .unwrap();
-    let pool = pb::Pool {
-        id: "p".into(),
-        upstream_id: "bench".into(),
-        ..Default::default()
-    };
-    admin
-        .create_pool(authed(pb::CreatePoolRequest { pool: Some(pool) }, key))
-        .await
-        .unwrap();
-    for i in 0..TOKENS {
-        let token = pb::Token {
-            id: format!("tok-{i}"),
-            upstream_id: "bench".into(),
-            secret: format!("bench-secret-{i}"),
-            owner: Some(pb::token::Owner::PoolId("p".into())),
-            ..Default::default()
-        };
-        admin
-            .create_token(authed(pb::CreateTokenRequest { token: Some(token) }, key))
-            .await
-            .unwrap();
-    }
-    let tier = pb::Tier {
-        id: "bench".into(),
-        burst_per_window: 1_000_000,
-        shared_access: 2,
-        weight: 1.0,
-        ..Default::default()
-    };
-    admin
-        .create_tier(authed(pb::CreateTierRequest { tier: Some(tier) }, key))
-        .await
-        .unwrap();
-    for i in 0..TENANTS {
-        let tenant = pb::Tenant {
-            id: format!("t{i}"),
-            tier_id: "bench".into(),
-            pool_id: "p".into(),
-            ..Default::default()
-        };
-        admin
-            .create_tenant(authed(
-                pb::CreateTenantRequest {
-                    tenant: Some(tenant),
-                },
-                key,
-            ))
-            .await
-            .unwrap();
-    }
-}
-
-async fn caller(
-    mut client: LeaseServiceClient<Channel>,
-    key: String,
-    until: Instant,
-    seed: u64,
-) -> Run {
-    use pb::acquire_lease_response::Result as Answer;
-    let mut run = Run {
-        pairs: 0,
-        grants: 0,
-        denials: 0,
-        latencies_us: Vec::with_capacity(100_000),
-        elapsed: Duration::ZERO,
-    };
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    while Instant::now() < until {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let tenant = format!("t{}", (state >> 33) as usize % TENANTS);
-        let started = Instant::now();
-        let req = pb::AcquireLeaseRequest {
-            tenant_id: tenant,
-            ..Default::default()
-        };
-        let answer = client
-            .acquire_lease(authed(req, &key))
-            .await
-            .unwrap()
-            .into_inner()
-            .result
-            .unwrap();
-        match answer {
-            Answer::Lease(lease) => {
-                let release = pb::ReleaseLeaseRequest {
-                    lease_id: lease.lease_id,
-                    outcome: pb::ReleaseOutcome::Success as i32,
-                    ..Default::default()
-                };
-                client.release_lease(authed(release, &key)).await.unwrap();
-                run.grants += 1;
-            }
-            Answer::Denial(_) => run.denials += 1,
-        }
-        run.pairs += 1;
-        run.latencies_us.push(started.elapsed().as_micros() as u64);
-    }
-    run
-}
-
-async fn measure(mode: &str, seconds: u64) {
-    let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let dir = tempfile::tempdir().unwrap();
-    let prefix = format!("tlbench-{}", uuid::Uuid::new_v4().simple());
-    let mut settings = Settings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
-        redis_url: Some(redis_url.clone()),
-        ..Settings::default()
-    };
-    settings.redis.key_prefix = prefix.clone();
-    settings.metrics.listen = "127.0.0.1:0".into();
-    // `saturated` needs the warm-up to take every slot, so no pacing there; otherwise
-    // the service's default, or PACE_BURST_PERCENT to compare.
-    if mode == "saturated" {
-        settings.lease.pace_burst_percent = 100;
-    }
-    if let Some(percent) = std::env::var("PACE_BURST_PERCENT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-    {
-        settings.lease.pace_burst_percent = percent;
-    }
-    settings.encryption.keys = BTreeMap::from([("k1".to_string(), KeyRing::generate_key_base64())]);
-    let app = App::build(settings).await.unwrap();
-    let addr = app.local_addr();
-    let key = issue_api_key(&app.leaser.config, "bench", ApiKeyRole::Admin, vec![])
-        .await
-        .unwrap();
-    let key = key.expose_secret().to_owned();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
-
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let limit = if mode == "decision" { 1_000_000 } else { 100 };
-    setup(&mut AdminServiceClient::new(channel.clone()), &key, limit).await;
-
-    // Warm up, then measure. Saturated: warm up long enough to use all 9,500 slots of the
-    // 100 tokens (about 4 s at the decision path's rate here), so the measurement sees
-    // denials only.
-    let warm_up = if mode == "decision" { 3 } else { 8 };
-    let warm_until = Instant::now() + Duration::from_secs(warm_up);
-    let warm = (0..CALLERS).map(|i| {
-        tokio::spawn(caller(
-            LeaseServiceClient::new(channel.clone()),
-            key.clone(),
-            warm_until,
-            i as u64,
-        ))
-    });
-    futures::future::join_all(warm).await;
-    let started = Instant::now();
-    let until = started + Duration::from_secs(seconds);
-    let tasks = (0..CALLERS).map(|i| {
-        tokio::spawn(caller(
-            LeaseServiceClient::new(channel.clone()),
-            key.clone(),
-            until,
-            1000 + i as u64,
-        ))
-    });
-    let runs: Vec<Run> = futures::future::join_all(tasks)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-    let elapsed = started.elapsed();
-    report(mode, merge(runs, elapsed));
-
-    let _ = stop.send(());
-    let _ = server.await;
-    delete_prefix(&redis_url, &prefix);
-}
-
-fn merge(runs: Vec<Run>, elapsed: Duration) -> Run {
-    let mut all = Run {
-        pairs: 0,
-        grants: 0,
-        denials: 0,
-        latencies_us: vec![],
-        elapsed,
-    };
-    for run in runs {
-        all.pairs += run.pairs;
-        all.grants += run.grants;
-        all.denials += run.denials;
-        all.latencies_us.extend(run.latencies_us);
-    }
-    all.latencies_us.sort_unstable();
-    all
-}
-
-fn report(mode: &str, run: Run) {
-    let pct = |p: f64| {
-        run.latencies_us
-            [((run.latencies_us.len() as f64 * p) as usize).min(run.latencies_us.len() - 1)]
-            as f64
-            / 1000.0
-    };
-    let secs = run.elapsed.as_secs_f64();
-    println!(
-        "{mode:>9}: {:>8.0} calls/s ({:.0} granted pairs/s, {:.0} denials/s) | latency per call p50 {:.2} ms, p99 {:.2} ms | {} calls in {:.1} s, {} callers, {} tenants, {} tokens",
-        run.pairs as f64 / secs,
-        run.grants as f64 / secs,
-        run.denials as f64 / secs,
-        pct(0.50),
-        pct(0.99),
-        run.pairs,
-        secs,
-        CALLERS,
-        TENANTS,
-        TOKENS,
-    );
-}
-
-fn delete_prefix(url: &str, prefix: &str) {
-    let client = redis::Client::open(url).unwrap();
-    let mut conn = client.get_connection().unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query(&mut conn)
-        .unwrap_or_default();
-    for chunk in keys.chunks(1000) {
-        let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
-    }
-}
+/// A saturated warm-up ends when this share of a second's calls is denied…
+const SATURATED_DENIED_SHARE: f64 = 0.99;
+/// …or after this long.
+const SATURATED_WARM_UP_MAX: Duration = Duration::from_secs(180);
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without
-    // it, where a 30 s load run in a debug build would only waste CI time.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("lease_pairs: run with `cargo bench --bench lease_pairs`");
+    let args = Args::parse();
+    // `cargo bench` passes --bench; anything else (e.g. a build of every target) only
+    // learns how to run it.
+    if !args.bench {
+        println!("lease_pairs: run with `cargo bench --bench lease_pairs -- --help`");
         return;
     }
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let modes: Vec<&str> = match args.first().map(String::as_str) {
-        Some(m @ ("decision" | "saturated")) => vec![m],
-        _ => vec!["decision", "saturated"],
-    };
-    let seconds = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(15);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .unwrap();
+        .expect("a Tokio runtime");
     println!(
-        "lease_pairs: {} core(s) shared by server and load generator",
+        "lease_pairs: {} core(s) shared by the server, Redis and this load generator",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    for mode in modes {
-        runtime.block_on(measure(mode, seconds));
+    for section in args.sections() {
+        runtime.block_on(run_section(&args, &section));
+    }
+}
+
+async fn run_section(args: &Args, section: &Section) {
+    println!(
+        "\n== {}: {} run(s) of {} s per row, {} limits ==",
+        section.title, section.runs, section.secs, args.limits
+    );
+    report::print_header();
+    // Setup time grows with the tenants (not with the mode or the tokens): once one
+    // ran out of its budget, as many tenants or more would too.
+    let mut too_many_tenants = usize::MAX;
+    for config in &section.configs {
+        if config.tenants >= too_many_tenants {
+            println!(
+                "# {config}: skipped: the setup of {too_many_tenants} tenants ran out of time above"
+            );
+            continue;
+        }
+        match start(args, config).await {
+            Some((server, probe)) => run_config(args, section, config, server, probe).await,
+            None => too_many_tenants = config.tenants,
+        }
+    }
+}
+
+/// Warms the server up, then measures each of the section's workloads and prints it.
+async fn run_config(
+    args: &Args,
+    section: &Section,
+    config: &Config,
+    mut server: Server,
+    mut probe: Probe,
+) {
+    warm_up(&server, config, args).await;
+    for &workload in &section.workloads {
+        let runs = measure(&mut server, &mut probe, config, workload, section).await;
+        if section.row_per_run {
+            print_steady_ratio(&runs);
+        } else {
+            report::print_row(&format!("{config} {workload}"), &runs);
+        }
+    }
+}
+
+/// Starts the server and creates the configuration; `None` (server stopped) when the
+/// setup ran out of its budget.
+async fn start(args: &Args, config: &Config) -> Option<(Server, Probe)> {
+    let server = Server::start(config.mode, config.limits).await;
+    let budget = args.setup_budget_secs().map(Duration::from_secs);
+    let setup = setup::create(&server, config, args.admin_in_flight, budget).await;
+    println!(
+        "# {config}: setup {:.1} s for {} tokens, {:.1} s for {} tenants ({:.0} tenants/s, {} admin calls in flight, {} retried)",
+        setup.tokens_took.as_secs_f64(),
+        config.tokens,
+        setup.tenants_took.as_secs_f64(),
+        setup.tenants_created,
+        setup.tenants_per_sec(),
+        args.admin_in_flight,
+        setup.retries,
+    );
+    if setup.tenants_created < config.tenants {
+        let estimate = config.tenants as f64 / setup.tenants_per_sec();
+        println!(
+            "# {config}: skipped: setup gave up after {} s (all {} tenants would take ≥ {estimate:.0} s); `--tenants {}` runs it to the end",
+            args.max_setup_secs, config.tenants, config.tenants
+        );
+        return None;
+    }
+    let redis = (config.mode == Mode::Redis).then(server::redis_url);
+    let probe = Probe::new(server.pid, redis.as_deref()).await;
+    Some((server, probe))
+}
+
+/// Load before measuring: `--warmup` seconds, or for saturated limits until nearly
+/// every call is denied (the slots of every token taken).
+async fn warm_up(server: &Server, config: &Config, args: &Args) {
+    let workload = Workload::Closed {
+        in_flight: args.in_flight,
+        connections: args.connections,
+    };
+    let load = Load::connect(server, args.connections, config.tenants).await;
+    if config.limits == Limits::Decision {
+        load.run(workload, Duration::from_secs(args.warmup), 0)
+            .await;
+        return;
+    }
+    let started = Instant::now();
+    while started.elapsed() < SATURATED_WARM_UP_MAX {
+        let second = load.run(workload, Duration::from_secs(1), 0).await;
+        if second.denials as f64 >= SATURATED_DENIED_SHARE * second.pairs as f64 {
+            break;
+        }
+    }
+    println!(
+        "# {config}: saturated after {:.0} s of warm-up",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The section's runs of `workload`, each between two probe snapshots; with
+/// `row_per_run`, each run is printed as it ends.
+async fn measure(
+    server: &mut Server,
+    probe: &mut Probe,
+    config: &Config,
+    workload: Workload,
+    section: &Section,
+) -> Vec<Measured> {
+    let load = Load::connect(server, workload.connections(), config.tenants).await;
+    let secs = Duration::from_secs(section.secs);
+    let mut runs = vec![];
+    for run in 0..section.runs {
+        let before = probe.snapshot().await;
+        let tally = load.run(workload, secs, run as u64 + 1).await;
+        let after = probe.snapshot().await;
+        server.check_alive();
+        runs.push(Measured::new(tally, probe.cost(&before, &after)));
+        if section.row_per_run {
+            let (from, to) = (run as u64 * section.secs, (run as u64 + 1) * section.secs);
+            let label = format!("{config} {from:>4}–{to} s");
+            report::print_row(&label, &runs[run..]);
+        }
+    }
+    runs
+}
+
+fn print_steady_ratio(runs: &[Measured]) {
+    if let (Some(first), Some(last)) = (runs.first(), runs.last()) {
+        println!(
+            "# steady state: pairs/s of the last slice / the first: {:.2}",
+            last.pairs_per_sec() / first.pairs_per_sec()
+        );
     }
 }

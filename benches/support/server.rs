@@ -1,0 +1,172 @@
+//! `tokenlease serve` as its own process, so that its CPU time and memory can be read
+//! from /proc, and everything it leaves behind removed when it stops.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Channel, Endpoint};
+
+use super::cli::{Limits, Mode};
+
+/// The binary `cargo bench` builds with the bench (release) profile:
+/// `target/release/tokenlease`.
+const BINARY: &str = env!("CARGO_BIN_EXE_tokenlease");
+
+/// The Redis the counters use in Redis mode and the probes read: `REDIS_URL` or the
+/// local one.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A running server; killed, and its Redis keys deleted, when dropped.
+pub struct Server {
+    child: Child,
+    /// The server's process id, for /proc.
+    pub pid: u32,
+    pub grpc: SocketAddr,
+    /// Its bootstrap admin API key.
+    pub admin_key: String,
+    /// The Redis key prefix of this run, in Redis mode.
+    redis_prefix: Option<String>,
+    data_dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `tokenlease serve` in a fresh data folder and waits until it answers.
+    /// `TOKENLEASE_*` variables of this process reach the server and win over the
+    /// bench's own settings (e.g. `TOKENLEASE_LEASE__PACE_BURST_PERCENT=100`).
+    pub async fn start(mode: Mode, limits: Limits) -> Server {
+        let data_dir = tempfile::tempdir().expect("a temporary data folder");
+        let grpc = free_address();
+        let redis_prefix =
+            (mode == Mode::Redis).then(|| format!("tlbench-{}", uuid::Uuid::new_v4().simple()));
+        let child = command(data_dir.path(), grpc, redis_prefix.as_deref(), limits)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {BINARY}: {e} (run `cargo bench`, which builds it)")
+            });
+        let mut server = Server {
+            pid: child.id(),
+            child,
+            grpc,
+            admin_key: String::new(),
+            redis_prefix,
+            data_dir,
+        };
+        server.admin_key = server.wait_until_ready().await;
+        server
+    }
+
+    /// Waits for the bootstrap admin key and a gRPC connection; panics with the
+    /// server's log if it exits or takes more than 30 s.
+    async fn wait_until_ready(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let key_file = self.data_dir.path().join("admin.key");
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("tokenlease serve exited ({status}):\n{}", self.log());
+            }
+            let key = std::fs::read_to_string(&key_file).unwrap_or_default();
+            if !key.trim().is_empty() && self.channel().await.is_ok() {
+                return key.trim().to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("tokenlease serve did not come up:\n{}", self.log());
+    }
+
+    /// A new HTTP/2 connection to the server, with Nagle off on the client side.
+    pub async fn channel(&self) -> Result<Channel, tonic::transport::Error> {
+        Endpoint::from_shared(format!("http://{}", self.grpc))
+            .expect("a valid URI")
+            .tcp_nodelay(true)
+            .connect()
+            .await
+    }
+
+    /// Panics with the server's log if it is no longer running.
+    pub fn check_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("tokenlease serve exited ({status}):\n{}", self.log());
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.data_dir.path().join("server.log")
+    }
+
+    /// The last lines the server wrote (warnings and errors only: RUST_LOG=warn).
+    fn log(&self) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(prefix) = &self.redis_prefix
+            && let Err(e) = delete_keys(&redis_url(), prefix)
+        {
+            eprintln!("could not delete the Redis keys {prefix}:*: {e}");
+        }
+    }
+}
+
+/// The server's command: embedded or Redis counters, configuration in SQLite, logs
+/// (warnings only) to a file in the data folder, no tracing export.
+fn command(data_dir: &Path, grpc: SocketAddr, prefix: Option<&str>, limits: Limits) -> Command {
+    let log = std::fs::File::create(data_dir.join("server.log")).expect("a log file");
+    let mut command = Command::new(BINARY);
+    command
+        .arg("serve")
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env("TOKENLEASE_LISTEN", grpc.to_string())
+        .env("TOKENLEASE_DATA_DIR", data_dir)
+        .env("TOKENLEASE_METRICS__LISTEN", free_address().to_string())
+        .env("RUST_LOG", "warn")
+        .env("OTEL_SDK_DISABLED", "true")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("a log file"))
+        .stderr(log);
+    if let Some(prefix) = prefix {
+        command
+            .env("REDIS_URL", redis_url())
+            .env("TOKENLEASE_REDIS__KEY_PREFIX", prefix);
+    }
+    // Saturated: the warm-up must take every slot at once, so no pacing.
+    let pace = "TOKENLEASE_LEASE__PACE_BURST_PERCENT";
+    if limits == Limits::Saturated && std::env::var_os(pace).is_none() {
+        command.env(pace, "100");
+    }
+    command
+}
+
+fn free_address() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free local port")
+}
+
+/// Deletes every key under `prefix:` (SCAN by pattern, then DEL).
+fn delete_keys(url: &str, prefix: &str) -> redis::RedisResult<()> {
+    let mut conn = redis::Client::open(url)?.get_connection()?;
+    let keys: Vec<String> = redis::cmd("SCAN")
+        .cursor_arg(0)
+        .arg("MATCH")
+        .arg(format!("{prefix}:*"))
+        .arg("COUNT")
+        .arg(1000)
+        .clone()
+        .iter(&mut conn)?
+        .collect::<Result<_, _>>()?;
+    for batch in keys.chunks(1000) {
+        redis::cmd("DEL").arg(batch).exec(&mut conn)?;
+    }
+    Ok(())
+}
