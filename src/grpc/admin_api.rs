@@ -95,7 +95,7 @@ impl AdminApi {
 
     /// After a successful write: refresh this replica's snapshot and tell watchers.
     async fn written(&self, resource: Resource, id: &str, change: Change, version: i64) {
-        match tokio::time::timeout(self.database_timeout, self.config().refresh()).await {
+        match tokio::time::timeout(self.database_timeout, self.config().refresh_to(version)).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
                 tracing::warn!(%error, "snapshot refresh after an admin write failed; the poller will retry")
@@ -104,7 +104,7 @@ impl AdminApi {
                 "snapshot refresh after an admin write timed out; the poller will retry"
             ),
         }
-        if let Err(error) = self.leaser.allocator.refresh().await {
+        if let Err(error) = self.leaser.allocator.refresh_for_config().await {
             tracing::warn!(%error, "quota refresh after an admin write failed; the allocator will retry");
         }
         self.events.publish(EventKind::ConfigChanged {

@@ -86,6 +86,15 @@ impl Allocator {
         self.sender.borrow().clone()
     }
 
+    /// `refresh` after a configuration change, unless the quotas already follow this
+    /// configuration (a burst of admin writes shares one snapshot, and one allocation).
+    pub async fn refresh_for_config(&self) -> Result<(), CounterError> {
+        if self.current().inputs.0 >= self.config.current().version {
+            return Ok(());
+        }
+        self.refresh().await
+    }
+
     /// Recomputes when a bucket completed or the configuration changed.
     #[tracing::instrument(name = "allocation", skip_all)]
     pub async fn refresh(&self) -> Result<(), CounterError> {

@@ -68,9 +68,26 @@ impl LiveConfig {
         Ok(())
     }
 
+    /// Makes the snapshot at least as new as `version` (a write this replica just
+    /// made). Concurrent writes share reloads: a write whose version a reload made
+    /// while it waited for its turn loads nothing, so a burst of N writes costs a few
+    /// loads, not N.
+    pub async fn refresh_to(&self, version: i64) -> Result<(), StoreError> {
+        let _guard = self.reload_lock.lock().await;
+        if self.current().version >= version {
+            return Ok(());
+        }
+        self.reload_locked().await
+    }
+
     /// Reloads if the store's version is newer than the snapshot's.
     pub async fn refresh(&self) -> Result<(), StoreError> {
         let _guard = self.reload_lock.lock().await;
+        self.reload_locked().await
+    }
+
+    /// `refresh`, with `reload_lock` held.
+    async fn reload_locked(&self) -> Result<(), StoreError> {
         let version = self.store.version().await?;
         if version == self.current().version {
             return Ok(());

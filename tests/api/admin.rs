@@ -22,7 +22,44 @@ for_each_db!(
     guarantee_rule_refuses_and_changes_nothing,
     tokens_are_encrypted_at_rest,
     key_rotation_reseals_and_old_keys_still_open,
+    concurrent_writes_are_each_in_force_when_answered,
 );
+
+/// Admin writes made at once share snapshot reloads (`LiveConfig::refresh_to`), and
+/// still each is in force on the replica when its answer comes: 40 tenants created by
+/// 40 concurrent calls, each leased the moment its create returns.
+async fn concurrent_writes_are_each_in_force_when_answered(db: Db) {
+    let env = TestEnv::new(db, Counters::Memory).await;
+    let app = env.spawn().await;
+    let mut admin = app.admin().await;
+    let pool = PoolSetup {
+        tokens: 2,
+        ..PoolSetup::default()
+    };
+    pool.create(&mut admin, &app.admin_key).await;
+    let lease = app.lease().await;
+    let calls = (0..40).map(|i| {
+        let (mut admin, mut lease, key) = (admin.clone(), lease.clone(), app.admin_key.clone());
+        async move {
+            let tenant = format!("burst-{i}");
+            create_tenant(&mut admin, &key, &tenant, "flex").await;
+            let answer = lease
+                .acquire_lease(super::helpers::lease_request(&tenant, &key))
+                .await;
+            let granted = matches!(
+                answer.expect("AcquireLease answered").into_inner().result,
+                Some(pb::acquire_lease_response::Result::Lease(_))
+            );
+            (tenant, granted)
+        }
+    });
+    for (tenant, granted) in futures::future::join_all(calls).await {
+        assert!(
+            granted,
+            "{tenant} was not leased right after its create returned"
+        );
+    }
+}
 
 async fn admin_client(env: &TestEnv) -> (super::helpers::TestApp, AdminServiceClient<Channel>) {
     let app = env.spawn().await;
