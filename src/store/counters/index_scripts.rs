@@ -113,8 +113,9 @@ local function pi_drain(token, tat)
 end
 
 -- Puts the token at position `p` where it belongs (see the module doc); returns its
--- slots in use and its pacing schedule.
-local function pi_refresh(token, p)
+-- slots in use and its pacing schedule. `was_ready`: the token is in *ready* and only
+-- time has passed since (its health cannot have worsened, its pace not drained).
+local function pi_refresh(token, p, was_ready)
   local key = PI.base .. 'kw:' .. token
   redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - PI.w))
   local used = redis.call('ZCARD', key)
@@ -125,11 +126,16 @@ local function pi_refresh(token, p)
   local tat, pace_room, pace_fits, pace_grows = now, PI.l, now, nil
   if PI.pace > 0 then
     tat = tonumber(redis.call('HGET', PI.pace_key, token)) or now
-    if window_at <= now and not redis.call('ZSCORE', PI.ready, token) then tat = pi_drain(token, tat) end
+    if not was_ready and window_at <= now and not redis.call('ZSCORE', PI.ready, token) then
+      tat = pi_drain(token, tat)
+    end
     pace_room, pace_fits, pace_grows = pace_math(tat, 1, PI.pace, PI.step)
   end
-  local health_at = health_from(token)
-  if health_at > now then
+  local health_at = now
+  if not was_ready then health_at = health_from(token) end
+  if was_ready then
+    -- still healthy: nothing to write about its health
+  elseif health_at > now then
     -- Out of service: counted (all out is "no usable token"), and the health record
     -- names this index, so that an admin's reset can put the token back at once.
     redis.call('ZADD', PI.out, health_at, token)
@@ -154,16 +160,29 @@ local function pi_refresh(token, p)
 end
 
 -- After a grant of the token at position `p` (checked just before, so it had room and
--- is healthy), which now holds `used` slots: without pacing, its new place is known
--- without reading its window again, unless it became full or the grant is the probe
--- of a half-open token (which keeps it out until the probe ends).
-local function pi_granted(token, p, used, was_empty, expires, probe)
-  if PI.pace > 0 or used >= PI.l or probe then
+-- is healthy), which now holds `used` slots and whose pacing schedule is now `tat`:
+-- its new place is known without reading its window again, unless it became full or
+-- the grant is the probe of a half-open token (which keeps it out until the probe
+-- ends).
+local function pi_granted(token, p, used, was_empty, expires, probe, tat)
+  if used >= PI.l or probe then
     pi_refresh(token, p)
     return
   end
+  local pace_room, fits, grows = PI.l, now, nil
+  if PI.pace > 0 then pace_room, fits, grows = pace_math(tat, 1, PI.pace, PI.step) end
+  if fits > now then
+    redis.call('ZREM', PI.ready, token)
+    redis.call('ZADD', PI.wait, fits, token)
+    return
+  end
   redis.call('ZADD', PI.ready, used * M + p, token)
-  if was_empty then redis.call('ZADD', PI.wait, expires + PI.w + 1, token) end
+  if grows and pace_room < PI.l - used then
+    local drop = tonumber(redis.call('ZRANGE', PI.base .. 'kw:' .. token, 0, 0, 'WITHSCORES')[2]) + PI.w + 1
+    redis.call('ZADD', PI.wait, math.min(drop, grows), token)
+  elseif was_empty then
+    redis.call('ZADD', PI.wait, expires + PI.w + 1, token)
+  end
 end
 
 -- Makes sure the index exists: builds it from ARGV[first..] (the pool's token ids, in
@@ -193,9 +212,10 @@ end
 local function pi_settle_due()
   local due = redis.call('ZRANGEBYSCORE', PI.wait, '-inf', now, 'LIMIT', 0, 16)
   for _, token in ipairs(due) do
-    local p = tonumber(redis.call('HGET', PI.pos, token))
+    local ready = redis.call('ZSCORE', PI.ready, token)
+    local p = ready and (tonumber(ready) % M) or tonumber(redis.call('HGET', PI.pos, token))
     if p then
-      pi_refresh(token, p)
+      pi_refresh(token, p, ready ~= false)
     else
       redis.call('ZREM', PI.wait, token)
       redis.call('ZREM', PI.ready, token)
@@ -205,7 +225,8 @@ local function pi_settle_due()
 end
 
 -- The least used pool token that can take `c` slots now (first listed on a tie), its
--- position and its slots in use; nil when none can.
+-- position, its slots in use and its pacing schedule (nil without pacing); nil when
+-- none can.
 local function pi_choose(c)
   -- Tokens whose wait instant has come first: they may be the least used now.
   pi_settle_due()
@@ -222,15 +243,15 @@ local function pi_choose(c)
         local key = PI.base .. 'kw:' .. token
         local trimmed = redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - PI.w))
         local used = redis.call('ZCARD', key)
-        local fits = now
+        local fits, tat = now, nil
         if PI.pace > 0 then
-          local tat = tonumber(redis.call('HGET', PI.pace_key, token)) or now
+          tat = tonumber(redis.call('HGET', PI.pace_key, token)) or now
           local _, f = pace_math(tat, 1, PI.pace, PI.step)
           fits = f
         end
         if used < PI.l and fits <= now then
-          if trimmed > 0 then pi_refresh(token, p) end
-          return token, p, used
+          if trimmed > 0 then pi_refresh(token, p, true) end
+          return token, p, used, tat
         end
         pi_refresh(token, p)
       end
@@ -248,7 +269,7 @@ local function pi_choose(c)
         fits = f
       end
       if used + c <= PI.l and fits <= now and redis.call('ZSCORE', PI.ready, token) then
-        return token, p, used
+        return token, p, used, tat
       end
     end
   end

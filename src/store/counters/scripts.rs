@@ -246,9 +246,10 @@ end
 local pool_pos = nil
 if digest ~= '' then
   if best == nil then
-    local token, p, used = pi_choose(cost)
+    local token, p, used, tat = pi_choose(cost)
     if token then
       best, best_used, best_token, pool_pos = n + p, used, token, p
+      pace_at[token] = tat
     else
       sooner(pi_earliest(cost, never))
     end
@@ -308,7 +309,8 @@ if verdict == 0 then
   return reply({2, best, now, state, untl})
 end
 
-if queued then
+-- A call is in the queue only from its second attempt on.
+if queued and ARGV[11] ~= '' then
   redis.call('ZREM', KEYS[4], nonce)
   redis.call('ZREM', KEYS[5], nonce)
   redis.call('HDEL', KEYS[6], nonce)
@@ -328,14 +330,16 @@ for _, key in ipairs({KEYS[1], token_key}) do
     redis.call('PEXPIRE', key, keep)
   end
 end
+local tat = now
 if pace > 0 then
-  local tat = pace_at[best_token] or tonumber(redis.call('HGET', pace_key, best_token)) or now
-  set_schedule(pace_key, best_token, math.max(tat, now) + cost * step)
+  tat = pace_at[best_token] or tonumber(redis.call('HGET', pace_key, best_token)) or now
+  tat = math.max(tat, now) + cost * step
+  set_schedule(pace_key, best_token, tat)
 end
 if pool_pos then
   redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', best_token, 'cost', cost,
     'expires', expires, 'step', step, 'ix', digest, 'ip', pool_pos)
-  pi_granted(best_token, pool_pos, best_used + cost, best_used == 0, expires, verdict == 2)
+  pi_granted(best_token, pool_pos, best_used + cost, best_used == 0, expires, verdict == 2, tat)
 else
   redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', best_token, 'cost', cost,
     'expires', expires, 'step', step)
