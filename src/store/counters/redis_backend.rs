@@ -322,8 +322,7 @@ impl RedisCounters {
         if let [-2, _now] = reply[..] {
             return Ok(None);
         }
-        let tokens: Vec<&Id> = req.dedicated.iter().chain(req.pooled.iter()).collect();
-        parse_acquire_reply(&reply, &tokens).map(Some)
+        parse_acquire_reply(&reply, req).map(Some)
     }
 
     pub async fn mark_fresh(&self, upstream: &Id) -> Result<(), CounterError> {
@@ -497,14 +496,30 @@ fn pool_digest(req: &AcquireRequest) -> String {
     )
 }
 
-fn parse_acquire_reply(reply: &[i64], tokens: &[&Id]) -> Result<AcquireOutcome, CounterError> {
+/// The candidate token at a reply's 1-based index: the dedicated tokens, then the pool's.
+fn candidate(req: &AcquireRequest, index: i64) -> Option<&Id> {
+    let i = usize::try_from(index).ok()?.checked_sub(1)?;
+    match i.checked_sub(req.dedicated.len()) {
+        None => req.dedicated.get(i),
+        Some(p) => req.pooled.get(p),
+    }
+}
+
+/// Transitions in a reply (rare): the candidate list is built only when there are some.
+fn transitions_in(flat: &[i64], req: &AcquireRequest) -> Option<Vec<super::Transition>> {
+    if flat.is_empty() {
+        return Some(Vec::new());
+    }
+    let tokens: Vec<&Id> = req.dedicated.iter().chain(req.pooled.iter()).collect();
+    parse_transitions(flat, &tokens)
+}
+
+fn parse_acquire_reply(
+    reply: &[i64],
+    req: &AcquireRequest,
+) -> Result<AcquireOutcome, CounterError> {
     let bad = || CounterError::Internal(format!("unexpected acquire reply {reply:?}"));
-    let token = |index: i64| {
-        tokens
-            .get((index as usize).wrapping_sub(1))
-            .map(|token| (*token).clone())
-            .ok_or_else(bad)
-    };
+    let token = |index: i64| candidate(req, index).cloned().ok_or_else(bad);
     match reply {
         [
             1,
@@ -522,14 +537,14 @@ fn parse_acquire_reply(reply: &[i64], tokens: &[&Id]) -> Result<AcquireOutcome, 
             tenant_used: *tenant_used as u32,
             token_used: *token_used as u32,
             probe: *verdict == 2,
-            transitions: parse_transitions(rest, tokens).ok_or_else(bad)?,
+            transitions: transitions_in(rest, req).ok_or_else(bad)?,
         })),
         [2, index, now, state, until, rest @ ..] => Ok(AcquireOutcome::Unhealthy(Unhealthy {
             token_id: token(*index)?,
             state: TokenState::from_code(*state).ok_or_else(bad)?,
             until_ms: *until,
             now_ms: *now,
-            transitions: parse_transitions(rest, tokens).ok_or_else(bad)?,
+            transitions: transitions_in(rest, req).ok_or_else(bad)?,
         })),
         [-1, _now] => Err(CounterError::Unavailable(
             "the decision reached Redis after the call's deadline and did nothing".into(),
