@@ -20,7 +20,7 @@ static RECORD: LazyLock<Script> = LazyLock::new(|| Script::new(breaker_scripts::
 static STATUS: LazyLock<Script> = LazyLock::new(|| Script::new(breaker_scripts::STATUS));
 static RESET: LazyLock<Script> = LazyLock::new(|| Script::new(breaker_scripts::RESET));
 
-fn bad_reply(what: &str, reply: &[i64]) -> CounterError {
+pub(super) fn bad_reply(what: &str, reply: &[i64]) -> CounterError {
     CounterError::Internal(format!("unexpected {what} reply {reply:?}"))
 }
 
@@ -47,7 +47,7 @@ impl RedisCounters {
         self.key(upstream, "health", token.as_str())
     }
 
-    async fn run_ints(
+    pub(super) async fn run_ints(
         &self,
         what: &str,
         invocation: redis::ScriptInvocation<'_>,

@@ -24,7 +24,7 @@ use redis::{IntoConnectionInfo, RedisError, Script, Value};
 use tokio::sync::Semaphore;
 
 use super::breaker::{OutcomeReport, Recorded, parse_transitions};
-use super::breaker_redis::push_policy;
+use super::breaker_redis::{bad_reply, push_policy};
 use super::{
     AcquireOutcome, AcquireRequest, CounterError, Denied, DenyReason, Grant, LeaseKey,
     ReleaseOutcome, ReleaseResult, Unhealthy, UsageCounts,
@@ -419,9 +419,8 @@ impl RedisCounters {
         if let Some(report) = report {
             push_policy(&mut inv, report);
         }
-        let reply: Vec<i64> = redis::from_redis_value(self.run(inv).await?)
-            .map_err(|e| CounterError::Internal(format!("unexpected release reply: {e}")))?;
-        let bad = || CounterError::Internal(format!("unexpected release reply {reply:?}"));
+        let reply = self.run_ints("release", inv).await?;
+        let bad = || bad_reply("release", &reply);
         let [code, previous, now, applied, ref rest @ ..] = reply[..] else {
             return Err(bad());
         };

@@ -31,6 +31,24 @@ fn key(nonce: &str) -> LeaseKey {
     }
 }
 
+/// What the service tells the breaker when `lease` is released with `outcome`.
+fn outcome_report(
+    h: &Harness,
+    lease: LeaseKey,
+    outcome: ReleaseOutcome,
+    blocked_until_ms: Option<i64>,
+) -> OutcomeReport {
+    OutcomeReport {
+        key: lease,
+        outcome,
+        blocked_until_ms,
+        block_duration: Duration::from_secs(600),
+        max_block: crate::domain::quarantine_max(Duration::from_secs(600), None),
+        lease_ttl: h.ttl,
+        policy: policy(h),
+    }
+}
+
 /// Reports `outcome` for lease `nonce` of TOKEN.
 async fn report(
     h: &Harness,
@@ -38,15 +56,7 @@ async fn report(
     outcome: ReleaseOutcome,
     blocked_until_ms: Option<i64>,
 ) -> Recorded {
-    let report = OutcomeReport {
-        key: key(nonce),
-        outcome,
-        blocked_until_ms,
-        block_duration: Duration::from_secs(600),
-        max_block: crate::domain::quarantine_max(Duration::from_secs(600), None),
-        lease_ttl: h.ttl,
-        policy: policy(h),
-    };
+    let report = outcome_report(h, key(nonce), outcome, blocked_until_ms);
     h.counters
         .record_outcome(&report)
         .await
@@ -336,15 +346,7 @@ async fn release_reporting(
     lease: &LeaseKey,
     outcome: ReleaseOutcome,
 ) -> (ReleaseResult, Option<Recorded>) {
-    let report = OutcomeReport {
-        key: lease.clone(),
-        outcome,
-        blocked_until_ms: None,
-        block_duration: Duration::from_secs(600),
-        max_block: crate::domain::quarantine_max(Duration::from_secs(600), None),
-        lease_ttl: h.ttl,
-        policy: policy(h),
-    };
+    let report = outcome_report(h, lease.clone(), outcome, None);
     h.counters
         .release_reporting(&report)
         .await
