@@ -7,6 +7,7 @@
 //! configuration snapshot, so authentication needs no database call per request.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
@@ -73,14 +74,23 @@ fn split_key(key: &str) -> Option<(&str, &str)> {
 pub struct Caller {
     pub key_id: String,
     pub role: ApiKeyRole,
-    tenants: HashSet<Id>,
+    /// The key's tenant scope, shared with the snapshot (not copied per call).
+    tenants: Arc<HashSet<Id>>,
+}
+
+/// A key's tenant scope as a set; the snapshot builds it once per key
+/// (`Snapshot::scope`), so a call only clones the `Arc`.
+pub fn scope_of(record: &ApiKeyRecord) -> Arc<HashSet<Id>> {
+    Arc::new(record.tenant_ids.iter().cloned().collect())
 }
 
 impl Caller {
     /// Finds and checks the key in `authorization: Bearer <key>`.
+    /// `scope` gives the key's tenant set (the snapshot's, built once per key).
     pub fn authenticate<'a>(
         header: Option<&str>,
         lookup: impl FnOnce(&str) -> Option<&'a ApiKeyRecord>,
+        scope: impl FnOnce(&ApiKeyRecord) -> Arc<HashSet<Id>>,
     ) -> Result<Caller, ServiceError> {
         let unauthenticated = |why: &str| ServiceError::Unauthenticated(why.to_owned());
         let header = header.ok_or_else(|| {
@@ -102,7 +112,7 @@ impl Caller {
         Ok(Caller {
             key_id: record.id.clone(),
             role: record.role,
-            tenants: record.tenant_ids.iter().cloned().collect(),
+            tenants: scope(record),
         })
     }
 
@@ -115,7 +125,7 @@ impl Caller {
         Ok(Caller {
             key_id: record.id.clone(),
             role: record.role,
-            tenants: record.tenant_ids.iter().cloned().collect(),
+            tenants: snapshot.scope(record),
         })
     }
 
@@ -124,7 +134,7 @@ impl Caller {
         Self {
             key_id: key_id.to_owned(),
             role: ApiKeyRole::Admin,
-            tenants: HashSet::new(),
+            tenants: Arc::default(),
         }
     }
 
@@ -182,7 +192,7 @@ mod tests {
         let rec = record(&new, ApiKeyRole::Worker, &["acme"]);
         let bearer = format!("Bearer {}", reveal(&new.full_key));
         let lookup = |id: &str| (id == rec.id).then_some(&rec);
-        let caller = Caller::authenticate(Some(&bearer), lookup).unwrap();
+        let caller = Caller::authenticate(Some(&bearer), lookup, scope_of).unwrap();
         assert_eq!(caller.role, ApiKeyRole::Worker);
 
         let mut wrong = bearer.clone();
@@ -194,13 +204,14 @@ mod tests {
             Some("Bearer tl_x_y"),
             Some(wrong.as_str()),
         ] {
-            let err = Caller::authenticate(header, |id: &str| (id == rec.id).then_some(&rec));
+            let err =
+                Caller::authenticate(header, |id: &str| (id == rec.id).then_some(&rec), scope_of);
             assert!(
                 matches!(err, Err(ServiceError::Unauthenticated(_))),
                 "{header:?}"
             );
         }
-        let unknown = Caller::authenticate(Some(&bearer), |_: &str| None);
+        let unknown = Caller::authenticate(Some(&bearer), |_: &str| None, scope_of);
         assert!(matches!(unknown, Err(ServiceError::Unauthenticated(_))));
         // The stored hash is not the secret.
         assert!(!reveal(&new.full_key).contains(&hex::encode(&rec.secret_hash)));
@@ -212,7 +223,7 @@ mod tests {
         let new = generate_api_key();
         let rec = record(&new, ApiKeyRole::Worker, &["acme"]);
         let bearer = format!("Bearer {}", reveal(&new.full_key));
-        let caller = Caller::authenticate(Some(&bearer), |_: &str| Some(&rec)).unwrap();
+        let caller = Caller::authenticate(Some(&bearer), |_: &str| Some(&rec), scope_of).unwrap();
         assert!(
             caller
                 .require_tenant(&Id::parse("t", "acme").unwrap())

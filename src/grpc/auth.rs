@@ -24,7 +24,11 @@ impl Interceptor for AuthInterceptor {
             })?),
         };
         let snapshot = self.config.current();
-        let caller = Caller::authenticate(header, |id| snapshot.api_keys.get(id))?;
+        let caller = Caller::authenticate(
+            header,
+            |id| snapshot.api_keys.get(id),
+            |record| snapshot.scope(record),
+        )?;
         request.extensions_mut().insert(caller);
         Ok(request)
     }

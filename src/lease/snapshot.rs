@@ -2,7 +2,7 @@
 //! store's version changes, with token secrets opened once at load. Leasing and
 //! authentication read only the snapshot, so they go on when the database is away.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use secrecy::SecretString;
@@ -43,6 +43,8 @@ pub struct Snapshot {
     pub tiers: HashMap<Id, Tier>,
     pub tenants: HashMap<Id, Tenant>,
     pub api_keys: HashMap<String, ApiKeyRecord>,
+    /// Each key's tenant scope as a set, built once here (`Snapshot::scope`).
+    key_scopes: HashMap<String, Arc<HashSet<Id>>>,
     /// Per tenant: one route per upstream it can reach, ordered by upstream id.
     pub routes: HashMap<Id, Vec<Route>>,
     /// Per pool: usable capacity and the guarantees drawn from it.
@@ -88,11 +90,30 @@ impl Snapshot {
                 .map(|k| (k.id.clone(), k))
                 .collect(),
             tokens,
+            key_scopes: HashMap::new(),
             routes: HashMap::new(),
             pool_reports,
         };
         snapshot.routes = snapshot.compute_routes();
+        snapshot.key_scopes = snapshot
+            .api_keys
+            .values()
+            .map(|k| (k.id.clone(), crate::auth::scope_of(k)))
+            .collect();
         Arc::new(snapshot)
+    }
+
+    /// `record`'s tenant scope: this snapshot's set when the record is this snapshot's
+    /// own (the same object, checked without comparing the lists), else built now.
+    pub fn scope(&self, record: &ApiKeyRecord) -> Arc<HashSet<Id>> {
+        let own = self
+            .api_keys
+            .get(&record.id)
+            .is_some_and(|mine| std::ptr::eq(mine, record));
+        match self.key_scopes.get(&record.id) {
+            Some(scope) if own => scope.clone(),
+            _ => crate::auth::scope_of(record),
+        }
     }
 
     /// Every tenant's routes. A pool's token list per upstream is built once and shared
