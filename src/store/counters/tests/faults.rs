@@ -451,3 +451,47 @@ async fn redis_keys_all_expire() {
     })
     .await;
 }
+
+/// The pool index is a cache of the windows: lost (expired, flushed alone, evicted),
+/// the next decision rebuilds it from the windows and is as exact as before — no grant
+/// over the limit, and the retry points at the instant the first full token frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_pool_index_is_rebuilt_from_the_windows() {
+    Harness::run(Backend::Redis, |h| async move {
+        let mut req = h.request("t-a", 100, &[], &["k-1", "k-2"]);
+        req.token_limit = 2;
+        let mut first_end = i64::MAX;
+        for _ in 0..4 {
+            first_end = first_end.min(h.grant(&req).await.grant.expires_at_ms);
+        }
+        let TimeSource::Server(conn) = &h.time else {
+            unreachable!("Redis harness")
+        };
+        let mut conn = conn.clone();
+        let index: Vec<String> = keys_under(&mut conn, &h.prefix)
+            .await
+            .into_iter()
+            .filter(|k| {
+                [":ir:", ":iw:", ":ip:", ":im:", ":ih:"]
+                    .iter()
+                    .any(|kind| k.contains(kind))
+            })
+            .collect();
+        assert_eq!(index.len(), 5, "{index:?}");
+        let _: () = redis::cmd("DEL")
+            .arg(&index)
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
+        let denied = h.deny(&req).await;
+        assert_eq!(denied.reason, DenyReason::NoTokenCapacity);
+        assert_eq!(free_at(&denied), first_end + h.window_ms() + 1);
+        h.expect_free_at(&req, first_end + h.window_ms() + 1).await;
+        let usage = h.usage(&[], &["k-1", "k-2"]).await;
+        assert!(
+            usage.tokens.iter().all(|&used| used <= 2),
+            "over the limit: {usage:?}"
+        );
+    })
+    .await;
+}
