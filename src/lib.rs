@@ -8,6 +8,9 @@
 //! - `crypto`: AES-256-GCM sealing of upstream tokens under a key ring.
 //! - `store/`: the configuration store (Postgres or SQLite, `store::ConfigStore`) and the
 //!   lease counters (Redis or memory, `store::counters`).
+//! - `ledger/`: the lease model as pure code (windows, pacing, the wait queue, token
+//!   health; `now` a parameter): the embedded counters wrap it, the Redis scripts are
+//!   its transliteration.
 //! - `quota/`: pure quota algorithms: the weighted max-min fair share of a pool.
 //! - `lease/`: the acquire and release use cases: the configuration snapshot
 //!   (`live.rs`), quotas from measured demand (`allocator.rs`), waiting callers in
@@ -40,6 +43,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod lease;
+pub mod ledger;
 pub mod metrics;
 pub mod quota;
 pub mod simulate;

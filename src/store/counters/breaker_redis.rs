@@ -6,12 +6,12 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-use super::CounterError;
-use super::breaker::{
-    Admission, Admitted, OutcomeReport, Recorded, StatusReport, TokenStatus, parse_transitions,
-};
+use super::breaker::parse_transitions;
 use super::breaker_scripts;
 use super::redis_backend::RedisCounters;
+use super::{
+    Admission, Admitted, CounterError, OutcomeReport, Recorded, StatusReport, TokenStatus,
+};
 use crate::domain::{Id, QUARANTINE_MIN, TokenState};
 
 // Built once: `Script::new` hashes the source, and the scripts never change.

@@ -1,42 +1,10 @@
 //! Lease counters: the sliding windows of every token and tenant, and the live leases.
 //!
-//! # The accounting that keeps the upstream under its limit
-//!
-//! A lease granted at `g` and valid until `e = g + T` may be used at any instant of
-//! `[g, e]`. The upstream counts requests in every window `[s, s + W]`. So each grant is
-//! stored as an *occupancy interval* that ends at `e` (score = `e` in the window), and a
-//! new grant at `now` is allowed only if the entries with `end ≥ now − W`, plus the new
-//! ones, fit in the limit. Why that is enough: the grants whose use can fall in some
-//! window `[s, s + W]` are those with `g ≤ s + W` and `e ≥ s`. The last of them to be
-//! granted, at `g_last ≤ s + W`, saw every other one with `e ≥ s ≥ g_last − W` and
-//! refused itself if they were too many. For unreleased leases this is a sliding window
-//! of length `W + T` over grant times; a release with an outcome that used the lease
-//! shortens the interval to end at the release (the call was over by then); "not used"
-//! removes it.
-//!
-//! Time is the store's own clock (Redis `TIME`, or the process clock in memory), never
-//! a replica's: replicas may disagree about time, the store does not.
-//!
-//! # When the counters are lost
-//!
-//! The argument above needs every earlier grant to be in the windows. When they are
-//! gone (Redis restarted without persistence, a flushed key, a new embedded process),
-//! the upstream's *fence* is gone with them: the first decision that finds it missing
-//! sets it to `now + W + T` (T including the use grace) and nothing is granted before.
-//! A grant made before the loss, at `g ≤ now`, is used by `g + T` and its request
-//! leaves every window by `g + T + W ≤ now + W + T`; a grant from the fence on shares
-//! no window with it, and grants after the fence are counted as above. A new upstream
-//! is marked fresh when it is created (`Counters::mark_fresh`), so only a loss holds.
-//!
-//! A partial loss looks different: a Redis restarted from a snapshot or an AOF written
-//! every second, or a replica promoted by a failover, has the fence but may lack the
-//! last grants. So the fence also names the Redis process that last confirmed it (its
-//! `run_id`); a decision on another process treats the counters as lost in the same way,
-//! unless the deployment declares that its Redis keeps every acknowledged write
-//! (`redis.durable`). Not covered: a failover inside a Redis Cluster, where keys also
-//! move between nodes whole when slots are resharded, so a new node cannot mean a loss
-//! (run each shard with `min-replicas-to-write` and AOF). The embedded mode has no such
-//! case: its counters live and die with the process.
+//! The model these counters keep — the accounting that keeps the upstream under its
+//! limit, the fence when counters are lost, pacing, the wait queue, token health — is
+//! the pure `crate::ledger`, which the in-memory backend wraps in a mutex and whose
+//! transliteration the Redis scripts are (`tests/differential.rs` checks them against
+//! each other).
 //!
 //! # Backends
 //! `Counters` is an enum over the two backends (chosen once in `startup.rs`), so both
@@ -44,269 +12,26 @@
 
 mod index_scripts;
 mod memory;
-mod pace;
-mod queue;
 mod redis_backend;
 mod scripts;
 
 // Token health (circuit breaker, quarantine): see `breaker.rs`.
 mod breaker;
-mod breaker_memory;
 mod breaker_redis;
 mod breaker_scripts;
 
-pub use breaker::{
-    Admission, Admitted, OutcomeReport, Recorded, StatusReport, TokenStatus, Transition,
-    TransitionCause,
+pub use crate::ledger::{
+    AcquireOutcome, AcquireRequest, Admission, Admitted, BUCKETS_PER_WINDOW, DemandCount, Denied,
+    DenyReason, Grant, LeaseKey, OutcomeReport, QueueTicket, Recorded, ReleaseOutcome,
+    ReleaseResult, StatusReport, TokenStatus, Transition, TransitionCause, Unhealthy, UsageCounts,
+    bucket_ms, list_digest,
 };
 pub use memory::MemoryCounters;
-pub use queue::{BUCKETS_PER_WINDOW, DemandCount, bucket_ms};
 pub use redis_backend::{RedisCounters, RedisSettings};
 
 use std::time::Duration;
 
 use crate::domain::Id;
-
-/// Everything one acquire decision needs; built by `lease::plan` from the configuration.
-#[derive(Debug, Clone)]
-pub struct AcquireRequest {
-    /// The upstream: all keys of one upstream share a Redis Cluster hash slot.
-    pub upstream_id: Id,
-    /// Random part of the lease id, chosen by the caller.
-    pub nonce: String,
-    pub tenant_id: Id,
-    /// The tenant's quota per window.
-    pub tenant_limit: u32,
-    /// Usable requests per token per window (limit minus safety margin).
-    pub token_limit: u32,
-    pub window: Duration,
-    pub lease_ttl: Duration,
-    /// Slots the call takes in both windows; 0 counts as 1.
-    pub cost: u32,
-    /// The tenant's dedicated tokens, tried first (least used first).
-    pub dedicated: Vec<Id>,
-    /// The tenant's pool tokens, tried next (least used first).
-    pub pooled: std::sync::Arc<[Id]>,
-    /// `list_digest(&pooled)`, when the caller keeps it (the snapshot computes it once
-    /// per pool); `None` computes it per call.
-    pub pooled_digest: Option<std::sync::Arc<str>>,
-    /// Count this call in the tenant's demand (its first attempt only, so a waiting
-    /// caller that retries is one unit of demand, not many).
-    pub count_demand: bool,
-    /// Where the call stands among the pool's waiters; `None` ignores the queue.
-    pub queue: Option<QueueTicket>,
-    /// Pacing: how many slots a token may grant back to back before it grants one per
-    /// `window / token_limit`; 0 turns pacing off. See `scripts::ACQUIRE`.
-    pub pace_burst: u32,
-}
-
-/// A digest of a token list (16 hex digits of its SHA-256): with the window, limit
-/// and pacing, it names the list's pool index in Redis (`index_scripts.rs`).
-pub fn list_digest(tokens: &[Id]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hash = Sha256::new();
-    for token in tokens {
-        hash.update(token.as_str());
-        hash.update(b",");
-    }
-    hash.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// A call's place in its pool's wait queue (see `queue.rs`).
-///
-/// Waiters are ordered by a *virtual deadline*: the instant of their first attempt plus
-/// an offset by priority (critical 0, high W/8, normal W/4, low W/2). Higher classes
-/// therefore go first, and a low request is overtaken only by requests that arrived less
-/// than W/2 after it: no class starves. A pool-token grant is allowed only when the
-/// waiters ahead of the call that could use a slot now leave room for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueTicket {
-    /// The pool (or, for tenants without one, the tenant) whose queue this is.
-    pub queue_id: String,
-    /// The priority's offset, added to the first attempt's time.
-    pub priority_offset_ms: i64,
-    /// The virtual deadline from the first attempt's answer; `None` on the first.
-    pub score: Option<i64>,
-    /// How long to stay queued when denied; 0 means do not queue (answer now).
-    pub wait_ms: i64,
-}
-
-/// A recorded grant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Grant {
-    pub token_id: Id,
-    /// The store's clock at the decision, in Unix milliseconds.
-    pub now_ms: i64,
-    pub expires_at_ms: i64,
-    /// Slots the tenant holds in the window, this grant included.
-    pub tenant_used: u32,
-    /// Slots the token holds in the window, this grant included.
-    pub token_used: u32,
-    /// Whether this lease is the probe of a half-open token (see `breaker.rs`).
-    pub probe: bool,
-    /// Health transitions the decision made due (each reported once across replicas).
-    pub transitions: Vec<Transition>,
-}
-
-/// The decision chose a token its health refuses (quarantined, open, or half-open with
-/// its probe out: see `breaker.rs`); nothing was recorded. The caller routes around it
-/// and decides again.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unhealthy {
-    pub token_id: Id,
-    pub state: crate::domain::TokenState,
-    /// When the token may be usable again (store clock, Unix ms).
-    pub until_ms: i64,
-    pub now_ms: i64,
-    pub transitions: Vec<Transition>,
-}
-
-/// The binding constraint of a denial.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DenyReason {
-    TenantQuota,
-    NoTokenCapacity,
-    /// Every candidate token is out of service (quarantined, breaker open, or half-open
-    /// with its probe out): the retry-after is when the first may be leased again.
-    NoUsableToken,
-    /// The upstream's counters were lost (see `Counters::mark_fresh`): no grant until
-    /// every lease granted before the loss can no longer reach the upstream.
-    CountersLost,
-    /// The same, found by this very decision, which started the hold: its caller
-    /// announces it (once across replicas).
-    CountersLostNoticed,
-}
-
-impl DenyReason {
-    /// Whether the upstream is held because its counters were lost.
-    pub fn counters_lost(self) -> bool {
-        matches!(self, Self::CountersLost | Self::CountersLostNoticed)
-    }
-}
-
-/// A denial; nothing was recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Denied {
-    pub reason: DenyReason,
-    /// When the earliest slot this request could use frees up, from `now_ms`.
-    pub retry_after: Duration,
-    pub now_ms: i64,
-    /// The call's virtual deadline in the queue, to pass back on the next attempt.
-    pub queue_score: Option<i64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AcquireOutcome {
-    Granted(Grant),
-    Denied(Denied),
-    Unhealthy(Unhealthy),
-}
-
-/// How a lease was used, as far as the counters care.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ReleaseOutcome {
-    Success,
-    UpstreamError,
-    UpstreamRateLimited,
-    NotUsed,
-}
-
-impl ReleaseOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Success => "success",
-            Self::UpstreamError => "upstream_error",
-            Self::UpstreamRateLimited => "upstream_rate_limited",
-            Self::NotUsed => "not_used",
-        }
-    }
-
-    /// The code the release script replies with (1 success … 4 not used).
-    pub fn from_code(code: i64) -> Option<Self> {
-        match code {
-            1 => Some(Self::Success),
-            2 => Some(Self::UpstreamError),
-            3 => Some(Self::UpstreamRateLimited),
-            4 => Some(Self::NotUsed),
-            _ => None,
-        }
-    }
-
-    pub fn parse(value: &str) -> Option<Self> {
-        [
-            Self::Success,
-            Self::UpstreamError,
-            Self::UpstreamRateLimited,
-            Self::NotUsed,
-        ]
-        .into_iter()
-        .find(|o| o.as_str() == value)
-    }
-}
-
-/// The parts of a lease id: `<upstream>.<tenant>.<token>.<nonce>`. Ids never contain
-/// '.', so the id splits unambiguously, and the release script can name every key it
-/// touches up front (required by Redis Cluster).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseKey {
-    pub upstream_id: Id,
-    pub tenant_id: Id,
-    pub token_id: Id,
-    pub nonce: String,
-}
-
-impl LeaseKey {
-    pub fn to_lease_id(&self) -> String {
-        format!(
-            "{}.{}.{}.{}",
-            self.upstream_id, self.tenant_id, self.token_id, self.nonce
-        )
-    }
-
-    /// Parses a lease id; `None` when it is not one of ours.
-    pub fn parse(lease_id: &str) -> Option<Self> {
-        let mut parts = lease_id.split('.');
-        let (u, te, to, n) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || n.len() != 32 || !n.chars().all(|c| c.is_ascii_hexdigit()) {
-            return None;
-        }
-        Some(Self {
-            upstream_id: Id::parse("lease_id", u).ok()?,
-            tenant_id: Id::parse("lease_id", te).ok()?,
-            token_id: Id::parse("lease_id", to).ok()?,
-            nonce: n.to_owned(),
-        })
-    }
-
-    /// A fresh random nonce (128 bits, hex).
-    pub fn new_nonce() -> String {
-        uuid::Uuid::new_v4().simple().to_string()
-    }
-}
-
-/// The result of a release.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReleaseResult {
-    Released,
-    /// Released before with the same outcome.
-    AlreadyReleased,
-    /// Released before with another outcome.
-    Conflict {
-        previous: ReleaseOutcome,
-    },
-    /// Unknown, or expired.
-    NotFound,
-}
-
-/// Slots held in the current window, per tenant and per token.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct UsageCounts {
-    pub tenants: Vec<u32>,
-    pub tokens: Vec<u32>,
-}
 
 /// Why a counter call failed.
 #[derive(Debug, thiserror::Error)]
@@ -344,7 +69,7 @@ impl Counters {
         budget: Duration,
     ) -> Result<AcquireOutcome, CounterError> {
         match self {
-            Self::Memory(m) => Ok(m.acquire_admitted(req)),
+            Self::Memory(m) => Ok(m.acquire(req)),
             Self::Redis(r) => r.acquire_within(req, budget).await,
         }
     }

@@ -23,13 +23,12 @@ use redis::cluster_async::ClusterConnection;
 use redis::{IntoConnectionInfo, RedisError, Script, Value};
 use tokio::sync::Semaphore;
 
-use super::breaker::{OutcomeReport, Recorded, parse_transitions};
+use super::breaker::parse_transitions;
 use super::breaker_redis::{bad_reply, push_policy};
 use super::{
-    AcquireOutcome, AcquireRequest, CounterError, Denied, DenyReason, Grant, LeaseKey,
-    ReleaseOutcome, ReleaseResult, Unhealthy, UsageCounts,
-    queue::{BUCKETS_PER_WINDOW, DemandCount, bucket_ms},
-    scripts,
+    AcquireOutcome, AcquireRequest, BUCKETS_PER_WINDOW, CounterError, DemandCount, Denied,
+    DenyReason, Grant, LeaseKey, OutcomeReport, Recorded, ReleaseOutcome, ReleaseResult, Unhealthy,
+    UsageCounts, bucket_ms, scripts,
 };
 use crate::domain::{Id, TokenState};
 

@@ -1,0 +1,244 @@
+//! The lease ledger: the model of the lease counters, as pure code (no I/O, no clock:
+//! every operation takes `now`). The embedded mode wraps one `Ledger` in a mutex
+//! (`store::counters::MemoryCounters`); the Redis scripts (`store::counters::scripts`,
+//! `index_scripts`, `breaker_scripts`) are its transliteration, and a differential test
+//! (`store::counters::tests::differential`) replays random operations on both and
+//! compares every reply.
+//!
+//! - `window.rs`: one sliding window; `pace.rs`: a token's pacing (GCRA);
+//!   `queue.rs`: a tenant's demand and a pool's wait queue; `breaker.rs`: a token's
+//!   breaker and quarantine; `health.rs`: every token's health; `acquire.rs`: the
+//!   decision; this file: the ledger, releases and reads.
+//!
+//! # The accounting that keeps the upstream under its limit
+//!
+//! A lease granted at `g` and valid until `e = g + T` may be used at any instant of
+//! `[g, e]`. The upstream counts requests in every window `[s, s + W]`. So each grant is
+//! stored as an *occupancy interval* that ends at `e` (score = `e` in the window), and a
+//! new grant at `now` is allowed only if the entries with `end ≥ now − W`, plus the new
+//! ones, fit in the limit. Why that is enough: the grants whose use can fall in some
+//! window `[s, s + W]` are those with `g ≤ s + W` and `e ≥ s`. The last of them to be
+//! granted, at `g_last ≤ s + W`, saw every other one with `e ≥ s ≥ g_last − W` and
+//! refused itself if they were too many. For unreleased leases this is a sliding window
+//! of length `W + T` over grant times; a release with an outcome that used the lease
+//! shortens the interval to end at the release (the call was over by then); "not used"
+//! removes it.
+//!
+//! Time is the store's own clock (Redis `TIME`, or the process clock in memory), never
+//! a replica's: replicas may disagree about time, the store does not.
+//!
+//! # When the counters are lost
+//!
+//! The argument above needs every earlier grant to be in the windows. When they are
+//! gone (Redis restarted without persistence, a flushed key, a new embedded process),
+//! the upstream's *fence* is gone with them: the first decision that finds it missing
+//! sets it to `now + W + T` (T including the use grace) and nothing is granted before.
+//! A grant made before the loss, at `g ≤ now`, is used by `g + T` and its request
+//! leaves every window by `g + T + W ≤ now + W + T`; a grant from the fence on shares
+//! no window with it, and grants after the fence are counted as above. A new upstream
+//! is marked fresh when it is created (`Counters::mark_fresh`), so only a loss holds.
+//!
+//! A partial loss looks different: a Redis restarted from a snapshot or an AOF written
+//! every second, or a replica promoted by a failover, has the fence but may lack the
+//! last grants. So the fence also names the Redis process that last confirmed it (its
+//! `run_id`); a decision on another process treats the counters as lost in the same way,
+//! unless the deployment declares that its Redis keeps every acknowledged write
+//! (`redis.durable`). Not covered: a failover inside a Redis Cluster, where keys also
+//! move between nodes whole when slots are resharded, so a new node cannot mean a loss
+//! (run each shard with `min-replicas-to-write` and AOF). The embedded mode has no such
+//! case: its counters live and die with the process.
+//!
+
+mod acquire;
+mod breaker;
+mod health;
+mod pace;
+mod queue;
+mod types;
+mod window;
+
+pub use queue::{BUCKETS_PER_WINDOW, DemandCount, bucket_ms};
+pub use types::*;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use crate::domain::Id;
+use pace::refund;
+use queue::{Demand, WaitQueue};
+use window::Window;
+
+/// A live lease.
+struct Lease {
+    tenant: Id,
+    token: Id,
+    cost: u32,
+    expires: i64,
+    /// The pace each slot of the grant spent (ms), 0 without pacing.
+    step: f64,
+    outcome: Option<ReleaseOutcome>,
+}
+
+/// The state of every upstream's counters. Keys name things as the Redis keys do
+/// (`<upstream>/tw/<tenant>`, `<upstream>/kw/<token>`, …), so that one ledger holds
+/// every upstream.
+#[derive(Default)]
+pub struct Ledger {
+    windows: HashMap<String, Window>,
+    /// Live leases by `lease_key`.
+    leases: HashMap<String, Lease>,
+    /// Lease expiries, so expired leases are dropped without scanning all leases.
+    expiries: BTreeSet<(i64, String)>,
+    /// Demand per tenant window key.
+    demand: HashMap<String, Demand>,
+    /// Wait queues per pool.
+    queues: HashMap<String, WaitQueue>,
+    /// Pacing schedules per token window key (ms).
+    paces: HashMap<String, f64>,
+    /// Per upstream, the instant grants may resume from (`mark_fresh`); a new ledger
+    /// has none, so it holds each upstream once unless marked fresh.
+    fences: HashMap<Id, i64>,
+    health: health::HealthBook,
+}
+
+fn queue_key(upstream: &Id, queue_id: &str) -> String {
+    format!("{upstream}/wq/{queue_id}")
+}
+
+fn tenant_key(upstream: &Id, tenant: &Id) -> String {
+    format!("{upstream}/tw/{tenant}")
+}
+
+fn token_key(upstream: &Id, token: &Id) -> String {
+    format!("{upstream}/kw/{token}")
+}
+
+/// Leases are per upstream, as in Redis: an id naming another upstream finds nothing.
+fn lease_key(upstream: &Id, nonce: &str) -> String {
+    format!("{upstream}/lease/{nonce}")
+}
+
+impl Ledger {
+    /// Marks an upstream's counters complete: no hold before its first grant.
+    pub fn mark_fresh(&mut self, upstream: &Id) {
+        self.fences.entry(upstream.clone()).or_insert(0);
+    }
+
+    fn window(&mut self, key: String) -> &mut Window {
+        self.windows.entry(key).or_default()
+    }
+
+    fn drop_expired_leases(&mut self, now: i64) {
+        while let Some(first) = self.expiries.first() {
+            if first.0 >= now {
+                break;
+            }
+            let (_, lease_key) = self.expiries.pop_first().expect("checked non-empty");
+            self.leases.remove(&lease_key);
+        }
+    }
+
+    /// Takes a waiter out of its queue.
+    pub fn leave_queue(&mut self, upstream: &Id, queue_id: &str, nonce: &str) {
+        if let Some(queue) = self.queues.get_mut(&queue_key(upstream, queue_id)) {
+            queue.remove(nonce);
+        }
+    }
+
+    /// The tenants' demand over the last completed buckets, and the current bucket.
+    pub fn demand(
+        &self,
+        upstream: &Id,
+        window: Duration,
+        tenants: &[Id],
+        now: i64,
+    ) -> (i64, Vec<DemandCount>) {
+        let bucket = now.div_euclid(bucket_ms(window.as_millis() as i64));
+        let counts = tenants
+            .iter()
+            .map(|t| {
+                self.demand
+                    .get(&tenant_key(upstream, t))
+                    .map_or_else(DemandCount::default, |d| d.completed(bucket))
+            })
+            .collect();
+        (bucket, counts)
+    }
+
+    /// Records a lease's outcome: "not used" gives its slots (and its pace) back, any
+    /// other outcome ends its occupancy now.
+    pub fn release(&mut self, key: &LeaseKey, outcome: ReleaseOutcome, now: i64) -> ReleaseResult {
+        self.drop_expired_leases(now);
+        let Some(lease) = self
+            .leases
+            .get_mut(&lease_key(&key.upstream_id, &key.nonce))
+        else {
+            return ReleaseResult::NotFound;
+        };
+        if lease.tenant != key.tenant_id || lease.token != key.token_id || lease.expires < now {
+            return ReleaseResult::NotFound;
+        }
+        match lease.outcome {
+            Some(previous) if previous == outcome => return ReleaseResult::AlreadyReleased,
+            Some(previous) => return ReleaseResult::Conflict { previous },
+            None => lease.outcome = Some(outcome),
+        }
+        let (cost, step) = (lease.cost, lease.step);
+        let token_key = token_key(&key.upstream_id, &key.token_id);
+        if outcome == ReleaseOutcome::NotUsed
+            && let Some(schedule) = self.paces.get_mut(&token_key)
+        {
+            refund(schedule, now, cost, step);
+        }
+        for key_name in [tenant_key(&key.upstream_id, &key.tenant_id), token_key] {
+            let window = self.window(key_name);
+            for i in 1..=cost {
+                let member = format!("{}#{i}", key.nonce);
+                if outcome == ReleaseOutcome::NotUsed {
+                    window.remove(&member);
+                } else {
+                    window.move_end(&member, now);
+                }
+            }
+        }
+        ReleaseResult::Released
+    }
+
+    /// `release`, then the outcome fed to the token's health when the release was a
+    /// first or a repeated one with the same outcome (as `scripts::RELEASE` does).
+    pub fn release_reporting(
+        &mut self,
+        report: &OutcomeReport,
+        now: i64,
+    ) -> (ReleaseResult, Option<Recorded>) {
+        let result = self.release(&report.key, report.outcome, now);
+        let fed = matches!(
+            result,
+            ReleaseResult::Released | ReleaseResult::AlreadyReleased
+        );
+        (result, fed.then(|| self.record_outcome(report, now)))
+    }
+
+    /// Slots held at `now`, for one upstream's tenants and tokens.
+    pub fn usage(
+        &mut self,
+        upstream: &Id,
+        window: Duration,
+        tenants: &[Id],
+        tokens: &[Id],
+        now: i64,
+    ) -> UsageCounts {
+        let horizon = now - window.as_millis() as i64;
+        let mut count = |key: String| self.windows.get_mut(&key).map_or(0, |w| w.trim(horizon));
+        UsageCounts {
+            tenants: tenants
+                .iter()
+                .map(|t| count(tenant_key(upstream, t)))
+                .collect(),
+            tokens: tokens
+                .iter()
+                .map(|t| count(token_key(upstream, t)))
+                .collect(),
+        }
+    }
+}
