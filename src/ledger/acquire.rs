@@ -1,21 +1,21 @@
-//! The acquire decision: the twin of `scripts::ACQUIRE`, step by step (the fence, the
-//! tenant's window, the candidate tokens, the wait queue, the chosen token's health,
-//! then the grant's record).
+//! The acquire decision: `scripts::ACQUIRE` is its transliteration, step by step (the
+//! fence, the demand count, the tenant's window, the dedicated tokens, the pool index,
+//! the wait queue, the chosen token's health, then the grant's record).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use super::pace::{Paced, Pacing};
-use super::queue::{WaitQueue, bucket_ms};
+use super::pace::Pacing;
+use super::pool_index::{Chosen, PoolIndex};
+use super::queue::bucket_ms;
 use super::types::{
-    AcquireOutcome, AcquireRequest, Admission, Denied, DenyReason, Grant, QueueTicket, Unhealthy,
+    AcquireOutcome, AcquireRequest, Admission, Denied, DenyReason, Grant, Unhealthy,
 };
 use super::window::never;
 use super::{Lease, Ledger, lease_key, queue_key, tenant_key, token_key};
 use crate::domain::Id;
 
 /// The request's pacing (`pace.rs`).
-pub(super) fn pacing(req: &AcquireRequest) -> Option<Pacing> {
+fn pacing(req: &AcquireRequest) -> Option<Pacing> {
     Pacing::new(
         req.pace_burst,
         req.window.as_millis() as i64,
@@ -23,28 +23,23 @@ pub(super) fn pacing(req: &AcquireRequest) -> Option<Pacing> {
     )
 }
 
-/// What a scan of the candidate tokens found.
-struct TokenScan {
-    /// The chosen token (index into dedicated ++ pooled) and its slots in use.
-    best: Option<(usize, u32)>,
-    /// When the earliest full token has room for the call.
-    earliest: i64,
-    /// Free slots over the pool tokens scanned.
-    pool_room: u32,
-    /// When the next pool slot frees.
-    pool_next_free: i64,
+/// The token a decision chose: dedicated (its index) or from the pool.
+struct Best {
+    token: Id,
+    /// Its slots in use.
+    used: u32,
+    pool: Option<Chosen>,
 }
 
-/// A call's queue, its ticket and its virtual deadline.
-type Queued<'a> = (&'a mut WaitQueue, &'a QueueTicket, i64);
-
-fn denied(reason: DenyReason, at: i64, now: i64, queue_score: Option<i64>) -> AcquireOutcome {
-    AcquireOutcome::Denied(Denied {
-        reason,
-        retry_after: Duration::from_millis((at - now).max(0) as u64),
-        now_ms: now,
-        queue_score,
-    })
+/// One decision's fixed inputs.
+struct Call<'a> {
+    req: &'a AcquireRequest,
+    now: i64,
+    cost: u32,
+    window_ms: i64,
+    bucket: i64,
+    /// The caller's virtual deadline, when it takes part in the queue.
+    score: Option<i64>,
 }
 
 impl Ledger {
@@ -54,79 +49,24 @@ impl Ledger {
             return held;
         }
         let window_ms = req.window.as_millis() as i64;
-        // Every lease allows at least one call, so it takes at least one slot.
-        let cost = req.cost.max(1);
-        self.drop_expired_leases(now);
-        let tenant_key = tenant_key(&req.upstream_id, &req.tenant_id);
-        let bucket = now.div_euclid(bucket_ms(window_ms));
-        if req.count_demand {
-            let demand = self.demand.entry(tenant_key.clone()).or_default();
-            demand.record(bucket, cost);
-        }
-        let tenant_used = self.window(tenant_key.clone()).trim(now - window_ms);
-        let blocked = self.health.blocked(&req.upstream_id, now);
-        let scan = self.scan_tokens(req, now, cost, &blocked);
-        let Self {
-            windows,
-            queues,
-            demand,
-            ..
-        } = self;
-        let mut queue = req.queue.as_ref().map(|ticket| {
-            let queue = queues
-                .entry(queue_key(&req.upstream_id, &ticket.queue_id))
-                .or_default();
-            queue.purge(now);
-            let score = ticket.score.unwrap_or(now + ticket.priority_offset_ms);
-            (queue, ticket, score)
-        });
-        let deny = |queue: &mut Option<Queued>, reason, at: i64, eligible: i64| {
-            let score = queue.as_mut().map(|(queue, ticket, score)| {
-                if ticket.wait_ms > 0 {
-                    queue.enqueue(&req.nonce, *score, now + ticket.wait_ms, eligible);
-                }
-                *score
-            });
-            denied(reason, at, now, score)
+        let call = Call {
+            req,
+            now,
+            // Every lease allows at least one call, so it takes at least one slot.
+            cost: req.cost.max(1),
+            window_ms,
+            bucket: now.div_euclid(bucket_ms(window_ms)),
+            score: req
+                .queue
+                .as_ref()
+                .map(|q| q.score.unwrap_or(now + q.priority_offset_ms)),
         };
-        if tenant_used + cost > req.tenant_limit {
-            let window = windows.get(&tenant_key).expect("trimmed above");
-            let free = window.free_at(now, window_ms, tenant_used, cost, req.tenant_limit);
-            if req.count_demand {
-                let demand = demand.entry(tenant_key).or_default();
-                demand.record_unmet(bucket, cost);
-            }
-            // Both limits bind: name the one that frees last (the upstream's on a tie).
-            if scan.best.is_none() && scan.earliest >= free {
-                return deny(&mut queue, DenyReason::NoTokenCapacity, scan.earliest, free);
-            }
-            return deny(&mut queue, DenyReason::TenantQuota, free, free);
+        let mut index = (!req.pooled.is_empty()).then(|| self.take_index(req, now));
+        let outcome = self.decide(&call, index.as_mut());
+        if let Some(index) = index {
+            self.put_index(&req.upstream_id, index);
         }
-        let Some((idx, token_used)) = scan.best else {
-            // No dedicated token passed and every pool token out of service: that is
-            // the reason, not a full pool.
-            let all_out = req.dedicated.is_empty()
-                && !req.pooled.is_empty()
-                && req.pooled.iter().all(|t| blocked.contains_key(t));
-            let reason = if all_out {
-                DenyReason::NoUsableToken
-            } else {
-                DenyReason::NoTokenCapacity
-            };
-            return deny(&mut queue, reason, scan.earliest, now);
-        };
-        // A pool slot goes to the waiters ahead first.
-        if idx >= req.dedicated.len()
-            && let Some((q, _, score)) = queue.as_ref()
-            && q.count_ahead(*score, &req.nonce, now, scan.pool_room) + cost > scan.pool_room
-        {
-            let at = scan.pool_next_free;
-            return deny(&mut queue, DenyReason::NoTokenCapacity, at, now);
-        }
-        let in_queue = queue.is_some();
-        let token = req.dedicated.iter().chain(req.pooled.iter()).nth(idx);
-        let token = token.expect("index from the scan").clone();
-        self.admit_and_grant(req, token, now, cost, (tenant_used, token_used), in_queue)
+        outcome
     }
 
     /// The upstream's fence: a hold (counters lost, or a new process) denies the call.
@@ -140,7 +80,174 @@ impl Ledger {
                 (at, DenyReason::CountersLostNoticed)
             }
         };
-        (resume_at > now).then(|| denied(reason, resume_at, now, None))
+        let held = Denied {
+            reason,
+            retry_after: Duration::from_millis((resume_at - now) as u64),
+            now_ms: now,
+            queue_score: None,
+        };
+        (resume_at > now).then_some(AcquireOutcome::Denied(held))
+    }
+
+    fn decide(&mut self, call: &Call, mut index: Option<&mut PoolIndex>) -> AcquireOutcome {
+        let (req, now, cost) = (call.req, call.now, call.cost);
+        let tenant_key = tenant_key(&req.upstream_id, &req.tenant_id);
+        if req.count_demand {
+            let demand = self.demand.entry(tenant_key.clone()).or_default();
+            demand.record(call.bucket, cost);
+        }
+        let has_waiters = req.queue.as_ref().is_some_and(|ticket| {
+            let key = queue_key(&req.upstream_id, &ticket.queue_id);
+            let queue = self.queues.entry(key).or_default();
+            queue.purge(now);
+            !queue.is_empty()
+        });
+        let tenant_used = self.window(tenant_key.clone()).trim(now - call.window_ms);
+        let (mut best, mut earliest) = self.scan_dedicated(call);
+        if let Some(index) = index.as_deref_mut() {
+            if best.is_none() {
+                match self.pi_choose(&req.upstream_id, index, cost, now) {
+                    Some(chosen) => {
+                        let (token, used) = (chosen.token.clone(), chosen.used);
+                        best = Some(Best {
+                            token,
+                            used,
+                            pool: Some(chosen),
+                        });
+                    }
+                    None => {
+                        let at = self.pi_earliest(&req.upstream_id, index, cost, now);
+                        earliest = Some(earliest.map_or(at, |e: i64| e.min(at)));
+                    }
+                }
+            }
+            if req.pace_burst > 0 {
+                index.asked = now;
+            }
+        }
+        let earliest = earliest.unwrap_or(never(now, call.window_ms));
+        if tenant_used + cost > req.tenant_limit {
+            let window = &self.windows[&tenant_key];
+            let free = window.free_at(now, call.window_ms, tenant_used, cost, req.tenant_limit);
+            // Both limits bind: name the one that frees last (the upstream's on a tie).
+            if best.is_none() && earliest >= free {
+                return self.deny(call, DenyReason::NoTokenCapacity, earliest, free, true);
+            }
+            return self.deny(call, DenyReason::TenantQuota, free, free, true);
+        }
+        let Some(best) = best else {
+            // No dedicated token passed and every pool token out of service: that is
+            // the reason, not a full pool.
+            let all_out = req.dedicated.is_empty() && index.is_some_and(|i| i.all_out());
+            let reason = if all_out {
+                DenyReason::NoUsableToken
+            } else {
+                DenyReason::NoTokenCapacity
+            };
+            return self.deny(call, reason, earliest, now, false);
+        };
+        if let (true, Some(index)) = (has_waiters && best.pool.is_some(), index.as_deref_mut())
+            && self.waiters_ahead_fill(call, index)
+        {
+            let at = self.pi_earliest(&req.upstream_id, index, 1, now);
+            return self.deny(call, DenyReason::NoTokenCapacity, at, now, false);
+        }
+        self.admit_and_grant(call, best, tenant_used, index)
+    }
+
+    /// The dedicated tokens, least used first: the best with room, or when the first
+    /// full one has room (`None`: no dedicated token).
+    fn scan_dedicated(&mut self, call: &Call) -> (Option<Best>, Option<i64>) {
+        let (req, now, cost) = (call.req, call.now, call.cost);
+        let (mut best, mut earliest): (Option<Best>, Option<i64>) = (None, None);
+        for token in &req.dedicated {
+            let key = token_key(&req.upstream_id, token);
+            let window = self.windows.entry(key.clone()).or_default();
+            let used = window.trim(now - call.window_ms);
+            let room = used + cost <= req.token_limit;
+            let free = window.free_at(now, call.window_ms, used, cost, req.token_limit);
+            let pace = pacing(req).map(|p| {
+                let schedule = self.paces.get(&key).copied();
+                (p, schedule, p.view(schedule, now, cost, i64::MAX).fits)
+            });
+            let pace_fits = pace.map_or(now, |(_, _, fits)| fits);
+            let beats = best.as_ref().is_none_or(|b| used < b.used);
+            if room && pace_fits <= now {
+                if beats {
+                    best = Some(Best {
+                        token: token.clone(),
+                        used,
+                        pool: None,
+                    });
+                }
+            } else {
+                let at = free.max(pace_fits);
+                earliest = Some(earliest.map_or(at, |e| e.min(at)));
+                if let (false, Some((pacing, schedule, _))) = (room, pace) {
+                    let tat = schedule.unwrap_or(now as f64);
+                    let mut drained = tat;
+                    pacing.drain(&mut drained, now);
+                    if drained != tat {
+                        self.set_schedule(&req.upstream_id, token, drained);
+                    }
+                }
+            }
+        }
+        (best, earliest)
+    }
+
+    /// Whether the waiters ahead of the caller that could use a slot now leave it no
+    /// room among the ready pool tokens.
+    fn waiters_ahead_fill(&self, call: &Call, index: &PoolIndex) -> bool {
+        let (req, now, cost) = (call.req, call.now, call.cost);
+        let (Some(ticket), Some(score)) = (&req.queue, call.score) else {
+            return false;
+        };
+        let queue = &self.queues[&queue_key(&req.upstream_id, &ticket.queue_id)];
+        let upstream = &req.upstream_id;
+        let mut room = self.pool_room(upstream, index, (0, 0), cost, now);
+        let mut ahead = 0;
+        for _ in queue.eligible_ahead(score, &req.nonce, now) {
+            ahead += 1;
+            room = self.pool_room(upstream, index, room, ahead + cost, now);
+            if ahead + cost > room.0 {
+                break;
+            }
+        }
+        ahead + cost > room.0
+    }
+
+    /// Denies, queueing the caller when it waits; `eligible` is when it could use a
+    /// slot; `over_quota` counts the call as demand its quota did not meet.
+    fn deny(
+        &mut self,
+        call: &Call,
+        reason: DenyReason,
+        at: i64,
+        eligible: i64,
+        over_quota: bool,
+    ) -> AcquireOutcome {
+        let (req, now) = (call.req, call.now);
+        if req.count_demand && over_quota {
+            let key = tenant_key(&req.upstream_id, &req.tenant_id);
+            self.demand
+                .entry(key)
+                .or_default()
+                .record_unmet(call.bucket, call.cost);
+        }
+        if let (Some(ticket), Some(score)) = (&req.queue, call.score)
+            && ticket.wait_ms > 0
+        {
+            let key = queue_key(&req.upstream_id, &ticket.queue_id);
+            let queue = self.queues.entry(key).or_default();
+            queue.enqueue(&req.nonce, score, now + ticket.wait_ms, eligible);
+        }
+        AcquireOutcome::Denied(Denied {
+            reason,
+            retry_after: Duration::from_millis((at - now).max(0) as u64),
+            now_ms: now,
+            queue_score: call.score,
+        })
     }
 
     /// The chosen token's health has the last word: a refused token is reported and
@@ -148,21 +255,24 @@ impl Ledger {
     /// recorded and the caller leaves its queue.
     fn admit_and_grant(
         &mut self,
-        req: &AcquireRequest,
-        token: Id,
-        now: i64,
-        cost: u32,
-        (tenant_used, token_used): (u32, u32),
-        in_queue: bool,
+        call: &Call,
+        best: Best,
+        tenant_used: u32,
+        index: Option<&mut PoolIndex>,
     ) -> AcquireOutcome {
+        let (req, now, cost) = (call.req, call.now, call.cost);
         let expires = now + req.lease_ttl.as_millis() as i64;
-        let admitted = self.admit_grant(&req.upstream_id, &token, &req.nonce, expires, now);
+        let upstream = &req.upstream_id;
+        let admitted = self.admit_grant(upstream, &best.token, &req.nonce, expires, now);
         let probe = match admitted.admission {
             Admission::Leasable => false,
             Admission::Probe => true,
             Admission::Refused { state, until_ms } => {
+                if let (Some(chosen), Some(index)) = (&best.pool, index) {
+                    self.pi_refresh(upstream, index, &chosen.token, chosen.pos, false, now);
+                }
                 return AcquireOutcome::Unhealthy(Unhealthy {
-                    token_id: token,
+                    token_id: best.token,
                     state,
                     until_ms,
                     now_ms: now,
@@ -170,123 +280,58 @@ impl Ledger {
                 });
             }
         };
-        if in_queue && let Some(ticket) = &req.queue {
-            let key = queue_key(&req.upstream_id, &ticket.queue_id);
+        if let Some(ticket) = req.queue.as_ref().filter(|t| t.score.is_some()) {
+            let key = queue_key(upstream, &ticket.queue_id);
             if let Some(queue) = self.queues.get_mut(&key) {
                 queue.remove(&req.nonce);
             }
         }
-        self.record_grant(req, &token, now, cost);
+        self.record_grant(req, &best, now, cost);
+        if let (Some(chosen), Some(index)) = (&best.pool, index) {
+            let used = best.used + cost;
+            self.pi_granted(upstream, index, chosen, used, (expires, probe), now);
+        }
         AcquireOutcome::Granted(Grant {
-            token_id: token,
+            token_id: best.token,
             now_ms: now,
             expires_at_ms: expires,
             tenant_used: tenant_used + cost,
-            token_used: token_used + cost,
+            token_used: best.used + cost,
             probe,
             transitions: admitted.transitions,
         })
     }
 
-    /// Reads every candidate token: the least used with room (dedicated tokens first),
-    /// else when the first full one has room. `blocked`: pool tokens whose health
-    /// refuses a lease until the instant given (the Redis pool index keeps them out
-    /// the same way; dedicated tokens are left to the admission, like there).
-    fn scan_tokens(
-        &mut self,
-        req: &AcquireRequest,
-        now: i64,
-        cost: u32,
-        blocked: &HashMap<Id, i64>,
-    ) -> TokenScan {
-        let window_ms = req.window.as_millis() as i64;
-        let n_dedicated = req.dedicated.len();
-        let mut scan = TokenScan {
-            best: None,
-            earliest: never(now, window_ms),
-            pool_room: 0,
-            pool_next_free: never(now, window_ms),
-        };
-        let mut earliest: Option<i64> = None;
-        let mut sooner = |at: i64| earliest = Some(earliest.map_or(at, |e: i64| e.min(at)));
-        let candidates = req.dedicated.iter().chain(req.pooled.iter());
-        for (idx, token) in candidates.enumerate() {
-            if matches!(scan.best, Some((b, _)) if b < n_dedicated) && idx >= n_dedicated {
-                break;
-            }
-            let key = token_key(&req.upstream_id, token);
-            let pace = match pacing(req) {
-                Some(p) => p.view(self.paces.get(&key).copied(), now, cost, scan.earliest),
-                None => Paced {
-                    room: u32::MAX,
-                    fits: now,
-                    grows: scan.earliest,
-                },
-            };
-            let window = self.windows.entry(key.clone()).or_default();
-            let used = window.trim(now - window_ms);
-            let free = || window.free_at(now, window_ms, used, cost, req.token_limit);
-            let pooled = idx >= n_dedicated;
-            let health_at = blocked.get(token).copied().filter(|_| pooled);
-            if let Some(at) = health_at.filter(|&at| at > now) {
-                let at = free().max(pace.fits).max(at);
-                sooner(at);
-                scan.pool_next_free = scan.pool_next_free.min(at);
-                continue;
-            }
-            if pooled {
-                let window_room = req.token_limit.saturating_sub(used);
-                scan.pool_room += window_room.min(pace.room);
-                let next = if window_room > pace.room {
-                    Some(pace.grows)
-                } else {
-                    window.first_end().map(|end| end + window_ms + 1)
-                };
-                if let Some(next) = next {
-                    scan.pool_next_free = scan.pool_next_free.min(next);
-                }
-            }
-            if used + cost <= req.token_limit && pace.fits <= now {
-                if scan.best.is_none_or(|(_, best_used)| used < best_used) {
-                    scan.best = Some((idx, used));
-                }
-            } else {
-                sooner(free().max(pace.fits));
-                if used + cost > req.token_limit
-                    && let Some(pacing) = pacing(req)
-                {
-                    pacing.drain(self.paces.entry(key).or_insert(now as f64), now);
-                }
-            }
-        }
-        scan.earliest = earliest.unwrap_or(scan.earliest);
-        scan
-    }
-
-    /// Records a grant in both windows and the lease table.
-    fn record_grant(&mut self, req: &AcquireRequest, token: &Id, now: i64, cost: u32) {
+    /// Records a grant in both windows, the token's pace and the lease table.
+    fn record_grant(&mut self, req: &AcquireRequest, best: &Best, now: i64, cost: u32) {
         let expires = now + req.lease_ttl.as_millis() as i64;
         let tenant_key = tenant_key(&req.upstream_id, &req.tenant_id);
-        let token_key = token_key(&req.upstream_id, token);
+        let token_key = token_key(&req.upstream_id, &best.token);
         for i in 1..=cost {
             let member = format!("{}#{i}", req.nonce);
-            self.window(tenant_key.clone())
-                .insert(member.clone(), expires);
+            let tenant_window = self.window(tenant_key.clone());
+            tenant_window.insert(member.clone(), expires);
             self.window(token_key.clone()).insert(member, expires);
         }
         let pacing = pacing(req);
         if let Some(pacing) = pacing {
-            let schedule = self.paces.entry(token_key).or_insert(now as f64);
-            pacing.spend(schedule, now, cost);
+            let mut tat = self.paces.get(&token_key).copied().unwrap_or(now as f64);
+            pacing.spend(&mut tat, now, cost);
+            self.set_schedule(&req.upstream_id, &best.token, tat);
         }
         let lease_key = lease_key(&req.upstream_id, &req.nonce);
         let lease = Lease {
             tenant: req.tenant_id.clone(),
-            token: token.clone(),
+            token: best.token.clone(),
             cost,
             expires,
             step: pacing.map_or(0.0, |p| p.step()),
             outcome: None,
+            pool: best
+                .pool
+                .as_ref()
+                .map(|c| (super::pool_index::pool_digest(req), c.pos)),
+            window_ms: req.window.as_millis() as i64,
         };
         self.leases.insert(lease_key.clone(), lease);
         self.expiries.insert((expires, lease_key));

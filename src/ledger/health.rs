@@ -17,6 +17,10 @@ pub(super) struct HealthBook {
     /// Applied leases: `upstream/nonce` → until when to remember it.
     applied: HashMap<String, i64>,
     applied_by_end: BTreeSet<(i64, String)>,
+    /// The pool indexes that hold a token out of service, and its position in each
+    /// (the `x:<digest>` fields of the Redis record): an admin's reset refreshes them.
+    /// They go with the record.
+    refs: HashMap<String, Vec<(String, i64)>>,
 }
 
 fn record_key(upstream: &Id, token: &Id) -> String {
@@ -42,6 +46,23 @@ impl HealthBook {
         let key = record_key(upstream, token);
         if self.records.get(&key).is_some_and(HealthRecord::is_blank) {
             self.records.remove(&key);
+            self.refs.remove(&key);
+        }
+    }
+
+    /// When the token's health admits a lease, as its record stands (not settled).
+    pub(super) fn usable_from(&self, upstream: &Id, token: &Id, now: i64) -> i64 {
+        self.records
+            .get(&record_key(upstream, token))
+            .map_or(now, |record| record.usable_from(now))
+    }
+
+    /// Notes that the pool index `digest` holds the token out of service at `pos`.
+    pub(super) fn add_ref(&mut self, upstream: &Id, token: &Id, digest: &str, pos: i64) {
+        let refs = self.refs.entry(record_key(upstream, token)).or_default();
+        match refs.iter_mut().find(|(d, _)| d == digest) {
+            Some(entry) => entry.1 = pos,
+            None => refs.push((digest.to_owned(), pos)),
         }
     }
 
@@ -60,20 +81,6 @@ impl HealthBook {
         self.applied.insert(lease.clone(), keep_until);
         self.applied_by_end.insert((keep_until, lease));
         true
-    }
-
-    /// The tokens of `upstream` whose health refuses a lease now, with the instant it
-    /// may (records are few: only tokens with something to say have one).
-    pub(super) fn blocked(&self, upstream: &Id, now: i64) -> HashMap<Id, i64> {
-        let prefix = format!("{upstream}/");
-        self.records
-            .iter()
-            .filter_map(|(key, record)| {
-                let token = Id::parse("token_id", key.strip_prefix(&prefix)?).ok()?;
-                let at = record.usable_from(now);
-                (at > now).then_some((token, at))
-            })
-            .collect()
     }
 }
 
@@ -128,7 +135,10 @@ impl Ledger {
     /// Forgets the token's health record; returns its health just before.
     pub fn reset_health(&mut self, upstream: &Id, token: &Id, now: i64) -> StatusReport {
         let report = self.token_status(upstream, std::slice::from_ref(token), now);
-        self.health.records.remove(&record_key(upstream, token));
+        let key = record_key(upstream, token);
+        self.health.records.remove(&key);
+        let refs = self.health.refs.remove(&key).unwrap_or_default();
+        self.refresh_refs(upstream, token, refs, now);
         report
     }
 

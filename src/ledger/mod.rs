@@ -53,10 +53,12 @@ mod acquire;
 mod breaker;
 mod health;
 mod pace;
+mod pool_index;
 mod queue;
 mod types;
 mod window;
 
+pub use pool_index::pool_digest;
 pub use queue::{BUCKETS_PER_WINDOW, DemandCount, bucket_ms};
 pub use types::*;
 
@@ -77,6 +79,9 @@ struct Lease {
     /// The pace each slot of the grant spent (ms), 0 without pacing.
     step: f64,
     outcome: Option<ReleaseOutcome>,
+    /// A pool token's index (its digest) and position there.
+    pool: Option<(String, i64)>,
+    window_ms: i64,
 }
 
 /// The state of every upstream's counters. Keys name things as the Redis keys do
@@ -99,6 +104,8 @@ pub struct Ledger {
     /// has none, so it holds each upstream once unless marked fresh.
     fences: HashMap<Id, i64>,
     health: health::HealthBook,
+    /// Pool indexes by `<upstream>/<digest>` (`pool_index.rs`).
+    indexes: HashMap<String, pool_index::PoolIndex>,
 }
 
 fn queue_key(upstream: &Id, queue_id: &str) -> String {
@@ -168,27 +175,74 @@ impl Ledger {
     /// Records a lease's outcome: "not used" gives its slots (and its pace) back, any
     /// other outcome ends its occupancy now.
     pub fn release(&mut self, key: &LeaseKey, outcome: ReleaseOutcome, now: i64) -> ReleaseResult {
+        let (result, pool) = self.release_slots(key, outcome, now);
+        self.reindex(
+            key,
+            outcome,
+            result == ReleaseResult::Released,
+            false,
+            pool,
+            now,
+        );
+        result
+    }
+
+    /// `release`, then the outcome fed to the token's health when the release was a
+    /// first or a repeated one with the same outcome (as `scripts::RELEASE` does).
+    pub fn release_reporting(
+        &mut self,
+        report: &OutcomeReport,
+        now: i64,
+    ) -> (ReleaseResult, Option<Recorded>) {
+        let key = &report.key;
+        let (result, pool) = self.release_slots(key, report.outcome, now);
+        let fed = matches!(
+            result,
+            ReleaseResult::Released | ReleaseResult::AlreadyReleased
+        );
+        let recorded = fed.then(|| self.record_outcome(report, now));
+        let applied = recorded.as_ref().is_some_and(|r| r.applied);
+        let released = result == ReleaseResult::Released;
+        self.reindex(key, report.outcome, released, applied, pool, now);
+        (result, recorded)
+    }
+
+    /// The release itself; with the lease's pool index (digest, position, window) when
+    /// the lease is known.
+    fn release_slots(
+        &mut self,
+        key: &LeaseKey,
+        outcome: ReleaseOutcome,
+        now: i64,
+    ) -> (ReleaseResult, Option<(String, i64, i64)>) {
         self.drop_expired_leases(now);
         let Some(lease) = self
             .leases
             .get_mut(&lease_key(&key.upstream_id, &key.nonce))
         else {
-            return ReleaseResult::NotFound;
+            return (ReleaseResult::NotFound, None);
         };
         if lease.tenant != key.tenant_id || lease.token != key.token_id || lease.expires < now {
-            return ReleaseResult::NotFound;
+            return (ReleaseResult::NotFound, None);
         }
+        let pool = lease.pool.clone().map(|(d, p)| (d, p, lease.window_ms));
         match lease.outcome {
-            Some(previous) if previous == outcome => return ReleaseResult::AlreadyReleased,
-            Some(previous) => return ReleaseResult::Conflict { previous },
+            Some(previous) if previous == outcome => {
+                return (ReleaseResult::AlreadyReleased, pool);
+            }
+            Some(previous) => return (ReleaseResult::Conflict { previous }, pool),
             None => lease.outcome = Some(outcome),
         }
         let (cost, step) = (lease.cost, lease.step);
         let token_key = token_key(&key.upstream_id, &key.token_id);
         if outcome == ReleaseOutcome::NotUsed
-            && let Some(schedule) = self.paces.get_mut(&token_key)
+            && let Some(&schedule) = self.paces.get(&token_key)
         {
-            refund(schedule, now, cost, step);
+            let mut tat = schedule;
+            refund(&mut tat, now, cost, step);
+            if tat != schedule {
+                self.set_schedule(&key.upstream_id, &key.token_id, tat);
+            }
         }
         for key_name in [tenant_key(&key.upstream_id, &key.tenant_id), token_key] {
             let window = self.window(key_name);
@@ -201,22 +255,40 @@ impl Ledger {
                 }
             }
         }
-        ReleaseResult::Released
+        (ReleaseResult::Released, pool)
     }
 
-    /// `release`, then the outcome fed to the token's health when the release was a
-    /// first or a repeated one with the same outcome (as `scripts::RELEASE` does).
-    pub fn release_reporting(
+    /// A pool token's place in its pool's index follows what a release changed: its
+    /// use ("not used"), its health (`applied`), or the instant a full token frees; on
+    /// a token with room another outcome only moves the instant its use next drops.
+    fn reindex(
         &mut self,
-        report: &OutcomeReport,
+        key: &LeaseKey,
+        outcome: ReleaseOutcome,
+        released: bool,
+        applied: bool,
+        pool: Option<(String, i64, i64)>,
         now: i64,
-    ) -> (ReleaseResult, Option<Recorded>) {
-        let result = self.release(&report.key, report.outcome, now);
-        let fed = matches!(
-            result,
-            ReleaseResult::Released | ReleaseResult::AlreadyReleased
-        );
-        (result, fed.then(|| self.record_outcome(report, now)))
+    ) {
+        let Some((digest, pos, window_ms)) = pool else {
+            return;
+        };
+        let index_key = format!("{}/{digest}", key.upstream_id);
+        let Some(mut index) = self.indexes.remove(&index_key).filter(|i| i.expires > now) else {
+            return;
+        };
+        let token = &key.token_id;
+        let mut moved = false;
+        if released {
+            moved = outcome == ReleaseOutcome::NotUsed || !index.is_ready(token);
+            if !moved {
+                index.lower_wait(token, now + window_ms + 1);
+            }
+        }
+        if moved || applied {
+            self.pi_refresh(&key.upstream_id, &mut index, token, pos, false, now);
+        }
+        self.indexes.insert(index_key, index);
     }
 
     /// Slots held at `now`, for one upstream's tenants and tokens.

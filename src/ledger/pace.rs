@@ -13,6 +13,7 @@ pub(super) struct Pacing {
 }
 
 /// A token's pacing as a scan sees it.
+#[derive(Clone, Copy)]
 pub(super) struct Paced {
     /// Slots the pace allows now.
     pub room: u32,

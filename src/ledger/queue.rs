@@ -96,18 +96,22 @@ impl WaitQueue {
         }
     }
 
-    /// Waiters strictly ahead of `score` that could use a slot now, counted up to `limit`.
-    pub fn count_ahead(&self, score: i64, nonce: &str, now: i64, limit: u32) -> u32 {
-        let mut ahead = 0;
-        for (_, other) in self.by_score.range(..(score, String::new())) {
-            if ahead >= limit {
-                break;
-            }
-            if other != nonce && self.waiters[other].eligible <= now {
-                ahead += 1;
-            }
-        }
-        ahead
+    pub fn is_empty(&self) -> bool {
+        self.waiters.is_empty()
+    }
+
+    /// The waiters strictly ahead of `score`, in order, other than `nonce`, that could
+    /// use a slot now.
+    pub fn eligible_ahead<'a>(
+        &'a self,
+        score: i64,
+        nonce: &'a str,
+        now: i64,
+    ) -> impl Iterator<Item = &'a str> + 'a {
+        self.by_score
+            .range(..(score, String::new()))
+            .map(|(_, other)| other.as_str())
+            .filter(move |other| *other != nonce && self.waiters[*other].eligible <= now)
     }
 
     /// Adds or refreshes a waiter.

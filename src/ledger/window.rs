@@ -43,6 +43,10 @@ impl Window {
         }
     }
 
+    pub fn len(&self) -> u32 {
+        self.by_end.len() as u32
+    }
+
     /// The earliest end in the window, if any.
     pub fn first_end(&self) -> Option<i64> {
         self.by_end.first().map(|(end, _)| *end)

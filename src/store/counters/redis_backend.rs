@@ -244,7 +244,7 @@ impl RedisCounters {
     ) -> Result<AcquireOutcome, CounterError> {
         let budget = budget.min(self.timeout);
         let started = tokio::time::Instant::now();
-        let digest = pool_digest(req);
+        let digest = crate::ledger::pool_digest(req);
         match self.acquire_script(req, &digest, false, budget).await? {
             Some(outcome) => Ok(outcome),
             // The pool's index is missing (new pool, new configuration, expired or lost):
@@ -381,7 +381,7 @@ impl RedisCounters {
         key: &LeaseKey,
         outcome: ReleaseOutcome,
     ) -> Result<ReleaseResult, CounterError> {
-        let (result, _) = self.release_script(key, outcome, None).await?;
+        let (result, _, _) = self.release_script(key, outcome, None).await?;
         Ok(result)
     }
 
@@ -391,6 +391,19 @@ impl RedisCounters {
         &self,
         report: &OutcomeReport,
     ) -> Result<(ReleaseResult, Option<Recorded>), CounterError> {
+        let (result, recorded, _) = self
+            .release_script(&report.key, report.outcome, Some(report))
+            .await?;
+        Ok((result, recorded))
+    }
+
+    /// `release_reporting`, with the instant (Redis's clock) the script ran at: the
+    /// differential test replays the release on the ledger at that instant.
+    #[cfg(test)]
+    pub(super) async fn release_reporting_at(
+        &self,
+        report: &OutcomeReport,
+    ) -> Result<(ReleaseResult, Option<Recorded>, i64), CounterError> {
         self.release_script(&report.key, report.outcome, Some(report))
             .await
     }
@@ -400,7 +413,7 @@ impl RedisCounters {
         key: &LeaseKey,
         outcome: ReleaseOutcome,
         report: Option<&OutcomeReport>,
-    ) -> Result<(ReleaseResult, Option<Recorded>), CounterError> {
+    ) -> Result<(ReleaseResult, Option<Recorded>, i64), CounterError> {
         let up = &key.upstream_id;
         let mut inv = self.release.prepare_invoke();
         inv.key(self.key(up, "lease", &key.nonce))
@@ -443,7 +456,7 @@ impl RedisCounters {
             })
             .map(|recorded| recorded.ok_or_else(bad))
             .transpose()?;
-        Ok((result, recorded))
+        Ok((result, recorded, now))
     }
 
     pub async fn usage(
@@ -472,26 +485,6 @@ impl RedisCounters {
             tokens: token_counts,
         })
     }
-}
-
-/// Names a pool's index (`index_scripts.rs`) by everything the index depends on — the
-/// pool's tokens in order (their digest), the window, the limit and the pacing
-/// allowance — so that replicas on the same configuration share one, and a change
-/// starts another. Empty when the request has no pool tokens.
-fn pool_digest(req: &AcquireRequest) -> String {
-    if req.pooled.is_empty() {
-        return String::new();
-    }
-    let list = match &req.pooled_digest {
-        Some(digest) => digest.to_string(),
-        None => super::list_digest(&req.pooled),
-    };
-    format!(
-        "{list}-{}-{}-{}",
-        req.window.as_millis(),
-        req.token_limit,
-        req.pace_burst
-    )
 }
 
 /// The candidate token at a reply's 1-based index: the dedicated tokens, then the pool's.

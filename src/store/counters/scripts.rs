@@ -338,7 +338,7 @@ if pace > 0 then
 end
 if pool_pos then
   redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', best_token, 'cost', cost,
-    'expires', expires, 'step', step, 'ix', digest, 'ip', pool_pos)
+    'expires', expires, 'step', step, 'ix', digest, 'ip', pool_pos, 'w', window)
   pi_granted(best_token, pool_pos, best_used + cost, best_used == 0, expires, verdict == 2, tat)
 else
   redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', best_token, 'cost', cost,
@@ -423,7 +423,7 @@ pub const RELEASE: &str = concat!(
     prelude!(),
     pool_index!(),
     r#"
-local lease = redis.call('HMGET', KEYS[1], 'tenant', 'token', 'cost', 'expires', 'outcome', 'step', 'ix', 'ip')
+local lease = redis.call('HMGET', KEYS[1], 'tenant', 'token', 'cost', 'expires', 'outcome', 'step', 'ix', 'ip', 'w')
 local outcome = ARGV[1]
 local function released()
   if not lease[1] or lease[1] ~= ARGV[2] or lease[2] ~= ARGV[3] or tonumber(lease[4]) < now then
@@ -464,11 +464,15 @@ if ARGV[5] == '1' and result <= 2 then
   applied = record(1, KEYS[5], KEYS[6], ARGV[4], outcome, {unpack(ARGV, 7, 14)})
 end
 -- A pool token's place in its pool's index follows what the release changed: its use
--- (not used), its health, or the instant a full token frees. A success on a token with
--- room changes neither its use nor its room.
+-- (not used), its health, or the instant a full token frees. On a token with room,
+-- another outcome changes neither its use nor its room, only perhaps the instant its
+-- use next drops: its entries now leave the window W after now.
 local moved = false
 if result == 1 and lease[7] then
   moved = outcome == 'not_used' or not redis.call('ZSCORE', ARGV[6] .. 'ir:' .. lease[7], ARGV[3])
+  if not moved then
+    redis.call('ZADD', ARGV[6] .. 'iw:' .. lease[7], 'LT', now + tonumber(lease[9]) + 1, ARGV[3])
+  end
 end
 if (moved or applied == 1) and lease[7] then
   local cfg = redis.call('HMGET', ARGV[6] .. 'im:' .. lease[7], 'w', 'l', 'p')

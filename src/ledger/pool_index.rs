@@ -1,0 +1,476 @@
+//! The pool index: how a decision finds the least used pool token that can take a slot,
+//! and the earliest instant one can, without reading every token of the pool. The Lua
+//! of `store::counters::index_scripts` is its transliteration, function for function
+//! (`pi_refresh`, `pi_granted`, `pi_settle_due`, `pi_choose`, `pi_earliest`, …); its
+//! module doc says what the index holds and why it is exact.
+//!
+//! Sorted sets are `BTreeSet<(score, token)>`, ordered as Redis orders a sorted set
+//! (score, then member bytes); the sentinel members of the Redis keys are not needed.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::pace::{Paced, Pacing};
+use super::window::never;
+use super::{AcquireRequest, Ledger, list_digest, token_key};
+use crate::domain::Id;
+
+/// A ready token's score: `used × M + position` (see `index_scripts.rs`).
+const M: i64 = 131_072;
+
+/// The name of a pool's index: the digest of its token list, with the window, the
+/// limit and the pacing (a configuration change starts a new index); empty without
+/// pool tokens.
+pub fn pool_digest(req: &AcquireRequest) -> String {
+    if req.pooled.is_empty() {
+        return String::new();
+    }
+    let list = match &req.pooled_digest {
+        Some(digest) => digest.to_string(),
+        None => list_digest(&req.pooled),
+    };
+    format!(
+        "{list}-{}-{}-{}",
+        req.window.as_millis(),
+        req.token_limit,
+        req.pace_burst
+    )
+}
+
+/// A sorted set of tokens by score.
+#[derive(Default)]
+struct Scored {
+    by_score: BTreeSet<(i64, Id)>,
+    score_of: HashMap<Id, i64>,
+}
+
+impl Scored {
+    fn add(&mut self, token: &Id, score: i64) {
+        if let Some(old) = self.score_of.insert(token.clone(), score) {
+            self.by_score.remove(&(old, token.clone()));
+        }
+        self.by_score.insert((score, token.clone()));
+    }
+
+    /// `ZADD LT`: adds, or lowers an existing score.
+    fn lower(&mut self, token: &Id, score: i64) {
+        if self.score_of.get(token).is_none_or(|old| score < *old) {
+            self.add(token, score);
+        }
+    }
+
+    fn remove(&mut self, token: &Id) {
+        if let Some(old) = self.score_of.remove(token) {
+            self.by_score.remove(&(old, token.clone()));
+        }
+    }
+
+    fn score(&self, token: &Id) -> Option<i64> {
+        self.score_of.get(token).copied()
+    }
+
+    fn first(&self) -> Option<(i64, Id)> {
+        self.by_score.first().cloned()
+    }
+}
+
+/// One pool's index (the keys `ir`, `iw`, `ih`, `ip`, `im` of the Redis backend).
+pub(super) struct PoolIndex {
+    digest: String,
+    w: i64,
+    l: u32,
+    pacing: Option<Pacing>,
+    ready: Scored,
+    wait: Scored,
+    out: Scored,
+    pos: HashMap<Id, i64>,
+    /// The pool's tokens in order (`HKEYS` of the positions).
+    tokens: Vec<Id>,
+    /// The last instant a caller asked (`a`).
+    pub asked: i64,
+    /// When the index is forgotten, unless used (10 windows + 10 minutes).
+    pub expires: i64,
+}
+
+impl PoolIndex {
+    fn keep(&self) -> i64 {
+        10 * self.w + 600_000
+    }
+
+    pub fn is_ready(&self, token: &Id) -> bool {
+        self.ready.score(token).is_some()
+    }
+
+    /// `ZADD iw LT`: the token's use may drop sooner than its wait instant said.
+    pub fn lower_wait(&mut self, token: &Id, at: i64) {
+        self.wait.lower(token, at);
+    }
+
+    /// Whether every token of the pool is out of service (`pi_all_out`).
+    pub fn all_out(&self) -> bool {
+        self.out.score_of.len() >= self.pos.len()
+    }
+}
+
+/// What `pi_choose` found: the token, its position, its slots in use.
+pub(super) struct Chosen {
+    pub token: Id,
+    pub pos: i64,
+    pub used: u32,
+}
+
+impl Ledger {
+    /// The request's pool index, built when missing (`pi_open` + `pi_ensure`); the
+    /// caller puts it back with `put_index`.
+    pub(super) fn take_index(&mut self, req: &AcquireRequest, now: i64) -> PoolIndex {
+        let key = format!("{}/{}", req.upstream_id, pool_digest(req));
+        if let Some(mut index) = self.indexes.remove(&key).filter(|i| i.expires > now) {
+            if index.expires - now < index.keep() / 2 {
+                index.expires = now + index.keep();
+            }
+            return index;
+        }
+        let w = req.window.as_millis() as i64;
+        let mut index = PoolIndex {
+            digest: pool_digest(req),
+            w,
+            l: req.token_limit,
+            pacing: Pacing::new(req.pace_burst, w, req.token_limit),
+            ready: Scored::default(),
+            wait: Scored::default(),
+            out: Scored::default(),
+            pos: HashMap::new(),
+            tokens: req.pooled.to_vec(),
+            asked: 0,
+            expires: 0,
+        };
+        for (i, token) in req.pooled.iter().enumerate() {
+            index.pos.insert(token.clone(), i as i64 + 1);
+            self.pi_refresh(
+                &req.upstream_id,
+                &mut index,
+                token,
+                i as i64 + 1,
+                false,
+                now,
+            );
+        }
+        index.expires = now + index.keep();
+        index
+    }
+
+    pub(super) fn put_index(&mut self, upstream: &Id, index: PoolIndex) {
+        let key = format!("{upstream}/{}", index.digest);
+        self.indexes.insert(key, index);
+    }
+
+    /// A token's window trimmed at `now`: its slots in use, and when it can take one
+    /// more (`now` when it has room).
+    fn window_view(
+        &mut self,
+        upstream: &Id,
+        index: &PoolIndex,
+        token: &Id,
+        now: i64,
+    ) -> (u32, i64) {
+        let window = self.windows.entry(token_key(upstream, token)).or_default();
+        let used = window.trim(now - index.w);
+        let at = if used >= index.l {
+            window.free_at(now, index.w, used, 1, index.l)
+        } else {
+            now
+        };
+        (used, at)
+    }
+
+    fn schedule(&self, upstream: &Id, token: &Id) -> Option<f64> {
+        self.paces.get(&token_key(upstream, token)).copied()
+    }
+
+    /// What the token's pace allows for `c` slots (`pace_math`).
+    fn paced(
+        &self,
+        upstream: &Id,
+        index: &PoolIndex,
+        token: &Id,
+        c: u32,
+        now: i64,
+    ) -> Option<Paced> {
+        let pacing = index.pacing?;
+        Some(pacing.view(self.schedule(upstream, token), now, c, i64::MAX))
+    }
+
+    /// `pi_drain`: a token whose window had no room and has now keeps a quarter of its
+    /// pace allowance, as of the pool's last ask.
+    fn pi_drain(&mut self, upstream: &Id, index: &PoolIndex, token: &Id, now: i64) {
+        let Some(pacing) = index.pacing else { return };
+        let tat = self.schedule(upstream, token).unwrap_or(now as f64);
+        let mut drained = tat;
+        pacing.drain(&mut drained, index.asked);
+        if drained != tat {
+            self.set_schedule(upstream, token, drained);
+        }
+    }
+
+    /// `pi_refresh`: puts the token where it belongs; returns its slots in use.
+    pub(super) fn pi_refresh(
+        &mut self,
+        upstream: &Id,
+        index: &mut PoolIndex,
+        token: &Id,
+        p: i64,
+        was_ready: bool,
+        now: i64,
+    ) -> u32 {
+        let (used, window_at) = self.window_view(upstream, index, token, now);
+        if index.pacing.is_some()
+            && !was_ready
+            && window_at <= now
+            && index.ready.score(token).is_none()
+        {
+            self.pi_drain(upstream, index, token, now);
+        }
+        let pace = self.paced(upstream, index, token, 1, now);
+        let health_at = if was_ready {
+            now
+        } else {
+            self.health.usable_from(upstream, token, now)
+        };
+        if !was_ready {
+            if health_at > now {
+                index.out.add(token, health_at);
+                self.health.add_ref(upstream, token, &index.digest, p);
+            } else {
+                index.out.remove(token);
+            }
+        }
+        let pace_fits = pace.map_or(now, |p| p.fits);
+        let at = window_at.max(pace_fits).max(health_at);
+        if at > now {
+            index.ready.remove(token);
+            index.wait.add(token, at);
+            return used;
+        }
+        index.ready.add(token, used as i64 * M + p);
+        let window = &self.windows[&token_key(upstream, token)];
+        let mut change = window
+            .first_end()
+            .filter(|_| used > 0)
+            .map(|e| e + index.w + 1);
+        if let Some(pace) = pace.filter(|p| p.grows != i64::MAX && p.room < index.l - used) {
+            change = Some(change.map_or(pace.grows, |c| c.min(pace.grows)));
+        }
+        match change {
+            Some(at) => index.wait.add(token, at),
+            None => index.wait.remove(token),
+        }
+        used
+    }
+
+    /// `pi_granted`: the token at position `p` was just granted (checked just before:
+    /// it had room and is healthy) and now holds `used` slots.
+    pub(super) fn pi_granted(
+        &mut self,
+        upstream: &Id,
+        index: &mut PoolIndex,
+        chosen: &Chosen,
+        used: u32,
+        (expires, probe): (i64, bool),
+        now: i64,
+    ) {
+        let token = &chosen.token;
+        if used >= index.l || probe {
+            self.pi_refresh(upstream, index, token, chosen.pos, false, now);
+            return;
+        }
+        let pace = self.paced(upstream, index, token, 1, now);
+        if let Some(fits) = pace.map(|p| p.fits).filter(|&fits| fits > now) {
+            index.ready.remove(token);
+            index.wait.add(token, fits);
+            return;
+        }
+        index.ready.add(token, used as i64 * M + chosen.pos);
+        if let Some(pace) = pace.filter(|p| p.grows != i64::MAX && p.room < index.l - used) {
+            let window = &self.windows[&token_key(upstream, token)];
+            let drop = window.first_end().expect("just granted") + index.w + 1;
+            index.wait.add(token, drop.min(pace.grows));
+        } else if chosen.used == 0 {
+            index.wait.add(token, expires + index.w + 1);
+        }
+    }
+
+    /// `pi_settle_due`: refreshes up to 16 tokens whose wait instant has come; returns
+    /// how many.
+    fn pi_settle_due(&mut self, upstream: &Id, index: &mut PoolIndex, now: i64) -> usize {
+        let due: Vec<Id> = index
+            .wait
+            .by_score
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .take(16)
+            .map(|(_, token)| token.clone())
+            .collect();
+        for token in &due {
+            let ready = index.ready.score(token);
+            let p = ready
+                .map(|score| score % M)
+                .or(index.pos.get(token).copied());
+            match p {
+                Some(p) => {
+                    self.pi_refresh(upstream, index, token, p, ready.is_some(), now);
+                }
+                None => {
+                    index.wait.remove(token);
+                    index.ready.remove(token);
+                }
+            }
+        }
+        due.len()
+    }
+
+    /// `pi_choose`: the least used pool token that can take `c` slots now (first
+    /// listed on a tie); `None` when none can.
+    pub(super) fn pi_choose(
+        &mut self,
+        upstream: &Id,
+        index: &mut PoolIndex,
+        c: u32,
+        now: i64,
+    ) -> Option<Chosen> {
+        self.pi_settle_due(upstream, index, now);
+        if c == 1 {
+            for _ in 0..64 {
+                let Some((score, token)) = index.ready.first() else {
+                    if self.pi_settle_due(upstream, index, now) == 0 {
+                        return None;
+                    }
+                    continue;
+                };
+                let p = score % M;
+                let window = self.windows.entry(token_key(upstream, &token)).or_default();
+                let before = window.len();
+                let used = window.trim(now - index.w);
+                let trimmed = before > used;
+                let fits = self
+                    .paced(upstream, index, &token, 1, now)
+                    .map_or(now, |p| p.fits);
+                if used < index.l && fits <= now {
+                    if trimmed {
+                        self.pi_refresh(upstream, index, &token, p, true, now);
+                    }
+                    return Some(Chosen {
+                        token,
+                        pos: p,
+                        used,
+                    });
+                }
+                self.pi_refresh(upstream, index, &token, p, false, now);
+            }
+            return None;
+        }
+        while self.pi_settle_due(upstream, index, now) == 16 {}
+        let ready: Vec<Id> = index
+            .ready
+            .by_score
+            .iter()
+            .map(|(_, t)| t.clone())
+            .collect();
+        for token in ready {
+            let p = index.pos[&token];
+            let used = self.pi_refresh(upstream, index, &token, p, false, now);
+            let fits = self
+                .paced(upstream, index, &token, c, now)
+                .map_or(now, |p| p.fits);
+            if used + c <= index.l && fits <= now && index.ready.score(&token).is_some() {
+                return Some(Chosen {
+                    token,
+                    pos: p,
+                    used,
+                });
+            }
+        }
+        None
+    }
+
+    /// `pi_earliest`: the earliest instant a pool token can take `c` slots (`never` if
+    /// none ever can: `c` above the limit).
+    pub(super) fn pi_earliest(
+        &mut self,
+        upstream: &Id,
+        index: &PoolIndex,
+        c: u32,
+        now: i64,
+    ) -> i64 {
+        let never = never(now, index.w);
+        if c == 1 {
+            return index.wait.first().map_or(never, |(at, _)| at.max(now + 1));
+        }
+        if c > index.l {
+            return never;
+        }
+        let mut earliest: Option<i64> = None;
+        for token in &index.tokens {
+            let window = self.windows.entry(token_key(upstream, token)).or_default();
+            let used = window.trim(now - index.w);
+            let mut at = window.free_at(now, index.w, used, c, index.l);
+            if let Some(pace) = self.paced(upstream, index, token, c, now) {
+                at = at.max(pace.fits);
+            }
+            at = at.max(self.health.usable_from(upstream, token, now));
+            earliest = Some(earliest.map_or(at, |e| e.min(at)));
+        }
+        earliest.unwrap_or(never)
+    }
+
+    /// The room of the ready tokens, least used first, until it reaches `need` (the
+    /// `grow` of `scripts::ACQUIRE`'s queue check): `(room, tokens walked)`.
+    pub(super) fn pool_room(
+        &self,
+        upstream: &Id,
+        index: &PoolIndex,
+        (mut room, walked): (u32, usize),
+        need: u32,
+        now: i64,
+    ) -> (u32, usize) {
+        let mut n = walked;
+        for (score, token) in index.ready.by_score.iter().skip(walked) {
+            if room >= need {
+                break;
+            }
+            n += 1;
+            let mut slots = index.l as i64 - score / M;
+            if let Some(pace) = self.paced(upstream, index, token, 1, now) {
+                slots = slots.min(pace.room as i64);
+            }
+            room += slots.max(0) as u32;
+        }
+        (room, n)
+    }
+
+    /// Puts a token back in its place in every index its health record names (an
+    /// admin reset its health): `pi_refresh_refs`.
+    pub(super) fn refresh_refs(
+        &mut self,
+        upstream: &Id,
+        token: &Id,
+        refs: Vec<(String, i64)>,
+        now: i64,
+    ) {
+        for (digest, p) in refs {
+            let key = format!("{upstream}/{digest}");
+            let Some(mut index) = self.indexes.remove(&key) else {
+                continue;
+            };
+            if index.expires > now {
+                self.pi_refresh(upstream, &mut index, token, p, false, now);
+                self.indexes.insert(key, index);
+            }
+        }
+    }
+
+    /// Records a token's pacing schedule as Redis stores it (`tostring`: 14
+    /// significant digits), so both read back the same number.
+    pub(super) fn set_schedule(&mut self, upstream: &Id, token: &Id, tat: f64) {
+        let stored: f64 = format!("{tat:.13e}").parse().expect("a formatted float");
+        self.paces.insert(token_key(upstream, token), stored);
+    }
+}

@@ -1,0 +1,352 @@
+//! The differential test: the Redis scripts against the ledger they transliterate.
+//!
+//! Random operation sequences (acquires of random cost, with and without the wait
+//! queue and pacing; releases of random leases with random outcomes, repeated,
+//! conflicting or late; health reads and resets; pauses so that windows slide, leases
+//! expire and breakers half-open) run against Redis. Every Redis reply carries the
+//! instant the script ran at (Redis's clock); the same operation is then applied to a
+//! `Ledger` at that instant, and the two replies must be equal — the token chosen,
+//! the counts, the reason, the exact retry-after, the queue score, the health
+//! transitions. A mismatch fails with the seed and the operations so far.
+
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::domain::BreakerPolicy;
+use crate::ledger::Ledger;
+
+/// One run's shape.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    tenants: usize,
+    pool: usize,
+    token_limit: u32,
+    pace_burst: u32,
+    queued: bool,
+    ops: usize,
+}
+
+const WINDOW_MS: u64 = 400;
+const TTL_MS: u64 = 150;
+
+struct Run {
+    shape: Shape,
+    redis: RedisCounters,
+    ledger: Ledger,
+    rng: StdRng,
+    tenants: Vec<(Id, u32, Vec<Id>)>,
+    pool: Arc<[Id]>,
+    /// Every lease granted so far.
+    leases: Vec<LeaseKey>,
+    /// A denied call each tenant may retry: its nonce and queue score.
+    pending: Vec<Option<(String, i64)>>,
+    log: Vec<String>,
+    prefix: String,
+}
+
+impl Run {
+    async fn new(url: &str, prefix: &str, shape: Shape, seed: u64) -> Self {
+        let redis = redis_counters(url, prefix, Duration::from_secs(5)).await;
+        let mut ledger = Ledger::default();
+        redis.mark_fresh(&id(UPSTREAM)).await.expect("mark fresh");
+        ledger.mark_fresh(&id(UPSTREAM));
+        let tenants = (0..shape.tenants)
+            .map(|t| {
+                // The first tenant has a dedicated token.
+                let dedicated = if t == 0 { ids(&["d-0"]) } else { Vec::new() };
+                (id(&format!("t-{t}")), 2 + t as u32 * 2, dedicated)
+            })
+            .collect();
+        let pool: Vec<Id> = (0..shape.pool).map(|k| id(&format!("k-{k}"))).collect();
+        Self {
+            shape,
+            redis,
+            ledger,
+            rng: StdRng::seed_from_u64(seed),
+            tenants,
+            pool: pool.into(),
+            leases: Vec::new(),
+            pending: vec![None; shape.tenants],
+            log: vec![format!("seed {seed}, {shape:?}")],
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    async fn fail(&self, what: &str) -> ! {
+        let tail = self.log.len().saturating_sub(40);
+        panic!(
+            "Redis and the ledger disagree: {what}\n--- the last operations:\n{}\n--- Redis:\n{}",
+            self.log[tail..].join("\n"),
+            self.dump().await
+        );
+    }
+
+    /// Every key of the run, with its content (sorted sets with scores, hashes).
+    async fn dump(&self) -> String {
+        let mut conn = admin_connection(&redis_url()).await;
+        let mut keys = keys_under(&mut conn, &self.prefix).await;
+        keys.sort();
+        let mut out = Vec::new();
+        for key in keys {
+            let kind: String = redis::cmd("TYPE")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let mut cmd = match kind.as_str() {
+                "zset" => redis::cmd("ZRANGE"),
+                "hash" => redis::cmd("HGETALL"),
+                _ => redis::cmd("TYPE"),
+            };
+            cmd.arg(&key);
+            if kind == "zset" {
+                cmd.arg(0).arg(-1).arg("WITHSCORES");
+            }
+            let value: redis::Value = cmd.query_async(&mut conn).await.unwrap();
+            out.push(format!("{key}: {value:?}"));
+        }
+        out.join("\n")
+    }
+
+    fn request(&mut self, t: usize) -> AcquireRequest {
+        let (tenant, limit, dedicated) = self.tenants[t].clone();
+        let cost = match self.rng.random_range(0..10) {
+            0..=6 => 1,
+            7 | 8 => 2,
+            _ => self.shape.token_limit + 1,
+        };
+        let retry = self.pending[t].take().filter(|_| self.rng.random_bool(0.6));
+        let (nonce, score) = match retry {
+            Some((nonce, score)) => (nonce, Some(score)),
+            None => (LeaseKey::new_nonce(), None),
+        };
+        let queue = self.shape.queued.then(|| QueueTicket {
+            queue_id: "pool".into(),
+            priority_offset_ms: [0, 50, 100][t % 3],
+            score,
+            wait_ms: if self.rng.random_bool(0.7) { 300 } else { 0 },
+        });
+        AcquireRequest {
+            upstream_id: id(UPSTREAM),
+            nonce,
+            tenant_id: tenant,
+            tenant_limit: limit,
+            token_limit: self.shape.token_limit,
+            window: Duration::from_millis(WINDOW_MS),
+            lease_ttl: Duration::from_millis(TTL_MS),
+            cost,
+            dedicated,
+            pooled: self.pool.clone(),
+            pooled_digest: None,
+            count_demand: score.is_none(),
+            queue,
+            pace_burst: self.shape.pace_burst,
+        }
+    }
+
+    async fn acquire(&mut self) {
+        let t = self.rng.random_range(0..self.tenants.len());
+        let req = self.request(t);
+        let redis = self.redis.acquire(&req).await.expect("Redis answered");
+        let now = match &redis {
+            AcquireOutcome::Granted(g) => g.now_ms,
+            AcquireOutcome::Denied(d) => d.now_ms,
+            AcquireOutcome::Unhealthy(u) => u.now_ms,
+        };
+        let ledger = self.ledger.acquire(&req, now);
+        self.log.push(format!(
+            "{now} acquire {} cost {} nonce {} queue {:?} -> {redis:?}",
+            req.tenant_id,
+            req.cost,
+            &req.nonce[..6],
+            req.queue.as_ref().map(|q| (q.score, q.wait_ms)),
+        ));
+        if redis != ledger {
+            self.fail(&format!("acquire: Redis {redis:?}, ledger {ledger:?}"))
+                .await;
+        }
+        match redis {
+            AcquireOutcome::Granted(g) => self.leases.push(LeaseKey {
+                upstream_id: req.upstream_id,
+                tenant_id: req.tenant_id,
+                token_id: g.token_id,
+                nonce: req.nonce,
+            }),
+            AcquireOutcome::Denied(d) => {
+                self.pending[t] = d.queue_score.map(|score| (req.nonce, score));
+            }
+            AcquireOutcome::Unhealthy(_) => {}
+        }
+    }
+
+    async fn release(&mut self) {
+        if self.leases.is_empty() {
+            return;
+        }
+        // Recent leases mostly, sometimes an old one (released, expired).
+        let n = self.leases.len();
+        let span = if self.rng.random_bool(0.8) {
+            n.min(4)
+        } else {
+            n
+        };
+        let i = n - 1 - self.rng.random_range(0..span);
+        let key = self.leases[i].clone();
+        let outcome = match self.rng.random_range(0..10) {
+            0..=4 => ReleaseOutcome::Success,
+            5 | 6 => ReleaseOutcome::NotUsed,
+            7 | 8 => ReleaseOutcome::UpstreamError,
+            _ => ReleaseOutcome::UpstreamRateLimited,
+        };
+        let report = OutcomeReport {
+            key: key.clone(),
+            outcome,
+            blocked_until_ms: None,
+            block_duration: Duration::from_millis(1_200),
+            max_block: Duration::from_millis(1_500),
+            lease_ttl: Duration::from_millis(TTL_MS),
+            policy: BreakerPolicy {
+                failures_to_open: 2,
+                open_for: Duration::from_millis(250),
+                successes_to_close: 1,
+            },
+        };
+        let (result, recorded, now) = self
+            .redis
+            .release_reporting_at(&report)
+            .await
+            .expect("Redis answered");
+        let ledger = self.ledger.release_reporting(&report, now);
+        self.log.push(format!(
+            "{now} release {} {} of {} {outcome:?} -> {result:?} {recorded:?}",
+            &key.nonce[..6],
+            key.token_id,
+            key.tenant_id
+        ));
+        if (result.clone(), recorded.clone()) != ledger {
+            let what = format!("release: Redis {:?}, ledger {ledger:?}", (result, recorded));
+            self.fail(&what).await;
+        }
+    }
+
+    async fn health(&mut self) {
+        let tokens: Vec<Id> = self.pool.iter().cloned().chain(ids(&["d-0"])).collect();
+        let reset = self.rng.random_bool(0.2);
+        let (redis, what) = if reset {
+            let token = tokens[self.rng.random_range(0..tokens.len())].clone();
+            let report = self.redis.reset_health(&id(UPSTREAM), &token).await;
+            let report = report.expect("Redis answered");
+            let ledger = self
+                .ledger
+                .reset_health(&id(UPSTREAM), &token, report.now_ms);
+            (report, ledger)
+        } else {
+            let report = self.redis.token_status(&id(UPSTREAM), &tokens).await;
+            let report = report.expect("Redis answered");
+            let ledger = self
+                .ledger
+                .token_status(&id(UPSTREAM), &tokens, report.now_ms);
+            (report, ledger)
+        };
+        self.log.push(format!(
+            "{} {} -> {:?}",
+            redis.now_ms,
+            if reset { "reset" } else { "status" },
+            redis.tokens.iter().map(|s| s.state).collect::<Vec<_>>()
+        ));
+        if redis != what {
+            let what = format!("health: Redis {redis:?}, ledger {what:?}");
+            self.fail(&what).await;
+        }
+    }
+
+    async fn play(&mut self) {
+        for _ in 0..self.shape.ops {
+            match self.rng.random_range(0..20) {
+                0..=9 => self.acquire().await,
+                10..=15 => self.release().await,
+                16 => self.health().await,
+                _ => {
+                    let pause = self.rng.random_range(0..60);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `shape` for a few seeds against the Redis of the suite.
+async fn differential(shape: Shape) {
+    let url = redis_url();
+    let mut conn = admin_connection(&url).await;
+    let base: u64 = std::env::var("TOKENLEASE_DIFF_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    for seed in base..base + 3 {
+        let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
+        let mut run = Run::new(&url, &prefix, shape, seed).await;
+        let result = AssertUnwindSafe(run.play()).catch_unwind().await;
+        delete_keys(&mut conn, &prefix).await;
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_and_the_ledger_agree_without_queue_or_pacing() {
+    differential(Shape {
+        tenants: 3,
+        pool: 4,
+        token_limit: 3,
+        pace_burst: 0,
+        queued: false,
+        ops: 300,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_and_the_ledger_agree_with_the_wait_queue() {
+    differential(Shape {
+        tenants: 4,
+        pool: 3,
+        token_limit: 3,
+        pace_burst: 0,
+        queued: true,
+        ops: 300,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_and_the_ledger_agree_with_pacing() {
+    differential(Shape {
+        tenants: 3,
+        pool: 3,
+        token_limit: 4,
+        pace_burst: 2,
+        queued: true,
+        ops: 300,
+    })
+    .await;
+}
+
+/// More tokens than a decision refreshes at once (16), and a pace step that is not a
+/// whole number of milliseconds (400 / 3).
+#[tokio::test]
+async fn redis_and_the_ledger_agree_on_a_large_pool_with_fractional_pacing() {
+    differential(Shape {
+        tenants: 5,
+        pool: 20,
+        token_limit: 3,
+        pace_burst: 2,
+        queued: true,
+        ops: 400,
+    })
+    .await;
+}
