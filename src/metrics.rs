@@ -36,8 +36,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::domain::Id;
-use crate::lease::{DenialReason, Leaser, Snapshot, TokenUsage};
-use crate::store::counters::{AcquireRequest, DenyReason, Grant, LeaseKey, ReleaseOutcome};
+use crate::domain::TokenState;
+use crate::store::counters::{AcquireRequest, DenyReason, LeaseKey, ReleaseOutcome};
 
 /// Metric names. Counters end in `_total`, durations are in seconds.
 pub mod names {
@@ -258,54 +258,37 @@ fn describe_all() {
     );
 }
 
-fn denial_reason(reason: DenialReason) -> &'static str {
-    match reason {
-        DenialReason::TenantQuota => "tenant_quota",
-        DenialReason::NoTokenCapacity => "no_token_capacity",
-        DenialReason::NoUsableToken => "no_usable_token",
-        DenialReason::WaitTimeout => "wait_timeout",
-        DenialReason::CountersRecovering => "counters_recovering",
-    }
-}
-
 /// A grant: requests per tenant, and whether it drew on borrowed capacity (the tenant's
 /// slots in the window, this grant included, exceed its guarantee).
-pub fn lease_granted(snapshot: &Snapshot, request: &AcquireRequest, grant: &Grant) {
+pub fn lease_granted(request: &AcquireRequest, borrowed: bool) {
     let tenant_label = tenant(&request.tenant_id);
     let upstream = request.upstream_id.to_string();
     counter!(names::GRANTED_REQUESTS, labels::TENANT => tenant_label.clone(), labels::UPSTREAM => upstream.clone())
         .increment(u64::from(request.cost.max(1)));
-    let guaranteed = snapshot.tenants.get(&request.tenant_id).and_then(|t| {
-        let tier = snapshot.tiers.get(&t.tier_id)?;
-        Some(t.guaranteed(tier))
-    });
-    if guaranteed.is_some_and(|g| grant.tenant_used > g) {
+    if borrowed {
         counter!(names::BORROWED_GRANTS, labels::TENANT => tenant_label, labels::UPSTREAM => upstream)
             .increment(1);
     }
 }
 
-/// A denial the caller gets, by tenant and reason.
-pub fn lease_denied(tenant_id: &Id, reason: DenialReason) {
-    counter!(names::DENIALS, labels::TENANT => tenant(tenant_id), labels::REASON => denial_reason(reason))
+/// A denial the caller gets, by tenant and reason (`lease::DenialReason::label`).
+pub fn lease_denied(tenant_id: &Id, reason: &'static str) {
+    counter!(names::DENIALS, labels::TENANT => tenant(tenant_id), labels::REASON => reason)
         .increment(1);
 }
 
-/// A denial after asking the counters: counted by reason, and as token exhaustion when
-/// the binding limit was the tokens' (`binding`), even if the caller sees WAIT_TIMEOUT.
+/// A denial after asking the counters: counted by reason, and as token exhaustion of
+/// `pool` (`None`: dedicated tokens) when the binding limit was the tokens'
+/// (`binding`), even if the caller sees WAIT_TIMEOUT.
 pub fn acquire_denied(
-    snapshot: &Snapshot,
     request: &AcquireRequest,
-    reason: DenialReason,
+    reason: &'static str,
     binding: DenyReason,
+    pool: Option<&Id>,
 ) {
     lease_denied(&request.tenant_id, reason);
     if binding == DenyReason::NoTokenCapacity {
-        let pool = snapshot
-            .tenants
-            .get(&request.tenant_id)
-            .and_then(|t| t.pool_id.as_ref())
-            .map_or_else(|| "dedicated".to_owned(), Id::to_string);
+        let pool = pool.map_or_else(|| "dedicated".to_owned(), Id::to_string);
         counter!(names::TOKEN_EXHAUSTION, labels::UPSTREAM => request.upstream_id.to_string(), labels::POOL => pool)
             .increment(1);
     }
@@ -380,9 +363,20 @@ impl Drop for Waiting {
     }
 }
 
+/// One token's usage, as the gauges show it (read from `lease::Leaser::usage`).
+#[derive(Debug, Clone)]
+pub struct TokenReading {
+    pub token_id: Id,
+    pub upstream_id: Id,
+    pub state: TokenState,
+    pub used: u32,
+    pub usable: u32,
+    pub disabled: bool,
+}
+
 /// Publishes token usage gauges, and makes each token's counters exist from the
 /// start (at 0), so `increase()` sees their first event.
-pub fn token_usage(tokens: &[TokenUsage]) {
+pub fn token_usage(tokens: &[TokenReading]) {
     token_states(tokens);
     for t in tokens {
         let labels = [
@@ -407,8 +401,7 @@ pub fn token_usage(tokens: &[TokenUsage]) {
 }
 
 /// Tokens per upstream and state, zeros included (an alert needs the series to exist).
-fn token_states(tokens: &[TokenUsage]) {
-    use crate::domain::TokenState;
+fn token_states(tokens: &[TokenReading]) {
     const STATES: [(TokenState, &str); 5] = [
         (TokenState::Active, "active"),
         (TokenState::BreakerOpen, "breaker_open"),
@@ -436,15 +429,19 @@ fn token_states(tokens: &[TokenUsage]) {
     }
 }
 
-/// Every `every`, until `stop`: reads token usage from the counters into the gauges,
-/// republishes the waiting gauges and runs the recorder's upkeep. A failed read (Redis
-/// away) leaves the gauges as they were; it is logged once per outage.
-pub fn spawn_refresher(
-    leaser: Leaser,
+/// Every `every`, until `stop`: reads token usage (`read`, from the counters) into the
+/// gauges, republishes the waiting gauges and runs the recorder's upkeep. A failed read
+/// (Redis away) leaves the gauges as they were; it is logged once per outage.
+pub fn spawn_refresher<F, Fut, E>(
+    read: F,
     handle: PrometheusHandle,
     every: Duration,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Vec<TokenReading>, E>> + Send,
+    E: std::fmt::Display,
+{
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -454,10 +451,10 @@ pub fn spawn_refresher(
                 _ = ticker.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            match leaser.usage(None, None).await {
-                Ok(usage) => {
+            match read().await {
+                Ok(tokens) => {
                     failing = false;
-                    token_usage(&usage.tokens);
+                    token_usage(&tokens);
                 }
                 Err(error) if !failing => {
                     failing = true;

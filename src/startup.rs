@@ -218,8 +218,18 @@ impl App {
         if let Some((listener, handle)) = self.metrics.take() {
             let addr = listener.local_addr()?;
             tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+            let leaser = self.leaser.clone();
+            let read = move || {
+                let leaser = leaser.clone();
+                async move {
+                    let usage = leaser.usage(None, None).await?;
+                    Ok::<_, crate::error::ServiceError>(
+                        usage.tokens.into_iter().map(token_reading).collect(),
+                    )
+                }
+            };
             metrics::spawn_refresher(
-                self.leaser.clone(),
+                read,
                 handle.clone(),
                 Duration::from_millis(self.settings.metrics.refresh_ms),
                 stop_rx.clone(),
@@ -423,4 +433,16 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
+}
+
+/// A token's usage as the metrics show it.
+fn token_reading(t: crate::lease::TokenUsage) -> metrics::TokenReading {
+    metrics::TokenReading {
+        token_id: t.token_id,
+        upstream_id: t.upstream_id,
+        state: t.state,
+        used: t.used,
+        usable: t.usable,
+        disabled: t.disabled,
+    }
 }

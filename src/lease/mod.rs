@@ -51,6 +51,19 @@ pub enum DenialReason {
     CountersRecovering,
 }
 
+impl DenialReason {
+    /// The `reason` label of the denial metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::TenantQuota => "tenant_quota",
+            Self::NoTokenCapacity => "no_token_capacity",
+            Self::NoUsableToken => "no_usable_token",
+            Self::WaitTimeout => "wait_timeout",
+            Self::CountersRecovering => "counters_recovering",
+        }
+    }
+}
+
 /// A granted lease, with the opened secret.
 pub struct LeaseGrant {
     pub lease_id: String,
@@ -186,7 +199,10 @@ impl Leaser {
                         ..
                     } = &answer
                     {
-                        crate::metrics::lease_denied(&input.tenant_id, DenialReason::NoUsableToken);
+                        crate::metrics::lease_denied(
+                            &input.tenant_id,
+                            DenialReason::NoUsableToken.label(),
+                        );
                     }
                     return Ok(answer);
                 }
@@ -264,7 +280,8 @@ impl Leaser {
             match outcome {
                 AcquireOutcome::Granted(grant) => {
                     self.health.granted(&plan.request, &grant);
-                    crate::metrics::lease_granted(&snapshot, &plan.request, &grant);
+                    let borrowed = borrowed(&snapshot, &plan.request, &grant);
+                    crate::metrics::lease_granted(&plan.request, borrowed);
                     tracing::Span::current().record("token_id", grant.token_id.as_str());
                     return Ok(Attempt::Done(self.granted(&snapshot, &plan, grant)));
                 }
@@ -594,6 +611,16 @@ fn no_usable_token(tenant: &Tenant, snapshot: &Snapshot) -> AcquireAnswer {
     }
 }
 
+/// Whether a grant drew on borrowed capacity: the tenant's slots in the window, this
+/// grant included, exceed its guarantee.
+fn borrowed(snapshot: &Snapshot, request: &AcquireRequest, grant: &Grant) -> bool {
+    let guaranteed = snapshot.tenants.get(&request.tenant_id).and_then(|t| {
+        let tier = snapshot.tiers.get(&t.tier_id)?;
+        Some(t.guaranteed(tier))
+    });
+    guaranteed.is_some_and(|g| grant.tenant_used > g)
+}
+
 fn denial(
     snapshot: &Snapshot,
     tenant: &Id,
@@ -610,7 +637,11 @@ fn denial(
             DenialReason::CountersRecovering
         }
     };
-    crate::metrics::acquire_denied(snapshot, &plan.request, reason, denied.reason);
+    let pool = snapshot
+        .tenants
+        .get(&plan.request.tenant_id)
+        .and_then(|t| t.pool_id.as_ref());
+    crate::metrics::acquire_denied(&plan.request, reason.label(), denied.reason, pool);
     AcquireAnswer::Denied {
         reason,
         retry_after: Some(denied.retry_after),
