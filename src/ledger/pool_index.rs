@@ -129,6 +129,9 @@ impl Ledger {
             }
             return index;
         }
+        // A new index is rare (a first call, a configuration change, an index unused for
+        // its keep time): the moment to forget the expired ones, as Redis does by TTL.
+        self.indexes.retain(|_, index| index.expires > now);
         let w = req.window.as_millis() as i64;
         let mut index = PoolIndex {
             digest: pool_digest(req),
@@ -472,5 +475,55 @@ impl Ledger {
     pub(super) fn set_schedule(&mut self, upstream: &Id, token: &Id, tat: f64) {
         let stored: f64 = format!("{tat:.13e}").parse().expect("a formatted float");
         self.paces.insert(token_key(upstream, token), stored);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn id(value: &str) -> Id {
+        Id::parse("test", value).expect("valid test id")
+    }
+
+    fn request(pool: &[&str]) -> AcquireRequest {
+        AcquireRequest {
+            upstream_id: id("up"),
+            nonce: crate::ledger::LeaseKey::new_nonce(),
+            tenant_id: id("t"),
+            tenant_limit: 10,
+            token_limit: 10,
+            window: Duration::from_secs(60),
+            lease_ttl: Duration::from_secs(5),
+            cost: 1,
+            dedicated: Vec::new(),
+            pooled: pool.iter().map(|t| id(t)).collect::<Vec<_>>().into(),
+            pooled_digest: None,
+            count_demand: true,
+            queue: None,
+            pace_burst: 0,
+        }
+    }
+
+    /// An index no call used for its keep time (10 W + 10 min) is forgotten once
+    /// another index is built, as Redis forgets it by TTL: a long-lived embedded
+    /// process does not keep one per configuration it ever had.
+    #[test]
+    fn expired_indexes_are_forgotten_when_a_new_one_is_built() {
+        let mut ledger = Ledger::default();
+        ledger.mark_fresh(&id("up"));
+        let now = 1_750_000_000_000;
+        ledger.acquire(&request(&["a"]), now);
+        ledger.acquire(&request(&["a", "b"]), now + 1);
+        assert_eq!(ledger.indexes.len(), 2);
+        let keep = 10 * 60_000 + 600_000;
+        ledger.acquire(&request(&["a", "b"]), now + keep / 2 + 10);
+        ledger.acquire(&request(&["c"]), now + keep + 10);
+        let mut left: Vec<&String> = ledger.indexes.keys().collect();
+        left.sort();
+        assert_eq!(left.len(), 2, "the index of [a] expired: {left:?}");
+        assert!(ledger.indexes.values().all(|i| i.expires > now + keep));
     }
 }
