@@ -286,7 +286,12 @@ impl Ledger {
                 queue.remove(&req.nonce);
             }
         }
-        self.record_grant(req, &best, now, cost);
+        let pool = best
+            .pool
+            .as_ref()
+            .zip(index.as_deref())
+            .map(|(c, i)| (i.digest.clone(), c.pos));
+        self.record_grant(req, &best, pool, now, cost);
         if let (Some(chosen), Some(index)) = (&best.pool, index) {
             let used = best.used + cost;
             self.pi_granted(upstream, index, chosen, used, (expires, probe), now);
@@ -303,7 +308,15 @@ impl Ledger {
     }
 
     /// Records a grant in both windows, the token's pace and the lease table.
-    fn record_grant(&mut self, req: &AcquireRequest, best: &Best, now: i64, cost: u32) {
+    /// `pool`: the index (digest) and position of a pool token.
+    fn record_grant(
+        &mut self,
+        req: &AcquireRequest,
+        best: &Best,
+        pool: Option<(String, i64)>,
+        now: i64,
+        cost: u32,
+    ) {
         let expires = now + req.lease_ttl.as_millis() as i64;
         let tenant_key = tenant_key(&req.upstream_id, &req.tenant_id);
         let token_key = token_key(&req.upstream_id, &best.token);
@@ -327,10 +340,7 @@ impl Ledger {
             expires,
             step: pacing.map_or(0.0, |p| p.step()),
             outcome: None,
-            pool: best
-                .pool
-                .as_ref()
-                .map(|c| (super::pool_index::pool_digest(req), c.pos)),
+            pool,
             window_ms: req.window.as_millis() as i64,
         };
         self.leases.insert(lease_key.clone(), lease);

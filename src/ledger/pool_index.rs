@@ -75,7 +75,7 @@ impl Scored {
 
 /// One pool's index (the keys `ir`, `iw`, `ih`, `ip`, `im` of the Redis backend).
 pub(super) struct PoolIndex {
-    digest: String,
+    pub digest: String,
     w: i64,
     l: u32,
     pacing: Option<Pacing>,
@@ -122,7 +122,8 @@ impl Ledger {
     /// The request's pool index, built when missing (`pi_open` + `pi_ensure`); the
     /// caller puts it back with `put_index`.
     pub(super) fn take_index(&mut self, req: &AcquireRequest, now: i64) -> PoolIndex {
-        let key = format!("{}/{}", req.upstream_id, pool_digest(req));
+        let digest = pool_digest(req);
+        let key = format!("{}/{digest}", req.upstream_id);
         if let Some(mut index) = self.indexes.remove(&key).filter(|i| i.expires > now) {
             if index.expires - now < index.keep() / 2 {
                 index.expires = now + index.keep();
@@ -134,7 +135,7 @@ impl Ledger {
         self.indexes.retain(|_, index| index.expires > now);
         let w = req.window.as_millis() as i64;
         let mut index = PoolIndex {
-            digest: pool_digest(req),
+            digest,
             w,
             l: req.token_limit,
             pacing: Pacing::new(req.pace_burst, w, req.token_limit),
