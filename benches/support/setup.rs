@@ -161,7 +161,7 @@ impl Admin {
                 seconds: 60,
                 nanos: 0,
             }),
-            safety_margin: 0.05,
+            safety_margin: Some(0.05),
             ..Default::default()
         };
         let message = pb::CreateUpstreamRequest {

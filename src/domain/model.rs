@@ -112,6 +112,9 @@ impl Upstream {
         Ok(())
     }
 
+    /// The safety margin of an upstream created or updated without one.
+    pub const DEFAULT_SAFETY_MARGIN: f64 = 0.05;
+
     /// The BaseLinker profile seeded on first start: 100 per 60 s, 5 % margin, 10 min block.
     pub fn baselinker(now_ms: i64) -> Self {
         Self {
@@ -119,7 +122,7 @@ impl Upstream {
             display_name: "BaseLinker API".into(),
             limit_per_window: 100,
             window: Duration::from_secs(60),
-            safety_margin: 0.05,
+            safety_margin: Self::DEFAULT_SAFETY_MARGIN,
             block_duration: Duration::from_secs(600),
             max_block: None,
             rate_limit_error_codes: vec![

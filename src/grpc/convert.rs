@@ -66,7 +66,7 @@ pub fn upstream_from_proto(message: Option<pb::Upstream>) -> Result<Upstream, In
         display_name: u.display_name,
         limit_per_window: u.limit_per_window,
         window: parse_duration("upstream.window", u.window)?,
-        safety_margin: u.safety_margin,
+        safety_margin: u.safety_margin.unwrap_or(Upstream::DEFAULT_SAFETY_MARGIN),
         block_duration: parse_optional_duration("upstream.block_duration", u.block_duration)?,
         max_block: match u.max_block {
             Some(max) => Some(parse_duration("upstream.max_block", Some(max))?),
@@ -86,7 +86,7 @@ pub fn upstream_to_proto(u: &Upstream) -> pb::Upstream {
         display_name: u.display_name.clone(),
         limit_per_window: u.limit_per_window,
         window: Some(duration(u.window)),
-        safety_margin: u.safety_margin,
+        safety_margin: Some(u.safety_margin),
         block_duration: Some(duration(u.block_duration)),
         max_block: u.max_block.map(duration),
         rate_limit_error_codes: u.rate_limit_error_codes.clone(),

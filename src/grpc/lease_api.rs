@@ -133,6 +133,7 @@ fn answer_to_proto(answer: AcquireAnswer) -> pb::AcquireLeaseResponse {
             quota: Some(pb::QuotaRemaining {
                 tenant_remaining: g.tenant_remaining,
                 tenant_limit: g.tenant_limit,
+                tenant_ceiling: g.tenant_ceiling,
                 token_remaining: g.token_remaining,
                 window: Some(duration(g.window)),
             }),

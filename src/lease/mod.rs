@@ -72,7 +72,10 @@ pub struct LeaseGrant {
     pub expires_at_ms: i64,
     pub valid_for: Duration,
     pub tenant_remaining: u32,
+    /// The fair-share quota the grant was decided with.
     pub tenant_limit: u32,
+    /// Guaranteed + burst: the most `tenant_limit` can be.
+    pub tenant_ceiling: u32,
     pub token_remaining: u32,
     pub window: Duration,
 }
@@ -158,6 +161,8 @@ fn queue_id(plan: &Plan) -> String {
 struct Plan {
     request: AcquireRequest,
     upstream: Upstream,
+    /// The tenant's guaranteed + burst.
+    ceiling: u32,
 }
 
 impl Leaser {
@@ -423,7 +428,8 @@ impl Leaser {
             return Ok(Err(no_usable_token(tenant, snapshot)));
         };
         let upstream = snapshot.upstreams[&route.upstream_id].clone();
-        check_cost(input.cost, tenant, snapshot.tenant_limit(tenant), &upstream)?;
+        let ceiling = snapshot.tenant_limit(tenant);
+        check_cost(input.cost, tenant, ceiling, &upstream)?;
         // Route around open, quarantined and busy half-open dedicated tokens
         // (`health.rs`). Pool tokens go whole: the store keeps the pool's unusable
         // tokens out itself (its pool index, `index_scripts.rs`), and one list per pool
@@ -468,6 +474,7 @@ impl Leaser {
                 pace_burst: pace_burst(upstream.usable_per_window(), self.pace_burst_percent),
             },
             upstream,
+            ceiling,
         }))
     }
 
@@ -493,6 +500,7 @@ impl Leaser {
             valid_for: self.lease_ttl,
             tenant_remaining: req.tenant_limit.saturating_sub(grant.tenant_used),
             tenant_limit: req.tenant_limit,
+            tenant_ceiling: plan.ceiling,
             token_remaining: req.token_limit.saturating_sub(grant.token_used),
             window: plan.upstream.window,
         })

@@ -69,7 +69,7 @@ pub(super) async fn configure(
         id: px("sim"),
         limit_per_window: s.upstream.limit,
         window: Some(millis(window_ms)),
-        safety_margin: s.upstream.safety_margin,
+        safety_margin: Some(s.upstream.safety_margin),
         block_duration: Some(millis(scaled(s, 600.0).as_millis() as u64)),
         ..Default::default()
     };

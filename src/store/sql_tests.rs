@@ -31,6 +31,7 @@ store_tests!(
     objects::seeding_keeps_existing_objects,
     objects::upstream_round_trip,
     objects::pool_tier_tenant_round_trip,
+    objects::overrides_given_after_nulls_are_stored,
     objects::token_round_trip,
     objects::api_key_round_trip,
     objects::lists_page_in_id_byte_order,

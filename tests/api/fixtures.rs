@@ -39,7 +39,7 @@ impl PoolSetup {
             display_name: "test upstream".into(),
             limit_per_window: self.limit,
             window: Some(millis(self.window_ms)),
-            safety_margin: 0.05,
+            safety_margin: Some(0.05),
             block_duration: Some(millis(60_000)),
             ..Default::default()
         };

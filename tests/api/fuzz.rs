@@ -163,7 +163,7 @@ async fn one_call(app: &TestApp, rng: &mut StdRng) -> Code {
                 display_name: nasty_string(rng, key),
                 limit_per_window: rng.random(),
                 window: nasty_duration(rng),
-                safety_margin: f64::from_bits(rng.random()),
+                safety_margin: Some(f64::from_bits(rng.random())),
                 block_duration: nasty_duration(rng),
                 ..Default::default()
             };

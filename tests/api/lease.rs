@@ -74,8 +74,16 @@ async fn grants_until_the_usable_limit_then_denies_with_retry_after(db: Db, coun
         };
         assert_eq!(lease.token, token_secret(0));
         let quota = lease.quota.unwrap();
-        // One active tenant: its fair share is the whole pool.
-        assert_eq!((quota.token_remaining, quota.tenant_limit), (94 - i, 95));
+        // One active tenant: its fair share is the whole pool, below its tier's
+        // guaranteed + burst (0 + 10,000).
+        assert_eq!(
+            (
+                quota.token_remaining,
+                quota.tenant_limit,
+                quota.tenant_ceiling
+            ),
+            (94 - i, 95, 10_000)
+        );
         first_expiry.get_or_insert(ts_ms(&lease.expires_at.unwrap()));
     }
     for _ in 0..20 {

@@ -16,19 +16,27 @@ type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
 
 const INSERT_TENANT: &str = "INSERT INTO tenants (id, display_name, tier_id, pool_id, \
     weight_override, guaranteed_override, burst_override, update_time_ms, create_time_ms) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+    VALUES ($1, $2, $3, $4, CAST($5 AS DOUBLE PRECISION), $6, $7, $8, $9)";
 const UPDATE_TENANT: &str = "UPDATE tenants SET display_name = $2, tier_id = $3, pool_id = $4, \
-    weight_override = $5, guaranteed_override = $6, burst_override = $7, update_time_ms = $8 \
+    weight_override = CAST($5 AS DOUBLE PRECISION), guaranteed_override = $6, burst_override = $7, update_time_ms = $8 \
     WHERE id = $1";
 
 /// Binds `$1` to `$8` of the tenant statements (`$9`, the create time, is insert only).
+///
+/// `$5`, the weight, is bound as text and cast in the SQL. Bound as an `Option<f64>`,
+/// sqlx 0.9's `Any` driver declares a null one as a 4-byte float (its null mapping
+/// swaps `Real` and `Double`), Postgres keeps the parameter types of the statement a
+/// connection first prepared, and a weight bound after a null on that connection was
+/// refused ("incorrect binary data format in bind parameter 5", an INTERNAL error).
+/// Text has one type whether null or not; Rust prints an `f64` so that it parses back
+/// to the same value.
 fn bind_tenant<'q>(sql: &'static str, v: &Tenant) -> AnyQuery<'q> {
     sqlx::query(sql)
         .bind(v.id.as_str().to_owned())
         .bind(v.display_name.clone())
         .bind(v.tier_id.as_str().to_owned())
         .bind(v.pool_id.as_ref().map(|id| id.as_str().to_owned()))
-        .bind(v.weight_override)
+        .bind(v.weight_override.map(|w| w.to_string()))
         .bind(v.guaranteed_override.map(i64::from))
         .bind(v.burst_override.map(i64::from))
         .bind(v.update_time_ms)

@@ -175,6 +175,46 @@ pub(super) async fn pool_tier_tenant_round_trip(db: &TestDb) {
     assert_eq!(not_found(store.get_pool(&id("eu")).await).1, "pool.id");
 }
 
+/// Optional overrides left out, then given, on one connection: a statement prepared
+/// for a null must still take a number. (Postgres answered the second CreateTenant
+/// "incorrect binary data format in bind parameter 5", INTERNAL, once the pool's
+/// connection had prepared the insert with a null weight.)
+pub(super) async fn overrides_given_after_nulls_are_stored(db: &TestDb) {
+    let store = &db.store;
+    store.seed_defaults().await.unwrap();
+    // Without a pool, so that no guarantee rule is involved.
+    // Enough writes that every connection of the pool has prepared both statements
+    // with nulls first.
+    for i in 0..12 {
+        store
+            .create_tenant(tenant(&format!("plain-{i:02}"), "basic", None))
+            .await
+            .unwrap();
+        let mut plain = store
+            .get_tenant(&id(&format!("plain-{i:02}")))
+            .await
+            .unwrap();
+        plain.display_name = format!("Plain {i}");
+        store.update_tenant(plain).await.unwrap();
+    }
+    for i in 0..12 {
+        let mut weighted = tenant(&format!("weighted-{i:02}"), "basic", None);
+        weighted.weight_override = Some(0.5 + f64::from(i));
+        weighted.guaranteed_override = Some(1);
+        weighted.burst_override = Some(u32::try_from(i).unwrap());
+        let (created, _) = store.create_tenant(weighted.clone()).await.unwrap();
+        assert_eq!(created.weight_override, weighted.weight_override);
+        let mut updated = created.clone();
+        updated.weight_override = Some(2.0 + f64::from(i));
+        let (updated, _) = store.update_tenant(updated).await.unwrap();
+        assert_eq!(updated.weight_override, Some(2.0 + f64::from(i)));
+        assert_eq!(
+            (updated.guaranteed_override, updated.burst_override),
+            (Some(1), Some(u32::try_from(i).unwrap()))
+        );
+    }
+}
+
 /// A token round-trips both kinds of owner and the disabled flag.
 pub(super) async fn token_round_trip(db: &TestDb) {
     let store = &db.store;
