@@ -214,17 +214,19 @@ impl TokenHealth {
         blocked_until_ms: Option<i64>,
         lease_ttl: Duration,
     ) -> OutcomeReport {
-        let (block_duration, max_block) = snapshot
+        let (block_duration, max_block, window) = snapshot
             .upstreams
             .get(&key.upstream_id)
-            .map_or((FALLBACK_BLOCK, None), |u| (u.block_duration, u.max_block));
+            .map_or((FALLBACK_BLOCK, None, Duration::ZERO), |u| {
+                (u.block_duration, u.max_block, u.window)
+            });
         let report = OutcomeReport {
             key: key.clone(),
             outcome,
             blocked_until_ms,
             block_duration,
             max_block: crate::domain::quarantine_max(block_duration, max_block),
-            lease_ttl,
+            repeat_for: lease_ttl + window,
             policy: self.policy,
         };
         if let Some(until) = blocked_until_ms {

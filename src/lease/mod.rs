@@ -530,7 +530,8 @@ impl Leaser {
         })?;
         let not_found = || {
             ServiceError::NotFound(format!(
-                "lease_id: lease '{}' is unknown or expired",
+                "lease_id: lease '{}' is unknown, or its expiry + the upstream window has \
+                 passed (a release is accepted while the lease's slot is counted)",
                 key.to_lease_id()
             ))
         };

@@ -343,7 +343,9 @@ impl Ledger {
             pool,
             window_ms: req.window.as_millis() as i64,
         };
+        // Kept, as a release is accepted, while the lease's slots are counted.
+        let forget_after = expires + lease.window_ms;
         self.leases.insert(lease_key.clone(), lease);
-        self.expiries.insert((expires, lease_key));
+        self.expiries.insert((forget_after, lease_key));
     }
 }

@@ -116,7 +116,7 @@ impl Ledger {
         let relevant = book
             .settled(&key.upstream_id, &key.token_id, now, &mut transitions)
             .is_relevant(&key.nonce, report.outcome);
-        let keep_until = now + report.lease_ttl.as_millis() as i64 + 1_000;
+        let keep_until = now + report.repeat_for.as_millis() as i64 + 1_000;
         let lease = format!("{}/{}", key.upstream_id, key.nonce);
         let applied = relevant && book.mark_applied(lease, now, keep_until);
         if applied {

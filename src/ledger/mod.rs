@@ -70,7 +70,11 @@ use pace::refund;
 use queue::{Demand, WaitQueue};
 use window::Window;
 
-/// A live lease.
+/// A released lease's pool index: its digest, the token's position, the window (ms),
+/// and whether the release came after the lease's expiry.
+type PoolPlace = (String, i64, i64, bool);
+
+/// A lease, live or within W of its expiry.
 struct Lease {
     tenant: Id,
     token: Id,
@@ -90,9 +94,9 @@ struct Lease {
 #[derive(Default)]
 pub struct Ledger {
     windows: HashMap<String, Window>,
-    /// Live leases by `lease_key`.
+    /// Leases by `lease_key`, until their expiry + W (releases are accepted so long).
     leases: HashMap<String, Lease>,
-    /// Lease expiries, so expired leases are dropped without scanning all leases.
+    /// When each lease is forgotten, so that old leases are dropped without scanning.
     expiries: BTreeSet<(i64, String)>,
     /// Demand per tenant window key.
     demand: HashMap<String, Demand>,
@@ -173,7 +177,10 @@ impl Ledger {
     }
 
     /// Records a lease's outcome: "not used" gives its slots (and its pace) back, any
-    /// other outcome ends its occupancy now.
+    /// other outcome ends its occupancy now. A release after the lease's expiry, until
+    /// expiry + W while its slots are still counted, records the outcome and changes no
+    /// slot: the call may have run until the expiry (a slow call started at the last
+    /// instant). Later, the lease is unknown.
     pub fn release(&mut self, key: &LeaseKey, outcome: ReleaseOutcome, now: i64) -> ReleaseResult {
         let (result, pool) = self.release_slots(key, outcome, now);
         self.reindex(
@@ -207,14 +214,14 @@ impl Ledger {
         (result, recorded)
     }
 
-    /// The release itself; with the lease's pool index (digest, position, window) when
-    /// the lease is known.
+    /// The release itself; with the lease's place in its pool index when the lease is
+    /// known.
     fn release_slots(
         &mut self,
         key: &LeaseKey,
         outcome: ReleaseOutcome,
         now: i64,
-    ) -> (ReleaseResult, Option<(String, i64, i64)>) {
+    ) -> (ReleaseResult, Option<PoolPlace>) {
         self.drop_expired_leases(now);
         let Some(lease) = self
             .leases
@@ -222,16 +229,25 @@ impl Ledger {
         else {
             return (ReleaseResult::NotFound, None);
         };
-        if lease.tenant != key.tenant_id || lease.token != key.token_id || lease.expires < now {
+        let counted_until = lease.expires + lease.window_ms;
+        if lease.tenant != key.tenant_id || lease.token != key.token_id || counted_until < now {
             return (ReleaseResult::NotFound, None);
         }
-        let pool = lease.pool.clone().map(|(d, p)| (d, p, lease.window_ms));
+        let late = lease.expires < now;
+        // A late release changes no slot, so the index has nothing to follow but health.
+        let pool = lease
+            .pool
+            .clone()
+            .map(|(d, p)| (d, p, lease.window_ms, late));
         match lease.outcome {
             Some(previous) if previous == outcome => {
                 return (ReleaseResult::AlreadyReleased, pool);
             }
             Some(previous) => return (ReleaseResult::Conflict { previous }, pool),
             None => lease.outcome = Some(outcome),
+        }
+        if late {
+            return (ReleaseResult::Released, pool);
         }
         let (cost, step) = (lease.cost, lease.step);
         let token_key = token_key(&key.upstream_id, &key.token_id);
@@ -267,12 +283,13 @@ impl Ledger {
         outcome: ReleaseOutcome,
         released: bool,
         applied: bool,
-        pool: Option<(String, i64, i64)>,
+        pool: Option<PoolPlace>,
         now: i64,
     ) {
-        let Some((digest, pos, window_ms)) = pool else {
+        let Some((digest, pos, window_ms, late)) = pool else {
             return;
         };
+        let released = released && !late;
         let index_key = format!("{}/{digest}", key.upstream_id);
         let Some(mut index) = self.indexes.remove(&index_key).filter(|i| i.expires > now) else {
             return;

@@ -349,8 +349,9 @@ pub struct OutcomeReport {
     pub block_duration: Duration,
     /// The longest quarantine this report may set (`Upstream::max_block`).
     pub max_block: Duration,
-    /// The service's lease TTL: a release can be repeated at most this long after it.
-    pub lease_ttl: Duration,
+    /// How long a release can still be repeated after it: the life of the lease record,
+    /// the lease's TTL (grace included) + the window (see `Ledger::release`).
+    pub repeat_for: Duration,
     pub policy: BreakerPolicy,
 }
 

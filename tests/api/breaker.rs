@@ -373,7 +373,7 @@ async fn a_quarantine_holds_on_a_replica_that_has_not_heard_of_it() {
         blocked_until_ms: Some(now_ms() + 60_000),
         block_duration: Duration::from_secs(600),
         max_block: Duration::from_secs(2_400),
-        lease_ttl: Duration::from_secs(1),
+        repeat_for: Duration::from_secs(11),
         policy: BreakerPolicy::default(),
     };
     let recorded = a.leaser.counters.record_outcome(&report).await.unwrap();

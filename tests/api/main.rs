@@ -12,6 +12,7 @@ mod fixtures;
 mod fuzz;
 mod helpers;
 mod hostile;
+mod late_release;
 mod lease;
 mod lifecycle;
 mod observe;

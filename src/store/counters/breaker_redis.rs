@@ -39,7 +39,7 @@ pub(super) fn push_policy(inv: &mut redis::ScriptInvocation<'_>, report: &Outcom
         .arg(report.block_duration.as_millis() as u64)
         .arg(QUARANTINE_MIN.as_millis() as u64)
         .arg(report.max_block.max(QUARANTINE_MIN).as_millis() as u64)
-        .arg(report.lease_ttl.as_millis() as u64 + 1_000);
+        .arg(report.repeat_for.as_millis() as u64 + 1_000);
 }
 
 impl RedisCounters {

@@ -22,8 +22,10 @@ use super::index_scripts::pool_index;
 /// Decides one lease and records it when granted.
 ///
 /// - `KEYS[1]`: the tenant's window (sorted set: member `<nonce>#<i>`, score = occupancy end, ms)
-/// - `KEYS[2]`: the lease hash to create (`tenant`, `token`, `cost`, `expires`, and
-///   `step`: the pace each slot spent, for a "not used" release to give back)
+/// - `KEYS[2]`: the lease hash to create (`tenant`, `token`, `cost`, `expires`, `step`:
+///   the pace each slot spent, for a "not used" release to give back, and `w`: the
+///   window; a pool token's lease adds `ix` and `ip`, its index and position). It
+///   lives until expiry + W, as long as a release is accepted.
 /// - `KEYS[3]`: the tenant's demand (hash: bucket index → requests asked for, and
 ///   `u<bucket>` → requests that found the tenant at its quota on their first attempt:
 ///   unmet demand)
@@ -342,9 +344,10 @@ if pool_pos then
   pi_granted(best_token, pool_pos, best_used + cost, best_used == 0, expires, verdict == 2, tat)
 else
   redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', best_token, 'cost', cost,
-    'expires', expires, 'step', step)
+    'expires', expires, 'step', step, 'w', window)
 end
-redis.call('PEXPIRE', KEYS[2], ttl)
+-- A release is accepted as long as the lease's slots are counted (see RELEASE).
+redis.call('PEXPIRE', KEYS[2], ttl + window)
 return reply({1, best, now, expires, tenant_used + cost, best_used + cost, verdict})
 "#
 );
@@ -412,26 +415,38 @@ return 1
 ///
 /// "not_used" removes the lease's entries (the slots come back, and so does the pace
 /// the grant spent, as far as it is still ahead of now); any other outcome
-/// moves their end to now (the call is over, so its occupancy ends now). A first or a
-/// repeated release with the same outcome then goes to the token's health, which
+/// moves their end to now (the call is over, so its occupancy ends now). A release
+/// after the lease's expiry (a slow call that started at the last instant) is accepted
+/// while its slots are counted, until expiry + W: it records the outcome but changes no
+/// slot, whatever the outcome, since the call may have run until the expiry. A first
+/// or a repeated release with the same outcome then goes to the token's health, which
 /// applies each lease once. Returns `{result, previous, now, applied, transitions…}`:
 /// result 1 released, 2 already released with this outcome, 3 released before with
 /// another (`previous`: 1 success, 2 upstream error, 3 rate-limited, 4 not used), 4
-/// unknown or expired; `applied` 1 when the health record changed.
-/// The lease hash expires with the lease, so expired leases need no cleanup pass.
+/// unknown or past expiry + W; `applied` 1 when the health record changed.
+/// The lease hash expires when releases stop being accepted, so expired leases need no
+/// cleanup pass.
 pub const RELEASE: &str = concat!(
     prelude!(),
     pool_index!(),
     r#"
 local lease = redis.call('HMGET', KEYS[1], 'tenant', 'token', 'cost', 'expires', 'outcome', 'step', 'ix', 'ip', 'w')
 local outcome = ARGV[1]
+-- A release is accepted while the lease's slots are counted (expiry + W); one after
+-- the expiry (`late`) records the outcome only: its call may have run until then.
+local late = lease[4] and tonumber(lease[4]) < now
 local function released()
-  if not lease[1] or lease[1] ~= ARGV[2] or lease[2] ~= ARGV[3] or tonumber(lease[4]) < now then
+  if not lease[1] or lease[1] ~= ARGV[2] or lease[2] ~= ARGV[3]
+    or tonumber(lease[4]) + tonumber(lease[9] or 0) < now then
     return 4
   end
   if lease[5] then
     if lease[5] == outcome then return 2 end
     return 3
+  end
+  if late then
+    redis.call('HSET', KEYS[1], 'outcome', outcome)
+    return 1
   end
   for i = 1, tonumber(lease[3]) do
     local member = ARGV[4] .. '#' .. i
@@ -468,7 +483,7 @@ end
 -- another outcome changes neither its use nor its room, only perhaps the instant its
 -- use next drops: its entries now leave the window W after now.
 local moved = false
-if result == 1 and lease[7] then
+if result == 1 and lease[7] and not late then
   moved = outcome == 'not_used' or not redis.call('ZSCORE', ARGV[6] .. 'ir:' .. lease[7], ARGV[3])
   if not moved then
     redis.call('ZADD', ARGV[6] .. 'iw:' .. lease[7], 'LT', now + tonumber(lease[9]) + 1, ARGV[3])

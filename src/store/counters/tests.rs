@@ -623,8 +623,9 @@ on_both_backends! {
     }
 
     /// Property 5: releasing twice with the same outcome is `AlreadyReleased`, with
-    /// another `Conflict { previous }` (and frees nothing); an unknown nonce, an expired
-    /// lease, or a lease id naming another tenant, token or upstream is `NotFound` and
+    /// another `Conflict { previous }` (and frees nothing); a release after the expiry
+    /// is accepted until expiry + W and frees nothing; an unknown nonce, a lease past
+    /// that, or a lease id naming another tenant, token or upstream is `NotFound` and
     /// leaves the lease untouched.
     async fn release_statuses(h: Harness) {
         let req = h.request("t-a", 100, &[], &["k-1"]);
@@ -649,12 +650,17 @@ on_both_backends! {
         }
         assert_eq!(h.usage(&["t-a"], &["k-1"]).await.tokens, vec![1], "conflict freed nothing");
 
+        // After its expiry, a release is accepted until expiry + W, and frees nothing.
         let late = h.grant(&req).await;
         h.advance_to(late.grant.expires_at_ms + 1).await;
-        assert_eq!(h.release(&late.key, ReleaseOutcome::NotUsed).await, ReleaseResult::NotFound);
-        assert_eq!(h.release(&lease.key, ReleaseOutcome::Success).await, ReleaseResult::NotFound);
+        assert_eq!(h.release(&late.key, ReleaseOutcome::NotUsed).await, ReleaseResult::Released);
         let usage = h.usage(&["t-a"], &["k-1"]).await;
         assert_eq!(usage.tokens, vec![2], "an expired lease's slot stays counted");
+        let again = h.release(&late.key, ReleaseOutcome::NotUsed).await;
+        assert_eq!(again, ReleaseResult::AlreadyReleased);
+        h.advance_to(late.grant.expires_at_ms + ms(h.window) + 1).await;
+        assert_eq!(h.release(&late.key, ReleaseOutcome::NotUsed).await, ReleaseResult::NotFound);
+        assert_eq!(h.release(&lease.key, ReleaseOutcome::Success).await, ReleaseResult::NotFound);
     }
 
     /// Token choice: a dedicated token with room wins over emptier pool tokens; among

@@ -44,7 +44,7 @@ fn outcome_report(
         blocked_until_ms,
         block_duration: Duration::from_secs(600),
         max_block: crate::domain::quarantine_max(Duration::from_secs(600), None),
-        lease_ttl: h.ttl,
+        repeat_for: h.ttl + h.window,
         policy: policy(h),
     }
 }
@@ -313,7 +313,7 @@ on_both_backends! {
                 blocked_until_ms: blocked_until(now),
                 block_duration: Duration::from_secs(600),
                 max_block: crate::domain::quarantine_max(Duration::from_secs(600), None),
-                lease_ttl: h.ttl,
+                repeat_for: h.ttl + h.window,
                 policy: policy(&h),
             };
             let q = h.counters.record_outcome(&report).await.expect("record answered");

@@ -207,7 +207,7 @@ impl Run {
             blocked_until_ms: None,
             block_duration: Duration::from_millis(1_200),
             max_block: Duration::from_millis(1_500),
-            lease_ttl: Duration::from_millis(TTL_MS),
+            repeat_for: Duration::from_millis(TTL_MS + WINDOW_MS),
             policy: BreakerPolicy {
                 failures_to_open: 2,
                 open_for: Duration::from_millis(250),

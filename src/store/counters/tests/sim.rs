@@ -534,7 +534,9 @@ impl MemorySim {
             nonce: req.nonce.clone(),
         };
         let e = grant.expires_at_ms;
-        let expect = if r <= e {
+        // A release is accepted while the lease's slots are counted: until expiry + W.
+        let counted_until = e + self.world.window_ms;
+        let expect = if r <= counted_until {
             ReleaseResult::Released
         } else {
             ReleaseResult::NotFound
@@ -548,11 +550,12 @@ impl MemorySim {
             },
         );
         if self.rng.random_bool(0.1) {
-            self.schedule_second_release(key, outcome, r, e, expect);
+            self.schedule_second_release(key, outcome, r, counted_until, expect);
         }
     }
 
-    /// A duplicate release, with the same or another outcome, expecting its status.
+    /// A duplicate release, with the same or another outcome, expecting its status;
+    /// `e`: the last instant a release is accepted.
     fn schedule_second_release(
         &mut self,
         key: LeaseKey,
