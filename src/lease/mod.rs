@@ -455,6 +455,7 @@ impl Leaser {
             } else {
                 0
             },
+            guaranteed: (snapshot.tiers.get(&tenant.tier_id)).map_or(0, |t| tenant.guaranteed(t)),
         };
         Ok(Ok(Plan {
             request: AcquireRequest {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::pace::Pacing;
 use super::pool_index::{Chosen, PoolIndex};
-use super::queue::bucket_ms;
+use super::queue::{GUARANTEED_AHEAD_MS, bucket_ms};
 use super::types::{
     AcquireOutcome, AcquireRequest, Admission, Denied, DenyReason, Grant, Unhealthy,
 };
@@ -32,6 +32,7 @@ struct Best {
 }
 
 /// One decision's fixed inputs.
+#[derive(Clone, Copy)]
 struct Call<'a> {
     req: &'a AcquireRequest,
     now: i64,
@@ -40,6 +41,9 @@ struct Call<'a> {
     bucket: i64,
     /// The caller's virtual deadline, when it takes part in the queue.
     score: Option<i64>,
+    /// Its place in the queue: the score, moved ahead of every tenant beyond its
+    /// guarantee while its own tenant is within (set once the tenant's use is known).
+    rank: Option<i64>,
 }
 
 impl Ledger {
@@ -60,6 +64,7 @@ impl Ledger {
                 .queue
                 .as_ref()
                 .map(|q| q.score.unwrap_or(now + q.priority_offset_ms)),
+            rank: None,
         };
         let mut index = (!req.pooled.is_empty()).then(|| self.take_index(req, now));
         let outcome = self.decide(&call, index.as_mut());
@@ -103,6 +108,16 @@ impl Ledger {
             !queue.is_empty()
         });
         let tenant_used = self.window(tenant_key.clone()).trim(now - call.window_ms);
+        let within_guarantee = req
+            .queue
+            .as_ref()
+            .is_some_and(|q| tenant_used + cost <= q.guaranteed);
+        let call = &Call {
+            rank: call
+                .score
+                .map(|s| s - i64::from(within_guarantee) * GUARANTEED_AHEAD_MS),
+            ..*call
+        };
         let (mut best, mut earliest) = self.scan_dedicated(call);
         if let Some(index) = index.as_deref_mut() {
             if best.is_none() {
@@ -200,14 +215,14 @@ impl Ledger {
     /// room among the ready pool tokens.
     fn waiters_ahead_fill(&self, call: &Call, index: &PoolIndex) -> bool {
         let (req, now, cost) = (call.req, call.now, call.cost);
-        let (Some(ticket), Some(score)) = (&req.queue, call.score) else {
+        let (Some(ticket), Some(rank)) = (&req.queue, call.rank) else {
             return false;
         };
         let queue = &self.queues[&queue_key(&req.upstream_id, &ticket.queue_id)];
         let upstream = &req.upstream_id;
         let mut room = self.pool_room(upstream, index, (0, 0), cost, now);
         let mut ahead = 0;
-        for _ in queue.eligible_ahead(score, &req.nonce, now) {
+        for _ in queue.eligible_ahead(rank, &req.nonce, now) {
             ahead += 1;
             room = self.pool_room(upstream, index, room, ahead + cost, now);
             if ahead + cost > room.0 {
@@ -235,12 +250,12 @@ impl Ledger {
                 .or_default()
                 .record_unmet(call.bucket, call.cost);
         }
-        if let (Some(ticket), Some(score)) = (&req.queue, call.score)
+        if let (Some(ticket), Some(rank)) = (&req.queue, call.rank)
             && ticket.wait_ms > 0
         {
             let key = queue_key(&req.upstream_id, &ticket.queue_id);
             let queue = self.queues.entry(key).or_default();
-            queue.enqueue(&req.nonce, score, now + ticket.wait_ms, eligible);
+            queue.enqueue(&req.nonce, rank, now + ticket.wait_ms, eligible);
         }
         AcquireOutcome::Denied(Denied {
             reason,

@@ -8,6 +8,19 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 /// same numbers.
 pub const BUCKETS_PER_WINDOW: i64 = 10;
 
+/// How far ahead of its virtual deadline a waiter is queued while its tenant is within
+/// its guarantee (this call included): more than any spread of deadlines among live
+/// waiters (ms; ~31 years), so every such waiter ranks before every waiter of a tenant
+/// beyond its guarantee, and within each class the deadlines (priority, then arrival)
+/// keep their order. The class is decided again at each attempt from the tenant's use
+/// then; the deadline the caller carries between attempts stays the plain one.
+///
+/// Why: the 80 % rule reserves every guarantee's capacity in each window, but a slot
+/// that frees goes to the waiters ahead, and a flooding tenant keeps waiters queued
+/// all the time. Without this, a quiet tenant asking within its guarantee waited
+/// behind all of them, up to the flooder's `max_wait`.
+pub const GUARANTEED_AHEAD_MS: i64 = 1_000_000_000_000;
+
 /// A tenant's demand over the last window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DemandCount {

@@ -70,6 +70,11 @@ pub struct QueueTicket {
     pub score: Option<i64>,
     /// How long to stay queued when denied; 0 means do not queue (answer now).
     pub wait_ms: i64,
+    /// The tenant's guaranteed requests per window. While the tenant holds fewer, this
+    /// call included, the caller goes ahead of every waiter whose tenant is beyond its
+    /// own guarantee (`queue::GUARANTEED_AHEAD_MS`): a quiet tenant does not queue
+    /// behind a flooding one.
+    pub guaranteed: u32,
 }
 
 /// A recorded grant.

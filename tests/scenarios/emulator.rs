@@ -27,7 +27,7 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    async fn start(tokens: usize, guaranteed: u32, tenants: &[(&str, f64)]) -> Scenario {
+    pub async fn start(tokens: usize, guaranteed: u32, tenants: &[(&str, f64)]) -> Scenario {
         Self::start_with(
             tokens,
             guaranteed,

@@ -17,5 +17,6 @@ mod throwaway;
 
 mod emulator;
 mod faults;
+mod guarantees;
 mod health;
 mod workers;

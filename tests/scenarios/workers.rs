@@ -95,6 +95,15 @@ impl Tally {
         )
     }
 
+    /// The 99th percentile of the waits of the granted calls of one priority, ms (the
+    /// wait at rank ceil(0.99 n)).
+    pub fn p99_wait(&self, priority: pb::Priority) -> Option<u64> {
+        let mut waits = self.waits_ms.get(&(priority as i32))?.clone();
+        waits.sort_unstable();
+        let rank = (waits.len() * 99).div_ceil(100);
+        waits.get(rank.checked_sub(1)?).copied()
+    }
+
     /// Median and mean wait of the granted calls of one priority, ms.
     pub fn waits(&self, priority: pb::Priority) -> Option<(u64, u64)> {
         let mut waits = self.waits_ms.get(&(priority as i32))?.clone();

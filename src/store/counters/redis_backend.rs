@@ -306,7 +306,8 @@ impl RedisCounters {
             // When this call stops waiting for the answer: a script that reaches Redis
             // later does nothing.
             .arg(crate::clock::system_now_ms() + budget.as_millis() as i64)
-            .arg(self.key_base(up));
+            .arg(self.key_base(up))
+            .arg(req.queue.as_ref().map_or(0, |q| q.guaranteed));
         for token in &req.dedicated {
             inv.arg(token.as_str());
         }

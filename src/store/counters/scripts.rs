@@ -52,8 +52,11 @@ use super::index_scripts::pool_index;
 ///   `ARGV[15]` 1 to trust a fence another Redis process confirmed (see the fence),
 ///   `ARGV[16]` the instant (Unix ms, the replica's clock) after which the caller no
 ///   longer waits for this answer (0: none), `ARGV[17]` the prefix of the upstream's
-///   keys (`<prefix>:{<upstream>}:`, to name the chosen token's health record), and
-///   `ARGV[18..17+n]` token ids (as the windows)
+///   keys (`<prefix>:{<upstream>}:`, to name the chosen token's health record),
+///   `ARGV[18]` the tenant's guaranteed requests per window (a caller within it is
+///   queued ahead of tenants beyond theirs: `queue::GUARANTEED_AHEAD_MS`), and
+///   `ARGV[19..18+n]` the dedicated token ids (as the windows), then the pool's digest
+///   ('' without a pool) and, when the index must be built, the pool's token ids
 ///
 /// Pacing spreads a token's grants over its window: beyond the back-to-back allowance
 /// a token grants one slot per W / token limit (GCRA). The allowance is earned only
@@ -122,10 +125,10 @@ if pace > 0 then step = window / token_limit end
 
 -- The pool's tokens are found through its index (`index_scripts.rs`); a missing index
 -- is built from the pool's token ids, which the caller sends only when told to.
-local digest = ARGV[18 + n_dedicated]
+local digest = ARGV[19 + n_dedicated]
 if digest ~= '' then
   pi_open(base, digest, window, token_limit, pace, pace_key)
-  if not pi_ensure(19 + n_dedicated) then return {-2, now} end
+  if not pi_ensure(20 + n_dedicated) then return {-2, now} end
 end
 
 local bucket = math.floor(now / tonumber(ARGV[9]))
@@ -141,7 +144,7 @@ if first_attempt and redis.call('HINCRBY', KEYS[3], bucket, cost) == cost then
   end
 end
 
-local score = nil
+local score, rank = nil, nil
 local has_waiters = false
 if queued then
   if ARGV[11] == '' then score = now + tonumber(ARGV[12]) else score = tonumber(ARGV[11]) end
@@ -182,7 +185,7 @@ local function deny(reason, at, eligible, over_quota)
   if first_attempt and over_quota then redis.call('HINCRBY', KEYS[3], 'u' .. bucket, cost) end
   if not queued then return {0, reason, at - now, now, -1} end
   if wait_ms > 0 then
-    redis.call('ZADD', KEYS[4], score, nonce)
+    redis.call('ZADD', KEYS[4], rank, nonce)
     redis.call('ZADD', KEYS[5], now + wait_ms, nonce)
     redis.call('HSET', KEYS[6], nonce, eligible)
     for i = 4, 6 do redis.call('PEXPIRE', KEYS[i], wait_ms + window) end
@@ -216,6 +219,11 @@ local function drain_pace(token)
 end
 
 local tenant_used = trim(KEYS[1])
+-- A caller whose tenant is within its guarantee, this call included, goes ahead of
+-- every waiter of a tenant beyond its own (`queue::GUARANTEED_AHEAD_MS`): `rank` is its
+-- place in the queue; `score`, its deadline, is what it carries to its next attempt.
+rank = score
+if queued and tenant_used + cost <= tonumber(ARGV[18]) then rank = score - 1000000000000 end
 
 -- Dedicated tokens first, least used first; one with room wins over every pool token.
 local n = n_dedicated
@@ -226,7 +234,7 @@ local function sooner(at)
 end
 for idx = 1, n do
   local key = KEYS[6 + idx]
-  local token = ARGV[17 + idx]
+  local token = ARGV[18 + idx]
   local used = trim(key)
   local room = used + cost <= token_limit
   -- A token with room that would not beat the best so far needs no pacing read.
@@ -292,7 +300,7 @@ if has_waiters and pool_pos then
     end
   end
   grow(cost)
-  for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. score)) do
+  for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. rank)) do
     if other ~= nonce and tonumber(redis.call('HGET', KEYS[6], other) or now) <= now then
       ahead = ahead + 1
       grow(ahead + cost)

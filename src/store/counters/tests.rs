@@ -509,6 +509,9 @@ macro_rules! on_both_backends {
 #[path = "tests/pacing.rs"]
 mod pacing;
 
+#[path = "tests/guarantee_queue.rs"]
+mod guarantee_queue;
+
 on_both_backends! {
     /// Property 1: one token grants exactly its usable limit (95) per window, then denies
     /// with retry at its first slot's end + W; denials are not counted, so after many of

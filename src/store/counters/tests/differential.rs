@@ -128,6 +128,8 @@ impl Run {
             priority_offset_ms: [0, 50, 100][t % 3],
             score,
             wait_ms: if self.rng.random_bool(0.7) { 300 } else { 0 },
+            // Some tenants within their guarantee for a while, queued ahead of others.
+            guaranteed: [2, 0, 4, 0][t % 4],
         });
         AcquireRequest {
             upstream_id: id(UPSTREAM),

@@ -28,6 +28,7 @@ fn queued(score: Option<i64>, wait_ms: i64) -> Option<QueueTicket> {
         priority_offset_ms: 0,
         score,
         wait_ms,
+        guaranteed: 0,
     })
 }
 
