@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use super::live::LiveConfig;
 use super::{Snapshot, TokenHealth};
-use crate::domain::{Id, TokenOwner, Upstream};
+use crate::domain::{Id, SharedAccess, TokenOwner, Upstream};
 use crate::events::{EventBus, EventKind};
 use crate::quota::{Claim, allocate};
 use crate::store::counters::{CounterError, Counters, DemandCount, bucket_ms};
@@ -270,6 +270,11 @@ fn claim(snapshot: &Snapshot, tenant_id: &Id, upstream: &Id, usable: u32, demand
             weight: tenant.weight(tier),
             demand,
             dedicated: dedicated.saturating_mul(usable),
+            class: match tier.shared_access {
+                SharedAccess::Priority => 0,
+                SharedAccess::Normal => 1,
+                SharedAccess::Limited => 2,
+            },
         },
         None => Claim {
             guaranteed: 0,
@@ -277,6 +282,7 @@ fn claim(snapshot: &Snapshot, tenant_id: &Id, upstream: &Id, usable: u32, demand
             weight: 1.0,
             demand,
             dedicated: 0,
+            class: 1,
         },
     }
 }

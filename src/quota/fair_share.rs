@@ -3,10 +3,12 @@
 //! Every tenant first gets its *base*: its guarantee, or the capacity of its own
 //! dedicated tokens when that is larger (never above guarantee + burst). The pool's
 //! *spare* capacity — what is left after the guarantees tenants draw from the pool — is
-//! then divided among tenants with unmet demand by weighted water-filling: raise a level
-//! λ until the capacity runs out, each tenant taking `min(cap_i, w_i · λ)`, where `cap_i`
-//! is how much more it wants (demand − base), bounded by its burst. Capacity nobody
-//! asked for is then shared the same way among every tenant up to its burst, so a
+//! then divided among tenants with unmet demand, class by class (`Claim::class`: the
+//! tier's shared access, priority first, then normal, then limited; a class gets only
+//! what the classes before it left), and within a class by weighted water-filling: raise
+//! a level λ until the capacity runs out, each tenant taking `min(cap_i, w_i · λ)`, where
+//! `cap_i` is how much more it wants (demand − base), bounded by its burst. Capacity
+//! nobody asked for is then shared the same way among every tenant up to its burst, so a
 //! tenant that wakes up finds idle capacity at once instead of waiting for its demand
 //! to be measured; the quotas never sum to more than the pool, so guarantees stay safe.
 //! Shares are made whole numbers by largest remainder, ties broken by tenant order, so
@@ -26,6 +28,10 @@ pub struct Claim {
     pub demand: u32,
     /// Usable capacity per window of tokens dedicated to it.
     pub dedicated: u32,
+    /// Its claim on spare capacity: lower classes are served first, a class sharing
+    /// only what the ones before it left (0 priority, 1 normal, 2 limited). Guarantees
+    /// do not depend on it.
+    pub class: u8,
 }
 
 impl Claim {
@@ -58,20 +64,42 @@ pub fn allocate(pool_capacity: u32, claims: &[Claim]) -> Vec<u32> {
         .iter()
         .map(|c| c.weight.max(f64::MIN_POSITIVE))
         .collect();
-    let shares = water_fill(spare, &caps, &weights);
+    let classes: Vec<u8> = claims.iter().map(|c| c.class).collect();
+    let shares = fill_by_class(spare, &caps, &weights, &classes);
     let idle = spare - shares.iter().sum::<u64>();
     let headroom: Vec<u64> = claims
         .iter()
         .zip(&shares)
         .map(|(c, s)| (c.ceiling().saturating_sub(c.base()) as u64).saturating_sub(*s))
         .collect();
-    let idle_shares = water_fill(idle, &headroom, &weights);
+    let idle_shares = fill_by_class(idle, &headroom, &weights, &classes);
     claims
         .iter()
         .zip(shares)
         .zip(idle_shares)
         .map(|((c, s), i)| c.base() + (s + i) as u32)
         .collect()
+}
+
+/// Divides `spare` class by class, lowest class first: each class water-fills what the
+/// classes before it left.
+fn fill_by_class(spare: u64, caps: &[u64], weights: &[f64], classes: &[u8]) -> Vec<u64> {
+    let mut shares = vec![0; caps.len()];
+    let mut left = spare;
+    let mut order: Vec<u8> = classes.to_vec();
+    order.sort_unstable();
+    order.dedup();
+    for class in order {
+        let members: Vec<usize> = (0..caps.len()).filter(|&i| classes[i] == class).collect();
+        let class_caps: Vec<u64> = members.iter().map(|&i| caps[i]).collect();
+        let class_weights: Vec<f64> = members.iter().map(|&i| weights[i]).collect();
+        let filled = water_fill(left, &class_caps, &class_weights);
+        for (&i, share) in members.iter().zip(filled) {
+            shares[i] = share;
+            left -= share;
+        }
+    }
+    shares
 }
 
 /// Divides `spare` whole units: `min(cap_i, w_i·λ)` with the largest λ that fits, then
@@ -137,7 +165,35 @@ mod tests {
             weight,
             demand,
             dedicated: 0,
+            class: 1,
         }
+    }
+
+    /// Spare capacity goes class by class: priority tenants take theirs first (up to
+    /// burst), normal ones share what is left by weight, limited ones get the rest —
+    /// here nothing; guarantees stay whole. Idle capacity follows the same order.
+    #[test]
+    fn shared_access_classes_claim_spare_in_order() {
+        let of = |class, weight| Claim {
+            class,
+            ..claim(30, 60, weight, 1_000)
+        };
+        // 285 usable, 4 × 30 drawn: 165 spare. Priority takes its 60, the normal pair
+        // shares the 105 left 2:1 (60 is its burst: 60 and 45), limited gets 0.
+        let claims = [of(2, 1.0), of(1, 1.0), of(0, 1.0), of(1, 2.0)];
+        assert_eq!(allocate(285, &claims), vec![30, 75, 90, 90]);
+        // Everyone saturating at equal weights and one class: 165 / 4 each.
+        let same: Vec<Claim> = (0..4).map(|_| of(1, 1.0)).collect();
+        assert_eq!(allocate(285, &same), vec![72, 71, 71, 71]);
+        // Nobody asks: the idle capacity too goes priority first.
+        let idle: Vec<Claim> = [2, 0]
+            .iter()
+            .map(|&c| Claim {
+                demand: 0,
+                ..of(c, 1.0)
+            })
+            .collect();
+        assert_eq!(allocate(150, &idle), vec![60, 90]);
     }
 
     /// Seed strategy 2 with everyone saturating: 285 usable, 30 guaranteed each, weights
@@ -220,6 +276,7 @@ mod tests {
             weight: 3.0,
             demand: 1000,
             dedicated: 190,
+            class: 1,
         };
         let basic = claim(20, 10, 1.0, 1000);
         // Pool 95: premium draws 0, basic draws 20; spare 75: premium may add 10, basic 10.
@@ -235,6 +292,7 @@ mod tests {
                     weight: w as f64 / 4.0,
                     demand: d,
                     dedicated: ded,
+                    class: (w % 3) as u8,
                 }
             });
         (0u32..1000, prop::collection::vec(claim, 1..12))
@@ -261,9 +319,14 @@ mod tests {
             let room = claims.iter().zip(&shares).any(|(c, s)| *s < (c.ceiling().saturating_sub(c.base())) as u64);
             if room { prop_assert_eq!(used, spare, "capacity left idle while a tenant could take it"); }
             for (i, a) in claims.iter().enumerate() {
-                // Max-min among tenants whose demand is unmet.
+                // Max-min among tenants of one class whose demand is unmet; a tenant of
+                // a later class gets no spare while one of an earlier class wants more.
                 if shares[i] >= a.cap() as u64 { continue; }
                 for (j, b) in claims.iter().enumerate() {
+                    if b.class > a.class {
+                        prop_assert_eq!(shares[j], 0, "class {} served before class {} is met", b.class, a.class);
+                    }
+                    if b.class != a.class { continue; }
                     let (sa, sb) = (shares[i] as f64 / a.weight, (shares[j] as f64 - 1.0) / b.weight);
                     prop_assert!(sa + 1.0 / a.weight >= sb, "tenant {i} below cap has less weighted share than {j}");
                 }

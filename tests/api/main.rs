@@ -2,6 +2,7 @@
 //! dying replica), Redis Cluster, reflection.
 //! One binary (faster to link); each module says what it proves.
 
+mod access_classes;
 mod admin;
 mod auth;
 mod breaker;
