@@ -1,5 +1,7 @@
-//! Quota algorithms, pure: no I/O, no clocks. `fair_share` divides a pool's capacity.
+//! Quota algorithms, pure: no I/O, no clocks. `fair_share` divides a pool's capacity;
+//! `rebalance` plans tenant moves between pools that run hot and cold.
 
 pub mod fair_share;
+pub mod rebalance;
 
 pub use fair_share::{Claim, allocate};
