@@ -133,7 +133,7 @@ impl Upstream {
 }
 
 /// Who may use a token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum TokenOwner {
     /// A member of this shared pool.
     Pool(Id),
