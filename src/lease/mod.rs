@@ -4,6 +4,7 @@
 mod allocator;
 mod health;
 mod live;
+mod patch;
 mod snapshot;
 mod usage;
 mod waiting;
