@@ -41,6 +41,10 @@ pub struct Allocator {
     events: EventBus,
     health: TokenHealth,
     sender: Arc<watch::Sender<Arc<Quotas>>>,
+    /// One recompute at a time: concurrent admin writes then share one (the first
+    /// computes for the newest snapshot, the others find their version covered)
+    /// instead of each recomputing every tenant's quota.
+    refreshing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Allocator {
@@ -57,6 +61,7 @@ impl Allocator {
             events,
             health,
             sender: Arc::new(sender),
+            refreshing: Arc::default(),
         }
     }
 
@@ -89,15 +94,26 @@ impl Allocator {
     /// `refresh` after a configuration change, unless the quotas already follow this
     /// configuration (a burst of admin writes shares one snapshot, and one allocation).
     pub async fn refresh_for_config(&self) -> Result<(), CounterError> {
-        if self.current().inputs.0 >= self.config.current().version {
+        let covered = || self.current().inputs.0 >= self.config.current().version;
+        if covered() {
             return Ok(());
         }
-        self.refresh().await
+        let _turn = self.refreshing.lock().await;
+        if covered() {
+            return Ok(());
+        }
+        self.refresh_locked().await
     }
 
     /// Recomputes when a bucket completed or the configuration changed.
     #[tracing::instrument(name = "allocation", skip_all)]
     pub async fn refresh(&self) -> Result<(), CounterError> {
+        let _turn = self.refreshing.lock().await;
+        self.refresh_locked().await
+    }
+
+    /// `refresh`, with `refreshing` held.
+    async fn refresh_locked(&self) -> Result<(), CounterError> {
         let snapshot = self.config.current();
         let mut quotas = Quotas::default();
         quotas.inputs.2 = self.health.out_of_service();
