@@ -54,6 +54,7 @@ store_tests!(
     incremental::scoped_check_refuses_what_the_full_check_refuses,
     incremental::patched_snapshot_equals_full_build,
     incremental::a_gap_in_the_change_log_means_a_full_load,
+    incremental::a_key_may_name_thousands_of_tenants,
 );
 
 /// A database that cannot be reached is UNAVAILABLE (retry later), not INTERNAL, and

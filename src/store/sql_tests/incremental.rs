@@ -280,3 +280,41 @@ fn assert_same(patched: &Snapshot, full: &Snapshot, step: usize) {
     assert_eq!(patched.routes, full.routes, "{at}");
     assert_eq!(patched.pool_reports, full.pool_reports, "{at}");
 }
+
+/// A worker key may name thousands of tenants (stored a batch per statement); a
+/// missing one is NOT_FOUND naming the first missing id, and nothing is stored.
+pub(super) async fn a_key_may_name_thousands_of_tenants(db: &TestDb) {
+    let store = &db.store;
+    store.seed_defaults().await.unwrap();
+    let mut raw = db.raw().await;
+    let ids: Vec<String> = (0..2_500).map(|i| format!("t{i:05}")).collect();
+    for tenant_id in &ids {
+        sqlx::query(
+            "INSERT INTO tenants (id, display_name, tier_id, create_time_ms, update_time_ms) \
+             VALUES ($1, '', 'basic', 0, 0)",
+        )
+        .bind(tenant_id.clone())
+        .execute(&mut raw)
+        .await
+        .unwrap();
+    }
+    let scope: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut with_missing = scope.clone();
+    with_missing.push("t01200x");
+    with_missing.push("t99999");
+    let refused = store
+        .create_api_key(api_key("k-many", ApiKeyRole::Worker, &with_missing))
+        .await;
+    assert_eq!(
+        not_found(refused),
+        ("t01200x".to_owned(), "api_key.tenant_ids".to_owned())
+    );
+    assert!(store.list_api_keys(None, 10).await.unwrap().is_empty());
+    let (stored, _) = store
+        .create_api_key(api_key("k-many", ApiKeyRole::Worker, &scope))
+        .await
+        .unwrap();
+    assert_eq!(stored.tenant_ids.len(), 2_500);
+    let loaded = store.load().await.unwrap();
+    assert_eq!(loaded.api_keys[0].tenant_ids.len(), 2_500);
+}
