@@ -158,7 +158,10 @@ async fn start(args: &Args) -> anyhow::Result<Server> {
         if let Ok(Some(status)) = server.child.try_wait() {
             anyhow::bail!("server exited: {status}");
         }
-        if connect(&server).await.is_ok() {
+        // The listener is bound before the bootstrap admin key is written.
+        let key_written =
+            args.mode == Mode::Postgres || server._data_dir.path().join("admin.key").exists();
+        if key_written && connect(&server).await.is_ok() {
             break;
         }
         anyhow::ensure!(Instant::now() < deadline, "server did not come up");

@@ -394,7 +394,7 @@ impl Leaser {
         let routes = snapshot
             .routes
             .get(&tenant.id)
-            .map(Vec::as_slice)
+            .map(|routes| &routes[..])
             .unwrap_or_default();
         let route = match &input.upstream_id {
             Some(up) => {

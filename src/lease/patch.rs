@@ -26,6 +26,9 @@ impl Snapshot {
     pub fn patched(&self, delta: ConfigDelta, ring: &KeyRing) -> Arc<Snapshot> {
         let mut next = self.clone();
         next.version = delta.version;
+        if delta.len() > delta.api_keys.len() {
+            next.quota_version = delta.version;
+        }
         let structural = !(delta.upstreams.is_empty()
             && delta.tokens.is_empty()
             && delta.pools.is_empty()
@@ -57,7 +60,7 @@ impl Snapshot {
         for key in delta.api_keys.upserted {
             next.key_scopes
                 .insert(key.id.clone(), crate::auth::scope_of(&key));
-            next.api_keys.insert(key.id.clone(), key);
+            next.api_keys.insert(key.id.clone(), Arc::new(key));
         }
         let changed_tenants: Vec<Id> = delta
             .tenants
@@ -66,7 +69,12 @@ impl Snapshot {
             .map(|id| Id::from_trusted(id.clone()))
             .chain(delta.tenants.upserted.iter().map(|t| t.id.clone()))
             .collect();
-        apply(&mut next.tenants, delta.tenants, |t| t.id.clone());
+        for id in &delta.tenants.removed {
+            next.tenants.remove(&Id::from_trusted(id.clone()));
+        }
+        for tenant in delta.tenants.upserted {
+            next.tenants.insert(tenant.id.clone(), Arc::new(tenant));
+        }
         if structural {
             next.rebuild_derived();
         } else {

@@ -63,16 +63,21 @@ pub struct Route {
 #[derive(Default, Clone)]
 pub struct Snapshot {
     pub version: i64,
+    /// The version of the last change that can move quotas: API key changes leave it,
+    /// so creating keys costs no quota recompute.
+    pub quota_version: i64,
     pub upstreams: HashMap<Id, Upstream>,
     pub tokens: HashMap<Id, LiveToken>,
     pub pools: HashMap<Id, Pool>,
     pub tiers: HashMap<Id, Tier>,
-    pub tenants: HashMap<Id, Tenant>,
-    pub api_keys: HashMap<String, ApiKeyRecord>,
+    /// Tenants, keys and routes are shared (`Arc`) with the snapshots patched from this
+    /// one, so a patch copies pointers, not every tenant and key.
+    pub tenants: HashMap<Id, Arc<Tenant>>,
+    pub api_keys: HashMap<String, Arc<ApiKeyRecord>>,
     /// Each key's tenant scope as a set, built once here (`Snapshot::scope`).
     pub(super) key_scopes: HashMap<String, Arc<HashSet<Id>>>,
     /// Per tenant: one route per upstream it can reach, ordered by upstream id.
-    pub routes: HashMap<Id, Vec<Route>>,
+    pub routes: HashMap<Id, Arc<[Route]>>,
     /// Per pool: usable capacity and the guarantees drawn from it.
     pub pool_reports: HashMap<Id, CapacityReport>,
     /// The token lists routes are made of, shared with later patched snapshots while
@@ -150,6 +155,7 @@ impl Snapshot {
         let keyed = |id: &Id| id.clone();
         let mut snapshot = Snapshot {
             version: stored.version,
+            quota_version: stored.version,
             upstreams: view
                 .upstreams
                 .into_iter()
@@ -165,12 +171,12 @@ impl Snapshot {
             tenants: view
                 .tenants
                 .into_iter()
-                .map(|t| (keyed(&t.id), t))
+                .map(|t| (keyed(&t.id), Arc::new(t)))
                 .collect(),
             api_keys: stored
                 .api_keys
                 .into_iter()
-                .map(|k| (k.id.clone(), k))
+                .map(|k| (k.id.clone(), Arc::new(k)))
                 .collect(),
             ..Snapshot::default()
         };
@@ -207,7 +213,7 @@ impl Snapshot {
 
     /// `tenant`'s routes: per upstream with a usable token, its pool's shared list and
     /// its own dedicated tokens, when either is not empty.
-    pub(super) fn routes_of(&self, tenant: &Tenant) -> Vec<Route> {
+    pub(super) fn routes_of(&self, tenant: &Tenant) -> Arc<[Route]> {
         let pool = tenant
             .pool_id
             .as_ref()
@@ -284,7 +290,7 @@ impl Snapshot {
         let own = self
             .api_keys
             .get(&record.id)
-            .is_some_and(|mine| std::ptr::eq(mine, record));
+            .is_some_and(|mine| std::ptr::eq(&**mine, record));
         match self.key_scopes.get(&record.id) {
             Some(scope) if own => scope.clone(),
             _ => crate::auth::scope_of(record),
