@@ -327,6 +327,18 @@ async fn main() -> anyhow::Result<()> {
         args.mode, args.tokens, args.tenants, args.keys, args.in_flight
     );
     let mut c = admin.client.clone();
+    // A key made by `create-api-key` reaches the server's snapshot at its next poll.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(status) = c
+        .list_tiers(admin.req(pb::ListTiersRequest::default()))
+        .await
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the admin key never worked: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     c.create_upstream(admin.req(pb::CreateUpstreamRequest {
         upstream: Some(pb::Upstream {
             id: "scale".into(),
