@@ -18,7 +18,10 @@ pub use priority::{Priority, PriorityMap, RequestKind};
 pub use token_health::{
     BreakerPolicy, MAX_BLOCK_FACTOR, QUARANTINE_MAX, QUARANTINE_MIN, TokenState, quarantine_max,
 };
-pub use validate::{CapacityReport, ConfigView, MAX_GUARANTEED_SHARE, check_guarantees};
+pub use validate::{
+    CapacityReport, ConfigView, MAX_GUARANTEED_SHARE, check_guarantees, check_pool_report,
+    drawn_guarantee, token_of_another_upstream,
+};
 
 /// A value that breaks a rule of the model, naming the field so a person can fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

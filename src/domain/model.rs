@@ -136,7 +136,7 @@ impl Upstream {
 }
 
 /// Who may use a token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum TokenOwner {
     /// A member of this shared pool.
     Pool(Id),
@@ -333,6 +333,11 @@ impl ApiKeyRole {
     }
 }
 
+/// Most tenants one worker key may name. The scope is a set built once per key and
+/// shared by every call (`Snapshot::scope`), so its size costs nothing per call; the
+/// bound keeps a CreateApiKey request (up to 64 bytes per id) under gRPC's 4 MB.
+pub const MAX_KEY_TENANTS: usize = 50_000;
+
 /// An API key as stored: never the secret, only its SHA-256.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ApiKeyRecord {
@@ -369,9 +374,13 @@ impl ApiKeyRecord {
                 "api_key.tenant_ids",
                 "must name at least one tenant for a worker key",
             )),
-            _ if self.tenant_ids.len() > 1000 => Err(InvalidField::new(
+            _ if self.tenant_ids.len() > MAX_KEY_TENANTS => Err(InvalidField::new(
                 "api_key.tenant_ids",
-                "names more than 1000 tenants; use an admin key or several keys",
+                format!(
+                    "names {} tenants; a key may name at most {MAX_KEY_TENANTS} (use an \
+                     admin key or several keys)",
+                    self.tenant_ids.len()
+                ),
             )),
             _ => Ok(()),
         }

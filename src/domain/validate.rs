@@ -32,22 +32,6 @@ pub struct CapacityReport {
 }
 
 impl ConfigView {
-    fn upstream(&self, id: &Id) -> Option<&Upstream> {
-        self.upstreams.iter().find(|u| &u.id == id)
-    }
-
-    /// Usable capacity per window of the tokens matching `owner` (the enabled ones, or
-    /// all of them with `with_disabled`).
-    fn capacity(&self, owner: &TokenOwner, upstream: &Upstream, with_disabled: bool) -> u64 {
-        let count = self
-            .tokens
-            .iter()
-            .filter(|t| with_disabled || !t.disabled)
-            .filter(|t| &t.owner == owner && t.upstream_id == upstream.id)
-            .count() as u64;
-        count * upstream.usable_per_window() as u64
-    }
-
     /// Capacity (of the enabled tokens) and drawn guarantees of every pool: what
     /// leasing can serve now.
     pub fn pool_reports(&self) -> HashMap<Id, CapacityReport> {
@@ -62,58 +46,98 @@ impl ConfigView {
         self.reports(true)
     }
 
+    /// One pass over the tokens, one over the tenants: O(tokens + tenants).
     fn reports(&self, with_disabled: bool) -> HashMap<Id, CapacityReport> {
+        let upstreams: HashMap<&Id, &Upstream> =
+            self.upstreams.iter().map(|u| (&u.id, u)).collect();
         let tiers: HashMap<&Id, &Tier> = self.tiers.iter().map(|t| (&t.id, t)).collect();
-        let mut reports = HashMap::new();
-        for pool in &self.pools {
-            let Some(upstream) = self.upstream(&pool.upstream_id) else {
+        let mut tokens: HashMap<(&TokenOwner, &Id), u64> = HashMap::new();
+        for token in self.tokens.iter().filter(|t| with_disabled || !t.disabled) {
+            *tokens
+                .entry((&token.owner, &token.upstream_id))
+                .or_default() += 1;
+        }
+        let mut drawn: HashMap<&Id, u64> = HashMap::new();
+        let pools: HashMap<&Id, &Upstream> = self
+            .pools
+            .iter()
+            .filter_map(|p| Some((&p.id, *upstreams.get(&p.upstream_id)?)))
+            .collect();
+        for tenant in &self.tenants {
+            let Some(pool_id) = &tenant.pool_id else {
                 continue;
             };
-            let pool_owner = TokenOwner::Pool(pool.id.clone());
-            let capacity = self.capacity(&pool_owner, upstream, with_disabled);
-            let drawn: u64 = self
-                .tenants
-                .iter()
-                .filter(|t| t.pool_id.as_ref() == Some(&pool.id))
-                .filter_map(|t| tiers.get(&t.tier_id).map(|tier| (t, tier)))
-                .map(|(tenant, tier)| {
-                    let owner = TokenOwner::Dedicated(tenant.id.clone());
-                    let dedicated = self.capacity(&owner, upstream, with_disabled);
-                    (tenant.guaranteed(tier) as u64).saturating_sub(dedicated)
-                })
-                .sum();
-            reports.insert(
-                pool.id.clone(),
-                CapacityReport {
-                    capacity_per_window: capacity.min(u32::MAX as u64) as u32,
-                    guaranteed_per_window: drawn.min(u32::MAX as u64) as u32,
-                },
-            );
+            let (Some(upstream), Some(tier)) = (pools.get(pool_id), tiers.get(&tenant.tier_id))
+            else {
+                continue;
+            };
+            let owner = TokenOwner::Dedicated(tenant.id.clone());
+            let dedicated = tokens.get(&(&owner, &upstream.id)).copied().unwrap_or(0);
+            let share = drawn_guarantee(tenant.guaranteed(tier), dedicated, upstream);
+            let sum = drawn.entry(pool_id).or_default();
+            *sum = sum.saturating_add(share);
+        }
+        let mut reports = HashMap::new();
+        for pool in &self.pools {
+            let Some(upstream) = pools.get(&pool.id) else {
+                continue;
+            };
+            let owner = TokenOwner::Pool(pool.id.clone());
+            let count = tokens.get(&(&owner, &upstream.id)).copied().unwrap_or(0);
+            let capacity = count * upstream.usable_per_window() as u64;
+            let drawn = drawn.get(&pool.id).copied().unwrap_or(0);
+            reports.insert(pool.id.clone(), CapacityReport::saturating(capacity, drawn));
         }
         reports
     }
 }
 
-/// Checks every cross-object rule; the error names the field and the numbers involved.
+impl CapacityReport {
+    /// A report from exact sums, each capped at `u32::MAX`.
+    pub fn saturating(capacity_per_window: u64, guaranteed_per_window: u64) -> Self {
+        Self {
+            capacity_per_window: capacity_per_window.min(u32::MAX as u64) as u32,
+            guaranteed_per_window: guaranteed_per_window.min(u32::MAX as u64) as u32,
+        }
+    }
+}
+
+/// What a tenant with guarantee `guaranteed` and `dedicated_tokens` tokens of its own
+/// on the pool's `upstream` draws from the pool: the part its own tokens do not cover.
+pub fn drawn_guarantee(guaranteed: u32, dedicated_tokens: u64, upstream: &Upstream) -> u64 {
+    let dedicated = dedicated_tokens.saturating_mul(upstream.usable_per_window() as u64);
+    (guaranteed as u64).saturating_sub(dedicated)
+}
+
+/// Checks every cross-object rule on the whole configuration; the error names the
+/// field and the numbers involved. The store checks only the pools a write can affect
+/// (`store::sql::guarantees`), with the same two steps and messages; this is the
+/// reference it is tested against.
 pub fn check_guarantees(view: &ConfigView) -> Result<(), InvalidField> {
     check_token_upstreams(view)?;
     let mut reports: Vec<_> = view.provisioned_reports().into_iter().collect();
     reports.sort_by(|a, b| a.0.cmp(&b.0));
     for (pool_id, report) in reports {
-        let allowed = (report.capacity_per_window as f64 * MAX_GUARANTEED_SHARE).floor() as u32;
-        if report.guaranteed_per_window > allowed {
-            return Err(InvalidField::new(
-                "guaranteed_per_window",
-                format!(
-                    "pool '{pool_id}' would owe its tenants {} guaranteed requests per window, \
-                     but its tokens (disabled ones included) serve {} per window and at most \
-                     80% of that ({allowed}) may be guaranteed; add tokens to the pool, lower \
-                     the guarantees, or move tenants to another pool (to take a token out of \
-                     service at once, disable it: that is always allowed)",
-                    report.guaranteed_per_window, report.capacity_per_window
-                ),
-            ));
-        }
+        check_pool_report(&pool_id, report)?;
+    }
+    Ok(())
+}
+
+/// The 80 % rule on one pool's provisioned report.
+pub fn check_pool_report(pool_id: &Id, report: CapacityReport) -> Result<(), InvalidField> {
+    let allowed = (report.capacity_per_window as f64 * MAX_GUARANTEED_SHARE).floor() as u32;
+    if report.guaranteed_per_window > allowed {
+        return Err(InvalidField::new(
+            "guaranteed_per_window",
+            format!(
+                "pool '{pool_id}' would owe its tenants {} guaranteed requests per window, \
+                 but its tokens (disabled ones included) serve {} per window and at most \
+                 80% of that ({allowed}) may be guaranteed; add tokens to the pool, lower \
+                 the guarantees, or move tenants to another pool (to take a token out of \
+                 service at once, disable it: that is always allowed)",
+                report.guaranteed_per_window, report.capacity_per_window
+            ),
+        ));
     }
     Ok(())
 }
@@ -126,16 +150,31 @@ fn check_token_upstreams(view: &ConfigView) -> Result<(), InvalidField> {
             && let Some(pool) = pools.get(pool_id)
             && pool.upstream_id != token.upstream_id
         {
-            return Err(InvalidField::new(
-                "token.upstream_id",
-                format!(
-                    "token '{}' is for upstream '{}' but pool '{pool_id}' holds tokens of '{}'",
-                    token.id, token.upstream_id, pool.upstream_id
-                ),
+            return Err(token_of_another_upstream(
+                &token.id,
+                &token.upstream_id,
+                pool_id,
+                &pool.upstream_id,
             ));
         }
     }
     Ok(())
+}
+
+/// The error for a pool token whose upstream is not its pool's.
+pub fn token_of_another_upstream(
+    token_id: &Id,
+    token_upstream: &Id,
+    pool_id: &Id,
+    pool_upstream: &Id,
+) -> InvalidField {
+    InvalidField::new(
+        "token.upstream_id",
+        format!(
+            "token '{token_id}' is for upstream '{token_upstream}' but pool '{pool_id}' holds \
+             tokens of '{pool_upstream}'"
+        ),
+    )
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::admin_store::{Read, loaded_one, loaded_page, mark, write_by};
+use super::admin_store::{Read, loaded_one, loaded_page, loaded_shared_page, mark, write_by};
 use super::auth::caller;
 use super::convert::*;
 use super::pb::{self, admin_service_server::AdminService};
@@ -554,7 +554,7 @@ impl AdminService for AdminApi {
         let id = parse_id("id", &r.get_ref().id)?;
         let read = self
             .read(self.config().store().get_tenant(&id), |s| {
-                loaded_one(s.tenants.get(&id), Kind::Tenant, id.as_str())
+                loaded_one(s.tenants.get(&id).map(|t| &**t), Kind::Tenant, id.as_str())
             })
             .await?;
         Ok(read.respond(|stored| pb::GetTenantResponse {
@@ -573,7 +573,7 @@ impl AdminService for AdminApi {
                 self.config()
                     .store()
                     .list_tenants(after.as_deref(), limit + 1),
-                |s| Ok(loaded_page(&s.tenants, after.as_deref(), limit + 1)),
+                |s| Ok(loaded_shared_page(&s.tenants, after.as_deref(), limit + 1)),
             )
             .await?;
         let loaded_version = read.loaded_version;
@@ -651,7 +651,7 @@ impl AdminService for AdminApi {
         let id = id.as_str();
         let read = self
             .read(self.config().store().get_api_key(id), |s| {
-                loaded_one(s.api_keys.get(id), Kind::ApiKey, id)
+                loaded_one(s.api_keys.get(id).map(|k| &**k), Kind::ApiKey, id)
             })
             .await?;
         Ok(read.respond(|stored| pb::GetApiKeyResponse {
@@ -670,7 +670,7 @@ impl AdminService for AdminApi {
                 self.config()
                     .store()
                     .list_api_keys(after.as_deref(), limit + 1),
-                |s| Ok(loaded_page(&s.api_keys, after.as_deref(), limit + 1)),
+                |s| Ok(loaded_shared_page(&s.api_keys, after.as_deref(), limit + 1)),
             )
             .await?;
         let loaded_version = read.loaded_version;

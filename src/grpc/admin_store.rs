@@ -113,7 +113,25 @@ pub fn loaded_page<K: AsRef<str>, T: Clone>(
     after: Option<&str>,
     limit: u32,
 ) -> Vec<T> {
-    let mut page: Vec<(&str, &T)> = items
+    loaded_page_of(items, after, limit, T::clone)
+}
+
+/// [`loaded_page`] of the objects a map shares (`Arc`), copied out.
+pub fn loaded_shared_page<K: AsRef<str>, T: Clone>(
+    items: &HashMap<K, std::sync::Arc<T>>,
+    after: Option<&str>,
+    limit: u32,
+) -> Vec<T> {
+    loaded_page_of(items, after, limit, |item| T::clone(item))
+}
+
+fn loaded_page_of<K: AsRef<str>, V, T>(
+    items: &HashMap<K, V>,
+    after: Option<&str>,
+    limit: u32,
+    copy: impl Fn(&V) -> T,
+) -> Vec<T> {
+    let mut page: Vec<(&str, &V)> = items
         .iter()
         .map(|(id, item)| (id.as_ref(), item))
         .filter(|(id, _)| after.is_none_or(|after| *id > after))
@@ -121,7 +139,7 @@ pub fn loaded_page<K: AsRef<str>, T: Clone>(
     page.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     page.into_iter()
         .take(limit as usize)
-        .map(|(_, item)| item.clone())
+        .map(|(_, item)| copy(item))
         .collect()
 }
 

@@ -26,7 +26,7 @@ impl Interceptor for AuthInterceptor {
         let snapshot = self.config.current();
         let caller = Caller::authenticate(
             header,
-            |id| snapshot.api_keys.get(id),
+            |id| snapshot.api_keys.get(id).map(|k| &**k),
             |record| snapshot.scope(record),
         )?;
         request.extensions_mut().insert(caller);

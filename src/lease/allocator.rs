@@ -28,8 +28,9 @@ use crate::store::counters::{CounterError, Counters, DemandCount, bucket_ms};
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Quotas {
     pub by_tenant: HashMap<(Id, Id), u32>,
-    /// What the quotas were computed from: config version, each upstream's bucket and
-    /// the tokens out of service.
+    /// What the quotas were computed from: the config version of the last change that
+    /// can move quotas (`Snapshot::quota_version`), each upstream's bucket and the tokens
+    /// out of service.
     inputs: (i64, Vec<(Id, i64)>, BTreeSet<Id>),
 }
 
@@ -41,6 +42,10 @@ pub struct Allocator {
     events: EventBus,
     health: TokenHealth,
     sender: Arc<watch::Sender<Arc<Quotas>>>,
+    /// One recompute at a time: concurrent admin writes then share one (the first
+    /// computes for the newest snapshot, the others find their version covered)
+    /// instead of each recomputing every tenant's quota.
+    refreshing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Allocator {
@@ -57,6 +62,7 @@ impl Allocator {
             events,
             health,
             sender: Arc::new(sender),
+            refreshing: Arc::default(),
         }
     }
 
@@ -89,15 +95,26 @@ impl Allocator {
     /// `refresh` after a configuration change, unless the quotas already follow this
     /// configuration (a burst of admin writes shares one snapshot, and one allocation).
     pub async fn refresh_for_config(&self) -> Result<(), CounterError> {
-        if self.current().inputs.0 >= self.config.current().version {
+        let covered = || self.current().inputs.0 >= self.config.current().quota_version;
+        if covered() {
             return Ok(());
         }
-        self.refresh().await
+        let _turn = self.refreshing.lock().await;
+        if covered() {
+            return Ok(());
+        }
+        self.refresh_locked().await
     }
 
     /// Recomputes when a bucket completed or the configuration changed.
     #[tracing::instrument(name = "allocation", skip_all)]
     pub async fn refresh(&self) -> Result<(), CounterError> {
+        let _turn = self.refreshing.lock().await;
+        self.refresh_locked().await
+    }
+
+    /// `refresh`, with `refreshing` held.
+    async fn refresh_locked(&self) -> Result<(), CounterError> {
         let snapshot = self.config.current();
         let mut quotas = Quotas::default();
         quotas.inputs.2 = self.health.out_of_service();
@@ -109,7 +126,7 @@ impl Allocator {
                 .await?;
             quotas.inputs.1.push((upstream.id.clone(), bucket));
         }
-        quotas.inputs.0 = snapshot.version;
+        quotas.inputs.0 = snapshot.quota_version;
         let previous = self.current();
         if previous.inputs == quotas.inputs {
             return Ok(());
@@ -209,12 +226,19 @@ impl Allocator {
                     at.saturating_duration_since(tokio::time::Instant::now())
                         .min(every)
                 });
-                tokio::select! {
-                    _ = tokio::time::sleep(wake) => {}
-                    _ = config_changes.changed() => {}
+                let config_changed = tokio::select! {
+                    _ = tokio::time::sleep(wake) => false,
+                    _ = config_changes.changed() => true,
                     _ = shutdown.changed() => return,
-                }
-                match allocator.refresh().await {
+                };
+                // A configuration change that an admin write's own recompute covered
+                // already, or that cannot move quotas (API keys), computes nothing.
+                let refreshed = if config_changed {
+                    allocator.refresh_for_config().await
+                } else {
+                    allocator.refresh().await
+                };
+                match refreshed {
                     Ok(()) => failing = false,
                     Err(error) if !failing => {
                         failing = true;

@@ -86,14 +86,30 @@ impl LiveConfig {
         self.reload_locked().await
     }
 
-    /// `refresh`, with `reload_lock` held.
+    /// `refresh`, with `reload_lock` held: reads only what changed since the
+    /// snapshot's version and patches a copy of it (`Snapshot::patched`); loads and
+    /// builds everything only when the store's change log does not cover the versions
+    /// in between.
     async fn reload_locked(&self) -> Result<(), StoreError> {
+        let current = self.current();
         let version = self.store.version().await?;
-        if version == self.current().version {
+        if version == current.version {
+            return Ok(());
+        }
+        if let Some(delta) = self.store.changes_since(current.version).await? {
+            if delta.version > current.version {
+                tracing::debug!(
+                    version = delta.version,
+                    changed = delta.len(),
+                    "configuration patched"
+                );
+                self.sender
+                    .send_replace(current.patched(delta, &self.ring()));
+            }
             return Ok(());
         }
         let stored = self.store.load().await?;
-        if stored.version > self.current().version {
+        if stored.version > current.version {
             tracing::info!(version = stored.version, "configuration reloaded");
             self.sender
                 .send_replace(Snapshot::build(stored, &self.ring()));

@@ -4,6 +4,7 @@
 mod allocator;
 mod health;
 mod live;
+mod patch;
 mod snapshot;
 mod usage;
 mod waiting;
@@ -398,7 +399,7 @@ impl Leaser {
         let routes = snapshot
             .routes
             .get(&tenant.id)
-            .map(Vec::as_slice)
+            .map(|routes| &routes[..])
             .unwrap_or_default();
         let route = match &input.upstream_id {
             Some(up) => {

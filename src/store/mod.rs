@@ -14,12 +14,12 @@ mod sql;
 #[cfg(test)]
 mod sql_tests;
 
-pub use sql::{Backend, ConfigStore, StoredConfig};
+pub use sql::{Backend, Changes, ConfigDelta, ConfigStore, StoredConfig};
 
 use crate::domain::InvalidField;
 
 /// What kind of object a store error is about, for messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     Upstream,
     Token,

@@ -12,10 +12,11 @@
 //!    replicas, so the cross-object checks below cannot suffer write skew;
 //! 2. checks that every referenced object exists (NOT_FOUND naming the request field);
 //! 3. writes (a taken id is ALREADY_EXISTS; a missing one NOT_FOUND);
-//! 4. reloads the whole configuration in the transaction and runs
-//!    [`crate::domain::check_guarantees`]: a violation rolls everything back and is
-//!    FAILED_PRECONDITION;
-//! 5. commits and returns the new version with the object as stored.
+//! 4. checks the rules of [`crate::domain::check_guarantees`] on the pools the write
+//!    can affect (`guarantees`: a few aggregate queries per pool, not a read of the whole
+//!    configuration): a violation rolls everything back and is FAILED_PRECONDITION;
+//! 5. records what it changed in the change log (`changes`), commits and returns the
+//!    new version with the object as stored.
 //!
 //! Callers validate each object's own rules (`Tier::validate` …) before calling; the
 //! store enforces the rules that span objects.
@@ -23,9 +24,13 @@
 //! # Layout
 //! - `rows`: column lists, row decoding and the reads shared by every kind.
 //! - `tx`: the write transaction, reference checks and the mapping of database errors.
+//! - `guarantees`: the cross-object rules on the pools one write affects.
+//! - `changes`: the change log replicas patch their snapshot from.
 //! - `config`: upstreams, pools and tiers; `tenancy`: tenants and tokens; `keys`: API keys.
 
+mod changes;
 mod config;
+mod guarantees;
 mod keys;
 mod rows;
 mod tenancy;
@@ -39,6 +44,7 @@ use crate::clock::system_now_ms;
 use crate::domain::{ApiKeyRecord, ConfigView, Id, Pool, Tenant, Tier, TokenRecord, Upstream};
 
 use super::StoreError;
+pub use changes::{Changes, ConfigDelta};
 use tx::Write;
 
 /// Connections a SQLite store opens. SQLite has one writer at a time anyway; a few
@@ -204,9 +210,11 @@ impl ConfigStore {
         let now = system_now_ms();
         for tier in Tier::seed_defaults(now) {
             config::insert_tier_if_missing(write.conn(), &tier).await?;
+            write.changed(super::Kind::Tier, tier.id.as_str());
         }
         let upstream = Upstream::baselinker(now);
         config::insert_upstream_if_missing(write.conn(), &upstream).await?;
+        write.changed(super::Kind::Upstream, upstream.id.as_str());
         write.mark_seeded().await?;
         write.commit_unchecked().await?;
         Ok(Some(upstream.id))
@@ -237,6 +245,23 @@ impl ConfigStore {
             view,
             api_keys,
         })
+    }
+
+    /// What changed since `version`, read from the change log in one snapshot as
+    /// [`ConfigStore::load`] reads; `None` when the log does not cover every version
+    /// since (then load everything).
+    pub async fn changes_since(&self, version: i64) -> Result<Option<ConfigDelta>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(tx::map_error)?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *tx)
+                .await
+                .map_err(tx::map_error)?;
+        }
+        let now = rows::version(&mut tx).await?;
+        let delta = changes::read(&mut tx, self.backend, version, now).await?;
+        tx.commit().await.map_err(tx::map_error)?;
+        Ok(delta)
     }
 
     pub async fn create_upstream(&self, v: Upstream) -> Result<(Upstream, i64), StoreError> {

@@ -3,6 +3,7 @@
 //! (see `harness::store_tests!`), each on a fresh database of its own.
 
 mod harness;
+mod incremental;
 mod objects;
 mod rules;
 mod writes;
@@ -51,6 +52,10 @@ store_tests!(
     writes::concurrent_writes_lose_nothing,
     writes::concurrent_writes_cannot_overcommit_a_pool,
     writes::secrets_are_stored_as_given,
+    incremental::scoped_check_refuses_what_the_full_check_refuses,
+    incremental::patched_snapshot_equals_full_build,
+    incremental::a_gap_in_the_change_log_means_a_full_load,
+    incremental::a_key_may_name_thousands_of_tenants,
 );
 
 /// A database that cannot be reached is UNAVAILABLE (retry later), not INTERNAL, and

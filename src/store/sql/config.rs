@@ -47,6 +47,7 @@ pub(super) async fn create_upstream(
         .execute(write.conn())
         .await
         .map_err(write_error(Kind::Upstream, v.id.as_str()))?;
+    write.changed(Kind::Upstream, v.id.as_str());
     write.finish_returning(&UPSTREAMS, v.id.as_str()).await
 }
 
@@ -75,6 +76,9 @@ pub(super) async fn update_upstream(
         .await
         .map_err(write_error(Kind::Upstream, v.id.as_str()))?;
     ensure_found(done.rows_affected(), Kind::Upstream, v.id.as_str())?;
+    write.changed(Kind::Upstream, v.id.as_str());
+    // Its limit and margin set the capacity of every pool of it.
+    write.affects_pools_of_upstream(v.id.as_str()).await?;
     write.finish_returning(&UPSTREAMS, v.id.as_str()).await
 }
 
@@ -107,6 +111,7 @@ pub(super) async fn delete_upstream(store: &ConfigStore, id: &Id) -> Result<i64,
         ));
     }
     write.delete_row(&UPSTREAMS, id).await?;
+    write.changed(Kind::Upstream, id);
     write.finish().await
 }
 
@@ -138,6 +143,8 @@ pub(super) async fn create_pool(
         .execute(write.conn())
         .await
         .map_err(write_error(Kind::Pool, v.id.as_str()))?;
+    write.changed(Kind::Pool, v.id.as_str());
+    write.affects_pool(v.id.as_str());
     write.finish_returning(&POOLS, v.id.as_str()).await
 }
 
@@ -157,6 +164,8 @@ pub(super) async fn update_pool(
         .await
         .map_err(write_error(Kind::Pool, v.id.as_str()))?;
     ensure_found(done.rows_affected(), Kind::Pool, v.id.as_str())?;
+    write.changed(Kind::Pool, v.id.as_str());
+    write.affects_pool(v.id.as_str());
     write.finish_returning(&POOLS, v.id.as_str()).await
 }
 
@@ -189,6 +198,7 @@ pub(super) async fn delete_pool(store: &ConfigStore, id: &Id) -> Result<i64, Sto
         ));
     }
     write.delete_row(&POOLS, id).await?;
+    write.changed(Kind::Pool, id);
     write.finish().await
 }
 
@@ -221,6 +231,7 @@ pub(super) async fn create_tier(
         .execute(write.conn())
         .await
         .map_err(write_error(Kind::Tier, v.id.as_str()))?;
+    write.changed(Kind::Tier, v.id.as_str());
     write.finish_returning(&TIERS, v.id.as_str()).await
 }
 
@@ -251,6 +262,8 @@ pub(super) async fn update_tier(
         .await
         .map_err(write_error(Kind::Tier, v.id.as_str()))?;
     ensure_found(done.rows_affected(), Kind::Tier, v.id.as_str())?;
+    write.changed(Kind::Tier, v.id.as_str());
+    write.affects_pools_of_tier(v.id.as_str()).await?;
     write.finish_returning(&TIERS, v.id.as_str()).await
 }
 
@@ -271,5 +284,6 @@ pub(super) async fn delete_tier(store: &ConfigStore, id: &Id) -> Result<i64, Sto
         ));
     }
     write.delete_row(&TIERS, id).await?;
+    write.changed(Kind::Tier, id);
     write.finish().await
 }

@@ -11,26 +11,46 @@ use crate::store::{Kind, StoreError};
 
 use super::rows::{self, API_KEYS, TENANTS};
 use super::tx::{Write, ensure_found, map_error, write_error};
-use super::{Backend, ConfigStore};
+use super::{Backend, ConfigStore, changes};
 
-/// The tenant scopes of the keys with ids in `first..=last` (all keys if `None`),
-/// each sorted by tenant id.
+/// Which keys' scopes [`scopes`] reads.
+enum Keys<'a> {
+    All,
+    /// Ids in `first..=last`.
+    Range(&'a str, &'a str),
+    /// Keys the change log names after this version.
+    ChangedSince(i64),
+}
+
+/// The tenant scopes of `keys`, each sorted by tenant id.
 async fn scopes(
     conn: &mut AnyConnection,
     backend: Backend,
-    range: Option<(&str, &str)>,
+    keys: Keys<'_>,
 ) -> Result<HashMap<String, Vec<Id>>, StoreError> {
     let key = rows::in_byte_order(backend, "api_key_id");
     let tenant = rows::in_byte_order(backend, "tenant_id");
-    let filter = match range {
-        Some(_) => format!("WHERE {key} >= $1 AND {key} <= $2"),
-        None => String::new(),
+    let filter = match keys {
+        Keys::All => String::new(),
+        Keys::Range(..) => format!("WHERE {key} >= $1 AND {key} <= $2"),
+        Keys::ChangedSince(_) => {
+            format!(
+                "WHERE api_key_id {}",
+                changes::changed_filter(Kind::ApiKey).0
+            )
+        }
     };
     let sql =
         format!("SELECT api_key_id, tenant_id FROM api_key_tenants {filter} ORDER BY {tenant}");
     let mut query = sqlx::query(AssertSqlSafe(sql));
-    if let Some((first, last)) = range {
-        query = query.bind(first.to_owned()).bind(last.to_owned());
+    match keys {
+        Keys::All => {}
+        Keys::Range(first, last) => query = query.bind(first.to_owned()).bind(last.to_owned()),
+        Keys::ChangedSince(from) => {
+            query = query
+                .bind(changes::changed_filter(Kind::ApiKey).1)
+                .bind(from)
+        }
     }
     let found = query.fetch_all(conn).await.map_err(map_error)?;
     let mut scopes: HashMap<String, Vec<Id>> = HashMap::new();
@@ -54,7 +74,7 @@ async fn with_scopes(
     let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
         return Ok(keys);
     };
-    let mut scopes = scopes(conn, backend, Some((&first.id, &last.id))).await?;
+    let mut scopes = scopes(conn, backend, Keys::Range(&first.id, &last.id)).await?;
     for key in &mut keys {
         key.tenant_ids = scopes.remove(&key.id).unwrap_or_default();
     }
@@ -86,7 +106,36 @@ pub(super) async fn all(
     backend: Backend,
 ) -> Result<Vec<ApiKeyRecord>, StoreError> {
     let mut keys = rows::all(conn, &API_KEYS, backend).await?;
-    let mut scopes = scopes(conn, backend, None).await?;
+    let mut scopes = scopes(conn, backend, Keys::All).await?;
+    for key in &mut keys {
+        key.tenant_ids = scopes.remove(&key.id).unwrap_or_default();
+    }
+    Ok(keys)
+}
+
+/// The keys the change log names after version `from`, with their scopes (a key named
+/// but not found was deleted).
+pub(super) async fn changed_since(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    from: i64,
+) -> Result<Vec<ApiKeyRecord>, StoreError> {
+    let (filter, kind) = changes::changed_filter(Kind::ApiKey);
+    let sql = format!(
+        "SELECT {} FROM api_keys WHERE id {filter}",
+        API_KEYS.columns
+    );
+    let found = sqlx::query(AssertSqlSafe(sql))
+        .bind(kind)
+        .bind(from)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(map_error)?;
+    let mut keys = found
+        .iter()
+        .map(API_KEYS.decode)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut scopes = scopes(conn, backend, Keys::ChangedSince(from)).await?;
     for key in &mut keys {
         key.tenant_ids = scopes.remove(&key.id).unwrap_or_default();
     }
@@ -101,19 +150,36 @@ pub(super) async fn count_admins(conn: &mut AnyConnection) -> Result<u64, StoreE
     Ok(u64::try_from(count).unwrap_or(0))
 }
 
-/// Checks that every tenant exists (NOT_FOUND naming `api_key.tenant_ids`) and stores
-/// the scope of key `id`.
+/// Tenants of a scope inserted per statement: one bind parameter each, far below
+/// SQLite's 32,766 and Postgres's 65,535.
+const SCOPE_BATCH: usize = 500;
+
+/// Checks that every tenant exists (NOT_FOUND naming `api_key.tenant_ids`, the first
+/// missing one in `tenant_ids` order) and stores the scope of key `id`, a batch of
+/// tenants per statement.
 async fn insert_scope(write: &mut Write, id: &str, tenant_ids: &[Id]) -> Result<(), StoreError> {
-    for tenant_id in tenant_ids {
-        write
-            .require(&TENANTS, tenant_id.as_str(), "api_key.tenant_ids")
-            .await?;
-        sqlx::query("INSERT INTO api_key_tenants (api_key_id, tenant_id) VALUES ($1, $2)")
-            .bind(id.to_owned())
-            .bind(tenant_id.as_str().to_owned())
+    for batch in tenant_ids.chunks(SCOPE_BATCH) {
+        let placeholders: Vec<String> = (2..batch.len() + 2).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "INSERT INTO api_key_tenants (api_key_id, tenant_id) SELECT CAST($1 AS TEXT), id \
+             FROM tenants WHERE id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut insert = sqlx::query(AssertSqlSafe(sql)).bind(id.to_owned());
+        for tenant_id in batch {
+            insert = insert.bind(tenant_id.as_str().to_owned());
+        }
+        let done = insert
             .execute(write.conn())
             .await
             .map_err(write_error(Kind::ApiKey, id))?;
+        if done.rows_affected() < batch.len() as u64 {
+            for tenant_id in batch {
+                write
+                    .require(&TENANTS, tenant_id.as_str(), "api_key.tenant_ids")
+                    .await?;
+            }
+        }
     }
     Ok(())
 }
@@ -152,6 +218,7 @@ pub(super) async fn create(
     .await
     .map_err(write_error(Kind::ApiKey, &v.id))?;
     insert_scope(&mut write, &v.id, &v.tenant_ids).await?;
+    write.changed(Kind::ApiKey, &v.id);
     finish_returning(write, &v.id).await
 }
 
@@ -195,6 +262,7 @@ pub(super) async fn update(
         .await
         .map_err(write_error(Kind::ApiKey, &v.id))?;
     insert_scope(&mut write, &v.id, &v.tenant_ids).await?;
+    write.changed(Kind::ApiKey, &v.id);
     finish_returning(write, &v.id).await
 }
 
@@ -206,5 +274,6 @@ pub(super) async fn delete(store: &ConfigStore, id: &str) -> Result<i64, StoreEr
         .await
         .map_err(write_error(Kind::ApiKey, id))?;
     write.delete_row(&API_KEYS, id).await?;
+    write.changed(Kind::ApiKey, id);
     write.finish().await
 }

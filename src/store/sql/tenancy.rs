@@ -68,6 +68,10 @@ pub(super) async fn create_tenant(
         .execute(write.conn())
         .await
         .map_err(write_error(Kind::Tenant, v.id.as_str()))?;
+    write.changed(Kind::Tenant, v.id.as_str());
+    if let Some(pool) = &v.pool_id {
+        write.affects_pool(pool.as_str());
+    }
     write.finish_returning(&TENANTS, v.id.as_str()).await
 }
 
@@ -78,11 +82,18 @@ pub(super) async fn update_tenant(
     v.update_time_ms = system_now_ms();
     let mut write = Write::begin(store).await?;
     require_tenant_refs(&mut write, &v).await?;
+    // The pool it leaves (its dedicated tokens no longer cover a guarantee there) and
+    // the pool it joins.
+    write.affects_pool_of_tenant(v.id.as_str()).await?;
     let done = bind_tenant(UPDATE_TENANT, &v)
         .execute(write.conn())
         .await
         .map_err(write_error(Kind::Tenant, v.id.as_str()))?;
     ensure_found(done.rows_affected(), Kind::Tenant, v.id.as_str())?;
+    write.changed(Kind::Tenant, v.id.as_str());
+    if let Some(pool) = &v.pool_id {
+        write.affects_pool(pool.as_str());
+    }
     write.finish_returning(&TENANTS, v.id.as_str()).await
 }
 
@@ -117,12 +128,23 @@ pub(super) async fn delete_tenant(store: &ConfigStore, id: &Id) -> Result<i64, S
             advice,
         ));
     }
+    // The keys it leaves change too. Its pool only loses a guarantee: nothing to check.
+    let scoped = write
+        .ids(
+            "SELECT api_key_id FROM api_key_tenants WHERE tenant_id = $1".into(),
+            id,
+        )
+        .await?;
+    for key in &scoped {
+        write.changed(Kind::ApiKey, key);
+    }
     sqlx::query("DELETE FROM api_key_tenants WHERE tenant_id = $1")
         .bind(id)
         .execute(write.conn())
         .await
         .map_err(write_error(Kind::Tenant, id))?;
     write.delete_row(&TENANTS, id).await?;
+    write.changed(Kind::Tenant, id);
     write.finish().await
 }
 
@@ -181,6 +203,8 @@ pub(super) async fn create_token(
         .execute(write.conn())
         .await
         .map_err(write_error(Kind::Token, v.id.as_str()))?;
+    write.changed(Kind::Token, v.id.as_str());
+    write.affects_owner(&v.owner).await?;
     write.finish_returning(&TOKENS, v.id.as_str()).await
 }
 
@@ -192,6 +216,8 @@ pub(super) async fn update_token(
     v.update_time_ms = system_now_ms();
     let mut write = Write::begin(store).await?;
     require_token_refs(&mut write, &v).await?;
+    // The pool it counted for before (it may leave it) and the one it counts for now.
+    write.affects_stored_token(v.id.as_str()).await?;
     let query = if v.sealed_secret.is_empty() {
         bind_token(UPDATE_TOKEN_KEEPING_SECRET, &v)
     } else {
@@ -204,13 +230,17 @@ pub(super) async fn update_token(
         .await
         .map_err(write_error(Kind::Token, v.id.as_str()))?;
     ensure_found(done.rows_affected(), Kind::Token, v.id.as_str())?;
+    write.changed(Kind::Token, v.id.as_str());
+    write.affects_owner(&v.owner).await?;
     write.finish_returning(&TOKENS, v.id.as_str()).await
 }
 
 /// Refused by the guarantee check when the pool would owe more than 80 % of what is left.
 pub(super) async fn delete_token(store: &ConfigStore, id: &Id) -> Result<i64, StoreError> {
     let mut write = Write::begin(store).await?;
+    write.affects_stored_token(id.as_str()).await?;
     write.delete_row(&TOKENS, id.as_str()).await?;
+    write.changed(Kind::Token, id.as_str());
     write.finish().await
 }
 
@@ -244,6 +274,7 @@ pub(super) async fn reseal_tokens(
         .execute(write.conn())
         .await
         .map_err(write_error(Kind::Token, id))?;
+        write.changed(Kind::Token, id);
     }
     write.commit_unchecked().await?;
     Ok(changes.len())

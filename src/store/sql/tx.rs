@@ -1,14 +1,16 @@
 //! The write transaction every admin write goes through, the checks it makes, and how
 //! database errors become [`StoreError`]s.
 
+use std::collections::BTreeSet;
+
 use sqlx::error::ErrorKind;
 use sqlx::{Any, AnyConnection, AssertSqlSafe, Transaction};
 
-use crate::domain::{InvalidField, check_guarantees};
+use crate::domain::{InvalidField, TokenOwner};
 use crate::store::{Kind, StoreError};
 
 use super::rows::{self, Table};
-use super::{Backend, ConfigStore};
+use super::{Backend, ConfigStore, changes, guarantees};
 
 /// How many ids an "is used by" message lists before it stops with "…".
 const MAX_LISTED_IDS: usize = 5;
@@ -19,6 +21,11 @@ pub(super) struct Write {
     tx: Transaction<'static, Any>,
     version: i64,
     backend: Backend,
+    /// The pools whose guarantee rules this write may change (`affects_*`): the ones
+    /// [`Write::finish`] checks.
+    affected: BTreeSet<String>,
+    /// The objects this write changed (`changed`), recorded in the change log at commit.
+    changes: BTreeSet<(Kind, String)>,
 }
 
 impl Write {
@@ -44,7 +51,71 @@ impl Write {
             tx,
             version,
             backend: store.backend,
+            affected: BTreeSet::new(),
+            changes: BTreeSet::new(),
         })
+    }
+
+    /// Records that this write changes (creates, updates or deletes) object `id` of
+    /// `kind`: replicas reload it (`changes.rs`).
+    pub(super) fn changed(&mut self, kind: Kind, id: &str) {
+        self.changes.insert((kind, id.to_owned()));
+    }
+
+    /// The guarantee rules of pool `id` must be checked at the end.
+    pub(super) fn affects_pool(&mut self, id: &str) {
+        self.affected.insert(id.to_owned());
+    }
+
+    /// The pool of tenant `id` as stored now, if it has one, is affected.
+    pub(super) async fn affects_pool_of_tenant(&mut self, id: &str) -> Result<(), StoreError> {
+        let pool: Option<Option<String>> =
+            sqlx::query_scalar("SELECT pool_id FROM tenants WHERE id = $1")
+                .bind(id.to_owned())
+                .fetch_optional(&mut *self.tx)
+                .await
+                .map_err(map_error)?;
+        if let Some(Some(pool)) = pool {
+            self.affected.insert(pool);
+        }
+        Ok(())
+    }
+
+    /// The pool a token of `owner` counts for is affected: its own pool, or the pool of
+    /// the tenant it is dedicated to.
+    pub(super) async fn affects_owner(&mut self, owner: &TokenOwner) -> Result<(), StoreError> {
+        match owner {
+            TokenOwner::Pool(pool) => {
+                self.affects_pool(pool.as_str());
+                Ok(())
+            }
+            TokenOwner::Dedicated(tenant) => self.affects_pool_of_tenant(tenant.as_str()).await,
+        }
+    }
+
+    /// The pool token `id` counts for as stored now (before this write changes it).
+    pub(super) async fn affects_stored_token(&mut self, id: &str) -> Result<(), StoreError> {
+        if let Some(token) = rows::find(&mut self.tx, &rows::TOKENS, id).await? {
+            self.affects_owner(&token.owner).await?;
+        }
+        Ok(())
+    }
+
+    /// Every pool of upstream `id` (its capacity per token may change).
+    pub(super) async fn affects_pools_of_upstream(&mut self, id: &str) -> Result<(), StoreError> {
+        let pools = self
+            .ids("SELECT id FROM pools WHERE upstream_id = $1".into(), id)
+            .await?;
+        self.affected.extend(pools);
+        Ok(())
+    }
+
+    /// Every pool with a tenant on tier `id` (their guarantees may change).
+    pub(super) async fn affects_pools_of_tier(&mut self, id: &str) -> Result<(), StoreError> {
+        let sql = "SELECT DISTINCT pool_id FROM tenants WHERE tier_id = $1 AND pool_id IS NOT NULL";
+        let pools = self.ids(sql.into(), id).await?;
+        self.affected.extend(pools);
+        Ok(())
     }
 
     pub(super) fn conn(&mut self) -> &mut AnyConnection {
@@ -55,12 +126,34 @@ impl Write {
         self.backend
     }
 
-    /// Checks the cross-object rules on the configuration as this write leaves it, then
-    /// commits. A broken rule rolls the write back: FAILED_PRECONDITION.
+    /// Checks the cross-object rules on the pools this write affects, as it leaves
+    /// them, then commits. A broken rule rolls the write back: FAILED_PRECONDITION.
     pub(super) async fn finish(mut self) -> Result<i64, StoreError> {
-        let view = rows::read_view(&mut self.tx, self.backend).await?;
-        check_guarantees(&view).map_err(StoreError::FailedPrecondition)?;
+        let scoped = guarantees::check_pools(&mut self.tx, self.backend, &self.affected).await;
+        #[cfg(test)]
+        self.compare_with_full_check(&scoped).await;
+        scoped?;
         self.commit_unchecked().await
+    }
+
+    /// Tests only: the scoped check must refuse exactly what the full check on the
+    /// whole configuration refuses, with the same message.
+    #[cfg(test)]
+    async fn compare_with_full_check(&mut self, scoped: &Result<(), StoreError>) {
+        let scoped = match scoped {
+            Ok(()) => Ok(()),
+            Err(StoreError::FailedPrecondition(e)) => Err(e.to_string()),
+            Err(_) => return, // a database error: nothing to compare
+        };
+        let view = rows::read_view(&mut self.tx, self.backend)
+            .await
+            .expect("reading the whole configuration");
+        let full = crate::domain::check_guarantees(&view).map_err(|e| e.to_string());
+        assert_eq!(
+            scoped, full,
+            "the check of the pools {:?} disagrees with the full check",
+            self.affected
+        );
     }
 
     /// Like [`Write::finish`], returning the object `id` of `table` as stored.
@@ -76,7 +169,8 @@ impl Write {
 
     /// Commits without the cross-object check, for writes that cannot affect it
     /// (seeding missing rows, re-sealing secrets).
-    pub(super) async fn commit_unchecked(self) -> Result<i64, StoreError> {
+    pub(super) async fn commit_unchecked(mut self) -> Result<i64, StoreError> {
+        changes::record(&mut self.tx, self.version, &self.changes).await?;
         self.tx.commit().await.map_err(map_error)?;
         Ok(self.version)
     }
