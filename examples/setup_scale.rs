@@ -347,7 +347,7 @@ async fn main() -> anyhow::Result<()> {
                 seconds: 60,
                 nanos: 0,
             }),
-            safety_margin: 0.05,
+            safety_margin: Some(0.05),
             ..Default::default()
         }),
     }))
