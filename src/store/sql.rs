@@ -225,10 +225,10 @@ impl ConfigStore {
         rows::version(&mut conn).await
     }
 
-    /// Everything, from one snapshot: on Postgres the transaction is REPEATABLE READ
-    /// (READ COMMITTED would give each statement its own snapshot); a SQLite read
-    /// transaction sees one snapshot already.
-    pub async fn load(&self) -> Result<StoredConfig, StoreError> {
+    /// A read-only transaction that sees one snapshot: on Postgres REPEATABLE READ (READ
+    /// COMMITTED would give each statement its own snapshot); a SQLite read transaction
+    /// sees one snapshot already.
+    async fn snapshot_read(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(tx::map_error)?;
         if self.backend == Backend::Postgres {
             sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -236,6 +236,12 @@ impl ConfigStore {
                 .await
                 .map_err(tx::map_error)?;
         }
+        Ok(tx)
+    }
+
+    /// Everything, from one snapshot (`snapshot_read`).
+    pub async fn load(&self) -> Result<StoredConfig, StoreError> {
+        let mut tx = self.snapshot_read().await?;
         let version = rows::version(&mut tx).await?;
         let view = rows::read_view(&mut tx, self.backend).await?;
         let api_keys = keys::all(&mut tx, self.backend).await?;
@@ -251,13 +257,7 @@ impl ConfigStore {
     /// [`ConfigStore::load`] reads; `None` when the log does not cover every version
     /// since (then load everything).
     pub async fn changes_since(&self, version: i64) -> Result<Option<ConfigDelta>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(tx::map_error)?;
-        if self.backend == Backend::Postgres {
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                .execute(&mut *tx)
-                .await
-                .map_err(tx::map_error)?;
-        }
+        let mut tx = self.snapshot_read().await?;
         let now = rows::version(&mut tx).await?;
         let delta = changes::read(&mut tx, self.backend, version, now).await?;
         tx.commit().await.map_err(tx::map_error)?;
