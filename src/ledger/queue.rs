@@ -35,6 +35,18 @@ pub fn bucket_ms(window_ms: i64) -> i64 {
     (window_ms / BUCKETS_PER_WINDOW).max(1)
 }
 
+/// Adds `cost` to `bucket`, dropping buckets older than two windows before it.
+fn add_to_bucket(counts: &mut BTreeMap<i64, u64>, bucket: i64, cost: u32) {
+    *counts.entry(bucket).or_default() += u64::from(cost);
+    let oldest_kept = bucket - 2 * BUCKETS_PER_WINDOW;
+    while counts
+        .first_key_value()
+        .is_some_and(|(b, _)| *b < oldest_kept)
+    {
+        counts.pop_first();
+    }
+}
+
 /// Requests asked for, and denied on their first attempt, per bucket.
 #[derive(Default)]
 pub(super) struct Demand {
@@ -44,27 +56,11 @@ pub(super) struct Demand {
 
 impl Demand {
     pub fn record(&mut self, bucket: i64, cost: u32) {
-        *self.buckets.entry(bucket).or_default() += cost as u64;
-        let oldest_kept = bucket - 2 * BUCKETS_PER_WINDOW;
-        while self
-            .buckets
-            .first_key_value()
-            .is_some_and(|(b, _)| *b < oldest_kept)
-        {
-            self.buckets.pop_first();
-        }
+        add_to_bucket(&mut self.buckets, bucket, cost);
     }
 
     pub fn record_unmet(&mut self, bucket: i64, cost: u32) {
-        *self.unmet.entry(bucket).or_default() += cost as u64;
-        let oldest_kept = bucket - 2 * BUCKETS_PER_WINDOW;
-        while self
-            .unmet
-            .first_key_value()
-            .is_some_and(|(b, _)| *b < oldest_kept)
-        {
-            self.unmet.pop_first();
-        }
+        add_to_bucket(&mut self.unmet, bucket, cost);
     }
 
     /// Asked and unmet over the `BUCKETS_PER_WINDOW` buckets before `current`.
