@@ -6,6 +6,7 @@
 mod id;
 mod model;
 mod priority;
+mod tenant_move;
 mod token_health;
 mod validate;
 
@@ -15,6 +16,7 @@ pub use model::{
     ApiKeyRecord, ApiKeyRole, Pool, SharedAccess, Tenant, Tier, TokenOwner, TokenRecord, Upstream,
 };
 pub use priority::{Priority, PriorityMap, RequestKind};
+pub use tenant_move::{MoveMode, TenantMove};
 pub use token_health::{
     BreakerPolicy, MAX_BLOCK_FACTOR, QUARANTINE_MAX, QUARANTINE_MIN, TokenState, quarantine_max,
 };

@@ -14,7 +14,7 @@ mod sql;
 #[cfg(test)]
 mod sql_tests;
 
-pub use sql::{Backend, Changes, ConfigDelta, ConfigStore, StoredConfig};
+pub use sql::{Backend, Changes, ConfigDelta, ConfigStore, MoveHistory, MoveOrder, StoredConfig};
 
 use crate::domain::InvalidField;
 

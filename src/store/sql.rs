@@ -32,6 +32,7 @@ mod changes;
 mod config;
 mod guarantees;
 mod keys;
+mod rebalance;
 mod rows;
 mod tenancy;
 mod tx;
@@ -45,6 +46,7 @@ use crate::domain::{ApiKeyRecord, ConfigView, Id, Pool, Tenant, Tier, TokenRecor
 
 use super::StoreError;
 pub use changes::{Changes, ConfigDelta};
+pub use rebalance::{MoveHistory, MoveOrder};
 use tx::Write;
 
 /// Connections a SQLite store opens. SQLite has one writer at a time anyway; a few
@@ -454,6 +456,31 @@ impl ConfigStore {
             .into_iter()
             .map(|(replica, ids)| (replica, ids.split(',').map(str::to_owned).collect()))
             .collect())
+    }
+
+    /// Moves a tenant between two pools of one upstream and records the move
+    /// (`tenant_moves`): the record, the tenant as stored, and the version.
+    pub async fn move_tenant(
+        &self,
+        order: &MoveOrder,
+    ) -> Result<(crate::domain::TenantMove, Tenant, i64), StoreError> {
+        rebalance::move_tenant(self, order).await
+    }
+
+    /// Recorded moves, newest first (see `rebalance::list`).
+    pub async fn list_tenant_moves(
+        &self,
+        upstream_id: Option<&Id>,
+        tenant_id: Option<&Id>,
+        before_version: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<crate::domain::TenantMove>, StoreError> {
+        rebalance::list(self, upstream_id, tenant_id, before_version, limit).await
+    }
+
+    /// The latest move of an upstream and each of its tenants' last move.
+    pub async fn move_history(&self, upstream_id: &Id) -> Result<MoveHistory, StoreError> {
+        rebalance::history(self, upstream_id).await
     }
 
     /// How many admin keys exist (for the bootstrap path).

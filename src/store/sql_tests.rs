@@ -4,6 +4,7 @@
 
 mod harness;
 mod incremental;
+mod moves;
 mod objects;
 mod rules;
 mod writes;
@@ -56,6 +57,8 @@ store_tests!(
     incremental::patched_snapshot_equals_full_build,
     incremental::a_gap_in_the_change_log_means_a_full_load,
     incremental::a_key_may_name_thousands_of_tenants,
+    moves::a_move_is_checked_and_recorded,
+    moves::concurrent_plans_move_once,
 );
 
 /// A database that cannot be reached is UNAVAILABLE (retry later), not INTERNAL, and

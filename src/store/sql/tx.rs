@@ -62,6 +62,11 @@ impl Write {
         self.changes.insert((kind, id.to_owned()));
     }
 
+    /// The configuration version this write commits as.
+    pub(super) fn version(&self) -> i64 {
+        self.version
+    }
+
     /// The guarantee rules of pool `id` must be checked at the end.
     pub(super) fn affects_pool(&mut self, id: &str) {
         self.affected.insert(id.to_owned());
