@@ -38,6 +38,7 @@ pub struct Settings {
     pub redis: RedisSection,
     pub lease: LeaseSection,
     pub breaker: BreakerSection,
+    pub rebalance: RebalanceSection,
     pub encryption: EncryptionSection,
     pub tls: Option<TlsSection>,
     pub metrics: MetricsSection,
@@ -121,6 +122,29 @@ pub struct BreakerSection {
     pub successes_to_close: u32,
 }
 
+/// Rebalancing tenants between the pools of one upstream (the seed's §6; see
+/// `AdminService.PlanRebalance`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebalanceSection {
+    /// Plan and apply on its own every `check_ms`, on every replica that has it on (the
+    /// store keeps two replicas from applying two plans at once). Off: only
+    /// `ApplyRebalance` moves tenants.
+    pub automatic: bool,
+    /// A pool whose tokens run above this share of their usable capacity is hot.
+    pub high: f64,
+    /// A pool below this share is cold: it may take load.
+    pub low: f64,
+    /// A tenant moved less than this long ago is not moved again.
+    pub cooldown_ms: u64,
+    /// Loads are averaged over this span, so a shorter spike moves nobody.
+    pub history_ms: u64,
+    /// How often each replica samples the counters (upstreams with two pools or more).
+    pub sample_ms: u64,
+    /// How often the automatic mode plans.
+    pub check_ms: u64,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncryptionSection {
@@ -181,6 +205,15 @@ impl Default for Settings {
                 failures_to_open: 5,
                 open_ms: 30_000,
                 successes_to_close: 2,
+            },
+            rebalance: RebalanceSection {
+                automatic: false,
+                high: 0.85,
+                low: 0.30,
+                cooldown_ms: 3_600_000,
+                history_ms: 900_000,
+                sample_ms: 10_000,
+                check_ms: 60_000,
             },
             encryption: EncryptionSection::default(),
             tls: None,
@@ -255,6 +288,7 @@ impl Settings {
             1,
             100,
         )?;
+        self.check_rebalance()?;
         check_range("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000)?;
         check_range(
             "handshake_timeout_ms",
@@ -363,6 +397,36 @@ impl Settings {
 
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    fn check_rebalance(&self) -> anyhow::Result<()> {
+        let r = &self.rebalance;
+        if !(r.high > 0.0 && r.high <= 1.0 && r.low >= 0.0 && r.low < r.high) {
+            bail!(
+                "invalid settings rebalance.low = {} and rebalance.high = {}: they must satisfy \
+                 0 <= low < high <= 1",
+                r.low,
+                r.high
+            );
+        }
+        check_range("rebalance.cooldown_ms", r.cooldown_ms, 0, 30 * 86_400_000)?;
+        check_range("rebalance.history_ms", r.history_ms, 100, 7 * 86_400_000)?;
+        check_range("rebalance.sample_ms", r.sample_ms, 100, r.history_ms)?;
+        check_range("rebalance.check_ms", r.check_ms, 100, 86_400_000)
+    }
+
+    pub fn rebalance(&self) -> crate::lease::RebalanceSettings {
+        let r = &self.rebalance;
+        crate::lease::RebalanceSettings {
+            band: crate::quota::rebalance::Band {
+                high: r.high,
+                low: r.low,
+                cooldown_ms: r.cooldown_ms as i64,
+            },
+            history: Duration::from_millis(r.history_ms),
+            sample_every: Duration::from_millis(r.sample_ms),
+            automatic_every: r.automatic.then(|| Duration::from_millis(r.check_ms)),
+        }
     }
 
     pub fn breaker_policy(&self) -> BreakerPolicy {

@@ -83,6 +83,13 @@ pub enum EventKind {
         until_ms: i64,
         cause: String,
     },
+    /// Rebalancing moved a tenant from one pool to another.
+    TenantMoved {
+        tenant_id: String,
+        from_pool_id: String,
+        to_pool_id: String,
+        cause: String,
+    },
     /// Watchers may have missed events: this replica's feed from the others was
     /// interrupted (local), or another replica could not send `missed` of its events
     /// (relayed by that replica once it can).
@@ -110,7 +117,8 @@ impl Event {
             | EventKind::TokenStateChanged { .. }
             | EventKind::CountersRecovering { .. }
             | EventKind::Resync { .. } => None,
-            EventKind::QuotaChanged { tenant_id, .. } => Some(tenant_id),
+            EventKind::QuotaChanged { tenant_id, .. }
+            | EventKind::TenantMoved { tenant_id, .. } => Some(tenant_id),
         }
     }
 
@@ -126,6 +134,7 @@ impl Event {
             EventKind::ConfigChanged { .. }
             | EventKind::Resync { .. }
             | EventKind::CountersRecovering { .. }
+            | EventKind::TenantMoved { .. }
             | EventKind::QuotaChanged { .. } => None,
         }
     }

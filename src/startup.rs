@@ -27,7 +27,7 @@ use crate::grpc::lease_api::LeaseApi;
 use crate::grpc::pb::{
     self, admin_service_server::AdminServiceServer, lease_service_server::LeaseServiceServer,
 };
-use crate::lease::{Allocator, Leaser, Lines, LiveConfig, TokenHealth};
+use crate::lease::{Allocator, Leaser, Lines, LiveConfig, Rebalancer, TokenHealth};
 use crate::metrics;
 use crate::store::ConfigStore;
 use crate::store::counters::{Counters, MemoryCounters, RedisCounters, RedisSettings};
@@ -263,9 +263,17 @@ impl App {
             priorities: self.settings.priority_map().map_err(anyhow::Error::msg)?,
             streams: Default::default(),
         };
+        let rebalancer = Rebalancer::new(
+            self.leaser.clone(),
+            self.events.clone(),
+            self.settings.rebalance(),
+            Duration::from_millis(self.settings.database_timeout_ms),
+        );
+        rebalancer.spawn(stop_rx.clone());
         let admin = AdminApi {
             leaser: self.leaser.clone(),
             events: self.events.clone(),
+            rebalancer,
             database_timeout: Duration::from_millis(self.settings.database_timeout_ms),
         };
 

@@ -24,23 +24,25 @@ const MAX_PAGE: u32 = 1000;
 pub struct AdminApi {
     pub leaser: Leaser,
     pub events: EventBus,
+    /// Plans and applies tenant moves between pools (`rebalance_api.rs`).
+    pub rebalancer: crate::lease::Rebalancer,
     /// How long one admin call waits for the configuration database (`admin_store.rs`).
     pub database_timeout: std::time::Duration,
 }
 
 /// Checks the caller is an admin.
-fn admin<T>(request: &Request<T>) -> Result<Caller, Status> {
+pub(super) fn admin<T>(request: &Request<T>) -> Result<Caller, Status> {
     let caller = caller(request)?;
     caller.require_admin()?;
     Ok(caller)
 }
 
-fn parse_id(field: &str, value: &str) -> Result<Id, Status> {
+pub(super) fn parse_id(field: &str, value: &str) -> Result<Id, Status> {
     Id::parse(field, value).map_err(|e| ServiceError::from(e).into())
 }
 
 /// Page bounds from a List request: `(after, limit)`.
-fn page(size: u32, token: &str) -> Result<(Option<String>, u32), Status> {
+pub(super) fn page(size: u32, token: &str) -> Result<(Option<String>, u32), Status> {
     let limit = if size == 0 {
         DEFAULT_PAGE
     } else {
@@ -76,7 +78,7 @@ impl AdminApi {
     }
 
     /// One admin write, bounded by the database timeout.
-    async fn write<T>(
+    pub(super) async fn write<T>(
         &self,
         write: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, ServiceError> {
@@ -752,5 +754,26 @@ impl AdminService for AdminApi {
         let token = Id::parse_optional("token_id", &req.token_id).map_err(ServiceError::from)?;
         let usage = self.leaser.usage(tenant.as_ref(), token.as_ref()).await?;
         Ok(Response::new(super::lease_api::usage_to_proto(usage)))
+    }
+
+    async fn plan_rebalance(
+        &self,
+        r: Request<pb::PlanRebalanceRequest>,
+    ) -> Reply<pb::PlanRebalanceResponse> {
+        self.plan(r).await
+    }
+
+    async fn apply_rebalance(
+        &self,
+        r: Request<pb::ApplyRebalanceRequest>,
+    ) -> Reply<pb::ApplyRebalanceResponse> {
+        self.apply(r).await
+    }
+
+    async fn list_tenant_moves(
+        &self,
+        r: Request<pb::ListTenantMovesRequest>,
+    ) -> Reply<pb::ListTenantMovesResponse> {
+        self.moves(r).await
     }
 }

@@ -261,6 +261,17 @@ fn event_to_proto(event: &Event) -> pb::Event {
             until: Some(timestamp(*until_ms)),
             cause: cause.clone(),
         }),
+        EventKind::TenantMoved {
+            tenant_id,
+            from_pool_id,
+            to_pool_id,
+            cause,
+        } => pb::event::Kind::TenantMoved(pb::TenantMoved {
+            tenant_id: tenant_id.clone(),
+            from_id: from_pool_id.clone(),
+            to_id: to_pool_id.clone(),
+            cause: cause.clone(),
+        }),
         EventKind::Resync { missed } => pb::event::Kind::Resync(pb::Resync { missed: *missed }),
     };
     pb::Event {

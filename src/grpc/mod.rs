@@ -13,6 +13,7 @@ pub mod auth;
 pub mod codec;
 pub mod convert;
 pub mod lease_api;
+mod rebalance_api;
 pub mod status;
 pub mod watch;
 

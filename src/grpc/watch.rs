@@ -98,7 +98,9 @@ fn concerned(event: &Event, snapshot: &Snapshot) -> Option<Vec<Id>> {
     let parse = |id: &str| Id::parse("id", id).ok();
     match &event.kind {
         EventKind::TokenStateChanged { token_id, .. } => Some(tenants_reaching(snapshot, token_id)),
-        EventKind::QuotaChanged { tenant_id, .. } => Some(parse(tenant_id).into_iter().collect()),
+        EventKind::QuotaChanged { tenant_id, .. } | EventKind::TenantMoved { tenant_id, .. } => {
+            Some(parse(tenant_id).into_iter().collect())
+        }
         EventKind::ConfigChanged { resource, id, .. } => match resource {
             Resource::Tenant => Some(parse(id).into_iter().collect()),
             Resource::Token => Some(tenants_reaching(snapshot, id)),

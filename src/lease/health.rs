@@ -398,6 +398,7 @@ impl TokenHealth {
             EventKind::Resync { .. } => self.hints().clear(),
             EventKind::ConfigChanged { .. }
             | EventKind::QuotaChanged { .. }
+            | EventKind::TenantMoved { .. }
             | EventKind::CountersRecovering { .. } => {}
         }
     }

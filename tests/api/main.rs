@@ -18,6 +18,7 @@ mod lease;
 mod lifecycle;
 mod observe;
 mod pg_faults;
+mod rebalance;
 mod reflection;
 mod replicas;
 mod throwaway;
