@@ -176,14 +176,21 @@ impl Rebalancer {
 
     /// The plan for `upstream_id` from this replica's history.
     pub async fn plan(&self, upstream_id: &Id) -> Result<PlanReport, ServiceError> {
-        let snapshot = self.leaser.config.current();
+        let live = &self.leaser.config;
+        let moved = self
+            .read_store(live.store().move_history(upstream_id))
+            .await?;
+        // The plan must see every move it will be checked against (`unless_moved_after`):
+        // another replica's move may be newer than this replica's snapshot.
+        if live.current().version < moved.last_version {
+            self.read_store(live.refresh_to(moved.last_version)).await?;
+        }
+        let snapshot = live.current();
         let Some(upstream) = snapshot.upstreams.get(upstream_id) else {
             return Err(ServiceError::NotFound(format!(
                 "upstream_id: upstream '{upstream_id}' does not exist"
             )));
         };
-        let moved = self.read_store(self.leaser.config.store().move_history(upstream_id));
-        let moved = moved.await?;
         let now = system_now_ms();
         let averages = self
             .histories

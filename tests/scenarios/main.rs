@@ -19,4 +19,5 @@ mod emulator;
 mod faults;
 mod guarantees;
 mod health;
+mod rebalance;
 mod workers;
