@@ -15,6 +15,7 @@ mod fixtures;
 #[allow(dead_code)]
 mod throwaway;
 
+mod classes;
 mod emulator;
 mod faults;
 mod guarantees;
