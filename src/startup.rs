@@ -159,7 +159,7 @@ impl App {
             health.clone(),
         );
         if let Err(error) = allocator.refresh().await {
-            tracing::warn!(%error, "cannot compute quotas yet; tenants get their guarantees until the counters answer");
+            tracing::warn!(%error, "cannot compute the quotas of an upstream yet; its tenants get their guarantees until its counters answer");
         }
         let leaser = Leaser {
             config,

@@ -120,20 +120,31 @@ impl Allocator {
         quotas.inputs.2 = self.health.out_of_service();
         let mut upstreams: Vec<&Upstream> = snapshot.upstreams.values().collect();
         upstreams.sort_by(|a, b| a.id.cmp(&b.id));
+        let previous = self.current();
+        let mut unreadable = None;
         for upstream in upstreams {
-            let bucket = self
+            let allocated = self
                 .allocate_upstream(&snapshot, upstream, &quotas.inputs.2, &mut quotas.by_tenant)
-                .await?;
+                .await;
+            let bucket = match allocated {
+                Ok(bucket) => bucket,
+                // Its counters cannot be read (on a Redis Cluster, the master holding its
+                // slot may be down while the others serve): it keeps its last quotas, and
+                // the other upstreams are still allocated.
+                Err(error) => {
+                    keep_quotas_of(&previous, &upstream.id, &mut quotas.by_tenant);
+                    unreadable.get_or_insert(unreadable_error(&upstream.id, error));
+                    -1
+                }
+            };
             quotas.inputs.1.push((upstream.id.clone(), bucket));
         }
         quotas.inputs.0 = snapshot.quota_version;
-        let previous = self.current();
-        if previous.inputs == quotas.inputs {
-            return Ok(());
+        if previous.inputs != quotas.inputs {
+            self.announce_changes(&previous, &quotas);
+            self.sender.send_replace(Arc::new(quotas));
         }
-        self.announce_changes(&previous, &quotas);
-        self.sender.send_replace(Arc::new(quotas));
-        Ok(())
+        unreadable.map_or(Ok(()), Err)
     }
 
     /// Allocates every pool of one upstream; returns the demand bucket used.
@@ -313,6 +324,27 @@ fn claim(snapshot: &Snapshot, tenant_id: &Id, upstream: &Id, usable: u32, demand
 
 /// Usable capacity per window of a pool's leasable tokens.
 /// Usable capacity per window of the pool's tokens in service.
+/// Copies `upstream`'s quotas from `previous` into `out`.
+fn keep_quotas_of(previous: &Quotas, upstream: &Id, out: &mut HashMap<(Id, Id), u32>) {
+    for ((tenant, on), quota) in &previous.by_tenant {
+        if on == upstream {
+            out.insert((tenant.clone(), on.clone()), *quota);
+        }
+    }
+}
+
+/// `error`, naming the upstream whose demand could not be read.
+fn unreadable_error(upstream: &Id, error: CounterError) -> CounterError {
+    match error {
+        CounterError::Unavailable(why) => {
+            CounterError::Unavailable(format!("upstream '{upstream}': {why}"))
+        }
+        CounterError::Internal(why) => {
+            CounterError::Internal(format!("upstream '{upstream}': {why}"))
+        }
+    }
+}
+
 fn pool_capacity(
     snapshot: &Snapshot,
     pool: &Id,

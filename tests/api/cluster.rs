@@ -187,3 +187,145 @@ async fn replicas_on_a_redis_cluster_grant_exactly_the_usable_limit() {
         r.stop().await;
     }
 }
+
+/// An upstream `id` with pool `<id>-pool`, token `<id>-tok` (100 per 10 s, 5 % margin)
+/// and tenant `<id>-t` in tier "flex" (created by `PoolSetup`).
+async fn upstream_with_tenant(app: &TestApp, key: &str, id: &str) {
+    let mut admin = app.admin().await;
+    let upstream = pb::Upstream {
+        id: id.into(),
+        limit_per_window: 100,
+        window: Some(super::helpers::millis(10_000)),
+        safety_margin: Some(0.05),
+        block_duration: Some(super::helpers::millis(60_000)),
+        ..Default::default()
+    };
+    let request = pb::CreateUpstreamRequest {
+        upstream: Some(upstream),
+    };
+    admin.create_upstream(authed(request, key)).await.unwrap();
+    let pool = pb::Pool {
+        id: format!("{id}-pool"),
+        upstream_id: id.into(),
+        ..Default::default()
+    };
+    let request = pb::CreatePoolRequest { pool: Some(pool) };
+    admin.create_pool(authed(request, key)).await.unwrap();
+    let token = pb::Token {
+        id: format!("{id}-tok"),
+        upstream_id: id.into(),
+        secret: token_secret(7),
+        owner: Some(pb::token::Owner::PoolId(format!("{id}-pool"))),
+        ..Default::default()
+    };
+    let request = pb::CreateTokenRequest { token: Some(token) };
+    admin.create_token(authed(request, key)).await.unwrap();
+    let tenant = pb::Tenant {
+        id: format!("{id}-t"),
+        tier_id: "flex".into(),
+        pool_id: format!("{id}-pool"),
+        ..Default::default()
+    };
+    let request = pb::CreateTenantRequest {
+        tenant: Some(tenant),
+    };
+    admin.create_tenant(authed(request, key)).await.unwrap();
+}
+
+/// Issue 12 (6): a replica started while the first node of `REDIS_URL` is down (the
+/// cluster serving on without it, `cluster-require-full-coverage no`) leases on the
+/// upstreams whose slots the other masters hold, at their fair share, and answers
+/// UNAVAILABLE with a retry on the upstream whose master is gone. Before, one upstream
+/// it could not read made it compute no quota at all: tenants got only their
+/// guarantees (here 0, so every call was denied).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_with_the_first_node_down_leases_on_the_others() {
+    let cluster = ThrowawayCluster::start();
+    let first = cluster.ports()[0];
+    for port in cluster.ports() {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("cluster-require-full-coverage")
+            .arg("no")
+            .query(&mut cluster.node(port))
+            .expect("CONFIG SET");
+    }
+    let owner = |id: &str| cluster.owner_of_slot(cluster.keyslot(&format!("{{{id}}}")));
+    let candidates: Vec<String> = (0..500).map(|i| format!("u{i}")).collect();
+    let alive = candidates
+        .iter()
+        .find(|u| owner(u) != first)
+        .unwrap()
+        .clone();
+    let dead = candidates
+        .iter()
+        .find(|u| owner(u) == first)
+        .unwrap()
+        .clone();
+
+    let env = TestEnv::new(Db::Postgres, Counters::Memory).await;
+    let mut settings = env.settings();
+    settings.redis_url = Some(cluster.url_list());
+    settings.counters = CountersMode::Redis;
+    let before = env.spawn_with(settings.clone()).await;
+    let key = before.admin_key.clone();
+    PoolSetup::default()
+        .create(&mut before.admin().await, &key)
+        .await;
+    upstream_with_tenant(&before, &key, &alive).await;
+    upstream_with_tenant(&before, &key, &dead).await;
+
+    kill_node(&cluster, first);
+    let after = env.spawn_with(settings).await;
+    after.leaser.config.refresh().await.expect("configuration");
+    // The upstream on the dead master cannot be read; the others are allocated.
+    let refreshed = after.leaser.allocator.refresh().await;
+    println!("allocation with the first node down: {refreshed:?}");
+    let req = |tenant: String, upstream: &str| pb::AcquireLeaseRequest {
+        tenant_id: tenant,
+        upstream_id: upstream.into(),
+        ..Default::default()
+    };
+    let mut lease = after.lease().await;
+    let granted = lease
+        .acquire_lease(authed(req(format!("{alive}-t"), &alive), &key))
+        .await
+        .expect("AcquireLease answered")
+        .into_inner()
+        .result;
+    assert!(
+        matches!(granted, Some(Answer::Lease(_))),
+        "the upstream on a live master leases: {granted:?}"
+    );
+    let refused = lease
+        .acquire_lease(authed(req(format!("{dead}-t"), &dead), &key))
+        .await
+        .expect_err("no lease on the dead master's upstream");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    after.stop().await;
+    before.stop().await;
+}
+
+/// Sends SIGKILL to the cluster node on `port` and waits until the port refuses
+/// connections.
+fn kill_node(cluster: &ThrowawayCluster, port: u16) {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query(&mut cluster.node(port))
+        .expect("INFO server");
+    let pid = info
+        .lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .expect("INFO server gives the process id")
+        .trim()
+        .to_owned();
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status();
+    assert!(status.expect("run kill").success(), "kill -KILL {pid}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "node {port} still up");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
