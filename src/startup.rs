@@ -119,7 +119,9 @@ impl App {
         }
         let counters = open_counters(&settings).await?;
         if let Some(upstream) = seeded {
-            counters.mark_created(&upstream).await;
+            counters
+                .mark_created(crate::store::counters::Space::upstream(&upstream))
+                .await;
         }
         let metrics = match settings.metrics_addr()? {
             Some(addr) => {

@@ -13,6 +13,7 @@ use crate::domain::{Id, InvalidField};
 use crate::error::ServiceError;
 use crate::events::{Change, EventBus, EventKind, Resource};
 use crate::lease::{Leaser, LiveConfig, publish_admin_toggle};
+use crate::store::counters::Space;
 use crate::store::{Kind, StoreError};
 
 /// Default and largest page sizes of List calls.
@@ -171,7 +172,9 @@ impl AdminService for AdminApi {
             .write(self.config().store().create_upstream(value))
             .await?;
         // Nothing was ever granted on a new upstream: its counters start complete.
-        self.leaser.counters.mark_created(&stored.id).await;
+        (self.leaser.counters)
+            .mark_created(Space::upstream(&stored.id))
+            .await;
         self.written(
             Resource::Upstream,
             stored.id.as_str(),
@@ -385,6 +388,9 @@ impl AdminService for AdminApi {
         admin(&r)?;
         let value = pool_from_proto(r.into_inner().pool).map_err(ServiceError::from)?;
         let (stored, version) = self.write(self.config().store().create_pool(value)).await?;
+        // A new pool's counters space (`counters::Space`) holds nothing yet.
+        let space = Space::new(&stored.upstream_id, Some(&stored.id));
+        self.leaser.counters.mark_created(space).await;
         self.written(Resource::Pool, stored.id.as_str(), Change::Created, version)
             .await;
         Ok(Response::new(pb::CreatePoolResponse {
@@ -739,9 +745,8 @@ impl AdminService for AdminApi {
             );
         };
         let leaser = &self.leaser;
-        let previous = (leaser.health)
-            .reset(&leaser.counters, &token.record.upstream_id, &id)
-            .await?;
+        let space = Space::new(&token.record.upstream_id, snapshot.token_space_pool(&id));
+        let previous = (leaser.health).reset(&leaser.counters, space, &id).await?;
         Ok(Response::new(pb::ResetTokenHealthResponse {
             previous_state: super::convert::token_state_to_proto(previous) as i32,
         }))

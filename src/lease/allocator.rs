@@ -18,11 +18,12 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::live::LiveConfig;
+use super::usage::{by_space, in_order, pick};
 use super::{Snapshot, TokenHealth};
 use crate::domain::{Id, SharedAccess, TokenOwner, Upstream};
 use crate::events::{EventBus, EventKind};
 use crate::quota::{Claim, allocate};
-use crate::store::counters::{CounterError, Counters, DemandCount, bucket_ms};
+use crate::store::counters::{CounterError, Counters, DemandCount, Space, bucket_ms};
 
 /// Quotas per (tenant, upstream).
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -162,10 +163,7 @@ impl Allocator {
                 .filter(|(_, r)| r.iter().any(|r| r.upstream_id == upstream.id))
                 .map(|(t, _)| t.clone()),
         );
-        let (bucket, demand) = self
-            .counters
-            .demand(&upstream.id, upstream.window, &tenants)
-            .await?;
+        let (bucket, demand) = self.demand(snapshot, upstream, &tenants).await?;
         let demand: HashMap<&Id, u32> = tenants
             .iter()
             .zip(demand)
@@ -200,6 +198,25 @@ impl Allocator {
             }
         }
         Ok(bucket)
+    }
+
+    /// The demand of `tenants` of `upstream`, one read per counters space, and the
+    /// newest bucket those reads were counted up to.
+    async fn demand(
+        &self,
+        snapshot: &Snapshot,
+        upstream: &Upstream,
+        tenants: &[Id],
+    ) -> Result<(i64, Vec<DemandCount>), CounterError> {
+        let (mut bucket, mut demand) = (i64::MIN, Vec::new());
+        for (pool, members) in by_space(tenants, |t| snapshot.space_pool(t, &upstream.id)) {
+            let space = Space::new(&upstream.id, pool.as_ref());
+            let ids = pick(tenants, &members);
+            let (at, counts) = self.counters.demand(space, upstream.window, &ids).await?;
+            bucket = bucket.max(at);
+            demand.push((members, counts));
+        }
+        Ok((bucket.max(0), in_order(demand)))
     }
 
     fn announce_changes(&self, previous: &Quotas, next: &Quotas) {

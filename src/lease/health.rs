@@ -38,7 +38,7 @@ use crate::error::ServiceError;
 use crate::events::{Event, EventBus, EventKind};
 use crate::store::counters::{
     AcquireRequest, Counters, Grant, LeaseKey, OutcomeReport, Recorded, ReleaseOutcome,
-    ReleaseResult, Transition, Unhealthy,
+    ReleaseResult, Space, Transition, Unhealthy,
 };
 
 /// The longest a hint about a half-open token with a probe out is trusted: the probe
@@ -258,16 +258,16 @@ impl TokenHealth {
         self.publish(&recorded.transitions, recorded.now_ms);
     }
 
-    /// Puts `token` of `upstream` back in service (an admin's decision): forgets its
-    /// quarantine and breaker in the store, here, and, through the event, on every
-    /// replica. Returns its state just before.
+    /// Puts `token` back in service (an admin's decision): forgets its quarantine and
+    /// breaker in the store (in `space`, the token's counters space), here, and,
+    /// through the event, on every replica. Returns its state just before.
     pub async fn reset(
         &self,
         counters: &Counters,
-        upstream: &Id,
+        space: Space<'_>,
         token: &Id,
     ) -> Result<TokenState, ServiceError> {
-        let before = counters.reset_health(upstream, token).await?;
+        let before = counters.reset_health(space, token).await?;
         self.publish(&before.transitions, before.now_ms);
         let previous = before
             .tokens

@@ -241,6 +241,7 @@ impl Leaser {
         let mut entry = QueueEntry {
             counters: self.counters.clone(),
             upstream_id: plan.request.upstream_id.clone(),
+            pool_id: plan.request.pool_id.clone(),
             queue_id: queue_id(&plan),
             nonce: call.nonce.clone(),
             queued: true,
@@ -300,6 +301,13 @@ impl Leaser {
                     // The embedded store keeps the refused lease as given back: a new id.
                     call.nonce = LeaseKey::new_nonce();
                 }
+                // The chosen token moved to another space after this snapshot: reload the
+                // configuration and plan again.
+                AcquireOutcome::Denied(denied) if denied.reason == DenyReason::TokenMoved => {
+                    if let Err(error) = self.config.refresh().await {
+                        tracing::warn!(%error, "a token moved, and the configuration cannot be reloaded");
+                    }
+                }
                 AcquireOutcome::Denied(denied) => {
                     if denied.reason == DenyReason::CountersLostNoticed {
                         self.announce_hold(&plan.request.upstream_id, &denied);
@@ -311,7 +319,8 @@ impl Leaser {
         }
         Err(ServiceError::Unavailable {
             message: format!(
-                "tenant '{}': token health kept changing during the decision; retry",
+                "tenant '{}': token health or placement kept changing during the decision \
+                 (or this replica cannot reload the configuration after a token moved); retry",
                 input.tenant_id
             ),
             retry_after: Duration::from_millis(50),
@@ -330,7 +339,7 @@ impl Leaser {
         let tokens = std::slice::from_ref(&key.token_id);
         let used = match self
             .counters
-            .usage(&upstream.id, upstream.window, &[], tokens)
+            .usage(key.space(), upstream.window, &[], tokens)
             .await
         {
             Ok(counts) => counts.tokens.first().copied().unwrap_or(0),
@@ -463,6 +472,8 @@ impl Leaser {
         Ok(Ok(Plan {
             request: AcquireRequest {
                 upstream_id: upstream.id.clone(),
+                pool_id: snapshot.space_pool(&tenant.id, &upstream.id).cloned(),
+                config_version: snapshot.version,
                 nonce: call.nonce.clone(),
                 tenant_id: tenant.id.clone(),
                 tenant_limit,
@@ -492,6 +503,7 @@ impl Leaser {
         let req = &plan.request;
         let key = LeaseKey {
             upstream_id: req.upstream_id.clone(),
+            pool_id: req.pool_id.clone(),
             tenant_id: req.tenant_id.clone(),
             token_id: grant.token_id.clone(),
             nonce: req.nonce.clone(),
@@ -645,7 +657,7 @@ fn denial(
         _ if waited => DenialReason::WaitTimeout,
         DenyReason::TenantQuota => DenialReason::TenantQuota,
         DenyReason::NoTokenCapacity => DenialReason::NoTokenCapacity,
-        DenyReason::NoUsableToken => DenialReason::NoUsableToken,
+        DenyReason::NoUsableToken | DenyReason::TokenMoved => DenialReason::NoUsableToken,
         DenyReason::CountersLost | DenyReason::CountersLostNoticed => {
             DenialReason::CountersRecovering
         }
@@ -686,6 +698,10 @@ fn denial_message(reason: DenyReason, tenant: &Id, plan: &Plan) -> String {
              after upstream errors, or is half-open with its one probe lease out (see \
              GetUsage or WatchEvents for which)",
             plan.upstream.id
+        ),
+        DenyReason::TokenMoved => format!(
+            "a token tenant '{tenant}' may use moved to another pool and this replica could \
+             not reload the configuration yet; retry"
         ),
         DenyReason::CountersLost | DenyReason::CountersLostNoticed => format!(
             "the lease counters of upstream '{}' were lost (Redis restarted empty or failed \

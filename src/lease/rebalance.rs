@@ -24,6 +24,7 @@ use crate::error::{BACKEND_RETRY_AFTER, ServiceError};
 use crate::events::{Change, EventBus, EventKind, Resource};
 use crate::quota::load_history::LoadHistory;
 use crate::quota::rebalance::{Band, Move, PoolLoad, TenantLoad, plan};
+use crate::store::counters::Space;
 use crate::store::{MoveOrder, StoreError};
 
 /// Tenants read from the counters per call while sampling.
@@ -146,29 +147,35 @@ impl Rebalancer {
     }
 
     /// Per tenant of a pool of `upstream`: the slots it holds on its pool's tokens (its
-    /// window minus what its dedicated tokens hold).
+    /// window minus what its dedicated tokens hold), read pool by pool (each pool's
+    /// tenants share its counters space).
     async fn read_use(
         &self,
         snapshot: &Snapshot,
         upstream: &Upstream,
     ) -> Result<HashMap<Id, f64>, ServiceError> {
-        let tenants = tenants_of(snapshot, &upstream.id);
-        let mut used = HashMap::with_capacity(tenants.len());
-        for chunk in tenants.chunks(SAMPLE_CHUNK) {
-            let dedicated: Vec<Vec<Id>> = chunk
-                .iter()
-                .map(|t| dedicated_of(snapshot, t, &upstream.id))
+        let mut used = HashMap::new();
+        for pool in pools_of(snapshot, &upstream.id) {
+            let tenants: Vec<Id> = tenants_of(snapshot, &upstream.id)
+                .into_iter()
+                .filter(|t| snapshot.tenants[t].pool_id.as_ref() == Some(&pool))
                 .collect();
-            let tokens: Vec<Id> = dedicated.iter().flatten().cloned().collect();
-            let counts = self
-                .leaser
-                .counters
-                .usage(&upstream.id, upstream.window, chunk, &tokens)
-                .await?;
-            let mut token_counts = counts.tokens.iter();
-            for ((tenant, own), held) in chunk.iter().zip(&dedicated).zip(&counts.tenants) {
-                let on_own: u32 = token_counts.by_ref().take(own.len()).sum();
-                used.insert(tenant.clone(), f64::from(held.saturating_sub(on_own)));
+            let space = Space::new(&upstream.id, Some(&pool));
+            for chunk in tenants.chunks(SAMPLE_CHUNK) {
+                let dedicated: Vec<Vec<Id>> = chunk
+                    .iter()
+                    .map(|t| dedicated_of(snapshot, t, &upstream.id))
+                    .collect();
+                let tokens: Vec<Id> = dedicated.iter().flatten().cloned().collect();
+                let counters = &self.leaser.counters;
+                let counts = counters
+                    .usage(space, upstream.window, chunk, &tokens)
+                    .await?;
+                let mut token_counts = counts.tokens.iter();
+                for ((tenant, own), held) in chunk.iter().zip(&dedicated).zip(&counts.tenants) {
+                    let on_own: u32 = token_counts.by_ref().take(own.len()).sum();
+                    used.insert(tenant.clone(), f64::from(held.saturating_sub(on_own)));
+                }
             }
         }
         Ok(used)

@@ -297,6 +297,24 @@ impl Snapshot {
         }
     }
 
+    /// The pool whose counters space holds `tenant`'s counters on `upstream`
+    /// (`counters::Space`): its pool when that pool serves `upstream`, else none (the
+    /// upstream's own space). Its dedicated tokens of `upstream` live there too.
+    pub fn space_pool(&self, tenant: &Id, upstream: &Id) -> Option<&Id> {
+        let pool = self.tenants.get(tenant)?.pool_id.as_ref()?;
+        (self.pools.get(pool)?.upstream_id == *upstream).then_some(pool)
+    }
+
+    /// The pool whose counters space holds `token`'s counters: its pool, or its
+    /// tenant's (`space_pool`).
+    pub fn token_space_pool(&self, token: &Id) -> Option<&Id> {
+        let record = &self.tokens.get(token)?.record;
+        match &record.owner {
+            TokenOwner::Pool(pool) => Some(pool),
+            TokenOwner::Dedicated(tenant) => self.space_pool(tenant, &record.upstream_id),
+        }
+    }
+
     /// The tenant's quota per window: guaranteed + burst, from its tier and overrides.
     pub fn tenant_limit(&self, tenant: &Tenant) -> u32 {
         self.tiers

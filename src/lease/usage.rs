@@ -1,12 +1,13 @@
 //! The usage read-out: slots held now per tenant and per token, from the counters.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::Leaser;
 use super::Snapshot;
 use crate::domain::{Id, TokenState, Upstream};
 use crate::error::ServiceError;
-use crate::store::counters::DemandCount;
+use crate::store::counters::{DemandCount, Space};
 
 /// One tenant on one upstream.
 #[derive(Debug, Clone, PartialEq)]
@@ -124,15 +125,19 @@ impl Leaser {
         upstream: &Upstream,
         tenants: Vec<Id>,
     ) -> Result<Vec<TenantUsage>, ServiceError> {
-        let used = self
-            .counters
-            .usage(&upstream.id, upstream.window, &tenants, &[])
-            .await?
-            .tenants;
-        let (_, demand) = self
-            .counters
-            .demand(&upstream.id, upstream.window, &tenants)
-            .await?;
+        let (mut used, mut demand) = (Vec::new(), Vec::new());
+        for (pool, members) in by_space(&tenants, |t| snapshot.space_pool(t, &upstream.id)) {
+            let ids = pick(&tenants, &members);
+            let space = Space::new(&upstream.id, pool.as_ref());
+            let counts = self
+                .counters
+                .usage(space, upstream.window, &ids, &[])
+                .await?;
+            used.push((members.clone(), counts.tenants));
+            let (_, asked) = self.counters.demand(space, upstream.window, &ids).await?;
+            demand.push((members, asked));
+        }
+        let (used, demand) = (in_order(used), in_order(demand));
         Ok(tenants
             .into_iter()
             .zip(used.into_iter().zip(demand))
@@ -162,17 +167,24 @@ impl Leaser {
         upstream: &Upstream,
         tokens: Vec<Id>,
     ) -> Result<Vec<TokenUsage>, ServiceError> {
-        let used = self
-            .counters
-            .usage(&upstream.id, upstream.window, &[], &tokens)
-            .await?
-            .tokens;
-        let status = self.counters.token_status(&upstream.id, &tokens).await?;
+        let (mut used, mut status) = (Vec::new(), Vec::new());
+        for (pool, members) in by_space(&tokens, |t| snapshot.token_space_pool(t)) {
+            let ids = pick(&tokens, &members);
+            let space = Space::new(&upstream.id, pool.as_ref());
+            let counts = self
+                .counters
+                .usage(space, upstream.window, &[], &ids)
+                .await?;
+            used.push((members.clone(), counts.tokens));
+            let report = self.counters.token_status(space, &ids).await?;
+            status.push((members, report.tokens));
+        }
+        let (used, status) = (in_order(used), in_order(status));
         Ok(tokens
             .into_iter()
             .zip(used)
             .map(|(id, used)| {
-                let health = status.tokens.iter().find(|s| s.token_id == id);
+                let health = status.iter().find(|s| s.token_id == id);
                 let disabled = snapshot.tokens[&id].record.disabled;
                 TokenUsage {
                     state: if disabled {
@@ -191,6 +203,34 @@ impl Leaser {
             })
             .collect())
     }
+}
+
+/// The positions of `ids` grouped by counters space (`counters::Space`; `pool_of`
+/// names each id's pool), so that each space is read in one call.
+pub(super) fn by_space<'a>(
+    ids: &'a [Id],
+    pool_of: impl Fn(&'a Id) -> Option<&'a Id>,
+) -> BTreeMap<Option<Id>, Vec<usize>> {
+    let mut groups: BTreeMap<Option<Id>, Vec<usize>> = BTreeMap::new();
+    for (i, id) in ids.iter().enumerate() {
+        groups.entry(pool_of(id).cloned()).or_default().push(i);
+    }
+    groups
+}
+
+/// The ids at `positions`.
+pub(super) fn pick(ids: &[Id], positions: &[usize]) -> Vec<Id> {
+    positions.iter().map(|&i| ids[i].clone()).collect()
+}
+
+/// Answers read group by group (`by_space`) put back in the order of the ids.
+pub(super) fn in_order<R>(groups: Vec<(Vec<usize>, Vec<R>)>) -> Vec<R> {
+    let mut answers: Vec<(usize, R)> = groups
+        .into_iter()
+        .flat_map(|(positions, answers)| positions.into_iter().zip(answers))
+        .collect();
+    answers.sort_by_key(|(i, _)| *i);
+    answers.into_iter().map(|(_, r)| r).collect()
 }
 
 fn sorted(ids: impl Iterator<Item = Id>) -> Vec<Id> {

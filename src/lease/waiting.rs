@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::{AcquireAnswer, AcquireInput, Attempt, Call, Leaser, Plan, denial};
 use crate::domain::{Id, Priority};
 use crate::error::ServiceError;
-use crate::store::counters::{Counters, Denied, DenyReason};
+use crate::store::counters::{Counters, Denied, DenyReason, Space};
 
 /// The offset added to a waiter's first attempt to order the queue: critical first,
 /// low last, and low overtaken only by requests arriving within W/2 after it.
@@ -29,6 +29,8 @@ pub fn priority_offset(priority: Priority, window: Duration) -> i64 {
 pub struct QueueEntry {
     pub counters: Counters,
     pub upstream_id: Id,
+    /// The pool whose space holds the queue (`None`: the upstream's).
+    pub pool_id: Option<Id>,
     pub queue_id: String,
     pub nonce: String,
     pub queued: bool,
@@ -42,14 +44,16 @@ impl Drop for QueueEntry {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (counters, upstream, queue, nonce) = (
+        let (counters, upstream, pool, queue, nonce) = (
             self.counters.clone(),
             self.upstream_id.clone(),
+            self.pool_id.clone(),
             self.queue_id.clone(),
             self.nonce.clone(),
         );
         runtime.spawn(async move {
-            if let Err(error) = counters.leave_queue(&upstream, &queue, &nonce).await {
+            let space = Space::new(&upstream, pool.as_ref());
+            if let Err(error) = counters.leave_queue(space, &queue, &nonce).await {
                 tracing::debug!(%error, "could not leave the wait queue; the entry expires by itself");
             }
         });

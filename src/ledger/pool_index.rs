@@ -492,6 +492,8 @@ mod tests {
     fn request(pool: &[&str]) -> AcquireRequest {
         AcquireRequest {
             upstream_id: id("up"),
+            pool_id: None,
+            config_version: 0,
             nonce: crate::ledger::LeaseKey::new_nonce(),
             tenant_id: id("t"),
             tenant_limit: 10,

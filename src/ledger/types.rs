@@ -5,11 +5,51 @@ use std::time::Duration;
 
 use crate::domain::{BreakerPolicy, Id, TokenState};
 
+/// Where counters live: an upstream's own space (tenants without a pool, and their
+/// dedicated tokens) or one of its pools' (the pool's tokens, its tenants, and their
+/// dedicated tokens). One decision touches one space only; on Redis each space is one
+/// hash slot (`{<upstream>}` or `{<upstream>.<pool>}`), so a Redis Cluster spreads an
+/// upstream's pools over its masters. The in-process ledger keys by upstream alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Space<'a> {
+    pub upstream: &'a Id,
+    pub pool: Option<&'a Id>,
+}
+
+impl<'a> Space<'a> {
+    pub fn new(upstream: &'a Id, pool: Option<&'a Id>) -> Self {
+        Self { upstream, pool }
+    }
+
+    /// The upstream's own space.
+    pub fn upstream(upstream: &'a Id) -> Self {
+        Self {
+            upstream,
+            pool: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Space<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pool {
+            None => write!(f, "{}", self.upstream),
+            Some(pool) => write!(f, "{}.{pool}", self.upstream),
+        }
+    }
+}
+
 /// Everything one acquire decision needs; built by `lease::plan` from the configuration.
 #[derive(Debug, Clone)]
 pub struct AcquireRequest {
-    /// The upstream: all keys of one upstream share a Redis Cluster hash slot.
+    /// The upstream.
     pub upstream_id: Id,
+    /// The tenant's pool, whose space the decision runs in (`None`: the upstream's).
+    pub pool_id: Option<Id>,
+    /// The configuration version the request was planned from: a token moved to
+    /// another space at a later version is not granted from the old one
+    /// (`Counters::prepare_moves`). 0 skips the check.
+    pub config_version: i64,
     /// Random part of the lease id, chosen by the caller.
     pub nonce: String,
     pub tenant_id: Id,
@@ -36,6 +76,12 @@ pub struct AcquireRequest {
     /// Pacing: how many slots a token may grant back to back before it grants one per
     /// `window / token_limit`; 0 turns pacing off. See `scripts::ACQUIRE`.
     pub pace_burst: u32,
+}
+
+impl AcquireRequest {
+    pub fn space(&self) -> Space<'_> {
+        Space::new(&self.upstream_id, self.pool_id.as_ref())
+    }
 }
 
 /// A digest of a token list (16 hex digits of its SHA-256): with the window, limit
@@ -121,6 +167,10 @@ pub enum DenyReason {
     /// The same, found by this very decision, which started the hold: its caller
     /// announces it (once across replicas).
     CountersLostNoticed,
+    /// The chosen token moved to another space at a configuration version later than
+    /// the request's (`Counters::prepare_moves`): the caller reloads its configuration
+    /// and asks again. Only the Redis counters answer it.
+    TokenMoved,
 }
 
 impl DenyReason {
@@ -190,34 +240,50 @@ impl ReleaseOutcome {
     }
 }
 
-/// The parts of a lease id: `<upstream>.<tenant>.<token>.<nonce>`. Ids never contain
-/// '.', so the id splits unambiguously, and the release script can name every key it
-/// touches up front (required by Redis Cluster).
+/// The parts of a lease id: `<upstream>.<tenant>.<token>.<nonce>`, and `.<pool>` after
+/// them when the lease was granted in a pool's space. Ids never contain '.', so the id
+/// splits unambiguously, and the release script can name every key it touches up front
+/// (required by Redis Cluster).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseKey {
     pub upstream_id: Id,
+    /// The pool whose space holds the lease (`None`: the upstream's).
+    pub pool_id: Option<Id>,
     pub tenant_id: Id,
     pub token_id: Id,
     pub nonce: String,
 }
 
 impl LeaseKey {
+    pub fn space(&self) -> Space<'_> {
+        Space::new(&self.upstream_id, self.pool_id.as_ref())
+    }
+
     pub fn to_lease_id(&self) -> String {
-        format!(
+        let id = format!(
             "{}.{}.{}.{}",
             self.upstream_id, self.tenant_id, self.token_id, self.nonce
-        )
+        );
+        match &self.pool_id {
+            None => id,
+            Some(pool) => format!("{id}.{pool}"),
+        }
     }
 
     /// Parses a lease id; `None` when it is not one of ours.
     pub fn parse(lease_id: &str) -> Option<Self> {
         let mut parts = lease_id.split('.');
         let (u, te, to, n) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let pool = parts.next();
         if parts.next().is_some() || n.len() != 32 || !n.chars().all(|c| c.is_ascii_hexdigit()) {
             return None;
         }
         Some(Self {
             upstream_id: Id::parse("lease_id", u).ok()?,
+            pool_id: match pool {
+                None => None,
+                Some(p) => Some(Id::parse("lease_id", p).ok()?),
+            },
             tenant_id: Id::parse("lease_id", te).ok()?,
             token_id: Id::parse("lease_id", to).ok()?,
             nonce: n.to_owned(),

@@ -903,7 +903,8 @@ async fn key_rotation_reseals_and_old_keys_still_open(db: Db) {
 /// the restarts that matters here, so it says the counters are complete.
 async fn forget_restart(app: &super::helpers::TestApp) {
     let up = tokenlease::domain::Id::parse("upstream_id", "up").unwrap();
-    app.leaser.counters.mark_fresh(&up).await.unwrap();
+    let space = tokenlease::store::counters::Space::upstream(&up);
+    app.leaser.counters.mark_fresh(space).await.unwrap();
 }
 
 async fn acquire(app: &super::helpers::TestApp) -> pb::AcquireLeaseResponse {

@@ -10,6 +10,7 @@ use tokenlease::domain::{BreakerPolicy, Id};
 use tokenlease::events::{Change, Event, EventKind, Resource};
 use tokenlease::grpc::pb::lease_service_client::LeaseServiceClient;
 use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
+use tokenlease::store::counters::Space;
 use tokenlease::store::counters::{LeaseKey, OutcomeReport, ReleaseOutcome};
 use tokenlease::store::event_relay::RelaySettings;
 use tonic::Streaming;
@@ -365,6 +366,7 @@ async fn a_quarantine_holds_on_a_replica_that_has_not_heard_of_it() {
     let report = OutcomeReport {
         key: LeaseKey {
             upstream_id: id("up"),
+            pool_id: None,
             tenant_id: id("acme"),
             token_id: id("tok-0"),
             nonce: LeaseKey::new_nonce(),
@@ -378,10 +380,11 @@ async fn a_quarantine_holds_on_a_replica_that_has_not_heard_of_it() {
     };
     let recorded = a.leaser.counters.record_outcome(&report).await.unwrap();
     assert_eq!(recorded.transitions.len(), 1, "{recorded:?}");
-    let (upstream, tok0) = (id("up"), [id("tok-0")]);
+    let (upstream, pool, tok0) = (id("up"), id("shared"), [id("tok-0")]);
     let tok0_usage = || async {
         let window = Duration::from_secs(10);
-        let usage = a.leaser.counters.usage(&upstream, window, &[], &tok0);
+        let space = Space::new(&upstream, Some(&pool));
+        let usage = a.leaser.counters.usage(space, window, &[], &tok0);
         usage.await.unwrap().tokens[0]
     };
     let before = tok0_usage().await;

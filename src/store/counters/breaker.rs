@@ -33,7 +33,7 @@
 //! Time is the store's clock, as for the windows.
 
 use super::{
-    Admitted, CounterError, Counters, OutcomeReport, Recorded, StatusReport, Transition,
+    Admitted, CounterError, Counters, OutcomeReport, Recorded, Space, StatusReport, Transition,
     TransitionCause,
 };
 use crate::domain::{Id, TokenState};
@@ -44,15 +44,15 @@ impl Counters {
     /// becomes the probe (atomically, so at most one is out). See the module doc.
     pub async fn admit_grant(
         &self,
-        upstream_id: &Id,
+        space: Space<'_>,
         token_id: &Id,
         nonce: &str,
         lease_expires_ms: i64,
     ) -> Result<Admitted, CounterError> {
         match self {
-            Self::Memory(m) => Ok(m.admit_grant(upstream_id, token_id, nonce, lease_expires_ms)),
+            Self::Memory(m) => Ok(m.admit_grant(space.upstream, token_id, nonce, lease_expires_ms)),
             Self::Redis(r) => {
-                r.admit_grant(upstream_id, token_id, nonce, lease_expires_ms)
+                r.admit_grant(space, token_id, nonce, lease_expires_ms)
                     .await
             }
         }
@@ -71,24 +71,25 @@ impl Counters {
     /// decision). Returns its health just before.
     pub async fn reset_health(
         &self,
-        upstream_id: &Id,
+        space: Space<'_>,
         token_id: &Id,
     ) -> Result<StatusReport, CounterError> {
         match self {
-            Self::Memory(m) => Ok(m.reset_health(upstream_id, token_id)),
-            Self::Redis(r) => r.reset_health(upstream_id, token_id).await,
+            Self::Memory(m) => Ok(m.reset_health(space.upstream, token_id)),
+            Self::Redis(r) => r.reset_health(space, token_id).await,
         }
     }
 
-    /// The health of `tokens` now (settling transitions that became due).
+    /// The health of `tokens` (all of one space) now, settling transitions that became
+    /// due.
     pub async fn token_status(
         &self,
-        upstream_id: &Id,
+        space: Space<'_>,
         tokens: &[Id],
     ) -> Result<StatusReport, CounterError> {
         match self {
-            Self::Memory(m) => Ok(m.token_status(upstream_id, tokens)),
-            Self::Redis(r) => r.token_status(upstream_id, tokens).await,
+            Self::Memory(m) => Ok(m.token_status(space.upstream, tokens)),
+            Self::Redis(r) => r.token_status(space, tokens).await,
         }
     }
 }

@@ -10,7 +10,7 @@ use super::breaker::parse_transitions;
 use super::breaker_scripts;
 use super::redis_backend::RedisCounters;
 use super::{
-    Admission, Admitted, CounterError, OutcomeReport, Recorded, StatusReport, TokenStatus,
+    Admission, Admitted, CounterError, OutcomeReport, Recorded, Space, StatusReport, TokenStatus,
 };
 use crate::domain::{Id, QUARANTINE_MIN, TokenState};
 
@@ -43,8 +43,8 @@ pub(super) fn push_policy(inv: &mut redis::ScriptInvocation<'_>, report: &Outcom
 }
 
 impl RedisCounters {
-    fn health_key(&self, upstream: &Id, token: &Id) -> String {
-        self.key(upstream, "health", token.as_str())
+    fn health_key(&self, space: Space<'_>, token: &Id) -> String {
+        self.key(space, "health", token.as_str())
     }
 
     pub(super) async fn run_ints(
@@ -58,13 +58,13 @@ impl RedisCounters {
 
     pub(super) async fn admit_grant(
         &self,
-        upstream: &Id,
+        space: Space<'_>,
         token: &Id,
         nonce: &str,
         lease_expires_ms: i64,
     ) -> Result<Admitted, CounterError> {
         let mut inv = ADMIT.prepare_invoke();
-        inv.key(self.health_key(upstream, token))
+        inv.key(self.health_key(space, token))
             .arg(nonce)
             .arg(lease_expires_ms);
         let reply = self.run_ints("admit", inv).await?;
@@ -94,8 +94,8 @@ impl RedisCounters {
     ) -> Result<Recorded, CounterError> {
         let key = &report.key;
         let mut inv = RECORD.prepare_invoke();
-        inv.key(self.health_key(&key.upstream_id, &key.token_id))
-            .key(self.key(&key.upstream_id, "health-done", &key.nonce))
+        inv.key(self.health_key(key.space(), &key.token_id))
+            .key(self.key(key.space(), "health-done", &key.nonce))
             .arg(&key.nonce)
             .arg(report.outcome.as_str());
         push_policy(&mut inv, report);
@@ -114,16 +114,16 @@ impl RedisCounters {
     /// The token's health before (`token_status`), then its record deleted.
     pub(super) async fn reset_health(
         &self,
-        upstream: &Id,
+        space: Space<'_>,
         token: &Id,
     ) -> Result<StatusReport, CounterError> {
         let report = self
-            .token_status(upstream, std::slice::from_ref(token))
+            .token_status(space, std::slice::from_ref(token))
             .await?;
         let mut inv = RESET.prepare_invoke();
-        inv.key(self.health_key(upstream, token))
-            .key(self.key(upstream, "pace", "tokens"))
-            .arg(self.key_base(upstream))
+        inv.key(self.health_key(space, token))
+            .key(self.key(space, "pace", "tokens"))
+            .arg(self.key_base(space))
             .arg(token.as_str());
         self.run_ints("reset", inv).await?;
         Ok(report)
@@ -131,12 +131,12 @@ impl RedisCounters {
 
     pub(super) async fn token_status(
         &self,
-        upstream: &Id,
+        space: Space<'_>,
         tokens: &[Id],
     ) -> Result<StatusReport, CounterError> {
         let mut inv = STATUS.prepare_invoke();
         for token in tokens {
-            inv.key(self.health_key(upstream, token));
+            inv.key(self.health_key(space, token));
         }
         let reply = self.run_ints("status", inv).await?;
         let bad = || bad_reply("status", &reply);

@@ -23,8 +23,8 @@ mod breaker_scripts;
 pub use crate::ledger::{
     AcquireOutcome, AcquireRequest, Admission, Admitted, BUCKETS_PER_WINDOW, DemandCount, Denied,
     DenyReason, Grant, LeaseKey, OutcomeReport, QueueTicket, Recorded, ReleaseOutcome,
-    ReleaseResult, StatusReport, TokenStatus, Transition, TransitionCause, Unhealthy, UsageCounts,
-    bucket_ms, list_digest,
+    ReleaseResult, Space, StatusReport, TokenStatus, Transition, TransitionCause, Unhealthy,
+    UsageCounts, bucket_ms, list_digest,
 };
 pub use memory::MemoryCounters;
 pub use redis_backend::{RedisCounters, RedisSettings};
@@ -94,22 +94,26 @@ impl Counters {
     /// leaves every window by t₀ + TTL + grace + W ≤ the fence; grants from the fence on
     /// share no window with it. Writing the fence here, when the upstream is created,
     /// spares a new deployment that wait; it never lifts a hold already set.
-    #[tracing::instrument(name = "counters.mark_fresh", skip_all, fields(upstream_id = %upstream))]
-    pub async fn mark_fresh(&self, upstream: &Id) -> Result<(), CounterError> {
+    ///
+    /// On Redis each space (`Space`: the upstream's, and each pool's) has its own fence,
+    /// so a pool created later is marked when it is created, and a pool that existed
+    /// before its space did (an upgrade from one space per upstream) is held once.
+    #[tracing::instrument(name = "counters.mark_fresh", skip_all, fields(space = %space))]
+    pub async fn mark_fresh(&self, space: Space<'_>) -> Result<(), CounterError> {
         match self {
             Self::Memory(m) => {
-                m.mark_fresh(upstream);
+                m.mark_fresh(space.upstream);
                 Ok(())
             }
-            Self::Redis(r) => r.mark_fresh(upstream).await,
+            Self::Redis(r) => r.mark_fresh(space).await,
         }
     }
 
-    /// `mark_fresh` for an upstream just created; a failure (Redis down) only costs its
-    /// first leases one hold, so it is logged, not returned.
-    pub async fn mark_created(&self, upstream: &Id) {
-        if let Err(error) = self.mark_fresh(upstream).await {
-            tracing::warn!(%error, %upstream, "cannot mark the new upstream's lease counters fresh; its first leases wait one window + TTL");
+    /// `mark_fresh` for an upstream or pool just created; a failure (Redis down) only
+    /// costs its first leases one hold, so it is logged, not returned.
+    pub async fn mark_created(&self, space: Space<'_>) {
+        if let Err(error) = self.mark_fresh(space).await {
+            tracing::warn!(%error, %space, "cannot mark new lease counters fresh; their first leases wait one window + TTL");
         }
     }
 
@@ -141,48 +145,49 @@ impl Counters {
         }
     }
 
-    /// Slots held now, for one upstream's tenants and tokens.
-    #[tracing::instrument(name = "counters.usage", level = "debug", skip_all, fields(upstream_id = %upstream_id))]
+    /// Slots held now, for tenants and tokens of one space.
+    #[tracing::instrument(name = "counters.usage", level = "debug", skip_all, fields(space = %space))]
     pub async fn usage(
         &self,
-        upstream_id: &Id,
+        space: Space<'_>,
         window: Duration,
         tenants: &[Id],
         tokens: &[Id],
     ) -> Result<UsageCounts, CounterError> {
         match self {
-            Self::Memory(m) => Ok(m.usage(upstream_id, window, tenants, tokens)),
-            Self::Redis(r) => r.usage(upstream_id, window, tenants, tokens).await,
+            Self::Memory(m) => Ok(m.usage(space.upstream, window, tenants, tokens)),
+            Self::Redis(r) => r.usage(space, window, tenants, tokens).await,
         }
     }
 
     /// Demand per tenant over the last window's completed buckets, with the index of the
     /// current bucket (allocations computed from the same bucket agree across replicas).
+    /// Tenants of one space.
     pub async fn demand(
         &self,
-        upstream_id: &Id,
+        space: Space<'_>,
         window: Duration,
         tenants: &[Id],
     ) -> Result<(i64, Vec<DemandCount>), CounterError> {
         match self {
-            Self::Memory(m) => Ok(m.demand(upstream_id, window, tenants)),
-            Self::Redis(r) => r.demand(upstream_id, window, tenants).await,
+            Self::Memory(m) => Ok(m.demand(space.upstream, window, tenants)),
+            Self::Redis(r) => r.demand(space, window, tenants).await,
         }
     }
 
     /// Takes a waiter out of its queue (its caller gave up or went away).
     pub async fn leave_queue(
         &self,
-        upstream_id: &Id,
+        space: Space<'_>,
         queue_id: &str,
         nonce: &str,
     ) -> Result<(), CounterError> {
         match self {
             Self::Memory(m) => {
-                m.leave_queue(upstream_id, queue_id, nonce);
+                m.leave_queue(space.upstream, queue_id, nonce);
                 Ok(())
             }
-            Self::Redis(r) => r.leave_queue(upstream_id, queue_id, nonce).await,
+            Self::Redis(r) => r.leave_queue(space, queue_id, nonce).await,
         }
     }
 }
@@ -201,6 +206,7 @@ mod tests {
     fn lease_id_roundtrip() {
         let key = LeaseKey {
             upstream_id: Id::parse("x", "baselinker").unwrap(),
+            pool_id: None,
             tenant_id: Id::parse("x", "acme").unwrap(),
             token_id: Id::parse("x", "tok-1").unwrap(),
             nonce: LeaseKey::new_nonce(),

@@ -1,12 +1,13 @@
 //! Lease counters in Redis (one server or a Redis Cluster), shared by every replica.
 //!
-//! Keys: `<prefix>:{<upstream>}:tw:<tenant>` (tenant window), `…:kw:<token>` (token
-//! window), `…:lease:<nonce>` (lease hash), `…:fence:epoch` (the upstream's fence,
-//! see `Counters::mark_fresh`: the one key without a TTL). The `{<upstream>}` hash tag puts one
-//! upstream's keys in one cluster slot, so a decision that spans a tenant and many
-//! tokens is one atomic script. One slot per upstream is ample: an upstream allowing
-//! 100 requests per minute per token needs ~1,700 decisions a second for 1,000 tokens,
-//! far below what one Redis node runs.
+//! Keys: `<prefix>:{<space>}:tw:<tenant>` (tenant window), `…:kw:<token>` (token
+//! window), `…:lease:<nonce>` (lease hash), `…:fence:epoch` (the space's fence, see
+//! `Counters::mark_fresh`: the one key without a TTL), where `<space>` is `<upstream>`
+//! for tenants without a pool and `<upstream>.<pool>` for a pool, its tokens, its
+//! tenants and their dedicated tokens (`Space`). The hash tag puts one space's keys in
+//! one cluster slot, so a decision that spans a tenant and many tokens is one atomic
+//! script, and a Redis Cluster spreads an upstream's pools over its masters. A token
+//! that moves to another space is handed over by `prepare_moves`.
 //!
 //! Failure policy (fail closed): every call is bounded by `timeout`; a timeout or a
 //! connection error becomes `CounterError::Unavailable` and the caller denies. An
@@ -27,8 +28,8 @@ use super::breaker::parse_transitions;
 use super::breaker_redis::{bad_reply, push_policy};
 use super::{
     AcquireOutcome, AcquireRequest, BUCKETS_PER_WINDOW, CounterError, DemandCount, Denied,
-    DenyReason, Grant, LeaseKey, OutcomeReport, Recorded, ReleaseOutcome, ReleaseResult, Unhealthy,
-    UsageCounts, bucket_ms, scripts,
+    DenyReason, Grant, LeaseKey, OutcomeReport, Recorded, ReleaseOutcome, ReleaseResult, Space,
+    Unhealthy, UsageCounts, bucket_ms, scripts,
 };
 use crate::domain::{Id, TokenState};
 
@@ -178,13 +179,13 @@ impl RedisCounters {
         })
     }
 
-    pub(super) fn key(&self, upstream: &Id, kind: &str, id: &str) -> String {
-        format!("{}{kind}:{id}", self.key_base(upstream))
+    pub(super) fn key(&self, space: Space<'_>, kind: &str, id: &str) -> String {
+        format!("{}{kind}:{id}", self.key_base(space))
     }
 
-    /// What every key of `upstream` starts with, its hash tag included.
-    pub(super) fn key_base(&self, upstream: &Id) -> String {
-        format!("{}:{{{upstream}}}:", self.prefix)
+    /// What every key of `space` starts with, its hash tag included.
+    pub(super) fn key_base(&self, space: Space<'_>) -> String {
+        format!("{}:{{{space}}}:", self.prefix)
     }
 
     /// How long one call waits for Redis.
@@ -267,7 +268,7 @@ impl RedisCounters {
         with_pool: bool,
         budget: Duration,
     ) -> Result<Option<AcquireOutcome>, CounterError> {
-        let up = &req.upstream_id;
+        let up = req.space();
         let queue_id = req.queue.as_ref().map_or("-", |q| q.queue_id.as_str());
         let mut inv = self.acquire.prepare_invoke();
         inv.key(self.key(up, "tw", req.tenant_id.as_str()))
@@ -325,15 +326,15 @@ impl RedisCounters {
         parse_acquire_reply(&reply, req).map(Some)
     }
 
-    pub async fn mark_fresh(&self, upstream: &Id) -> Result<(), CounterError> {
+    pub async fn mark_fresh(&self, space: Space<'_>) -> Result<(), CounterError> {
         let mut inv = self.mark_fresh.prepare_invoke();
-        inv.key(self.key(upstream, "fence", "epoch"));
+        inv.key(self.key(space, "fence", "epoch"));
         self.run(inv).await.map(|_| ())
     }
 
     pub async fn demand(
         &self,
-        upstream: &Id,
+        upstream: Space<'_>,
         window: Duration,
         tenants: &[Id],
     ) -> Result<(i64, Vec<DemandCount>), CounterError> {
@@ -365,7 +366,7 @@ impl RedisCounters {
 
     pub async fn leave_queue(
         &self,
-        upstream: &Id,
+        upstream: Space<'_>,
         queue_id: &str,
         nonce: &str,
     ) -> Result<(), CounterError> {
@@ -415,7 +416,7 @@ impl RedisCounters {
         outcome: ReleaseOutcome,
         report: Option<&OutcomeReport>,
     ) -> Result<(ReleaseResult, Option<Recorded>, i64), CounterError> {
-        let up = &key.upstream_id;
+        let up = key.space();
         let mut inv = self.release.prepare_invoke();
         inv.key(self.key(up, "lease", &key.nonce))
             .key(self.key(up, "tw", key.tenant_id.as_str()))
@@ -462,7 +463,7 @@ impl RedisCounters {
 
     pub async fn usage(
         &self,
-        upstream: &Id,
+        upstream: Space<'_>,
         window: Duration,
         tenants: &[Id],
         tokens: &[Id],

@@ -201,7 +201,7 @@ impl Harness {
             }
         };
         h.counters
-            .mark_fresh(&id(UPSTREAM))
+            .mark_fresh(Space::upstream(&id(UPSTREAM)))
             .await
             .expect("mark the test upstream fresh");
         let result = AssertUnwindSafe(body(h.clone())).catch_unwind().await;
@@ -329,6 +329,8 @@ impl Harness {
     ) -> AcquireRequest {
         AcquireRequest {
             upstream_id: id(UPSTREAM),
+            pool_id: None,
+            config_version: 0,
             nonce: LeaseKey::new_nonce(),
             tenant_id: id(tenant),
             tenant_limit,
@@ -373,7 +375,12 @@ impl Harness {
     async fn usage(&self, tenants: &[&str], tokens: &[&str]) -> UsageCounts {
         let (tenants, tokens) = (ids(tenants), ids(tokens));
         self.counters
-            .usage(&id(UPSTREAM), self.window, &tenants, &tokens)
+            .usage(
+                Space::upstream(&id(UPSTREAM)),
+                self.window,
+                &tenants,
+                &tokens,
+            )
             .await
             .expect("usage answered")
     }
@@ -411,6 +418,7 @@ async fn try_acquire_on(counters: &Counters, req: &AcquireRequest) -> Result<Lea
         AcquireOutcome::Granted(grant) => Ok(Leased {
             key: LeaseKey {
                 upstream_id: req.upstream_id,
+                pool_id: None,
                 tenant_id: req.tenant_id,
                 token_id: grant.token_id.clone(),
                 nonce: req.nonce,
@@ -769,7 +777,7 @@ on_both_backends! {
         counts.sort_unstable();
         assert_eq!(counts, (1..=USABLE).collect::<Vec<_>>());
         let (upstream, tokens) = (id(UPSTREAM), ids(&["k-1"]));
-        let usage = h.counters.usage(&upstream, Duration::from_secs(60), &[], &tokens).await;
+        let usage = h.counters.usage(Space::upstream(&upstream), Duration::from_secs(60), &[], &tokens).await;
         assert_eq!(usage.expect("usage").tokens, vec![USABLE]);
     }
 
@@ -850,7 +858,7 @@ on_both_backends! {
         // The hold is the upstream's: marking it fresh afterwards does not lift one.
         let h = h.lose_counters().await;
         let held = h.deny(&req).await;
-        h.counters.mark_fresh(&id(UPSTREAM)).await.expect("mark fresh");
+        h.counters.mark_fresh(Space::upstream(&id(UPSTREAM))).await.expect("mark fresh");
         assert_eq!(free_at(&h.deny(&req).await), free_at(&held));
     }
 
@@ -866,7 +874,7 @@ on_both_backends! {
         let retry = AcquireRequest { count_demand: false, ..first.clone() };
         let _ = h.try_acquire(&retry).await;
         h.advance(Duration::from_millis(super::bucket_ms(h.window_ms()) as u64 + 1)).await;
-        let (_, counts) = h.counters.demand(&id(UPSTREAM), h.window, &[id("t-a"), id("t-b")]).await.unwrap();
+        let (_, counts) = h.counters.demand(Space::upstream(&id(UPSTREAM)), h.window, &[id("t-a"), id("t-b")]).await.unwrap();
         assert_eq!(counts, vec![super::DemandCount { asked: 3, unmet: 1 }, super::DemandCount::default()]);
     }
 }

@@ -25,6 +25,7 @@ fn policy(h: &Harness) -> BreakerPolicy {
 fn key(nonce: &str) -> LeaseKey {
     LeaseKey {
         upstream_id: id(UPSTREAM),
+        pool_id: None,
         tenant_id: id("t-a"),
         token_id: id(TOKEN),
         nonce: nonce.to_owned(),
@@ -72,7 +73,7 @@ async fn fresh(h: &Harness, outcome: ReleaseOutcome) -> Recorded {
 async fn admit(h: &Harness, nonce: &str) -> Admitted {
     let expires = h.now_ms().await + ms(h.ttl);
     h.counters
-        .admit_grant(&id(UPSTREAM), &id(TOKEN), nonce, expires)
+        .admit_grant(Space::upstream(&id(UPSTREAM)), &id(TOKEN), nonce, expires)
         .await
         .expect("admit answered")
 }
@@ -80,7 +81,7 @@ async fn admit(h: &Harness, nonce: &str) -> Admitted {
 async fn status(h: &Harness) -> TokenStatus {
     let report = h
         .counters
-        .token_status(&id(UPSTREAM), &ids(&[TOKEN]))
+        .token_status(Space::upstream(&id(UPSTREAM)), &ids(&[TOKEN]))
         .await
         .expect("status answered");
     report.tokens[0].clone()
@@ -330,7 +331,7 @@ on_both_backends! {
         h.advance_to(until).await;
         let replicas = h.replicas(4).await;
         let (upstream, tokens) = (id(UPSTREAM), ids(&[TOKEN]));
-        let reads = replicas.iter().map(|c| c.token_status(&upstream, &tokens));
+        let reads = replicas.iter().map(|c| c.token_status(Space::upstream(&upstream), &tokens));
         let reports = futures::future::join_all(reads).await;
         let seen: usize = reports.iter().map(|r| r.as_ref().unwrap().transitions.len()).sum();
         assert_eq!(seen, 1, "{reports:?}");

@@ -33,6 +33,8 @@ fn upstream_of(key: &str) -> &str {
 fn flood_request(upstream: &str, tenant: usize) -> AcquireRequest {
     AcquireRequest {
         upstream_id: id(upstream),
+        pool_id: None,
+        config_version: 0,
         nonce: LeaseKey::new_nonce(),
         tenant_id: id(&format!("t-{tenant}")),
         tenant_limit: 10_000,
@@ -67,7 +69,7 @@ async fn flood(
 ) -> BTreeMap<String, Vec<Leased>> {
     for upstream in upstreams {
         instances[0]
-            .mark_fresh(&id(upstream))
+            .mark_fresh(Space::upstream(&id(upstream)))
             .await
             .expect("mark the upstream fresh");
     }
@@ -105,7 +107,7 @@ async fn usage_of(counters: &Counters, upstream: &str) -> UsageCounts {
     let tenants: Vec<Id> = (0..TENANTS).map(|t| id(&format!("t-{t}"))).collect();
     counters
         .usage(
-            &id(upstream),
+            Space::upstream(&id(upstream)),
             Duration::from_secs(60),
             &tenants,
             &ids(&["k-1"]),
@@ -294,7 +296,7 @@ async fn a_moved_slot_is_followed_without_overgranting() {
         .expect("another master");
     let instances = instances(&cluster, &prefix).await;
     instances[0]
-        .mark_fresh(&id(&upstream))
+        .mark_fresh(Space::upstream(&id(&upstream)))
         .await
         .expect("mark the upstream fresh");
 

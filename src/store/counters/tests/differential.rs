@@ -51,7 +51,10 @@ impl Run {
     async fn new(url: &str, prefix: &str, shape: Shape, seed: u64) -> Self {
         let redis = redis_counters(url, prefix, Duration::from_secs(5)).await;
         let mut ledger = Ledger::default();
-        redis.mark_fresh(&id(UPSTREAM)).await.expect("mark fresh");
+        redis
+            .mark_fresh(Space::upstream(&id(UPSTREAM)))
+            .await
+            .expect("mark fresh");
         ledger.mark_fresh(&id(UPSTREAM));
         let tenants = (0..shape.tenants)
             .map(|t| {
@@ -133,6 +136,8 @@ impl Run {
         });
         AcquireRequest {
             upstream_id: id(UPSTREAM),
+            pool_id: None,
+            config_version: 0,
             nonce,
             tenant_id: tenant,
             tenant_limit: limit,
@@ -173,6 +178,7 @@ impl Run {
         match redis {
             AcquireOutcome::Granted(g) => self.leases.push(LeaseKey {
                 upstream_id: req.upstream_id,
+                pool_id: None,
                 tenant_id: req.tenant_id,
                 token_id: g.token_id,
                 nonce: req.nonce,
@@ -239,14 +245,20 @@ impl Run {
         let reset = self.rng.random_bool(0.2);
         let (redis, what) = if reset {
             let token = tokens[self.rng.random_range(0..tokens.len())].clone();
-            let report = self.redis.reset_health(&id(UPSTREAM), &token).await;
+            let report = self
+                .redis
+                .reset_health(Space::upstream(&id(UPSTREAM)), &token)
+                .await;
             let report = report.expect("Redis answered");
             let ledger = self
                 .ledger
                 .reset_health(&id(UPSTREAM), &token, report.now_ms);
             (report, ledger)
         } else {
-            let report = self.redis.token_status(&id(UPSTREAM), &tokens).await;
+            let report = self
+                .redis
+                .token_status(Space::upstream(&id(UPSTREAM)), &tokens)
+                .await;
             let report = report.expect("Redis answered");
             let ledger = self
                 .ledger

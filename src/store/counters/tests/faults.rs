@@ -104,7 +104,7 @@ async fn counters_for(url: &str) -> RedisCounters {
     let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
     let counters = counters_with(url, &prefix, false).await;
     // A new upstream; fails (and is ignored) when Redis is not up yet.
-    let _ = counters.mark_fresh(&id(UPSTREAM)).await;
+    let _ = counters.mark_fresh(Space::upstream(&id(UPSTREAM))).await;
     counters
 }
 
@@ -123,6 +123,8 @@ async fn counters_with(url: &str, prefix: &str, durable: bool) -> RedisCounters 
 fn request() -> AcquireRequest {
     AcquireRequest {
         upstream_id: id(UPSTREAM),
+        pool_id: None,
+        config_version: 0,
         nonce: LeaseKey::new_nonce(),
         tenant_id: id("t-a"),
         tenant_limit: 1000,
@@ -151,6 +153,7 @@ async fn assert_fails_closed(counters: &RedisCounters, what: &str) {
     let req = request();
     let key = LeaseKey {
         upstream_id: req.upstream_id.clone(),
+        pool_id: None,
         tenant_id: req.tenant_id.clone(),
         token_id: id("k-1"),
         nonce: req.nonce.clone(),
@@ -174,7 +177,7 @@ async fn assert_fails_closed(counters: &RedisCounters, what: &str) {
         "{what}: {released:?}"
     );
     let usage = counters
-        .usage(&req.upstream_id, req.window, &[], &req.pooled)
+        .usage(req.space(), req.window, &[], &req.pooled)
         .await;
     assert!(
         matches!(usage, Err(CounterError::Unavailable(_))),
@@ -284,14 +287,16 @@ async fn a_new_redis_process_with_the_old_keys_holds_unless_durable() {
     let held = request();
     let trusted = AcquireRequest {
         upstream_id: id("up-durable"),
+        pool_id: None,
+        config_version: 0,
         ..request()
     };
     counters
-        .mark_fresh(&held.upstream_id)
+        .mark_fresh(Space::upstream(&held.upstream_id))
         .await
         .expect("mark fresh");
     durable
-        .mark_fresh(&trusted.upstream_id)
+        .mark_fresh(Space::upstream(&trusted.upstream_id))
         .await
         .expect("mark fresh");
     let granted = |answer| matches!(answer, Ok(AcquireOutcome::Granted(_)));
@@ -364,7 +369,7 @@ async fn calls_that_failed_while_redis_was_frozen_take_no_slot() {
     let server = Throwaway::start(free_port()).await;
     let counters = counters_for(&server.url()).await;
     let (req, tenants) = (request(), [id("t-a")]);
-    let usage = || counters.usage(&req.upstream_id, req.window, &tenants, &req.pooled);
+    let usage = || counters.usage(req.space(), req.window, &tenants, &req.pooled);
     assert_grants(&counters).await;
     assert_eq!(usage().await.expect("usage"), counts(&[1], &[1]));
     server.signal("-STOP");

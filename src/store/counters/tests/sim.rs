@@ -167,6 +167,8 @@ impl World {
         let t = &self.tenants[ask.tenant];
         AcquireRequest {
             upstream_id: id(UPSTREAM),
+            pool_id: None,
+            config_version: 0,
             nonce: LeaseKey::new_nonce(),
             tenant_id: t.id.clone(),
             tenant_limit: t.limit,
@@ -529,6 +531,7 @@ impl MemorySim {
         }
         let key = LeaseKey {
             upstream_id: req.upstream_id.clone(),
+            pool_id: None,
             tenant_id: req.tenant_id.clone(),
             token_id: grant.token_id,
             nonce: req.nonce.clone(),
@@ -762,6 +765,7 @@ impl RedisSim {
         self.h.advance_to(r).await;
         let key = LeaseKey {
             upstream_id: req.upstream_id,
+            pool_id: None,
             tenant_id: req.tenant_id,
             token_id: grant.token_id,
             nonce: req.nonce,
