@@ -13,8 +13,9 @@
 //! 2. checks that every referenced object exists (NOT_FOUND naming the request field);
 //! 3. writes (a taken id is ALREADY_EXISTS; a missing one NOT_FOUND);
 //! 4. checks the rules of [`crate::domain::check_guarantees`] on the pools the write
-//!    can affect (`guarantees`: a few aggregate queries per pool, not a read of the whole
-//!    configuration): a violation rolls everything back and is FAILED_PRECONDITION;
+//!    can affect (`guarantees`: a few queries per pool over its tokens and a running
+//!    total of its tenants' guarantees, not a read of the whole configuration): a
+//!    violation rolls everything back and is FAILED_PRECONDITION;
 //! 5. records what it changed in the change log (`changes`), commits and returns the
 //!    new version with the object as stored.
 //!

@@ -52,6 +52,8 @@ store_tests!(
     writes::load_is_one_consistent_snapshot,
     writes::concurrent_writes_lose_nothing,
     writes::concurrent_writes_cannot_overcommit_a_pool,
+    writes::concurrent_moves_keep_the_guarantee_totals_exact,
+    writes::a_write_that_kept_no_totals_makes_the_next_recount,
     writes::secrets_are_stored_as_given,
     incremental::scoped_check_refuses_what_the_full_check_refuses,
     incremental::patched_snapshot_equals_full_build,

@@ -11,6 +11,17 @@
 //! in the same order (token upstreams first, then pools in id order), with the same
 //! message. Each write names what it touches (`Write::affects_*`); `sql_tests` runs
 //! both checks after every write and asserts they agree.
+//!
+//! What a pool's tenants guarantee is not summed per check but kept as a running total
+//! (`pool_guarantees`, migration 0006): a tenant write adds or removes that tenant's
+//! guarantee ([`count_tenant`]), a tier update recounts the pools of its tenants
+//! ([`recount`]). Why the total stays exact with concurrent writers, on either
+//! database: every write first bumps the version row, so writes run one at a time and
+//! each moves the totals the one before committed; a write that rolls back takes its
+//! moves with it. A writer that does not keep the totals (a replica that predates
+//! them) leaves `config_meta.guarantees_version` behind the version, and the next write
+//! recounts every pool ([`recount_all`]) before it moves anything. `sql_tests` compares
+//! every total with a fresh sum after every write.
 
 use std::collections::BTreeSet;
 
@@ -95,14 +106,13 @@ async fn provisioned_report(
             .await
             .map_err(map_error)?;
     // Every tenant of the pool draws its whole guarantee…
-    let guaranteed: i64 = sqlx::query_scalar(
-        "SELECT CAST(COALESCE(SUM(COALESCE(t.guaranteed_override, r.guaranteed_per_window)), 0) \
-         AS BIGINT) FROM tenants t JOIN tiers r ON r.id = t.tier_id WHERE t.pool_id = $1",
-    )
-    .bind(pool_id.to_owned())
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(map_error)?;
+    let guaranteed: Option<i64> =
+        sqlx::query_scalar("SELECT guaranteed FROM pool_guarantees WHERE pool_id = $1")
+            .bind(pool_id.to_owned())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(map_error)?;
+    let guaranteed = guaranteed.unwrap_or(0);
     // …except what the few with dedicated tokens of the pool's upstream cover themselves.
     let covered = sqlx::query(
         "SELECT COALESCE(t.guaranteed_override, r.guaranteed_per_window) AS guaranteed, \
@@ -130,4 +140,113 @@ async fn provisioned_report(
     }
     let capacity = u64::try_from(tokens).unwrap_or(0) * upstream.usable_per_window() as u64;
     Ok(CapacityReport::saturating(capacity, drawn))
+}
+
+/// A tenant's guarantee as its pool's total counts it: the override, or its tier's.
+const TENANT_GUARANTEE: &str = "COALESCE(t.guaranteed_override, r.guaranteed_per_window)";
+
+/// Whether a tenant joins or leaves its pool's total.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Sign {
+    Add,
+    Remove,
+}
+
+/// Adds (or removes) tenant `id`'s guarantee, as stored now, to (from) the total of its
+/// pool; a tenant without a pool, or not stored, changes nothing.
+pub(super) async fn count_tenant(
+    conn: &mut AnyConnection,
+    id: &str,
+    sign: Sign,
+) -> Result<(), StoreError> {
+    let sign: i64 = match sign {
+        Sign::Add => 1,
+        Sign::Remove => -1,
+    };
+    // The WHERE clause is also what SQLite needs to parse an upsert from a SELECT.
+    let sql = format!(
+        "INSERT INTO pool_guarantees (pool_id, guaranteed) \
+         SELECT t.pool_id, $2 * {TENANT_GUARANTEE} FROM tenants t \
+         JOIN tiers r ON r.id = t.tier_id WHERE t.id = $1 AND t.pool_id IS NOT NULL \
+         ON CONFLICT (pool_id) DO UPDATE \
+         SET guaranteed = pool_guarantees.guaranteed + excluded.guaranteed"
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(id.to_owned())
+        .bind(sign)
+        .execute(conn)
+        .await
+        .map_err(map_error)?;
+    Ok(())
+}
+
+/// Sets the totals of `pools` to a fresh sum of their tenants' guarantees.
+pub(super) async fn recount(conn: &mut AnyConnection, pools: &[String]) -> Result<(), StoreError> {
+    let sql = format!(
+        "INSERT INTO pool_guarantees (pool_id, guaranteed) VALUES ($1, \
+         (SELECT CAST(COALESCE(SUM({TENANT_GUARANTEE}), 0) AS BIGINT) FROM tenants t \
+         JOIN tiers r ON r.id = t.tier_id WHERE t.pool_id = $1)) \
+         ON CONFLICT (pool_id) DO UPDATE SET guaranteed = excluded.guaranteed"
+    );
+    for pool in pools {
+        sqlx::query(AssertSqlSafe(sql.clone()))
+            .bind(pool.clone())
+            .execute(&mut *conn)
+            .await
+            .map_err(map_error)?;
+    }
+    Ok(())
+}
+
+/// Recounts every pool's total, and marks the totals kept by the write `version`.
+pub(super) async fn recount_all(conn: &mut AnyConnection, version: i64) -> Result<(), StoreError> {
+    tracing::info!(
+        version,
+        "recounting the guarantee totals of every pool: the last write did not keep them"
+    );
+    sqlx::query("DELETE FROM pool_guarantees")
+        .execute(&mut *conn)
+        .await
+        .map_err(map_error)?;
+    let sql = format!(
+        "INSERT INTO pool_guarantees (pool_id, guaranteed) \
+         SELECT t.pool_id, CAST(SUM({TENANT_GUARANTEE}) AS BIGINT) FROM tenants t \
+         JOIN tiers r ON r.id = t.tier_id WHERE t.pool_id IS NOT NULL GROUP BY t.pool_id"
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .execute(&mut *conn)
+        .await
+        .map_err(map_error)?;
+    sqlx::query("UPDATE config_meta SET guarantees_version = $1 WHERE singleton = 1")
+        .bind(version)
+        .execute(&mut *conn)
+        .await
+        .map_err(map_error)?;
+    Ok(())
+}
+
+/// Tests only: every pool's total as stored, and as a fresh sum would make it (pools
+/// whose tenants guarantee nothing are left out of both).
+#[cfg(test)]
+pub(super) async fn totals_and_sums(
+    conn: &mut AnyConnection,
+) -> (
+    std::collections::BTreeMap<String, i64>,
+    std::collections::BTreeMap<String, i64>,
+) {
+    let stored: Vec<(String, i64)> =
+        sqlx::query_as("SELECT pool_id, guaranteed FROM pool_guarantees WHERE guaranteed <> 0")
+            .fetch_all(&mut *conn)
+            .await
+            .expect("reading the guarantee totals");
+    let sql = format!(
+        "SELECT t.pool_id, CAST(SUM({TENANT_GUARANTEE}) AS BIGINT) FROM tenants t \
+         JOIN tiers r ON r.id = t.tier_id WHERE t.pool_id IS NOT NULL GROUP BY t.pool_id"
+    );
+    let summed: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await
+        .expect("summing the guarantees");
+    let summed = summed.into_iter().filter(|(_, g)| *g != 0).collect();
+    (stored.into_iter().collect(), summed)
 }

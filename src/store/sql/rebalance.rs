@@ -11,6 +11,7 @@ use crate::domain::{Id, InvalidField, MoveMode, Tenant, TenantMove};
 use crate::store::{Kind, StoreError};
 
 use super::ConfigStore;
+use super::guarantees::Sign;
 use super::rows::{self, POOLS, TENANTS};
 use super::tx::{Write, map_error};
 
@@ -89,6 +90,8 @@ pub(super) async fn move_tenant(
     }
     write.affects_pool(order.from_pool_id.as_str());
     write.affects_pool(order.to_pool_id.as_str());
+    // The pools' guarantee totals: out of the one it leaves, into the one it joins.
+    write.count_tenant(tenant_id, Sign::Remove).await?;
     sqlx::query("UPDATE tenants SET pool_id = $2, update_time_ms = $3 WHERE id = $1")
         .bind(tenant_id)
         .bind(order.to_pool_id.as_str())
@@ -96,6 +99,7 @@ pub(super) async fn move_tenant(
         .execute(write.conn())
         .await
         .map_err(map_error)?;
+    write.count_tenant(tenant_id, Sign::Add).await?;
     let record = TenantMove {
         version: write.version(),
         upstream_id,

@@ -8,6 +8,7 @@ use crate::clock::system_now_ms;
 use crate::domain::{Id, Tenant, TokenOwner, TokenRecord};
 use crate::store::{Kind, StoreError};
 
+use super::guarantees::Sign;
 use super::rows::{self, POOLS, TENANTS, TIERS, TOKENS, UPSTREAMS};
 use super::tx::{Write, ensure_found, in_use, write_error};
 use super::{ConfigStore, Reseal};
@@ -68,6 +69,7 @@ pub(super) async fn create_tenant(
         .execute(write.conn())
         .await
         .map_err(write_error(Kind::Tenant, v.id.as_str()))?;
+    write.count_tenant(v.id.as_str(), Sign::Add).await?;
     write.changed(Kind::Tenant, v.id.as_str());
     if let Some(pool) = &v.pool_id {
         write.affects_pool(pool.as_str());
@@ -85,11 +87,13 @@ pub(super) async fn update_tenant(
     // The pool it leaves (its dedicated tokens no longer cover a guarantee there) and
     // the pool it joins.
     write.affects_pool_of_tenant(v.id.as_str()).await?;
+    write.count_tenant(v.id.as_str(), Sign::Remove).await?;
     let done = bind_tenant(UPDATE_TENANT, &v)
         .execute(write.conn())
         .await
         .map_err(write_error(Kind::Tenant, v.id.as_str()))?;
     ensure_found(done.rows_affected(), Kind::Tenant, v.id.as_str())?;
+    write.count_tenant(v.id.as_str(), Sign::Add).await?;
     write.changed(Kind::Tenant, v.id.as_str());
     if let Some(pool) = &v.pool_id {
         write.affects_pool(pool.as_str());
@@ -143,6 +147,7 @@ pub(super) async fn delete_tenant(store: &ConfigStore, id: &Id) -> Result<i64, S
         .execute(write.conn())
         .await
         .map_err(write_error(Kind::Tenant, id))?;
+    write.count_tenant(id, Sign::Remove).await?;
     write.delete_row(&TENANTS, id).await?;
     write.changed(Kind::Tenant, id);
     write.finish().await

@@ -9,8 +9,9 @@ use sqlx::{Any, AnyConnection, AssertSqlSafe, Transaction};
 use crate::domain::{InvalidField, TokenOwner};
 use crate::store::{Kind, StoreError};
 
+use super::guarantees::{self, Sign};
 use super::rows::{self, Table};
-use super::{Backend, ConfigStore, changes, guarantees};
+use super::{Backend, ConfigStore, changes};
 
 /// How many ids an "is used by" message lists before it stops with "…".
 const MAX_LISTED_IDS: usize = 5;
@@ -32,6 +33,9 @@ impl Write {
     /// Begins the transaction and bumps the version first: that takes the
     /// `config_meta` row lock (Postgres) or the database write lock (SQLite), so admin
     /// writes run one at a time across every replica and each sees the one before.
+    /// That is also what keeps the pools' guarantee totals exact: each write moves them
+    /// from the totals the write before left (`guarantees::count_tenant`), and recounts
+    /// them when that write did not keep them.
     pub(super) async fn begin(store: &ConfigStore) -> Result<Self, StoreError> {
         let mut tx = store.pool.begin().await.map_err(map_error)?;
         if store.backend == Backend::Postgres {
@@ -42,11 +46,25 @@ impl Write {
                 .await
                 .map_err(map_error)?;
         }
-        sqlx::query("UPDATE config_meta SET version = version + 1 WHERE singleton = 1")
-            .execute(&mut *tx)
-            .await
-            .map_err(map_error)?;
-        let version = rows::version(&mut tx).await?;
+        // The guarantee totals stay current if the write before kept them (their
+        // version is the version before this one); otherwise -1: recount below.
+        sqlx::query(
+            "UPDATE config_meta SET version = version + 1, guarantees_version = CASE \
+             WHEN guarantees_version = version THEN version + 1 ELSE -1 END \
+             WHERE singleton = 1",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(map_error)?;
+        let (version, guarantees_version): (i64, i64) = sqlx::query_as(
+            "SELECT version, guarantees_version FROM config_meta WHERE singleton = 1",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(map_error)?;
+        if guarantees_version != version {
+            guarantees::recount_all(&mut tx, version).await?;
+        }
         Ok(Self {
             tx,
             version,
@@ -115,12 +133,22 @@ impl Write {
         Ok(())
     }
 
-    /// Every pool with a tenant on tier `id` (their guarantees may change).
+    /// Every pool with a tenant on tier `id` (their guarantees may change): checked at
+    /// the end, their totals recounted now. Call it after the tier's new guarantee is
+    /// written.
     pub(super) async fn affects_pools_of_tier(&mut self, id: &str) -> Result<(), StoreError> {
         let sql = "SELECT DISTINCT pool_id FROM tenants WHERE tier_id = $1 AND pool_id IS NOT NULL";
         let pools = self.ids(sql.into(), id).await?;
+        guarantees::recount(&mut self.tx, &pools).await?;
         self.affected.extend(pools);
         Ok(())
+    }
+
+    /// Tenant `id` as stored now joins (`Sign::Add`) or leaves (`Sign::Remove`) its
+    /// pool's guarantee total: `Remove` before a tenant is updated or deleted, `Add`
+    /// after it is created or updated.
+    pub(super) async fn count_tenant(&mut self, id: &str, sign: Sign) -> Result<(), StoreError> {
+        guarantees::count_tenant(&mut self.tx, id, sign).await
     }
 
     pub(super) fn conn(&mut self) -> &mut AnyConnection {
@@ -142,7 +170,8 @@ impl Write {
     }
 
     /// Tests only: the scoped check must refuse exactly what the full check on the
-    /// whole configuration refuses, with the same message.
+    /// whole configuration refuses, with the same message, and every pool's guarantee
+    /// total must equal a fresh sum.
     #[cfg(test)]
     async fn compare_with_full_check(&mut self, scoped: &Result<(), StoreError>) {
         let scoped = match scoped {
@@ -158,6 +187,11 @@ impl Write {
             scoped, full,
             "the check of the pools {:?} disagrees with the full check",
             self.affected
+        );
+        let (stored, summed) = guarantees::totals_and_sums(&mut self.tx).await;
+        assert_eq!(
+            stored, summed,
+            "the pools' guarantee totals differ from a fresh sum of their tenants'"
         );
     }
 

@@ -228,6 +228,128 @@ pub(super) async fn concurrent_writes_cannot_overcommit_a_pool(db: &TestDb) {
     assert!(check_guarantees(&loaded.view).is_ok());
 }
 
+/// The pools' running guarantee totals stay exact under concurrent writers that
+/// create tenants, move them between pools and delete them: the pool they crowd
+/// admits exactly as many as 80 % of its capacity allows, and every total equals a
+/// fresh sum afterwards.
+pub(super) async fn concurrent_moves_keep_the_guarantee_totals_exact(db: &TestDb) {
+    let store = &db.store;
+    seeded_pool(store, 3).await; // `shared`: 228 may be guaranteed; basic guarantees 20
+    store.create_pool(pool("second")).await.unwrap();
+    for i in 1..=3 {
+        let t = token(&format!("sec{i}"), in_pool("second"));
+        store.create_token(t).await.unwrap();
+    }
+    for i in 0..6 {
+        let t = tenant(&format!("m{i}"), "basic", Some("shared"));
+        store.create_tenant(t).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for i in 0..15 {
+        let store = store.clone();
+        let t = tenant(&format!("n{i:02}"), "basic", Some("second"));
+        tasks.push(tokio::spawn(async move {
+            store.create_tenant(t).await.map(|_| ())
+        }));
+    }
+    for i in 0..6 {
+        let store = store.clone();
+        let moved = tenant(&format!("m{i}"), "basic", Some("second"));
+        tasks.push(tokio::spawn(async move {
+            store.update_tenant(moved).await.map(|_| ())
+        }));
+    }
+    for i in 0..4 {
+        let store = store.clone();
+        let extra = tenant(&format!("x{i}"), "basic", Some("shared"));
+        tasks.push(tokio::spawn(async move {
+            store.create_tenant(extra.clone()).await?;
+            store.delete_tenant(&extra.id).await.map(|_| ())
+        }));
+    }
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(()) | Err(StoreError::FailedPrecondition(_)) => {}
+            Err(other) => panic!("a refused write must be FailedPrecondition: {other:?}"),
+        }
+    }
+    let loaded = store.load().await.unwrap();
+    assert!(check_guarantees(&loaded.view).is_ok());
+    let in_pool = |pool: &str| {
+        let pool = id(pool);
+        let tenants = loaded.view.tenants.iter();
+        tenants
+            .filter(|t| t.pool_id.as_ref() == Some(&pool))
+            .count()
+    };
+    assert_eq!(in_pool("second"), 11, "21 candidates for 11 places");
+    let moved = (0..6)
+        .filter(|i| {
+            let t = loaded
+                .view
+                .tenants
+                .iter()
+                .find(|t| t.id == id(&format!("m{i}")));
+            t.unwrap().pool_id == Some(id("second"))
+        })
+        .count();
+    assert_eq!(in_pool("shared"), 6 - moved);
+    let totals: Vec<(String, i64)> =
+        sqlx::query_as("SELECT pool_id, guaranteed FROM pool_guarantees ORDER BY pool_id")
+            .fetch_all(&mut db.raw().await)
+            .await
+            .unwrap();
+    let expected = vec![
+        ("second".to_owned(), 11 * 20),
+        ("shared".to_owned(), (6 - moved as i64) * 20),
+    ];
+    assert_eq!(totals, expected);
+}
+
+/// A write that did not keep the guarantee totals (a replica that predates them, here
+/// a raw insert with a version bump) makes the next write recount them, so it cannot
+/// admit a guarantee the pool no longer has room for.
+pub(super) async fn a_write_that_kept_no_totals_makes_the_next_recount(db: &TestDb) {
+    let store = &db.store;
+    seeded_pool(store, 3).await; // 228 may be guaranteed; basic guarantees 20
+    for i in 0..10 {
+        let t = tenant(&format!("r{i}"), "basic", Some("shared"));
+        store.create_tenant(t).await.unwrap();
+    }
+    let mut raw = db.raw().await;
+    sqlx::query(
+        "INSERT INTO tenants (id, display_name, tier_id, pool_id, create_time_ms, \
+         update_time_ms) VALUES ('old', 'old', 'basic', 'shared', 0, 0)",
+    )
+    .execute(&mut raw)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE config_meta SET version = version + 1")
+        .execute(&mut raw)
+        .await
+        .unwrap();
+    // 11 × 20 = 220 are guaranteed now; one more would make 240 > 228.
+    let refused = store
+        .create_tenant(tenant("one-too-many", "basic", Some("shared")))
+        .await;
+    let (field, reason) = precondition(refused);
+    assert_eq!(field, "guaranteed_per_window");
+    assert!(reason.contains("240 guaranteed"), "{reason}");
+    let total: i64 =
+        sqlx::query_scalar("SELECT guaranteed FROM pool_guarantees WHERE pool_id = 'shared'")
+            .fetch_one(&mut raw)
+            .await
+            .unwrap();
+    assert_eq!(total, 200, "the refused write rolled its recount back");
+    store.delete_tenant(&id("r0")).await.unwrap();
+    let total: i64 =
+        sqlx::query_scalar("SELECT guaranteed FROM pool_guarantees WHERE pool_id = 'shared'")
+            .fetch_one(&mut raw)
+            .await
+            .unwrap();
+    assert_eq!(total, 200, "recounted (220), then r0 left (200)");
+}
+
 /// The database holds exactly the sealed bytes and key hashes it was given.
 pub(super) async fn secrets_are_stored_as_given(db: &TestDb) {
     let store = &db.store;
