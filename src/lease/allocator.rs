@@ -475,6 +475,8 @@ mod tests {
     fn ask(counters: &MemoryCounters, tenant: &str) {
         counters.acquire(&AcquireRequest {
             upstream_id: id("up"),
+            pool_id: None,
+            config_version: 0,
             nonce: LeaseKey::new_nonce(),
             tenant_id: id(tenant),
             tenant_limit: 1_000,
@@ -502,13 +504,15 @@ mod tests {
         memory.mark_fresh(&id("up"));
         let counters = Counters::Memory(memory.clone());
         let mut cache = DemandCache::default();
+        // Tenants without a pool: all in the upstream's counters space.
+        let snapshot = Snapshot::default();
         let upstream = upstream();
         let fresh = |tenants: &[Id]| memory.demand(&upstream.id, upstream.window, tenants);
 
         ask(&memory, "a");
         clock.advance(bucket);
         let only_a = [id("a")];
-        let read = cache.demand(&counters, &upstream, &only_a).await.unwrap();
+        let read = cache.demand(&counters, &snapshot, &upstream, &only_a).await.unwrap();
         assert_eq!(read, fresh(&only_a));
         assert_eq!(read.1[0].asked, 1);
 
@@ -516,12 +520,12 @@ mod tests {
         ask(&memory, "a");
         ask(&memory, "b");
         let both = [id("a"), id("b")];
-        let read = cache.demand(&counters, &upstream, &both).await.unwrap();
+        let read = cache.demand(&counters, &snapshot, &upstream, &both).await.unwrap();
         assert_eq!(read, fresh(&both));
 
         // The bucket completes: both counts move, and the cache sees it.
         clock.advance(bucket);
-        let read = cache.demand(&counters, &upstream, &both).await.unwrap();
+        let read = cache.demand(&counters, &snapshot, &upstream, &both).await.unwrap();
         assert_eq!(read, fresh(&both));
         assert_eq!((read.1[0].asked, read.1[1].asked), (2, 1));
     }
