@@ -120,7 +120,10 @@ async fn read_demand(
     }
     if bucket == i64::MIN {
         // No tenant: the bucket is still the counters' current one.
-        bucket = counters.demand(Space::upstream(&upstream.id), upstream.window, &[]).await?.0;
+        bucket = counters
+            .demand(Space::upstream(&upstream.id), upstream.window, &[])
+            .await?
+            .0;
     }
     Ok((bucket, in_order(demand)))
 }
@@ -512,7 +515,10 @@ mod tests {
         ask(&memory, "a");
         clock.advance(bucket);
         let only_a = [id("a")];
-        let read = cache.demand(&counters, &snapshot, &upstream, &only_a).await.unwrap();
+        let read = cache
+            .demand(&counters, &snapshot, &upstream, &only_a)
+            .await
+            .unwrap();
         assert_eq!(read, fresh(&only_a));
         assert_eq!(read.1[0].asked, 1);
 
@@ -520,12 +526,18 @@ mod tests {
         ask(&memory, "a");
         ask(&memory, "b");
         let both = [id("a"), id("b")];
-        let read = cache.demand(&counters, &snapshot, &upstream, &both).await.unwrap();
+        let read = cache
+            .demand(&counters, &snapshot, &upstream, &both)
+            .await
+            .unwrap();
         assert_eq!(read, fresh(&both));
 
         // The bucket completes: both counts move, and the cache sees it.
         clock.advance(bucket);
-        let read = cache.demand(&counters, &snapshot, &upstream, &both).await.unwrap();
+        let read = cache
+            .demand(&counters, &snapshot, &upstream, &both)
+            .await
+            .unwrap();
         assert_eq!(read, fresh(&both));
         assert_eq!((read.1[0].asked, read.1[1].asked), (2, 1));
     }

@@ -366,7 +366,8 @@ async fn a_quarantine_holds_on_a_replica_that_has_not_heard_of_it() {
     let report = OutcomeReport {
         key: LeaseKey {
             upstream_id: id("up"),
-            pool_id: None,
+            // tok-0's counters space: its pool's.
+            pool_id: Some(id("shared")),
             tenant_id: id("acme"),
             token_id: id("tok-0"),
             nonce: LeaseKey::new_nonce(),

@@ -169,9 +169,10 @@ async fn replicas_on_a_redis_cluster_grant_exactly_the_usable_limit() {
         .collect();
     granted.sort_unstable();
     granted.dedup();
-    let owner = cluster.owner_of(&format!("{}:{{up}}:kw:tok-0", env.key_prefix));
-    // Upstream "up"'s keys (the seeded upstream "baselinker" has its fence elsewhere).
-    let pattern = format!("{}:{{up}}:*", env.key_prefix);
+    let owner = cluster.owner_of(&format!("{}:{{up.shared}}:kw:tok-0", env.key_prefix));
+    // Pool "shared"'s counters space (upstream "up" and the seeded "baselinker" have
+    // their own fences elsewhere).
+    let pattern = format!("{}:{{up.shared}}:*", env.key_prefix);
     for port in cluster.ports() {
         let keys = cluster.keys_on(port, &pattern);
         if port == owner {
@@ -250,7 +251,8 @@ async fn a_replica_started_with_the_first_node_down_leases_on_the_others() {
             .query(&mut cluster.node(port))
             .expect("CONFIG SET");
     }
-    let owner = |id: &str| cluster.owner_of_slot(cluster.keyslot(&format!("{{{id}}}")));
+    // Where a test upstream's pool (`<id>-pool`) keeps its counters.
+    let owner = |id: &str| cluster.owner_of_slot(cluster.keyslot(&format!("{{{id}.{id}-pool}}")));
     let candidates: Vec<String> = (0..500).map(|i| format!("u{i}")).collect();
     let alive = candidates
         .iter()

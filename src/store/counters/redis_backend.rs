@@ -308,7 +308,8 @@ impl RedisCounters {
             // later does nothing.
             .arg(crate::clock::system_now_ms() + budget.as_millis() as i64)
             .arg(self.key_base(up))
-            .arg(req.queue.as_ref().map_or(0, |q| q.guaranteed));
+            .arg(req.queue.as_ref().map_or(0, |q| q.guaranteed))
+            .arg(req.config_version);
         for token in &req.dedicated {
             inv.arg(token.as_str());
         }
@@ -548,6 +549,7 @@ fn parse_acquire_reply(
                 3 => DenyReason::CountersLost,
                 4 => DenyReason::CountersLostNoticed,
                 5 => DenyReason::NoUsableToken,
+                6 => DenyReason::TokenMoved,
                 _ => DenyReason::NoTokenCapacity,
             },
             retry_after: Duration::from_millis((*retry_ms).max(0) as u64),

@@ -54,8 +54,9 @@ use super::index_scripts::pool_index;
 ///   longer waits for this answer (0: none), `ARGV[17]` the prefix of the upstream's
 ///   keys (`<prefix>:{<upstream>}:`, to name the chosen token's health record),
 ///   `ARGV[18]` the tenant's guaranteed requests per window (a caller within it is
-///   queued ahead of tenants beyond theirs: `queue::GUARANTEED_AHEAD_MS`), and
-///   `ARGV[19..18+n]` the dedicated token ids (as the windows), then the pool's digest
+///   queued ahead of tenants beyond theirs: `queue::GUARANTEED_AHEAD_MS`), `ARGV[19]`
+///   the configuration version the caller planned from (see `MOVE_OUT`), and
+///   `ARGV[20..19+n]` the dedicated token ids (as the windows), then the pool's digest
 ///   ('' without a pool) and, when the index must be built, the pool's token ids
 ///
 /// Pacing spreads a token's grants over its window: beyond the back-to-back allowance
@@ -78,7 +79,8 @@ use super::index_scripts::pool_index;
 ///
 /// Returns `{1, token_index (1-based), now, expires, tenant_used, token_used, verdict
 /// (1 leasable, 2 the half-open token's probe), transitions…}` when granted, `{0, reason (1 tenant quota, 2 no token capacity, 3 counters lost: held
-/// until the fence, 4 the same, noticed by this call, which set the fence),
+/// until the fence, 4 the same, noticed by this call, which set the fence, 5 no usable
+/// token, 6 the chosen token moved out of this space after the caller's configuration),
 /// retry_after_ms, now, virtual deadline or -1}` when denied. A denial writes only the trimming of entries
 /// that had left the window, the demand count, the caller's queue entry and drained
 /// pacing allowances. A request no
@@ -94,7 +96,7 @@ if give_up_at > 0 and now > give_up_at then return {-1, now} end
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local server = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
-local fence = redis.call('HMGET', KEYS[#KEYS], 'until', 'server')
+local fence = redis.call('HMGET', KEYS[#KEYS], 'until', 'server', 'moved')
 local hold_until = tonumber(fence[1])
 if fence[2] ~= server then
   if not hold_until or ARGV[15] ~= '1' then
@@ -125,10 +127,10 @@ if pace > 0 then step = window / token_limit end
 
 -- The pool's tokens are found through its index (`index_scripts.rs`); a missing index
 -- is built from the pool's token ids, which the caller sends only when told to.
-local digest = ARGV[19 + n_dedicated]
+local digest = ARGV[20 + n_dedicated]
 if digest ~= '' then
   pi_open(base, digest, window, token_limit, pace, pace_key)
-  if not pi_ensure(20 + n_dedicated) then return {-2, now} end
+  if not pi_ensure(21 + n_dedicated) then return {-2, now} end
 end
 
 local bucket = math.floor(now / tonumber(ARGV[9]))
@@ -234,7 +236,7 @@ local function sooner(at)
 end
 for idx = 1, n do
   local key = KEYS[6 + idx]
-  local token = ARGV[18 + idx]
+  local token = ARGV[19 + idx]
   local used = trim(key)
   local room = used + cost <= token_limit
   -- A token with room that would not beat the best so far needs no pacing read.
@@ -308,6 +310,20 @@ if has_waiters and pool_pos then
     end
   end
   if ahead + cost > room then return deny(2, pi_earliest(1, never), now, false) end
+end
+
+-- A token that moved out of this space after the caller's configuration (`MOVE_OUT`) is
+-- not granted here: the caller reloads its configuration. A mark older than the
+-- caller's configuration, on a token the caller still finds here, is stale (the token
+-- came back, or its move was never committed) and goes.
+if tonumber(fence[3] or 0) > 0 then
+  local moved_key = base .. 'moved'
+  local mark = redis.call('HGET', moved_key, best_token)
+  if mark then
+    if tonumber(mark) > tonumber(ARGV[19]) then return {0, 6, 0, now, -1} end
+    redis.call('HDEL', moved_key, best_token)
+    redis.call('HSET', KEYS[#KEYS], 'moved', redis.call('HLEN', moved_key))
+  end
 end
 
 -- The token's health has the last word (`breaker_scripts.rs`): a refused token is
