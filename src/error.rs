@@ -60,6 +60,10 @@ impl From<StoreError> for ServiceError {
                 ),
                 retry_after: BACKEND_RETRY_AFTER,
             },
+            StoreError::Handover(_) => Self::Unavailable {
+                message: format!("{err}; nothing was changed, retry once Redis answers"),
+                retry_after: BACKEND_RETRY_AFTER,
+            },
             StoreError::Internal(e) => Self::Internal(e),
         }
     }

@@ -118,6 +118,7 @@ impl App {
             bootstrap_admin_key(&settings, &config).await?;
         }
         let counters = open_counters(&settings).await?;
+        install_token_mover(&config, &counters, &settings);
         if let Some(upstream) = seeded {
             counters
                 .mark_created(crate::store::counters::Space::upstream(&upstream))
@@ -353,6 +354,27 @@ impl App {
 /// reload and every `KEYS_ANNOUNCE_EVERY` it records in the configuration store which
 /// keys it holds, for `rotate-keys` to check; when it stops, it removes that record (a
 /// stopped replica holds no key).
+/// A write that moves tokens to another counters space hands their counters over
+/// before it commits (`Counters::prepare_moves`).
+fn install_token_mover(config: &LiveConfig, counters: &Counters, settings: &Settings) {
+    let (live, counters) = (config.clone(), counters.clone());
+    let hold = settings.lease_ttl() + Duration::from_millis(settings.lease.use_grace_ms);
+    config
+        .store()
+        .set_token_mover(Arc::new(move |version, moves| {
+            let (live, counters) = (live.clone(), counters.clone());
+            Box::pin(async move {
+                let snapshot = live.current();
+                let limits = |upstream: &crate::domain::Id| {
+                    let upstream = snapshot.upstreams.get(upstream)?;
+                    Some((upstream.usable_per_window(), upstream.window))
+                };
+                (counters.prepare_moves(&moves, version, hold, limits).await)
+                    .map_err(|e| e.to_string())
+            })
+        }));
+}
+
 fn spawn_key_keeper(
     settings: Settings,
     config: LiveConfig,

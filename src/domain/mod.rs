@@ -16,7 +16,7 @@ pub use model::{
     ApiKeyRecord, ApiKeyRole, Pool, SharedAccess, Tenant, Tier, TokenOwner, TokenRecord, Upstream,
 };
 pub use priority::{Priority, PriorityMap, RequestKind};
-pub use tenant_move::{MoveMode, TenantMove};
+pub use tenant_move::{MoveMode, TenantMove, TokenMove};
 pub use token_health::{
     BreakerPolicy, MAX_BLOCK_FACTOR, QUARANTINE_MAX, QUARANTINE_MIN, TokenState, quarantine_max,
 };

@@ -1,4 +1,5 @@
-//! A tenant moved from one pool to another by rebalancing: the audit row.
+//! A tenant moved from one pool to another by rebalancing (the audit row), and a token
+//! whose counters change space.
 
 use super::Id;
 
@@ -44,4 +45,17 @@ pub struct TenantMove {
     /// The admin API key's id, or `replica <id>` for the automatic mode.
     pub actor: String,
     pub move_time_ms: i64,
+}
+
+/// A token whose lease counters change space (`counters::Space`): it joined another
+/// pool, or it is dedicated to a tenant that did. The store names these in the write
+/// that moves them, before it commits (`ConfigStore::set_token_mover`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenMove {
+    pub token_id: Id,
+    pub upstream_id: Id,
+    /// The pool whose space held its counters (`None`: the upstream's own).
+    pub from_pool: Option<Id>,
+    /// The pool whose space holds them from now on.
+    pub to_pool: Option<Id>,
 }

@@ -14,7 +14,9 @@ mod sql;
 #[cfg(test)]
 mod sql_tests;
 
-pub use sql::{Backend, Changes, ConfigDelta, ConfigStore, MoveHistory, MoveOrder, StoredConfig};
+pub use sql::{
+    Backend, Changes, ConfigDelta, ConfigStore, MoveHistory, MoveOrder, StoredConfig, TokenMover,
+};
 
 use crate::domain::InvalidField;
 
@@ -70,6 +72,10 @@ pub enum StoreError {
     /// The database could not be reached or timed out (UNAVAILABLE).
     #[error("the configuration database is unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// The write moves tokens to another counters space, and their lease counters
+    /// could not be handed over (Redis unavailable): nothing was written (UNAVAILABLE).
+    #[error("the lease counters of the tokens this change moves could not be handed over: {0}")]
+    Handover(String),
     /// Anything else (INTERNAL; logged, not shown to callers).
     #[error("configuration store error: {0}")]
     Internal(#[source] anyhow::Error),

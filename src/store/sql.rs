@@ -35,9 +35,11 @@ mod guarantees;
 mod keys;
 mod rebalance;
 mod rows;
+mod spaces;
 mod tenancy;
 mod tx;
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sqlx::any::AnyPoolOptions;
@@ -48,6 +50,7 @@ use crate::domain::{ApiKeyRecord, ConfigView, Id, Pool, Tenant, Tier, TokenRecor
 use super::StoreError;
 pub use changes::{Changes, ConfigDelta};
 pub use rebalance::{MoveHistory, MoveOrder};
+pub use spaces::TokenMover;
 use tx::Write;
 
 /// Connections a SQLite store opens. SQLite has one writer at a time anyway; a few
@@ -98,10 +101,21 @@ pub struct StoredConfig {
 }
 
 /// The configuration store. Cheap to clone (a connection pool handle).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ConfigStore {
     pool: sqlx::AnyPool,
     backend: Backend,
+    /// Set once at start-up (`set_token_mover`), shared by every clone.
+    mover: Arc<OnceLock<spaces::TokenMover>>,
+}
+
+impl std::fmt::Debug for ConfigStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigStore")
+            .field("backend", &self.backend)
+            .field("mover", &self.mover.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Adds `mode=rwc` (create the file if missing) to a SQLite URL that sets no mode.
@@ -141,7 +155,11 @@ impl ConfigStore {
                 .map_err(tx::map_error)?,
             Backend::Sqlite => Self::connect_sqlite(options, url).await?,
         };
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            mover: Arc::default(),
+        })
     }
 
     async fn connect_sqlite(
@@ -185,6 +203,15 @@ impl ConfigStore {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Installs what hands a token's lease counters over to its new space when a
+    /// write moves it (`counters::Counters::prepare_moves`); called once at start-up.
+    /// A write that moves tokens calls it after its checks, just before it commits,
+    /// and fails UNAVAILABLE if it fails. Without one, moves need no handover (the
+    /// counters are in process and keyed by upstream).
+    pub fn set_token_mover(&self, mover: TokenMover) {
+        let _ = self.mover.set(mover);
     }
 
     /// Applies the migrations in `migrations/` (embedded at build time by

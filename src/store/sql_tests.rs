@@ -7,6 +7,7 @@ mod incremental;
 mod moves;
 mod objects;
 mod rules;
+mod spaces;
 mod writes;
 
 use std::time::Duration;
@@ -61,6 +62,7 @@ store_tests!(
     incremental::a_key_may_name_thousands_of_tenants,
     moves::a_move_is_checked_and_recorded,
     moves::concurrent_plans_move_once,
+    spaces::moves_are_handed_over_before_the_commit,
 );
 
 /// A database that cannot be reached is UNAVAILABLE (retry later), not INTERNAL, and

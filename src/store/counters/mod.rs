@@ -175,6 +175,34 @@ impl Counters {
         }
     }
 
+    /// Hands tokens over to their new counters spaces (`Space`) before the configuration
+    /// that moves them commits as `version` (`ConfigStore::set_token_mover`). Per token:
+    ///
+    /// - in its new space, its window is filled up to its limit with entries ending
+    ///   `hold` from now (the lease TTL + grace: the longest a lease granted in the old
+    ///   space may still be used), so no slot it held there is granted again here until
+    ///   that slot has left every window; and its health record (quarantine, breaker)
+    ///   is carried over;
+    /// - in its old space, it is marked moved at `version`: a replica still planning
+    ///   from an older configuration is not granted it there (`DenyReason::TokenMoved`:
+    ///   it reloads its configuration and plans again in the new space).
+    ///
+    /// A moved token is therefore out of service for `hold` + W. `limits` gives an
+    /// upstream's usable requests per window and window. In process there is one
+    /// space per upstream: nothing to do.
+    pub async fn prepare_moves(
+        &self,
+        moves: &[crate::domain::TokenMove],
+        version: i64,
+        hold: Duration,
+        limits: impl Fn(&Id) -> Option<(u32, Duration)>,
+    ) -> Result<(), CounterError> {
+        match self {
+            Self::Memory(_) => Ok(()),
+            Self::Redis(r) => r.prepare_moves(moves, version, hold, limits).await,
+        }
+    }
+
     /// Takes a waiter out of its queue (its caller gave up or went away).
     pub async fn leave_queue(
         &self,

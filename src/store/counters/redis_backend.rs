@@ -31,7 +31,7 @@ use super::{
     DenyReason, Grant, LeaseKey, OutcomeReport, Recorded, ReleaseOutcome, ReleaseResult, Space,
     Unhealthy, UsageCounts, bucket_ms, scripts,
 };
-use crate::domain::{Id, TokenState};
+use crate::domain::{Id, TokenMove, TokenState};
 
 /// Most counter calls in flight at once on one Redis Cluster connection; more wait for
 /// a turn, within the call's timeout.
@@ -88,6 +88,9 @@ pub struct RedisCounters {
     demand: Script,
     leave_queue: Script,
     mark_fresh: Script,
+    move_out: Script,
+    move_in: Script,
+    peek_health: Script,
 }
 
 /// Sockets to Redis send each request at once. A decision is one small script: with
@@ -176,6 +179,9 @@ impl RedisCounters {
             demand: Script::new(scripts::DEMAND),
             leave_queue: Script::new(scripts::LEAVE_QUEUE),
             mark_fresh: Script::new(scripts::MARK_FRESH),
+            move_out: Script::new(scripts::MOVE_OUT),
+            move_in: Script::new(scripts::MOVE_IN),
+            peek_health: Script::new(scripts::PEEK_HEALTH),
         })
     }
 
@@ -331,6 +337,63 @@ impl RedisCounters {
         let mut inv = self.mark_fresh.prepare_invoke();
         inv.key(self.key(space, "fence", "epoch"));
         self.run(inv).await.map(|_| ())
+    }
+
+    /// See `Counters::prepare_moves`: per move, first its new space (harmless if the
+    /// write then fails: the token is not used there), then its old one.
+    pub async fn prepare_moves(
+        &self,
+        moves: &[TokenMove],
+        version: i64,
+        hold: Duration,
+        limits: impl Fn(&Id) -> Option<(u32, Duration)>,
+    ) -> Result<(), CounterError> {
+        for m in moves {
+            let Some((limit, window)) = limits(&m.upstream_id) else {
+                continue;
+            };
+            let token = m.token_id.as_str();
+            let from = Space::new(&m.upstream_id, m.from_pool.as_ref());
+            let to = Space::new(&m.upstream_id, m.to_pool.as_ref());
+            let mut read = self.move_out.prepare_invoke();
+            read.key(self.key(from, "fence", "epoch"))
+                .key(self.key(from, "moved", "tokens"))
+                .key(self.key(from, "health", token))
+                .arg(token)
+                .arg(version);
+            let mut inv = self.move_in.prepare_invoke();
+            inv.key(self.key(to, "kw", token))
+                .key(self.key(to, "moved", "tokens"))
+                .key(self.key(to, "fence", "epoch"))
+                .key(self.key(to, "health", token))
+                .arg(token)
+                .arg(hold.as_millis() as u64)
+                .arg(limit)
+                .arg(window.as_millis() as u64);
+            // The health record travels with the token: read it first (a mark set now
+            // with no handover after it would only make the token wait in its old space).
+            let bad = |e: redis::ParsingError| {
+                CounterError::Internal(format!("unexpected health record reply: {e}"))
+            };
+            let health: Vec<Value> =
+                redis::from_redis_value(self.peek_health(from, token).await?).map_err(bad)?;
+            if let Some((pttl, fields)) = health.split_first() {
+                inv.arg(redis::from_redis_value::<i64>(pttl.clone()).map_err(bad)?);
+                for field in fields {
+                    inv.arg(redis::from_redis_value::<Vec<u8>>(field.clone()).map_err(bad)?);
+                }
+            }
+            self.run(inv).await?;
+            self.run(read).await?;
+        }
+        Ok(())
+    }
+
+    /// A token's health record in `space`: its PTTL, then its fields and values.
+    async fn peek_health(&self, space: Space<'_>, token: &str) -> Result<Value, CounterError> {
+        let mut inv = self.peek_health.prepare_invoke();
+        inv.key(self.key(space, "health", token));
+        self.run(inv).await
     }
 
     pub async fn demand(

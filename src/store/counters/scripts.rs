@@ -317,7 +317,7 @@ end
 -- caller's configuration, on a token the caller still finds here, is stale (the token
 -- came back, or its move was never committed) and goes.
 if tonumber(fence[3] or 0) > 0 then
-  local moved_key = base .. 'moved'
+  local moved_key = base .. 'moved:tokens'
   local mark = redis.call('HGET', moved_key, best_token)
   if mark then
     if tonumber(mark) > tonumber(ARGV[19]) then return {0, 6, 0, now, -1} end
@@ -536,4 +536,63 @@ for i = 1, #KEYS do
   counts[i] = redis.call('ZCOUNT', KEYS[i], horizon, '+inf')
 end
 return counts
+"#;
+
+/// A token moves out of this counters space (`Counters::prepare_moves`), before the
+/// configuration that moves it commits as version `ARGV[2]`: it is marked moved at that
+/// version (`KEYS[2]`, the space's marks: token → version), and the space's fence
+/// (`KEYS[1]`) counts the marks, so that `ACQUIRE` reads a mark only while there is one.
+/// A caller planning from an older configuration is then not granted the token here.
+/// `KEYS[3]` is unused (the token's health record, read by `PEEK_HEALTH`).
+pub const MOVE_OUT: &str = r#"
+local mark = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or 0)
+if tonumber(ARGV[2]) > mark then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end
+redis.call('HSET', KEYS[1], 'moved', redis.call('HLEN', KEYS[2]))
+return 1
+"#;
+
+/// A token's health record (`KEYS[1]`) to carry over to its new space: its PTTL, then
+/// its fields and values (`MOVE_IN`).
+pub const PEEK_HEALTH: &str = r#"
+local out = {redis.call('PTTL', KEYS[1])}
+for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do out[#out + 1] = v end
+return out
+"#;
+
+/// A token moves into this counters space (`Counters::prepare_moves`): its window here
+/// (`KEYS[1]`) is filled up to its limit (`ARGV[3]`) with entries that end `ARGV[2]` ms
+/// from now, the longest a lease granted in its old space may still be used, so the
+/// slots it held there are not granted again here until they have left every window
+/// (W, `ARGV[4]` ms, later). A mark from an earlier move out of this space goes (`KEYS[2]`,
+/// counted in the fence `KEYS[3]`), and its health record (`KEYS[4]`) is replaced by the
+/// one carried over: PTTL `ARGV[5]` (< 0: none), then fields and values.
+pub const MOVE_IN: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local till = now + tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local i = 1
+while i <= limit do
+  local args = {}
+  for j = i, math.min(limit, i + 499) do
+    args[#args + 1] = till
+    args[#args + 1] = 'handover#' .. j
+  end
+  redis.call('ZADD', KEYS[1], 'GT', unpack(args))
+  i = i + 500
+end
+local keep = tonumber(ARGV[2]) + tonumber(ARGV[4]) + 1000
+if redis.call('PEXPIRE', KEYS[1], keep, 'GT') == 0 and redis.call('PTTL', KEYS[1]) == -1 then
+  redis.call('PEXPIRE', KEYS[1], keep)
+end
+if redis.call('HDEL', KEYS[2], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[3], 'moved', redis.call('HLEN', KEYS[2]))
+end
+redis.call('DEL', KEYS[4])
+if #ARGV > 5 then
+  redis.call('HSET', KEYS[4], unpack(ARGV, 6))
+  local pttl = tonumber(ARGV[5])
+  if pttl > 0 then redis.call('PEXPIRE', KEYS[4], pttl) end
+end
+return 1
 "#;

@@ -33,6 +33,8 @@ mod cluster;
 mod differential;
 #[path = "tests/faults.rs"]
 mod faults;
+#[path = "tests/handover.rs"]
+mod handover;
 #[path = "tests/sim.rs"]
 mod sim;
 #[path = "tests/throwaway_cluster.rs"]
@@ -114,15 +116,18 @@ async fn server_time_ms(conn: &mut MultiplexedConnection) -> i64 {
     secs * 1000 + micros / 1000
 }
 
-/// Deletes every key under `prefix` (SCAN by pattern, then DEL).
+/// Deletes every key under `prefix` (SCAN by pattern, then DEL), one DEL per key: on a
+/// cluster node the keys of several counters spaces hash to different slots.
 async fn delete_keys(conn: &mut MultiplexedConnection, prefix: &str) {
-    for batch in keys_under(conn, prefix).await.chunks(500) {
-        let _: i64 = redis::cmd("DEL")
-            .arg(batch)
-            .query_async(conn)
-            .await
-            .expect("DEL");
+    let keys = keys_under(conn, prefix).await;
+    if keys.is_empty() {
+        return;
     }
+    let mut pipe = redis::pipe();
+    for key in &keys {
+        pipe.cmd("DEL").arg(key).ignore();
+    }
+    let _: () = pipe.query_async(conn).await.expect("DEL");
 }
 
 async fn keys_under(conn: &mut MultiplexedConnection, prefix: &str) -> Vec<String> {
@@ -418,7 +423,7 @@ async fn try_acquire_on(counters: &Counters, req: &AcquireRequest) -> Result<Lea
         AcquireOutcome::Granted(grant) => Ok(Leased {
             key: LeaseKey {
                 upstream_id: req.upstream_id,
-                pool_id: None,
+                pool_id: req.pool_id,
                 tenant_id: req.tenant_id,
                 token_id: grant.token_id.clone(),
                 nonce: req.nonce,

@@ -92,6 +92,8 @@ pub(super) async fn move_tenant(
     write.affects_pool(order.to_pool_id.as_str());
     // The pools' guarantee totals: out of the one it leaves, into the one it joins.
     write.count_tenant(tenant_id, Sign::Remove).await?;
+    // Its dedicated tokens' lease counters follow it to the new pool's space.
+    write.watch_tenant_tokens(tenant_id).await?;
     sqlx::query("UPDATE tenants SET pool_id = $2, update_time_ms = $3 WHERE id = $1")
         .bind(tenant_id)
         .bind(order.to_pool_id.as_str())

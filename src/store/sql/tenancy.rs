@@ -87,6 +87,8 @@ pub(super) async fn update_tenant(
     // The pool it leaves (its dedicated tokens no longer cover a guarantee there) and
     // the pool it joins.
     write.affects_pool_of_tenant(v.id.as_str()).await?;
+    // Its dedicated tokens' lease counters follow its pool's space.
+    write.watch_tenant_tokens(v.id.as_str()).await?;
     write.count_tenant(v.id.as_str(), Sign::Remove).await?;
     let done = bind_tenant(UPDATE_TENANT, &v)
         .execute(write.conn())
@@ -223,6 +225,8 @@ pub(super) async fn update_token(
     require_token_refs(&mut write, &v).await?;
     // The pool it counted for before (it may leave it) and the one it counts for now.
     write.affects_stored_token(v.id.as_str()).await?;
+    // A new owner may move its lease counters to another space.
+    write.watch_token(v.id.as_str()).await?;
     let query = if v.sealed_secret.is_empty() {
         bind_token(UPDATE_TOKEN_KEEPING_SECRET, &v)
     } else {

@@ -1,7 +1,7 @@
 //! The write transaction every admin write goes through, the checks it makes, and how
 //! database errors become [`StoreError`]s.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::error::ErrorKind;
 use sqlx::{Any, AnyConnection, AssertSqlSafe, Transaction};
@@ -11,7 +11,7 @@ use crate::store::{Kind, StoreError};
 
 use super::guarantees::{self, Sign};
 use super::rows::{self, Table};
-use super::{Backend, ConfigStore, changes};
+use super::{Backend, ConfigStore, changes, spaces};
 
 /// How many ids an "is used by" message lists before it stops with "…".
 const MAX_LISTED_IDS: usize = 5;
@@ -27,6 +27,11 @@ pub(super) struct Write {
     affected: BTreeSet<String>,
     /// The objects this write changed (`changed`), recorded in the change log at commit.
     changes: BTreeSet<(Kind, String)>,
+    /// Tokens whose counters space this write may change (`watch_token`), with their
+    /// space before it.
+    watched: BTreeMap<String, spaces::Place>,
+    /// Hands moved tokens over before the commit (`ConfigStore::set_token_mover`).
+    mover: Option<spaces::TokenMover>,
 }
 
 impl Write {
@@ -71,7 +76,43 @@ impl Write {
             backend: store.backend,
             affected: BTreeSet::new(),
             changes: BTreeSet::new(),
+            watched: BTreeMap::new(),
+            mover: store.mover.get().cloned(),
         })
+    }
+
+    /// Token `id`'s counters space may change in this write: noted now, compared at
+    /// the end.
+    pub(super) async fn watch_token(&mut self, id: &str) -> Result<(), StoreError> {
+        if !self.watched.contains_key(id) {
+            let place = spaces::place_of(&mut self.tx, id).await?;
+            self.watched.insert(id.to_owned(), place);
+        }
+        Ok(())
+    }
+
+    /// The tokens dedicated to tenant `id` may change counters space (its pool may).
+    pub(super) async fn watch_tenant_tokens(&mut self, id: &str) -> Result<(), StoreError> {
+        for token in spaces::dedicated_to(&mut self.tx, id).await? {
+            self.watch_token(&token).await?;
+        }
+        Ok(())
+    }
+
+    /// The watched tokens whose space changed are handed over (`TokenMover`) before
+    /// the commit; a failed handover aborts the write.
+    async fn hand_over_moved_tokens(&mut self) -> Result<(), StoreError> {
+        let mut moves = Vec::new();
+        for (token, before) in &self.watched {
+            let after = spaces::place_of(&mut self.tx, token).await?;
+            moves.extend(spaces::moved(token, before, &after));
+        }
+        match (&self.mover, moves.is_empty()) {
+            (Some(mover), false) => mover(self.version, moves)
+                .await
+                .map_err(StoreError::Handover),
+            _ => Ok(()),
+        }
     }
 
     /// Records that this write changes (creates, updates or deletes) object `id` of
@@ -166,6 +207,7 @@ impl Write {
         #[cfg(test)]
         self.compare_with_full_check(&scoped).await;
         scoped?;
+        self.hand_over_moved_tokens().await?;
         self.commit_unchecked().await
     }
 
