@@ -18,6 +18,7 @@ mod lease;
 mod lifecycle;
 mod observe;
 mod pg_faults;
+mod pool_spaces;
 mod rebalance;
 mod reflection;
 mod replicas;
