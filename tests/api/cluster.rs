@@ -11,7 +11,7 @@ use super::helpers::{Counters, Db, TestApp, TestEnv, authed};
 // The counters' unit tests use the rest of the helper (moving slots).
 #[allow(dead_code)]
 #[path = "../../src/store/counters/tests/throwaway_cluster.rs"]
-mod throwaway_cluster;
+pub mod throwaway_cluster;
 
 use throwaway_cluster::ThrowawayCluster;
 

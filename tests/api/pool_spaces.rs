@@ -10,9 +10,7 @@ use tokenlease::grpc::pb::{self, acquire_lease_response::Result as Answer};
 use super::fixtures::{PoolSetup, create_tenant};
 use super::helpers::{Counters, Db, TestApp, TestEnv, authed};
 
-#[allow(dead_code)]
-#[path = "../../src/store/counters/tests/throwaway_cluster.rs"]
-mod throwaway_cluster;
+use super::cluster::throwaway_cluster;
 
 async fn acquire(app: &TestApp, tenant: &str) -> Answer {
     let req = pb::AcquireLeaseRequest {
