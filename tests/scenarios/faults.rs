@@ -27,7 +27,7 @@ const KILLS: usize = 5;
 /// it, upstream, until in Unix ms).
 type Announcement = (String, String, i64);
 
-/// Redis SIGKILLed and restarted empty within 100 ms, five times, while 8 workers keep
+/// Redis SIGKILLed and restarted empty at once (within 500 ms), five times, while 8 workers keep
 /// a token saturated through three replicas: the emulator counts 0 violations and never
 /// more than 100 calls in a window; each loss is announced exactly once (one
 /// `CountersRecovering` event) and denied COUNTERS_RECOVERING meanwhile, each denial
@@ -97,9 +97,11 @@ async fn redis_restarted_empty_five_times_no_violation() {
         stats.max_accepted_in_any_window(WINDOW)
     );
     s.assert_no_violation();
+    // A quick restart is the storm's premise (well inside one window); spawning a
+    // process takes longer on a loaded machine (seen: 178 ms beside a release build).
     for (killed_at, back_at) in &kills {
         assert!(
-            back_at - killed_at <= 100,
+            back_at - killed_at <= 500,
             "Redis restarted {} ms after the kill",
             back_at - killed_at
         );
@@ -122,13 +124,19 @@ async fn redis_restarted_empty_five_times_no_violation() {
     );
     for ((killed_at, back_at), (_, until)) in kills.iter().zip(&holds) {
         let noticed = until - HOLD.as_millis() as i64;
+        // After the kill (the new Redis may answer a replica a little before this test
+        // records that it is back), and within the phase after the restart.
         assert!(
-            (*back_at - 1..*back_at + AFTER_RESTART.as_millis() as i64).contains(&noticed),
-            "the hold ending at {until} was noticed at {noticed}, Redis came back at {back_at}"
+            (*killed_at..*back_at + AFTER_RESTART.as_millis() as i64).contains(&noticed),
+            "the hold ending at {until} was noticed at {noticed}, Redis was killed at \
+             {killed_at} and came back at {back_at}"
         );
+        // From the new Redis's start: a grant the old one answered just before it died
+        // can reach its worker after `killed_at` (seen: in the kill's millisecond on a
+        // loaded machine), but nothing before `back_at` can come from the new one.
         let during = grants
             .iter()
-            .filter(|g| (*killed_at..*until).contains(*g))
+            .filter(|g| (*back_at..*until).contains(*g))
             .count();
         assert_eq!(
             during, 0,
