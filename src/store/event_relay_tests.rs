@@ -3,7 +3,6 @@
 //! killed and removed at its end) whose first node dies, before or after the relays
 //! start. "Delivered" is what `b`'s watchers see of the events `a` publishes.
 
-use std::process::Command;
 use std::time::Instant;
 
 use tokio::sync::broadcast;
@@ -11,13 +10,8 @@ use tokio::sync::broadcast;
 use super::*;
 use crate::events::{Change, EventKind, Resource};
 
-// The same helper as the counters' tests (which use the rest of it: slots, keys),
-// included again so that those test modules stay private.
-#[allow(dead_code, clippy::duplicate_mod)]
-#[path = "counters/tests/throwaway_cluster.rs"]
-mod throwaway_cluster;
-
-use throwaway_cluster::ThrowawayCluster;
+// The counters' tests' cluster helper.
+use crate::store::counters::behaviour::throwaway_cluster::ThrowawayCluster;
 
 /// The relays' bound on one Redis call.
 const TIMEOUT: Duration = Duration::from_millis(500);
@@ -131,28 +125,6 @@ async fn assert_relays_each_once(from: &Replica, to: &mut Replica, next: i64, co
     assert_eq!(extra, None, "nothing else is delivered");
 }
 
-/// Sends SIGKILL to the cluster node on `port` (its pid from `INFO server`) and waits
-/// until the port refuses connections. The helper reaps the process when it drops.
-fn kill_node(cluster: &ThrowawayCluster, port: u16) {
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query(&mut cluster.node(port))
-        .expect("INFO server");
-    let pid = info
-        .lines()
-        .find_map(|line| line.strip_prefix("process_id:"))
-        .expect("INFO server gives the process id")
-        .trim()
-        .to_owned();
-    let status = Command::new("kill").args(["-KILL", &pid]).status();
-    assert!(status.expect("run kill").success(), "kill -KILL {pid}");
-    let deadline = Instant::now() + RECOVERY_BOUND;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-        assert!(Instant::now() < deadline, "node {port} still answers");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Makes every node declare a dead master failed after 500 ms instead of 15 s.
 fn shorten_node_timeout(cluster: &ThrowawayCluster) {
     for port in cluster.ports() {
@@ -210,7 +182,7 @@ async fn cluster_relay_survives_the_first_node_dying() {
     let a = replica("a", &cluster.url_list(), &channel).await;
     let mut b = replica("b", &cluster.url_list(), &channel).await;
     assert_relays_each_once(&a, &mut b, 1, 3).await;
-    kill_node(&cluster, cluster.ports()[0]);
+    cluster.kill_node(cluster.ports()[0]);
     let (saw, next) = publish_until_delivered(&a, &mut b, 4).await;
     let first = saw.iter().position(Option::is_some).expect("delivered");
     assert!(
@@ -236,7 +208,7 @@ async fn cluster_relay_survives_the_first_node_dying() {
 async fn cluster_relay_starts_with_the_first_node_down() {
     let cluster = ThrowawayCluster::start();
     shorten_node_timeout(&cluster);
-    kill_node(&cluster, cluster.ports()[0]);
+    cluster.kill_node(cluster.ports()[0]);
     wait_cluster_down(&cluster, cluster.ports()[1]);
     let channel = unique_channel();
     let a = replica("a", &cluster.url_list(), &channel).await;

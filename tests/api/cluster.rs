@@ -277,7 +277,7 @@ async fn a_replica_started_with_the_first_node_down_leases_on_the_others() {
     upstream_with_tenant(&before, &key, &alive).await;
     upstream_with_tenant(&before, &key, &dead).await;
 
-    kill_node(&cluster, first);
+    cluster.kill_node(first);
     let after = env.spawn_with(settings).await;
     after.leaser.config.refresh().await.expect("configuration");
     // The upstream on the dead master cannot be read; the others are allocated.
@@ -306,28 +306,4 @@ async fn a_replica_started_with_the_first_node_down_leases_on_the_others() {
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     after.stop().await;
     before.stop().await;
-}
-
-/// Sends SIGKILL to the cluster node on `port` and waits until the port refuses
-/// connections.
-fn kill_node(cluster: &ThrowawayCluster, port: u16) {
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query(&mut cluster.node(port))
-        .expect("INFO server");
-    let pid = info
-        .lines()
-        .find_map(|line| line.strip_prefix("process_id:"))
-        .expect("INFO server gives the process id")
-        .trim()
-        .to_owned();
-    let status = std::process::Command::new("kill")
-        .args(["-KILL", &pid])
-        .status();
-    assert!(status.expect("run kill").success(), "kill -KILL {pid}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-        assert!(std::time::Instant::now() < deadline, "node {port} still up");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }

@@ -223,7 +223,7 @@ impl Counters {
 /// The behaviour suite, run against both backends.
 #[cfg(test)]
 #[path = "tests.rs"]
-mod behaviour;
+pub(crate) mod behaviour;
 
 #[cfg(test)]
 mod tests {

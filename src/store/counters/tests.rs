@@ -38,7 +38,7 @@ mod handover;
 #[path = "tests/sim.rs"]
 mod sim;
 #[path = "tests/throwaway_cluster.rs"]
-mod throwaway_cluster;
+pub(crate) mod throwaway_cluster;
 
 use throwaway_cluster::ThrowawayCluster;
 

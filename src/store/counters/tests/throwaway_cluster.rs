@@ -277,6 +277,28 @@ impl ThrowawayCluster {
     }
 
     /// The node id of the master on `port`.
+    /// Sends SIGKILL to the node on `port` (its pid from `INFO server`) and waits until
+    /// the port refuses connections (the process is reaped when the cluster drops).
+    pub fn kill_node(&self, port: u16) {
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query(&mut self.node(port))
+            .expect("INFO server");
+        let pid = info
+            .lines()
+            .find_map(|line| line.strip_prefix("process_id:"))
+            .expect("INFO server gives the process id")
+            .trim()
+            .to_owned();
+        let status = Command::new("kill").args(["-KILL", &pid]).status();
+        assert!(status.expect("run kill").success(), "kill -KILL {pid}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            assert!(Instant::now() < deadline, "node {port} still answers");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn node_id(&self, port: u16) -> String {
         redis::cmd("CLUSTER")
             .arg("MYID")
