@@ -248,13 +248,17 @@ impl App {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<LeaseServiceServer<LeaseApi>>().await;
         health.set_serving::<AdminServiceServer<AdminApi>>().await;
+        // The error details (google.rpc.BadRequest, RetryInfo…) too, so that grpcurl
+        // prints them.
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
         let auth = AuthInterceptor {

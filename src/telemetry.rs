@@ -147,11 +147,13 @@ pub async fn flush(provider: &SdkTracerProvider) -> anyhow::Result<()> {
 /// Installs the global subscriber: logs, and traces when `OTEL_*` asks for them. Must
 /// run inside the Tokio runtime. A second call installs nothing.
 pub fn init(log_format: &str) -> anyhow::Result<Telemetry> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let provider = OtlpConfig::from_env()
         .map(|config| tracer_provider(&config))
         .transpose()?;
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colours());
     let fmt: Box<dyn Layer<Registry> + Send + Sync> = if log_format == "json" {
         Box::new(fmt.json())
     } else {
@@ -175,15 +177,35 @@ pub fn init(log_format: &str) -> anyhow::Result<Telemetry> {
 
 /// Installs logs only (for the short-lived admin commands).
 pub fn init_logging(log_format: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(colours());
     let _ = if log_format == "json" {
         builder.json().try_init()
     } else {
         builder.try_init()
     };
+}
+
+/// The log filter from `RUST_LOG`: unset, empty or blank means `info` (an empty
+/// `RUST_LOG=` used to silence everything, the "serving" line included); a value that
+/// does not parse falls back to `info` too, with a line on stderr saying so.
+fn log_filter(rust_log: Option<&str>) -> EnvFilter {
+    match rust_log.map(str::trim).filter(|v| !v.is_empty()) {
+        None => EnvFilter::new("info"),
+        Some(value) => EnvFilter::try_new(value).unwrap_or_else(|error| {
+            eprintln!("RUST_LOG={value:?} is not a valid filter ({error}); logging at info");
+            EnvFilter::new("info")
+        }),
+    }
+}
+
+/// Colour codes only for a terminal: logs redirected to a file or a pipe stay plain.
+fn colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
 }
 
 /// Reads W3C trace context from HTTP/2 headers (gRPC metadata).
@@ -226,6 +248,21 @@ pub fn grpc_request_span(request: &http::Request<()>) -> tracing::Span {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An unset, empty or blank `RUST_LOG` is `info`; a valid one is kept; an invalid
+    /// one falls back to `info`.
+    #[test]
+    fn rust_log_empty_means_the_default() {
+        for value in [None, Some(""), Some("  ")] {
+            assert_eq!(log_filter(value).to_string(), "info", "{value:?}");
+        }
+        // EnvFilter prints its directives most specific first.
+        assert_eq!(
+            log_filter(Some("warn,tokenlease=debug")).to_string(),
+            "tokenlease=debug,warn"
+        );
+        assert_eq!(log_filter(Some("=[[")).to_string(), "info");
+    }
 
     /// Tracing is on only with an endpoint; the service name defaults to tokenlease;
     /// OTEL_SDK_DISABLED wins.

@@ -420,3 +420,33 @@ async fn acquire_lease_span_continues_the_callers_trace() {
     drop(_default);
     telemetry::shutdown(provider).await.unwrap();
 }
+
+/// Issue 14 (first hour): `RUST_LOG=` (set, empty) is the default filter, not silence,
+/// and text logs written to a file (not a terminal) carry no ANSI colour codes.
+#[tokio::test]
+async fn an_empty_rust_log_still_logs_and_files_get_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, metrics) = two_addresses();
+    let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+    let mut server = clean_command(env!("CARGO_BIN_EXE_tokenlease"))
+        .arg("serve")
+        .env("TOKENLEASE_LISTEN", grpc.to_string())
+        .env("TOKENLEASE_DATA_DIR", dir.path().join("data"))
+        .env("TOKENLEASE_METRICS__LISTEN", metrics.to_string())
+        .env("RUST_LOG", "")
+        .stderr(log)
+        .spawn()
+        .expect("start tokenlease serve");
+    let _ = connect_when_ready(&dir.path().join("data"), grpc).await;
+    let _ = server.start_kill();
+    let _ = server.wait().await;
+    let text = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    assert!(
+        text.contains("tokenlease serving"),
+        "no serving line: {text:?}"
+    );
+    assert!(
+        !text.contains('\u{1b}'),
+        "ANSI codes in a log file: {text:?}"
+    );
+}

@@ -55,3 +55,31 @@ async fn reflection_lists_services_and_health_serves() {
         assert_eq!(status.status, ServingStatus::Serving as i32, "{service}");
     }
 }
+
+/// Issue 14 (first hour): error details (google.rpc.BadRequest, RetryInfo…) are served
+/// through reflection, so grpcurl can print them instead of "is not recognized".
+#[tokio::test]
+async fn reflection_knows_the_error_details() {
+    let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
+    let app = env.spawn().await;
+    let mut reflection = ServerReflectionClient::new(app.channel().await);
+    for symbol in ["google.rpc.BadRequest", "google.rpc.RetryInfo"] {
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
+        };
+        let mut responses = reflection
+            .server_reflection_info(tokio_stream::once(request))
+            .await
+            .unwrap()
+            .into_inner();
+        let response = responses.next().await.unwrap().unwrap();
+        assert!(
+            matches!(
+                response.message_response,
+                Some(MessageResponse::FileDescriptorResponse(_))
+            ),
+            "{symbol}: {response:?}"
+        );
+    }
+}
