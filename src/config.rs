@@ -53,6 +53,9 @@ pub struct Settings {
     pub priorities: BTreeMap<String, String>,
     /// `text` or `json` logs.
     pub log_format: String,
+    /// Which spans are exported over OTLP (an `EnvFilter`, like `RUST_LOG`, and apart
+    /// from it: quieting the logs does not silence the traces).
+    pub traces_filter: String,
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace_ms: u64,
     /// How long a new connection may stay silent before it is closed.
@@ -226,6 +229,7 @@ impl Default for Settings {
             database_timeout_ms: 1_000,
             priorities: BTreeMap::new(),
             log_format: "text".into(),
+            traces_filter: "info".into(),
             shutdown_grace_ms: 10_000,
             handshake_timeout_ms: 10_000,
         }
@@ -306,6 +310,12 @@ impl Settings {
         self.metrics_addr()?;
         self.priority_map()
             .map_err(|e| anyhow::anyhow!("invalid setting {e}"))?;
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.traces_filter) {
+            bail!(
+                "invalid setting traces_filter = {:?}: {error} (use RUST_LOG's syntax, e.g. \"info\")",
+                self.traces_filter
+            );
+        }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             bail!(
                 "invalid setting log_format = {:?}: use \"text\" or \"json\"",

@@ -135,7 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let settings = Settings::load(cli.config.as_deref())?;
     if let Command::Serve = cli.command {
-        let telemetry = telemetry::init(&settings.log_format)?;
+        let telemetry = telemetry::init(&settings.log_format, &settings.traces_filter)?;
         let served = match App::build(settings).await {
             Ok(app) => app.run_until_stopped(shutdown_signal()).await,
             Err(error) => Err(error),

@@ -1,7 +1,8 @@
 //! Logs and traces.
 //!
-//! Logs: `RUST_LOG` filters (default `info`), text or JSON lines on stderr. Nothing
-//! logged anywhere in the crate carries a token or an API key.
+//! Logs: `RUST_LOG` filters (default `info`, also when set empty), text or JSON lines on
+//! stderr (colours only on a terminal). Nothing logged anywhere in the crate carries a
+//! token or an API key.
 //!
 //! Traces: OpenTelemetry over OTLP/gRPC, configured by the standard `OTEL_*` variables
 //! and on only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`) is set;
@@ -11,6 +12,8 @@
 //! (`grpc_request_span`) whose parent is the caller's span from the W3C `traceparent`
 //! metadata; the lease use cases and counter calls are spans beneath it, with tenant and
 //! token ids as fields — never a secret: span fields are ids, reasons and outcomes only.
+//! Spans have their own filter (the `traces_filter` setting, default `info`), apart from
+//! `RUST_LOG`: `RUST_LOG=warn` quiets the logs, not the traces.
 //!
 //! `tracer_provider` and `otel_layer` take their inputs as arguments, so a test can
 //! build a pipeline towards its own receiver without touching the process environment.
@@ -146,24 +149,15 @@ pub async fn flush(provider: &SdkTracerProvider) -> anyhow::Result<()> {
 
 /// Installs the global subscriber: logs, and traces when `OTEL_*` asks for them. Must
 /// run inside the Tokio runtime. A second call installs nothing.
-pub fn init(log_format: &str) -> anyhow::Result<Telemetry> {
-    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+pub fn init(log_format: &str, traces_filter: &str) -> anyhow::Result<Telemetry> {
     let provider = OtlpConfig::from_env()
         .map(|config| tracer_provider(&config))
         .transpose()?;
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(colours());
-    let fmt: Box<dyn Layer<Registry> + Send + Sync> = if log_format == "json" {
-        Box::new(fmt.json())
-    } else {
-        Box::new(fmt)
-    };
-    let otel = provider.as_ref().map(otel_layer);
-    let installed = tracing_subscriber::registry()
-        .with(fmt)
-        .with(otel)
-        .with(filter)
+    let traces_filter = EnvFilter::try_new(traces_filter)
+        .with_context(|| format!("invalid setting traces_filter = {traces_filter:?}"))?;
+    let log_filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    let traces = provider.as_ref().map(|p| (p, traces_filter));
+    let installed = subscriber(log_format, log_filter, traces)
         .try_init()
         .is_ok();
     if installed && let Some(provider) = &provider {
@@ -173,6 +167,26 @@ pub fn init(log_format: &str) -> anyhow::Result<Telemetry> {
     Ok(Telemetry {
         provider: provider.filter(|_| installed),
     })
+}
+
+/// Logs and traces as `init` installs them: the log lines under `log_filter`
+/// (`RUST_LOG`) and the spans exported over OTLP under their own `traces_filter` (the
+/// `traces_filter` setting), so that quieting the logs does not silence the traces.
+pub fn subscriber(
+    log_format: &str,
+    log_filter: EnvFilter,
+    traces: Option<(&SdkTracerProvider, EnvFilter)>,
+) -> impl tracing::Subscriber + Send + Sync + 'static {
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colours());
+    let fmt: Box<dyn Layer<Registry> + Send + Sync> = if log_format == "json" {
+        Box::new(fmt.json().with_filter(log_filter))
+    } else {
+        Box::new(fmt.with_filter(log_filter))
+    };
+    let otel = traces.map(|(provider, filter)| otel_layer(provider).with_filter(filter));
+    tracing_subscriber::registry().with(fmt).with(otel)
 }
 
 /// Installs logs only (for the short-lived admin commands).
@@ -248,6 +262,26 @@ pub fn grpc_request_span(request: &http::Request<()>) -> tracing::Span {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Quieting the logs does not silence the traces (issue 14): under a `warn` log
+    /// filter, an info span is still enabled for the OTLP layer with its own `info`
+    /// filter, and a debug span is enabled for neither. With one filter over both, as
+    /// before, the info span was disabled and nothing was exported.
+    #[test]
+    fn quiet_logs_do_not_silence_traces() {
+        let provider = SdkTracerProvider::builder().build();
+        let traces = Some((&provider, EnvFilter::new("info")));
+        let both = subscriber("text", EnvFilter::new("warn"), traces);
+        tracing::subscriber::with_default(both, || {
+            assert!(!tracing::info_span!("lease.acquire").is_disabled());
+            assert!(tracing::debug_span!("detail").is_disabled());
+        });
+        // Without traces, the log filter alone decides.
+        let logs_only = subscriber("text", EnvFilter::new("warn"), None);
+        tracing::subscriber::with_default(logs_only, || {
+            assert!(tracing::info_span!("lease.acquire").is_disabled());
+        });
+    }
 
     /// An unset, empty or blank `RUST_LOG` is `info`; a valid one is kept; an invalid
     /// one falls back to `info`.

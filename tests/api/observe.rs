@@ -343,20 +343,7 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
 /// beneath it in the same trace with the tenant and token ids; no span carries a secret.
 #[tokio::test(flavor = "current_thread")]
 async fn acquire_lease_span_continues_the_callers_trace() {
-    // An in-process OTLP receiver.
-    let collector = Collector::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let receiver = listener.local_addr().unwrap();
-    tokio::spawn(
-        Server::builder()
-            .add_service(TraceServiceServer::new(collector.clone()))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    let provider = telemetry::tracer_provider(&OtlpConfig {
-        endpoint: format!("http://{receiver}"),
-        service_name: "tokenlease-test".into(),
-    })
-    .unwrap();
+    let (collector, provider) = receiver().await;
     // This thread runs every task of the test (current_thread), so a thread-local
     // subscriber sees the server's spans without touching the global one.
     let subscriber = tracing_subscriber::registry().with(telemetry::otel_layer(&provider));
@@ -375,15 +362,7 @@ async fn acquire_lease_span_continues_the_callers_trace() {
     let answer = app.lease().await.acquire_lease(request).await.unwrap();
     assert!(matches!(answer.into_inner().result, Some(Answer::Lease(_))));
 
-    let mut spans = vec![];
-    for _ in 0..100 {
-        telemetry::flush(&provider).await.unwrap();
-        spans = collector.spans.lock().unwrap().clone();
-        if spans.iter().any(|s| s.name == "counters.acquire") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let spans = exported(&collector, &provider, "counters.acquire").await;
     let find = |name: &str| {
         spans
             .iter()
@@ -419,6 +398,44 @@ async fn acquire_lease_span_continues_the_callers_trace() {
     app.stop().await;
     drop(_default);
     telemetry::shutdown(provider).await.unwrap();
+}
+
+/// An in-process OTLP receiver, and a tracer provider exporting to it.
+async fn receiver() -> (Collector, opentelemetry_sdk::trace::SdkTracerProvider) {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver = listener.local_addr().unwrap();
+    tokio::spawn(
+        Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let provider = telemetry::tracer_provider(&OtlpConfig {
+        endpoint: format!("http://{receiver}"),
+        service_name: "tokenlease-test".into(),
+    })
+    .unwrap();
+    (collector, provider)
+}
+
+/// The spans exported so far, flushing until one named `until` arrived (5 s at most).
+async fn exported(
+    collector: &Collector,
+    provider: &opentelemetry_sdk::trace::SdkTracerProvider,
+    until: &str,
+) -> Vec<Span> {
+    let mut spans = vec![];
+    for _ in 0..100 {
+        // A flush with nothing to export may not return: give each one 200 ms.
+        let flushed = tokio::time::timeout(Duration::from_millis(200), telemetry::flush(provider));
+        let _ = flushed.await;
+        spans = collector.spans.lock().unwrap().clone();
+        if spans.iter().any(|s| s.name == until) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    spans
 }
 
 /// Issue 14 (first hour): `RUST_LOG=` (set, empty) is the default filter, not silence,
