@@ -172,8 +172,28 @@ impl Leaser {
     /// Grants a lease or explains why not, waiting up to `max_wait` for a slot: a
     /// waiting caller keeps its place in the pool's queue (priority, then arrival) and
     /// tries again when the slot it may use frees.
-    #[tracing::instrument(name = "lease.acquire", skip_all, fields(tenant_id = %input.tenant_id, token_id))]
+    ///
+    /// Its span carries the denial's reason (`denial_reason`), and an error status
+    /// (`otel.status_code`) when the call fails.
+    #[tracing::instrument(
+        name = "lease.acquire",
+        skip_all,
+        fields(tenant_id = %input.tenant_id, token_id, denial_reason, otel.status_code, otel.status_description)
+    )]
     pub async fn acquire(
+        &self,
+        caller: &Caller,
+        input: AcquireInput,
+    ) -> Result<AcquireAnswer, ServiceError> {
+        let answer = self.acquire_or_deny(caller, input).await;
+        if let Ok(AcquireAnswer::Denied { reason, .. }) = &answer {
+            tracing::Span::current().record("denial_reason", reason.label());
+        }
+        mark_failed(&answer);
+        answer
+    }
+
+    async fn acquire_or_deny(
         &self,
         caller: &Caller,
         input: AcquireInput,
@@ -524,8 +544,26 @@ impl Leaser {
 
     /// Records how a lease went (`blocked_until_ms`: the upstream's block end, with
     /// UPSTREAM_RATE_LIMITED). Returns whether it had been released already.
-    #[tracing::instrument(name = "lease.release", skip_all, fields(outcome = outcome.as_str()))]
+    #[tracing::instrument(
+        name = "lease.release",
+        skip_all,
+        fields(outcome = outcome.as_str(), otel.status_code, otel.status_description)
+    )]
     pub async fn release(
+        &self,
+        caller: &Caller,
+        lease_id: &str,
+        outcome: ReleaseOutcome,
+        blocked_until_ms: Option<i64>,
+    ) -> Result<bool, ServiceError> {
+        let released = self
+            .record_release(caller, lease_id, outcome, blocked_until_ms)
+            .await;
+        mark_failed(&released);
+        released
+    }
+
+    async fn record_release(
         &self,
         caller: &Caller,
         lease_id: &str,
@@ -644,6 +682,16 @@ fn borrowed(snapshot: &Snapshot, request: &AcquireRequest, grant: &Grant) -> boo
         Some(t.guaranteed(tier))
     });
     guaranteed.is_some_and(|g| grant.tenant_used > g)
+}
+
+/// Gives the current span an error status when `result` failed; the message is the
+/// error's, which never carries a secret (see `ServiceError`).
+fn mark_failed<T>(result: &Result<T, ServiceError>) {
+    if let Err(error) = result {
+        let span = tracing::Span::current();
+        span.record("otel.status_description", error.to_string());
+        span.record("otel.status_code", "ERROR");
+    }
 }
 
 fn denial(

@@ -438,6 +438,59 @@ async fn exported(
     spans
 }
 
+/// Issue 14 (signals): a denied AcquireLease's span names the denial's reason, and a
+/// failed call's span (an unknown tenant, NOT_FOUND) has an error status and message.
+#[tokio::test(flavor = "current_thread")]
+async fn denied_and_failed_calls_mark_their_spans() {
+    let (collector, provider) = receiver().await;
+    let subscriber = tracing_subscriber::registry().with(telemetry::otel_layer(&provider));
+    let _default = tracing::subscriber::set_default(subscriber);
+    // One usable slot (2 × 95 %).
+    let pool = PoolSetup {
+        limit: 2,
+        ..PoolSetup::default()
+    };
+    let (_env, app) = app_with(Db::Sqlite, Counters::Memory, pool, &["acme"]).await;
+    let mut lease = app.lease().await;
+    for _ in 0..2 {
+        let no_wait = acquire_request("acme", Some(millis(0)));
+        lease
+            .acquire_lease(authed(no_wait, &app.admin_key))
+            .await
+            .unwrap();
+    }
+    let request = authed(acquire_request("nobody", None), &app.admin_key);
+    let status = lease.acquire_lease(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+
+    let spans = exported(&collector, &provider, "lease.acquire").await;
+    // Stopped before asserting: a provider dropped while a failed assertion unwinds
+    // waits for ever on this single-threaded runtime.
+    app.stop().await;
+    drop(_default);
+    telemetry::shutdown(provider).await.unwrap();
+    let acquires: Vec<&Span> = spans.iter().filter(|s| s.name == "lease.acquire").collect();
+    let denied: Vec<_> = acquires
+        .iter()
+        .filter_map(|s| attribute(s, "denial_reason"))
+        .collect();
+    assert_eq!(
+        denied,
+        vec!["no_token_capacity".to_owned()],
+        "{acquires:#?}"
+    );
+    let failed: Vec<_> = acquires
+        .iter()
+        .filter_map(|s| s.status.as_ref().filter(|st| st.code == 2))
+        .collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "one span with an error status: {acquires:#?}"
+    );
+    assert!(failed[0].message.contains("does not exist"), "{failed:?}");
+}
+
 /// Issue 14 (first hour): `RUST_LOG=` (set, empty) is the default filter, not silence,
 /// and text logs written to a file (not a terminal) carry no ANSI colour codes.
 #[tokio::test]
