@@ -50,11 +50,12 @@ mod support;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use support::cli::{Args, Config, Limits, Mode, Section, Workload};
+use support::backend::Backend;
+use support::cli::{Args, Config, Limits, Section, Workload};
 use support::load::Load;
 use support::probe::Probe;
 use support::report::{self, Measured};
-use support::server::{self, Server};
+use support::server::Server;
 use support::setup;
 
 /// A saturated warm-up ends when this share of a second's calls is denied…
@@ -100,20 +101,28 @@ async fn run_section(args: &Args, section: &Section) {
             continue;
         }
         match start(args, config).await {
-            Some((server, probe)) => run_config(args, section, config, server, probe).await,
+            Some(running) => run_config(args, section, config, running).await,
             None => too_many_tenants = config.tenants,
         }
     }
 }
 
+/// A configuration's server, its probe and where its counters live. Fields drop in
+/// this order: the server stops (and deletes its keys in a shared Redis) before a
+/// throwaway cluster is killed.
+struct Running {
+    server: Server,
+    probe: Probe,
+    _backend: Backend,
+}
+
 /// Warms the server up, then measures each of the section's workloads and prints it.
-async fn run_config(
-    args: &Args,
-    section: &Section,
-    config: &Config,
-    mut server: Server,
-    mut probe: Probe,
-) {
+async fn run_config(args: &Args, section: &Section, config: &Config, running: Running) {
+    let Running {
+        mut server,
+        mut probe,
+        _backend,
+    } = running;
     warm_up(&server, config, args).await;
     for &workload in &section.workloads {
         let runs = measure(&mut server, &mut probe, config, workload, section).await;
@@ -125,12 +134,17 @@ async fn run_config(
     }
 }
 
-/// Starts the server and creates the configuration; `None` (server stopped) when the
-/// setup ran out of its budget.
-async fn start(args: &Args, config: &Config) -> Option<(Server, Probe)> {
-    let server = Server::start(config.mode, config.limits).await;
+/// Starts the counters' backend (a cluster, for `cluster`) and the server and creates
+/// the configuration; `None` (server stopped) when the setup ran out of its budget.
+async fn start(args: &Args, config: &Config) -> Option<Running> {
+    let (backend, pools) = Backend::start(config.mode, setup::UPSTREAM, config.pools).await;
+    for line in backend.describe(setup::UPSTREAM, &pools) {
+        println!("# {config}: {line}");
+    }
+    let server = Server::start(&backend, config.limits).await;
     let budget = args.setup_budget_secs().map(Duration::from_secs);
-    let setup = setup::create(&server, config, args.admin_in_flight, budget).await;
+    let pool_ids: Vec<String> = pools.iter().map(|p| p.id.clone()).collect();
+    let setup = setup::create(&server, config, &pool_ids, args.admin_in_flight, budget).await;
     println!(
         "# {config}: setup {:.1} s for {} tokens, {:.1} s for {} tenants ({:.0} tenants/s, {} admin calls in flight, {} retried)",
         setup.tokens_took.as_secs_f64(),
@@ -149,9 +163,12 @@ async fn start(args: &Args, config: &Config) -> Option<(Server, Probe)> {
         );
         return None;
     }
-    let redis = (config.mode == Mode::Redis).then(server::redis_url);
-    let probe = Probe::new(server.pid, redis.as_deref()).await;
-    Some((server, probe))
+    let probe = Probe::new(server.pid, &backend.nodes(&pools)).await;
+    Some(Running {
+        server,
+        probe,
+        _backend: backend,
+    })
 }
 
 /// Load before measuring: `--warmup` seconds, or for saturated limits until nearly

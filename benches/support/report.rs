@@ -88,7 +88,7 @@ const COLUMNS: &[Column] = &[
     },
 ];
 
-const LABEL_WIDTH: usize = 42;
+const LABEL_WIDTH: usize = 48;
 const MIN_CELL_WIDTH: usize = 12;
 
 fn width(column: &Column) -> usize {
@@ -127,7 +127,44 @@ pub fn print_row(label: &str, runs: &[Measured]) {
     if runs.len() > 1 {
         println!("{range}");
     }
+    print_masters(runs);
     print_errors(runs);
+}
+
+/// On a cluster, each master's Redis CPU and commands per pair (medians of the runs),
+/// with its share of the masters' CPU: how the load spread.
+fn print_masters(runs: &[Measured]) {
+    let Some(first) = runs.first() else { return };
+    if first.cost.redis_nodes.len() < 2 {
+        return;
+    }
+    let median = |value: &dyn Fn(&Measured) -> Option<f64>| {
+        let mut values: Vec<f64> = runs.iter().filter_map(value).collect();
+        values.sort_by(f64::total_cmp);
+        median_of(&values)
+    };
+    let total_cpu = median(&|m| m.per_pair(m.cost.redis_cpu_us)).unwrap_or(0.0);
+    let masters: Vec<String> = first
+        .cost
+        .redis_nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let cpu = median(&|m| m.per_pair(m.cost.redis_nodes.get(i)?.cpu_us));
+            let cmds = median(&|m| m.per_pair(m.cost.redis_nodes.get(i).map(|n| n.commands)));
+            let cpu = cpu.map_or("-".into(), |us| {
+                let share = if total_cpu > 0.0 {
+                    100.0 * us / total_cpu
+                } else {
+                    0.0
+                };
+                format!("{us:.0} µs ({share:.0} %)")
+            });
+            let cmds = cmds.map_or("-".into(), |c| format!("{c:.1} cmd"));
+            format!("{} {cpu}, {cmds}", node.label)
+        })
+        .collect();
+    println!("  per master, per pair: {}", masters.join(" | "));
 }
 
 fn print_errors(runs: &[Measured]) {
