@@ -9,18 +9,32 @@
 //! cargo bench --bench lease_pairs -- --rate 2000        # open loop
 //! cargo bench --bench lease_pairs -- --steady 120       # embedded, one row per 15 s
 //! cargo bench --bench lease_pairs -- --all              # all of the above
+//! cargo bench --bench lease_pairs -- --mode cluster,redis --pools 1,3   # pools over masters
 //! ```
 //!
 //! **What runs.** `cargo bench` builds the release binary; each configuration starts
 //! `target/release/tokenlease serve` in a fresh data folder (configuration in SQLite),
 //! with lease counters in Redis (`REDIS_URL`, default the local one, under a key prefix
-//! unique to the run, deleted afterwards) or in the server's memory (embedded), creates
-//! one upstream, one pool of N tokens and M tenants through the admin API (bounded
-//! concurrency; the time it takes is printed), warms up once, and measures its runs
-//! back to back on the same server. Each pair is
+//! unique to the run, deleted afterwards), on a Redis Cluster (`cluster`) or in the
+//! server's memory (embedded), creates one upstream, `--pools` P pools (default 1)
+//! sharing its N tokens evenly, and M tenants spread round-robin over the pools through
+//! the admin API (bounded concurrency; the time it takes is printed), warms up once, and
+//! measures its runs back to back on the same server. Each pair is
 //! AcquireLease for a random tenant then, when granted, ReleaseLease(SUCCESS). The
 //! limits are so high that nothing is denied (the decision path), unless
 //! `--limits saturated`.
+//!
+//! **Cluster mode.** Each configuration starts its own three-master Redis Cluster
+//! (`redis-server --cluster-enabled yes` × 3 on free ports in a temporary folder,
+//! `redis-cli --cluster create … --cluster-replicas 0`, until `cluster_state:ok`: the
+//! tests' `throwaway_cluster.rs`, included by path) and kills it and removes its folder
+//! after the server stops; `REDIS_URL` is the masters' URLs, comma-separated. A pool's
+//! counters live under the hash tag `{bench.<pool>}`, so the bench chooses pool ids
+//! (`p0`, `p1`, … tried in order, `CLUSTER KEYSLOT` and the slot map) that put each
+//! pool on the master holding the fewest so far, 3 pools on 3 masters, and prints which
+//! master serves which pool. The Redis columns sum every master's CPU (its
+//! /proc/PID/stat) and commands (its `INFO commandstats`), and a line below each row
+//! gives each master's µs and commands per pair and its share of the CPU.
 //!
 //! **Why its own process.** So that the server's CPU time can be read from /proc and
 //! divided by the pairs done: throughput on a shared 2-core machine says little alone
@@ -39,8 +53,8 @@
 //! pair's p99, ms; the server's CPU (utime + stime, all threads) µs per pair; Redis's
 //! CPU µs per pair and commands per pair (`INFO commandstats`, the bench's own INFO
 //! calls taken out, the commands Lua scripts run counted in; whole-server, so anything
-//! else using that Redis counts too) and scripts per pair (EVAL/EVALSHA/FCALL: the
-//! server's round trips to Redis); the
+//! else using that Redis counts too; on a cluster, summed over the masters) and
+//! scripts per pair (EVAL/EVALSHA/FCALL: the server's round trips to Redis); the
 //! server's VmRSS at the end of the run; the share of AcquireLease denied; the three
 //! Redis commands run most per pair. With `--limits saturated` a "pair" is a denied
 //! AcquireLease alone. `TOKENLEASE_*` variables reach the server.

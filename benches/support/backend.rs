@@ -5,8 +5,8 @@
 //! On the cluster the pool ids are chosen, not given: a pool's counters live under the
 //! hash tag `{<upstream>.<pool>}`, so its id decides its slot and so its master. Ids
 //! `p0`, `p1`, … are tried in order and each pool takes the first one whose slot is
-//! served by the master holding the fewest pools so far, so 3 pools land on 3 masters
-//! (what the cluster run is meant to show), and 1 pool on whichever master `p0` hashes to.
+//! served by the master holding the fewest pools so far (ties: the lowest port), so
+//! 3 pools land on 3 masters (what the cluster run is meant to show).
 
 use std::fmt::Write as _;
 

@@ -132,7 +132,8 @@ pub fn print_row(label: &str, runs: &[Measured]) {
 }
 
 /// On a cluster, each master's Redis CPU and commands per pair (medians of the runs),
-/// with its share of the masters' CPU: how the load spread.
+/// its share of the masters' CPU (how the load spread) and how busy it was, in % of one
+/// core (a Redis server runs commands on one thread: near 100 % it is the limit).
 fn print_masters(runs: &[Measured]) {
     let Some(first) = runs.first() else { return };
     if first.cost.redis_nodes.len() < 2 {
@@ -144,26 +145,30 @@ fn print_masters(runs: &[Measured]) {
         median_of(&values)
     };
     let total_cpu = median(&|m| m.per_pair(m.cost.redis_cpu_us)).unwrap_or(0.0);
-    let masters: Vec<String> = first
-        .cost
-        .redis_nodes
-        .iter()
-        .enumerate()
-        .map(|(i, node)| {
-            let cpu = median(&|m| m.per_pair(m.cost.redis_nodes.get(i)?.cpu_us));
-            let cmds = median(&|m| m.per_pair(m.cost.redis_nodes.get(i).map(|n| n.commands)));
-            let cpu = cpu.map_or("-".into(), |us| {
-                let share = if total_cpu > 0.0 {
-                    100.0 * us / total_cpu
-                } else {
-                    0.0
-                };
-                format!("{us:.0} µs ({share:.0} %)")
-            });
-            let cmds = cmds.map_or("-".into(), |c| format!("{c:.1} cmd"));
-            format!("{} {cpu}, {cmds}", node.label)
-        })
-        .collect();
+    let mut masters = vec![];
+    for (i, node) in first.cost.redis_nodes.iter().enumerate() {
+        let cpu_us = |m: &Measured| m.cost.redis_nodes.get(i)?.cpu_us;
+        let per_pair = median(&|m| m.per_pair(cpu_us(m)));
+        let commands = median(&|m| m.per_pair(m.cost.redis_nodes.get(i).map(|n| n.commands)));
+        let busy = median(&|m| {
+            let elapsed_us = m.tally.elapsed.as_secs_f64() * 1e6;
+            cpu_us(m).map(|us| 100.0 * us as f64 / elapsed_us)
+        });
+        let show = |value: Option<f64>, unit: &str| {
+            value.map_or("-".to_owned(), |v| format!("{v:.0}{unit}"))
+        };
+        let share = per_pair
+            .filter(|_| total_cpu > 0.0)
+            .map(|us| 100.0 * us / total_cpu);
+        masters.push(format!(
+            "{} {} ({}), {} cmd, busy {}",
+            node.label,
+            show(per_pair, " µs"),
+            show(share, " %"),
+            commands.map_or("-".to_owned(), |c| format!("{c:.1}")),
+            show(busy, " % of a core"),
+        ));
+    }
     println!("  per master, per pair: {}", masters.join(" | "));
 }
 
