@@ -9,18 +9,32 @@
 //! cargo bench --bench lease_pairs -- --rate 2000        # open loop
 //! cargo bench --bench lease_pairs -- --steady 120       # embedded, one row per 15 s
 //! cargo bench --bench lease_pairs -- --all              # all of the above
+//! cargo bench --bench lease_pairs -- --mode cluster,redis --pools 1,3   # pools over masters
 //! ```
 //!
 //! **What runs.** `cargo bench` builds the release binary; each configuration starts
 //! `target/release/tokenlease serve` in a fresh data folder (configuration in SQLite),
 //! with lease counters in Redis (`REDIS_URL`, default the local one, under a key prefix
-//! unique to the run, deleted afterwards) or in the server's memory (embedded), creates
-//! one upstream, one pool of N tokens and M tenants through the admin API (bounded
-//! concurrency; the time it takes is printed), warms up once, and measures its runs
-//! back to back on the same server. Each pair is
+//! unique to the run, deleted afterwards), on a Redis Cluster (`cluster`) or in the
+//! server's memory (embedded), creates one upstream, `--pools` P pools (default 1)
+//! sharing its N tokens evenly, and M tenants spread round-robin over the pools through
+//! the admin API (bounded concurrency; the time it takes is printed), warms up once, and
+//! measures its runs back to back on the same server. Each pair is
 //! AcquireLease for a random tenant then, when granted, ReleaseLease(SUCCESS). The
 //! limits are so high that nothing is denied (the decision path), unless
 //! `--limits saturated`.
+//!
+//! **Cluster mode.** Each configuration starts its own three-master Redis Cluster
+//! (`redis-server --cluster-enabled yes` × 3 on free ports in a temporary folder,
+//! `redis-cli --cluster create … --cluster-replicas 0`, until `cluster_state:ok`: the
+//! tests' `throwaway_cluster.rs`, included by path) and kills it and removes its folder
+//! after the server stops; `REDIS_URL` is the masters' URLs, comma-separated. A pool's
+//! counters live under the hash tag `{bench.<pool>}`, so the bench chooses pool ids
+//! (`p0`, `p1`, … tried in order, `CLUSTER KEYSLOT` and the slot map) that put each
+//! pool on the master holding the fewest so far, 3 pools on 3 masters, and prints which
+//! master serves which pool. The Redis columns sum every master's CPU (its
+//! /proc/PID/stat) and commands (its `INFO commandstats`), and a line below each row
+//! gives each master's µs and commands per pair and its share of the CPU.
 //!
 //! **Why its own process.** So that the server's CPU time can be read from /proc and
 //! divided by the pairs done: throughput on a shared 2-core machine says little alone
@@ -39,8 +53,8 @@
 //! pair's p99, ms; the server's CPU (utime + stime, all threads) µs per pair; Redis's
 //! CPU µs per pair and commands per pair (`INFO commandstats`, the bench's own INFO
 //! calls taken out, the commands Lua scripts run counted in; whole-server, so anything
-//! else using that Redis counts too) and scripts per pair (EVAL/EVALSHA/FCALL: the
-//! server's round trips to Redis); the
+//! else using that Redis counts too; on a cluster, summed over the masters) and
+//! scripts per pair (EVAL/EVALSHA/FCALL: the server's round trips to Redis); the
 //! server's VmRSS at the end of the run; the share of AcquireLease denied; the three
 //! Redis commands run most per pair. With `--limits saturated` a "pair" is a denied
 //! AcquireLease alone. `TOKENLEASE_*` variables reach the server.
@@ -50,11 +64,12 @@ mod support;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use support::cli::{Args, Config, Limits, Mode, Section, Workload};
+use support::backend::Backend;
+use support::cli::{Args, Config, Limits, Section, Workload};
 use support::load::Load;
 use support::probe::Probe;
 use support::report::{self, Measured};
-use support::server::{self, Server};
+use support::server::Server;
 use support::setup;
 
 /// A saturated warm-up ends when this share of a second's calls is denied…
@@ -100,20 +115,28 @@ async fn run_section(args: &Args, section: &Section) {
             continue;
         }
         match start(args, config).await {
-            Some((server, probe)) => run_config(args, section, config, server, probe).await,
+            Some(running) => run_config(args, section, config, running).await,
             None => too_many_tenants = config.tenants,
         }
     }
 }
 
+/// A configuration's server, its probe and where its counters live. Fields drop in
+/// this order: the server stops (and deletes its keys in a shared Redis) before a
+/// throwaway cluster is killed.
+struct Running {
+    server: Server,
+    probe: Probe,
+    _backend: Backend,
+}
+
 /// Warms the server up, then measures each of the section's workloads and prints it.
-async fn run_config(
-    args: &Args,
-    section: &Section,
-    config: &Config,
-    mut server: Server,
-    mut probe: Probe,
-) {
+async fn run_config(args: &Args, section: &Section, config: &Config, running: Running) {
+    let Running {
+        mut server,
+        mut probe,
+        _backend,
+    } = running;
     warm_up(&server, config, args).await;
     for &workload in &section.workloads {
         let runs = measure(&mut server, &mut probe, config, workload, section).await;
@@ -125,12 +148,17 @@ async fn run_config(
     }
 }
 
-/// Starts the server and creates the configuration; `None` (server stopped) when the
-/// setup ran out of its budget.
-async fn start(args: &Args, config: &Config) -> Option<(Server, Probe)> {
-    let server = Server::start(config.mode, config.limits).await;
+/// Starts the counters' backend (a cluster, for `cluster`) and the server and creates
+/// the configuration; `None` (server stopped) when the setup ran out of its budget.
+async fn start(args: &Args, config: &Config) -> Option<Running> {
+    let (backend, pools) = Backend::start(config.mode, setup::UPSTREAM, config.pools).await;
+    for line in backend.describe(setup::UPSTREAM, &pools) {
+        println!("# {config}: {line}");
+    }
+    let server = Server::start(&backend, config.limits).await;
     let budget = args.setup_budget_secs().map(Duration::from_secs);
-    let setup = setup::create(&server, config, args.admin_in_flight, budget).await;
+    let pool_ids: Vec<String> = pools.iter().map(|p| p.id.clone()).collect();
+    let setup = setup::create(&server, config, &pool_ids, args.admin_in_flight, budget).await;
     println!(
         "# {config}: setup {:.1} s for {} tokens, {:.1} s for {} tenants ({:.0} tenants/s, {} admin calls in flight, {} retried)",
         setup.tokens_took.as_secs_f64(),
@@ -149,9 +177,12 @@ async fn start(args: &Args, config: &Config) -> Option<(Server, Probe)> {
         );
         return None;
     }
-    let redis = (config.mode == Mode::Redis).then(server::redis_url);
-    let probe = Probe::new(server.pid, redis.as_deref()).await;
-    Some((server, probe))
+    let probe = Probe::new(server.pid, &backend.nodes(&pools)).await;
+    Some(Running {
+        server,
+        probe,
+        _backend: backend,
+    })
 }
 
 /// Load before measuring: `--warmup` seconds, or for saturated limits until nearly

@@ -4,7 +4,7 @@ use std::fmt;
 
 use clap::{Parser, ValueEnum};
 
-/// Where the server under test keeps its lease counters. Both keep the configuration in
+/// Where the server under test keeps its lease counters. All keep the configuration in
 /// a SQLite file in a fresh data folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -12,6 +12,9 @@ pub enum Mode {
     Redis,
     /// No `REDIS_URL`: counters in the server's memory.
     Embedded,
+    /// A throwaway three-master Redis Cluster started for the configuration (and removed
+    /// after it); `REDIS_URL` lists its masters.
+    Cluster,
 }
 
 impl fmt::Display for Mode {
@@ -19,6 +22,7 @@ impl fmt::Display for Mode {
         f.pad(match self {
             Mode::Redis => "redis",
             Mode::Embedded => "embedded",
+            Mode::Cluster => "cluster",
         })
     }
 }
@@ -47,12 +51,20 @@ impl fmt::Display for Limits {
 #[command(name = "lease_pairs")]
 pub struct Args {
     /// Counter backends, comma-separated [default per section: table redis,embedded;
-    /// latency check and open loop redis; steady embedded].
+    /// latency check and open loop redis; steady embedded]. `cluster` starts a
+    /// throwaway three-master Redis Cluster (redis-server and redis-cli on the PATH) per
+    /// configuration and prints which master serves which pool.
     #[arg(long, value_delimiter = ',')]
     pub mode: Vec<Mode>,
-    /// Tokens in the one pool, comma-separated [default 100].
+    /// Tokens of the upstream, comma-separated [default 100], split evenly over its
+    /// pools.
     #[arg(long, value_delimiter = ',')]
     pub tokens: Vec<usize>,
+    /// Pools of the upstream, comma-separated [default 1]: the tokens split evenly, the
+    /// tenants spread round-robin. On a cluster the pool ids are chosen so that their
+    /// counters spaces fall on the masters as evenly as possible (3 pools: one each).
+    #[arg(long, value_delimiter = ',')]
+    pub pools: Vec<usize>,
     /// Tenants, comma-separated [default 1000; 200 for the latency check].
     #[arg(long, value_delimiter = ',')]
     pub tenants: Vec<usize>,
@@ -104,12 +116,15 @@ pub struct Args {
     pub bench: bool,
 }
 
-/// One server to start and set up: the counters, the pool, the tenants, the limits.
+/// One server to start and set up: the counters, the pools, the tenants, the limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
     pub mode: Mode,
+    /// Tokens in all, split evenly over the pools.
     pub tokens: usize,
     pub tenants: usize,
+    /// Pools of the one upstream (at least 1).
+    pub pools: usize,
     pub limits: Limits,
 }
 
@@ -117,8 +132,8 @@ impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:<8} {:>4} tok {:>5} ten",
-            self.mode, self.tokens, self.tenants
+            "{:<8} {:>4} tok {:>5} ten {:>2} pl",
+            self.mode, self.tokens, self.tenants, self.pools
         )
     }
 }
@@ -256,9 +271,10 @@ impl Args {
         }
     }
 
-    /// Every combination of the given modes, tokens and tenants, each replaced by the
-    /// command line's list when it gives one; fewest tenants first, so the cheap setups
-    /// (and the setup rate they measure) come before the long ones.
+    /// Every combination of the given modes, tokens and tenants (and of the command
+    /// line's pools, default 1), each replaced by the command line's list when it gives
+    /// one; fewest tenants first, so the cheap setups (and the setup rate they measure)
+    /// come before the long ones.
     fn configs(&self, modes: &[Mode], tokens: &[usize], tenants: &[usize]) -> Vec<Config> {
         let pick = |given: &[usize], default: &[usize]| {
             if given.is_empty() {
@@ -276,12 +292,15 @@ impl Args {
         for tenants in pick(&self.tenants, tenants) {
             for &mode in modes {
                 for &tokens in &pick(&self.tokens, tokens) {
-                    configs.push(Config {
-                        mode,
-                        tokens,
-                        tenants,
-                        limits: self.limits,
-                    });
+                    for pools in pick(&self.pools, &[1]) {
+                        configs.push(Config {
+                            mode,
+                            tokens,
+                            tenants,
+                            pools: pools.max(1),
+                            limits: self.limits,
+                        });
+                    }
                 }
             }
         }

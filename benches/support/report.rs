@@ -88,7 +88,7 @@ const COLUMNS: &[Column] = &[
     },
 ];
 
-const LABEL_WIDTH: usize = 42;
+const LABEL_WIDTH: usize = 48;
 const MIN_CELL_WIDTH: usize = 12;
 
 fn width(column: &Column) -> usize {
@@ -127,7 +127,49 @@ pub fn print_row(label: &str, runs: &[Measured]) {
     if runs.len() > 1 {
         println!("{range}");
     }
+    print_masters(runs);
     print_errors(runs);
+}
+
+/// On a cluster, each master's Redis CPU and commands per pair (medians of the runs),
+/// its share of the masters' CPU (how the load spread) and how busy it was, in % of one
+/// core (a Redis server runs commands on one thread: near 100 % it is the limit).
+fn print_masters(runs: &[Measured]) {
+    let Some(first) = runs.first() else { return };
+    if first.cost.redis_nodes.len() < 2 {
+        return;
+    }
+    let median = |value: &dyn Fn(&Measured) -> Option<f64>| {
+        let mut values: Vec<f64> = runs.iter().filter_map(value).collect();
+        values.sort_by(f64::total_cmp);
+        median_of(&values)
+    };
+    let total_cpu = median(&|m| m.per_pair(m.cost.redis_cpu_us)).unwrap_or(0.0);
+    let mut masters = vec![];
+    for (i, node) in first.cost.redis_nodes.iter().enumerate() {
+        let cpu_us = |m: &Measured| m.cost.redis_nodes.get(i)?.cpu_us;
+        let per_pair = median(&|m| m.per_pair(cpu_us(m)));
+        let commands = median(&|m| m.per_pair(m.cost.redis_nodes.get(i).map(|n| n.commands)));
+        let busy = median(&|m| {
+            let elapsed_us = m.tally.elapsed.as_secs_f64() * 1e6;
+            cpu_us(m).map(|us| 100.0 * us as f64 / elapsed_us)
+        });
+        let show = |value: Option<f64>, unit: &str| {
+            value.map_or("-".to_owned(), |v| format!("{v:.0}{unit}"))
+        };
+        let share = per_pair
+            .filter(|_| total_cpu > 0.0)
+            .map(|us| 100.0 * us / total_cpu);
+        masters.push(format!(
+            "{} {} ({}), {} cmd, busy {}",
+            node.label,
+            show(per_pair, " µs"),
+            show(share, " %"),
+            commands.map_or("-".to_owned(), |c| format!("{c:.1}")),
+            show(busy, " % of a core"),
+        ));
+    }
+    println!("  per master, per pair: {}", masters.join(" | "));
 }
 
 fn print_errors(runs: &[Measured]) {

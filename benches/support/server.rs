@@ -8,16 +8,17 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::{Channel, Endpoint};
 
-use super::cli::{Limits, Mode};
+use super::backend::Backend;
+use super::cli::Limits;
 
 /// The binary `cargo bench` builds with the bench (release) profile:
 /// `target/release/tokenlease`.
 const BINARY: &str = env!("CARGO_BIN_EXE_tokenlease");
 
-/// The Redis the counters use in Redis mode and the probes read: `REDIS_URL` or the
-/// local one.
-pub fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+/// The keys a server leaves in a shared Redis, deleted when it stops.
+struct SharedKeys {
+    url: String,
+    prefix: String,
 }
 
 /// A running server; killed, and its Redis keys deleted, when dropped.
@@ -28,8 +29,8 @@ pub struct Server {
     pub grpc: SocketAddr,
     /// Its bootstrap admin API key.
     pub admin_key: String,
-    /// The Redis key prefix of this run, in Redis mode.
-    redis_prefix: Option<String>,
+    /// Its keys in a shared Redis (Redis mode; a throwaway cluster goes whole).
+    shared_keys: Option<SharedKeys>,
     data_dir: tempfile::TempDir,
 }
 
@@ -37,12 +38,22 @@ impl Server {
     /// Starts `tokenlease serve` in a fresh data folder and waits until it answers.
     /// `TOKENLEASE_*` variables of this process reach the server and win over the
     /// bench's own settings (e.g. `TOKENLEASE_LEASE__PACE_BURST_PERCENT=100`).
-    pub async fn start(mode: Mode, limits: Limits) -> Server {
+    /// Its counters are where `backend` says, under a key prefix unique to the run.
+    pub async fn start(backend: &Backend, limits: Limits) -> Server {
         let data_dir = tempfile::tempdir().expect("a temporary data folder");
         let grpc = free_address();
-        let redis_prefix =
-            (mode == Mode::Redis).then(|| format!("tlbench-{}", uuid::Uuid::new_v4().simple()));
-        let child = command(data_dir.path(), grpc, redis_prefix.as_deref(), limits)
+        let redis = backend.server_url().map(|url| {
+            let prefix = format!("tlbench-{}", uuid::Uuid::new_v4().simple());
+            (url, prefix)
+        });
+        let shared_keys = backend
+            .shared_url()
+            .zip(redis.as_ref())
+            .map(|(url, (_, prefix))| SharedKeys {
+                url: url.to_owned(),
+                prefix: prefix.clone(),
+            });
+        let child = command(data_dir.path(), grpc, redis.as_ref(), limits)
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("cannot start {BINARY}: {e} (run `cargo bench`, which builds it)")
@@ -52,7 +63,7 @@ impl Server {
             child,
             grpc,
             admin_key: String::new(),
-            redis_prefix,
+            shared_keys,
             data_dir,
         };
         server.admin_key = server.wait_until_ready().await;
@@ -109,17 +120,23 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some(prefix) = &self.redis_prefix
-            && let Err(e) = delete_keys(&redis_url(), prefix)
+        if let Some(SharedKeys { url, prefix }) = &self.shared_keys
+            && let Err(e) = delete_keys(url, prefix)
         {
             eprintln!("could not delete the Redis keys {prefix}:*: {e}");
         }
     }
 }
 
-/// The server's command: embedded or Redis counters, configuration in SQLite, logs
-/// (warnings only) to a file in the data folder, no tracing export.
-fn command(data_dir: &Path, grpc: SocketAddr, prefix: Option<&str>, limits: Limits) -> Command {
+/// The server's command: embedded counters, or in the Redis (or cluster) `redis` =
+/// (`REDIS_URL`, key prefix); configuration in SQLite, logs (warnings only) to a file in
+/// the data folder, no tracing export.
+fn command(
+    data_dir: &Path,
+    grpc: SocketAddr,
+    redis: Option<&(String, String)>,
+    limits: Limits,
+) -> Command {
     let log = std::fs::File::create(data_dir.join("server.log")).expect("a log file");
     let mut command = Command::new(BINARY);
     command
@@ -134,9 +151,9 @@ fn command(data_dir: &Path, grpc: SocketAddr, prefix: Option<&str>, limits: Limi
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("a log file"))
         .stderr(log);
-    if let Some(prefix) = prefix {
+    if let Some((url, prefix)) = redis {
         command
-            .env("REDIS_URL", redis_url())
+            .env("REDIS_URL", url)
             .env("TOKENLEASE_REDIS__KEY_PREFIX", prefix);
     }
     // Saturated: the warm-up must take every slot at once, so no pacing.

@@ -1,5 +1,8 @@
 //! What a configuration measures, created through the admin API as an operator would:
-//! one upstream, one pool of N tokens, one tier, M tenants. Tokens and tenants are
+//! one upstream, P pools sharing its N tokens evenly (token i in pool i mod P), one
+//! tier, M tenants spread round-robin over the pools (tenant i in pool i mod P). The
+//! pool ids come from the caller (`backend`: on a cluster they are chosen by the
+//! master their counters land on). Tokens and tenants are
 //! created with a bounded number of admin calls in flight, and the time it takes is
 //! reported (every admin write reloads the replica's configuration, so it grows with
 //! what exists already).
@@ -18,8 +21,8 @@ use super::authed;
 use super::cli::{Config, Limits};
 use super::server::Server;
 
-const UPSTREAM: &str = "bench";
-const POOL: &str = "p";
+/// The one upstream; its pools' counters spaces are `{bench.<pool>}`.
+pub const UPSTREAM: &str = "bench";
 const TIER: &str = "bench";
 
 /// The id of tenant `i`; the load generator picks among `0..tenants`.
@@ -44,24 +47,36 @@ impl Setup {
     }
 }
 
-/// Creates the configuration's upstream, pool, tokens, tier and tenants. Stops creating
-/// tenants once `budget` has passed (the caller checks `tenants_created`).
+/// Creates the configuration's upstream, the pools `pools`, the tokens, the tier and
+/// the tenants. Stops creating tenants once `budget` has passed (the caller checks
+/// `tenants_created`).
 pub async fn create(
     server: &Server,
     config: &Config,
+    pools: &[String],
     in_flight: usize,
     budget: Option<Duration>,
 ) -> Setup {
+    assert!(!pools.is_empty(), "at least one pool");
     let admin = Admin::connect(server).await;
+    let pool_of = |i: usize| pools[i % pools.len()].clone();
     let started = Instant::now();
     admin.upstream(config.limits).await;
-    admin.pool_and_tier().await;
-    create_many(config.tokens, in_flight, None, |i| admin.token(i)).await;
+    for pool in pools {
+        admin.pool(pool).await;
+    }
+    admin.tier().await;
+    create_many(config.tokens, in_flight, None, |i| {
+        admin.token(i, pool_of(i))
+    })
+    .await;
     let tokens_took = started.elapsed();
     let started = Instant::now();
     let deadline = budget.map(|budget| started + budget);
-    let tenants_created =
-        create_many(config.tenants, in_flight, deadline, |i| admin.tenant(i)).await;
+    let tenants_created = create_many(config.tenants, in_flight, deadline, |i| {
+        admin.tenant(i, pool_of(i))
+    })
+    .await;
     Setup {
         tokens_took,
         tenants_took: started.elapsed(),
@@ -173,10 +188,9 @@ impl Admin {
         .await;
     }
 
-    /// One pool, and one tier with a burst so high that the fair share never binds.
-    async fn pool_and_tier(&self) {
+    async fn pool(&self, id: &str) {
         let pool = pb::Pool {
-            id: POOL.into(),
+            id: id.into(),
             upstream_id: UPSTREAM.into(),
             ..Default::default()
         };
@@ -185,6 +199,10 @@ impl Admin {
             c.create_pool(r).await
         })
         .await;
+    }
+
+    /// One tier with a burst so high that the fair share never binds.
+    async fn tier(&self) {
         let tier = pb::Tier {
             id: TIER.into(),
             burst_per_window: 1_000_000,
@@ -199,12 +217,12 @@ impl Admin {
         .await;
     }
 
-    async fn token(&self, i: usize) {
+    async fn token(&self, i: usize, pool: String) {
         let token = pb::Token {
             id: format!("tok-{i}"),
             upstream_id: UPSTREAM.into(),
             secret: format!("bench-secret-{i}"),
-            owner: Some(pb::token::Owner::PoolId(POOL.into())),
+            owner: Some(pb::token::Owner::PoolId(pool)),
             ..Default::default()
         };
         let message = pb::CreateTokenRequest { token: Some(token) };
@@ -214,11 +232,11 @@ impl Admin {
         .await;
     }
 
-    async fn tenant(&self, i: usize) {
+    async fn tenant(&self, i: usize, pool: String) {
         let tenant = pb::Tenant {
             id: tenant_id(i),
             tier_id: TIER.into(),
-            pool_id: POOL.into(),
+            pool_id: pool,
             ..Default::default()
         };
         let message = pb::CreateTenantRequest {
