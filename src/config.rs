@@ -409,6 +409,49 @@ impl Settings {
         Duration::from_millis(self.handshake_timeout_ms)
     }
 
+    /// Every setting with its default, one per line: its TOML key, its environment
+    /// variable and the default (for `serve --help`). Secrets have no default to show.
+    pub fn defaults_help() -> String {
+        fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+            match value {
+                serde_json::Value::Object(map) if !map.is_empty() => {
+                    for (key, inner) in map {
+                        let path = if prefix.is_empty() {
+                            key.clone()
+                        } else {
+                            format!("{prefix}.{key}")
+                        };
+                        flatten(&path, inner, out);
+                    }
+                }
+                serde_json::Value::Object(_) => out.push((prefix.to_owned(), "{}".into())),
+                serde_json::Value::Null => out.push((prefix.to_owned(), "unset".into())),
+                other => out.push((prefix.to_owned(), other.to_string())),
+            }
+        }
+        let defaults = serde_json::to_value(Settings::default()).unwrap_or_default();
+        let mut lines = Vec::new();
+        flatten("", &defaults, &mut lines);
+        let mut help = String::from(
+            "Settings: defaults, then a TOML file (--config or TOKENLEASE_CONFIG), then \
+             environment variables (nested keys joined by __); DATABASE_URL and REDIS_URL \
+             as is. The README's Settings table says what each one means.\n\n",
+        );
+        for (key, default) in lines {
+            let env = match key.as_str() {
+                "database_url" => "DATABASE_URL".to_owned(),
+                "redis_url" => "REDIS_URL".to_owned(),
+                _ => format!("TOKENLEASE_{}", key.replace('.', "__").to_uppercase()),
+            };
+            help.push_str(&format!("  {key} = {default}    ({env})\n"));
+        }
+        help.push_str(
+            "\nAlso, unset by default: DATABASE_URL, REDIS_URL, encryption.keys.<id> (master \
+             keys, base64 of 32 bytes), tls.cert_path, tls.key_path, tls.client_ca_path.\n",
+        );
+        help
+    }
+
     fn check_rebalance(&self) -> anyhow::Result<()> {
         let r = &self.rebalance;
         if !(r.high > 0.0 && r.high <= 1.0 && r.low >= 0.0 && r.low < r.high) {

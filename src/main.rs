@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use secrecy::ExposeSecret;
 use tokenlease::admin::{issue_api_key, rotate_token_keys};
 use tokenlease::baselinker::UtcOffset;
@@ -104,7 +104,14 @@ struct EmulatorArgs {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `serve --help` lists every setting with its default and variable.
+    let command = Cli::command().mut_subcommand("serve", |serve| {
+        serve.after_long_help(Settings::defaults_help())
+    });
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -520,3 +520,24 @@ async fn an_empty_rust_log_still_logs_and_files_get_no_colour_codes() {
         "ANSI codes in a log file: {text:?}"
     );
 }
+
+/// Issue 14 (first hour): `serve --help` lists every setting with its default and its
+/// environment variable.
+#[tokio::test]
+async fn serve_help_lists_the_settings() {
+    let output = clean_command(env!("CARGO_BIN_EXE_tokenlease"))
+        .args(["serve", "--help"])
+        .output()
+        .await
+        .expect("run serve --help");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for line in [
+        "lease.ttl_ms = 5000    (TOKENLEASE_LEASE__TTL_MS)",
+        "rebalance.automatic = false    (TOKENLEASE_REBALANCE__AUTOMATIC)",
+        "traces_filter = \"info\"    (TOKENLEASE_TRACES_FILTER)",
+        "DATABASE_URL, REDIS_URL",
+    ] {
+        assert!(help.contains(line), "{line:?} missing from:\n{help}");
+    }
+}
