@@ -11,7 +11,7 @@ use super::pb::{self, admin_service_server::AdminService};
 use crate::auth::{Caller, generate_api_key, parse_api_key_id, reveal};
 use crate::domain::{Id, InvalidField};
 use crate::error::ServiceError;
-use crate::events::{Change, EventBus, EventKind, Resource};
+use crate::events::{Change, EventBus, Resource};
 use crate::lease::{Leaser, LiveConfig, publish_admin_toggle};
 use crate::store::counters::Space;
 use crate::store::{Kind, StoreError};
@@ -98,24 +98,10 @@ impl AdminApi {
 
     /// After a successful write: refresh this replica's snapshot and tell watchers.
     async fn written(&self, resource: Resource, id: &str, change: Change, version: i64) {
-        match tokio::time::timeout(self.database_timeout, self.config().refresh_to(version)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "snapshot refresh after an admin write failed; the poller will retry")
-            }
-            Err(_) => tracing::warn!(
-                "snapshot refresh after an admin write timed out; the poller will retry"
-            ),
-        }
-        if let Err(error) = self.leaser.allocator.refresh_for_config().await {
-            tracing::warn!(%error, "quota refresh after an admin write failed; the allocator will retry");
-        }
-        self.events.publish(EventKind::ConfigChanged {
-            resource,
-            id: id.to_owned(),
-            change,
-            version,
-        });
+        let timeout = self.database_timeout;
+        (self.leaser)
+            .follow_write(&self.events, timeout, resource, id, change, version)
+            .await;
     }
 
     fn seal(&self, input: TokenInput) -> crate::domain::TokenRecord {

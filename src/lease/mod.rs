@@ -684,6 +684,40 @@ fn borrowed(snapshot: &Snapshot, request: &AcquireRequest, grant: &Grant) -> boo
     guaranteed.is_some_and(|g| grant.tenant_used > g)
 }
 
+impl Leaser {
+    /// After a configuration write committed as `version`: this replica's snapshot and
+    /// quotas follow it at once (read-your-writes; on failure the poller and the
+    /// allocator catch up), then watchers get a `ConfigChanged`.
+    pub async fn follow_write(
+        &self,
+        events: &crate::events::EventBus,
+        timeout: Duration,
+        resource: crate::events::Resource,
+        id: &str,
+        change: crate::events::Change,
+        version: i64,
+    ) {
+        match tokio::time::timeout(timeout, self.config.refresh_to(version)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "snapshot refresh after a configuration write failed; the poller will retry")
+            }
+            Err(_) => tracing::warn!(
+                "snapshot refresh after a configuration write timed out; the poller will retry"
+            ),
+        }
+        if let Err(error) = self.allocator.refresh_for_config().await {
+            tracing::warn!(%error, "quota refresh after a configuration write failed; the allocator will retry");
+        }
+        events.publish(crate::events::EventKind::ConfigChanged {
+            resource,
+            id: id.to_owned(),
+            change,
+            version,
+        });
+    }
+}
+
 /// Gives the current span an error status when `result` failed; the message is the
 /// error's, which never carries a secret (see `ServiceError`).
 fn mark_failed<T>(result: &Result<T, ServiceError>) {

@@ -316,28 +316,23 @@ impl Rebalancer {
 
     /// After a move: this replica's snapshot and quotas follow it, and watchers learn.
     async fn moved(&self, record: &TenantMove, version: i64) {
-        let refreshed = self.leaser.config.refresh_to(version);
-        if !matches!(
-            tokio::time::timeout(self.database_timeout, refreshed).await,
-            Ok(Ok(()))
-        ) {
-            tracing::warn!("snapshot refresh after a tenant move failed; the poller will retry");
-        }
-        if let Err(error) = self.leaser.allocator.refresh_for_config().await {
-            tracing::warn!(%error, "quota refresh after a tenant move failed; the allocator will retry");
-        }
         self.events.publish(EventKind::TenantMoved {
             tenant_id: record.tenant_id.as_str().to_owned(),
             from_pool_id: record.from_pool_id.as_str().to_owned(),
             to_pool_id: record.to_pool_id.as_str().to_owned(),
             cause: record.reason.clone(),
         });
-        self.events.publish(EventKind::ConfigChanged {
-            resource: Resource::Tenant,
-            id: record.tenant_id.as_str().to_owned(),
-            change: Change::Updated,
-            version,
-        });
+        let (id, timeout) = (record.tenant_id.as_str(), self.database_timeout);
+        (self.leaser)
+            .follow_write(
+                &self.events,
+                timeout,
+                Resource::Tenant,
+                id,
+                Change::Updated,
+                version,
+            )
+            .await;
     }
 
     /// A store call bounded by the database timeout.
