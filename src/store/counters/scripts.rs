@@ -348,11 +348,14 @@ for i = 1, cost do
   redis.call('ZADD', KEYS[1], expires, member)
   redis.call('ZADD', token_key, expires, member)
 end
--- Keep a window at least until its newest entry has left it: never shortened (GT), and
--- set on a window just created (it has no expiry yet, which GT leaves alone).
+-- Keep a window at least until its newest entry has left it: never shortened (GT) on a
+-- window that held entries (every writer sets an expiry), and set on one just created
+-- (none held: trimming an emptied sorted set deletes it), which GT would leave alone.
 local keep = ttl + window + 1000
-for _, key in ipairs({KEYS[1], token_key}) do
-  if redis.call('PEXPIRE', key, keep, 'GT') == 0 and redis.call('PTTL', key) == -1 then
+for key, used in pairs({[KEYS[1]] = tenant_used, [token_key] = best_used}) do
+  if used > 0 then
+    redis.call('PEXPIRE', key, keep, 'GT')
+  else
     redis.call('PEXPIRE', key, keep)
   end
 end

@@ -29,6 +29,8 @@ use crate::clock::Clock;
 
 #[path = "tests/cluster.rs"]
 mod cluster;
+#[path = "tests/cost.rs"]
+mod cost;
 #[path = "tests/differential.rs"]
 mod differential;
 #[path = "tests/faults.rs"]

@@ -14,19 +14,19 @@ const SLACK: Duration = Duration::from_millis(250);
 /// How long a recovered Redis may take to be used again.
 const RECOVERY: Duration = Duration::from_secs(5);
 
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     listener.local_addr().expect("local address").port()
 }
 
 /// A `redis-server` child process; killed when dropped.
-struct Throwaway {
+pub(super) struct Throwaway {
     port: u16,
     child: Option<Child>,
 }
 
 impl Throwaway {
-    async fn start(port: u16) -> Self {
+    pub(super) async fn start(port: u16) -> Self {
         Self::start_in(port, &std::env::temp_dir()).await
     }
 
@@ -50,7 +50,7 @@ impl Throwaway {
         server
     }
 
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
