@@ -75,8 +75,30 @@ async fn run_writes_table_and_chart() {
     assert!(result.tokens.iter().all(|t| t.violations == 0));
     let chart = svg::chart(&result, "known");
     assert!(chart.contains("<svg") && chart.trim_end().ends_with("</svg>"));
-    assert_eq!(chart.matches(r#"<polyline class="tenant""#).count(), 3);
-    assert_eq!(chart.matches(r#"<polyline class="token""#).count(), 2);
+    // Every tenant and token is named by a line (alone, or with those it coincides with),
+    // and each tenant line has its demand and guarantee beside it.
+    let named = |class: &str| -> Vec<String> {
+        let tag = format!(r#"<polyline class="{class}" data-name=""#);
+        chart
+            .split(&tag)
+            .skip(1)
+            .flat_map(|rest| rest.split('"').next().unwrap().split(", "))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        named("tenant"),
+        ["a", "b", "c"].map(String::from),
+        "{chart}"
+    );
+    let lines = |class: &str| {
+        chart
+            .matches(&format!(r#"<polyline class="{class}""#))
+            .count()
+    };
+    assert_eq!(lines("demand"), lines("tenant"));
+    assert!(chart.contains("guaranteed 20/min: a, b, c"), "{chart}");
+    assert_eq!(named("token").len(), 2, "{chart}");
     // Balanced: every element is self-closed or closed.
     assert_eq!(
         chart.matches("<svg").count(),
@@ -86,6 +108,108 @@ async fn run_writes_table_and_chart() {
         chart.matches("<text").count(),
         chart.matches("</text>").count()
     );
+}
+
+/// A result drawn by hand: three quiet tenants granted the same, a busy one, and one
+/// token at exactly its usable capacity (95 of 95) beside an idle one.
+fn drawn_by_hand() -> simulate::RunResult {
+    let tenant = |id: &str, asked: u64, granted: u64| simulate::TenantResult {
+        id: id.to_owned(),
+        guaranteed: 10,
+        asked: 3 * asked,
+        granted: 3 * granted,
+        asked_per_window: vec![asked; 3],
+        granted_per_window: vec![granted; 3],
+        ..Default::default()
+    };
+    let token = |id: &str, calls: u64| simulate::TokenResult {
+        id: id.to_owned(),
+        accepted: 3 * calls,
+        accepted_per_window: vec![calls; 3],
+        ..Default::default()
+    };
+    simulate::RunResult {
+        windows: 3,
+        window_secs: 60.0,
+        time_scale: 30.0,
+        limit: 100,
+        usable: 95,
+        pool_tokens: 2,
+        tenants: vec![
+            tenant("quiet-1", 5, 5),
+            tenant("quiet-2", 5, 5),
+            tenant("quiet-3", 5, 5),
+            tenant("busy", 120, 85),
+        ],
+        tokens: vec![token("full", 95), token("idle", 0)],
+        ..Default::default()
+    }
+}
+
+/// Coinciding series are drawn once and named together; a token at its usable
+/// capacity is at 100 %, on the usable line, with markers; the time axis says what
+/// time it is.
+#[test]
+fn the_chart_shows_every_series() {
+    let chart = svg::chart(&drawn_by_hand(), "by hand");
+    assert_eq!(
+        chart.matches(r#"<polyline class="tenant""#).count(),
+        2,
+        "{chart}"
+    );
+    assert!(
+        chart.contains(r#"data-name="quiet-1, quiet-2, quiet-3""#),
+        "{chart}"
+    );
+    assert!(chart.contains(r#"data-name="busy""#));
+    assert!(chart.contains("guaranteed 10/min: quiet-1, quiet-2, quiet-3, busy"));
+    // The usable line (the second reference: the first is the guarantee) and the full
+    // token's points share their height.
+    let usable_y = chart
+        .split(r#"<line class="reference""#)
+        .nth(2)
+        .and_then(|l| l.split(r#"y1=""#).nth(1))
+        .and_then(|y| y.split('"').next())
+        .expect("a usable reference line")
+        .to_owned();
+    let full = chart
+        .split(r#"<polyline class="token" data-name="full""#)
+        .nth(1)
+        .expect("the full token's line");
+    let points = full
+        .split(r#"points=""#)
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    for point in points.split(' ') {
+        assert_eq!(
+            point.split(',').nth(1),
+            Some(usable_y.as_str()),
+            "{point} vs {usable_y}"
+        );
+    }
+    assert!(chart.contains("usable: 95 per window = 100 %"));
+    assert_eq!(
+        chart.matches("<circle").count(),
+        6,
+        "a marker per token point"
+    );
+    assert!(chart.contains("the run took 6 s"), "{chart}");
+}
+
+/// The table counts utilization of the usable capacity, as GetUsage does: 95 of 95 is
+/// 100 %.
+#[test]
+fn the_table_counts_utilization_of_the_usable_capacity() {
+    let table = simulate::table(&drawn_by_hand());
+    let full = table
+        .lines()
+        .find(|l| l.starts_with("full "))
+        .expect("a row for the full token");
+    assert!(full.contains("100.0%"), "{table}");
+    assert!(table.contains("per simulated minute"), "{table}");
 }
 
 /// Three replicas on one Postgres database and one Redis share the tokens: with 2

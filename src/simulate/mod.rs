@@ -25,5 +25,5 @@ pub mod svg;
 
 pub use plan::{PlanAnswer, plan};
 pub use report::{Verdict, table, verdict};
-pub use run::{RunResult, SharedStore, run, run_on};
+pub use run::{RunResult, SharedStore, TenantResult, TokenResult, run, run_on};
 pub use scenario::Scenario;

@@ -86,13 +86,14 @@ pub fn verdict(result: &RunResult) -> Verdict {
     }
 }
 
-/// Requests per real minute from a count over the whole run.
+/// Requests per simulated minute (the upstream's clock) from a count over the whole run.
 fn per_minute(result: &RunResult, count: u64) -> f64 {
     let minutes = f64::from(result.windows) * result.window_secs / 60.0;
     count as f64 / minutes.max(f64::MIN_POSITIVE)
 }
 
-/// The per-tenant table (rates per real minute, waits in real ms) and a token summary.
+/// The per-tenant table (rates per simulated minute, waits in simulated ms) and a token
+/// summary (utilization of the usable capacity, as GetUsage and the metrics count it).
 pub fn table(result: &RunResult) -> String {
     let mut out = String::new();
     if let Some(why) = &result.refused {
@@ -139,8 +140,8 @@ pub fn table(result: &RunResult) -> String {
     }
     let _ = writeln!(
         out,
-        "(rates per real minute; waits in real time; missed = windows below the guarantee; \
-         violations = calls the upstream refused)"
+        "(rates per simulated minute, the upstream's clock; waits in simulated time; missed = \
+         windows below the guarantee; violations = calls the upstream refused)"
     );
     let _ = writeln!(out);
     let _ = writeln!(
@@ -151,7 +152,8 @@ pub fn table(result: &RunResult) -> String {
     for t in &result.tokens {
         // Calls within the run's windows (late grants of the last window fall outside).
         let within: u64 = t.accepted_per_window.iter().sum();
-        let capacity = f64::from(result.limit) * f64::from(result.windows);
+        // Of the usable capacity (limit minus margin): 95 of 95 is 100 %.
+        let capacity = f64::from(result.usable) * f64::from(result.windows);
         let _ = writeln!(
             out,
             "{:<16}  {:>9.1}  {:>10.1}%  {:>10}",

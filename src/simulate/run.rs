@@ -57,8 +57,11 @@ pub struct TokenResult {
 #[derive(Clone, Debug, Default)]
 pub struct RunResult {
     pub windows: u32,
-    /// Real window length, seconds (rates are reported per real minute).
+    /// The upstream's window, seconds of simulated time (rates are reported per
+    /// simulated minute: the upstream's clock).
     pub window_secs: f64,
+    /// How much faster than the upstream's clock the run went (`Scenario::time_scale`).
+    pub time_scale: f64,
     /// The upstream limit per window per token.
     pub limit: u32,
     /// What the service may lease per window per token (limit minus margin).
@@ -71,6 +74,13 @@ pub struct RunResult {
     pub start_ms: i64,
     /// Set when the service refused the configuration (e.g. the 80 % rule).
     pub refused: Option<String>,
+}
+
+impl RunResult {
+    /// How long the run took on the wall clock, seconds.
+    pub fn run_secs(&self) -> f64 {
+        f64::from(self.windows) * self.window_secs / self.time_scale.max(1.0)
+    }
 }
 
 /// Where several replicas keep their shared state (when not from the environment).
@@ -184,6 +194,7 @@ async fn run_in(
     let mut result = RunResult {
         windows: s.windows,
         window_secs: s.upstream.window_secs,
+        time_scale: s.time_scale,
         limit: s.upstream.limit,
         usable: s.upstream.usable(),
         pool_tokens: s.pools[0].tokens,
@@ -374,6 +385,9 @@ async fn drive(
         let records = records.clone();
         let windows = s.windows;
         generators.push(tokio::spawn(async move {
+            // Requests are recorded when answered: a line counts those answered since
+            // the previous one (a request asked late in a window may fall in the next).
+            let (mut asked_before, mut granted_before) = (0, 0);
             for w in 1..=windows {
                 tokio::time::sleep_until(
                     (start + Duration::from_millis(window_ms * u64::from(w))).into(),
@@ -384,9 +398,12 @@ async fn drive(
                     (r.len(), r.iter().filter(|r| r.granted).count())
                 };
                 eprintln!(
-                    "[simulate] window {w}/{windows} ({:.1} s): asked {asked}, granted {granted}",
-                    start.elapsed().as_secs_f64()
+                    "[simulate] window {w}/{windows} ({:.1} s): answered {} requests, granted {}",
+                    start.elapsed().as_secs_f64(),
+                    asked - asked_before,
+                    granted - granted_before
                 );
+                (asked_before, granted_before) = (asked, granted);
             }
         }));
     }
