@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::pace::Pacing;
-use super::pool_index::{Chosen, PoolIndex};
+use super::pool_index::{Chosen, PoolIndex, PoolRoom};
 use super::queue::{GUARANTEED_AHEAD_MS, bucket_ms};
 use super::types::{
     AcquireOutcome, AcquireRequest, Admission, Denied, DenyReason, Grant, Unhealthy,
@@ -162,9 +162,12 @@ impl Ledger {
             return self.deny(call, reason, earliest, now, false);
         };
         if let (true, Some(index)) = (has_waiters && best.pool.is_some(), index.as_deref_mut())
-            && self.waiters_ahead_fill(call, index)
+            && let Some(grows) = self.waiters_ahead_fill(call, index)
         {
+            // Room comes back when a token can take a slot again or its use drops
+            // (*wait*), or when a ready token's pace grows.
             let at = self.pi_earliest(&req.upstream_id, index, 1, now);
+            let at = grows.map_or(at, |g| at.min(g));
             return self.deny(call, DenyReason::NoTokenCapacity, at, now, false);
         }
         self.admit_and_grant(call, best, tenant_used, index)
@@ -212,24 +215,25 @@ impl Ledger {
     }
 
     /// Whether the waiters ahead of the caller that could use a slot now leave it no
-    /// room among the ready pool tokens.
-    fn waiters_ahead_fill(&self, call: &Call, index: &PoolIndex) -> bool {
+    /// room among the ready pool tokens: `Some` when they do, with the first instant a
+    /// ready token's pace grows (every ready token was walked then).
+    fn waiters_ahead_fill(&self, call: &Call, index: &PoolIndex) -> Option<Option<i64>> {
         let (req, now, cost) = (call.req, call.now, call.cost);
         let (Some(ticket), Some(rank)) = (&req.queue, call.rank) else {
-            return false;
+            return None;
         };
         let queue = &self.queues[&queue_key(&req.upstream_id, &ticket.queue_id)];
         let upstream = &req.upstream_id;
-        let mut room = self.pool_room(upstream, index, (0, 0), cost, now);
+        let mut room = self.pool_room(upstream, index, PoolRoom::default(), cost, now);
         let mut ahead = 0;
         for _ in queue.eligible_ahead(rank, &req.nonce, now) {
             ahead += 1;
             room = self.pool_room(upstream, index, room, ahead + cost, now);
-            if ahead + cost > room.0 {
+            if ahead + cost > room.slots {
                 break;
             }
         }
-        ahead + cost > room.0
+        (ahead + cost > room.slots).then_some(room.grows)
     }
 
     /// Denies, queueing the caller when it waits; `eligible` is when it could use a

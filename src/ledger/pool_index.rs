@@ -73,6 +73,17 @@ impl Scored {
     }
 }
 
+/// The room counted among a pool's ready tokens (`PoolIndex::pool_room`).
+#[derive(Clone, Copy, Default)]
+pub(super) struct PoolRoom {
+    /// Slots the walked tokens can take now.
+    pub slots: u32,
+    /// Ready tokens walked, least used first.
+    pub walked: usize,
+    /// The first instant a walked token's binding pace grows its room.
+    pub grows: Option<i64>,
+}
+
 /// One pool's index (the keys `ir`, `iw`, `ih`, `ip`, `im` of the Redis backend).
 pub(super) struct PoolIndex {
     pub digest: String,
@@ -256,13 +267,10 @@ impl Ledger {
         }
         index.ready.add(token, used as i64 * M + p);
         let window = &self.windows[&token_key(upstream, token)];
-        let mut change = window
+        let change = window
             .first_end()
             .filter(|_| used > 0)
             .map(|e| e + index.w + 1);
-        if let Some(pace) = pace.filter(|p| p.grows != i64::MAX && p.room < index.l - used) {
-            change = Some(change.map_or(pace.grows, |c| c.min(pace.grows)));
-        }
         match change {
             Some(at) => index.wait.add(token, at),
             None => index.wait.remove(token),
@@ -293,11 +301,9 @@ impl Ledger {
             return;
         }
         index.ready.add(token, used as i64 * M + chosen.pos);
-        if let Some(pace) = pace.filter(|p| p.grows != i64::MAX && p.room < index.l - used) {
-            let window = &self.windows[&token_key(upstream, token)];
-            let drop = window.first_end().expect("just granted") + index.w + 1;
-            index.wait.add(token, drop.min(pace.grows));
-        } else if chosen.used == 0 {
+        // Its use next drops when its first entry leaves the window: this grant's, if
+        // it was empty; otherwise the instant already in *wait* stands.
+        if chosen.used == 0 {
             index.wait.add(token, expires + index.w + 1);
         }
     }
@@ -426,28 +432,31 @@ impl Ledger {
     }
 
     /// The room of the ready tokens, least used first, until it reaches `need` (the
-    /// `grow` of `scripts::ACQUIRE`'s queue check): `(room, tokens walked)`.
+    /// `grow` of `scripts::ACQUIRE`'s queue check), and the first instant a walked
+    /// token's binding pace grows it (its pace allows fewer slots than its window).
     pub(super) fn pool_room(
         &self,
         upstream: &Id,
         index: &PoolIndex,
-        (mut room, walked): (u32, usize),
+        mut room: PoolRoom,
         need: u32,
         now: i64,
-    ) -> (u32, usize) {
-        let mut n = walked;
-        for (score, token) in index.ready.by_score.iter().skip(walked) {
-            if room >= need {
+    ) -> PoolRoom {
+        for (score, token) in index.ready.by_score.iter().skip(room.walked) {
+            if room.slots >= need {
                 break;
             }
-            n += 1;
+            room.walked += 1;
             let mut slots = index.l as i64 - score / M;
             if let Some(pace) = self.paced(upstream, index, token, 1, now) {
+                if pace.grows != i64::MAX && i64::from(pace.room) < slots {
+                    room.grows = Some(room.grows.map_or(pace.grows, |g| g.min(pace.grows)));
+                }
                 slots = slots.min(pace.room as i64);
             }
-            room += slots.max(0) as u32;
+            room.slots += slots.max(0) as u32;
         }
-        (room, n)
+        room
     }
 
     /// Puts a token back in its place in every index its health record names (an

@@ -13,8 +13,12 @@
 //! - `iw:<digest>` *wait* (sorted set): for a token out of *ready*, the instant it can
 //!   take one slot (its window frees one, its pace allows one, its quarantine or open
 //!   breaker ends, its half-open probe expires: the latest of these); for a token in
-//!   *ready*, the instant its use next drops (its earliest entry leaves the window, or a
-//!   binding pace grows). Absent: nothing about the token changes with time alone;
+//!   *ready*, the instant its use next drops (its earliest entry leaves the window).
+//!   Absent: its use does not change with time alone. A ready token's pace growing
+//!   changes neither its place nor its readiness, only the room counted for waiters;
+//!   the caller who counts that room reads every ready token's pace anyway and takes
+//!   the first growth from there (`ACQUIRE`), so *wait* holds no pace events: a grant
+//!   does not make its token due again one pace step later;
 //! - `ih:<digest>` *out* (sorted set): the tokens whose health refuses leases, until
 //!   when: when it holds every token, a denial says "no usable token", not "full";
 //! - `ip:<digest>` the tokens' positions (hash), and `im:<digest>` its settings (hash:
@@ -123,13 +127,13 @@ local function pi_refresh(token, p, was_ready)
   if used >= PI.l then
     window_at = tonumber(redis.call('ZRANGE', key, used - PI.l, used - PI.l, 'WITHSCORES')[2]) + PI.w + 1
   end
-  local tat, pace_room, pace_fits, pace_grows = now, PI.l, now, nil
+  local tat, pace_fits = now, now
   if PI.pace > 0 then
     tat = tonumber(redis.call('HGET', PI.pace_key, token)) or now
     if not was_ready and window_at <= now and not redis.call('ZSCORE', PI.ready, token) then
       tat = pi_drain(token, tat)
     end
-    pace_room, pace_fits, pace_grows = pace_math(tat, 1, PI.pace, PI.step)
+    pace_fits = select(2, pace_math(tat, 1, PI.pace, PI.step))
   end
   local health_at = now
   if not was_ready then health_at = health_from(token) end
@@ -150,12 +154,12 @@ local function pi_refresh(token, p, was_ready)
     return used, tat
   end
   redis.call('ZADD', PI.ready, used * M + p, token)
-  local change = nil
   if used > 0 then
-    change = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) + PI.w + 1
+    local change = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) + PI.w + 1
+    redis.call('ZADD', PI.wait, change, token)
+  else
+    redis.call('ZREM', PI.wait, token)
   end
-  if pace_grows and pace_room < PI.l - used then change = math.min(change or pace_grows, pace_grows) end
-  if change then redis.call('ZADD', PI.wait, change, token) else redis.call('ZREM', PI.wait, token) end
   return used, tat
 end
 
@@ -169,20 +173,17 @@ local function pi_granted(token, p, used, was_empty, expires, probe, tat)
     pi_refresh(token, p)
     return
   end
-  local pace_room, fits, grows = PI.l, now, nil
-  if PI.pace > 0 then pace_room, fits, grows = pace_math(tat, 1, PI.pace, PI.step) end
+  local fits = now
+  if PI.pace > 0 then fits = select(2, pace_math(tat, 1, PI.pace, PI.step)) end
   if fits > now then
     redis.call('ZREM', PI.ready, token)
     redis.call('ZADD', PI.wait, fits, token)
     return
   end
   redis.call('ZADD', PI.ready, used * M + p, token)
-  if grows and pace_room < PI.l - used then
-    local drop = tonumber(redis.call('ZRANGE', PI.base .. 'kw:' .. token, 0, 0, 'WITHSCORES')[2]) + PI.w + 1
-    redis.call('ZADD', PI.wait, math.min(drop, grows), token)
-  elseif was_empty then
-    redis.call('ZADD', PI.wait, expires + PI.w + 1, token)
-  end
+  -- Its use next drops when its first entry leaves the window: this grant's, if it was
+  -- empty; otherwise the instant already in *wait* stands.
+  if was_empty then redis.call('ZADD', PI.wait, expires + PI.w + 1, token) end
 end
 
 -- Makes sure the index exists: builds it from ARGV[first..] (the pool's token ids, in

@@ -287,7 +287,10 @@ end
 -- A pool slot goes to the waiters ahead first: count those that could use one now,
 -- and the pool's room now (ready tokens, least used first) as far as it takes.
 if has_waiters and pool_pos then
-  local room, walked, ahead = 0, 0, 0
+  -- `growth`: the first instant a walked token's binding pace (it allows fewer slots
+  -- than the window) grows its room; when the waiters fill the room, every ready token
+  -- was walked, so it is the first for the whole pool (the index keeps no pace events).
+  local room, walked, ahead, growth = 0, 0, 0, math.huge
   local function grow(need)
     while room < need do
       local e = redis.call('ZRANGE', PI.ready, walked, walked, 'WITHSCORES')
@@ -296,7 +299,9 @@ if has_waiters and pool_pos then
       local slots = PI.l - math.floor(tonumber(e[2]) / M)
       if pace > 0 then
         local tat = tonumber(redis.call('HGET', pace_key, e[1])) or now
-        slots = math.min(slots, (pace_math(tat, 1, pace, step)))
+        local pace_room, _, grows = pace_math(tat, 1, pace, step)
+        if grows and pace_room < slots then growth = math.min(growth, grows) end
+        slots = math.min(slots, pace_room)
       end
       room = room + math.max(0, slots)
     end
@@ -309,7 +314,7 @@ if has_waiters and pool_pos then
       if ahead + cost > room then break end
     end
   end
-  if ahead + cost > room then return deny(2, pi_earliest(1, never), now, false) end
+  if ahead + cost > room then return deny(2, math.min(pi_earliest(1, never), growth), now, false) end
 end
 
 -- A token that moved out of this space after the caller's configuration (`MOVE_OUT`) is

@@ -1,9 +1,11 @@
 //! What one granted pair (acquire + release with an outcome) costs Redis, counted, not
 //! timed: the commands the scripts run (`INFO commandstats` of a throwaway
 //! `redis-server` that nothing else uses), by name, for pools of 10, 100 and 1,000
-//! tokens. Issue 12 asks for fewer than 20 per granted pair; the scripts run ~45 today
-//! (2 scripts, each trimming and counting two windows and keeping the pool's index), so
-//! the budget below is a guard against growth, not the target. What holds already, and
+//! tokens, with a window no entry leaves during the count and with one several windows
+//! pass in (a steady state: entries leave, pool tokens come due in the index). Issue 12
+//! asks for fewer than 20 per granted pair; the scripts run 35–44 today (2 scripts,
+//! each trimming and counting two windows and keeping the pool's index), so the budget
+//! below is a guard against growth, not the target. What holds already, and
 //! is asserted, is that the count does not grow with the pool. The run also prints Redis's own microseconds per pair (the `usec`
 //! column of commandstats, scripts included): a reading, never asserted.
 //!
@@ -18,9 +20,12 @@ use super::faults::{Throwaway, free_port};
 use super::*;
 use crate::domain::BreakerPolicy;
 
-/// Commands per granted pair, scripts' own calls included: today's count (44–46) and a
-/// little room for the timing-dependent refreshes of the pool's index.
-const BUDGET: f64 = 48.0;
+/// Commands per granted pair, scripts' own calls included: today's count (35 while no
+/// entry leaves a window, 43–44 in a steady state) and a little room for the
+/// timing-dependent refreshes of the pool's index.
+const BUDGET: f64 = 47.0;
+/// How much more a pool of 1,000 tokens may cost than one of 10 (seen: 0.3).
+const POOL_SLACK: f64 = 1.0;
 const PAIRS: usize = 600;
 const TENANTS: usize = 50;
 const TOKEN_LIMIT: u32 = 1_000_000;
@@ -88,7 +93,7 @@ fn per_pair(before: &Stats, after: &Stats, pairs: usize) -> PairCost {
     }
 }
 
-fn request(pool: &Arc<[Id]>, digest: &Arc<str>, tenant: usize) -> AcquireRequest {
+fn request(pool: &Arc<[Id]>, digest: &Arc<str>, tenant: usize, window: Duration) -> AcquireRequest {
     AcquireRequest {
         upstream_id: id(UPSTREAM),
         pool_id: None,
@@ -97,8 +102,8 @@ fn request(pool: &Arc<[Id]>, digest: &Arc<str>, tenant: usize) -> AcquireRequest
         tenant_id: id(&format!("t-{tenant}")),
         tenant_limit: TOKEN_LIMIT,
         token_limit: TOKEN_LIMIT,
-        window: Duration::from_secs(60),
-        lease_ttl: Duration::from_secs(5),
+        window,
+        lease_ttl: window / 12,
         cost: 1,
         dedicated: vec![],
         pooled: pool.clone(),
@@ -129,8 +134,9 @@ fn report(key: LeaseKey) -> OutcomeReport {
 
 /// Runs `PAIRS` granted pairs on a pool of `tokens` (after a warm-up that builds the
 /// pool's index and loads the scripts) and returns their cost.
-async fn measure(url: &str, tokens: usize) -> PairCost {
-    let counters = redis_counters(url, &format!("cost{tokens}"), Duration::from_secs(5)).await;
+async fn measure(url: &str, tokens: usize, window: Duration) -> PairCost {
+    let prefix = format!("cost{tokens}-{}", window.as_millis());
+    let counters = redis_counters(url, &prefix, Duration::from_secs(5)).await;
     counters
         .mark_fresh(Space::upstream(&id(UPSTREAM)))
         .await
@@ -139,7 +145,7 @@ async fn measure(url: &str, tokens: usize) -> PairCost {
     let pool: Arc<[Id]> = names.iter().map(|n| id(n)).collect();
     let digest: Arc<str> = list_digest(&pool).into();
     let pair = |i: usize| {
-        let req = request(&pool, &digest, i % TENANTS);
+        let req = request(&pool, &digest, i % TENANTS, window);
         let counters = &counters;
         async move {
             let granted = match counters.acquire(&req).await.expect("acquire answered") {
@@ -172,7 +178,7 @@ async fn measure(url: &str, tokens: usize) -> PairCost {
     per_pair(&before, &after, PAIRS)
 }
 
-fn show(tokens: usize, cost: &PairCost) -> String {
+fn show(tokens: usize, window: Duration, cost: &PairCost) -> String {
     let mut by_calls: Vec<_> = cost.commands.iter().collect();
     by_calls.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
     let list: Vec<String> = by_calls
@@ -180,7 +186,8 @@ fn show(tokens: usize, cost: &PairCost) -> String {
         .map(|(name, (n, us))| format!("{name} {n:.1} ({us:.1} µs)"))
         .collect();
     format!(
-        "{tokens:>5} tokens: {:.1} commands, {:.1} µs of scripts per pair ({})",
+        "{tokens:>5} tokens, W {:>5} ms: {:.1} commands, {:.1} µs of scripts per pair ({})",
+        window.as_millis(),
         cost.total,
         cost.usec,
         list.join(", ")
@@ -192,10 +199,15 @@ async fn a_granted_pair_costs_the_same_commands_whatever_the_pool_size() {
     let server = Throwaway::start(free_port()).await;
     let mut report = vec![];
     let mut totals = vec![];
-    for tokens in [10, 100, 1_000] {
-        let cost = measure(&server.url(), tokens).await;
-        report.push(show(tokens, &cost));
-        totals.push(cost.total);
+    // A window of a minute: no entry leaves a window during the count. A window of
+    // 300 ms: the count spans several, so entries leave windows as in a steady state
+    // (and pool tokens come due in the index as their use drops).
+    for window in [Duration::from_secs(60), Duration::from_millis(300)] {
+        for tokens in [10, 100, 1_000] {
+            let cost = measure(&server.url(), tokens, window).await;
+            report.push(show(tokens, window, &cost));
+            totals.push(cost.total);
+        }
     }
     let report = report.join("\n");
     println!("{report}");
@@ -205,8 +217,11 @@ async fn a_granted_pair_costs_the_same_commands_whatever_the_pool_size() {
             "over {BUDGET} commands per pair:\n{report}"
         );
     }
+    // Compared where the count is deterministic (no entry leaves a window): in the
+    // steady state it depends on how many pairs a window holds, i.e. on the machine's
+    // speed at the time (40–44 seen on one machine for the same pool).
     assert!(
-        totals[2] <= totals[0] + 1.0,
+        totals[2] <= totals[0] + POOL_SLACK,
         "the cost grows with the pool:\n{report}"
     );
 }
