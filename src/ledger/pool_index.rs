@@ -244,7 +244,11 @@ impl Ledger {
         {
             self.pi_drain(upstream, index, token, now);
         }
-        let pace = self.paced(upstream, index, token, 1, now);
+        // A ready token's pace still allows a slot (pace only grows with time).
+        let pace = match was_ready {
+            true => None,
+            false => self.paced(upstream, index, token, 1, now),
+        };
         let health_at = if was_ready {
             now
         } else {

@@ -127,10 +127,12 @@ local function pi_refresh(token, p, was_ready)
   if used >= PI.l then
     window_at = tonumber(redis.call('ZRANGE', key, used - PI.l, used - PI.l, 'WITHSCORES')[2]) + PI.w + 1
   end
+  -- A token in *ready* could take a slot and only time has passed: its pace still
+  -- allows one (pace only grows with time), so it is not read.
   local tat, pace_fits = now, now
-  if PI.pace > 0 then
+  if PI.pace > 0 and not was_ready then
     tat = tonumber(redis.call('HGET', PI.pace_key, token)) or now
-    if not was_ready and window_at <= now and not redis.call('ZSCORE', PI.ready, token) then
+    if window_at <= now and not redis.call('ZSCORE', PI.ready, token) then
       tat = pi_drain(token, tat)
     end
     pace_fits = select(2, pace_math(tat, 1, PI.pace, PI.step))

@@ -1,7 +1,7 @@
 //! Lease counters in Redis (one server or a Redis Cluster), shared by every replica.
 //!
 //! Keys: `<prefix>:{<space>}:tw:<tenant>` (tenant window), `…:kw:<token>` (token
-//! window), `…:lease:<nonce>` (lease hash), `…:fence:epoch` (the space's fence, see
+//! window), `…:lease:<nonce>` (lease record), `…:fence:epoch` (the space's fence, see
 //! `Counters::mark_fresh`: the one key without a TTL), where `<space>` is `<upstream>`
 //! for tenants without a pool and `<upstream>.<pool>` for a pool, its tokens, its
 //! tenants and their dedicated tokens (`Space`). The hash tag puts one space's keys in

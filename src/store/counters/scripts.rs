@@ -22,10 +22,12 @@ use super::index_scripts::pool_index;
 /// Decides one lease and records it when granted.
 ///
 /// - `KEYS[1]`: the tenant's window (sorted set: member `<nonce>#<i>`, score = occupancy end, ms)
-/// - `KEYS[2]`: the lease hash to create (`tenant`, `token`, `cost`, `expires`, `step`:
-///   the pace each slot spent, for a "not used" release to give back, and `w`: the
-///   window; a pool token's lease adds `ix` and `ip`, its index and position). It
-///   lives until expiry + W, as long as a release is accepted.
+/// - `KEYS[2]`: the lease record to create, one string (a `SET`, not a hash: one
+///   command to write, one to read): `tenant|token|cost|expires|step|window|ix|ip`,
+///   where `step` is the pace each slot spent (for a "not used" release to give back)
+///   and `ix`, `ip` a pool token's index and position (empty otherwise); its release
+///   appends `|<outcome>`. Ids never hold `|` (`domain::Id`). It lives until expiry +
+///   W, as long as a release is accepted.
 /// - `KEYS[3]`: the tenant's demand (hash: bucket index → requests asked for, and
 ///   `u<bucket>` → requests that found the tenant at its quota on their first attempt:
 ///   unmet demand)
@@ -370,16 +372,14 @@ if pace > 0 then
   tat = math.max(tat, now) + cost * step
   set_schedule(pace_key, best_token, tat)
 end
-if pool_pos then
-  redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', best_token, 'cost', cost,
-    'expires', expires, 'step', step, 'ix', digest, 'ip', pool_pos, 'w', window)
-  pi_granted(best_token, pool_pos, best_used + cost, best_used == 0, expires, verdict == 2, tat)
-else
-  redis.call('HSET', KEYS[2], 'tenant', ARGV[7], 'token', best_token, 'cost', cost,
-    'expires', expires, 'step', step, 'w', window)
-end
 -- A release is accepted as long as the lease's slots are counted (see RELEASE).
-redis.call('PEXPIRE', KEYS[2], ttl + window)
+local ix, ip = '', ''
+if pool_pos then ix, ip = digest, pool_pos end
+redis.call('SET', KEYS[2], table.concat({ARGV[7], best_token, cost, expires, step, window, ix, ip}, '|'),
+  'PX', ttl + window)
+if pool_pos then
+  pi_granted(best_token, pool_pos, best_used + cost, best_used == 0, expires, verdict == 2, tat)
+end
 return reply({1, best, now, expires, tenant_used + cost, best_used + cost, verdict})
 "#
 );
@@ -435,7 +435,7 @@ return 1
 /// Records a lease's outcome, and feeds it to its token's health in the same script
 /// (one round trip per release).
 ///
-/// - `KEYS[1]` the lease hash, `KEYS[2]` the tenant's window, `KEYS[3]` the token's
+/// - `KEYS[1]` the lease record (see `ACQUIRE`), `KEYS[2]` the tenant's window, `KEYS[3]` the token's
 ///   window, `KEYS[4]` the upstream's pacing schedules (see `ACQUIRE`), `KEYS[5]` the
 ///   token's health hash, `KEYS[6]` the lease's once-only health marker
 ///   (`breaker_scripts::RECORD`)
@@ -456,13 +456,23 @@ return 1
 /// result 1 released, 2 already released with this outcome, 3 released before with
 /// another (`previous`: 1 success, 2 upstream error, 3 rate-limited, 4 not used), 4
 /// unknown or past expiry + W; `applied` 1 when the health record changed.
-/// The lease hash expires when releases stop being accepted, so expired leases need no
-/// cleanup pass.
+/// The lease record expires when releases stop being accepted, so expired leases need
+/// no cleanup pass.
 pub const RELEASE: &str = concat!(
     prelude!(),
     pool_index!(),
     r#"
-local lease = redis.call('HMGET', KEYS[1], 'tenant', 'token', 'cost', 'expires', 'outcome', 'step', 'ix', 'ip', 'w')
+-- The lease record (see ACQUIRE's `KEYS[2]`), as tenant, token, cost, expires,
+-- outcome, step, index, position, window; absent fields nil.
+local lease = {}
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local f = {}
+  for field in string.gmatch(raw .. '|', '([^|]*)|') do
+    if field == '' then f[#f + 1] = false else f[#f + 1] = field end
+  end
+  lease = {f[1], f[2], f[3], f[4], f[9] or nil, f[5], f[7] or nil, f[8] or nil, f[6]}
+end
 local outcome = ARGV[1]
 -- A release is accepted while the lease's slots are counted (expiry + W); one after
 -- the expiry (`late`) records the outcome only: its call may have run until then.
@@ -477,7 +487,7 @@ local function released()
     return 3
   end
   if late then
-    redis.call('HSET', KEYS[1], 'outcome', outcome)
+    redis.call('APPEND', KEYS[1], '|' .. outcome)
     return 1
   end
   for i = 1, tonumber(lease[3]) do
@@ -498,7 +508,7 @@ local function released()
       redis.call('HSET', KEYS[4], ARGV[3], tostring(tat))
     end
   end
-  redis.call('HSET', KEYS[1], 'outcome', outcome)
+  redis.call('APPEND', KEYS[1], '|' .. outcome)
   return 1
 end
 local result = released()
