@@ -62,6 +62,7 @@ async fn omitted_margin_is_the_default_and_weights_follow_nulls(db: Db) {
     );
     let request = pb::UpdateUpstreamRequest {
         upstream: Some(upstream("zero-margin", None)),
+        update_mask: None,
     };
     let updated = admin.update_upstream(authed(request, key)).await.unwrap();
     let updated = updated.into_inner().upstream.unwrap();
@@ -238,6 +239,7 @@ async fn crud_roundtrip_every_kind(db: Db) {
         .update_tenant(authed(
             pb::UpdateTenantRequest {
                 tenant: Some(tenant_update),
+                update_mask: None,
             },
             key,
         ))
@@ -266,6 +268,7 @@ async fn crud_roundtrip_every_kind(db: Db) {
         .update_token(authed(
             pb::UpdateTokenRequest {
                 token: Some(disable),
+                update_mask: None,
             },
             key,
         ))
@@ -707,6 +710,7 @@ async fn guarantee_rule_refuses_and_changes_nothing(db: Db) {
         .update_tier(authed(
             pb::UpdateTierRequest {
                 tier: Some(tier.clone()),
+                update_mask: None,
             },
             key,
         ))
@@ -734,7 +738,13 @@ async fn guarantee_rule_refuses_and_changes_nothing(db: Db) {
 
     tier.guaranteed_per_window = 38; // 152: exactly 80 %
     admin
-        .update_tier(authed(pb::UpdateTierRequest { tier: Some(tier) }, key))
+        .update_tier(authed(
+            pb::UpdateTierRequest {
+                tier: Some(tier),
+                update_mask: None,
+            },
+            key,
+        ))
         .await
         .unwrap();
     // Removing a token would halve the capacity: refused.

@@ -9,6 +9,7 @@ mod breaker;
 mod capacity;
 mod cluster;
 mod faults;
+mod field_masks;
 mod fixtures;
 mod fuzz;
 mod helpers;
