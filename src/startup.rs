@@ -226,8 +226,10 @@ impl App {
                 let leaser = leaser.clone();
                 async move {
                     let usage = leaser.usage(None, None).await?;
+                    let snapshot = leaser.config.current();
+                    let reading = |t| token_reading(t, &snapshot);
                     Ok::<_, crate::error::ServiceError>(
-                        usage.tokens.into_iter().map(token_reading).collect(),
+                        usage.tokens.into_iter().map(reading).collect(),
                     )
                 }
             };
@@ -472,8 +474,12 @@ pub async fn shutdown_signal() {
 }
 
 /// A token's usage as the metrics show it.
-fn token_reading(t: crate::lease::TokenUsage) -> metrics::TokenReading {
+fn token_reading(
+    t: crate::lease::TokenUsage,
+    snapshot: &crate::lease::Snapshot,
+) -> metrics::TokenReading {
     metrics::TokenReading {
+        owner: (snapshot.tokens.get(&t.token_id)).map(|live| live.record.owner.clone()),
         token_id: t.token_id,
         upstream_id: t.upstream_id,
         state: t.state,

@@ -23,6 +23,7 @@ mod pool_spaces;
 mod rebalance;
 mod reflection;
 mod replicas;
+mod signals;
 mod throwaway;
 mod tls;
 mod usage;
