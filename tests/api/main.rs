@@ -18,6 +18,7 @@ mod late_release;
 mod lease;
 mod lifecycle;
 mod observe;
+mod otlp_export;
 mod pg_faults;
 mod pool_spaces;
 mod rebalance;

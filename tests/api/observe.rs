@@ -316,8 +316,8 @@ async fn metrics_count_exactly_what_a_small_run_did() {
 
 /// Collects exported spans.
 #[derive(Clone, Default)]
-struct Collector {
-    spans: Arc<Mutex<Vec<Span>>>,
+pub(super) struct Collector {
+    pub(super) spans: Arc<Mutex<Vec<Span>>>,
 }
 
 #[tonic::async_trait]
