@@ -8,6 +8,7 @@ mod auth;
 mod breaker;
 mod capacity;
 mod cluster;
+mod data_dir;
 mod faults;
 mod field_masks;
 mod fixtures;
