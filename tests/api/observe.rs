@@ -517,13 +517,17 @@ async fn an_empty_rust_log_still_logs_and_files_get_no_colour_codes() {
         .spawn()
         .expect("start tokenlease serve");
     let _ = connect_when_ready(&dir.path().join("data"), grpc).await;
+    // The listener is bound before the serving line is written: a connection alone
+    // does not mean the line is there yet (on a loaded machine it was not).
+    let log_path = dir.path().join("serve.log");
+    let serving = super::helpers::eventually(Duration::from_secs(10), "the serving line", || {
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        async move { text.contains("tokenlease serving").then_some(()) }
+    });
+    let _ = serving.await;
     let _ = server.start_kill();
     let _ = server.wait().await;
-    let text = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
-    assert!(
-        text.contains("tokenlease serving"),
-        "no serving line: {text:?}"
-    );
+    let text = std::fs::read_to_string(&log_path).unwrap();
     assert!(
         !text.contains('\u{1b}'),
         "ANSI codes in a log file: {text:?}"
