@@ -98,7 +98,12 @@ async fn omitted_margin_is_the_default_and_weights_follow_nulls(db: Db) {
 /// 40 concurrent calls, each leased the moment its create returns.
 async fn concurrent_writes_are_each_in_force_when_answered(db: Db) {
     let env = TestEnv::new(db, Counters::Memory).await;
-    let app = env.spawn().await;
+    // The 40 writes are serialised by the database: on a loaded machine the last ones
+    // waited more than the default 1 s `database_timeout_ms` and answered UNAVAILABLE.
+    // The property here is read-your-writes, not that bound (pg_faults tests it).
+    let mut settings = env.settings();
+    settings.database_timeout_ms = 10_000;
+    let app = env.spawn_with(settings).await;
     let mut admin = app.admin().await;
     let pool = PoolSetup {
         tokens: 2,
