@@ -494,7 +494,10 @@ impl Settings {
     pub fn effective_database_url(&self) -> String {
         match &self.database_url {
             Some(url) => url.clone(),
-            None => format!("sqlite://{}", self.data_dir.join("tokenlease.db").display()),
+            None => format!(
+                "sqlite://{}",
+                self.data_dir.join(EMBEDDED_DATABASE).display()
+            ),
         }
     }
 
@@ -611,6 +614,58 @@ pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     builder
         .create(dir)
         .with_context(|| format!("cannot create the data folder {}", dir.display()))
+}
+
+/// The embedded store's files in `data_dir`: the SQLite database (sealed tokens, API
+/// key hashes) with its WAL and shared-memory files, the master keys, the first admin
+/// key.
+pub const DATA_FILES: &[&str] = &[
+    EMBEDDED_DATABASE,
+    "tokenlease.db-wal",
+    "tokenlease.db-shm",
+    "master.key",
+    "admin.key",
+];
+
+/// The embedded SQLite database's file name in `data_dir`.
+pub const EMBEDDED_DATABASE: &str = "tokenlease.db";
+
+/// Creates an empty file readable only by its owner unless it exists (SQLite then
+/// opens it, and gives its WAL and shared-memory files the same mode).
+pub fn create_private_file_if_missing(path: &Path) -> anyhow::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
+    }
+}
+
+/// Makes each of the embedded store's files in `data_dir` that exists readable by its
+/// owner only (0600), whoever made it and however: a data folder that pre-exists with
+/// 0755 (made by hand, by an image, by a volume) says nothing of the files in it, and
+/// a database created with the process's umask is world-readable. Returns the files
+/// whose mode it changed.
+pub fn tighten_data_files(data_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut tightened = Vec::new();
+    #[cfg(unix)]
+    for name in DATA_FILES {
+        use std::os::unix::fs::PermissionsExt;
+        let path = data_dir.join(name);
+        let Ok(metadata) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if !metadata.is_file() || metadata.permissions().mode() & 0o077 == 0 {
+            continue;
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot make {} private (mode 0600)", path.display()))?;
+        tightened.push(path);
+    }
+    Ok(tightened)
 }
 
 /// Writes a file readable only by its owner.

@@ -6,7 +6,8 @@
 //! (setting `metrics.listen`), bound in `App::build` so a test can use port 0.
 //!
 //! What is measured (the seed's §4 list) and where it is recorded:
-//! - grants, borrowed grants, denials and token exhaustion: in `lease::Leaser::acquire`;
+//! - grants, borrowed grants, denials, token exhaustion and pacing: in
+//!   `lease::Leaser::acquire` (exhaustion told from pacing by `acquire_denied`);
 //! - releases, rate-limit reports and upstream latency: in `grpc::lease_api` (the
 //!   latency is a field of the ReleaseLease request, not of the use case);
 //! - AcquireLease latency: in `grpc::lease_api`;
@@ -35,8 +36,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::domain::Id;
-use crate::domain::TokenState;
+use crate::domain::{Id, TokenOwner, TokenState};
 use crate::store::counters::{AcquireRequest, DenyReason, LeaseKey, ReleaseOutcome};
 
 /// Metric names. Counters end in `_total`, durations are in seconds.
@@ -49,9 +49,15 @@ pub mod names {
     pub const BORROWED_GRANTS: &str = "tokenlease_borrowed_grants_total";
     /// Counter {tenant, reason}: AcquireLease answered with a denial.
     pub const DENIALS: &str = "tokenlease_lease_denials_total";
-    /// Counter {upstream, pool}: denials because every token the tenant may use was at
-    /// its limit (NO_TOKEN_CAPACITY, also when it ended a wait).
+    /// Counter {upstream, pool}: denials because every token the tenant may use had its
+    /// window full (NO_TOKEN_CAPACITY, also when it ended a wait). Not pacing: see
+    /// `TOKEN_PACING`, and [`acquire_denied`] for how the two are told apart.
     pub const TOKEN_EXHAUSTION: &str = "tokenlease_token_exhaustion_total";
+    /// Counter {upstream, pool}: NO_TOKEN_CAPACITY denials while a token the tenant may
+    /// use still had room in its window but had spent its pace (`lease.pace_burst_percent`:
+    /// so many back to back, then one per window ÷ limit). Pacing spreads a window's
+    /// grants; it is not exhaustion.
+    pub const TOKEN_PACING: &str = "tokenlease_token_pacing_denials_total";
     /// Counter {upstream, outcome}: leases released, by outcome.
     pub const RELEASES: &str = "tokenlease_lease_releases_total";
     /// Counter {token, upstream}: releases reporting UPSTREAM_RATE_LIMITED, i.e. the
@@ -69,12 +75,16 @@ pub mod names {
     pub const ACQUIRE_DURATION: &str = "tokenlease_acquire_duration_seconds";
     /// Gauge {tenant}: callers waiting in AcquireLease (max_wait) for a slot right now.
     pub const WAITING_CALLERS: &str = "tokenlease_waiting_callers";
-    /// Gauge {token, upstream}: slots held in the token's current window.
+    /// Gauge {token, upstream, pool}: slots held in the token's current window.
     pub const TOKEN_USED_SLOTS: &str = "tokenlease_token_used_slots";
-    /// Gauge {token, upstream}: slots a token may serve per window (limit − margin).
+    /// Gauge {token, upstream, pool}: slots a token may serve per window (limit − margin).
     pub const TOKEN_USABLE_SLOTS: &str = "tokenlease_token_usable_slots";
-    /// Gauge {token, upstream}: used / usable slots, 0 to 1.
+    /// Gauge {token, upstream, pool}: used / usable slots, 0 to 1.
     pub const TOKEN_UTILIZATION: &str = "tokenlease_token_utilization_ratio";
+    /// Gauge {token, upstream, pool}: 1 while leases may be granted on the token (active,
+    /// or half-open probing), 0 while it is out of service (quarantined, breaker open,
+    /// disabled). Alerts that compare tokens leave out the ones at 0.
+    pub const TOKEN_IN_SERVICE: &str = "tokenlease_token_in_service";
     /// Gauge {upstream, state}: tokens in each state (active, breaker_open,
     /// breaker_half_open, quarantined, disabled). Every replica reports the same shared
     /// state: aggregate with `max`, not `sum`.
@@ -87,6 +97,7 @@ pub const ALL: &[&str] = &[
     names::BORROWED_GRANTS,
     names::DENIALS,
     names::TOKEN_EXHAUSTION,
+    names::TOKEN_PACING,
     names::RELEASES,
     names::UPSTREAM_RATE_LIMITED,
     names::IMPLAUSIBLE_REPORTS,
@@ -97,6 +108,7 @@ pub const ALL: &[&str] = &[
     names::TOKEN_USED_SLOTS,
     names::TOKEN_USABLE_SLOTS,
     names::TOKEN_UTILIZATION,
+    names::TOKEN_IN_SERVICE,
     names::TOKENS,
 ];
 
@@ -108,7 +120,10 @@ pub mod labels {
     pub const UPSTREAM: &str = "upstream";
     /// A token state (`tokenlease_tokens`).
     pub const STATE: &str = "state";
-    /// A pool id, or `dedicated` when the tenant has no pool.
+    /// A pool id. On the denial counters, `dedicated` when the tenant has no pool; on the
+    /// token gauges, `dedicated:<tenant>` for a token dedicated to a tenant (ids hold no
+    /// ':', so it never collides with a pool), so each tenant's dedicated tokens form
+    /// a group of their own.
     pub const POOL: &str = "pool";
     /// `tenant_quota`, `no_token_capacity`, `no_usable_token` or `wait_timeout`.
     pub const REASON: &str = "reason";
@@ -217,7 +232,11 @@ fn describe_all() {
     describe_counter!(DENIALS, "AcquireLease denials, by tenant and reason.");
     describe_counter!(
         TOKEN_EXHAUSTION,
-        "Denials because every token the tenant may use was at its limit."
+        "Denials because every token the tenant may use had its window full."
+    );
+    describe_counter!(
+        TOKEN_PACING,
+        "Token-capacity denials while a token had room in its window but had spent its pace."
     );
     describe_counter!(RELEASES, "Leases released, by outcome.");
     describe_counter!(
@@ -253,6 +272,10 @@ fn describe_all() {
     );
     describe_gauge!(TOKEN_UTILIZATION, "Used / usable slots of a token, 0 to 1.");
     describe_gauge!(
+        TOKEN_IN_SERVICE,
+        "1 while a token may be leased (active or half-open), 0 while quarantined, open or disabled."
+    );
+    describe_gauge!(
         TOKENS,
         "Tokens per upstream and state (active, breaker_open, breaker_half_open, quarantined, disabled)."
     );
@@ -277,9 +300,18 @@ pub fn lease_denied(tenant_id: &Id, reason: &'static str) {
         .increment(1);
 }
 
-/// A denial after asking the counters: counted by reason, and as token exhaustion of
-/// `pool` (`None`: dedicated tokens) when the binding limit was the tokens'
-/// (`binding`), even if the caller sees WAIT_TIMEOUT.
+/// A denial after asking the counters: counted by reason, and, when the binding limit
+/// was the tokens' (`binding`, even if the caller sees WAIT_TIMEOUT), as token
+/// exhaustion or as pacing of `pool` (`None`: dedicated tokens).
+///
+/// The counters answer NO_TOKEN_CAPACITY both when every token's window is full and
+/// when a token has room but has spent its pace. With pacing off (`pace_burst` 0) it
+/// is always exhaustion. With pacing on, they are told apart here with the tokens'
+/// windows as last read for the gauges (every `metrics.refresh_ms`): pacing when a
+/// token the tenant may use, in service, had room for the call at that reading;
+/// exhaustion otherwise (also before the first reading). So a window that filled
+/// since the last reading is counted as pacing until the next one (at most
+/// `metrics.refresh_ms`, default 5 s, of a window of minutes).
 pub fn acquire_denied(
     request: &AcquireRequest,
     reason: &'static str,
@@ -288,10 +320,74 @@ pub fn acquire_denied(
 ) {
     lease_denied(&request.tenant_id, reason);
     if binding == DenyReason::NoTokenCapacity {
+        let paced = request.pace_burst > 0 && window_room().had_room(request);
+        let name = match paced {
+            true => names::TOKEN_PACING,
+            false => names::TOKEN_EXHAUSTION,
+        };
         let pool = pool.map_or_else(|| "dedicated".to_owned(), Id::to_string);
-        counter!(names::TOKEN_EXHAUSTION, labels::UPSTREAM => request.upstream_id.to_string(), labels::POOL => pool)
+        counter!(name, labels::UPSTREAM => request.upstream_id.to_string(), labels::POOL => pool)
             .increment(1);
     }
+}
+
+/// Room in the tokens' windows at the last reading (`token_usage`), for telling
+/// exhaustion from pacing in [`acquire_denied`]. Tokens out of service are left out.
+#[derive(Default)]
+struct WindowRoom {
+    /// Whether a reading was made yet.
+    read: bool,
+    /// Per token: usable − used.
+    tokens: HashMap<Id, u32>,
+    /// Per upstream, per pool: the most room among its tokens.
+    pools: HashMap<Id, HashMap<Id, u32>>,
+}
+
+impl WindowRoom {
+    fn from_readings(tokens: &[TokenReading]) -> WindowRoom {
+        let mut room = WindowRoom {
+            read: true,
+            ..WindowRoom::default()
+        };
+        for t in tokens.iter().filter(|t| t.in_service()) {
+            let free = t.usable.saturating_sub(t.used);
+            room.tokens.insert(t.token_id.clone(), free);
+            if let Some(TokenOwner::Pool(pool)) = &t.owner {
+                let pools = room.pools.entry(t.upstream_id.clone()).or_default();
+                let most = pools.entry(pool.clone()).or_default();
+                *most = (*most).max(free);
+            }
+        }
+        room
+    }
+
+    /// Whether a token `request` may use had room for it at the last reading.
+    fn had_room(&self, request: &AcquireRequest) -> bool {
+        if !self.read {
+            return false;
+        }
+        let cost = request.cost.max(1);
+        let fits = |token: &Id| self.tokens.get(token).is_some_and(|free| *free >= cost);
+        if request.dedicated.iter().any(fits) {
+            return true;
+        }
+        match &request.pool_id {
+            // One look-up, however large the pool.
+            Some(pool) => (self.pools.get(&request.upstream_id))
+                .and_then(|pools| pools.get(pool))
+                .is_some_and(|free| *free >= cost),
+            None => request.pooled.iter().any(fits),
+        }
+    }
+}
+
+fn window_room() -> std::sync::RwLockReadGuard<'static, WindowRoom> {
+    window_room_lock().read().expect("not poisoned")
+}
+
+fn window_room_lock() -> &'static RwLock<WindowRoom> {
+    static ROOM: OnceLock<RwLock<WindowRoom>> = OnceLock::new();
+    ROOM.get_or_init(RwLock::default)
 }
 
 /// A rate-limit report the service's own counts make implausible (see `Leaser`).
@@ -368,16 +464,35 @@ impl Drop for Waiting {
 pub struct TokenReading {
     pub token_id: Id,
     pub upstream_id: Id,
+    /// Its pool or tenant (`None`: gone from the configuration since the read).
+    pub owner: Option<TokenOwner>,
     pub state: TokenState,
     pub used: u32,
     pub usable: u32,
     pub disabled: bool,
 }
 
+impl TokenReading {
+    /// Whether leases may be granted on it: active, or half-open (probing).
+    pub fn in_service(&self) -> bool {
+        !self.disabled && matches!(self.state, TokenState::Active | TokenState::BreakerHalfOpen)
+    }
+
+    /// The `pool` label of its gauges (see `labels::POOL`).
+    pub fn pool_label(&self) -> String {
+        match &self.owner {
+            Some(TokenOwner::Pool(pool)) => pool.to_string(),
+            Some(TokenOwner::Dedicated(tenant)) => format!("dedicated:{tenant}"),
+            None => "unknown".to_owned(),
+        }
+    }
+}
+
 /// Publishes token usage gauges, and makes each token's counters exist from the
 /// start (at 0), so `increase()` sees their first event.
 pub fn token_usage(tokens: &[TokenReading]) {
     token_states(tokens);
+    *window_room_lock().write().expect("not poisoned") = WindowRoom::from_readings(tokens);
     for t in tokens {
         let labels = [
             (labels::TOKEN, t.token_id.to_string()),
@@ -386,8 +501,26 @@ pub fn token_usage(tokens: &[TokenReading]) {
         counter!(names::UPSTREAM_RATE_LIMITED, &labels).increment(0);
         counter!(names::IMPLAUSIBLE_REPORTS, &labels).increment(0);
         counter!(names::BREAKER_OPENS, labels::TOKEN => t.token_id.to_string()).increment(0);
+        // The denial counters of its pool (as `acquire_denied` labels them) too.
+        let pool = match &t.owner {
+            Some(TokenOwner::Pool(pool)) => pool.to_string(),
+            _ => "dedicated".to_owned(),
+        };
+        let space = [
+            (labels::UPSTREAM, t.upstream_id.to_string()),
+            (labels::POOL, pool),
+        ];
+        counter!(names::TOKEN_EXHAUSTION, &space).increment(0);
+        counter!(names::TOKEN_PACING, &space).increment(0);
+        let labels = [
+            (labels::TOKEN, t.token_id.to_string()),
+            (labels::UPSTREAM, t.upstream_id.to_string()),
+            (labels::POOL, t.pool_label()),
+        ];
+        let in_service = if t.in_service() { 1.0 } else { 0.0 };
+        gauge!(names::TOKEN_IN_SERVICE, &labels).set(in_service);
         if t.disabled {
-            continue; // its gauges go idle and leave the output
+            continue; // its other gauges go idle and leave the output
         }
         gauge!(names::TOKEN_USED_SLOTS, &labels).set(f64::from(t.used));
         gauge!(names::TOKEN_USABLE_SLOTS, &labels).set(f64::from(t.usable));
@@ -524,6 +657,85 @@ mod tests {
         labels.set_cap(3);
         assert_eq!(labels.label(&id("d")), "d");
         assert_eq!(labels.label(&id("c")), OTHER_TENANTS);
+    }
+
+    fn reading(token: &str, owner: TokenOwner, used: u32, state: TokenState) -> TokenReading {
+        TokenReading {
+            token_id: id(token),
+            upstream_id: id("up"),
+            owner: Some(owner),
+            state,
+            used,
+            usable: 10,
+            disabled: false,
+        }
+    }
+
+    fn request(pool: Option<&str>, dedicated: &[&str], cost: u32) -> AcquireRequest {
+        AcquireRequest {
+            upstream_id: id("up"),
+            pool_id: pool.map(id),
+            config_version: 0,
+            nonce: "n".into(),
+            tenant_id: id("acme"),
+            tenant_limit: 100,
+            token_limit: 10,
+            window: Duration::from_secs(60),
+            lease_ttl: Duration::from_secs(5),
+            cost,
+            dedicated: dedicated.iter().map(|t| id(t)).collect(),
+            pooled: Vec::new().into(),
+            pooled_digest: None,
+            count_demand: true,
+            queue: None,
+            pace_burst: 3,
+        }
+    }
+
+    /// A pacing denial is one where a token the tenant may use, in service, had room
+    /// for the call at the last reading; before any reading, or with every such window
+    /// full, it is exhaustion. A quarantined token's room does not count.
+    #[test]
+    fn pacing_is_room_in_a_window_of_a_token_in_service() {
+        let pool = |p: &str| TokenOwner::Pool(id(p));
+        assert!(!WindowRoom::default().had_room(&request(Some("p"), &[], 1)));
+        let room = WindowRoom::from_readings(&[
+            reading("full", pool("p"), 10, TokenState::Active),
+            reading("two-left", pool("p"), 8, TokenState::Active),
+            reading("idle-but-out", pool("q"), 0, TokenState::Quarantined),
+            reading(
+                "mine",
+                TokenOwner::Dedicated(id("acme")),
+                9,
+                TokenState::Active,
+            ),
+        ]);
+        assert!(room.had_room(&request(Some("p"), &[], 2)));
+        assert!(!room.had_room(&request(Some("p"), &[], 3)));
+        assert!(!room.had_room(&request(Some("q"), &[], 1)));
+        assert!(room.had_room(&request(None, &["mine"], 1)));
+        assert!(!room.had_room(&request(Some("q"), &["mine"], 2)));
+    }
+
+    /// The `pool` label of token gauges: the pool, or `dedicated:<tenant>`.
+    #[test]
+    fn token_gauges_name_their_pool() {
+        let shared = reading("a", TokenOwner::Pool(id("shared")), 0, TokenState::Active);
+        assert_eq!(shared.pool_label(), "shared");
+        let mine = reading(
+            "b",
+            TokenOwner::Dedicated(id("acme")),
+            0,
+            TokenState::Active,
+        );
+        assert_eq!(mine.pool_label(), "dedicated:acme");
+        let open = reading(
+            "c",
+            TokenOwner::Pool(id("shared")),
+            0,
+            TokenState::BreakerOpen,
+        );
+        assert!(shared.in_service() && !open.in_service());
     }
 
     /// Every name is prefixed, unique, and counters end in `_total`.

@@ -64,12 +64,9 @@ pub struct App {
 /// returns the store and the upstream the seeding created, if it did.
 pub async fn open_store(settings: &Settings) -> anyhow::Result<(ConfigStore, Option<Id>)> {
     if settings.database_url.is_none() {
-        std::fs::create_dir_all(&settings.data_dir).with_context(|| {
-            format!(
-                "cannot create the data folder {}",
-                settings.data_dir.display()
-            )
-        })?;
+        crate::config::create_private_dir(&settings.data_dir)?;
+        let database = settings.data_dir.join(crate::config::EMBEDDED_DATABASE);
+        crate::config::create_private_file_if_missing(&database)?;
     }
     let store = ConfigStore::connect(&settings.effective_database_url())
         .await
@@ -116,6 +113,11 @@ impl App {
         let (config, seeded) = waiting::open_config(&settings, ring, &listener).await?;
         if !settings.is_distributed() {
             bootstrap_admin_key(&settings, &config).await?;
+        }
+        if settings.database_url.is_none() {
+            for path in crate::config::tighten_data_files(&settings.data_dir)? {
+                tracing::warn!(path = %path.display(), "the file was readable by others: made it private (mode 0600)");
+            }
         }
         let counters = open_counters(&settings).await?;
         install_token_mover(&config, &counters, &settings);
@@ -226,8 +228,10 @@ impl App {
                 let leaser = leaser.clone();
                 async move {
                     let usage = leaser.usage(None, None).await?;
+                    let snapshot = leaser.config.current();
+                    let reading = |t| token_reading(t, &snapshot);
                     Ok::<_, crate::error::ServiceError>(
-                        usage.tokens.into_iter().map(token_reading).collect(),
+                        usage.tokens.into_iter().map(reading).collect(),
                     )
                 }
             };
@@ -472,8 +476,12 @@ pub async fn shutdown_signal() {
 }
 
 /// A token's usage as the metrics show it.
-fn token_reading(t: crate::lease::TokenUsage) -> metrics::TokenReading {
+fn token_reading(
+    t: crate::lease::TokenUsage,
+    snapshot: &crate::lease::Snapshot,
+) -> metrics::TokenReading {
     metrics::TokenReading {
+        owner: (snapshot.tokens.get(&t.token_id)).map(|live| live.record.owner.clone()),
         token_id: t.token_id,
         upstream_id: t.upstream_id,
         state: t.state,

@@ -15,15 +15,27 @@
 //! Spans have their own filter (the `traces_filter` setting, default `info`), apart from
 //! `RUST_LOG`: `RUST_LOG=warn` quiets the logs, not the traces.
 //!
+//! A failed export (collector unreachable, refusing, too slow) is logged as a warning
+//! when it happens, not only at shutdown: the first failure at once, then at most one
+//! line per `EXPORT_FAILURE_LOG_EVERY` (a minute) saying how many failed meanwhile, and
+//! one info line when exports succeed again (`LoggedExporter`). The SDK's own error
+//! reporting is compiled out (no `internal-logs` feature), so without this a collector
+//! that went away was silent: spans were dropped and nobody knew.
+//!
 //! `tracer_provider` and `otel_layer` take their inputs as arguments, so a test can
 //! build a pipeline towards its own receiver without touching the process environment.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use tonic::codegen::http;
 use tracing_opentelemetry::{OpenTelemetryLayer, OpenTelemetrySpanExt};
 use tracing_subscriber::layer::SubscriberExt;
@@ -80,6 +92,7 @@ pub fn tracer_provider(config: &OtlpConfig) -> anyhow::Result<SdkTracerProvider>
                 config.endpoint
             )
         })?;
+    let exporter = LoggedExporter::new(exporter, config.endpoint.clone());
     let processor =
         BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build();
     let resource = opentelemetry_sdk::Resource::builder()
@@ -89,6 +102,128 @@ pub fn tracer_provider(config: &OtlpConfig) -> anyhow::Result<SdkTracerProvider>
         .with_span_processor(processor)
         .with_resource(resource)
         .build())
+}
+
+/// How often a failing export is logged at most (the first failure is logged at once).
+pub const EXPORT_FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// What to log after one export.
+#[derive(Debug, PartialEq, Eq)]
+enum ExportLog {
+    Nothing,
+    /// A failure to log, with the failures not logged since the last line.
+    Failed {
+        unlogged: u64,
+    },
+    /// Exports work again after `failed` failures.
+    Recovered {
+        failed: u64,
+    },
+}
+
+/// Failed exports, for logging them at most once per `every`.
+#[derive(Debug)]
+struct ExportFailures {
+    every: Duration,
+    last_logged: Option<Instant>,
+    /// Failures since the last line.
+    unlogged: u64,
+    /// Failures since the last success.
+    in_a_row: u64,
+}
+
+impl ExportFailures {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last_logged: None,
+            unlogged: 0,
+            in_a_row: 0,
+        }
+    }
+
+    /// Records one export's result at `now` and says what to log.
+    fn record(&mut self, ok: bool, now: Instant) -> ExportLog {
+        if ok {
+            let failed = std::mem::take(&mut self.in_a_row);
+            self.unlogged = 0;
+            return match failed {
+                0 => ExportLog::Nothing,
+                failed => ExportLog::Recovered { failed },
+            };
+        }
+        self.in_a_row += 1;
+        let due = self
+            .last_logged
+            .is_none_or(|last| now.duration_since(last) >= self.every);
+        if !due {
+            self.unlogged += 1;
+            return ExportLog::Nothing;
+        }
+        self.last_logged = Some(now);
+        ExportLog::Failed {
+            unlogged: std::mem::take(&mut self.unlogged),
+        }
+    }
+}
+
+/// The OTLP exporter, logging its failures (see the module doc). Spans of a failed
+/// export are dropped, as the SDK does; only the count and the error are logged,
+/// never a span's content.
+#[derive(Debug)]
+struct LoggedExporter<E> {
+    inner: E,
+    endpoint: String,
+    failures: Mutex<ExportFailures>,
+}
+
+impl<E> LoggedExporter<E> {
+    fn new(inner: E, endpoint: String) -> Self {
+        Self {
+            inner,
+            endpoint,
+            failures: Mutex::new(ExportFailures::new(EXPORT_FAILURE_LOG_EVERY)),
+        }
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for LoggedExporter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len();
+        let result = self.inner.export(batch).await;
+        let log =
+            (self.failures.lock().expect("not poisoned")).record(result.is_ok(), Instant::now());
+        let endpoint = &self.endpoint;
+        match (&log, &result) {
+            (ExportLog::Failed { unlogged }, Err(error)) => tracing::warn!(
+                %endpoint,
+                %error,
+                dropped_spans = spans,
+                failed_exports_not_logged = unlogged,
+                "cannot export spans over OTLP; they are dropped (this warning is repeated \
+                 at most once a minute while exports fail)"
+            ),
+            (ExportLog::Recovered { failed }, _) => tracing::info!(
+                %endpoint,
+                failed_exports = failed,
+                "exporting spans over OTLP again"
+            ),
+            _ => {}
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
 }
 
 /// The `tracing` layer that turns spans into OpenTelemetry spans of `provider`. The
@@ -296,6 +431,38 @@ mod tests {
             "tokenlease=debug,warn"
         );
         assert_eq!(log_filter(Some("=[[")).to_string(), "info");
+    }
+
+    /// A failing exporter is logged at its first failure, then at most once per
+    /// interval with the failures in between counted, and once when it recovers.
+    #[test]
+    fn export_failures_are_logged_at_most_once_per_interval() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut failures = ExportFailures::new(Duration::from_secs(60));
+        assert_eq!(failures.record(true, at(0)), ExportLog::Nothing);
+        assert_eq!(
+            failures.record(false, at(1)),
+            ExportLog::Failed { unlogged: 0 }
+        );
+        for s in 2..=60 {
+            assert_eq!(failures.record(false, at(s)), ExportLog::Nothing, "{s}");
+        }
+        assert_eq!(
+            failures.record(false, at(61)),
+            ExportLog::Failed { unlogged: 59 }
+        );
+        assert_eq!(
+            failures.record(true, at(62)),
+            ExportLog::Recovered { failed: 61 }
+        );
+        assert_eq!(failures.record(true, at(63)), ExportLog::Nothing);
+        // A new outage within the interval waits for it, however short the first.
+        assert_eq!(failures.record(false, at(64)), ExportLog::Nothing);
+        assert_eq!(
+            failures.record(false, at(121)),
+            ExportLog::Failed { unlogged: 1 }
+        );
     }
 
     /// Tracing is on only with an endpoint; the service name defaults to tokenlease;

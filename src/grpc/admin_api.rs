@@ -220,10 +220,12 @@ impl AdminService for AdminApi {
         r: Request<pb::UpdateUpstreamRequest>,
     ) -> Reply<pb::UpdateUpstreamResponse> {
         admin(&r)?;
-        let value = upstream_from_proto(r.into_inner().upstream).map_err(ServiceError::from)?;
-        let (stored, version) = self
-            .write(self.config().store().update_upstream(value))
-            .await?;
+        // One bound for the read a field mask needs and the write.
+        let deadline = tokio::time::Instant::now() + self.database_timeout;
+        let upstream = self.upstream_to_write(deadline, r.into_inner()).await?;
+        let value = upstream_from_proto(upstream).map_err(ServiceError::from)?;
+        let store = self.config().store();
+        let (stored, version) = write_by(deadline, store.update_upstream(value)).await?;
         self.written(
             Resource::Upstream,
             stored.id.as_str(),
@@ -328,9 +330,10 @@ impl AdminService for AdminApi {
         r: Request<pb::UpdateTokenRequest>,
     ) -> Reply<pb::UpdateTokenResponse> {
         admin(&r)?;
-        let input = token_from_proto(r.into_inner().token, false).map_err(ServiceError::from)?;
-        // One bound for the read of the old state and the write.
+        // One bound for the reads (a field mask's, the old state) and the write.
         let deadline = tokio::time::Instant::now() + self.database_timeout;
+        let token = self.token_to_write(deadline, r.into_inner()).await?;
+        let input = token_from_proto(token, false).map_err(ServiceError::from)?;
         let store = self.config().store();
         let old = write_by(deadline, store.get_token(&input.record.id)).await;
         let was_disabled = old.ok().map(|t| t.disabled);
@@ -425,8 +428,11 @@ impl AdminService for AdminApi {
         r: Request<pb::UpdatePoolRequest>,
     ) -> Reply<pb::UpdatePoolResponse> {
         admin(&r)?;
-        let value = pool_from_proto(r.into_inner().pool).map_err(ServiceError::from)?;
-        let (stored, version) = self.write(self.config().store().update_pool(value)).await?;
+        let deadline = tokio::time::Instant::now() + self.database_timeout;
+        let pool = self.pool_to_write(deadline, r.into_inner()).await?;
+        let value = pool_from_proto(pool).map_err(ServiceError::from)?;
+        let store = self.config().store();
+        let (stored, version) = write_by(deadline, store.update_pool(value)).await?;
         self.written(Resource::Pool, stored.id.as_str(), Change::Updated, version)
             .await;
         Ok(Response::new(pb::UpdatePoolResponse {
@@ -501,8 +507,11 @@ impl AdminService for AdminApi {
         r: Request<pb::UpdateTierRequest>,
     ) -> Reply<pb::UpdateTierResponse> {
         admin(&r)?;
-        let value = tier_from_proto(r.into_inner().tier).map_err(ServiceError::from)?;
-        let (stored, version) = self.write(self.config().store().update_tier(value)).await?;
+        let deadline = tokio::time::Instant::now() + self.database_timeout;
+        let tier = self.tier_to_write(deadline, r.into_inner()).await?;
+        let value = tier_from_proto(tier).map_err(ServiceError::from)?;
+        let store = self.config().store();
+        let (stored, version) = write_by(deadline, store.update_tier(value)).await?;
         self.written(Resource::Tier, stored.id.as_str(), Change::Updated, version)
             .await;
         Ok(Response::new(pb::UpdateTierResponse {
@@ -591,10 +600,11 @@ impl AdminService for AdminApi {
         r: Request<pb::UpdateTenantRequest>,
     ) -> Reply<pb::UpdateTenantResponse> {
         admin(&r)?;
-        let value = tenant_from_proto(r.into_inner().tenant).map_err(ServiceError::from)?;
-        let (stored, version) = self
-            .write(self.config().store().update_tenant(value))
-            .await?;
+        let deadline = tokio::time::Instant::now() + self.database_timeout;
+        let tenant = self.tenant_to_write(deadline, r.into_inner()).await?;
+        let value = tenant_from_proto(tenant).map_err(ServiceError::from)?;
+        let store = self.config().store();
+        let (stored, version) = write_by(deadline, store.update_tenant(value)).await?;
         self.written(
             Resource::Tenant,
             stored.id.as_str(),
@@ -684,14 +694,14 @@ impl AdminService for AdminApi {
         r: Request<pb::UpdateApiKeyRequest>,
     ) -> Reply<pb::UpdateApiKeyResponse> {
         admin(&r)?;
-        let input = r.into_inner().api_key;
+        let deadline = tokio::time::Instant::now() + self.database_timeout;
+        let input = self.api_key_to_write(deadline, r.into_inner()).await?;
         let id = input.as_ref().map(|k| k.id.as_str()).unwrap_or_default();
         let id = parse_api_key_id("api_key.id", id).map_err(ServiceError::from)?;
         let mut record = api_key_from_proto(input).map_err(ServiceError::from)?;
         record.id = id;
-        let (stored, version) = self
-            .write(self.config().store().update_api_key(record))
-            .await?;
+        let store = self.config().store();
+        let (stored, version) = write_by(deadline, store.update_api_key(record)).await?;
         self.written(Resource::ApiKey, &stored.id, Change::Updated, version)
             .await;
         Ok(Response::new(pb::UpdateApiKeyResponse {

@@ -55,7 +55,8 @@ pub fn parse_optional_duration(
     value.map_or(Ok(Duration::ZERO), |v| parse_duration(field, Some(v)))
 }
 
-fn required<T>(field: &str, value: Option<T>) -> Result<T, InvalidField> {
+/// A message field that must be set.
+pub fn required<T>(field: &str, value: Option<T>) -> Result<T, InvalidField> {
     value.ok_or_else(|| InvalidField::new(field, "is required"))
 }
 

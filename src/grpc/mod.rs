@@ -5,13 +5,17 @@
 //! - `codec`: prost's codec, with unparseable requests answered INVALID_ARGUMENT;
 //! - `auth`: the interceptor that turns `authorization` metadata into a `Caller`;
 //! - `admin_api`, `lease_api`: the two services (`watch`: the WatchEvents streams); `admin_store`: how admin calls reach
-//!   the configuration database when it may be away.
+//!   the configuration database when it may be away;
+//! - `field_mask`, `admin_update`: partial updates (`update_mask`, AIP-134) on every
+//!   Update RPC.
 
 pub mod admin_api;
 pub mod admin_store;
+mod admin_update;
 pub mod auth;
 pub mod codec;
 pub mod convert;
+pub mod field_mask;
 pub mod lease_api;
 mod rebalance_api;
 pub mod status;

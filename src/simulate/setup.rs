@@ -115,7 +115,13 @@ pub(super) async fn configure(
             }
             // The seeded tiers (premium, standard, basic) take the scenario's values.
             admin
-                .update_tier(authed(pb::UpdateTierRequest { tier: Some(tier) }, key))
+                .update_tier(authed(
+                    pb::UpdateTierRequest {
+                        tier: Some(tier),
+                        update_mask: None,
+                    },
+                    key,
+                ))
                 .await?;
         }
     }
@@ -137,7 +143,13 @@ pub(super) async fn configure(
     for t in &s.tenants {
         let tenant = Some(tenant_of(t, s.guaranteed(t)));
         admin
-            .update_tenant(authed(pb::UpdateTenantRequest { tenant }, key))
+            .update_tenant(authed(
+                pb::UpdateTenantRequest {
+                    tenant,
+                    update_mask: None,
+                },
+                key,
+            ))
             .await?;
     }
     Ok(())

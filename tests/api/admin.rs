@@ -62,6 +62,7 @@ async fn omitted_margin_is_the_default_and_weights_follow_nulls(db: Db) {
     );
     let request = pb::UpdateUpstreamRequest {
         upstream: Some(upstream("zero-margin", None)),
+        update_mask: None,
     };
     let updated = admin.update_upstream(authed(request, key)).await.unwrap();
     let updated = updated.into_inner().upstream.unwrap();
@@ -97,7 +98,12 @@ async fn omitted_margin_is_the_default_and_weights_follow_nulls(db: Db) {
 /// 40 concurrent calls, each leased the moment its create returns.
 async fn concurrent_writes_are_each_in_force_when_answered(db: Db) {
     let env = TestEnv::new(db, Counters::Memory).await;
-    let app = env.spawn().await;
+    // The 40 writes are serialised by the database: on a loaded machine the last ones
+    // waited more than the default 1 s `database_timeout_ms` and answered UNAVAILABLE.
+    // The property here is read-your-writes, not that bound (pg_faults tests it).
+    let mut settings = env.settings();
+    settings.database_timeout_ms = 10_000;
+    let app = env.spawn_with(settings).await;
     let mut admin = app.admin().await;
     let pool = PoolSetup {
         tokens: 2,
@@ -238,6 +244,7 @@ async fn crud_roundtrip_every_kind(db: Db) {
         .update_tenant(authed(
             pb::UpdateTenantRequest {
                 tenant: Some(tenant_update),
+                update_mask: None,
             },
             key,
         ))
@@ -266,6 +273,7 @@ async fn crud_roundtrip_every_kind(db: Db) {
         .update_token(authed(
             pb::UpdateTokenRequest {
                 token: Some(disable),
+                update_mask: None,
             },
             key,
         ))
@@ -707,6 +715,7 @@ async fn guarantee_rule_refuses_and_changes_nothing(db: Db) {
         .update_tier(authed(
             pb::UpdateTierRequest {
                 tier: Some(tier.clone()),
+                update_mask: None,
             },
             key,
         ))
@@ -734,7 +743,13 @@ async fn guarantee_rule_refuses_and_changes_nothing(db: Db) {
 
     tier.guaranteed_per_window = 38; // 152: exactly 80 %
     admin
-        .update_tier(authed(pb::UpdateTierRequest { tier: Some(tier) }, key))
+        .update_tier(authed(
+            pb::UpdateTierRequest {
+                tier: Some(tier),
+                update_mask: None,
+            },
+            key,
+        ))
         .await
         .unwrap();
     // Removing a token would halve the capacity: refused.

@@ -554,6 +554,7 @@ async fn watchers_on_every_replica_see_each_transition_once() {
                     disabled: true,
                     ..token
                 }),
+                update_mask: None,
             },
             &a.admin_key,
         ))

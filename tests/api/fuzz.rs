@@ -169,6 +169,7 @@ async fn one_call(app: &TestApp, rng: &mut StdRng) -> Code {
             };
             let request = pb::UpdateUpstreamRequest {
                 upstream: Some(upstream),
+                update_mask: None,
             };
             code(
                 admin

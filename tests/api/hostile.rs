@@ -167,6 +167,7 @@ async fn api_key_ids_are_checked_and_never_echoed() {
                     .update_api_key(authed(
                         pb::UpdateApiKeyRequest {
                             api_key: Some(update),
+                            update_mask: None,
                         },
                         k,
                     ))
@@ -236,6 +237,7 @@ async fn update_api_key_keeps_the_stored_role() {
             .update_api_key(authed(
                 pb::UpdateApiKeyRequest {
                     api_key: Some(as_admin),
+                    update_mask: None,
                 },
                 k,
             ))
@@ -303,7 +305,10 @@ async fn touch_token(app: &TestApp, id: &str, owner: pb::token::Owner) {
     app.admin()
         .await
         .update_token(authed(
-            pb::UpdateTokenRequest { token: Some(token) },
+            pb::UpdateTokenRequest {
+                token: Some(token),
+                update_mask: None,
+            },
             &app.admin_key,
         ))
         .await
@@ -407,6 +412,7 @@ async fn a_stream_ends_when_its_key_is_narrowed_or_revoked() {
         .update_api_key(authed(
             pb::UpdateApiKeyRequest {
                 api_key: Some(narrowed),
+                update_mask: None,
             },
             k,
         ))
@@ -623,6 +629,7 @@ async fn a_token_can_always_be_disabled() {
         authed(
             pb::UpdateTokenRequest {
                 token: Some(token(disabled)),
+                update_mask: None,
             },
             k,
         )
@@ -723,6 +730,7 @@ async fn an_upstreams_max_block_bounds_a_report() {
         .update_upstream(authed(
             pb::UpdateUpstreamRequest {
                 upstream: Some(upstream.clone()),
+                update_mask: None,
             },
             k,
         ))
@@ -738,6 +746,7 @@ async fn an_upstreams_max_block_bounds_a_report() {
         .update_upstream(authed(
             pb::UpdateUpstreamRequest {
                 upstream: Some(upstream),
+                update_mask: None,
             },
             k,
         ))

@@ -312,7 +312,13 @@ async fn waiting_caller_is_granted_when_its_quota_rises(db: Db, counters: Counte
     };
     app.admin()
         .await
-        .update_tier(authed(pb::UpdateTierRequest { tier: Some(tier) }, &key))
+        .update_tier(authed(
+            pb::UpdateTierRequest {
+                tier: Some(tier),
+                update_mask: None,
+            },
+            &key,
+        ))
         .await
         .unwrap();
     let Answer::Lease(second) = waiter.await.unwrap() else {

@@ -202,7 +202,8 @@ async fn metrics_count_exactly_what_a_small_run_did() {
     }
     // 5 granted − 1 not used = 4 of 5 slots held.
     let token = [("token", "tok-0"), ("upstream", "up")];
-    wait_for(metrics, names::TOKEN_USED_SLOTS, &token, 4.0).await;
+    let token_gauge = [("token", "tok-0"), ("upstream", "up"), ("pool", "shared")];
+    wait_for(metrics, names::TOKEN_USED_SLOTS, &token_gauge, 4.0).await;
     // The gauge of token states shows it (before, a quarantined pool looked idle).
     let quarantined = [("upstream", "up"), ("state", "quarantined")];
     wait_for(metrics, names::TOKENS, &quarantined, 1.0).await;
@@ -254,6 +255,12 @@ async fn metrics_count_exactly_what_a_small_run_did() {
         &[("upstream", "up"), ("pool", "shared")],
         1.0,
     );
+    // Pacing is off in this run: no denial is pacing (the series exists, at 0).
+    expect(
+        names::TOKEN_PACING,
+        &[("upstream", "up"), ("pool", "shared")],
+        0.0,
+    );
     for outcome in ["not_used", "success", "upstream_rate_limited"] {
         expect(
             names::RELEASES,
@@ -283,9 +290,11 @@ async fn metrics_count_exactly_what_a_small_run_did() {
     expect(&acquire_count, &[("result", "denied")], 3.0);
     assert_eq!(sample(&text, &acquire_count, &[("result", "error")]), None);
     expect(names::WAITING_CALLERS, &waiting, 0.0);
-    expect(names::TOKEN_USED_SLOTS, &token, 4.0);
-    expect(names::TOKEN_USABLE_SLOTS, &token, 5.0);
-    expect(names::TOKEN_UTILIZATION, &token, 0.8);
+    expect(names::TOKEN_USED_SLOTS, &token_gauge, 4.0);
+    expect(names::TOKEN_USABLE_SLOTS, &token_gauge, 5.0);
+    expect(names::TOKEN_UTILIZATION, &token_gauge, 0.8);
+    // Quarantined: out of service.
+    expect(names::TOKEN_IN_SERVICE, &token_gauge, 0.0);
     expect(
         names::TOKENS,
         &[("upstream", "up"), ("state", "active")],
@@ -307,8 +316,8 @@ async fn metrics_count_exactly_what_a_small_run_did() {
 
 /// Collects exported spans.
 #[derive(Clone, Default)]
-struct Collector {
-    spans: Arc<Mutex<Vec<Span>>>,
+pub(super) struct Collector {
+    pub(super) spans: Arc<Mutex<Vec<Span>>>,
 }
 
 #[tonic::async_trait]
@@ -508,13 +517,17 @@ async fn an_empty_rust_log_still_logs_and_files_get_no_colour_codes() {
         .spawn()
         .expect("start tokenlease serve");
     let _ = connect_when_ready(&dir.path().join("data"), grpc).await;
+    // The listener is bound before the serving line is written: a connection alone
+    // does not mean the line is there yet (on a loaded machine it was not).
+    let log_path = dir.path().join("serve.log");
+    let serving = super::helpers::eventually(Duration::from_secs(10), "the serving line", || {
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        async move { text.contains("tokenlease serving").then_some(()) }
+    });
+    let _ = serving.await;
     let _ = server.start_kill();
     let _ = server.wait().await;
-    let text = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
-    assert!(
-        text.contains("tokenlease serving"),
-        "no serving line: {text:?}"
-    );
+    let text = std::fs::read_to_string(&log_path).unwrap();
     assert!(
         !text.contains('\u{1b}'),
         "ANSI codes in a log file: {text:?}"

@@ -421,6 +421,7 @@ async fn postgres_gone() {
             a2.update_tier(authed(
                 pb::UpdateTierRequest {
                     tier: Some(smaller.clone()),
+                    update_mask: None,
                 },
                 k,
             )),
@@ -430,6 +431,7 @@ async fn postgres_gone() {
             a3.update_token(authed(
                 pb::UpdateTokenRequest {
                     token: Some(disable),
+                    update_mask: None,
                 },
                 k,
             )),
@@ -545,6 +547,7 @@ async fn postgres_gone() {
         .update_tier(authed(
             pb::UpdateTierRequest {
                 tier: Some(smaller),
+                update_mask: None,
             },
             &admin_key,
         ))

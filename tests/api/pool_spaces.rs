@@ -102,7 +102,10 @@ async fn a_token_moved_to_another_pool_is_not_granted_twice() {
         .token
         .unwrap();
     token.owner = Some(pb::token::Owner::PoolId("other".into()));
-    let update = pb::UpdateTokenRequest { token: Some(token) };
+    let update = pb::UpdateTokenRequest {
+        token: Some(token),
+        update_mask: None,
+    };
     admin.update_token(authed(update, &key)).await.unwrap();
     let moved_at = Instant::now();
 

@@ -43,6 +43,7 @@ async fn spare_capacity_goes_class_by_class() {
         stored.tier_id = format!("tier-{tenant}");
         let update = pb::UpdateTenantRequest {
             tenant: Some(stored),
+            update_mask: None,
         };
         admin.update_tenant(authed(update, &s.key)).await.unwrap();
     }

@@ -54,7 +54,10 @@ async fn two_pools(hot: &[&str], cold: &[&str], automatic: bool) -> Scenario {
         .token;
     let mut token = token.unwrap();
     token.owner = Some(pb::token::Owner::PoolId("cold".into()));
-    let update = pb::UpdateTokenRequest { token: Some(token) };
+    let update = pb::UpdateTokenRequest {
+        token: Some(token),
+        update_mask: None,
+    };
     admin.update_token(authed(update, &s.key)).await.unwrap();
     for t in cold {
         let tenant = pb::Tenant {
