@@ -78,11 +78,12 @@ impl Default for FailoverPolicy {
 /// ```no_run
 /// use tokenlease_client::Client;
 ///
-/// # fn run() -> Result<(), tokenlease_client::Error> {
+/// # fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let ca = tonic::transport::Certificate::from_pem(std::fs::read("ca.pem")?);
 /// let client = Client::builder()
 ///     .endpoints(["https://tl-1.internal:50051", "https://tl-2.internal:50051"])
-///     .api_key(std::env::var("TOKENLEASE_API_KEY").unwrap_or_default())
-///     .tls(tonic::transport::ClientTlsConfig::new().with_webpki_roots())
+///     .api_key(std::env::var("TOKENLEASE_API_KEY")?)
+///     .tls(tonic::transport::ClientTlsConfig::new().ca_certificate(ca))
 ///     .upstream("baselinker")
 ///     .connect()?;
 /// # drop(client); Ok(()) }

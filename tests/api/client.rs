@@ -260,8 +260,9 @@ async fn calls_fail_over_to_the_other_replica() {
         .create(&mut a.admin().await, &a.admin_key)
         .await;
     create_tenant(&mut a.admin().await, &a.admin_key, "acme", "flex").await;
-    b.leaser.config.refresh().await.expect("refresh B");
     let key = a.worker_key(&["acme"]).await;
+    // B learns of the tenant and the new key from the database.
+    b.leaser.config.refresh().await.expect("refresh B");
     let client = client_for(&[&a, &b], &key);
     let (a_uri, b_uri) = (format!("http://{}", a.addr), format!("http://{}", b.addr));
 
