@@ -669,3 +669,61 @@ async fn a_watch_resubscribes_after_a_restart_and_says_resync() {
     );
     drop(creating);
 }
+
+/// Over TLS: a client given the server's CA gets leases from an `https://` endpoint; a
+/// plaintext client gets none (and says no replica was available).
+#[tokio::test]
+async fn the_client_speaks_tls() {
+    use tonic::transport::{Certificate, ClientTlsConfig};
+
+    let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_path, key_path) = (
+        env.dir.path().join("server.pem"),
+        env.dir.path().join("server.key"),
+    );
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let mut settings = env.settings();
+    settings.tls = Some(tokenlease::config::TlsSection {
+        cert_path,
+        key_path,
+        client_ca_path: None,
+    });
+    let app = env.spawn_with(settings).await;
+
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(cert.cert.pem()))
+        .domain_name("localhost");
+    let https = format!("https://localhost:{}", app.addr.port());
+    let client = Client::builder()
+        .endpoint(&https)
+        .api_key(&app.admin_key)
+        .tls(tls.clone())
+        .connect()
+        .unwrap();
+    let channel = Channel::from_shared(https).unwrap();
+    let mut admin = AdminServiceClient::new(channel.tls_config(tls).unwrap().connect_lazy());
+    PoolSetup::default()
+        .create(&mut admin, &app.admin_key)
+        .await;
+    create_tenant(&mut admin, &app.admin_key, "acme", "flex").await;
+    let lease = client.lease("acme", RequestKind::OrderSync).acquire().await;
+    let lease = lease.expect("a lease over TLS");
+    lease.release(Outcome::NotUsed).await.unwrap();
+
+    let plain = Client::builder()
+        .endpoint(format!("http://{}", app.addr))
+        .api_key(&app.admin_key)
+        .failover(FailoverPolicy {
+            rounds: 1,
+            ..FailoverPolicy::default()
+        })
+        .connect()
+        .unwrap();
+    let refused = plain.lease("acme", RequestKind::OrderSync).acquire().await;
+    assert!(
+        matches!(refused, Err(Error::Unavailable { .. })),
+        "{refused:?}"
+    );
+}
