@@ -25,7 +25,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use secrecy::ExposeSecret;
 use tokenlease_client::baselinker::{BlockZone, Reply};
-use tokenlease_client::{Client, Error, RequestKind};
+use tokenlease_client::{Client, Error, Outcome, ReportOutcome, RequestKind};
 
 /// BaseLinker over plain HTTP (use an HTTPS connector for api.baselinker.com).
 #[derive(Clone)]
@@ -69,6 +69,24 @@ fn urlencode(text: &str) -> String {
         .collect()
 }
 
+/// What one round got: BaseLinker's answer, the cached one, or nothing.
+enum Fetched {
+    Live(Reply),
+    Cached(serde_json::Value),
+    Nothing,
+}
+
+/// How a round's lease is released: only a live answer used one (a fallback runs
+/// without a lease, so its value is never reported).
+impl ReportOutcome for Fetched {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Fetched::Live(reply) => reply.outcome(),
+            Fetched::Cached(_) | Fetched::Nothing => Outcome::NotUsed,
+        }
+    }
+}
+
 /// The last good answer and when it came.
 type Cache = std::sync::Arc<std::sync::Mutex<Option<(Instant, serde_json::Value)>>>;
 
@@ -91,9 +109,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (upstream, fresh) = (baselinker.clone(), cache.clone());
         let answer = client
             .call(&tenant, RequestKind::OrderSync, move |token| async move {
-                upstream
-                    .call(token.expose_secret(), "getOrderStatusList", "{}")
-                    .await
+                let reply = upstream.call(token.expose_secret(), "getOrderStatusList", "{}");
+                Fetched::Live(reply.await)
             })
             .max_wait(Duration::from_secs(2))
             .with_fallback(move |denial| async move {
@@ -101,26 +118,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 match cached {
                     Some((at, value)) if denial.accepts_age(at.elapsed()) => {
                         println!("no lease ({:?}): serving the cached answer", denial.reason);
-                        Reply::Success(value)
+                        Fetched::Cached(value)
                     }
                     _ => {
                         println!(
                             "no lease, nothing fresh enough: retry in {:?}",
                             denial.retry_after
                         );
-                        Reply::Failure { http_status: 0 }
+                        Fetched::Nothing
                     }
                 }
             })
             .await;
         match answer {
-            Ok(Reply::Success(value)) => {
-                *cache.lock().unwrap() = Some((Instant::now(), value.clone()));
+            Ok(Fetched::Live(Reply::Success(value))) => {
                 let statuses = value["statuses"].as_array().map_or(0, Vec::len);
-                println!("{statuses} order statuses");
+                println!("{statuses} order statuses, live");
+                *cache.lock().unwrap() = Some((Instant::now(), value));
             }
-            Ok(Reply::Blocked { until, .. }) => println!("token blocked until {until:?}"),
-            Ok(other) => println!("BaseLinker: {other:?}"),
+            Ok(Fetched::Live(Reply::Blocked { until, .. })) => {
+                println!("token blocked until {until:?}: tokenlease quarantines it")
+            }
+            Ok(Fetched::Live(other)) => println!("BaseLinker: {other:?}"),
+            Ok(Fetched::Cached(value)) => {
+                let statuses = value["statuses"].as_array().map_or(0, Vec::len);
+                println!("{statuses} order statuses, cached");
+            }
+            Ok(Fetched::Nothing) => {}
             Err(Error::Status(status)) => return Err(status.into()),
             Err(error) => println!("tokenlease: {error}"),
         }
