@@ -1,4 +1,4 @@
-//! The BaseLinker adapter: its answers as an [`Outcome`](crate::Outcome), and the time
+//! The BaseLinker adapter: its answers as an [`Outcome`], and the time
 //! in its "token blocked until" message.
 //!
 //! BaseLinker answers HTTP 200 with a JSON envelope: `"status": "SUCCESS"`, or

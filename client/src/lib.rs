@@ -77,7 +77,13 @@ pub use watch::{Watch, WatchFilter, WatchItem};
 /// println!("{usage:?}");
 /// # Ok(()) }
 /// ```
-#[allow(missing_docs, clippy::all)]
+// Proto comments are not rustdoc: `<key>` in them is text, not an HTML tag.
+#[allow(
+    missing_docs,
+    clippy::all,
+    rustdoc::invalid_html_tags,
+    rustdoc::bare_urls
+)]
 pub mod pb {
     tonic::include_proto!("tokenlease.v1");
 }

@@ -337,7 +337,7 @@ async fn serve_fake(service: Unavailable) -> String {
 /// RetryInfo is honoured: a replica that said "retry after 1.5 s" is called again no
 /// sooner (an unreachable one would be after 1 s); one that said 30 s (more than the
 /// client waits) is not waited for — the caller gets UNAVAILABLE with that delay at
-/// once — and a working replica beside it answers instead.
+/// once, and a fallback runs with it — and a working replica beside it answers instead.
 #[tokio::test]
 async fn failover_honours_retry_info() {
     let short = Unavailable {
@@ -394,6 +394,29 @@ async fn failover_honours_retry_info() {
         "not waited for"
     );
     assert_eq!(long.calls.lock().unwrap().len(), 1);
+
+    // `call`'s fallback runs then too, told that no replica answered and when to retry;
+    // the replica is not even called, its retry-after not being over.
+    let seen: Arc<Mutex<Option<Denial>>> = Arc::default();
+    let seen_in = seen.clone();
+    let answer = client
+        .call("acme", RequestKind::OrderSync, |_token| async {
+            Outcome::Success
+        })
+        .with_fallback(move |denial| async move {
+            *seen_in.lock().unwrap() = Some(denial);
+            Outcome::NotUsed
+        })
+        .await;
+    assert_eq!(answer.unwrap(), Outcome::NotUsed, "the fallback's answer");
+    let denial = seen.lock().unwrap().take().expect("the fallback ran");
+    assert_eq!(denial.reason, DenialReason::Unavailable, "{denial:?}");
+    assert!(
+        denial.retry_after.unwrap() > Duration::from_secs(25),
+        "{denial:?}"
+    );
+    let calls = long.calls.lock().unwrap().len();
+    assert_eq!(calls, 1, "not called again before its retry-after");
 
     // Beside a working replica, the draining one is left for the other at once.
     let setup = Setup::new(PoolSetup::default()).await;
