@@ -25,7 +25,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use super::fixtures::{PoolSetup, create_tenant, tenant_usage, token_secret};
 use super::helpers::{Counters, Db, TestApp, TestEnv, authed, eventually, ts_ms};
-use super::observe::{connect_when_ready, start_binary, two_addresses};
+use super::observe::{connect_when_ready, exported, receiver, start_binary, two_addresses};
 
 const WAIT: Duration = Duration::from_secs(10);
 /// Lease validity in `Setup`'s replica.
@@ -755,5 +755,50 @@ async fn the_client_speaks_tls() {
     assert!(
         matches!(refused, Err(Error::Unavailable { .. })),
         "{refused:?}"
+    );
+}
+
+/// `traceparent` propagation: a call made inside the caller's span (tracing with the
+/// OpenTelemetry layer) is exported by the service as a server span in the caller's
+/// trace, the caller's span its parent.
+#[tokio::test(flavor = "current_thread")]
+async fn the_client_continues_the_callers_trace() {
+    use tracing::Instrument;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let (collector, provider) = receiver().await;
+    // This thread runs every task of the test (current_thread), so a thread-local
+    // subscriber sees the caller's and the server's spans without the global one.
+    let subscriber =
+        tracing_subscriber::registry().with(tokenlease::telemetry::otel_layer(&provider));
+    let _default = tracing::subscriber::set_default(subscriber);
+    let setup = Setup::new(PoolSetup::default()).await;
+
+    let caller = tracing::info_span!("caller");
+    let lease = setup
+        .client
+        .lease("acme", RequestKind::OrderSync)
+        .acquire()
+        .instrument(caller)
+        .await
+        .unwrap();
+    lease.release(Outcome::NotUsed).await.unwrap();
+
+    let spans = exported(&collector, &provider, "counters.acquire").await;
+    setup.app.stop().await;
+    drop(_default);
+    tokenlease::telemetry::shutdown(provider).await.unwrap();
+    // Asserted after the shutdown: a panic with the provider alive would hang in its
+    // drop (its exporter task runs on this thread's runtime).
+    let caller = spans.iter().find(|s| s.name == "caller");
+    let caller = caller.unwrap_or_else(|| panic!("no caller span: {spans:#?}"));
+    let server = spans
+        .iter()
+        .find(|s| s.name == "tokenlease.v1.LeaseService/AcquireLease")
+        .expect("the server's span");
+    assert_eq!(server.trace_id, caller.trace_id, "one trace");
+    assert_eq!(
+        server.parent_span_id, caller.span_id,
+        "the caller's span is its parent"
     );
 }
