@@ -133,6 +133,9 @@ type Fallback<'a, R> =
     Box<dyn FnOnce(Denial) -> Pin<Box<dyn Future<Output = R> + Send + 'a>> + Send + 'a>;
 
 /// An upstream call under a lease, set up by [`Client::call`]; awaiting it runs it.
+/// The closure, the fallback and their futures must be `Send` (the call is one boxed
+/// `Send` future, so it can be spawned); for anything else use
+/// [`Client::lease`] and the [`LeaseGuard`](crate::LeaseGuard) directly.
 ///
 /// ```no_run
 /// use std::time::Duration;
