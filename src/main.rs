@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use secrecy::ExposeSecret;
 use tokenlease::admin::{issue_api_key, rotate_token_keys};
-use tokenlease::baselinker::UtcOffset;
+use tokenlease::baselinker::BlockZone;
 use tokenlease::config::Settings;
 use tokenlease::crypto::KeyRing;
 use tokenlease::domain::{ApiKeyRole, Id};
@@ -94,9 +94,15 @@ struct EmulatorArgs {
     /// Accepted tokens, comma-separated; none given = accept any token.
     #[arg(long, value_delimiter = ',')]
     tokens: Vec<String>,
-    /// UTC offset of "blocked until" times (BaseLinker: probably Warsaw time).
-    #[arg(long, default_value = "+01:00", allow_hyphen_values = true)]
-    utc_offset: UtcOffset,
+    /// Time zone of "blocked until" times: an IANA name (BaseLinker: probably
+    /// Europe/Warsaw, +01:00 in winter and +02:00 in summer) or a fixed offset (+01:00).
+    #[arg(
+        long,
+        alias = "utc-offset",
+        default_value = BlockZone::BASELINKER_DEFAULT,
+        allow_hyphen_values = true
+    )]
+    time_zone: BlockZone,
     /// How many orders `getOrders` pages through.
     #[arg(long, default_value_t = 250)]
     orders: usize,
@@ -181,7 +187,7 @@ async fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
         },
         block: seconds("block-secs", args.block_secs)?,
         extend_block: args.extend_block,
-        utc_offset: args.utc_offset,
+        zone: args.time_zone,
         tokens: (!args.tokens.is_empty()).then_some(args.tokens),
         order_count: args.orders,
         ..EmulatorConfig::default()

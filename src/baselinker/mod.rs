@@ -16,7 +16,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-pub use local_time::{InvalidUtcOffset, UtcOffset, format_local_datetime, parse_local_datetime};
+pub use local_time::{BlockZone, InvalidZone, format_local_datetime, parse_local_datetime};
 
 /// The error code BaseLinker answers when a token is over its limit.
 pub const ERROR_BLOCKED_TOKEN: &str = "ERROR_BLOCKED_TOKEN";
@@ -55,11 +55,11 @@ pub enum CallError {
 }
 
 /// The time in a "blocked until" message: its last 19 characters, `YYYY-MM-DD HH:MM:SS`
-/// read at `utc_offset`, as Unix ms. `None` when they are not such a time.
-pub fn parse_blocked_until(message: &str, utc_offset: UtcOffset) -> Option<i64> {
+/// read in `zone`, as Unix ms. `None` when they are not such a time.
+pub fn parse_blocked_until(message: &str, zone: &BlockZone) -> Option<i64> {
     let start = message.len().checked_sub(19)?;
     let tail = message.get(start..)?;
-    parse_local_datetime(tail, utc_offset)
+    parse_local_datetime(tail, zone)
 }
 
 /// A client for one BaseLinker endpoint. Cheap to clone (the connection pool is shared),
@@ -70,15 +70,15 @@ pub struct BaseLinkerClient {
     /// The full `…/connector.php` URL.
     endpoint: http::Uri,
     /// The zone "blocked until" times are read in.
-    utc_offset: UtcOffset,
+    zone: BlockZone,
     /// How long one call may take, latency included.
     timeout: Duration,
 }
 
 impl BaseLinkerClient {
     /// A client for `base_url` (the server root, or the full `…/connector.php` URL),
-    /// reading "blocked until" times at `utc_offset`; 30 s timeout.
-    pub fn new(base_url: &str, utc_offset: UtcOffset) -> Result<Self, CallError> {
+    /// reading "blocked until" times in `zone`; 30 s timeout.
+    pub fn new(base_url: &str, zone: BlockZone) -> Result<Self, CallError> {
         let trimmed = base_url.trim_end_matches('/');
         let full = if trimmed.ends_with(".php") {
             trimmed.to_owned()
@@ -94,7 +94,7 @@ impl BaseLinkerClient {
         Ok(Self {
             http: Client::builder(TokioExecutor::new()).build_http(),
             endpoint,
-            utc_offset,
+            zone,
             timeout: Duration::from_secs(30),
         })
     }
@@ -112,6 +112,21 @@ impl BaseLinkerClient {
         method: &str,
         params: &serde_json::Value,
     ) -> Result<Outcome, CallError> {
+        let (status, body) = self.post(token, method, params).await?;
+        if status != 200 {
+            return Ok(Outcome::UpstreamFailure(status));
+        }
+        classify(&body, &self.zone)
+    }
+
+    /// Posts `method` with `params` as `token` and returns the HTTP status and body as
+    /// they came, unsorted (for adapters that sort answers themselves).
+    pub async fn post(
+        &self,
+        token: &str,
+        method: &str,
+        params: &serde_json::Value,
+    ) -> Result<(u16, Bytes), CallError> {
         let body = form_urlencoded::Serializer::new(String::new())
             .append_pair("method", method)
             .append_pair("parameters", &params.to_string())
@@ -139,18 +154,14 @@ impl BaseLinkerClient {
                 .to_bytes();
             Ok::<_, CallError>((status, body))
         };
-        let (status, body) = tokio::time::timeout(self.timeout, exchange)
+        tokio::time::timeout(self.timeout, exchange)
             .await
-            .map_err(|_| CallError::Timeout(self.timeout))??;
-        if status != 200 {
-            return Ok(Outcome::UpstreamFailure(status));
-        }
-        classify(&body, self.utc_offset)
+            .map_err(|_| CallError::Timeout(self.timeout))?
     }
 }
 
 /// Sorts an HTTP 200 body into an [`Outcome`].
-fn classify(body: &[u8], utc_offset: UtcOffset) -> Result<Outcome, CallError> {
+fn classify(body: &[u8], zone: &BlockZone) -> Result<Outcome, CallError> {
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| CallError::InvalidBody(e.to_string()))?;
     let text = |key: &str| value.get(key).and_then(|v| v.as_str()).unwrap_or_default();
@@ -162,7 +173,7 @@ fn classify(body: &[u8], utc_offset: UtcOffset) -> Result<Outcome, CallError> {
                 text("error_message").to_owned(),
             );
             if code == ERROR_BLOCKED_TOKEN || code == ERROR_USER_ACCOUNT_BLOCKED {
-                let until_unix_ms = parse_blocked_until(&message, utc_offset);
+                let until_unix_ms = parse_blocked_until(&message, zone);
                 return Ok(Outcome::Blocked {
                     until_unix_ms,
                     message,
@@ -174,8 +185,8 @@ fn classify(body: &[u8], utc_offset: UtcOffset) -> Result<Outcome, CallError> {
     }
 }
 
-/// Calls `method` once on the server at `base_url`, reading "blocked until" times at
-/// the default +01:00. A fresh connection each time: for many calls build a
+/// Calls `method` once on the server at `base_url`, reading "blocked until" times in
+/// the default zone (Europe/Warsaw). A fresh connection each time: for many calls build a
 /// [`BaseLinkerClient`] and reuse it.
 pub async fn call(
     base_url: &str,
@@ -183,7 +194,7 @@ pub async fn call(
     method: &str,
     params: &serde_json::Value,
 ) -> Result<Outcome, CallError> {
-    BaseLinkerClient::new(base_url, UtcOffset::BASELINKER_DEFAULT)?
+    BaseLinkerClient::new(base_url, BlockZone::default())?
         .call(token, method, params)
         .await
 }
@@ -193,25 +204,27 @@ mod tests {
     use super::*;
 
     /// `parse_blocked_until` reads the documented example at several offsets, and the
-    /// emulator's own message format round-trips through it.
+    /// emulator's own message format round-trips through it, in fixed and named zones.
     #[test]
     fn parse_blocked_until_round_trips_with_offsets() {
         let message = "Query limit exceeded, token blocked until 2022-05-03 17:15:34";
-        let at_plus_two = parse_blocked_until(message, "+02:00".parse().unwrap());
+        let at_plus_two = parse_blocked_until(message, &"+02:00".parse().unwrap());
         assert_eq!(at_plus_two, Some(1_651_590_934_000));
-        let at_utc = parse_blocked_until(message, UtcOffset::UTC);
+        let at_utc = parse_blocked_until(message, &BlockZone::utc());
         assert_eq!(at_utc, Some(1_651_590_934_000 + 2 * 3_600_000));
-        for offset in ["+01:00", "-03:30", "+05:45"].map(|o| o.parse().unwrap()) {
+        for zone in
+            ["+01:00", "-03:30", "+05:45", "Europe/Warsaw"].map(|o| o.parse::<BlockZone>().unwrap())
+        {
             let until = 1_700_000_123_000;
             let message = format!(
                 "Query limit exceeded, token blocked until {}",
-                format_local_datetime(until, offset)
+                format_local_datetime(until, &zone)
             );
-            assert_eq!(parse_blocked_until(&message, offset), Some(until));
+            assert_eq!(parse_blocked_until(&message, &zone), Some(until));
         }
-        assert_eq!(parse_blocked_until("too short", UtcOffset::UTC), None);
+        assert_eq!(parse_blocked_until("too short", &BlockZone::utc()), None);
         assert_eq!(
-            parse_blocked_until("Query limit exceeded", UtcOffset::UTC),
+            parse_blocked_until("Query limit exceeded", &BlockZone::utc()),
             None
         );
     }
@@ -219,11 +232,11 @@ mod tests {
     /// Answers sort into the right outcome, both block codes included.
     #[test]
     fn classifies_answers() {
-        let ok = classify(br#"{"status":"SUCCESS","orders":[]}"#, UtcOffset::UTC).unwrap();
+        let ok = classify(br#"{"status":"SUCCESS","orders":[]}"#, &BlockZone::utc()).unwrap();
         assert!(matches!(ok, Outcome::Success(v) if v["orders"].is_array()));
         let old_block = classify(
             br#"{"status":"ERROR","error_code":"ERROR_USER_ACCOUNT_BLOCKED","error_message":"blocked"}"#,
-            UtcOffset::UTC,
+            &BlockZone::utc(),
         )
         .unwrap();
         assert!(matches!(
@@ -235,7 +248,7 @@ mod tests {
         ));
         let error = classify(
             br#"{"status":"ERROR","error_code":"ERROR_BAD_TOKEN","error_message":"Invalid user token"}"#,
-            UtcOffset::UTC,
+            &BlockZone::utc(),
         )
         .unwrap();
         assert_eq!(
@@ -245,7 +258,7 @@ mod tests {
                 message: "Invalid user token".into()
             }
         );
-        assert!(classify(b"<html>", UtcOffset::UTC).is_err());
-        assert!(classify(br#"{"status":"MAYBE"}"#, UtcOffset::UTC).is_err());
+        assert!(classify(b"<html>", &BlockZone::utc()).is_err());
+        assert!(classify(br#"{"status":"MAYBE"}"#, &BlockZone::utc()).is_err());
     }
 }

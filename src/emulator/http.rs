@@ -120,7 +120,7 @@ async fn connector(shared: &Shared, request: Request<Incoming>) -> Response<Full
     }
     match shared.admit(&token) {
         Admission::Blocked { until_ms } => {
-            let until = format_local_datetime(until_ms, shared.utc_offset);
+            let until = format_local_datetime(until_ms, &shared.zone);
             let message = format!("Query limit exceeded, token blocked until {until}");
             json(&error_body(ERROR_BLOCKED_TOKEN, &message))
         }

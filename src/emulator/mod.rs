@@ -10,9 +10,9 @@
 //!   first request over the limit and every request until the block ends (default
 //!   10 min) get `ERROR_BLOCKED_TOKEN` "Query limit exceeded, token blocked until
 //!   YYYY-MM-DD HH:MM:SS". Boundaries and block rules are in the `limiter` module docs.
-//! - The "blocked until" time is written at a fixed UTC offset (default +01:00).
-//!   BaseLinker most likely uses Europe/Warsaw local time (+01:00 / +02:00 with DST);
-//!   a fixed offset keeps tests exact, and tests that care set it.
+//! - The "blocked until" time is written in a time zone, by default Europe/Warsaw
+//!   (+01:00 in winter, +02:00 in summer), BaseLinker's most likely zone; a fixed
+//!   offset can be set instead (`EmulatorConfig::zone`, `--time-zone +01:00`).
 //! - Faults per token, settable at runtime ([`EmulatorHandle::set_fault`] or
 //!   `POST /_emulator/faults`): HTTP 502 with HTML for a fraction of requests, latency.
 //! - Observations per token ([`EmulatorHandle::stats`] or `GET /_emulator/stats`).
@@ -39,7 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::baselinker::{BaseLinkerClient, UtcOffset};
+use crate::baselinker::{BaseLinkerClient, BlockZone};
 use crate::clock::Clock;
 use limiter::LimitRules;
 pub use limiter::WindowKind;
@@ -64,8 +64,8 @@ pub struct EmulatorConfig {
     pub block: Duration,
     /// Whether requests during a block push its end out (default false).
     pub extend_block: bool,
-    /// The zone "blocked until" times are written in (default +01:00).
-    pub utc_offset: UtcOffset,
+    /// The zone "blocked until" times are written in (default Europe/Warsaw).
+    pub zone: BlockZone,
     /// The accepted tokens; `None` accepts any non-empty token (the default).
     pub tokens: Option<Vec<String>>,
     /// How many orders the account holds (default 250).
@@ -83,7 +83,7 @@ impl Default for EmulatorConfig {
             window_kind: WindowKind::Sliding,
             block: Duration::from_secs(600),
             extend_block: false,
-            utc_offset: UtcOffset::BASELINKER_DEFAULT,
+            zone: BlockZone::default(),
             tokens: None,
             order_count: 250,
             clock: Clock::System,
@@ -160,7 +160,7 @@ impl Emulator {
             })?;
         let shared = Arc::new(Shared::new(
             rules,
-            config.utc_offset,
+            config.zone.clone(),
             config.clock.clone(),
             config.tokens.as_deref(),
             OrderBook::generate(config.order_count),
@@ -198,13 +198,13 @@ impl EmulatorHandle {
     }
 
     /// The zone of "blocked until" times.
-    pub fn utc_offset(&self) -> UtcOffset {
-        self.shared.utc_offset
+    pub fn zone(&self) -> &BlockZone {
+        &self.shared.zone
     }
 
     /// A client for this emulator, reading "blocked until" times in its zone.
     pub fn client(&self) -> BaseLinkerClient {
-        BaseLinkerClient::new(&self.url(), self.shared.utc_offset)
+        BaseLinkerClient::new(&self.url(), self.shared.zone.clone())
             .expect("the emulator's own URL is a valid http URL")
     }
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::limiter::{Decision, LimitRules, TokenLimiter};
 use super::methods::OrderBook;
-use crate::baselinker::UtcOffset;
+use crate::baselinker::BlockZone;
 use crate::clock::Clock;
 
 /// Faults injected for one token.
@@ -146,7 +146,7 @@ pub(crate) struct Shared {
     /// The rules for tokens without their own limit.
     pub rules: LimitRules,
     /// The zone of "blocked until" messages.
-    pub utc_offset: UtcOffset,
+    pub zone: BlockZone,
     /// Where time comes from.
     pub clock: Clock,
     /// Accept any non-empty token (else only the known ones).
@@ -190,7 +190,7 @@ impl TokenEntry {
 impl Shared {
     pub fn new(
         rules: LimitRules,
-        utc_offset: UtcOffset,
+        zone: BlockZone,
         clock: Clock,
         tokens: Option<&[String]>,
         orders: OrderBook,
@@ -201,7 +201,7 @@ impl Shared {
         };
         Self {
             rules,
-            utc_offset,
+            zone,
             clock,
             accept_any_token: tokens.is_none(),
             orders,

@@ -7,6 +7,7 @@ mod admin;
 mod auth;
 mod breaker;
 mod capacity;
+mod client;
 mod cluster;
 mod data_dir;
 mod faults;

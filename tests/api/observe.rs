@@ -410,7 +410,7 @@ async fn acquire_lease_span_continues_the_callers_trace() {
 }
 
 /// An in-process OTLP receiver, and a tracer provider exporting to it.
-async fn receiver() -> (Collector, opentelemetry_sdk::trace::SdkTracerProvider) {
+pub(super) async fn receiver() -> (Collector, opentelemetry_sdk::trace::SdkTracerProvider) {
     let collector = Collector::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let receiver = listener.local_addr().unwrap();
@@ -428,7 +428,7 @@ async fn receiver() -> (Collector, opentelemetry_sdk::trace::SdkTracerProvider) 
 }
 
 /// The spans exported so far, flushing until one named `until` arrived (5 s at most).
-async fn exported(
+pub(super) async fn exported(
     collector: &Collector,
     provider: &opentelemetry_sdk::trace::SdkTracerProvider,
     until: &str,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{T0_MS, manual_config, ping, start};
-use crate::baselinker::{Outcome, UtcOffset, parse_blocked_until};
+use crate::baselinker::{BlockZone, Outcome, parse_blocked_until};
 use crate::clock::Clock;
 use crate::emulator::{EmulatorConfig, WindowKind};
 
@@ -13,7 +13,7 @@ fn is_success(outcome: &Outcome) -> bool {
 }
 
 /// Exactly `limit` requests are accepted in a window, then the next one is blocked with
-/// BaseLinker's message, whose time (+01:00 by default) parses back to the block end.
+/// BaseLinker's message, whose time (Europe/Warsaw by default; +01:00 in November) parses back to the block end.
 #[tokio::test]
 async fn exactly_limit_accepted_then_blocked_with_parseable_time() {
     let (config, clock) = manual_config(5, 1000);
@@ -29,14 +29,14 @@ async fn exactly_limit_accepted_then_blocked_with_parseable_time() {
     else {
         panic!("the sixth request must be blocked");
     };
-    // T0 + 250 ms + 10 min, rounded up to the second, written at +01:00.
+    // T0 + 250 ms + 10 min, rounded up to the second, written in Warsaw's winter time.
     assert_eq!(
         message,
         "Query limit exceeded, token blocked until 2023-11-14 23:23:21"
     );
     assert_eq!(until_unix_ms, Some(1_700_000_601_000));
     assert_eq!(
-        parse_blocked_until(&message, UtcOffset::BASELINKER_DEFAULT),
+        parse_blocked_until(&message, &BlockZone::default()),
         until_unix_ms
     );
     assert_eq!(emulator.stats("t").accepted, 5);
