@@ -4,7 +4,7 @@
 //! - `status`: `ServiceError` → `tonic::Status` (with RetryInfo where a retry helps);
 //! - `codec`: prost's codec, with unparseable requests answered INVALID_ARGUMENT;
 //! - `auth`: the interceptor that turns `authorization` metadata into a `Caller`;
-//! - `admin_api`, `lease_api`: the two services (`watch`: the WatchEvents streams); `admin_store`: how admin calls reach
+//! - `admin_api`, `lease_api`: the two services (`history_api`: GetUsageHistory) (`watch`: the WatchEvents streams); `admin_store`: how admin calls reach
 //!   the configuration database when it may be away.
 
 pub mod admin_api;
@@ -12,6 +12,7 @@ pub mod admin_store;
 pub mod auth;
 pub mod codec;
 pub mod convert;
+mod history_api;
 pub mod lease_api;
 mod rebalance_api;
 pub mod status;
