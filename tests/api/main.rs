@@ -25,3 +25,4 @@ mod replicas;
 mod throwaway;
 mod tls;
 mod usage;
+mod usage_history;
