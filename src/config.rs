@@ -729,6 +729,40 @@ mod tests {
         assert!(err.contains("breaker.open_ms"), "{err}");
     }
 
+    /// History buckets are hourly by default, at least a minute and a divisor of a day;
+    /// the flush is shorter than a bucket; each refusal names its setting; the
+    /// settings reach `serve --help` with their environment variables.
+    #[test]
+    fn history_settings() {
+        let defaults = Settings::default().history();
+        assert_eq!(defaults.bucket_ms, 3_600_000);
+        assert_eq!(defaults.flush_every, Duration::from_secs(10));
+        assert_eq!(defaults.retention, Duration::from_secs(90 * 86_400));
+        let refused = |change: fn(&mut HistorySection)| {
+            let mut s = Settings::default();
+            change(&mut s.history);
+            s.validate().unwrap_err().to_string()
+        };
+        assert!(refused(|h| h.bucket_ms = 30_000).contains("history.bucket_ms"));
+        let err = refused(|h| h.bucket_ms = 7 * 60_000);
+        assert!(
+            err.contains("history.bucket_ms") && err.contains("divide a day"),
+            "{err}"
+        );
+        assert!(refused(|h| h.flush_ms = 3_600_000).contains("history.flush_ms"));
+        assert!(refused(|h| h.retention_days = 0).contains("history.retention_days"));
+        let mut s = Settings::default();
+        s.history.bucket_ms = 60_000;
+        s.history.flush_ms = 5_000;
+        assert!(s.validate().is_ok());
+        let help = Settings::defaults_help();
+        assert!(
+            help.contains("history.bucket_ms = 3600000    (TOKENLEASE_HISTORY__BUCKET_MS)"),
+            "{help}"
+        );
+        assert!(help.contains("history.retention_days = 90"), "{help}");
+    }
+
     /// The file layer and the environment layer override defaults, in that order.
     #[test]
     #[allow(clippy::result_large_err)] // figment's Jail closure returns figment::Error
