@@ -196,3 +196,67 @@ async fn history_counts_leases_per_tenant_and_token() {
         "the call made just before stopping"
     );
 }
+
+/// Three replicas on one Postgres and one Redis, leasing at once and each flushing its
+/// history every 100 ms: the history read from any of them counts every call and every
+/// grant once, and keeps counting them once as the replicas flush again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_count_every_grant_once() {
+    let env = TestEnv::new(Db::Postgres, Counters::Redis).await;
+    let mut settings = env.settings();
+    settings.history.flush_ms = 100;
+    let first = env.spawn_with(settings.clone()).await;
+    let key = first.admin_key.clone();
+    let mut admin = first.admin().await;
+    PoolSetup::default().create(&mut admin, &key).await;
+    create_tenant(&mut admin, &key, "acme", "flex").await;
+    let second = env.spawn_with(settings.clone()).await;
+    let third = env.spawn_with(settings).await;
+    let replicas = [&first, &second, &third];
+    // Each replica loads the configuration on its own poll.
+    for app in replicas {
+        eventually(Duration::from_secs(10), "replica sees acme", || async {
+            let mut lease = app.lease().await;
+            let answer = lease.acquire_lease(lease_request("acme", &key)).await;
+            answer.is_ok().then_some(())
+        })
+        .await;
+    }
+
+    let calls = replicas.map(|app| {
+        let key = key.clone();
+        async move {
+            let mut lease = app.lease().await;
+            let mut granted = 0_u64;
+            for _ in 0..20 {
+                let answer = lease.acquire_lease(lease_request("acme", &key)).await;
+                if let Some(Answer::Lease(_)) = answer.unwrap().into_inner().result {
+                    granted += 1;
+                }
+            }
+            granted
+        }
+    });
+    let [a, b, c] = calls;
+    let (a, b, c) = tokio::join!(a, b, c);
+    // The three probes above were calls too, and granted.
+    let (asked, granted) = (63, a + b + c + 3);
+    assert!(granted > 3, "some of the 60 calls were granted");
+
+    let read = || async {
+        let rows = history(&second, &key, around_now()).await.unwrap().rows;
+        let tenant = tenant_sum(&rows, "acme");
+        let token: u64 = rows
+            .iter()
+            .filter(|r| r.subject_kind == pb::UsageSubjectKind::Token as i32)
+            .map(|r| r.granted)
+            .sum();
+        (tenant.0, tenant.1, token)
+    };
+    eventually(Duration::from_secs(10), "every replica flushed", || async {
+        (read().await == (asked, granted, granted)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // three more flushes each
+    assert_eq!(read().await, (asked, granted, granted));
+}
