@@ -159,6 +159,16 @@ impl Caller {
         )))
     }
 
+    /// The tenants a worker key may act for, sorted; `None` for an admin (any tenant).
+    pub fn tenant_scope(&self) -> Option<Vec<Id>> {
+        if self.role == ApiKeyRole::Admin {
+            return None;
+        }
+        let mut tenants: Vec<Id> = self.tenants.iter().cloned().collect();
+        tenants.sort();
+        Some(tenants)
+    }
+
     /// Whether events about `tenant` may be shown to this caller.
     pub fn may_see_tenant(&self, tenant: &Id) -> bool {
         self.role == ApiKeyRole::Admin || self.tenants.contains(tenant)

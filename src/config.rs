@@ -39,6 +39,7 @@ pub struct Settings {
     pub lease: LeaseSection,
     pub breaker: BreakerSection,
     pub rebalance: RebalanceSection,
+    pub history: HistorySection,
     pub encryption: EncryptionSection,
     pub tls: Option<TlsSection>,
     pub metrics: MetricsSection,
@@ -148,6 +149,20 @@ pub struct RebalanceSection {
     pub check_ms: u64,
 }
 
+/// Usage history (`crate::history`, `AdminService.GetUsageHistory`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistorySection {
+    /// The finest bucket history keeps: at least a minute, and dividing a day evenly so
+    /// that buckets line up with days (and coarser reads are whole buckets).
+    pub bucket_ms: u64,
+    /// How often each replica writes what it counted: a restart loses at most this
+    /// much (less than one bucket).
+    pub flush_ms: u64,
+    /// Rows of buckets older than this are deleted.
+    pub retention_days: u64,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncryptionSection {
@@ -217,6 +232,11 @@ impl Default for Settings {
                 history_ms: 900_000,
                 sample_ms: 10_000,
                 check_ms: 60_000,
+            },
+            history: HistorySection {
+                bucket_ms: 3_600_000,
+                flush_ms: 10_000,
+                retention_days: 90,
             },
             encryption: EncryptionSection::default(),
             tls: None,
@@ -293,6 +313,7 @@ impl Settings {
             100,
         )?;
         self.check_rebalance()?;
+        self.check_history()?;
         check_range("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000)?;
         check_range(
             "handshake_timeout_ms",
@@ -466,6 +487,30 @@ impl Settings {
         check_range("rebalance.history_ms", r.history_ms, 100, 7 * 86_400_000)?;
         check_range("rebalance.sample_ms", r.sample_ms, 100, r.history_ms)?;
         check_range("rebalance.check_ms", r.check_ms, 100, 86_400_000)
+    }
+
+    fn check_history(&self) -> anyhow::Result<()> {
+        let h = &self.history;
+        const DAY_MS: u64 = 86_400_000;
+        check_range("history.bucket_ms", h.bucket_ms, 60_000, DAY_MS)?;
+        if !DAY_MS.is_multiple_of(h.bucket_ms) {
+            bail!(
+                "invalid setting history.bucket_ms = {}: it must divide a day (86400000 ms) \
+                 evenly, e.g. 60000, 300000, 900000, 3600000 or 86400000",
+                h.bucket_ms
+            );
+        }
+        check_range("history.flush_ms", h.flush_ms, 100, h.bucket_ms - 1)?;
+        check_range("history.retention_days", h.retention_days, 1, 36_500)
+    }
+
+    pub fn history(&self) -> crate::history::HistorySettings {
+        let h = &self.history;
+        crate::history::HistorySettings {
+            bucket_ms: h.bucket_ms as i64,
+            flush_every: Duration::from_millis(h.flush_ms),
+            retention: Duration::from_secs(h.retention_days * 86_400),
+        }
     }
 
     pub fn rebalance(&self) -> crate::lease::RebalanceSettings {
@@ -737,6 +782,40 @@ mod tests {
         s.breaker.open_ms = 10;
         let err = s.validate().unwrap_err().to_string();
         assert!(err.contains("breaker.open_ms"), "{err}");
+    }
+
+    /// History buckets are hourly by default, at least a minute and a divisor of a day;
+    /// the flush is shorter than a bucket; each refusal names its setting; the
+    /// settings reach `serve --help` with their environment variables.
+    #[test]
+    fn history_settings() {
+        let defaults = Settings::default().history();
+        assert_eq!(defaults.bucket_ms, 3_600_000);
+        assert_eq!(defaults.flush_every, Duration::from_secs(10));
+        assert_eq!(defaults.retention, Duration::from_secs(90 * 86_400));
+        let refused = |change: fn(&mut HistorySection)| {
+            let mut s = Settings::default();
+            change(&mut s.history);
+            s.validate().unwrap_err().to_string()
+        };
+        assert!(refused(|h| h.bucket_ms = 30_000).contains("history.bucket_ms"));
+        let err = refused(|h| h.bucket_ms = 7 * 60_000);
+        assert!(
+            err.contains("history.bucket_ms") && err.contains("divide a day"),
+            "{err}"
+        );
+        assert!(refused(|h| h.flush_ms = 3_600_000).contains("history.flush_ms"));
+        assert!(refused(|h| h.retention_days = 0).contains("history.retention_days"));
+        let mut s = Settings::default();
+        s.history.bucket_ms = 60_000;
+        s.history.flush_ms = 5_000;
+        assert!(s.validate().is_ok());
+        let help = Settings::defaults_help();
+        assert!(
+            help.contains("history.bucket_ms = 3600000    (TOKENLEASE_HISTORY__BUCKET_MS)"),
+            "{help}"
+        );
+        assert!(help.contains("history.retention_days = 90"), "{help}");
     }
 
     /// The file layer and the environment layer override defaults, in that order.

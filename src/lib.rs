@@ -16,6 +16,9 @@
 //!   (`live.rs`), quotas from measured demand (`allocator.rs`), waiting callers in
 //!   priority order (`waiting.rs`), routing around unhealthy tokens (`health.rs`:
 //!   circuit breaker and quarantine) and the usage read-out (`usage.rs`).
+//! - `history/`: usage history per tenant and token in time buckets: the tallies
+//!   (pure), the replica's recorder, the flusher into the configuration store, and the
+//!   `GetUsageHistory` read.
 //! - `grpc/`: the only place that sees proto types: conversions, status mapping, auth
 //!   interceptor, the two services.
 //! - `auth`, `admin`: API keys and callers; admin use cases shared by the CLI.
@@ -42,6 +45,7 @@ pub mod emulator;
 pub mod error;
 pub mod events;
 pub mod grpc;
+pub mod history;
 pub mod lease;
 pub mod ledger;
 pub mod metrics;

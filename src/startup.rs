@@ -178,6 +178,7 @@ impl App {
             lines: Lines::default(),
             health,
             stopping: stop.subscribe(),
+            history: crate::history::Recorder::new(settings.history().bucket_ms),
         };
         Ok(App {
             listener,
@@ -220,6 +221,13 @@ impl App {
             self.events.replica_id().to_owned(),
             stop_rx.clone(),
         )?;
+        let history = crate::history::Flusher {
+            recorder: self.leaser.history.clone(),
+            store: self.leaser.config.store().clone(),
+            replica_id: self.events.replica_id().to_owned(),
+            settings: self.settings.history(),
+        }
+        .spawn(stop_rx.clone());
         if let Some((listener, handle)) = self.metrics.take() {
             let addr = listener.local_addr()?;
             tracing::info!(%addr, "serving Prometheus metrics on /metrics");
@@ -350,6 +358,15 @@ impl App {
             .is_err()
         {
             tracing::debug!("could not remove this replica's master keys record; it goes stale");
+        }
+        // The flusher writes the usage history counted since its last flush as it stops.
+        if tokio::time::timeout(Duration::from_secs(2), history)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "usage history since the last flush could not be written in time; it is lost"
+            );
         }
         tracing::info!("stopped");
         Ok(())

@@ -757,6 +757,13 @@ impl AdminService for AdminApi {
         Ok(Response::new(super::lease_api::usage_to_proto(usage)))
     }
 
+    async fn get_usage_history(
+        &self,
+        r: Request<pb::GetUsageHistoryRequest>,
+    ) -> Reply<pb::GetUsageHistoryResponse> {
+        self.usage_history(r).await
+    }
+
     async fn plan_rebalance(
         &self,
         r: Request<pb::PlanRebalanceRequest>,

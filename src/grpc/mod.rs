@@ -4,8 +4,9 @@
 //! - `status`: `ServiceError` → `tonic::Status` (with RetryInfo where a retry helps);
 //! - `codec`: prost's codec, with unparseable requests answered INVALID_ARGUMENT;
 //! - `auth`: the interceptor that turns `authorization` metadata into a `Caller`;
-//! - `admin_api`, `lease_api`: the two services (`watch`: the WatchEvents streams); `admin_store`: how admin calls reach
-//!   the configuration database when it may be away;
+//! - `admin_api`, `lease_api`: the two services (`history_api`: GetUsageHistory;
+//!   `watch`: the WatchEvents streams); `admin_store`: how admin calls reach the
+//!   configuration database when it may be away;
 //! - `field_mask`, `admin_update`: partial updates (`update_mask`, AIP-134) on every
 //!   Update RPC.
 
@@ -16,6 +17,7 @@ pub mod auth;
 pub mod codec;
 pub mod convert;
 pub mod field_mask;
+mod history_api;
 pub mod lease_api;
 mod rebalance_api;
 pub mod status;

@@ -118,6 +118,9 @@ pub struct Leaser {
     /// True once the replica is shutting down: callers waiting for a slot are answered
     /// UNAVAILABLE at once, so that they go to another replica instead of being cut off.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Usage history: every answered acquire and first release is counted here
+    /// (`crate::history`), and written to the configuration store by its flusher.
+    pub history: crate::history::Recorder,
 }
 
 /// What stays the same across the attempts of one AcquireLease call.
@@ -185,12 +188,45 @@ impl Leaser {
         caller: &Caller,
         input: AcquireInput,
     ) -> Result<AcquireAnswer, ServiceError> {
+        let started = tokio::time::Instant::now();
+        let tenant_id = input.tenant_id.clone();
         let answer = self.acquire_or_deny(caller, input).await;
         if let Ok(AcquireAnswer::Denied { reason, .. }) = &answer {
             tracing::Span::current().record("denial_reason", reason.label());
         }
+        self.record_history(&tenant_id, started.elapsed(), &answer);
         mark_failed(&answer);
         answer
+    }
+
+    /// Counts an answered call in the usage history. Errors that say the request was
+    /// wrong or not allowed (a tenant that does not exist, a cost too high, another
+    /// tenant's call) are not the tenant's usage and are left out.
+    fn record_history(
+        &self,
+        tenant_id: &Id,
+        waited: Duration,
+        answer: &Result<AcquireAnswer, ServiceError>,
+    ) {
+        use crate::history::Acquired;
+        // The grant's token and whether it was borrowed were counted as it was made
+        // (`attempt`), where both are known.
+        let how = match answer {
+            Ok(AcquireAnswer::Granted(_)) => Acquired::Granted,
+            Ok(AcquireAnswer::Denied { reason, .. }) => Acquired::Denied {
+                reason: reason.label(),
+            },
+            Err(
+                ServiceError::ResourceExhausted { .. }
+                | ServiceError::Unavailable { .. }
+                | ServiceError::Internal(_),
+            ) => Acquired::Failed,
+            Err(_) => return,
+        };
+        let waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+        let now = crate::clock::system_now_ms();
+        self.history
+            .record_acquire(now, tenant_id.as_str(), waited_ms, how);
     }
 
     async fn acquire_or_deny(
@@ -312,6 +348,13 @@ impl Leaser {
                     let borrowed = borrowed(&snapshot, &plan.request, &grant);
                     crate::metrics::lease_granted(&plan.request, borrowed);
                     tracing::Span::current().record("token_id", grant.token_id.as_str());
+                    self.history.record_grant(
+                        crate::clock::system_now_ms(),
+                        plan.request.tenant_id.as_str(),
+                        grant.token_id.as_str(),
+                        plan.request.upstream_id.as_str(),
+                        borrowed,
+                    );
                     return Ok(Attempt::Done(self.granted(&snapshot, &plan, grant)));
                 }
                 // The store's health refused the chosen token (`health.rs`): the hint now
@@ -594,6 +637,15 @@ impl Leaser {
         let result = self
             .release_reporting(&key, outcome, blocked_until_ms)
             .await?;
+        if result == ReleaseResult::Released {
+            self.history.record_release(
+                crate::clock::system_now_ms(),
+                key.tenant_id.as_str(),
+                key.token_id.as_str(),
+                key.upstream_id.as_str(),
+                outcome,
+            );
+        }
         if result == ReleaseResult::Released && outcome == ReleaseOutcome::UpstreamRateLimited {
             self.check_plausible(&key).await;
         }

@@ -27,11 +27,13 @@
 //! - `tx`: the write transaction, reference checks and the mapping of database errors.
 //! - `guarantees`: the cross-object rules on the pools one write affects.
 //! - `changes`: the change log replicas patch their snapshot from.
+//! - `history`: usage history rows (`crate::history`), each replica its own.
 //! - `config`: upstreams, pools and tiers; `tenancy`: tenants and tokens; `keys`: API keys.
 
 mod changes;
 mod config;
 mod guarantees;
+mod history;
 mod keys;
 mod rebalance;
 mod rows;

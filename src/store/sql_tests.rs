@@ -3,6 +3,7 @@
 //! (see `harness::store_tests!`), each on a fresh database of its own.
 
 mod harness;
+mod history;
 mod incremental;
 mod moves;
 mod objects;
@@ -63,6 +64,11 @@ store_tests!(
     moves::a_move_is_checked_and_recorded,
     moves::concurrent_plans_move_once,
     spaces::moves_are_handed_over_before_the_commit,
+    history::three_replicas_count_every_grant_once,
+    history::buckets_roll_up_and_filters_select,
+    history::retention_deletes_old_buckets_only,
+    history::pages_cover_every_row_once,
+    history::a_restart_loses_only_what_was_not_flushed,
 );
 
 /// A database that cannot be reached is UNAVAILABLE (retry later), not INTERNAL, and

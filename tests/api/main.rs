@@ -30,3 +30,4 @@ mod signals;
 mod throwaway;
 mod tls;
 mod usage;
+mod usage_history;
