@@ -29,7 +29,8 @@ ADDRESS = "127.0.0.1:50051"
 
 # What each marked block must print, in order: a block's output is checked for these.
 EXPECTED = [
-    ['"token": "1-23-ABC"', '"leaseId": "baselinker.acme.bl-1.', "tokenlease.v1.LeaseService"],
+    ['"token": "1-23-ABC"', '"leaseId": "baselinker.acme.bl-1.', "tokenlease.v1.LeaseService",
+     '"tierId": "standard"'],
     [],
     ['"previousState": "TOKEN_STATE_ACTIVE"'],
 ]
