@@ -56,6 +56,27 @@ enum Command {
     /// Runs a capacity-planning scenario through real leases against the emulator:
     /// prints a per-tenant table, writes a chart, and with --plan finds the fewest tokens.
     Simulate(SimulateArgs),
+    /// Prints per-tenant usage (asked, granted, denied, trend, peak hours) and each
+    /// pool's capacity forecast from the usage history, and writes a chart.
+    Report(ReportArgs),
+}
+
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// Start of the range: a UTC date (2026-11-01) or an RFC 3339 time (default: 7 days
+    /// before --to).
+    #[arg(long)]
+    from: Option<String>,
+    /// End of the range, excluded (default: now).
+    #[arg(long)]
+    to: Option<String>,
+    /// Where to write the SVG chart.
+    #[arg(long, default_value = "report.svg")]
+    chart: PathBuf,
+    /// Also run `simulate --plan` on each pool's busiest hour scaled to the forecast's
+    /// demand, and print whether it agrees with the forecast's token count.
+    #[arg(long)]
+    cross_check: bool,
 }
 
 #[derive(clap::Args)]
@@ -166,6 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CreateApiKey { name, tenants } => create_api_key(&settings, &name, &tenants).await,
         Command::RotateKeys => rotate_keys(&settings).await,
+        Command::Report(args) => report(&settings, args).await,
         Command::GenMasterKey | Command::Emulator(_) | Command::Simulate(_) => {
             unreachable!("handled above")
         }
@@ -248,6 +270,27 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     }
     // Scripts (and CI jobs) can act on the answer: goals not met is a failure.
     anyhow::ensure!(verdict.ok, "the scenario's goals were not met (see above)");
+    Ok(())
+}
+
+async fn report(settings: &Settings, args: ReportArgs) -> anyhow::Result<()> {
+    use tokenlease::report::{self, DEFAULT_DAYS, chart, parse_time, table};
+    let now = tokenlease::clock::system_now_ms();
+    let to = args.to.map_or(Ok(now), |t| parse_time("--to", &t))?;
+    let from = match args.from {
+        Some(from) => parse_time("--from", &from)?,
+        None => to - DEFAULT_DAYS * tokenlease::forecast::DAY_MS,
+    };
+    let (store, _) = open_store(settings).await?;
+    let bucket_ms = settings.history().bucket_ms;
+    let report = report::load(&store, from, to, bucket_ms, now).await?;
+    print!("{}", table::table(&report));
+    if args.cross_check {
+        print!("{}", report::cross_checks(&report).await?);
+    }
+    std::fs::write(&args.chart, chart::chart(&report, "tokenlease report"))
+        .with_context(|| format!("cannot write the chart {}", args.chart.display()))?;
+    eprintln!("chart written to {}", args.chart.display());
     Ok(())
 }
 

@@ -16,23 +16,27 @@
 //! Hand-written rather than drawn with a plotting crate (plotters): the chart is a few
 //! lines, polylines and labels; as text it is tested element by element, and it adds
 //! no dependency (plotters' SVG text needs a font stack to measure labels).
+//!
+//! The drawing pieces (series grouped when they coincide, panels with reference lines,
+//! the legend) are shared with `tokenlease report`'s chart (`crate::report::chart`):
+//! a panel's x axis is an [`XAxis`] of points and labelled ticks.
 
 use std::fmt::Write;
 
 use super::run::RunResult;
 
-const WIDTH: f64 = 1000.0;
-const PANEL_H: f64 = 300.0;
+pub(crate) const WIDTH: f64 = 1000.0;
+pub(crate) const PANEL_H: f64 = 300.0;
 const LEFT: f64 = 70.0;
 const RIGHT: f64 = 250.0;
-const TOP: f64 = 46.0;
-const GAP: f64 = 80.0;
+pub(crate) const TOP: f64 = 46.0;
+pub(crate) const GAP: f64 = 80.0;
 const COLORS: [&str; 10] = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     "#bcbd22", "#17becf",
 ];
 
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -40,14 +44,14 @@ fn escape(text: &str) -> String {
 }
 
 /// One line of the chart, for one or several members whose values coincide.
-struct Series {
-    names: Vec<String>,
+pub(crate) struct Series {
+    pub names: Vec<String>,
     /// What the legend says after the names (the same for every member).
-    summary: String,
-    /// One value per window.
-    values: Vec<f64>,
+    pub summary: String,
+    /// One value per point of the x axis (here: per window).
+    pub values: Vec<f64>,
     /// Companion lines in the same colour: (class, dash pattern, values).
-    companions: Vec<(&'static str, &'static str, Vec<f64>)>,
+    pub companions: Vec<(&'static str, &'static str, Vec<f64>)>,
 }
 
 impl Series {
@@ -68,7 +72,7 @@ impl Series {
 }
 
 /// Merges series whose values (and companions) are equal, keeping the first's place.
-fn group(series: Vec<Series>) -> Vec<Series> {
+pub(crate) fn group(series: Vec<Series>) -> Vec<Series> {
     let mut groups: Vec<Series> = vec![];
     for s in series {
         let same = |g: &&mut Series| {
@@ -89,20 +93,28 @@ fn group(series: Vec<Series>) -> Vec<Series> {
 
 /// A horizontal reference line: value, label, colour, and whether the label goes
 /// below the line (so that two close lines keep their labels apart).
-type Reference = (f64, String, &'static str, bool);
+pub(crate) type Reference = (f64, String, &'static str, bool);
 
 /// What one panel shows besides its series.
-struct Panel<'a> {
+pub(crate) struct Panel<'a> {
     /// Vertical offset.
-    top: f64,
-    title: &'a str,
+    pub top: f64,
+    pub title: &'a str,
     /// The y axis' label.
-    unit: &'a str,
+    pub unit: &'a str,
     /// The class of its series' polylines.
-    class: &'a str,
+    pub class: &'a str,
     /// Points get markers (tokens: a series on a reference line stays visible).
-    markers: bool,
-    references: Vec<Reference>,
+    pub markers: bool,
+    pub references: Vec<Reference>,
+}
+
+/// A panel's x axis: `points` values, each drawn in the middle of its slot; `ticks`
+/// label slot boundaries (0 = the left edge, `points` = the right one).
+pub(crate) struct XAxis {
+    pub points: usize,
+    pub ticks: Vec<(f64, String)>,
+    pub caption: String,
 }
 
 /// Geometry shared by a panel's elements.
@@ -149,7 +161,7 @@ fn polyline(out: &mut String, class: &str, name: &str, style: &str, points: &[(f
 }
 
 /// Title, axes, grid, tick labels and axis labels.
-fn axes(out: &mut String, p: &Panel, f: &Frame, result: &RunResult) {
+fn axes(out: &mut String, p: &Panel, f: &Frame, x_axis: &XAxis) {
     let (top, bottom) = (f.top, f.bottom());
     let _ = writeln!(
         out,
@@ -173,22 +185,21 @@ fn axes(out: &mut String, p: &Panel, f: &Frame, result: &RunResult) {
             y + 4.0
         );
     }
-    let minutes = f.windows * result.window_secs / 60.0;
-    for i in 0..=result.windows {
-        let x = LEFT + f.plot_w * f64::from(i) / f.windows;
+    for (at, label) in &x_axis.ticks {
+        let x = LEFT + f.plot_w * at / f.windows;
         let _ = writeln!(
             out,
-            r#"<text x="{x:.1}" y="{:.1}" font-size="11" text-anchor="middle">{:.1}</text>"#,
+            r#"<text x="{x:.1}" y="{:.1}" font-size="11" text-anchor="middle">{}</text>"#,
             bottom + 16.0,
-            minutes * f64::from(i) / f.windows
+            escape(label)
         );
     }
     let _ = writeln!(
         out,
-        r#"<text x="{:.1}" y="{:.1}" font-size="12" text-anchor="middle">simulated minutes (the upstream's clock; the run took {:.0} s)</text><text x="16" y="{:.1}" font-size="12" transform="rotate(-90 16 {:.1})" text-anchor="middle">{}</text>"#,
+        r#"<text x="{:.1}" y="{:.1}" font-size="12" text-anchor="middle">{}</text><text x="16" y="{:.1}" font-size="12" transform="rotate(-90 16 {:.1})" text-anchor="middle">{}</text>"#,
         LEFT + f.plot_w / 2.0,
         bottom + 34.0,
-        result.run_secs(),
+        escape(&x_axis.caption),
         top + PANEL_H / 2.0,
         top + PANEL_H / 2.0,
         escape(p.unit)
@@ -196,17 +207,17 @@ fn axes(out: &mut String, p: &Panel, f: &Frame, result: &RunResult) {
 }
 
 /// Draws one panel: references first, so that series are drawn over them.
-fn panel(out: &mut String, p: &Panel, series: &[Series], result: &RunResult) {
+pub(crate) fn panel(out: &mut String, p: &Panel, series: &[Series], x_axis: &XAxis) {
     let max = (series.iter().flat_map(Series::all_values))
         .chain(p.references.iter().map(|r| r.0))
         .fold(0.0_f64, f64::max);
     let f = Frame {
         top: p.top,
         plot_w: WIDTH - LEFT - RIGHT,
-        windows: result.windows.max(1) as f64,
+        windows: x_axis.points.max(1) as f64,
         y_max: nice_ceiling(max.max(1.0) * 1.05),
     };
-    axes(out, p, &f, result);
+    axes(out, p, &f, x_axis);
     for (value, label, color, below) in &p.references {
         let y = f.y(*value);
         let text_y = if *below { y + 13.0 } else { y - 4.0 };
@@ -316,9 +327,9 @@ fn token_series(result: &RunResult) -> Vec<Series> {
     group(tokens.collect())
 }
 
-/// The whole chart.
-pub fn chart(result: &RunResult, title: &str) -> String {
-    let height = TOP + 2.0 * PANEL_H + GAP + 60.0;
+/// The SVG document's opening for a chart of `panels` panels, with its title.
+pub(crate) fn document_start(title: &str, panels: usize) -> String {
+    let height = TOP + panels as f64 * PANEL_H + (panels.max(1) - 1) as f64 * GAP + 60.0;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -328,6 +339,32 @@ pub fn chart(result: &RunResult, title: &str) -> String {
 <title>{}</title>"##,
         escape(title)
     );
+    out
+}
+
+/// The run's time axis: a tick per window boundary in simulated minutes.
+fn run_axis(result: &RunResult) -> XAxis {
+    let windows = result.windows.max(1);
+    let minutes = f64::from(windows) * result.window_secs / 60.0;
+    XAxis {
+        points: windows as usize,
+        ticks: (0..=result.windows)
+            .map(|i| {
+                let at = f64::from(i);
+                (at, format!("{:.1}", minutes * at / f64::from(windows)))
+            })
+            .collect(),
+        caption: format!(
+            "simulated minutes (the upstream's clock; the run took {:.0} s)",
+            result.run_secs()
+        ),
+    }
+}
+
+/// The whole chart.
+pub fn chart(result: &RunResult, title: &str) -> String {
+    let mut out = document_start(title, 2);
+    let x_axis = run_axis(result);
     let heading =
         format!("{title}: granted per tenant (solid), asked (dotted), guaranteed (dashed)");
     let rates = Panel {
@@ -338,7 +375,7 @@ pub fn chart(result: &RunResult, title: &str) -> String {
         markers: false,
         references: guarantee_lines(result),
     };
-    panel(&mut out, &rates, &tenant_series(result), result);
+    panel(&mut out, &rates, &tenant_series(result), &x_axis);
     let limit = 100.0 * f64::from(result.limit) / f64::from(result.usable.max(1));
     let utilization = Panel {
         top: TOP + PANEL_H + GAP,
@@ -361,7 +398,7 @@ pub fn chart(result: &RunResult, title: &str) -> String {
             ),
         ],
     };
-    panel(&mut out, &utilization, &token_series(result), result);
+    panel(&mut out, &utilization, &token_series(result), &x_axis);
     out.push_str("</svg>\n");
     out
 }
