@@ -161,6 +161,12 @@ pub struct HistorySection {
     pub flush_ms: u64,
     /// Rows of buckets older than this are deleted.
     pub retention_days: u64,
+    /// How often each replica recomputes the pools' capacity forecast for the gauge
+    /// `tokenlease_pool_capacity_forecast_days` (`crate::history::Forecaster`): a few
+    /// reads of the store each time. Only while metrics are served.
+    pub forecast_interval_ms: u64,
+    /// Whole days of history the gauge's forecast is fitted on.
+    pub forecast_days: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -237,6 +243,8 @@ impl Default for Settings {
                 bucket_ms: 3_600_000,
                 flush_ms: 10_000,
                 retention_days: 90,
+                forecast_interval_ms: 3_600_000,
+                forecast_days: 14,
             },
             encryption: EncryptionSection::default(),
             tls: None,
@@ -501,7 +509,16 @@ impl Settings {
             );
         }
         check_range("history.flush_ms", h.flush_ms, 100, h.bucket_ms - 1)?;
-        check_range("history.retention_days", h.retention_days, 1, 36_500)
+        check_range("history.retention_days", h.retention_days, 1, 36_500)?;
+        check_range(
+            "history.forecast_interval_ms",
+            h.forecast_interval_ms,
+            100,
+            DAY_MS,
+        )?;
+        // One read of every replica's tenant rows of these days (and today): with
+        // hourly buckets, 24 rows per tenant, replica and day.
+        check_range("history.forecast_days", h.forecast_days, 1, 365)
     }
 
     pub fn history(&self) -> crate::history::HistorySettings {
@@ -510,6 +527,16 @@ impl Settings {
             bucket_ms: h.bucket_ms as i64,
             flush_every: Duration::from_millis(h.flush_ms),
             retention: Duration::from_secs(h.retention_days * 86_400),
+        }
+    }
+
+    /// The capacity forecast gauge's settings (`[history]` forecast_*).
+    pub fn forecast(&self) -> crate::history::ForecastSettings {
+        let h = &self.history;
+        crate::history::ForecastSettings {
+            bucket_ms: h.bucket_ms as i64,
+            every: Duration::from_millis(h.forecast_interval_ms),
+            days: h.forecast_days as i64,
         }
     }
 
@@ -806,6 +833,12 @@ mod tests {
         );
         assert!(refused(|h| h.flush_ms = 3_600_000).contains("history.flush_ms"));
         assert!(refused(|h| h.retention_days = 0).contains("history.retention_days"));
+        let forecast = Settings::default().forecast();
+        assert_eq!(forecast.every, Duration::from_secs(3_600));
+        assert_eq!(forecast.days, 14);
+        assert!(refused(|h| h.forecast_interval_ms = 0).contains("history.forecast_interval_ms"));
+        assert!(refused(|h| h.forecast_days = 0).contains("history.forecast_days"));
+        assert!(refused(|h| h.forecast_days = 366).contains("history.forecast_days"));
         let mut s = Settings::default();
         s.history.bucket_ms = 60_000;
         s.history.flush_ms = 5_000;

@@ -15,6 +15,9 @@
 //! - token utilization: set every `metrics.refresh_ms` by `spawn_refresher` from the
 //!   counters (the same read-out as `GetUsage`);
 //! - breaker opens: `breaker_opened`, called by the circuit breaker.
+//! - days until each pool needs another token: `pool_capacity_forecasts`, called by
+//!   `history::Forecaster` every `history.forecast_interval_ms`, republished by the
+//!   refresher in between (a gauge set once an hour would otherwise go idle).
 //!
 //! # Cardinality
 //! Label values are configuration ids (tenant, token, upstream, pool), reasons and
@@ -89,6 +92,12 @@ pub mod names {
     /// breaker_half_open, quarantined, disabled). Every replica reports the same shared
     /// state: aggregate with `max`, not `sum`.
     pub const TOKENS: &str = "tokenlease_tokens";
+    /// Gauge {pool}: days until the pool's demand trend rises above its tokens'
+    /// capacity (`crate::forecast`): 0 when it already has, `+Inf` when it does not
+    /// within the forecast's horizon (90 days: no token needed); NaN while the pool
+    /// has no whole day of history. Every replica computes the same value from the
+    /// shared store: aggregate with `min`.
+    pub const POOL_CAPACITY_FORECAST_DAYS: &str = "tokenlease_pool_capacity_forecast_days";
 }
 
 /// Every metric name, for tests and the dashboard check.
@@ -110,6 +119,7 @@ pub const ALL: &[&str] = &[
     names::TOKEN_UTILIZATION,
     names::TOKEN_IN_SERVICE,
     names::TOKENS,
+    names::POOL_CAPACITY_FORECAST_DAYS,
 ];
 
 /// Label names.
@@ -279,6 +289,31 @@ fn describe_all() {
         TOKENS,
         "Tokens per upstream and state (active, breaker_open, breaker_half_open, quarantined, disabled)."
     );
+    describe_gauge!(
+        POOL_CAPACITY_FORECAST_DAYS,
+        "Days until the pool's demand trend exceeds its capacity (0: already; +Inf: not within 90 days)."
+    );
+}
+
+/// The forecast gauge's last values, per pool (republished by the refresher).
+fn forecast_days() -> &'static Mutex<HashMap<String, f64>> {
+    static DAYS: OnceLock<Mutex<HashMap<String, f64>>> = OnceLock::new();
+    DAYS.get_or_init(Mutex::default)
+}
+
+/// Publishes the forecast gauge: `days` per pool. Pools in `previous` (what this
+/// caller published last time) that are no longer given are dropped (their series
+/// goes idle); `previous` becomes this call's pools.
+pub fn pool_capacity_forecasts(days: &[(String, f64)], previous: &mut HashSet<String>) {
+    let mut published = forecast_days().lock().expect("not poisoned");
+    for pool in previous.drain() {
+        published.remove(&pool);
+    }
+    for (pool, value) in days {
+        published.insert(pool.clone(), *value);
+        previous.insert(pool.clone());
+        gauge!(names::POOL_CAPACITY_FORECAST_DAYS, labels::POOL => pool.clone()).set(*value);
+    }
 }
 
 /// A grant: requests per tenant, and whether it drew on borrowed capacity (the tenant's
@@ -597,6 +632,9 @@ pub fn spawn_refresher<F, Fut, E>(
             }
             for (label, count) in waiting_counts().lock().expect("not poisoned").iter() {
                 gauge!(names::WAITING_CALLERS, labels::TENANT => label.clone()).set(*count as f64);
+            }
+            for (pool, days) in forecast_days().lock().expect("not poisoned").iter() {
+                gauge!(names::POOL_CAPACITY_FORECAST_DAYS, labels::POOL => pool.clone()).set(*days);
             }
             handle.run_upkeep();
         }

@@ -243,6 +243,11 @@ impl App {
                     )
                 }
             };
+            crate::history::Forecaster {
+                store: self.leaser.config.store().clone(),
+                settings: self.settings.forecast(),
+            }
+            .spawn(stop_rx.clone());
             metrics::spawn_refresher(
                 read,
                 handle.clone(),

@@ -9,14 +9,18 @@
 //! - `flusher`: writes them to the configuration store every `history.flush_ms`
 //!   (each replica its own rows: no contention, nothing counted twice), and deletes
 //!   rows older than `history.retention_days`.
+//! - `forecaster`: recomputes the pools' capacity forecast gauge from the stored
+//!   history every `history.forecast_interval_ms` (`crate::forecast` does the maths).
 //! - [`read`]: the `GetUsageHistory` use case: a range, summed over replicas, rolled
 //!   up into coarser buckets if asked, paged.
 
 mod flusher;
+mod forecaster;
 mod recorder;
 mod tally;
 
 pub use flusher::{Flusher, HistorySettings};
+pub use forecaster::{ForecastSettings, Forecaster, gauge_value};
 pub use recorder::{Acquired, Recorder};
 pub use tally::{
     DENIAL_REASONS, HistoryRow, Subject, SubjectKind, Tally, WAIT_BOUNDS_MS, WaitHistogram,

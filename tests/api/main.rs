@@ -13,6 +13,7 @@ mod data_dir;
 mod faults;
 mod field_masks;
 mod fixtures;
+mod forecast_gauge;
 mod fuzz;
 mod helpers;
 mod hostile;

@@ -68,6 +68,9 @@ pub(super) fn start_binary(
         .env("TOKENLEASE_DATA_DIR", data_dir)
         .env("TOKENLEASE_METRICS__LISTEN", metrics.to_string())
         .env("TOKENLEASE_METRICS__REFRESH_MS", "100")
+        // The capacity forecast gauge exists from a pool's creation on (NaN until the
+        // pool has a whole day of history).
+        .env("TOKENLEASE_HISTORY__FORECAST_INTERVAL_MS", "100")
         .env("TOKENLEASE_LEASE__MAX_WAIT_MS", "600000")
         // The run fills the token's window on purpose, so no pacing.
         .env("TOKENLEASE_LEASE__PACE_BURST_PERCENT", "100")
@@ -304,6 +307,15 @@ async fn metrics_count_exactly_what_a_small_run_did() {
         names::TOKENS,
         &[("upstream", "up"), ("state", "disabled")],
         0.0,
+    );
+    let forecast = sample(
+        &text,
+        names::POOL_CAPACITY_FORECAST_DAYS,
+        &[("pool", "shared")],
+    );
+    assert!(
+        forecast.is_some_and(f64::is_nan),
+        "no whole day of history: {forecast:?}"
     );
     for name in tokenlease::metrics::ALL {
         assert!(
