@@ -28,6 +28,10 @@
 //! - `clock`: the one place the embedded mode reads time.
 //! - `emulator/`, `baselinker`: a BaseLinker emulator (tests, `tokenlease emulator`) and client.
 //! - `simulate/`: `tokenlease simulate`, capacity planning against the emulator.
+//! - `forecast/`: when each pool's demand, from the usage history, will pass its
+//!   tokens' capacity and how many it then needs (pure), cross-checked by `simulate`.
+//! - `report/`: `tokenlease report`: per-tenant usage, trend and peak hours, the
+//!   forecast, as a table and a chart.
 //! - `metrics`: every Prometheus metric name and label, the recording functions, and
 //!   the `/metrics` endpoint.
 //! - `telemetry`: logs, and OpenTelemetry traces over OTLP with the caller's trace

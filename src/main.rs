@@ -158,16 +158,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return run_emulator(args).await;
     }
     if let Command::Simulate(args) = cli.command {
-        // Warnings only (unless RUST_LOG says otherwise): stderr carries the progress.
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .try_init();
+        warnings_only();
         return simulate(args).await;
     }
     let settings = Settings::load(cli.config.as_deref())?;
+    if let Command::Report(args) = cli.command {
+        // The cross-check runs services in process: their start-up lines are noise here.
+        warnings_only();
+        return report(&settings, args).await;
+    }
     if let Command::Serve = cli.command {
         let telemetry = telemetry::init(&settings.log_format, &settings.traces_filter)?;
         let served = match App::build(settings).await {
@@ -187,11 +186,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CreateApiKey { name, tenants } => create_api_key(&settings, &name, &tenants).await,
         Command::RotateKeys => rotate_keys(&settings).await,
-        Command::Report(args) => report(&settings, args).await,
-        Command::GenMasterKey | Command::Emulator(_) | Command::Simulate(_) => {
+        Command::GenMasterKey
+        | Command::Emulator(_)
+        | Command::Simulate(_)
+        | Command::Report(_) => {
             unreachable!("handled above")
         }
     }
+}
+
+/// Logs warnings only (unless RUST_LOG says otherwise), on stderr: for commands whose
+/// stdout is their answer.
+fn warnings_only() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 async fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {

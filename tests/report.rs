@@ -235,7 +235,16 @@ mod store_report {
         assert_eq!(named("trend"), ["shared"]);
         assert_eq!(svg.matches("pool shared: 2 token(s) = 190/min").count(), 2);
         assert_eq!(svg.matches("<circle").count(), 7, "a marker per day");
-        assert!(svg.contains("full in 0.5 days (2026-11-08)"));
+        assert!(svg.contains("shared: 3 tokens by 2026-11-08"), "{svg}");
+        // The week's 7 daily peaks, and the trend carried on to the day after the
+        // pool fills (2026-11-09): 9 days.
+        let points = |class: &str| {
+            let tag = format!(r#"<polyline class="{class}" data-name="shared""#);
+            let rest = svg.split(&tag).nth(1).unwrap();
+            let points = rest.split(r#"points=""#).nth(1).unwrap();
+            points.split('"').next().unwrap().split(' ').count()
+        };
+        assert_eq!((points("pool"), points("trend")), (7, 9));
         assert_eq!(svg.matches("<text").count(), svg.matches("</text>").count());
         assert!(svg.trim_end().ends_with("</svg>"));
     }

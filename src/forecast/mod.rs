@@ -95,6 +95,17 @@ impl Forecast {
     }
 }
 
+impl Forecast {
+    /// A few words for a chart's legend.
+    pub fn short_summary(&self) -> String {
+        match (self.trend, self.date, self.tokens_needed_then) {
+            (None, _, _) => "no whole day of history yet".to_owned(),
+            (Some(_), Some(date), Some(needed)) => format!("{needed} tokens by {date}"),
+            _ => "no token needed".to_owned(),
+        }
+    }
+}
+
 /// Tokens of `usable` requests per window that serve `per_window` and keep the pool's
 /// drawn guarantees within 80 % of its capacity; at least 1.
 pub fn tokens_for(per_window: f64, guaranteed: u64, usable: u32) -> u32 {

@@ -1,7 +1,9 @@
 //! The report's chart, drawn with `simulate::svg`'s pieces so it reads like simulate's.
 //! Above: what each tenant asked per minute over the range (solid; granted dotted),
-//! with each pool's capacity (dashed, red). Below: each pool's daily peak (solid, with
-//! markers) and the forecast's trend through it (dashed), against the same capacity.
+//! with each pool's capacity (dashed, red). Below: each pool's daily peak (points
+//! joined) and the forecast's trend through them, carried on past the history to the
+//! day after the pool fills (or a week), against the same capacity: where the dashed
+//! line meets the red one is the day the pool needs another token.
 //! Elements: `<polyline class="tenant">` per tenant group with `class="granted"`
 //! beside it; `<polyline class="pool">` per pool with `class="trend"` beside it; each
 //! with `data-name`; `<line class="reference">` per pool capacity, in both panels.
@@ -12,18 +14,32 @@ use crate::simulate::svg::{
 };
 
 use super::Report;
-use super::table::hour_ranges;
 
 /// Requests per minute from a count over `ms`.
 fn per_minute(count: f64, ms: i64) -> f64 {
     count * 60_000.0 / ms.max(1) as f64
 }
 
-/// Whole UTC days of the range up to now (the forecast's days).
-fn days(report: &Report) -> Vec<i64> {
+/// Days shown after the history when no pool fills, and at most.
+const AHEAD_DAYS: i64 = 7;
+const MAX_AHEAD_DAYS: i64 = 45;
+
+/// The forecast's days: the whole UTC days of the range up to now (their count is
+/// the second value), then the days ahead up to the day after the last pool fills
+/// (so the trend is seen crossing its capacity), or a week if none does.
+fn days(report: &Report) -> (Vec<i64>, usize) {
     let first =
         report.from_ms.div_euclid(DAY_MS) + i64::from(report.from_ms.rem_euclid(DAY_MS) != 0);
-    (first..report.to_ms.min(report.now_ms).div_euclid(DAY_MS)).collect()
+    let as_of = report.to_ms.min(report.now_ms);
+    let end = as_of.div_euclid(DAY_MS).max(first);
+    let last_fill = (report.pools.iter())
+        .filter_map(|(_, f)| f.days_until_full)
+        .map(|d| (as_of as f64 / DAY_MS as f64 + d).floor() as i64 + 2)
+        .max();
+    let until = last_fill
+        .map_or(end + AHEAD_DAYS, |d| d.max(end + 1))
+        .min(end + MAX_AHEAD_DAYS);
+    ((first..until).collect(), (end - first) as usize)
 }
 
 /// Ticks at day starts ("11-05"), thinned to at most 15.
@@ -59,9 +75,12 @@ fn tenant_series(report: &Report) -> Vec<Series> {
     let tenants = report.tenants.iter().map(|t| Series {
         names: vec![t.id.clone()],
         summary: format!(
-            "{:.0}/min avg, peak {}",
+            "{:.0}/min, {}",
             per_minute(t.asked as f64, span),
-            hour_ranges(&t.peak_hours)
+            t.share().map_or("none asked".to_owned(), |s| format!(
+                "{:.0} % granted",
+                100.0 * s
+            ))
         ),
         values: rate(&t.asked_per_bucket),
         companions: vec![("granted", "2 3", rate(&t.granted_per_bucket))],
@@ -69,7 +88,8 @@ fn tenant_series(report: &Report) -> Vec<Series> {
     group(tenants.collect())
 }
 
-fn pool_series(report: &Report, days: &[i64]) -> Vec<Series> {
+/// Each pool's daily peaks over the first `history` days, its trend over all.
+fn pool_series(report: &Report, days: &[i64], history: usize) -> Vec<Series> {
     let series = report.pools.iter().map(|(pool, f)| {
         let peaks = pool.daily_peaks(report.from_ms, report.to_ms.min(report.now_ms));
         let peak_of = |day: i64| {
@@ -83,8 +103,8 @@ fn pool_series(report: &Report, days: &[i64]) -> Vec<Series> {
         };
         Series {
             names: vec![pool.pool.clone()],
-            summary: f.summary(),
-            values: days.iter().map(|d| peak_of(*d)).collect(),
+            summary: f.short_summary(),
+            values: days.iter().take(history).map(|d| peak_of(*d)).collect(),
             companions: vec![("trend", "6 4", days.iter().map(|d| trend(*d)).collect())],
         }
     });
@@ -113,16 +133,16 @@ pub fn chart(report: &Report, title: &str) -> String {
         references: capacity_lines(report),
     };
     panel(&mut out, &usage, &tenant_series(report), &usage_axis);
-    let days = days(report);
+    let (days, history) = days(report);
     let starts: Vec<i64> = days.iter().map(|d| d * DAY_MS).collect();
     let forecast_axis = XAxis {
         points: days.len(),
         ticks: day_ticks(&starts, DAY_MS, starts.first().copied().unwrap_or(0)),
-        caption: "day (UTC): whole days the forecast is fitted on".to_owned(),
+        caption: format!("day (UTC): {history} whole day(s) of history (points), the trend beyond"),
     };
     let forecast = Panel {
         top: TOP + PANEL_H + GAP,
-        title: "daily peak of each pool's demand (solid), its trend (dashed), capacity (red)",
+        title: "forecast: each pool's daily peak (points), its trend (dashed), capacity (red)",
         unit: "requests / minute",
         class: "pool",
         markers: true,
@@ -131,7 +151,7 @@ pub fn chart(report: &Report, title: &str) -> String {
     panel(
         &mut out,
         &forecast,
-        &pool_series(report, &days),
+        &pool_series(report, &days, history),
         &forecast_axis,
     );
     out.push_str("</svg>\n");

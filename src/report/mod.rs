@@ -84,7 +84,9 @@ impl Report {
             forecast::pool_demands(view, rows.clone(), bucket_ms)
                 .into_iter()
                 .map(|p| {
-                    let f = forecast::forecast(&p, from_ms, to_ms, now_ms);
+                    // As of the range's end: a report of a past month forecasts
+                    // from that month's end.
+                    let f = forecast::forecast(&p, from_ms, to_ms, to_ms.min(now_ms));
                     (p, f)
                 })
                 .collect();

@@ -90,6 +90,11 @@ pub fn table(report: &Report) -> String {
 }
 
 fn pools(out: &mut String, report: &Report) {
+    let _ = writeln!(
+        out,
+        "capacity forecast as of {} UTC",
+        utc(report.to_ms.min(report.now_ms))
+    );
     let pool_w = (report.pools.iter().map(|(p, _)| p.pool.len()))
         .chain([4])
         .max()
