@@ -205,8 +205,7 @@ pub async fn load(
     bucket_ms: i64,
     now_ms: i64,
 ) -> anyhow::Result<Report> {
-    let range = crate::history::check_range(from_ms, to_ms, bucket_ms, bucket_ms)
-        .map_err(|e| anyhow::anyhow!("invalid range: {e}"))?;
+    let range = check_cli_range(from_ms, to_ms, bucket_ms)?;
     let config = store
         .load()
         .await
@@ -221,6 +220,19 @@ pub async fn load(
         .await
         .context("cannot read the usage history")?;
     Ok(Report::build(&config.view, rows, range, bucket_ms, now_ms))
+}
+
+/// The range widened to whole buckets, as GetUsageHistory checks it, with the
+/// command line's words: `--to` after `--from`, and not too many buckets.
+pub fn check_cli_range(from_ms: i64, to_ms: i64, bucket_ms: i64) -> anyhow::Result<(i64, i64)> {
+    anyhow::ensure!(
+        to_ms > from_ms,
+        "--to ({} UTC) must be after --from ({} UTC)",
+        table::utc(to_ms),
+        table::utc(from_ms)
+    );
+    crate::history::check_range(from_ms, to_ms, bucket_ms, bucket_ms)
+        .map_err(|e| anyhow::anyhow!("invalid --from/--to: {}", e.reason))
 }
 
 /// A `--from`/`--to` value: RFC 3339 (`2026-11-01T12:00:00Z`) or a UTC date
@@ -265,4 +277,70 @@ pub async fn cross_checks(report: &Report) -> anyhow::Result<String> {
         };
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: i64 = 3_600_000;
+
+    /// Times are UTC dates or RFC 3339; anything else, a reversed range or one of too
+    /// many buckets is refused naming the flag and what to give instead.
+    #[test]
+    fn command_line_times_and_ranges() {
+        let day = parse_time("--from", "2026-11-01").unwrap();
+        assert_eq!(day % DAY_MS, 0);
+        assert_eq!(
+            parse_time("--to", "2026-11-01T12:00:00Z").unwrap(),
+            day + 12 * HOUR
+        );
+        let error = parse_time("--to", "yesterday").unwrap_err().to_string();
+        assert!(
+            error.contains("--to") && error.contains("2026-11-01"),
+            "{error}"
+        );
+        let error = check_cli_range(day, day, HOUR).unwrap_err().to_string();
+        assert!(
+            error.contains("--to") && error.contains("--from"),
+            "{error}"
+        );
+        assert_eq!(
+            check_cli_range(day + 1, day + HOUR, HOUR).unwrap(),
+            (day, day + HOUR)
+        );
+        let error = check_cli_range(day, day + 500 * DAY_MS, HOUR)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("shorter"), "{error}");
+    }
+
+    /// Peak hours are those at 80 % of the busiest or more; a tenant that asked
+    /// nothing has none, and its weekly trend is unknown.
+    #[test]
+    fn peak_hours_and_trend() {
+        let series: Vec<(i64, u64)> = (0..48)
+            .map(|h| {
+                (
+                    h * HOUR,
+                    if h % 24 == 9 {
+                        100
+                    } else if h % 24 == 10 {
+                        85
+                    } else {
+                        10
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(peak_hours(&series), vec![9, 10]);
+        assert_eq!(peak_hours(&[(0, 0)]), Vec::<u32>::new());
+        // Two equal days: flat. A second day twice the first: +7 × (slope 1 / mean 1.5).
+        assert_eq!(weekly_trend(&series, 2 * DAY_MS), Some(0.0));
+        let growing: Vec<(i64, u64)> = vec![(0, 10), (DAY_MS, 20)];
+        let trend = weekly_trend(&growing, 2 * DAY_MS).unwrap();
+        assert!((trend - 7.0 * 10.0 / 15.0).abs() < 1e-9, "{trend}");
+        assert_eq!(weekly_trend(&[(0, 0), (DAY_MS, 0)], 2 * DAY_MS), None);
+        assert_eq!(weekly_trend(&growing, DAY_MS), None, "one whole day only");
+    }
 }
