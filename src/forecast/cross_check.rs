@@ -27,23 +27,25 @@ pub fn busiest_bucket(pool: &PoolDemand) -> Option<(i64, f64)> {
 /// A scenario of `pool` asking what its tenants asked in the bucket starting at
 /// `bucket_start_ms` (each capped at its guarantee + burst), times `scale`.
 pub fn scenario(pool: &PoolDemand, bucket_start_ms: i64, scale: f64) -> Scenario {
-    let tiers = (pool.tenants.iter())
-        .map(|t| TierSpec {
-            id: format!("tier-{}", t.id),
+    // One tier per tenant, named by position (a tenant id of the longest allowed
+    // length leaves no room for a prefix).
+    let tiers = (pool.tenants.iter().enumerate())
+        .map(|(i, t)| TierSpec {
+            id: format!("tier-{i}"),
             guaranteed: t.guaranteed,
             burst: t.burst,
             shared_access: t.shared_access.as_str().to_owned(),
             weight: t.weight,
         })
         .collect();
-    let tenants = (pool.tenants.iter())
-        .map(|t| {
+    let tenants = (pool.tenants.iter().enumerate())
+        .map(|(i, t)| {
             let asked = t.asked.get(&bucket_start_ms).copied().unwrap_or(0);
             let rate = asked as f64 * pool.window_ms as f64 / pool.bucket_ms as f64;
             let ceiling = f64::from(t.guaranteed) + f64::from(t.burst);
             TenantSpec {
                 id: t.id.clone(),
-                tier: format!("tier-{}", t.id),
+                tier: format!("tier-{i}"),
                 pool: None,
                 dedicated_tokens: t.dedicated_tokens,
                 weight: None,
