@@ -29,6 +29,8 @@ pub struct AdminApi {
     pub rebalancer: crate::lease::Rebalancer,
     /// How long one admin call waits for the configuration database (`admin_store.rs`).
     pub database_timeout: std::time::Duration,
+    /// The currency of tokens' monthly costs (`cost.currency`), for GetCostReport.
+    pub currency: String,
 }
 
 /// Checks the caller is an admin.
@@ -762,6 +764,13 @@ impl AdminService for AdminApi {
         r: Request<pb::GetUsageHistoryRequest>,
     ) -> Reply<pb::GetUsageHistoryResponse> {
         self.usage_history(r).await
+    }
+
+    async fn get_cost_report(
+        &self,
+        r: Request<pb::GetCostReportRequest>,
+    ) -> Reply<pb::GetCostReportResponse> {
+        self.cost_report(r).await
     }
 
     async fn plan_rebalance(
