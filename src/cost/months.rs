@@ -24,9 +24,10 @@ const LCM_DAYS: i128 = 377_580;
 /// `monthly` (minor units per calendar month) over `range` (ms since the Unix epoch,
 /// end exclusive), rounded half up to a minor unit. An empty or reversed range costs 0.
 ///
-/// Expects `0 <= monthly <= MAX_MONTHLY_COST_MINOR` and a range inside jiff's years
-/// −9999 to 9999 (it is clamped to them); within those bounds no step overflows:
-/// one month's numerator is below 2^40 × 2^32 × 2^14.
+/// Exact for `0 <= monthly <= MAX_MONTHLY_COST_MINOR` (one month's numerator is below
+/// 2^40 × 2^32 × 2^14, and jiff's years −9999 to 9999, which the range is clamped to,
+/// hold fewer than 2^18 months); beyond that bound the arithmetic saturates rather
+/// than overflow.
 pub fn prorate(monthly: i64, range: Range<i64>) -> i64 {
     let start = range.start.max(Timestamp::MIN.as_millisecond());
     let end = range.end.min(Timestamp::MAX.as_millisecond());
@@ -41,7 +42,10 @@ pub fn prorate(monthly: i64, range: Range<i64>) -> i64 {
         let next_start = next.map_or(i64::MAX, start_ms);
         let overlap = i128::from(end.min(next_start) - start.max(month_start));
         let days = i128::from(month.days_in_month());
-        numerator += i128::from(monthly) * overlap * (LCM_DAYS / days);
+        let part = i128::from(monthly)
+            .saturating_mul(overlap)
+            .saturating_mul(LCM_DAYS / days);
+        numerator = numerator.saturating_add(part);
         match next {
             Some(next) => (month, month_start) = (next, next_start),
             None => break,
@@ -49,7 +53,7 @@ pub fn prorate(monthly: i64, range: Range<i64>) -> i64 {
     }
     let denominator = LCM_DAYS * DAY_MS;
     // Half up: floor((2n + d) / 2d), every term non-negative.
-    let rounded = (2 * numerator + denominator) / (2 * denominator);
+    let rounded = numerator.saturating_mul(2).saturating_add(denominator) / (2 * denominator);
     i64::try_from(rounded).unwrap_or(i64::MAX)
 }
 
@@ -119,5 +123,6 @@ mod tests {
         assert_eq!(prorate(1000, start..end), 0);
         assert_eq!(prorate(0, 0..ms("2027-01-01")), 0);
         assert!(prorate(1, i64::MIN..i64::MAX) > 0);
+        assert!(prorate(i64::MAX, i64::MIN..i64::MAX) > 0);
     }
 }
