@@ -463,15 +463,29 @@ pub const RELEASE: &str = concat!(
     pool_index!(),
     r#"
 -- The lease record (see ACQUIRE's `KEYS[2]`), as tenant, token, cost, expires,
--- outcome, step, index, position, window; absent fields nil.
+-- outcome, step, index, position, window; absent fields nil. During a rolling upgrade
+-- a record may still be the previous release's hash (same fields, by name): read and
+-- written as such (`hashed`), so a lease an old replica granted is released here.
 local lease = {}
-local raw = redis.call('GET', KEYS[1])
-if raw then
+local raw = redis.pcall('GET', KEYS[1])
+local hashed = type(raw) == 'table' and raw.err ~= nil
+if hashed then
+  local h = redis.call('HMGET', KEYS[1], 'tenant', 'token', 'cost', 'expires', 'outcome',
+    'step', 'ix', 'ip', 'w')
+  for i = 1, 9 do lease[i] = h[i] or nil end
+elseif raw then
   local f = {}
   for field in string.gmatch(raw .. '|', '([^|]*)|') do
     if field == '' then f[#f + 1] = false else f[#f + 1] = field end
   end
   lease = {f[1], f[2], f[3], f[4], f[9] or nil, f[5], f[7] or nil, f[8] or nil, f[6]}
+end
+local function note_outcome(outcome)
+  if hashed then
+    redis.call('HSET', KEYS[1], 'outcome', outcome)
+  else
+    redis.call('APPEND', KEYS[1], '|' .. outcome)
+  end
 end
 local outcome = ARGV[1]
 -- A release is accepted while the lease's slots are counted (expiry + W); one after
@@ -487,7 +501,7 @@ local function released()
     return 3
   end
   if late then
-    redis.call('APPEND', KEYS[1], '|' .. outcome)
+    note_outcome(outcome)
     return 1
   end
   for i = 1, tonumber(lease[3]) do
@@ -508,7 +522,7 @@ local function released()
       redis.call('HSET', KEYS[4], ARGV[3], tostring(tat))
     end
   end
-  redis.call('APPEND', KEYS[1], '|' .. outcome)
+  note_outcome(outcome)
   return 1
 end
 local result = released()
