@@ -40,6 +40,7 @@ pub struct Settings {
     pub breaker: BreakerSection,
     pub rebalance: RebalanceSection,
     pub history: HistorySection,
+    pub cost: CostSection,
     pub encryption: EncryptionSection,
     pub tls: Option<TlsSection>,
     pub metrics: MetricsSection,
@@ -169,6 +170,15 @@ pub struct HistorySection {
     pub forecast_days: u64,
 }
 
+/// Cost allocation (`crate::cost`, `AdminService.GetCostReport`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostSection {
+    /// The ISO 4217 code of the currency tokens' monthly costs are in (three uppercase
+    /// letters); reports say it, nothing converts.
+    pub currency: String,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncryptionSection {
@@ -246,6 +256,9 @@ impl Default for Settings {
                 forecast_interval_ms: 3_600_000,
                 forecast_days: 14,
             },
+            cost: CostSection {
+                currency: "EUR".into(),
+            },
             encryption: EncryptionSection::default(),
             tls: None,
             metrics: MetricsSection {
@@ -322,6 +335,13 @@ impl Settings {
         )?;
         self.check_rebalance()?;
         self.check_history()?;
+        let currency = &self.cost.currency;
+        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            bail!(
+                "invalid setting cost.currency = {currency:?}: it must be an ISO 4217 code, \
+                 three uppercase letters such as EUR, PLN or USD"
+            );
+        }
         check_range("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000)?;
         check_range(
             "handshake_timeout_ms",
@@ -849,6 +869,24 @@ mod tests {
             "{help}"
         );
         assert!(help.contains("history.retention_days = 90"), "{help}");
+    }
+
+    /// The currency defaults to EUR, shows in the settings help, and must be three
+    /// uppercase letters.
+    #[test]
+    fn cost_currency() {
+        assert_eq!(Settings::default().cost.currency, "EUR");
+        let help = Settings::defaults_help();
+        assert!(help.contains("cost.currency = \"EUR\""), "{help}");
+        for bad in ["eur", "EURO", "", "E1R"] {
+            let mut s = Settings::default();
+            s.cost.currency = bad.into();
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains("cost.currency"), "{err}");
+        }
+        let mut s = Settings::default();
+        s.cost.currency = "PLN".into();
+        assert!(s.validate().is_ok());
     }
 
     /// The file layer and the environment layer override defaults, in that order.

@@ -19,6 +19,8 @@
 //! - `history/`: usage history per tenant and token in time buckets: the tallies
 //!   (pure), the replica's recorder, the flusher into the configuration store, and the
 //!   `GetUsageHistory` read.
+//! - `cost/`: cost allocation, pure: each token's monthly cost prorated over a range
+//!   and shared by tenants' grants (dedicated tokens to their owner), the rest unused.
 //! - `grpc/`: the only place that sees proto types: conversions, status mapping, auth
 //!   interceptor, the two services.
 //! - `auth`, `admin`: API keys and callers; admin use cases shared by the CLI.
@@ -43,6 +45,7 @@ pub mod auth;
 pub mod baselinker;
 pub mod clock;
 pub mod config;
+pub mod cost;
 pub mod crypto;
 pub mod domain;
 pub mod emulator;

@@ -120,7 +120,7 @@ struct EmulatorArgs {
     #[arg(
         long,
         alias = "utc-offset",
-        default_value = BlockZone::BASELINKER_DEFAULT,
+        default_value = BlockZone::DEFAULT_NAME,
         allow_hyphen_values = true
     )]
     time_zone: BlockZone,

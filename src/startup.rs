@@ -299,6 +299,7 @@ impl App {
             events: self.events.clone(),
             rebalancer,
             database_timeout: Duration::from_millis(self.settings.database_timeout_ms),
+            currency: self.settings.cost.currency.clone(),
         };
 
         // One server span per call, child of the caller's `traceparent` (see telemetry).

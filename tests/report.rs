@@ -112,6 +112,7 @@ mod store_report {
                 display_name: String::new(),
                 owner: TokenOwner::Pool(id("shared")),
                 disabled: false,
+                monthly_cost_minor: 0,
                 key_id: "k".into(),
                 sealed_secret: vec![0; 40],
                 create_time_ms: 0,

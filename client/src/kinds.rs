@@ -53,6 +53,25 @@ impl RequestKind {
         }
     }
 
+    /// Every kind, with its name in the service's settings (`priorities.<name>`).
+    ///
+    /// ```
+    /// use tokenlease_client::RequestKind;
+    ///
+    /// assert!(RequestKind::ALL.contains(&(RequestKind::OrderSync, "order_sync")));
+    /// ```
+    pub const ALL: [(RequestKind, &'static str); 9] = [
+        (Self::Unspecified, "unspecified"),
+        (Self::OrderStatus, "order_status"),
+        (Self::Payment, "payment"),
+        (Self::Shipment, "shipment"),
+        (Self::CustomerFacing, "customer_facing"),
+        (Self::OrderSync, "order_sync"),
+        (Self::Inventory, "inventory"),
+        (Self::Analytics, "analytics"),
+        (Self::Background, "background"),
+    ];
+
     pub(crate) fn to_proto(self) -> pb::RequestKind {
         match self {
             Self::Unspecified => pb::RequestKind::Unspecified,
@@ -88,6 +107,36 @@ pub enum Priority {
 }
 
 impl Priority {
+    /// Reads a priority's name (`critical`, `high`, `normal`, `low`).
+    ///
+    /// ```
+    /// use tokenlease_client::Priority;
+    ///
+    /// assert_eq!(Priority::parse("high"), Some(Priority::High));
+    /// assert_eq!(Priority::parse("urgent"), None);
+    /// ```
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::Critical, Self::High, Self::Normal, Self::Low]
+            .into_iter()
+            .find(|p| p.as_str() == name)
+    }
+
+    /// The priority's name, as in the service's settings and metrics.
+    ///
+    /// ```
+    /// use tokenlease_client::Priority;
+    ///
+    /// assert_eq!(Priority::Critical.as_str(), "critical");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Critical => "critical",
+            Self::High => "high",
+            Self::Normal => "normal",
+            Self::Low => "low",
+        }
+    }
+
     pub(crate) fn to_proto(self) -> pb::Priority {
         match self {
             Self::Critical => pb::Priority::Critical,

@@ -2,148 +2,44 @@
 //! API never names — most likely Europe/Warsaw (+01:00 in winter, +02:00 in summer),
 //! the default [`BlockZone`]. A fixed UTC offset can be configured instead.
 //!
-//! The calendar and the zone rules are jiff's, with the tz database compiled in (the
-//! Docker image has no `/usr/share/zoneinfo`). A local time is ambiguous once a year
-//! (the autumn hour that repeats) and impossible once (the spring hour that is skipped):
-//! both are read as the *later* instant, so a quarantine read from one never ends
-//! early. The client crate (`tokenlease-client`, `baselinker` module) reads these times
-//! by the same rules.
+//! The zone and its reading rules are the client crate's (`tokenlease-client`,
+//! `baselinker` module), so that the service's emulator writes these times exactly as
+//! workers read them: the calendar and the zone rules are jiff's, with the tz database
+//! compiled in, and a local time that is ambiguous (the autumn hour that repeats) or
+//! impossible (the spring hour that is skipped) is read as the *later* instant, so a
+//! quarantine read from one never ends early. Here they are adapted to the service's
+//! Unix milliseconds.
 
-use std::fmt;
-use std::str::FromStr;
+use std::time::{Duration, UNIX_EPOCH};
 
-use jiff::civil::DateTime;
-use jiff::tz::{Disambiguation, Offset, TimeZone};
-
-/// The zone "blocked until" times are written and read in: an IANA zone name from the
-/// tz database (default `Europe/Warsaw`) or a fixed offset (`+01:00`, `-05:30`, `Z`).
-/// Built by `parse`, so an unknown zone cannot exist.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlockZone {
-    /// As configured, for display.
-    name: String,
-    zone: TimeZone,
-}
-
-/// Why a zone was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error(
-    "invalid time zone '{0}': expected an IANA name such as Europe/Warsaw, or a fixed \
-     offset +HH:MM / -HH:MM within ±18:00, or Z"
-)]
-pub struct InvalidZone(pub String);
-
-impl BlockZone {
-    /// BaseLinker's zone, as far as anyone knows.
-    pub const BASELINKER_DEFAULT: &'static str = "Europe/Warsaw";
-
-    /// UTC, as a fixed offset.
-    pub fn utc() -> Self {
-        Self {
-            name: "Z".into(),
-            zone: TimeZone::UTC,
-        }
-    }
-
-    /// Parses an IANA zone name or a fixed offset (`+HH:MM`, `-HH:MM`, `Z`).
-    pub fn parse(text: &str) -> Result<Self, InvalidZone> {
-        let invalid = || InvalidZone(text.to_owned());
-        let is_offset = text.starts_with(['+', '-']) || text.eq_ignore_ascii_case("z");
-        let zone = if is_offset {
-            fixed_offset(text).ok_or_else(invalid)?
-        } else if text.is_empty() {
-            return Err(invalid());
-        } else {
-            TimeZone::get(text).map_err(|_| invalid())?
-        };
-        Ok(Self {
-            name: text.to_owned(),
-            zone,
-        })
-    }
-}
-
-impl Default for BlockZone {
-    fn default() -> Self {
-        Self::parse(Self::BASELINKER_DEFAULT).expect("the bundled tz database has Europe/Warsaw")
-    }
-}
-
-impl fmt::Display for BlockZone {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.name)
-    }
-}
-
-impl FromStr for BlockZone {
-    type Err = InvalidZone;
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        Self::parse(text)
-    }
-}
-
-/// `+HH:MM`, `-HH:MM` or `Z` as a fixed zone, within ±18:00.
-fn fixed_offset(text: &str) -> Option<TimeZone> {
-    if text.eq_ignore_ascii_case("z") {
-        return Some(TimeZone::UTC);
-    }
-    let b = text.as_bytes();
-    if b.len() != 6 || b[3] != b':' {
-        return None;
-    }
-    let sign = match b[0] {
-        b'+' => 1,
-        b'-' => -1,
-        _ => return None,
-    };
-    let (hours, minutes) = (two_digits(&b[1..3])?, two_digits(&b[4..6])?);
-    if minutes >= 60 || hours * 60 + minutes > 18 * 60 {
-        return None;
-    }
-    let offset = Offset::from_seconds(sign * (hours * 3600 + minutes * 60)).ok()?;
-    Some(TimeZone::fixed(offset))
-}
-
-fn two_digits(bytes: &[u8]) -> Option<i32> {
-    match bytes {
-        [a @ b'0'..=b'9', b @ b'0'..=b'9'] => Some(i32::from(a - b'0') * 10 + i32::from(b - b'0')),
-        _ => None,
-    }
-}
+pub use tokenlease_client::baselinker::{BlockZone, InvalidZone};
 
 /// `unix_ms` as `YYYY-MM-DD HH:MM:SS` in `zone`, sub-second part dropped.
 pub fn format_local_datetime(unix_ms: i64, zone: &BlockZone) -> String {
-    let Ok(instant) = jiff::Timestamp::from_millisecond(unix_ms.div_euclid(1000) * 1000) else {
-        return String::new();
+    let whole_seconds = Duration::from_secs(unix_ms.div_euclid(1000).unsigned_abs());
+    let at = if unix_ms >= 0 {
+        UNIX_EPOCH.checked_add(whole_seconds)
+    } else {
+        UNIX_EPOCH.checked_sub(whole_seconds)
     };
-    instant
-        .to_zoned_datetime(zone.zone.clone())
-        .strftime("%Y-%m-%d %H:%M:%S")
-        .to_string()
+    at.map(|at| zone.format(at)).unwrap_or_default()
 }
 
 /// Parses exactly `YYYY-MM-DD HH:MM:SS` read in `zone`, into Unix milliseconds.
 /// Refuses impossible dates (2023-02-29, 24:00:00); a repeated or skipped local time
 /// gives the later instant.
 pub fn parse_local_datetime(text: &str, zone: &BlockZone) -> Option<i64> {
-    let b = text.as_bytes();
-    let shape_ok = b.len() == 19
-        && b.iter().enumerate().all(|(i, &c)| match i {
-            4 | 7 => c == b'-',
-            10 => c == b' ',
-            13 | 16 => c == b':',
-            _ => c.is_ascii_digit(),
-        });
-    if !shape_ok {
-        return None;
-    }
-    let civil: DateTime = text.replacen(' ', "T", 1).parse().ok()?;
-    let instant = zone
-        .zone
-        .to_ambiguous_timestamp(civil)
-        .disambiguate(Disambiguation::Later)
-        .ok()?;
-    Some(instant.as_millisecond())
+    let at = zone.parse_local(text)?;
+    Some(match at.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_millis()).ok()?,
+        Err(before) => -i64::try_from(before.duration().as_millis()).ok()?,
+    })
+}
+
+/// UTC, as a fixed offset.
+#[cfg(test)]
+pub(crate) fn utc() -> BlockZone {
+    BlockZone::parse("Z").expect("Z is a valid zone")
 }
 
 #[cfg(test)]
@@ -159,18 +55,12 @@ mod tests {
     fn formats_a_known_instant() {
         // 2022-05-03 15:15:34 UTC
         let ms = 1_651_590_934_000;
-        assert_eq!(
-            format_local_datetime(ms, &BlockZone::utc()),
-            "2022-05-03 15:15:34"
-        );
+        assert_eq!(format_local_datetime(ms, &utc()), "2022-05-03 15:15:34");
         assert_eq!(
             format_local_datetime(ms, &zone("+02:00")),
             "2022-05-03 17:15:34"
         );
-        assert_eq!(
-            format_local_datetime(-1000, &BlockZone::utc()),
-            "1969-12-31 23:59:59"
-        );
+        assert_eq!(format_local_datetime(-1000, &utc()), "1969-12-31 23:59:59");
     }
 
     /// Formatting then parsing in the same zone gives back the instant (whole seconds),
@@ -276,13 +166,9 @@ mod tests {
             "2024-1-01 00:00:00",
             "",
         ] {
-            assert_eq!(
-                parse_local_datetime(text, &BlockZone::utc()),
-                None,
-                "{text}"
-            );
+            assert_eq!(parse_local_datetime(text, &utc()), None, "{text}");
         }
-        assert!(parse_local_datetime("2024-02-29 00:00:00", &BlockZone::utc()).is_some());
+        assert!(parse_local_datetime("2024-02-29 00:00:00", &utc()).is_some());
     }
 
     /// Zones parse from IANA names and ±HH:MM offsets; unknown names and out-of-range

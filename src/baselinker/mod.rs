@@ -210,7 +210,7 @@ mod tests {
         let message = "Query limit exceeded, token blocked until 2022-05-03 17:15:34";
         let at_plus_two = parse_blocked_until(message, &"+02:00".parse().unwrap());
         assert_eq!(at_plus_two, Some(1_651_590_934_000));
-        let at_utc = parse_blocked_until(message, &BlockZone::utc());
+        let at_utc = parse_blocked_until(message, &local_time::utc());
         assert_eq!(at_utc, Some(1_651_590_934_000 + 2 * 3_600_000));
         for zone in
             ["+01:00", "-03:30", "+05:45", "Europe/Warsaw"].map(|o| o.parse::<BlockZone>().unwrap())
@@ -222,9 +222,9 @@ mod tests {
             );
             assert_eq!(parse_blocked_until(&message, &zone), Some(until));
         }
-        assert_eq!(parse_blocked_until("too short", &BlockZone::utc()), None);
+        assert_eq!(parse_blocked_until("too short", &local_time::utc()), None);
         assert_eq!(
-            parse_blocked_until("Query limit exceeded", &BlockZone::utc()),
+            parse_blocked_until("Query limit exceeded", &local_time::utc()),
             None
         );
     }
@@ -232,11 +232,11 @@ mod tests {
     /// Answers sort into the right outcome, both block codes included.
     #[test]
     fn classifies_answers() {
-        let ok = classify(br#"{"status":"SUCCESS","orders":[]}"#, &BlockZone::utc()).unwrap();
+        let ok = classify(br#"{"status":"SUCCESS","orders":[]}"#, &local_time::utc()).unwrap();
         assert!(matches!(ok, Outcome::Success(v) if v["orders"].is_array()));
         let old_block = classify(
             br#"{"status":"ERROR","error_code":"ERROR_USER_ACCOUNT_BLOCKED","error_message":"blocked"}"#,
-            &BlockZone::utc(),
+            &local_time::utc(),
         )
         .unwrap();
         assert!(matches!(
@@ -248,7 +248,7 @@ mod tests {
         ));
         let error = classify(
             br#"{"status":"ERROR","error_code":"ERROR_BAD_TOKEN","error_message":"Invalid user token"}"#,
-            &BlockZone::utc(),
+            &local_time::utc(),
         )
         .unwrap();
         assert_eq!(
@@ -258,7 +258,7 @@ mod tests {
                 message: "Invalid user token".into()
             }
         );
-        assert!(classify(b"<html>", &BlockZone::utc()).is_err());
-        assert!(classify(br#"{"status":"MAYBE"}"#, &BlockZone::utc()).is_err());
+        assert!(classify(b"<html>", &local_time::utc()).is_err());
+        assert!(classify(br#"{"status":"MAYBE"}"#, &local_time::utc()).is_err());
     }
 }

@@ -11,10 +11,10 @@ mod token_health;
 mod validate;
 
 pub use id::Id;
-pub use model::check_display_name;
 pub use model::{
     ApiKeyRecord, ApiKeyRole, Pool, SharedAccess, Tenant, Tier, TokenOwner, TokenRecord, Upstream,
 };
+pub use model::{check_display_name, check_monthly_cost};
 pub use priority::{Priority, PriorityMap, RequestKind};
 pub use tenant_move::{MoveMode, TenantMove, TokenMove};
 pub use token_health::{

@@ -156,6 +156,9 @@ pub struct TokenRecord {
     pub key_id: String,
     /// Nonce followed by AES-256-GCM ciphertext and tag.
     pub sealed_secret: Vec<u8>,
+    /// Cost per calendar month in the currency's minor unit (`crate::cost`), 0 to
+    /// [`crate::cost::MAX_MONTHLY_COST_MINOR`].
+    pub monthly_cost_minor: i64,
     pub create_time_ms: i64,
     pub update_time_ms: i64,
 }
@@ -167,9 +170,22 @@ impl std::fmt::Debug for TokenRecord {
             .field("upstream_id", &self.upstream_id)
             .field("owner", &self.owner)
             .field("disabled", &self.disabled)
+            .field("monthly_cost_minor", &self.monthly_cost_minor)
             .field("key_id", &self.key_id)
             .finish_non_exhaustive()
     }
+}
+
+/// Checks a token's monthly cost: 0 to [`crate::cost::MAX_MONTHLY_COST_MINOR`].
+pub fn check_monthly_cost(field: &str, value: i64) -> Result<(), InvalidField> {
+    let max = crate::cost::MAX_MONTHLY_COST_MINOR;
+    if !(0..=max).contains(&value) {
+        return Err(InvalidField::new(
+            field,
+            format!("is {value}; it must be between 0 and {max} (minor units per month)"),
+        ));
+    }
+    Ok(())
 }
 
 /// A shared pool of tokens of one upstream.

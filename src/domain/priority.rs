@@ -1,55 +1,10 @@
 //! Request priority and the request kinds it is derived from (seed §5 `calculatePriority`).
+//!
+//! The two enums, the seed's mapping (`RequestKind::default_priority`) and their names
+//! are the client crate's (`tokenlease-client`), so a worker and the service agree on
+//! them by construction; the service adds the configurable mapping.
 
-/// Waiting requests are served in this order; `Critical` first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Priority {
-    Critical,
-    High,
-    Normal,
-    Low,
-}
-
-/// What an upstream call is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RequestKind {
-    Unspecified,
-    OrderStatus,
-    Payment,
-    Shipment,
-    CustomerFacing,
-    OrderSync,
-    Inventory,
-    Analytics,
-    Background,
-}
-
-impl RequestKind {
-    /// The seed's mapping: order status and payment are critical; shipment and
-    /// customer-facing are high; analytics and background are low; the rest normal.
-    pub fn default_priority(self) -> Priority {
-        match self {
-            Self::OrderStatus | Self::Payment => Priority::Critical,
-            Self::Shipment | Self::CustomerFacing => Priority::High,
-            Self::Analytics | Self::Background => Priority::Low,
-            Self::Unspecified | Self::OrderSync | Self::Inventory => Priority::Normal,
-        }
-    }
-}
-
-impl RequestKind {
-    /// Every kind, with its configuration name.
-    pub const ALL: [(RequestKind, &'static str); 9] = [
-        (Self::Unspecified, "unspecified"),
-        (Self::OrderStatus, "order_status"),
-        (Self::Payment, "payment"),
-        (Self::Shipment, "shipment"),
-        (Self::CustomerFacing, "customer_facing"),
-        (Self::OrderSync, "order_sync"),
-        (Self::Inventory, "inventory"),
-        (Self::Analytics, "analytics"),
-        (Self::Background, "background"),
-    ];
-}
+pub use tokenlease_client::{Priority, RequestKind};
 
 /// Which priority each request kind gets when a call names none: the seed's mapping,
 /// with overrides from the configuration (`priorities.<kind> = "<priority>"`).
@@ -101,23 +56,6 @@ impl PriorityMap {
     /// An explicit priority wins; otherwise the request kind decides.
     pub fn resolve(&self, explicit: Option<Priority>, kind: RequestKind) -> Priority {
         explicit.unwrap_or_else(|| self.by_kind.get(&kind).copied().unwrap_or(Priority::Normal))
-    }
-}
-
-impl Priority {
-    pub fn parse(value: &str) -> Option<Self> {
-        [Self::Critical, Self::High, Self::Normal, Self::Low]
-            .into_iter()
-            .find(|p| p.as_str() == value)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Critical => "critical",
-            Self::High => "high",
-            Self::Normal => "normal",
-            Self::Low => "low",
-        }
     }
 }
 

@@ -196,6 +196,7 @@ mod tests {
             disabled: false,
             key_id: "k".into(),
             sealed_secret: vec![],
+            monthly_cost_minor: 0,
             create_time_ms: 0,
             update_time_ms: 0,
         };

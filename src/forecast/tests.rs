@@ -198,6 +198,7 @@ fn pool_demands_from_configuration_and_rows() {
         display_name: String::new(),
         owner,
         disabled: name == "t2",
+        monthly_cost_minor: 0,
         key_id: "k".into(),
         sealed_secret: vec![],
         create_time_ms: 0,

@@ -4,7 +4,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::admin_store::{Read, loaded_one, loaded_page, loaded_shared_page, mark, write_by};
+use super::admin_store::{Read, loaded_one, loaded_page, loaded_shared_page, write_by};
 use super::auth::caller;
 use super::convert::*;
 use super::pb::{self, admin_service_server::AdminService};
@@ -29,6 +29,8 @@ pub struct AdminApi {
     pub rebalancer: crate::lease::Rebalancer,
     /// How long one admin call waits for the configuration database (`admin_store.rs`).
     pub database_timeout: std::time::Duration,
+    /// The currency of tokens' monthly costs (`cost.currency`), for GetCostReport.
+    pub currency: String,
 }
 
 /// Checks the caller is an admin.
@@ -61,16 +63,6 @@ pub(super) fn page(size: u32, token: &str) -> Result<(Option<String>, u32), Stat
         }
     };
     Ok((after, limit))
-}
-
-/// Trims the extra row fetched to detect a next page and returns the next page token.
-fn next_page<T>(items: &mut Vec<T>, limit: u32, id_of: impl Fn(&T) -> String) -> String {
-    if items.len() > limit as usize {
-        items.truncate(limit as usize);
-        items.last().map(id_of).unwrap_or_default()
-    } else {
-        String::new()
-    }
 }
 
 impl AdminApi {
@@ -203,15 +195,13 @@ impl AdminService for AdminApi {
                 |s| Ok(loaded_page(&s.upstreams, after.as_deref(), limit + 1)),
             )
             .await?;
-        let loaded_version = read.loaded_version;
-        let mut items = read.value;
-        let next_page_token = next_page(&mut items, limit, |u| u.id.to_string());
-        Ok(mark(
-            Response::new(pb::ListUpstreamsResponse {
-                upstreams: items.iter().map(upstream_to_proto).collect(),
+        Ok(read.respond_page(
+            limit,
+            |u| u.id.to_string(),
+            |rows, next_page_token| pb::ListUpstreamsResponse {
+                upstreams: rows.iter().map(upstream_to_proto).collect(),
                 next_page_token,
-            }),
-            loaded_version,
+            },
         ))
     }
 
@@ -313,15 +303,13 @@ impl AdminService for AdminApi {
                 },
             )
             .await?;
-        let loaded_version = read.loaded_version;
-        let mut items = read.value;
-        let next_page_token = next_page(&mut items, limit, |t| t.id.to_string());
-        Ok(mark(
-            Response::new(pb::ListTokensResponse {
-                tokens: items.iter().map(token_to_proto).collect(),
+        Ok(read.respond_page(
+            limit,
+            |t| t.id.to_string(),
+            |rows, next_page_token| pb::ListTokensResponse {
+                tokens: rows.iter().map(token_to_proto).collect(),
                 next_page_token,
-            }),
-            loaded_version,
+            },
         ))
     }
 
@@ -411,15 +399,13 @@ impl AdminService for AdminApi {
                 |s| Ok(loaded_page(&s.pools, after.as_deref(), limit + 1)),
             )
             .await?;
-        let loaded_version = read.loaded_version;
-        let mut items = read.value;
-        let next_page_token = next_page(&mut items, limit, |p| p.id.to_string());
-        Ok(mark(
-            Response::new(pb::ListPoolsResponse {
-                pools: items.iter().map(|p| self.pool_proto(p)).collect(),
+        Ok(read.respond_page(
+            limit,
+            |p| p.id.to_string(),
+            |rows, next_page_token| pb::ListPoolsResponse {
+                pools: rows.iter().map(|p| self.pool_proto(p)).collect(),
                 next_page_token,
-            }),
-            loaded_version,
+            },
         ))
     }
 
@@ -490,15 +476,13 @@ impl AdminService for AdminApi {
                 |s| Ok(loaded_page(&s.tiers, after.as_deref(), limit + 1)),
             )
             .await?;
-        let loaded_version = read.loaded_version;
-        let mut items = read.value;
-        let next_page_token = next_page(&mut items, limit, |t| t.id.to_string());
-        Ok(mark(
-            Response::new(pb::ListTiersResponse {
-                tiers: items.iter().map(tier_to_proto).collect(),
+        Ok(read.respond_page(
+            limit,
+            |t| t.id.to_string(),
+            |rows, next_page_token| pb::ListTiersResponse {
+                tiers: rows.iter().map(tier_to_proto).collect(),
                 next_page_token,
-            }),
-            loaded_version,
+            },
         ))
     }
 
@@ -579,19 +563,14 @@ impl AdminService for AdminApi {
                 |s| Ok(loaded_shared_page(&s.tenants, after.as_deref(), limit + 1)),
             )
             .await?;
-        let loaded_version = read.loaded_version;
-        let mut items = read.value;
-        let next_page_token = next_page(&mut items, limit, |t| t.id.to_string());
         let snapshot = self.config().current();
-        Ok(mark(
-            Response::new(pb::ListTenantsResponse {
-                tenants: items
-                    .iter()
-                    .map(|t| tenant_to_proto(t, &snapshot))
-                    .collect(),
+        Ok(read.respond_page(
+            limit,
+            |t| t.id.to_string(),
+            |rows, next_page_token| pb::ListTenantsResponse {
+                tenants: rows.iter().map(|t| tenant_to_proto(t, &snapshot)).collect(),
                 next_page_token,
-            }),
-            loaded_version,
+            },
         ))
     }
 
@@ -677,15 +656,13 @@ impl AdminService for AdminApi {
                 |s| Ok(loaded_shared_page(&s.api_keys, after.as_deref(), limit + 1)),
             )
             .await?;
-        let loaded_version = read.loaded_version;
-        let mut items = read.value;
-        let next_page_token = next_page(&mut items, limit, |k| k.id.clone());
-        Ok(mark(
-            Response::new(pb::ListApiKeysResponse {
-                api_keys: items.iter().map(api_key_to_proto).collect(),
+        Ok(read.respond_page(
+            limit,
+            |k| k.id.clone(),
+            |rows, next_page_token| pb::ListApiKeysResponse {
+                api_keys: rows.iter().map(api_key_to_proto).collect(),
                 next_page_token,
-            }),
-            loaded_version,
+            },
         ))
     }
 
@@ -762,6 +739,13 @@ impl AdminService for AdminApi {
         r: Request<pb::GetUsageHistoryRequest>,
     ) -> Reply<pb::GetUsageHistoryResponse> {
         self.usage_history(r).await
+    }
+
+    async fn get_cost_report(
+        &self,
+        r: Request<pb::GetCostReportRequest>,
+    ) -> Reply<pb::GetCostReportResponse> {
+        self.cost_report(r).await
     }
 
     async fn plan_rebalance(

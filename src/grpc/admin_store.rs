@@ -41,6 +41,30 @@ impl<T> Read<T> {
     }
 }
 
+impl<T> Read<Vec<T>> {
+    /// The response to a page of a list read with one row more than `limit` (to know
+    /// whether another page follows): `reply` gets the page's rows and the next page
+    /// token (the last row's id, or empty on the last page).
+    pub fn respond_page<R>(
+        self,
+        limit: u32,
+        id_of: impl Fn(&T) -> String,
+        reply: impl FnOnce(&[T], String) -> R,
+    ) -> Response<R> {
+        let mut rows = self.value;
+        let next_page_token = if rows.len() > limit as usize {
+            rows.truncate(limit as usize);
+            rows.last().map(id_of).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        mark(
+            Response::new(reply(&rows, next_page_token)),
+            self.loaded_version,
+        )
+    }
+}
+
 /// Marks `response` as answered from the loaded configuration of `loaded_version`.
 pub fn mark<R>(mut response: Response<R>, loaded_version: Option<i64>) -> Response<R> {
     if let Some(version) = loaded_version {

@@ -9,7 +9,7 @@ use super::pb;
 use crate::clock::system_now_ms;
 use crate::domain::{
     ApiKeyRecord, ApiKeyRole, CapacityReport, Id, InvalidField, Pool, SharedAccess, Tenant, Tier,
-    TokenOwner, TokenRecord, Upstream, check_display_name,
+    TokenOwner, TokenRecord, Upstream, check_display_name, check_monthly_cost,
 };
 use crate::lease::Snapshot;
 
@@ -143,6 +143,7 @@ pub fn token_from_proto(
         true => None,
         false => Some(parse_secret(t.secret)?),
     };
+    check_monthly_cost("token.monthly_cost_minor", t.monthly_cost_minor)?;
     let record = TokenRecord {
         id: Id::parse("token.id", &t.id)?,
         upstream_id: Id::parse("token.upstream_id", &t.upstream_id)?,
@@ -151,6 +152,7 @@ pub fn token_from_proto(
         disabled: t.disabled,
         key_id: String::new(),
         sealed_secret: Vec::new(),
+        monthly_cost_minor: t.monthly_cost_minor,
         create_time_ms: 0,
         update_time_ms: 0,
     };
@@ -171,6 +173,7 @@ pub fn token_to_proto(t: &TokenRecord) -> pb::Token {
         key_id: t.key_id.clone(),
         create_time: Some(timestamp(t.create_time_ms)),
         update_time: Some(timestamp(t.update_time_ms)),
+        monthly_cost_minor: t.monthly_cost_minor,
     }
 }
 

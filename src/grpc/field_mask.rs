@@ -184,6 +184,7 @@ pub const TOKEN: Resource<pb::Token> = Resource {
         ("dedicated_tenant_id", Mutable),
         ("disabled", Mutable),
         ("key_id", OutputOnly),
+        ("monthly_cost_minor", Mutable),
         ("create_time", OutputOnly),
         ("update_time", OutputOnly),
     ],
@@ -196,6 +197,7 @@ pub const TOKEN: Resource<pb::Token> = Resource {
             // when the mask names it (and an empty one is refused by the handler).
             "secret" => onto.secret.clone_from(&from.secret),
             "disabled" => onto.disabled = from.disabled,
+            "monthly_cost_minor" => onto.monthly_cost_minor = from.monthly_cost_minor,
             // The owner is a oneof: naming one of its fields sets it from the request
             // when the request sets that field, and clears it otherwise (then parsing
             // says "set either pool_id or dedicated_tenant_id").

@@ -33,7 +33,7 @@ impl AdminApi {
 }
 
 /// A required timestamp, in ms since the epoch.
-fn parse_timestamp(
+pub(super) fn parse_timestamp(
     field: &str,
     value: Option<prost_types::Timestamp>,
 ) -> Result<i64, InvalidField> {

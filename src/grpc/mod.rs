@@ -5,7 +5,7 @@
 //! - `codec`: prost's codec, with unparseable requests answered INVALID_ARGUMENT;
 //! - `auth`: the interceptor that turns `authorization` metadata into a `Caller`;
 //! - `admin_api`, `lease_api`: the two services (`history_api`: GetUsageHistory;
-//!   `watch`: the WatchEvents streams); `admin_store`: how admin calls reach the
+//!   `cost_api`: GetCostReport; `watch`: the WatchEvents streams); `admin_store`: how admin calls reach the
 //!   configuration database when it may be away;
 //! - `field_mask`, `admin_update`: partial updates (`update_mask`, AIP-134) on every
 //!   Update RPC.
@@ -16,6 +16,7 @@ mod admin_update;
 pub mod auth;
 pub mod codec;
 pub mod convert;
+mod cost_api;
 pub mod field_mask;
 mod history_api;
 pub mod lease_api;

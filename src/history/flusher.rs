@@ -36,14 +36,20 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    /// Writes every row changed since the last write; returns how many.
+    /// Writes every row changed since the last write (tallies, then grants per tenant
+    /// and token); returns how many.
     pub async fn flush(&self, now_ms: i64) -> Result<usize, StoreError> {
         let rows = self.recorder.pending();
         self.store
             .write_history(&self.replica_id, &rows, now_ms)
             .await?;
         self.recorder.written(&rows, now_ms);
-        Ok(rows.len())
+        let grants = self.recorder.grants.pending();
+        self.store
+            .write_grants(&self.replica_id, &grants, now_ms)
+            .await?;
+        self.recorder.grants.written(&grants, now_ms);
+        Ok(rows.len() + grants.len())
     }
 
     /// Deletes every replica's rows past the retention; returns how many.

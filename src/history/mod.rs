@@ -6,6 +6,8 @@
 //! - `tally`: the counts of one bucket and subject, merged across replicas and buckets
 //!   (pure).
 //! - `recorder`: the replica's counts in memory, fed by the lease use cases.
+//! - `grants`: leases granted per tenant *and* token (for `crate::cost`), kept and
+//!   written beside the tallies, in their own table.
 //! - `flusher`: writes them to the configuration store every `history.flush_ms`
 //!   (each replica its own rows: no contention, nothing counted twice), and deletes
 //!   rows older than `history.retention_days`.
@@ -16,11 +18,13 @@
 
 mod flusher;
 mod forecaster;
+mod grants;
 mod recorder;
 mod tally;
 
 pub use flusher::{Flusher, HistorySettings};
 pub use forecaster::{ForecastSettings, Forecaster, gauge_value};
+pub use grants::{GrantCounts, GrantRow};
 pub use recorder::{Acquired, Recorder};
 pub use tally::{
     DENIAL_REASONS, HistoryRow, Subject, SubjectKind, Tally, WAIT_BOUNDS_MS, WaitHistogram,

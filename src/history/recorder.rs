@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::ledger::ReleaseOutcome;
 
+use super::grants::GrantCounts;
 use super::tally::{DENIAL_REASONS, HistoryRow, Subject, Tally, bucket_start};
 
 /// How an AcquireLease call ended, as history counts it.
@@ -39,6 +40,8 @@ struct Entry {
 pub struct Recorder {
     bucket_ms: i64,
     entries: Arc<Mutex<HashMap<(i64, Subject), Entry>>>,
+    /// Grants per tenant and token, for cost allocation.
+    pub grants: GrantCounts,
 }
 
 impl Recorder {
@@ -47,6 +50,7 @@ impl Recorder {
         Self {
             bucket_ms: bucket_ms.max(1),
             entries: Arc::default(),
+            grants: GrantCounts::new(bucket_ms),
         }
     }
 
@@ -83,7 +87,7 @@ impl Recorder {
     }
 
     /// A lease of `tenant_id` granted on `token_id` of `upstream_id` at `now_ms`:
-    /// counted for the token, and as borrowed for both when it went beyond the tenant's
+    /// counted for the token and for the pair (`grants`), and as borrowed for both when it went beyond the tenant's
     /// guarantee. The call itself is counted for the tenant when it is answered
     /// (`record_acquire`).
     pub fn record_grant(
@@ -100,6 +104,7 @@ impl Recorder {
             t.granted += 1;
             t.borrowed += u64::from(borrowed);
         });
+        self.grants.add(now_ms, tenant_id, token_id, upstream_id);
         if borrowed {
             let tenant = Subject::tenant(tenant_id);
             self.update(now_ms, tenant, |t| t.borrowed += 1);

@@ -15,7 +15,8 @@ mod sql;
 mod sql_tests;
 
 pub use sql::{
-    Backend, Changes, ConfigDelta, ConfigStore, MoveHistory, MoveOrder, StoredConfig, TokenMover,
+    Backend, Changes, ConfigDelta, ConfigStore, GrantTotal, MoveHistory, MoveOrder, StoredConfig,
+    TokenMover,
 };
 
 use crate::domain::InvalidField;

@@ -27,11 +27,13 @@
 //! - `tx`: the write transaction, reference checks and the mapping of database errors.
 //! - `guarantees`: the cross-object rules on the pools one write affects.
 //! - `changes`: the change log replicas patch their snapshot from.
-//! - `history`: usage history rows (`crate::history`), each replica its own.
+//! - `history`: usage history rows (`crate::history`), each replica its own;
+//!   `grants`: the grants per tenant and token written beside them (for cost).
 //! - `config`: upstreams, pools and tiers; `tenancy`: tenants and tokens; `keys`: API keys.
 
 mod changes;
 mod config;
+mod grants;
 mod guarantees;
 mod history;
 mod keys;
@@ -51,6 +53,7 @@ use crate::domain::{ApiKeyRecord, ConfigView, Id, Pool, Tenant, Tier, TokenRecor
 
 use super::StoreError;
 pub use changes::{Changes, ConfigDelta};
+pub use grants::GrantTotal;
 pub use rebalance::{MoveHistory, MoveOrder};
 pub use spaces::TokenMover;
 use tx::Write;

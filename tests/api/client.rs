@@ -14,8 +14,8 @@ use tokenlease::grpc::pb::admin_service_client::AdminServiceClient;
 use tokenlease::grpc::pb::lease_service_server::{LeaseService, LeaseServiceServer};
 use tokenlease_client::baselinker::{BlockZone, Reply};
 use tokenlease_client::{
-    Client, Denial, DenialReason, Error, FailoverPolicy, FreshnessPolicy, Outcome, Priority,
-    RequestKind, WatchFilter, WatchItem,
+    Client, Denial, DenialReason, Error, FailoverPolicy, FreshnessPolicy, LeaseGuard, Outcome,
+    Priority, RequestKind, WatchFilter, WatchItem,
 };
 use tokio::sync::oneshot;
 use tokio::sync::oneshot::error::TryRecvError;
@@ -42,6 +42,15 @@ struct Setup {
 }
 
 impl Setup {
+    /// A lease for tenant "acme" (an order sync), which the tests' pool always grants.
+    async fn acme_lease(&self) -> LeaseGuard {
+        self.client
+            .lease("acme", RequestKind::OrderSync)
+            .acquire()
+            .await
+            .expect("the pool grants acme a lease")
+    }
+
     async fn new(pool: PoolSetup) -> Setup {
         let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
         let mut settings = env.settings();
@@ -113,12 +122,7 @@ fn client_for(apps: &[&TestApp], key: &str) -> Client {
 #[tokio::test]
 async fn a_guard_dropped_untaken_releases_not_used() {
     let setup = Setup::new(PoolSetup::default()).await;
-    let lease = setup
-        .client
-        .lease("acme", RequestKind::OrderSync)
-        .acquire()
-        .await
-        .unwrap();
+    let lease = setup.acme_lease().await;
     let lease_id = lease.lease_id().to_owned();
     assert_eq!(setup.tenant_used().await, 1);
     drop(lease);
@@ -145,12 +149,7 @@ async fn a_guard_dropped_untaken_releases_not_used() {
 #[tokio::test]
 async fn a_guard_dropped_after_use_releases_the_recorded_outcome() {
     let setup = Setup::new(PoolSetup::default()).await;
-    let mut lease = setup
-        .client
-        .lease("acme", RequestKind::OrderSync)
-        .acquire()
-        .await
-        .unwrap();
+    let mut lease = setup.acme_lease().await;
     let lease_id = lease.lease_id().to_owned();
     {
         use secrecy::ExposeSecret;
@@ -180,12 +179,7 @@ async fn a_guard_dropped_after_use_releases_the_recorded_outcome() {
 #[tokio::test]
 async fn a_guard_dropped_after_use_without_an_outcome_is_left_to_expire() {
     let setup = Setup::new(PoolSetup::default()).await;
-    let lease = setup
-        .client
-        .lease("acme", RequestKind::OrderSync)
-        .acquire()
-        .await
-        .unwrap();
+    let lease = setup.acme_lease().await;
     let lease_id = lease.lease_id().to_owned();
     let _ = lease.token();
     drop(lease);
@@ -455,20 +449,7 @@ async fn the_fallback_runs_on_denial_with_the_priority_s_freshness() {
         ..PoolSetup::default()
     };
     let setup = Setup::new(pool).await;
-    let held = [
-        setup
-            .client
-            .lease("acme", RequestKind::OrderSync)
-            .acquire()
-            .await
-            .unwrap(),
-        setup
-            .client
-            .lease("acme", RequestKind::OrderSync)
-            .acquire()
-            .await
-            .unwrap(),
-    ];
+    let held = [setup.acme_lease().await, setup.acme_lease().await];
 
     let denial_for = |client: Client, kind: RequestKind| async move {
         let ran = Arc::new(AtomicBool::new(false));
@@ -704,27 +685,10 @@ async fn a_watch_resubscribes_after_a_restart_and_says_resync() {
 /// plaintext client gets none (and says no replica was available).
 #[tokio::test]
 async fn the_client_speaks_tls() {
-    use tonic::transport::{Certificate, ClientTlsConfig};
+    use super::tls::spawn_with_tls;
 
     let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let (cert_path, key_path) = (
-        env.dir.path().join("server.pem"),
-        env.dir.path().join("server.key"),
-    );
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    let mut settings = env.settings();
-    settings.tls = Some(tokenlease::config::TlsSection {
-        cert_path,
-        key_path,
-        client_ca_path: None,
-    });
-    let app = env.spawn_with(settings).await;
-
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(cert.cert.pem()))
-        .domain_name("localhost");
+    let (app, tls) = spawn_with_tls(&env).await;
     let https = format!("https://localhost:{}", app.addr.port());
     let client = Client::builder()
         .endpoint(&https)

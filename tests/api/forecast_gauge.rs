@@ -36,6 +36,7 @@ async fn pool_with_tenant(store: &ConfigStore, pool: &str, tokens: usize, tenant
             display_name: String::new(),
             owner: TokenOwner::Pool(id(pool)),
             disabled: false,
+            monthly_cost_minor: 0,
             key_id: "k1".into(),
             sealed_secret: vec![0; 40],
             create_time_ms: 0,

@@ -9,6 +9,7 @@ mod breaker;
 mod capacity;
 mod client;
 mod cluster;
+mod cost_report;
 mod data_dir;
 mod faults;
 mod field_masks;

@@ -3,13 +3,11 @@
 use tokenlease::grpc::pb::{self, admin_service_client::AdminServiceClient};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
-use super::helpers::{Counters, Db, TestEnv, authed};
+use super::helpers::{Counters, Db, TestApp, TestEnv, authed};
 
-/// A client trusting the server's certificate gets answers over TLS; a plaintext client
-/// gets none.
-#[tokio::test]
-async fn serves_tls_when_a_certificate_is_configured() {
-    let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
+/// Starts a server of `env` with a fresh self-signed certificate for `localhost`, and
+/// returns it with a client TLS configuration that trusts that certificate.
+pub async fn spawn_with_tls(env: &TestEnv) -> (TestApp, ClientTlsConfig) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let cert_path = env.dir.path().join("server.pem");
     let key_path = env.dir.path().join("server.key");
@@ -22,10 +20,18 @@ async fn serves_tls_when_a_certificate_is_configured() {
         client_ca_path: None,
     });
     let app = env.spawn_with(settings).await;
-
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(cert.cert.pem()))
         .domain_name("localhost");
+    (app, tls)
+}
+
+/// A client trusting the server's certificate gets answers over TLS; a plaintext client
+/// gets none.
+#[tokio::test]
+async fn serves_tls_when_a_certificate_is_configured() {
+    let env = TestEnv::new(Db::Sqlite, Counters::Memory).await;
+    let (app, tls) = spawn_with_tls(&env).await;
     let channel = Channel::from_shared(format!("https://localhost:{}", app.addr.port()))
         .unwrap()
         .tls_config(tls)

@@ -11,27 +11,18 @@ Run: python tests/python/test_client.py   (exit 1 on a failure)
 """
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
 import grpc
 from google.protobuf import duration_pb2
 
-ROOT = Path(__file__).resolve().parents[2]
+from tokenlease_server import ROOT, free_port, start_server, wait_for_admin_key
+
 SECRET = "py-1-23-SECRET-TOKEN"
-
-
-def binary():
-    explicit = os.environ.get("TOKENLEASE_BIN")
-    if explicit:
-        return Path(explicit)
-    target = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
-    return target / "debug" / "tokenlease"
 
 
 def generate_stubs(out):
@@ -42,42 +33,11 @@ def generate_stubs(out):
     sys.path.insert(0, str(out))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(data_dir, port):
-    exe = binary()
-    if not exe.exists():
-        sys.exit(f"{exe} does not exist: run `cargo build` first (or set TOKENLEASE_BIN)")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TOKENLEASE_", "OTEL_")) and k not in ("DATABASE_URL", "REDIS_URL")}
-    env.update({
-        "TOKENLEASE_LISTEN": f"127.0.0.1:{port}",
-        "TOKENLEASE_DATA_DIR": str(data_dir),
-        "TOKENLEASE_METRICS__LISTEN": "",
-        "RUST_LOG": "warn",
-    })
-    return subprocess.Popen([str(exe), "serve"], env=env)
-
-
 def wait_ready(server, data_dir, port):
-    key_file = Path(data_dir) / "admin.key"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"tokenlease serve exited with {server.returncode}")
-        if key_file.exists() and key_file.read_text().strip():
-            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-            try:
-                grpc.channel_ready_future(channel).result(timeout=1)
-                return channel, key_file.read_text().strip()
-            except grpc.FutureTimeoutError:
-                channel.close()
-        time.sleep(0.1)
-    sys.exit("tokenlease serve did not come up within 30 s")
+    key = wait_for_admin_key(server, Path(data_dir) / "admin.key", port)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(channel).result(timeout=10)
+    return channel, key
 
 
 def bearer(key):
@@ -195,7 +155,7 @@ def main():
         generate_stubs(gen)
         data_dir = Path(tmp) / "data"
         port = free_port()
-        server = start_server(data_dir, port)
+        server = start_server(port, data_dir=data_dir)
         try:
             channel, admin_key = wait_ready(server, data_dir, port)
             ok = run(channel, admin_key)

@@ -16,14 +16,14 @@ Run: python tests/readme/test_readme.py   (exit 1 on a failure)
 """
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+from tokenlease_server import ROOT, free_port, start_server, wait_for_admin_key  # noqa: E402
+
 MARK = "<!-- run by tests/readme/test_readme.py -->"
 ADDRESS = "127.0.0.1:50051"
 
@@ -34,14 +34,6 @@ EXPECTED = [
     [],
     ['"previousState": "TOKEN_STATE_ACTIVE"'],
 ]
-
-
-def binary():
-    explicit = os.environ.get("TOKENLEASE_BIN")
-    if explicit:
-        return Path(explicit)
-    target = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
-    return target / "debug" / "tokenlease"
 
 
 def blocks(readme):
@@ -66,37 +58,6 @@ def blocks(readme):
     return marked, unmarked_quick_start
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(folder, port):
-    exe = binary()
-    if not exe.exists():
-        sys.exit(f"{exe} does not exist: run `cargo build` first (or set TOKENLEASE_BIN)")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TOKENLEASE_", "OTEL_")) and k not in ("DATABASE_URL", "REDIS_URL")}
-    env.update({"TOKENLEASE_LISTEN": f"127.0.0.1:{port}", "TOKENLEASE_METRICS__LISTEN": "",
-                "RUST_LOG": "warn"})
-    return subprocess.Popen([str(exe), "serve"], cwd=folder, env=env)
-
-
-def wait_ready(server, folder, port):
-    key_file = Path(folder) / "tokenlease-data" / "admin.key"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"tokenlease serve exited with {server.returncode}")
-        if key_file.exists() and key_file.read_text().strip():
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-        time.sleep(0.1)
-    sys.exit("tokenlease serve did not come up within 30 s")
-
-
 def main():
     for tool in ("grpcurl", "jq", "bash"):
         if not shutil.which(tool):
@@ -110,9 +71,9 @@ def main():
     with tempfile.TemporaryDirectory(prefix="tokenlease-readme-") as folder:
         (Path(folder) / "proto").symlink_to(ROOT / "proto")
         port = free_port()
-        server = start_server(folder, port)
+        server = start_server(port, cwd=folder)
         try:
-            wait_ready(server, folder, port)
+            wait_for_admin_key(server, Path(folder) / "tokenlease-data" / "admin.key", port)
             for n, (body, expected) in enumerate(zip(marked, EXPECTED), 1):
                 script = body.replace(ADDRESS, f"127.0.0.1:{port}")
                 run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=folder,

@@ -73,11 +73,21 @@ local function pace_math(tat, c, pace, step)
   return room, fits, grows
 end
 
--- Records a token's pacing schedule; the hash lives while any schedule is ahead.
-local function set_schedule(pace_key, token, tat)
+-- Records a token's pacing schedule (at most a window ahead). The hash lives while any
+-- schedule is ahead. A pool token's (`life` nil) needs no check: while its pool's index
+-- is in use the hash lives at least half the index's life (`pi_ensure`). A dedicated
+-- token's extends the hash's life as far as the schedule needs, and gives a hash
+-- without one `life` ms (never less: pool tokens' schedules may be in it too).
+local function set_schedule(pace_key, token, tat, life)
   redis.call('HSET', pace_key, token, tostring(tat))
+  if life == nil then return end
+  local left = redis.call('PTTL', pace_key)
   local keep = math.ceil(tat - now) + 1000
-  if redis.call('PTTL', pace_key) < keep then redis.call('PEXPIRE', pace_key, keep) end
+  if left == -1 then
+    redis.call('PEXPIRE', pace_key, math.max(keep, life))
+  elseif left < keep then
+    redis.call('PEXPIRE', pace_key, keep)
+  end
 end
 
 local M = 131072
@@ -193,10 +203,17 @@ end
 local function pi_ensure(first)
   local left = redis.call('PTTL', PI.meta)
   local keys = {PI.ready, PI.wait, PI.pos, PI.meta, PI.out}
-  if left >= 0 then
-    if left < PI.keep / 2 then
-      for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end
+  -- The pacing schedules live as long as the index (see `set_schedule`): a schedule is
+  -- never more than a window ahead, and the index's life, refreshed at half, is ten.
+  local function keep_alive()
+    for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end
+    if PI.pace > 0 then
+      redis.call('PEXPIRE', PI.pace_key, PI.keep, 'NX')
+      redis.call('PEXPIRE', PI.pace_key, PI.keep, 'GT')
     end
+  end
+  if left >= 0 then
+    if left < PI.keep / 2 then keep_alive() end
     return true
   end
   if #ARGV < first then return false end
@@ -207,7 +224,7 @@ local function pi_ensure(first)
     redis.call('HSET', PI.pos, ARGV[i], i - first + 1)
     pi_refresh(ARGV[i], i - first + 1)
   end
-  for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end
+  keep_alive()
   return true
 end
 
@@ -242,10 +259,12 @@ local function pi_choose(c)
         -- Check the first against its own window (and pace): if it has room, it is the
         -- choice (its use can only have dropped since it was placed, so it is still the
         -- least used); otherwise put it right and look again.
+        -- Counted, not trimmed: the entries that left stay until the token's due
+        -- refresh (its *wait* instant is when the first one leaves) trims them.
         local token, p = top[1], tonumber(top[2]) % M
         local key = PI.base .. 'kw:' .. token
-        local trimmed = redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - PI.w))
-        local used = redis.call('ZCARD', key)
+        local used = redis.call('ZCOUNT', key, now - PI.w, '+inf')
+        local placed = math.floor(tonumber(top[2]) / M)
         local fits, tat = now, nil
         if PI.pace > 0 then
           tat = tonumber(redis.call('HGET', PI.pace_key, token)) or now
@@ -253,7 +272,7 @@ local function pi_choose(c)
           fits = f
         end
         if used < PI.l and fits <= now then
-          if trimmed > 0 then pi_refresh(token, p, true) end
+          if used ~= placed then pi_refresh(token, p, true) end
           return token, p, used, tat
         end
         pi_refresh(token, p)

@@ -43,7 +43,9 @@ use super::index_scripts::pool_index;
 ///   replica) means some of the last writes may be lost, unless another process is to
 ///   be trusted (`ARGV[#ARGV-1]` = 1: Redis declared durable, or a Redis Cluster, whose
 ///   resharding moves keys between nodes). Either way the hold is set to now + W + TTL
-///   and the call denied.
+///   and the call denied. It also holds `moved` (see `MOVE_OUT`) and, per wait queue,
+///   `q:<queue>`: the latest instant a waiter queued there expires, past which the
+///   queue is known empty without reading it.
 /// - `ARGV[1]` window ms, `ARGV[2]` lease TTL ms, `ARGV[3]` cost, `ARGV[4]` tenant
 ///   limit, `ARGV[5]` token limit, `ARGV[6]` how many of the tokens are dedicated,
 ///   `ARGV[7]` tenant id, `ARGV[8]` call nonce (also the lease's), `ARGV[9]` demand
@@ -98,7 +100,9 @@ if give_up_at > 0 and now > give_up_at then return {-1, now} end
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local server = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
-local fence = redis.call('HMGET', KEYS[#KEYS], 'until', 'server', 'moved')
+-- `q:<queue>`: until when the queue may hold a waiter (see `deny`), read with the fence.
+local waits_field = 'q:' .. string.sub(KEYS[4], #ARGV[17] + 4)
+local fence = redis.call('HMGET', KEYS[#KEYS], 'until', 'server', 'moved', waits_field)
 local hold_until = tonumber(fence[1])
 if fence[2] ~= server then
   if not hold_until or ARGV[15] ~= '1' then
@@ -126,6 +130,8 @@ local pace_key = KEYS[#KEYS - 1]
 local pace = tonumber(ARGV[14])
 local step = 0
 if pace > 0 then step = window / token_limit end
+-- How long a pacing hash without expiry is given (`set_schedule`): the pool index's life.
+local pace_life = 10 * window + 600000
 
 -- The pool's tokens are found through its index (`index_scripts.rs`); a missing index
 -- is built from the pool's token ids, which the caller sends only when told to.
@@ -135,10 +141,15 @@ if digest ~= '' then
   if not pi_ensure(21 + n_dedicated) then return {-2, now} end
 end
 
-local bucket = math.floor(now / tonumber(ARGV[9]))
+local bucket_ms = tonumber(ARGV[9])
+local bucket = math.floor(now / bucket_ms)
 local first_attempt = ARGV[10] == '1'
+-- `tends`: this call keeps the tenant's window (see below): it is the tenant's first
+-- counted in this demand bucket, or one not counted at all.
+local tends = not first_attempt
 -- A bucket's first count renews the hash's life and drops buckets long past.
 if first_attempt and redis.call('HINCRBY', KEYS[3], bucket, cost) == cost then
+  tends = true
   redis.call('PEXPIRE', KEYS[3], 3 * window)
   if redis.call('HLEN', KEYS[3]) > 60 then
     for _, field in ipairs(redis.call('HKEYS', KEYS[3])) do
@@ -153,14 +164,23 @@ local has_waiters = false
 if queued then
   if ARGV[11] == '' then score = now + tonumber(ARGV[12]) else score = tonumber(ARGV[11]) end
   -- With nobody waiting, the queue cannot hold anyone ahead: skip counting pool room.
-  has_waiters = redis.call('ZCARD', KEYS[4]) > 0
-  if has_waiters then
-    for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', '(' .. now)) do
-      redis.call('ZREM', KEYS[4], gone)
-      redis.call('ZREM', KEYS[5], gone)
-      redis.call('HDEL', KEYS[6], gone)
-    end
+  -- Past the latest expiry of a waiter ever queued (the fence's `q:<queue>`), every
+  -- waiter has expired, so the queue is not even read. A queue without that field
+  -- (queued by a release before it was kept) is read, and the field set once empty.
+  local waits_until = tonumber(fence[4])
+  if waits_until == nil or waits_until >= now then
     has_waiters = redis.call('ZCARD', KEYS[4]) > 0
+    if has_waiters then
+      for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', '(' .. now)) do
+        redis.call('ZREM', KEYS[4], gone)
+        redis.call('ZREM', KEYS[5], gone)
+        redis.call('HDEL', KEYS[6], gone)
+      end
+      has_waiters = redis.call('ZCARD', KEYS[4]) > 0
+    end
+    if waits_until == nil and not has_waiters then
+      redis.call('HSET', KEYS[#KEYS], waits_field, 0)
+    end
   end
 end
 
@@ -172,13 +192,14 @@ local function trim(key)
 end
 
 -- The instant a window holding `used` entries has room for `cost` more under `limit`:
--- when its (used + cost - limit)-th earliest end has left the window.
+-- when its (used + cost - limit)-th earliest end still in the window has left it
+-- (entries that left may still be there: the tenant's window is trimmed once a bucket).
 local function free_at(key, used, limit)
   local k = used + cost - limit
   if k <= 0 then return now end
   -- More entries would have to leave than there are: cost exceeds limit.
   if k > used then return never end
-  local e = redis.call('ZRANGE', key, k - 1, k - 1, 'WITHSCORES')
+  local e = redis.call('ZRANGE', key, horizon, '+inf', 'BYSCORE', 'LIMIT', k - 1, 1, 'WITHSCORES')
   return tonumber(e[2]) + window + 1
 end
 
@@ -193,6 +214,9 @@ local function deny(reason, at, eligible, over_quota)
     redis.call('ZADD', KEYS[5], now + wait_ms, nonce)
     redis.call('HSET', KEYS[6], nonce, eligible)
     for i = 4, 6 do redis.call('PEXPIRE', KEYS[i], wait_ms + window) end
+    if now + wait_ms > (tonumber(fence[4]) or 0) then
+      redis.call('HSET', KEYS[#KEYS], waits_field, now + wait_ms)
+    end
   end
   return {0, reason, at - now, now, score}
 end
@@ -218,11 +242,22 @@ local function drain_pace(token)
   if pace == 0 then return end
   local keep = math.ceil(pace / 4)
   if pace_at[token] < now + (pace - keep - 1) * step then
-    set_schedule(pace_key, token, now + (pace - keep) * step)
+    set_schedule(pace_key, token, now + (pace - keep) * step, pace_life)
   end
 end
 
-local tenant_used = trim(KEYS[1])
+-- The tenant's window is counted, not trimmed, on every call. Its upkeep — dropping the
+-- entries that left it, and renewing its life to cover every grant until the bucket
+-- ends (`tenant_keep`) — is done once per demand bucket, by the call that `tends` it;
+-- a grant to an empty window sets its life itself. So a grant always finds the window
+-- living at least TTL + W + 1 s beyond it, and the entries that left a busy window are
+-- at most a bucket's worth.
+local tenant_used = redis.call('ZCOUNT', KEYS[1], horizon, '+inf')
+local tenant_keep = ttl + window + 1000 + bucket_ms
+if tends and tenant_used > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. horizon)
+  redis.call('PEXPIRE', KEYS[1], tenant_keep, 'GT')
+end
 -- A caller whose tenant is within its guarantee, this call included, goes ahead of
 -- every waiter of a tenant beyond its own (`queue::GUARANTEED_AHEAD_MS`): `rank` is its
 -- place in the queue; `score`, its deadline, is what it carries to its next attempt.
@@ -356,21 +391,23 @@ for i = 1, cost do
   redis.call('ZADD', token_key, expires, member)
 end
 -- Keep a window at least until its newest entry has left it: never shortened (GT) on a
--- window that held entries (every writer sets an expiry), and set on one just created
--- (none held: trimming an emptied sorted set deletes it), which GT would leave alone.
+-- window that held entries (every writer sets an expiry), and set on one that held
+-- none in the window (just created, or holding only entries that left), which GT would
+-- leave alone. The tenant's is kept once a bucket (above), unless it held none.
+if tenant_used == 0 then redis.call('PEXPIRE', KEYS[1], tenant_keep) end
 local keep = ttl + window + 1000
-for key, used in pairs({[KEYS[1]] = tenant_used, [token_key] = best_used}) do
-  if used > 0 then
-    redis.call('PEXPIRE', key, keep, 'GT')
-  else
-    redis.call('PEXPIRE', key, keep)
-  end
+if best_used > 0 then
+  redis.call('PEXPIRE', token_key, keep, 'GT')
+else
+  redis.call('PEXPIRE', token_key, keep)
 end
 local tat = now
 if pace > 0 then
   tat = pace_at[best_token] or tonumber(redis.call('HGET', pace_key, best_token)) or now
   tat = math.max(tat, now) + cost * step
-  set_schedule(pace_key, best_token, tat)
+  local life = pace_life
+  if pool_pos then life = nil end
+  set_schedule(pace_key, best_token, tat, life)
 end
 -- A release is accepted as long as the lease's slots are counted (see RELEASE).
 local ix, ip = '', ''
@@ -463,15 +500,29 @@ pub const RELEASE: &str = concat!(
     pool_index!(),
     r#"
 -- The lease record (see ACQUIRE's `KEYS[2]`), as tenant, token, cost, expires,
--- outcome, step, index, position, window; absent fields nil.
+-- outcome, step, index, position, window; absent fields nil. During a rolling upgrade
+-- a record may still be the previous release's hash (same fields, by name): read and
+-- written as such (`hashed`), so a lease an old replica granted is released here.
 local lease = {}
-local raw = redis.call('GET', KEYS[1])
-if raw then
+local raw = redis.pcall('GET', KEYS[1])
+local hashed = type(raw) == 'table' and raw.err ~= nil
+if hashed then
+  local h = redis.call('HMGET', KEYS[1], 'tenant', 'token', 'cost', 'expires', 'outcome',
+    'step', 'ix', 'ip', 'w')
+  for i = 1, 9 do lease[i] = h[i] or nil end
+elseif raw then
   local f = {}
   for field in string.gmatch(raw .. '|', '([^|]*)|') do
     if field == '' then f[#f + 1] = false else f[#f + 1] = field end
   end
   lease = {f[1], f[2], f[3], f[4], f[9] or nil, f[5], f[7] or nil, f[8] or nil, f[6]}
+end
+local function note_outcome(outcome)
+  if hashed then
+    redis.call('HSET', KEYS[1], 'outcome', outcome)
+  else
+    redis.call('APPEND', KEYS[1], '|' .. outcome)
+  end
 end
 local outcome = ARGV[1]
 -- A release is accepted while the lease's slots are counted (expiry + W); one after
@@ -487,7 +538,7 @@ local function released()
     return 3
   end
   if late then
-    redis.call('APPEND', KEYS[1], '|' .. outcome)
+    note_outcome(outcome)
     return 1
   end
   for i = 1, tonumber(lease[3]) do
@@ -508,7 +559,7 @@ local function released()
       redis.call('HSET', KEYS[4], ARGV[3], tostring(tat))
     end
   end
-  redis.call('APPEND', KEYS[1], '|' .. outcome)
+  note_outcome(outcome)
   return 1
 end
 local result = released()

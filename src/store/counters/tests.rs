@@ -41,6 +41,8 @@ mod handover;
 mod sim;
 #[path = "tests/throwaway_cluster.rs"]
 pub(crate) mod throwaway_cluster;
+#[path = "tests/upgrade.rs"]
+mod upgrade;
 
 use throwaway_cluster::ThrowawayCluster;
 

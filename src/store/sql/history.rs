@@ -175,16 +175,21 @@ impl ConfigStore {
         tx.commit().await.map_err(map_error)
     }
 
-    /// Deletes every replica's rows of buckets that started before `before_ms`;
-    /// returns how many rows went.
+    /// Deletes every replica's rows of buckets that started before `before_ms`, the
+    /// tallies and the grants per tenant and token; returns how many rows went.
     pub async fn prune_history(&self, before_ms: i64) -> Result<u64, StoreError> {
         let mut conn = self.pool.acquire().await.map_err(map_error)?;
-        let done = sqlx::query("DELETE FROM usage_history WHERE bucket_start_ms < $1")
-            .bind(before_ms)
-            .execute(&mut *conn)
-            .await
-            .map_err(map_error)?;
-        Ok(done.rows_affected())
+        let mut deleted = 0;
+        for table in ["usage_history", "usage_grants"] {
+            let sql = format!("DELETE FROM {table} WHERE bucket_start_ms < $1");
+            let done = sqlx::query(AssertSqlSafe(sql))
+                .bind(before_ms)
+                .execute(&mut *conn)
+                .await
+                .map_err(map_error)?;
+            deleted += done.rows_affected();
+        }
+        Ok(deleted)
     }
 
     /// Every replica's rows of the buckets starting in `from_ms..to_ms` for the

@@ -36,7 +36,7 @@ pub(super) const TOKENS: Table<TokenRecord> = Table {
     kind: Kind::Token,
     name: "tokens",
     columns: "id, upstream_id, display_name, pool_id, dedicated_tenant_id, disabled, key_id, \
-              sealed_secret, create_time_ms, update_time_ms",
+              sealed_secret, create_time_ms, update_time_ms, monthly_cost_minor",
     decode: token,
 };
 
@@ -270,6 +270,7 @@ fn token(row: &AnyRow) -> Result<TokenRecord, StoreError> {
         disabled: int(row, "disabled")? != 0,
         key_id: text(row, "key_id")?,
         sealed_secret: bytes(row, "sealed_secret")?,
+        monthly_cost_minor: int(row, "monthly_cost_minor")?,
         create_time_ms: int(row, "create_time_ms")?,
         update_time_ms: int(row, "update_time_ms")?,
     })

@@ -156,16 +156,16 @@ pub(super) async fn delete_tenant(store: &ConfigStore, id: &Id) -> Result<i64, S
 }
 
 const INSERT_TOKEN: &str = "INSERT INTO tokens (id, upstream_id, display_name, pool_id, \
-    dedicated_tenant_id, disabled, update_time_ms, key_id, sealed_secret, create_time_ms) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+    dedicated_tenant_id, disabled, update_time_ms, monthly_cost_minor, key_id, sealed_secret, \
+    create_time_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 const UPDATE_TOKEN_KEEPING_SECRET: &str = "UPDATE tokens SET upstream_id = $2, \
     display_name = $3, pool_id = $4, dedicated_tenant_id = $5, disabled = $6, \
-    update_time_ms = $7 WHERE id = $1";
+    update_time_ms = $7, monthly_cost_minor = $8 WHERE id = $1";
 const UPDATE_TOKEN: &str = "UPDATE tokens SET upstream_id = $2, display_name = $3, \
-    pool_id = $4, dedicated_tenant_id = $5, disabled = $6, update_time_ms = $7, key_id = $8, \
-    sealed_secret = $9 WHERE id = $1";
+    pool_id = $4, dedicated_tenant_id = $5, disabled = $6, update_time_ms = $7, \
+    monthly_cost_minor = $8, key_id = $9, sealed_secret = $10 WHERE id = $1";
 
-/// Binds `$1` to `$7` of the token statements: everything but the secret.
+/// Binds `$1` to `$8` of the token statements: everything but the secret.
 fn bind_token<'q>(sql: &'static str, v: &TokenRecord) -> AnyQuery<'q> {
     let (pool_id, tenant_id) = match &v.owner {
         TokenOwner::Pool(pool) => (Some(pool.as_str().to_owned()), None),
@@ -179,6 +179,7 @@ fn bind_token<'q>(sql: &'static str, v: &TokenRecord) -> AnyQuery<'q> {
         .bind(tenant_id)
         .bind(i64::from(v.disabled))
         .bind(v.update_time_ms)
+        .bind(v.monthly_cost_minor)
 }
 
 /// NOT_FOUND unless the token's upstream and owner exist.

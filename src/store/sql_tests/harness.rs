@@ -220,6 +220,7 @@ pub fn token(token_id: &str, owner: TokenOwner) -> TokenRecord {
         disabled: false,
         key_id: "k1".into(),
         sealed_secret: sealed_for(token_id),
+        monthly_cost_minor: 0,
         create_time_ms: 0,
         update_time_ms: 0,
     }

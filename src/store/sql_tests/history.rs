@@ -77,6 +77,51 @@ pub(super) async fn three_replicas_count_every_grant_once(db: &TestDb) {
     assert_eq!((acme.tally.asked, acme.tally.granted), (60, 60));
     assert_eq!(acme.tally.waits.total(), 60);
     assert_eq!(acme.tally.waits.percentile(99), Some(5));
+    let pairs = store.read_grants(0, HOUR, None).await.unwrap();
+    let pairs: Vec<(&str, &str, u64)> = pairs
+        .iter()
+        .map(|p| (p.tenant_id.as_str(), p.token_id.as_str(), p.granted))
+        .collect();
+    assert_eq!(pairs, vec![("acme", "tok1", 60), ("beta", "tok1", 60)]);
+}
+
+/// Grants per tenant and token are summed over replicas and the buckets that start in
+/// the range (not those before or after it), and filtered by token.
+pub(super) async fn grants_per_pair_sum_replicas_within_the_range(db: &TestDb) {
+    let store = &db.store;
+    let (r1, r2) = (flusher(store, "r1"), flusher(store, "r2"));
+    grant(&r1.recorder, 10, "acme", "tok1");
+    grant(&r1.recorder, HOUR + 10, "acme", "tok1");
+    grant(&r2.recorder, HOUR + 20, "acme", "tok1");
+    grant(&r2.recorder, HOUR + 30, "acme", "tok2");
+    grant(&r2.recorder, HOUR + 40, "beta", "tok2");
+    grant(&r1.recorder, 2 * HOUR + 10, "beta", "tok2");
+    r1.flush(3 * HOUR).await.unwrap();
+    r2.flush(3 * HOUR).await.unwrap();
+    let read = |tokens: Option<Vec<String>>| async move {
+        let pairs = store
+            .read_grants(HOUR, 2 * HOUR, tokens.as_deref())
+            .await
+            .unwrap();
+        pairs
+            .into_iter()
+            .map(|p| (p.tenant_id, p.token_id, p.granted))
+            .collect::<Vec<_>>()
+    };
+    let pair = |tenant: &str, token: &str, n| (tenant.to_owned(), token.to_owned(), n);
+    assert_eq!(
+        read(None).await,
+        vec![
+            pair("acme", "tok1", 2),
+            pair("acme", "tok2", 1),
+            pair("beta", "tok2", 1)
+        ]
+    );
+    assert_eq!(
+        read(Some(vec!["tok2".into()])).await,
+        vec![pair("acme", "tok2", 1), pair("beta", "tok2", 1)]
+    );
+    assert!(read(Some(vec![])).await.is_empty());
 }
 
 pub(super) async fn buckets_roll_up_and_filters_select(db: &TestDb) {
@@ -170,7 +215,12 @@ pub(super) async fn retention_deletes_old_buckets_only(db: &TestDb) {
     // Retention is two days: at 3 days, the buckets that started on day 1 or later
     // stay (the one starting exactly two days before is kept).
     let gone = f.prune(3 * day).await.unwrap();
-    assert_eq!(gone, 2, "the tenant's and the token's row of day 0");
+    assert_eq!(
+        gone, 3,
+        "the tenant's, the token's and the pair's row of day 0"
+    );
+    let pairs = store.read_grants(0, 3 * day, None).await.unwrap();
+    assert_eq!(pairs[0].granted, 2, "days 1 and 2 are kept");
     let starts: Vec<i64> = all(store, 3 * day)
         .await
         .iter()

@@ -3,8 +3,8 @@
 //! `redis-server` that nothing else uses), by name, for pools of 10, 100 and 1,000
 //! tokens, with a window no entry leaves during the count and with one several windows
 //! pass in (a steady state: entries leave, pool tokens come due in the index). Issue 12
-//! asks for fewer than 20 per granted pair; the scripts run 34–42 today (2 scripts,
-//! each trimming and counting two windows and keeping the pool's index), so the budget
+//! asks for fewer than 20 per granted pair; the scripts run 28–37 today (2 scripts,
+//! each counting or updating two windows and keeping the pool's index), so the budget
 //! below is a guard against growth, not the target. What holds already, and
 //! is asserted, is that the count does not grow with the pool. The run also prints Redis's own microseconds per pair (the `usec`
 //! column of commandstats, scripts included): a reading, never asserted.
@@ -20,10 +20,11 @@ use super::faults::{Throwaway, free_port};
 use super::*;
 use crate::domain::BreakerPolicy;
 
-/// Commands per granted pair, scripts' own calls included: today's count (34 while no
-/// entry leaves a window, 40–42 in a steady state) and a little room for the
-/// timing-dependent refreshes of the pool's index.
-const BUDGET: f64 = 45.0;
+/// Commands per granted pair, scripts' own calls included: today's count (28 while no
+/// entry leaves a window, 30–37 in a steady state) and a little room for the
+/// timing-dependent refreshes of the pool's index (a loaded machine fits fewer pairs
+/// in a window, so more of them come due per pair: +2 seen).
+const BUDGET: f64 = 41.0;
 /// How much more a pool of 1,000 tokens may cost than one of 10 (seen: 0.3).
 const POOL_SLACK: f64 = 1.0;
 const PAIRS: usize = 600;

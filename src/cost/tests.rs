@@ -1,0 +1,218 @@
+use proptest::prelude::*;
+
+use super::*;
+
+const MINUTE: i64 = 60_000;
+/// 2026-04-01T00:00:00Z and 2026-05-01T00:00:00Z: April, 30 days.
+const APRIL: Range<i64> = 1_775_001_600_000..1_777_593_600_000;
+
+fn pool_token(id: &str, pool: &str, monthly: i64) -> TokenCost {
+    TokenCost {
+        token_id: id.into(),
+        owner: CostOwner::Pool(pool.into()),
+        monthly_cost_minor: monthly,
+        usable_per_window: 95,
+        window_ms: MINUTE,
+    }
+}
+
+fn granted(tenant: &str, token: &str, granted: u64) -> Granted {
+    Granted {
+        tenant_id: tenant.into(),
+        token_id: token.into(),
+        granted,
+    }
+}
+
+/// April's capacity of one BaseLinker token: 95 a minute for 30 days.
+const APRIL_CAPACITY: u64 = 95 * 60 * 24 * 30;
+
+/// One month, cost 1000; tenant a used 1/3 of the capacity, b 1/6: a pays 333.33,
+/// b 166.67, half is unused. Largest remainder: 333 + 167 + 500 = 1000.
+#[test]
+fn a_pool_token_is_shared_by_grants_and_the_rest_is_unused() {
+    let tokens = [pool_token("t1", "shared", 1000)];
+    let grants = [
+        granted("a", "t1", APRIL_CAPACITY / 3),
+        granted("b", "t1", APRIL_CAPACITY / 6),
+    ];
+    let allocation = allocate(APRIL, &tokens, &grants);
+    assert_eq!(allocation.total, 1000);
+    assert_eq!(allocation.per_tenant["a"], 333);
+    assert_eq!(allocation.per_tenant["b"], 167);
+    assert_eq!(allocation.unused_per_pool["shared"], 500);
+    assert_eq!(allocation.cost_per_pool["shared"], 1000);
+    assert_eq!(allocation.granted_per_tenant["a"], APRIL_CAPACITY / 3);
+    assert_eq!(allocation.per_token[0].capacity, APRIL_CAPACITY);
+    assert_eq!(allocation.per_token[0].granted, APRIL_CAPACITY / 2);
+}
+
+/// A dedicated token's whole cost goes to its owner, used or not; a tenant granted
+/// leases on a free token is listed at cost 0.
+#[test]
+fn a_dedicated_token_costs_its_owner_everything() {
+    let tokens = [
+        TokenCost {
+            owner: CostOwner::Dedicated("big".into()),
+            ..pool_token("own", "", 4321)
+        },
+        pool_token("free", "shared", 0),
+    ];
+    let allocation = allocate(APRIL, &tokens, &[granted("small", "free", 10)]);
+    assert_eq!(allocation.per_tenant["big"], 4321);
+    assert_eq!(allocation.granted_per_tenant["big"], 0);
+    assert_eq!(allocation.per_tenant["small"], 0);
+    assert_eq!(allocation.granted_per_tenant["small"], 10);
+    assert_eq!(allocation.unused_per_pool["shared"], 0);
+    assert_eq!(allocation.total, 4321);
+}
+
+/// Grants above the capacity (the limit was lowered during the range) share the whole
+/// cost by grants and leave nothing unused; never more than the cost.
+#[test]
+fn grants_above_capacity_never_cost_more_than_the_token() {
+    let tokens = [pool_token("t1", "shared", 900)];
+    let grants = [
+        granted("a", "t1", APRIL_CAPACITY),
+        granted("b", "t1", APRIL_CAPACITY * 2),
+    ];
+    let allocation = allocate(APRIL, &tokens, &grants);
+    assert_eq!(allocation.per_tenant["a"], 300);
+    assert_eq!(allocation.per_tenant["b"], 600);
+    assert_eq!(allocation.unused_per_pool["shared"], 0);
+}
+
+/// Half of April costs half the monthly cost; an unused token's cost is all unused;
+/// grants on tokens not listed (deleted, or filtered out) are ignored.
+#[test]
+fn a_range_costs_its_share_of_the_month() {
+    let half = APRIL.start..APRIL.start + 15 * 24 * 60 * MINUTE;
+    let tokens = [pool_token("t1", "shared", 1001)];
+    let allocation = allocate(half, &tokens, &[granted("a", "gone", 5)]);
+    assert_eq!(allocation.total, 501, "500.5 rounds half up");
+    assert_eq!(allocation.unused_per_pool["shared"], 501);
+    assert!(allocation.per_tenant.is_empty());
+}
+
+/// Two pools and a dedicated token: per pool and overall, tenants plus unused add up.
+#[test]
+fn pools_are_kept_apart() {
+    let tokens = [
+        pool_token("p1", "eu", 1000),
+        pool_token("p2", "eu", 2000),
+        pool_token("q1", "us", 700),
+    ];
+    let grants = [
+        granted("a", "p1", APRIL_CAPACITY / 10),
+        granted("a", "q1", APRIL_CAPACITY / 7),
+        granted("b", "p2", APRIL_CAPACITY / 4),
+    ];
+    let allocation = allocate(APRIL, &tokens, &grants);
+    assert_eq!(allocation.per_tenant["a"], 100 + 100);
+    assert_eq!(allocation.per_tenant["b"], 500);
+    assert_eq!(allocation.unused_per_pool["eu"], 900 + 1500);
+    assert_eq!(allocation.unused_per_pool["us"], 600);
+    assert_eq!(allocation.total, 3700);
+}
+
+fn any_token() -> impl Strategy<Value = TokenCost> {
+    (
+        0usize..6,
+        prop_oneof![Just(0), 0..MAX_MONTHLY_COST_MINOR, 0i64..10_000],
+        0u8..4,
+        1u32..2_000,
+        1i64..86_400_000,
+    )
+        .prop_map(|(id, monthly, owner, usable, window_ms)| TokenCost {
+            token_id: format!("t{id}"),
+            owner: match owner {
+                0 => CostOwner::Dedicated(format!("tenant{}", id % 3)),
+                n => CostOwner::Pool(format!("pool{n}")),
+            },
+            monthly_cost_minor: monthly,
+            usable_per_window: usable,
+            window_ms,
+        })
+}
+
+fn any_grant() -> impl Strategy<Value = Granted> {
+    (0usize..5, 0usize..7, prop_oneof![0u64..1_000, any::<u64>()]).prop_map(
+        |(tenant, token, granted)| Granted {
+            tenant_id: format!("tenant{tenant}"),
+            token_id: format!("t{token}"),
+            granted,
+        },
+    )
+}
+
+proptest! {
+    /// For any tokens, grants and range: per token the tenants' parts plus unused are
+    /// the token's cost exactly; per pool and overall the same; the total is the sum of
+    /// the tokens' prorated monthly costs; every part is its exact share rounded down
+    /// or up (never negative).
+    #[test]
+    fn allocations_add_up_exactly(
+        start in -10_000_000_000_000i64..10_000_000_000_000,
+        length in prop_oneof![0i64..100_000_000, 0i64..400 * 86_400_000],
+        tokens in proptest::collection::vec(any_token(), 0..6),
+        grants in proptest::collection::vec(any_grant(), 0..20),
+    ) {
+        let range = start..start + length;
+        let allocation = allocate(range.clone(), &tokens, &grants);
+        let mut total = 0i128;
+        for (line, token) in allocation.per_token.iter().zip(&tokens) {
+            prop_assert_eq!(line.cost, prorate(token.monthly_cost_minor, range.clone()));
+            let parts: i64 = line.per_tenant.values().sum();
+            prop_assert_eq!(parts + line.unused, line.cost);
+            prop_assert!(line.unused >= 0);
+            prop_assert!(line.per_tenant.values().all(|p| *p >= 0));
+            total += i128::from(line.cost);
+        }
+        prop_assert_eq!(i128::from(allocation.total), total);
+        let tenants: i64 = allocation.per_tenant.values().sum();
+        let unused: i64 = allocation.unused_per_pool.values().sum();
+        prop_assert_eq!(tenants + unused, allocation.total);
+        for (pool, cost) in &allocation.cost_per_pool {
+            let lines = allocation.per_token.iter().filter(|l| l.owner == CostOwner::Pool(pool.clone()));
+            let parts: i64 = lines.map(|l| l.per_tenant.values().sum::<i64>() + l.unused).sum();
+            prop_assert_eq!(parts, *cost);
+        }
+    }
+
+    /// A pool token's tenant part is its exact share `cost × granted / max(capacity,
+    /// Σ granted)` rounded down or up.
+    #[test]
+    fn parts_are_exact_shares_rounded(
+        monthly in 0i64..10_000_000,
+        usable in 1u32..200,
+        grants in proptest::collection::vec(0u64..200_000, 1..6),
+    ) {
+        let token = TokenCost { usable_per_window: usable, ..pool_token("t", "p", monthly) };
+        let list: Vec<Granted> = grants.iter().enumerate()
+            .map(|(i, g)| granted(&format!("x{i}"), "t", *g)).collect();
+        let allocation = allocate(APRIL, &[token], &list);
+        let line = &allocation.per_token[0];
+        let capacity = u64::from(usable) * 60 * 24 * 30;
+        let whole = capacity.max(grants.iter().sum());
+        for (i, g) in grants.iter().enumerate() {
+            let exact = line.cost as f64 * *g as f64 / whole as f64;
+            let part = line.per_tenant[&format!("x{i}")] as f64;
+            prop_assert!(part >= exact.floor() - 1e-6 && part <= exact.ceil() + 1e-6,
+                "part {} exact {}", part, exact);
+        }
+    }
+
+    /// Splitting a range anywhere costs its union within one minor unit per cut; whole
+    /// months in a row cost exactly the monthly cost each.
+    #[test]
+    fn prorating_is_additive_up_to_rounding(
+        monthly in 0i64..MAX_MONTHLY_COST_MINOR,
+        start in 0i64..4_000_000_000_000,
+        a in 0i64..100 * 86_400_000,
+        b in 0i64..100 * 86_400_000,
+    ) {
+        let whole = prorate(monthly, start..start + a + b);
+        let parts = prorate(monthly, start..start + a) + prorate(monthly, start + a..start + a + b);
+        prop_assert!((whole - parts).abs() <= 1);
+    }
+}
