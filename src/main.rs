@@ -295,7 +295,8 @@ async fn report(settings: &Settings, args: ReportArgs) -> anyhow::Result<()> {
     };
     let (store, _) = open_store(settings).await?;
     let bucket_ms = settings.history().bucket_ms;
-    let report = report::load(&store, from, to, bucket_ms, now).await?;
+    let currency = &settings.cost.currency;
+    let report = report::load(&store, (from, to), bucket_ms, now, currency).await?;
     print!("{}", table::table(&report));
     if args.cross_check {
         print!("{}", report::cross_checks(&report).await?);

@@ -81,7 +81,7 @@ async fn forecast_and_plan_agree_on_the_tokens() {
 mod store_report {
     use super::{DAY_MS, FIRST_DAY, HOUR};
     use tokenlease::domain::{Id, Pool, Tenant, TokenOwner, TokenRecord};
-    use tokenlease::history::{HistoryRow, Subject, Tally};
+    use tokenlease::history::{GrantRow, HistoryRow, Subject, Tally};
     use tokenlease::report::{self, chart, table};
     use tokenlease::store::ConfigStore;
 
@@ -112,7 +112,7 @@ mod store_report {
                 display_name: String::new(),
                 owner: TokenOwner::Pool(id("shared")),
                 disabled: false,
-                monthly_cost_minor: 0,
+                monthly_cost_minor: 3000,
                 key_id: "k".into(),
                 sealed_secret: vec![0; 40],
                 create_time_ms: 0,
@@ -171,10 +171,33 @@ mod store_report {
         rows
     }
 
+    /// The week's grants per tenant and token: acme's all on tok-1, beta's on tok-2.
+    fn grants() -> Vec<GrantRow> {
+        let total = |who: &str| -> u64 {
+            (history(1).iter())
+                .filter(|r| r.subject.id == who)
+                .map(|r| r.tally.granted)
+                .sum()
+        };
+        [("acme", "tok-1"), ("beta", "tok-2")]
+            .map(|(tenant, token)| GrantRow {
+                bucket_start_ms: FIRST_DAY * DAY_MS,
+                tenant_id: tenant.into(),
+                token_id: token.into(),
+                upstream_id: "baselinker".into(),
+                granted: total(tenant),
+            })
+            .to_vec()
+    }
+
     /// The report of that week, read back from the store: a row per tenant with its
     /// counts, trend and peak hours; the pool's forecast (the daily peak 120 + 10·d per
     /// minute passes 2 tokens' 190 half a day after the week: 3 tokens needed); the
     /// chart has a line per tenant and for the pool, its capacity and a marker per day.
+    /// Cost: each token costs 30.00 EUR a month, 7.00 for these 7 days of November;
+    /// acme's 151,200 grants on tok-1 are 15.8 % of its 957,600 usable (95 a minute for
+    /// a week): 1.105… → 1.11 (the largest remainder), beta's likewise on tok-2; the pool's
+    /// 14.00 less 2.22 is unused.
     #[tokio::test]
     async fn report_table_and_chart_from_the_store() {
         let dir = tempfile::tempdir().unwrap();
@@ -183,7 +206,10 @@ mod store_report {
             store.write_history(replica, &history(2), 0).await.unwrap();
         }
         let (from, to) = (FIRST_DAY * DAY_MS, (FIRST_DAY + 7) * DAY_MS);
-        let r = report::load(&store, from, to, HOUR, to).await.unwrap();
+        store.write_grants("r1", &grants(), 0).await.unwrap();
+        let r = report::load(&store, (from, to), HOUR, to, "EUR")
+            .await
+            .unwrap();
         let text = table::table(&r);
         println!("{text}");
         let row = |name: &str| {
@@ -195,6 +221,13 @@ mod store_report {
         };
         // acme: 7 days × (23 h × 600 + 60 × (100 + 10·d)) = 96,600 + 54,600 asked.
         let acme_asked = 7 * 23 * 600 + (0..7).map(|d| 60 * (100 + 10 * d)).sum::<u64>();
+        assert_eq!(row("acme")[6], "1.11", "{text}");
+        assert_eq!(row("beta")[6], "1.11", "{text}");
+        assert_eq!(row("solo")[6], "0.00", "{text}");
+        assert!(
+            text.contains("total 14.00 EUR, of which 11.78 unused"),
+            "{text}"
+        );
         assert_eq!(
             row("acme")[..6],
             [
@@ -206,18 +239,22 @@ mod store_report {
                 "100.0%"
             ]
         );
-        assert_eq!(row("acme")[7], "14:00-15:00", "{text}");
+        assert_eq!(row("acme")[8], "14:00-15:00", "{text}");
         // beta: flat, granted 75 %, asks the same every hour: every hour is a peak hour.
         assert_eq!(
-            row("beta")[..7],
-            [
-                "beta", "shared", "201600", "151200", "50400", "75.0%", "+0.0%"
-            ]
+            row("beta")[..6],
+            ["beta", "shared", "201600", "151200", "50400", "75.0%"]
         );
-        assert_eq!(row("beta")[7], "00:00-24:00");
-        assert_eq!(row("solo")[..7], ["solo", "-", "0", "0", "0", "-", "-"]);
+        assert_eq!(row("beta")[7..], ["+0.0%", "00:00-24:00"]);
+        assert_eq!(row("solo")[..6], ["solo", "-", "0", "0", "0", "-"]);
+        assert_eq!(row("solo")[7..], ["-", "-"]);
+        // Tokens, capacity, drawn guarantees, cost and unused.
         let pool = row("shared");
-        assert_eq!(pool[..3], ["shared", "2", "190"], "{text}");
+        assert_eq!(
+            pool[..6],
+            ["shared", "2", "190", "70", "14.00", "11.78"],
+            "{text}"
+        );
         assert!(
             text.contains("full in 0.5 days (2026-11-08): needs 3 token(s) then, has 2"),
             "{text}"

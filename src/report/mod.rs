@@ -3,6 +3,8 @@
 //!
 //! - [`Report::build`]: pure, from the configuration, the history rows and `now`.
 //! - [`load`]: reads both from the configuration store (the one I/O step).
+//! - `cost`: each tenant's cost over the range and the pools' unused part
+//!   (`crate::cost`, as GetCostReport allocates it).
 //! - `table`: the text table; `chart`: the SVG (the drawing pieces of
 //!   `simulate::svg`).
 //!
@@ -10,6 +12,7 @@
 //! `denied` the rest (denials of every reason and calls that failed).
 
 pub mod chart;
+pub mod cost;
 pub mod table;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,6 +45,8 @@ pub struct TenantLine {
     /// Asked and granted per bucket of [`Report::buckets`].
     pub asked_per_bucket: Vec<u64>,
     pub granted_per_bucket: Vec<u64>,
+    /// Its cost over the range, minor units (`Report::add_cost`).
+    pub cost_minor: Option<i64>,
 }
 
 impl TenantLine {
@@ -65,6 +70,8 @@ pub struct Report {
     pub tenants: Vec<TenantLine>,
     /// Every shared pool with its demand and forecast, by id.
     pub pools: Vec<(PoolDemand, Forecast)>,
+    /// The range's cost, once added (`Report::add_cost`).
+    pub cost: Option<cost::ReportCost>,
 }
 
 impl Report {
@@ -113,6 +120,7 @@ impl Report {
             buckets,
             tenants,
             pools,
+            cost: None,
         }
     }
 }
@@ -153,6 +161,7 @@ fn tenant_line(
         peak_hours: peak_hours(&series),
         asked_per_bucket,
         granted_per_bucket,
+        cost_minor: None,
     }
 }
 
@@ -195,15 +204,15 @@ fn peak_hours(series: &[(i64, u64)]) -> Vec<u32> {
         .collect()
 }
 
-/// Reads the configuration and the history of `from_ms..to_ms` from `store` and
-/// builds the report (the range is checked and widened to whole buckets as
-/// GetUsageHistory does).
+/// Reads the configuration, the history and the grants per tenant and token of
+/// `from_ms..to_ms` from `store` and builds the report with its cost in `currency`
+/// (the range is checked and widened to whole buckets as GetUsageHistory does).
 pub async fn load(
     store: &ConfigStore,
-    from_ms: i64,
-    to_ms: i64,
+    (from_ms, to_ms): (i64, i64),
     bucket_ms: i64,
     now_ms: i64,
+    currency: &str,
 ) -> anyhow::Result<Report> {
     let range = check_cli_range(from_ms, to_ms, bucket_ms)?;
     let config = store
@@ -219,7 +228,20 @@ pub async fn load(
         .read_history(range.0, range.1, &tenants_only)
         .await
         .context("cannot read the usage history")?;
-    Ok(Report::build(&config.view, rows, range, bucket_ms, now_ms))
+    let grants = store
+        .read_grants(range.0, range.1, None)
+        .await
+        .context("cannot read the grants per tenant and token")?;
+    let granted: Vec<crate::cost::Granted> = (grants.into_iter())
+        .map(|g| crate::cost::Granted {
+            tenant_id: g.tenant_id,
+            token_id: g.token_id,
+            granted: g.granted,
+        })
+        .collect();
+    let mut report = Report::build(&config.view, rows, range, bucket_ms, now_ms);
+    report.add_cost(&config.view, &granted, currency);
+    Ok(report)
 }
 
 /// The range widened to whole buckets, as GetUsageHistory checks it, with the

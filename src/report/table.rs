@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use super::Report;
+use super::cost::amount;
 
 /// `ms` as `YYYY-MM-DD HH:MM` UTC.
 pub fn utc(ms: i64) -> String {
@@ -49,6 +50,22 @@ pub fn table(report: &Report) -> String {
         report.bucket_ms / 60_000
     );
     let _ = writeln!(out);
+    tenants(&mut out, report);
+    let _ = writeln!(out);
+    pools(&mut out, report);
+    out
+}
+
+/// The cost column's heading and a tenant's cell; empty without cost.
+fn cost_cell(report: &Report, minor: Option<i64>) -> String {
+    match (&report.cost, minor) {
+        (None, _) => String::new(),
+        (Some(_), Some(minor)) => format!("  {:>11}", amount(minor)),
+        (Some(_), None) => format!("  {:>11}", "-"),
+    }
+}
+
+fn tenants(out: &mut String, report: &Report) {
     let name_w = (report.tenants.iter().map(|t| t.id.len()))
         .chain([6])
         .max()
@@ -58,22 +75,28 @@ pub fn table(report: &Report) -> String {
         .chain([4])
         .max()
         .unwrap_or(4);
+    let cost_heading = (report.cost.as_ref()).map_or(String::new(), |c| {
+        format!("  {:>11}", format!("cost {}", c.currency))
+    });
     let _ = writeln!(
         out,
-        "{:<name_w$}  {:<pool_w$}  {:>10}  {:>10}  {:>9}  {:>6}  {:>10}  peak hours (UTC)",
+        "{:<name_w$}  {:<pool_w$}  {:>10}  {:>10}  {:>9}  {:>6}{cost_heading}  {:>10}  peak hours (UTC)",
         "tenant", "pool", "asked", "granted", "denied", "share", "trend/week"
     );
     for t in &report.tenants {
+        let share = t
+            .share()
+            .map_or("-".to_owned(), |s| format!("{:.1}%", 100.0 * s));
         let _ = writeln!(
             out,
-            "{:<name_w$}  {:<pool_w$}  {:>10}  {:>10}  {:>9}  {:>6}  {:>10}  {}",
+            "{:<name_w$}  {:<pool_w$}  {:>10}  {:>10}  {:>9}  {:>6}{}  {:>10}  {}",
             t.id,
             t.pool.as_deref().unwrap_or("-"),
             t.asked,
             t.granted,
             t.denied,
-            t.share()
-                .map_or("-".to_owned(), |s| format!("{:.1}%", 100.0 * s)),
+            share,
+            cost_cell(report, t.cost_minor),
             percent(t.trend_per_week),
             hour_ranges(&t.peak_hours)
         );
@@ -84,9 +107,26 @@ pub fn table(report: &Report) -> String {
          trend: least-squares slope of the daily asked, per week, of the mean day; \
          peak hours: hours with at least 80 % of the busiest one's asked)"
     );
-    let _ = writeln!(out);
-    pools(&mut out, report);
-    out
+    if let Some(cost) = &report.cost {
+        let _ = if cost.any_priced {
+            let unused: i64 = cost.per_pool.values().map(|(_, unused)| unused).sum();
+            writeln!(
+                out,
+                "(cost: the tokens' monthly cost prorated over the range, a pool token's \
+                 shared by the grants on it, as GetCostReport; total {} {}, of which {} \
+                 unused; amounts with the minor unit as 1/100)",
+                amount(cost.total),
+                cost.currency,
+                amount(unused)
+            )
+        } else {
+            writeln!(
+                out,
+                "(cost: no token has a monthly cost yet: set monthly_cost_minor with \
+                 CreateToken or UpdateToken)"
+            )
+        };
+    }
 }
 
 fn pools(out: &mut String, report: &Report) {
@@ -99,9 +139,20 @@ fn pools(out: &mut String, report: &Report) {
         .chain([4])
         .max()
         .unwrap_or(4);
+    // The pool's cost and unused part over the range, when the report has cost.
+    let cost_cells = |pool: &str| match &report.cost {
+        None => String::new(),
+        Some(cost) => {
+            let (total, unused) = cost.per_pool.get(pool).copied().unwrap_or((0, 0));
+            format!("  {:>11}  {:>11}", amount(total), amount(unused))
+        }
+    };
+    let cost_heading = (report.cost.as_ref()).map_or(String::new(), |c| {
+        format!("  {:>11}  {:>11}", format!("cost {}", c.currency), "unused")
+    });
     let _ = writeln!(
         out,
-        "{:<pool_w$}  {:>6}  {:>8}  {:>10}  {:>8}  {:>9}  forecast",
+        "{:<pool_w$}  {:>6}  {:>8}  {:>10}{cost_heading}  {:>8}  {:>9}  forecast",
         "pool", "tokens", "capacity", "guaranteed", "peak now", "trend/day"
     );
     for (pool, f) in &report.pools {
@@ -112,11 +163,12 @@ fn pools(out: &mut String, report: &Report) {
         };
         let _ = writeln!(
             out,
-            "{:<pool_w$}  {:>6}  {:>8}  {:>10}  {:>8}  {:>9}  {}",
+            "{:<pool_w$}  {:>6}  {:>8}  {:>10}{}  {:>8}  {:>9}  {}",
             pool.pool,
             f.tokens,
             f.capacity_per_window,
             f.guaranteed_per_window,
+            cost_cells(&pool.pool),
             number(f.peak_now, false),
             number(f.trend.map(|l| l.slope), true),
             f.summary()
