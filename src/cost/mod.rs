@@ -6,22 +6,26 @@
 //!   month (UTC) the range touches ([`prorate`]): a whole month costs exactly the
 //!   monthly cost. The exact sum is rounded once, half up, to a minor unit.
 //! - A **dedicated** token's whole cost goes to its owner tenant.
-//! - A **pool** token's cost is shared by the tenants granted leases on it, each in
-//!   proportion to its grants against the token's usable capacity over the range
-//!   (`usable_per_window × range / window`): a tenant that used a third of the
-//!   capacity pays a third of the cost. What nobody used is the pool's **unused**
-//!   cost. When grants exceed that capacity (the limit was raised during the range),
-//!   the grants themselves are the denominator, so the shares never exceed the cost.
+//! - A **pool**'s cost (its tokens' costs, summed) is shared by the tenants granted
+//!   leases on its tokens, each in proportion to its grants against the pool's usable
+//!   capacity over the range (Σ `usable_per_window × range / window` of its tokens): a
+//!   tenant that used a third of the capacity pays a third of the cost. What nobody
+//!   used is the pool's **unused** cost. When grants exceed that capacity (the limit
+//!   was lowered during the range), the grants themselves are the denominator, so the
+//!   shares never exceed the cost. Grants are counted per tenant and pool, not per
+//!   token: the history then grows with tenants, not with tenants × tokens, and a
+//!   pool's tokens are interchangeable to its tenants (which token a lease gets is
+//!   the service's choice, not theirs).
 //! - The current configuration (cost, owner, limit) applies to the whole range.
 //!
 //! # Rounding (largest remainder)
 //! Shares are exact fractions; the allocation must be whole minor units that add up
-//! to the token's cost exactly. Per token: every party (each tenant, then the pool's
+//! to the pool's cost exactly. Per pool: every party (each tenant, then the pool's
 //! unused part) gets the floor of its exact share; the few units left over (fewer
 //! than the parties) go one each to the parties with the largest fractional parts,
 //! ties to tenants in id order, then to unused. So every party gets its exact share
-//! rounded down or up, and per token `Σ tenants + unused == cost` holds exactly, hence
-//! also per pool and overall: `Σ per_tenant + Σ unused_per_pool == total`.
+//! rounded down or up, and per pool `Σ tenants + unused == cost` holds exactly, hence
+//! overall: `Σ per_tenant + Σ unused_per_pool == total`.
 
 mod months;
 mod split;
@@ -35,8 +39,8 @@ pub use months::prorate;
 /// keeps every step of the arithmetic inside `i128` (see [`prorate`]).
 pub const MAX_MONTHLY_COST_MINOR: i64 = 1_000_000_000_000;
 
-/// Grants above this per tenant and token are counted as this many (2^50, far beyond
-/// any real history), so `cost × grants × window` stays inside `i128`.
+/// Grants above this per tenant and pool are counted as this many (2^50, far beyond
+/// any real history), so `cost × grants` stays far inside `i128`.
 const MAX_GRANTS: u64 = 1 << 50;
 
 /// Who a token's cost is charged to.
@@ -62,41 +66,37 @@ pub struct TokenCost {
     pub window_ms: i64,
 }
 
-/// Leases granted to a tenant on a token over the range (from the usage history).
+/// Leases granted to a tenant on a pool's tokens over the range (from the usage
+/// history).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Granted {
     pub tenant_id: String,
-    pub token_id: String,
+    pub pool_id: String,
     pub granted: u64,
 }
 
-/// One token's cost over the range and how it was split.
+/// One token's cost over the range.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenAllocation {
     pub token_id: String,
     pub owner: CostOwner,
     /// The token's cost over the range ([`prorate`] of its monthly cost).
     pub cost: i64,
-    /// Each granted tenant's part (for a dedicated token: the owner's, all of it).
-    pub per_tenant: BTreeMap<String, i64>,
-    /// The part nobody used (always 0 for a dedicated token).
-    pub unused: i64,
-    /// Leases granted on the token over the range, all tenants.
-    pub granted: u64,
     /// Usable requests over the range: `usable_per_window × range / window`, rounded
     /// down.
     pub capacity: u64,
 }
 
 /// The allocation of every token's cost over a range. Exact:
-/// `Σ per_tenant + Σ unused_per_pool == total`, and per token
-/// `Σ per_tenant + unused == cost`.
+/// `Σ per_tenant + Σ unused_per_pool == total`, and per pool
+/// `Σ its tenants' parts + unused == cost`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Allocation {
-    /// Each tenant's cost: its dedicated tokens' whole cost plus its shares of pool
-    /// tokens. Every tenant that owns a token or was granted a lease is listed.
+    /// Each tenant's cost: its dedicated tokens' whole cost plus its shares of pools.
+    /// Every tenant that owns a token or was granted a lease on a pool is listed.
     pub per_tenant: BTreeMap<String, i64>,
-    /// Leases granted to each tenant on the given tokens (same keys as `per_tenant`).
+    /// Leases granted to each tenant on the given pools' tokens (same keys as
+    /// `per_tenant`; grants on dedicated tokens are not counted here).
     pub granted_per_tenant: BTreeMap<String, u64>,
     /// Each pool's cost: the sum of its tokens' costs.
     pub cost_per_pool: BTreeMap<String, i64>,
@@ -109,95 +109,91 @@ pub struct Allocation {
 }
 
 /// Allocates the cost of `tokens` over `range` (ms since the epoch, end exclusive) to
-/// tenants by their `granted` leases (grants on tokens not in `tokens` are ignored).
-/// See the module documentation for the rules and the rounding.
+/// tenants by their `granted` leases on pools (grants on pools with no token in
+/// `tokens` are ignored). See the module documentation for the rules and the rounding.
 pub fn allocate(range: Range<i64>, tokens: &[TokenCost], granted: &[Granted]) -> Allocation {
+    let mut allocation = Allocation::default();
+    // Per pool: its cost, and its usable requests over the range (each token's rounded
+    // down), which its tenants' grants are weighed against.
+    let mut pools: BTreeMap<&str, PoolTotals> = BTreeMap::new();
+    let range_ms = i128::from(range.end.saturating_sub(range.start).max(0));
+    for token in tokens {
+        let monthly = token.monthly_cost_minor.clamp(0, MAX_MONTHLY_COST_MINOR);
+        let cost = prorate(monthly, range.clone());
+        let window_ms = i128::from(token.window_ms.max(1));
+        let usable = i128::from(token.usable_per_window) * range_ms;
+        match &token.owner {
+            CostOwner::Dedicated(tenant) => {
+                *allocation.per_tenant.entry(tenant.clone()).or_default() += cost;
+                allocation
+                    .granted_per_tenant
+                    .entry(tenant.clone())
+                    .or_default();
+            }
+            CostOwner::Pool(pool) => {
+                let totals = pools.entry(pool).or_default();
+                totals.cost += cost;
+                totals.capacity += usable / window_ms;
+            }
+        }
+        allocation.total += cost;
+        allocation.per_token.push(TokenAllocation {
+            token_id: token.token_id.clone(),
+            owner: token.owner.clone(),
+            cost,
+            capacity: u64::try_from(usable / window_ms).unwrap_or(u64::MAX),
+        });
+    }
     let mut grants: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
-    for g in granted {
+    for g in granted
+        .iter()
+        .filter(|g| pools.contains_key(g.pool_id.as_str()))
+    {
         let count = grants
-            .entry(&g.token_id)
+            .entry(&g.pool_id)
             .or_default()
             .entry(&g.tenant_id)
             .or_default();
         *count = count.saturating_add(g.granted);
     }
-    let mut allocation = Allocation::default();
-    for token in tokens {
+    for (pool, totals) in pools {
         let empty = BTreeMap::new();
-        let token_grants = grants.get(token.token_id.as_str()).unwrap_or(&empty);
-        let line = allocate_token(&range, token, token_grants);
-        allocation.add(line, token_grants);
+        allocation.share_pool(pool, totals, grants.get(pool).unwrap_or(&empty));
     }
     allocation
 }
 
+/// A pool's cost over the range and its usable requests over it.
+#[derive(Default)]
+struct PoolTotals {
+    cost: i64,
+    capacity: i128,
+}
+
 impl Allocation {
-    fn add(&mut self, line: TokenAllocation, grants: &BTreeMap<&str, u64>) {
-        for (tenant, granted) in grants {
+    /// Shares `pool`'s cost among the tenants granted leases on it, by their grants
+    /// against its capacity (or the grants, if more); the rest is its unused part.
+    fn share_pool(&mut self, pool: &str, totals: PoolTotals, grants: &BTreeMap<&str, u64>) {
+        let weights: Vec<i128> = grants
+            .values()
+            .map(|g| i128::from((*g).min(MAX_GRANTS)))
+            .collect();
+        let used: i128 = weights.iter().sum();
+        let mut shares = weights.clone();
+        shares.push(totals.capacity.max(used) - used);
+        let parts = split::largest_remainder(totals.cost, &shares);
+        for ((tenant, granted), part) in grants.iter().zip(&parts) {
+            *self.per_tenant.entry((*tenant).to_owned()).or_default() += part;
             let count = self
                 .granted_per_tenant
                 .entry((*tenant).to_owned())
                 .or_default();
             *count = count.saturating_add(*granted);
-            self.per_tenant.entry((*tenant).to_owned()).or_default();
         }
-        for (tenant, part) in &line.per_tenant {
-            *self.per_tenant.entry(tenant.clone()).or_default() += part;
-            self.granted_per_tenant.entry(tenant.clone()).or_default();
-        }
-        if let CostOwner::Pool(pool) = &line.owner {
-            *self.cost_per_pool.entry(pool.clone()).or_default() += line.cost;
-            *self.unused_per_pool.entry(pool.clone()).or_default() += line.unused;
-        }
-        self.total += line.cost;
-        self.per_token.push(line);
+        self.cost_per_pool.insert(pool.to_owned(), totals.cost);
+        self.unused_per_pool
+            .insert(pool.to_owned(), parts[weights.len()]);
     }
-}
-
-fn allocate_token(
-    range: &Range<i64>,
-    token: &TokenCost,
-    grants: &BTreeMap<&str, u64>,
-) -> TokenAllocation {
-    let monthly = token.monthly_cost_minor.clamp(0, MAX_MONTHLY_COST_MINOR);
-    let cost = prorate(monthly, range.clone());
-    let range_ms = i128::from(range.end.saturating_sub(range.start).max(0));
-    let window_ms = i128::from(token.window_ms.max(1));
-    let usable = i128::from(token.usable_per_window) * range_ms;
-    let capacity = u64::try_from(usable / window_ms).unwrap_or(u64::MAX);
-    let granted = grants.values().fold(0u64, |sum, g| sum.saturating_add(*g));
-    let mut line = TokenAllocation {
-        token_id: token.token_id.clone(),
-        owner: token.owner.clone(),
-        cost,
-        per_tenant: BTreeMap::new(),
-        unused: 0,
-        granted,
-        capacity,
-    };
-    match &token.owner {
-        CostOwner::Dedicated(tenant) => {
-            line.per_tenant.insert(tenant.clone(), cost);
-        }
-        CostOwner::Pool(_) => {
-            // Each tenant's weight is its grants in "ms of one request per window";
-            // the whole is the capacity in the same unit, or the grants if more.
-            let weights: Vec<(&str, i128)> = grants
-                .iter()
-                .map(|(t, g)| (*t, i128::from((*g).min(MAX_GRANTS)) * window_ms))
-                .collect();
-            let used: i128 = weights.iter().map(|(_, w)| w).sum();
-            let whole = usable.max(used);
-            let mut shares: Vec<i128> = weights.iter().map(|(_, w)| *w).collect();
-            shares.push(whole - used);
-            let parts = split::largest_remainder(cost, &shares);
-            line.unused = parts[weights.len()];
-            for ((tenant, _), part) in weights.iter().zip(parts) {
-                line.per_tenant.insert((*tenant).to_owned(), part);
-            }
-        }
-    }
-    line
 }
 
 #[cfg(test)]

@@ -16,10 +16,10 @@ fn pool_token(id: &str, pool: &str, monthly: i64) -> TokenCost {
     }
 }
 
-fn granted(tenant: &str, token: &str, granted: u64) -> Granted {
+fn granted(tenant: &str, pool: &str, granted: u64) -> Granted {
     Granted {
         tenant_id: tenant.into(),
-        token_id: token.into(),
+        pool_id: pool.into(),
         granted,
     }
 }
@@ -33,8 +33,8 @@ const APRIL_CAPACITY: u64 = 95 * 60 * 24 * 30;
 fn a_pool_token_is_shared_by_grants_and_the_rest_is_unused() {
     let tokens = [pool_token("t1", "shared", 1000)];
     let grants = [
-        granted("a", "t1", APRIL_CAPACITY / 3),
-        granted("b", "t1", APRIL_CAPACITY / 6),
+        granted("a", "shared", APRIL_CAPACITY / 3),
+        granted("b", "shared", APRIL_CAPACITY / 6),
     ];
     let allocation = allocate(APRIL, &tokens, &grants);
     assert_eq!(allocation.total, 1000);
@@ -44,7 +44,27 @@ fn a_pool_token_is_shared_by_grants_and_the_rest_is_unused() {
     assert_eq!(allocation.cost_per_pool["shared"], 1000);
     assert_eq!(allocation.granted_per_tenant["a"], APRIL_CAPACITY / 3);
     assert_eq!(allocation.per_token[0].capacity, APRIL_CAPACITY);
-    assert_eq!(allocation.per_token[0].granted, APRIL_CAPACITY / 2);
+}
+
+/// A pool of two tokens at 1000 and 3000: its cost, 4000, is shared against its
+/// capacity (two tokens'): a tenant that used a quarter of it pays 1000, whichever
+/// token its leases went to.
+#[test]
+fn a_pool_is_shared_as_one_whatever_the_token() {
+    let tokens = [
+        pool_token("cheap", "shared", 1000),
+        pool_token("dear", "shared", 3000),
+    ];
+    let allocation = allocate(
+        APRIL,
+        &tokens,
+        &[granted("a", "shared", APRIL_CAPACITY / 2)],
+    );
+    assert_eq!(allocation.cost_per_pool["shared"], 4000);
+    assert_eq!(allocation.per_tenant["a"], 1000);
+    assert_eq!(allocation.unused_per_pool["shared"], 3000);
+    let costs: Vec<i64> = allocation.per_token.iter().map(|t| t.cost).collect();
+    assert_eq!(costs, vec![1000, 3000]);
 }
 
 /// A dedicated token's whole cost goes to its owner, used or not; a tenant granted
@@ -58,7 +78,7 @@ fn a_dedicated_token_costs_its_owner_everything() {
         },
         pool_token("free", "shared", 0),
     ];
-    let allocation = allocate(APRIL, &tokens, &[granted("small", "free", 10)]);
+    let allocation = allocate(APRIL, &tokens, &[granted("small", "shared", 10)]);
     assert_eq!(allocation.per_tenant["big"], 4321);
     assert_eq!(allocation.granted_per_tenant["big"], 0);
     assert_eq!(allocation.per_tenant["small"], 0);
@@ -73,8 +93,8 @@ fn a_dedicated_token_costs_its_owner_everything() {
 fn grants_above_capacity_never_cost_more_than_the_token() {
     let tokens = [pool_token("t1", "shared", 900)];
     let grants = [
-        granted("a", "t1", APRIL_CAPACITY),
-        granted("b", "t1", APRIL_CAPACITY * 2),
+        granted("a", "shared", APRIL_CAPACITY),
+        granted("b", "shared", APRIL_CAPACITY * 2),
     ];
     let allocation = allocate(APRIL, &tokens, &grants);
     assert_eq!(allocation.per_tenant["a"], 300);
@@ -83,12 +103,13 @@ fn grants_above_capacity_never_cost_more_than_the_token() {
 }
 
 /// Half of April costs half the monthly cost; an unused token's cost is all unused;
-/// grants on tokens not listed (deleted, or filtered out) are ignored.
+/// grants on pools with no token listed (deleted, or filtered out) are ignored.
 #[test]
 fn a_range_costs_its_share_of_the_month() {
     let half = APRIL.start..APRIL.start + 15 * 24 * 60 * MINUTE;
     let tokens = [pool_token("t1", "shared", 1001)];
     let allocation = allocate(half, &tokens, &[granted("a", "gone", 5)]);
+    assert!(!allocation.unused_per_pool.contains_key("gone"));
     assert_eq!(allocation.total, 501, "500.5 rounds half up");
     assert_eq!(allocation.unused_per_pool["shared"], 501);
     assert!(allocation.per_tenant.is_empty());
@@ -102,15 +123,16 @@ fn pools_are_kept_apart() {
         pool_token("p2", "eu", 2000),
         pool_token("q1", "us", 700),
     ];
+    // eu: 3000 over two tokens' capacity; a used a tenth of it, b a quarter.
     let grants = [
-        granted("a", "p1", APRIL_CAPACITY / 10),
-        granted("a", "q1", APRIL_CAPACITY / 7),
-        granted("b", "p2", APRIL_CAPACITY / 4),
+        granted("a", "eu", APRIL_CAPACITY / 5),
+        granted("a", "us", APRIL_CAPACITY / 7),
+        granted("b", "eu", APRIL_CAPACITY / 2),
     ];
     let allocation = allocate(APRIL, &tokens, &grants);
-    assert_eq!(allocation.per_tenant["a"], 100 + 100);
-    assert_eq!(allocation.per_tenant["b"], 500);
-    assert_eq!(allocation.unused_per_pool["eu"], 900 + 1500);
+    assert_eq!(allocation.per_tenant["a"], 300 + 100);
+    assert_eq!(allocation.per_tenant["b"], 750);
+    assert_eq!(allocation.unused_per_pool["eu"], 1950);
     assert_eq!(allocation.unused_per_pool["us"], 600);
     assert_eq!(allocation.total, 3700);
 }
@@ -136,20 +158,19 @@ fn any_token() -> impl Strategy<Value = TokenCost> {
 }
 
 fn any_grant() -> impl Strategy<Value = Granted> {
-    (0usize..5, 0usize..7, prop_oneof![0u64..1_000, any::<u64>()]).prop_map(
-        |(tenant, token, granted)| Granted {
+    (0usize..5, 0u8..5, prop_oneof![0u64..1_000, any::<u64>()]).prop_map(
+        |(tenant, pool, granted)| Granted {
             tenant_id: format!("tenant{tenant}"),
-            token_id: format!("t{token}"),
+            pool_id: format!("pool{pool}"),
             granted,
         },
     )
 }
 
 proptest! {
-    /// For any tokens, grants and range: per token the tenants' parts plus unused are
-    /// the token's cost exactly; per pool and overall the same; the total is the sum of
-    /// the tokens' prorated monthly costs; every part is its exact share rounded down
-    /// or up (never negative).
+    /// For any tokens, grants and range: per pool the tenants' parts plus unused are
+    /// the pool's cost (its tokens' costs) exactly, and overall the same; the total is
+    /// the sum of the tokens' prorated monthly costs; no part is negative.
     #[test]
     fn allocations_add_up_exactly(
         start in -10_000_000_000_000i64..10_000_000_000_000,
@@ -162,24 +183,23 @@ proptest! {
         let mut total = 0i128;
         for (line, token) in allocation.per_token.iter().zip(&tokens) {
             prop_assert_eq!(line.cost, prorate(token.monthly_cost_minor, range.clone()));
-            let parts: i64 = line.per_tenant.values().sum();
-            prop_assert_eq!(parts + line.unused, line.cost);
-            prop_assert!(line.unused >= 0);
-            prop_assert!(line.per_tenant.values().all(|p| *p >= 0));
             total += i128::from(line.cost);
         }
         prop_assert_eq!(i128::from(allocation.total), total);
         let tenants: i64 = allocation.per_tenant.values().sum();
         let unused: i64 = allocation.unused_per_pool.values().sum();
         prop_assert_eq!(tenants + unused, allocation.total);
+        prop_assert!(allocation.per_tenant.values().all(|p| *p >= 0));
+        prop_assert!(allocation.unused_per_pool.values().all(|p| *p >= 0));
         for (pool, cost) in &allocation.cost_per_pool {
-            let lines = allocation.per_token.iter().filter(|l| l.owner == CostOwner::Pool(pool.clone()));
-            let parts: i64 = lines.map(|l| l.per_tenant.values().sum::<i64>() + l.unused).sum();
-            prop_assert_eq!(parts, *cost);
+            let lines: i64 = allocation.per_token.iter()
+                .filter(|l| l.owner == CostOwner::Pool(pool.clone()))
+                .map(|l| l.cost).sum();
+            prop_assert_eq!(lines, *cost);
         }
     }
 
-    /// A pool token's tenant part is its exact share `cost × granted / max(capacity,
+    /// A tenant's part of a pool is its exact share `cost × granted / max(capacity,
     /// Σ granted)` rounded down or up.
     #[test]
     fn parts_are_exact_shares_rounded(
@@ -189,14 +209,14 @@ proptest! {
     ) {
         let token = TokenCost { usable_per_window: usable, ..pool_token("t", "p", monthly) };
         let list: Vec<Granted> = grants.iter().enumerate()
-            .map(|(i, g)| granted(&format!("x{i}"), "t", *g)).collect();
+            .map(|(i, g)| granted(&format!("x{i}"), "p", *g)).collect();
         let allocation = allocate(APRIL, &[token], &list);
         let line = &allocation.per_token[0];
         let capacity = u64::from(usable) * 60 * 24 * 30;
         let whole = capacity.max(grants.iter().sum());
         for (i, g) in grants.iter().enumerate() {
             let exact = line.cost as f64 * *g as f64 / whole as f64;
-            let part = line.per_tenant[&format!("x{i}")] as f64;
+            let part = allocation.per_tenant[&format!("x{i}")] as f64;
             prop_assert!(part >= exact.floor() - 1e-6 && part <= exact.ceil() + 1e-6,
                 "part {} exact {}", part, exact);
         }

@@ -1,6 +1,6 @@
 //! AdminService.GetCostReport: the range and filters checked, the tokens taken from
-//! the configuration this replica leases from, their grants per tenant read from the
-//! usage history, `crate::cost::allocate` on both, and the caller's view of it as
+//! the configuration this replica leases from, the grants per tenant and pool read
+//! from the usage history, `crate::cost::allocate` on both, and the caller's view of it as
 //! proto (a worker key: its tenants' lines only).
 
 use std::collections::{HashMap, HashSet};
@@ -34,20 +34,27 @@ impl AdminApi {
         let snapshot = self.leaser.config.current();
         let query = parse_query(r.into_inner(), self.leaser.history.bucket_ms(), &snapshot)?;
         let (tokens, upstreams) = token_costs(&snapshot, &query);
-        let ids: Vec<String> = tokens.iter().map(|t| t.token_id.clone()).collect();
+        let mut pools: Vec<String> = tokens
+            .iter()
+            .filter_map(|t| match &t.owner {
+                CostOwner::Pool(pool) => Some(pool.clone()),
+                CostOwner::Dedicated(_) => None,
+            })
+            .collect();
+        pools.dedup();
         let filtered = query.upstream_id.is_some() || query.pool_id.is_some();
         let grants = self
             .leaser
             .config
             .store()
-            .read_grants(query.start_ms, query.end_ms, filtered.then_some(&ids[..]))
+            .read_grants(query.start_ms, query.end_ms, filtered.then_some(&pools[..]))
             .await
             .map_err(ServiceError::from)?;
         let granted: Vec<Granted> = grants
             .into_iter()
             .map(|g| Granted {
                 tenant_id: g.tenant_id,
-                token_id: g.token_id,
+                pool_id: g.pool_id,
                 granted: g.granted,
             })
             .collect();
@@ -177,8 +184,6 @@ fn admin_view(allocation: Allocation, upstreams: &Upstreams) -> pb::GetCostRepor
                 CostOwner::Dedicated(d) => pb::token_cost::Owner::DedicatedTenantId(d.clone()),
             }),
             cost_minor: line.cost,
-            unused_cost_minor: line.unused,
-            granted: line.granted,
             capacity: line.capacity,
         })
         .collect();

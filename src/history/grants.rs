@@ -1,6 +1,8 @@
-//! Leases granted per tenant *and* token, per bucket: what cost allocation
-//! (`crate::cost`) shares a pool token's cost by. The tenant and token tallies keep the
-//! two apart; this is the pair, and only its grants.
+//! Leases granted per tenant on each shared pool's tokens, per bucket: what cost
+//! allocation (`crate::cost`) shares a pool's cost by. The tenant tally counts every
+//! grant (dedicated tokens' too) under the tenant alone; this says which pool the
+//! grants came from (a tenant moved mid-bucket counts in both). Rows per bucket grow
+//! with tenants, not with tenants × tokens.
 //!
 //! Kept in memory and flushed exactly like the tallies (see `recorder`): cumulative
 //! per-replica rows, upserted whole, forgotten once their bucket closed and their last
@@ -16,13 +18,13 @@ use super::tally::bucket_start;
 pub struct GrantRow {
     pub bucket_start_ms: i64,
     pub tenant_id: String,
-    pub token_id: String,
-    /// The token's upstream when the grant was counted.
+    pub pool_id: String,
+    /// The pool's upstream when the grant was counted.
     pub upstream_id: String,
     pub granted: u64,
 }
 
-/// (bucket start, tenant, token): the store's key of a row, per replica.
+/// (bucket start, tenant, pool): the store's key of a row, per replica.
 type Key = (i64, String, String);
 
 struct Entry {
@@ -46,12 +48,13 @@ impl GrantCounts {
         }
     }
 
-    /// A lease of `tenant_id` granted on `token_id` (of `upstream_id`) at `now_ms`.
-    pub fn add(&self, now_ms: i64, tenant_id: &str, token_id: &str, upstream_id: &str) {
+    /// A lease of `tenant_id` granted on a token of `pool_id` (of `upstream_id`) at
+    /// `now_ms`.
+    pub fn add(&self, now_ms: i64, tenant_id: &str, pool_id: &str, upstream_id: &str) {
         let key = (
             bucket_start(now_ms, self.bucket_ms),
             tenant_id.to_owned(),
-            token_id.to_owned(),
+            pool_id.to_owned(),
         );
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let entry = entries.entry(key).or_insert_with(|| Entry {
@@ -70,10 +73,10 @@ impl GrantCounts {
         entries
             .iter()
             .filter(|(_, entry)| entry.dirty)
-            .map(|((start, tenant, token), entry)| GrantRow {
+            .map(|((start, tenant, pool), entry)| GrantRow {
                 bucket_start_ms: *start,
                 tenant_id: tenant.clone(),
-                token_id: token.clone(),
+                pool_id: pool.clone(),
                 upstream_id: entry.upstream_id.clone(),
                 granted: entry.granted,
             })
@@ -88,7 +91,7 @@ impl GrantCounts {
             let key = (
                 row.bucket_start_ms,
                 row.tenant_id.clone(),
-                row.token_id.clone(),
+                row.pool_id.clone(),
             );
             if let Some(entry) = entries.get_mut(&key)
                 && entry.granted == row.granted
@@ -112,15 +115,15 @@ mod tests {
 
     const HOUR: i64 = 3_600_000;
 
-    /// Grants count per (bucket, tenant, token), cumulatively; written rows stop being
+    /// Grants count per (bucket, tenant, pool), cumulatively; written rows stop being
     /// pending until they change; closed buckets leave once written.
     #[test]
-    fn grants_count_per_pair_and_bucket() {
+    fn grants_count_per_tenant_pool_and_bucket() {
         let counts = GrantCounts::new(HOUR);
-        counts.add(10, "acme", "t1", "bl");
-        counts.add(20, "acme", "t1", "bl");
-        counts.add(30, "beta", "t1", "bl");
-        counts.add(HOUR, "acme", "t1", "bl");
+        counts.add(10, "acme", "shared", "bl");
+        counts.add(20, "acme", "shared", "bl");
+        counts.add(30, "beta", "shared", "bl");
+        counts.add(HOUR, "acme", "shared", "bl");
         let mut rows = counts.pending();
         rows.sort_by_key(|r| (r.bucket_start_ms, r.tenant_id.clone()));
         let summary: Vec<(i64, &str, u64)> = rows
@@ -132,7 +135,7 @@ mod tests {
             vec![(0, "acme", 2), (0, "beta", 1), (HOUR, "acme", 1)]
         );
 
-        counts.add(HOUR + 1, "acme", "t1", "bl");
+        counts.add(HOUR + 1, "acme", "shared", "bl");
         counts.written(&rows, HOUR + 2);
         let again = counts.pending();
         assert_eq!(again.len(), 1, "only the row changed since the read");

@@ -25,7 +25,7 @@ mod tally;
 pub use flusher::{Flusher, HistorySettings};
 pub use forecaster::{ForecastSettings, Forecaster, gauge_value};
 pub use grants::{GrantCounts, GrantRow};
-pub use recorder::{Acquired, Recorder};
+pub use recorder::{Acquired, GrantOf, Recorder};
 pub use tally::{
     DENIAL_REASONS, HistoryRow, Subject, SubjectKind, Tally, WAIT_BOUNDS_MS, WaitHistogram,
     bucket_start, roll_up,

@@ -35,6 +35,16 @@ struct Entry {
     dirty: bool,
 }
 
+/// Which lease was granted, for [`Recorder::record_grant`].
+#[derive(Debug, Clone, Copy)]
+pub struct GrantOf<'a> {
+    pub tenant_id: &'a str,
+    pub token_id: &'a str,
+    /// The token's pool; None for a token dedicated to the tenant.
+    pub pool_id: Option<&'a str>,
+    pub upstream_id: &'a str,
+}
+
 /// Cheap to clone; every clone records into the same memory.
 #[derive(Clone)]
 pub struct Recorder {
@@ -87,24 +97,26 @@ impl Recorder {
     }
 
     /// A lease of `tenant_id` granted on `token_id` of `upstream_id` at `now_ms`:
-    /// counted for the token and for the pair (`grants`), and as borrowed for both when it went beyond the tenant's
-    /// guarantee. The call itself is counted for the tenant when it is answered
-    /// (`record_acquire`).
-    pub fn record_grant(
-        &self,
-        now_ms: i64,
-        tenant_id: &str,
-        token_id: &str,
-        upstream_id: &str,
-        borrowed: bool,
-    ) {
+    /// counted for the token, for the tenant's grants on the token's pool (`grants`;
+    /// `pool_id` None for a dedicated token), and as borrowed for both when it went
+    /// beyond the tenant's guarantee. The call itself is counted for the tenant when it
+    /// is answered (`record_acquire`).
+    pub fn record_grant(&self, now_ms: i64, grant: GrantOf<'_>, borrowed: bool) {
+        let GrantOf {
+            tenant_id,
+            token_id,
+            pool_id,
+            upstream_id,
+        } = grant;
         let subject = Subject::token(token_id, upstream_id);
         self.update(now_ms, subject, |t| {
             t.asked += 1;
             t.granted += 1;
             t.borrowed += u64::from(borrowed);
         });
-        self.grants.add(now_ms, tenant_id, token_id, upstream_id);
+        if let Some(pool_id) = pool_id {
+            self.grants.add(now_ms, tenant_id, pool_id, upstream_id);
+        }
         if borrowed {
             let tenant = Subject::tenant(tenant_id);
             self.update(now_ms, tenant, |t| t.borrowed += 1);
@@ -175,7 +187,13 @@ mod tests {
 
     /// A grant as the lease path records it: the token's side, then the call's.
     fn grant(recorder: &Recorder, now_ms: i64, borrowed: bool) {
-        recorder.record_grant(now_ms, "acme", "t1", "bl", borrowed);
+        let grant = GrantOf {
+            tenant_id: "acme",
+            token_id: "t1",
+            pool_id: Some("shared"),
+            upstream_id: "bl",
+        };
+        recorder.record_grant(now_ms, grant, borrowed);
         recorder.record_acquire(now_ms, "acme", 0, Acquired::Granted);
     }
 

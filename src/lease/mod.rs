@@ -348,13 +348,22 @@ impl Leaser {
                     let borrowed = borrowed(&snapshot, &plan.request, &grant);
                     crate::metrics::lease_granted(&plan.request, borrowed);
                     tracing::Span::current().record("token_id", grant.token_id.as_str());
-                    self.history.record_grant(
-                        crate::clock::system_now_ms(),
-                        plan.request.tenant_id.as_str(),
-                        grant.token_id.as_str(),
-                        plan.request.upstream_id.as_str(),
-                        borrowed,
-                    );
+                    let pool_id =
+                        snapshot
+                            .tokens
+                            .get(&grant.token_id)
+                            .and_then(|t| match &t.record.owner {
+                                crate::domain::TokenOwner::Pool(pool) => Some(pool.as_str()),
+                                crate::domain::TokenOwner::Dedicated(_) => None,
+                            });
+                    let granted = crate::history::GrantOf {
+                        tenant_id: plan.request.tenant_id.as_str(),
+                        token_id: grant.token_id.as_str(),
+                        pool_id,
+                        upstream_id: plan.request.upstream_id.as_str(),
+                    };
+                    let now_ms = crate::clock::system_now_ms();
+                    self.history.record_grant(now_ms, granted, borrowed);
                     return Ok(Attempt::Done(self.granted(&snapshot, &plan, grant)));
                 }
                 // The store's health refused the chosen token (`health.rs`): the hint now

@@ -1,6 +1,6 @@
 //! The report's cost column: `crate::cost::allocate` on the configuration's tokens (their
 //! monthly cost, disabled ones included: they are paid for all the same) and the
-//! range's grants per tenant and token, as GetCostReport computes it. Pure.
+//! range's grants per tenant and pool, as GetCostReport computes it. Pure.
 
 use std::collections::BTreeMap;
 
@@ -43,7 +43,7 @@ fn token_costs(view: &ConfigView) -> Vec<TokenCost> {
 
 impl Report {
     /// Adds each tenant's cost over the report's range and the pools' cost and unused
-    /// part, from `granted` (leases per tenant and token over the range).
+    /// part, from `granted` (leases per tenant and pool over the range).
     pub fn add_cost(&mut self, view: &ConfigView, granted: &[Granted], currency: &str) {
         let tokens = token_costs(view);
         let allocation = allocate(self.from_ms..self.to_ms, &tokens, granted);

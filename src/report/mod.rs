@@ -231,11 +231,11 @@ pub async fn load(
     let grants = store
         .read_grants(range.0, range.1, None)
         .await
-        .context("cannot read the grants per tenant and token")?;
+        .context("cannot read the grants per tenant and pool")?;
     let granted: Vec<crate::cost::Granted> = (grants.into_iter())
         .map(|g| crate::cost::Granted {
             tenant_id: g.tenant_id,
-            token_id: g.token_id,
+            pool_id: g.pool_id,
             granted: g.granted,
         })
         .collect();

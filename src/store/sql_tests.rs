@@ -69,7 +69,7 @@ store_tests!(
     history::retention_deletes_old_buckets_only,
     history::pages_cover_every_row_once,
     history::a_restart_loses_only_what_was_not_flushed,
-    history::grants_per_pair_sum_replicas_within_the_range,
+    history::grants_per_pool_sum_replicas_within_the_range,
 );
 
 /// A database that cannot be reached is UNAVAILABLE (retry later), not INTERNAL, and

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use crate::history::{
-    Acquired, Flusher, HistoryQuery, HistoryRow, HistorySettings, PageCursor, Recorder, Selection,
-    SubjectKind, roll_up,
+    Acquired, Flusher, GrantOf, HistoryQuery, HistoryRow, HistorySettings, PageCursor, Recorder,
+    Selection, SubjectKind, roll_up,
 };
 use crate::ledger::ReleaseOutcome;
 use crate::store::ConfigStore;
@@ -27,9 +27,19 @@ fn flusher(store: &ConfigStore, replica: &str) -> Flusher {
     }
 }
 
-/// A grant as the lease path records it.
+/// A grant as the lease path records it, on a token of the pool "shared".
 fn grant(recorder: &Recorder, now_ms: i64, tenant: &str, token: &str) {
-    recorder.record_grant(now_ms, tenant, token, "baselinker", false);
+    grant_in(recorder, now_ms, tenant, token, "shared");
+}
+
+fn grant_in(recorder: &Recorder, now_ms: i64, tenant: &str, token: &str, pool: &str) {
+    let granted = GrantOf {
+        tenant_id: tenant,
+        token_id: token,
+        pool_id: Some(pool),
+        upstream_id: "baselinker",
+    };
+    recorder.record_grant(now_ms, granted, false);
     recorder.record_acquire(now_ms, tenant, 3, Acquired::Granted);
 }
 
@@ -80,46 +90,46 @@ pub(super) async fn three_replicas_count_every_grant_once(db: &TestDb) {
     let pairs = store.read_grants(0, HOUR, None).await.unwrap();
     let pairs: Vec<(&str, &str, u64)> = pairs
         .iter()
-        .map(|p| (p.tenant_id.as_str(), p.token_id.as_str(), p.granted))
+        .map(|p| (p.tenant_id.as_str(), p.pool_id.as_str(), p.granted))
         .collect();
-    assert_eq!(pairs, vec![("acme", "tok1", 60), ("beta", "tok1", 60)]);
+    assert_eq!(pairs, vec![("acme", "shared", 60), ("beta", "shared", 60)]);
 }
 
-/// Grants per tenant and token are summed over replicas and the buckets that start in
-/// the range (not those before or after it), and filtered by token.
-pub(super) async fn grants_per_pair_sum_replicas_within_the_range(db: &TestDb) {
+/// Grants per tenant and pool are summed over replicas, tokens and the buckets that
+/// start in the range (not those before or after it), and filtered by pool.
+pub(super) async fn grants_per_pool_sum_replicas_within_the_range(db: &TestDb) {
     let store = &db.store;
     let (r1, r2) = (flusher(store, "r1"), flusher(store, "r2"));
-    grant(&r1.recorder, 10, "acme", "tok1");
-    grant(&r1.recorder, HOUR + 10, "acme", "tok1");
-    grant(&r2.recorder, HOUR + 20, "acme", "tok1");
-    grant(&r2.recorder, HOUR + 30, "acme", "tok2");
-    grant(&r2.recorder, HOUR + 40, "beta", "tok2");
-    grant(&r1.recorder, 2 * HOUR + 10, "beta", "tok2");
+    grant_in(&r1.recorder, 10, "acme", "tok1", "eu");
+    grant_in(&r1.recorder, HOUR + 10, "acme", "tok1", "eu");
+    grant_in(&r2.recorder, HOUR + 20, "acme", "tok2", "eu");
+    grant_in(&r2.recorder, HOUR + 30, "acme", "tok3", "us");
+    grant_in(&r2.recorder, HOUR + 40, "beta", "tok3", "us");
+    grant_in(&r1.recorder, 2 * HOUR + 10, "beta", "tok3", "us");
     r1.flush(3 * HOUR).await.unwrap();
     r2.flush(3 * HOUR).await.unwrap();
-    let read = |tokens: Option<Vec<String>>| async move {
-        let pairs = store
-            .read_grants(HOUR, 2 * HOUR, tokens.as_deref())
+    let read = |pools: Option<Vec<String>>| async move {
+        let grants = store
+            .read_grants(HOUR, 2 * HOUR, pools.as_deref())
             .await
             .unwrap();
-        pairs
+        grants
             .into_iter()
-            .map(|p| (p.tenant_id, p.token_id, p.granted))
+            .map(|p| (p.tenant_id, p.pool_id, p.granted))
             .collect::<Vec<_>>()
     };
-    let pair = |tenant: &str, token: &str, n| (tenant.to_owned(), token.to_owned(), n);
+    let row = |tenant: &str, pool: &str, n| (tenant.to_owned(), pool.to_owned(), n);
     assert_eq!(
         read(None).await,
         vec![
-            pair("acme", "tok1", 2),
-            pair("acme", "tok2", 1),
-            pair("beta", "tok2", 1)
+            row("acme", "eu", 2),
+            row("acme", "us", 1),
+            row("beta", "us", 1)
         ]
     );
     assert_eq!(
-        read(Some(vec!["tok2".into()])).await,
-        vec![pair("acme", "tok2", 1), pair("beta", "tok2", 1)]
+        read(Some(vec!["us".into()])).await,
+        vec![row("acme", "us", 1), row("beta", "us", 1)]
     );
     assert!(read(Some(vec![])).await.is_empty());
 }
@@ -217,7 +227,7 @@ pub(super) async fn retention_deletes_old_buckets_only(db: &TestDb) {
     let gone = f.prune(3 * day).await.unwrap();
     assert_eq!(
         gone, 3,
-        "the tenant's, the token's and the pair's row of day 0"
+        "the tenant's, the token's and the tenant-in-pool row of day 0"
     );
     let pairs = store.read_grants(0, 3 * day, None).await.unwrap();
     assert_eq!(pairs[0].granted, 2, "days 1 and 2 are kept");
