@@ -85,10 +85,10 @@ use super::index_scripts::pool_index;
 /// (1 leasable, 2 the half-open token's probe), transitions…}` when granted, `{0, reason (1 tenant quota, 2 no token capacity, 3 counters lost: held
 /// until the fence, 4 the same, noticed by this call, which set the fence, 5 no usable
 /// token, 6 the chosen token moved out of this space after the caller's configuration),
-/// retry_after_ms, now, virtual deadline or -1}` when denied. A denial writes only the trimming of entries
-/// that had left the window, the demand count, the caller's queue entry and drained
-/// pacing allowances. A request no
-/// waiting can satisfy (cost above the token or tenant limit, no candidate token) is
+/// retry_after_ms, now, virtual deadline or -1}` when denied. A denial writes only the
+/// trimming of entries that had left a window (and the tenant window's life, once a
+/// bucket), the demand count, the caller's queue entry (and the queue's latest expiry in
+/// the fence) and drained pacing allowances. A request no waiting can satisfy (cost above the token or tenant limit, no candidate token) is
 /// denied with a retry of one window. A cost of 0 counts as 1. When the tenant's quota
 /// and every token are full, the reason is the limit that frees last.
 pub const ACQUIRE: &str = concat!(
