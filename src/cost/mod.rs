@@ -35,6 +35,8 @@ use std::ops::Range;
 
 pub use months::prorate;
 
+use crate::domain::{TokenOwner, TokenRecord, Upstream};
+
 /// The largest monthly cost of one token, in minor units (10 billion in major units):
 /// keeps every step of the arithmetic inside `i128` (see [`prorate`]).
 pub const MAX_MONTHLY_COST_MINOR: i64 = 1_000_000_000_000;
@@ -64,6 +66,23 @@ pub struct TokenCost {
     pub usable_per_window: u32,
     /// The upstream's window, in ms (at least 1).
     pub window_ms: i64,
+}
+
+impl TokenCost {
+    /// A configured token as allocation sees it: its monthly cost and owner, and its
+    /// upstream's usable rate and window.
+    pub fn of(token: &TokenRecord, upstream: &Upstream) -> Self {
+        TokenCost {
+            token_id: token.id.to_string(),
+            owner: match &token.owner {
+                TokenOwner::Pool(p) => CostOwner::Pool(p.to_string()),
+                TokenOwner::Dedicated(d) => CostOwner::Dedicated(d.to_string()),
+            },
+            monthly_cost_minor: token.monthly_cost_minor,
+            usable_per_window: upstream.usable_per_window(),
+            window_ms: i64::try_from(upstream.window.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
 }
 
 /// Leases granted to a tenant on a pool's tokens over the range (from the usage

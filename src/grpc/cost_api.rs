@@ -129,16 +129,7 @@ fn token_costs(snapshot: &Snapshot, query: &CostQuery) -> (Vec<TokenCost>, Upstr
         .filter_map(|t| {
             let upstream = snapshot.upstreams.get(&t.upstream_id)?;
             upstreams.insert(t.id.to_string(), t.upstream_id.to_string());
-            Some(TokenCost {
-                token_id: t.id.to_string(),
-                owner: match &t.owner {
-                    TokenOwner::Pool(p) => CostOwner::Pool(p.to_string()),
-                    TokenOwner::Dedicated(d) => CostOwner::Dedicated(d.to_string()),
-                },
-                monthly_cost_minor: t.monthly_cost_minor,
-                usable_per_window: upstream.usable_per_window(),
-                window_ms: i64::try_from(upstream.window.as_millis()).unwrap_or(i64::MAX),
-            })
+            Some(TokenCost::of(t, upstream))
         })
         .collect();
     tokens.sort_by(|a, b| a.token_id.cmp(&b.token_id));

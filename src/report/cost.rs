@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::cost::{CostOwner, Granted, TokenCost, allocate};
-use crate::domain::{ConfigView, TokenOwner};
+use crate::cost::{Granted, TokenCost, allocate};
+use crate::domain::ConfigView;
 
 use super::Report;
 
@@ -25,16 +25,7 @@ fn token_costs(view: &ConfigView) -> Vec<TokenCost> {
     let mut tokens: Vec<TokenCost> = (view.tokens.iter())
         .filter_map(|t| {
             let upstream = view.upstreams.iter().find(|u| u.id == t.upstream_id)?;
-            Some(TokenCost {
-                token_id: t.id.to_string(),
-                owner: match &t.owner {
-                    TokenOwner::Pool(p) => CostOwner::Pool(p.to_string()),
-                    TokenOwner::Dedicated(d) => CostOwner::Dedicated(d.to_string()),
-                },
-                monthly_cost_minor: t.monthly_cost_minor,
-                usable_per_window: upstream.usable_per_window(),
-                window_ms: i64::try_from(upstream.window.as_millis()).unwrap_or(i64::MAX),
-            })
+            Some(TokenCost::of(t, upstream))
         })
         .collect();
     tokens.sort_by(|a, b| a.token_id.cmp(&b.token_id));
