@@ -41,6 +41,7 @@ impl AdminApi {
                 CostOwner::Dedicated(_) => None,
             })
             .collect();
+        pools.sort();
         pools.dedup();
         let filtered = query.upstream_id.is_some() || query.pool_id.is_some();
         let grants = self

@@ -153,8 +153,14 @@ pub struct HistoryPage {
 /// Every page re-reads the range and rolls it up: simple and exact, at the cost of
 /// reading the whole range per page (bounded by [`MAX_BUCKETS_PER_READ`]).
 pub async fn read(store: &ConfigStore, query: &HistoryQuery) -> Result<HistoryPage, ServiceError> {
+    // A next page starts in the bucket its cursor is in: the buckets before it, all on
+    // earlier pages, are not read again.
+    let from_ms = query
+        .after
+        .as_ref()
+        .map_or(query.start_ms, |c| c.bucket_start_ms.max(query.start_ms));
     let rows = store
-        .read_history(query.start_ms, query.end_ms, &query.selection)
+        .read_history(from_ms, query.end_ms, &query.selection)
         .await?;
     Ok(page(roll_up(rows, query.bucket_ms), query))
 }

@@ -277,6 +277,31 @@ pub(super) async fn pages_cover_every_row_once(db: &TestDb) {
     unique.sort();
     unique.dedup();
     assert_eq!((seen.len(), unique.len()), (12, 12));
+
+    // Rolled up into 2-hour buckets, in pages of 3: a next page reads from its cursor's
+    // bucket on, and still sums every stored hour of that bucket.
+    query.bucket_ms = 2 * HOUR;
+    query.page_size = 3;
+    query.after = None;
+    let mut granted = Vec::new();
+    loop {
+        let page = crate::history::read(store, &query).await.unwrap();
+        granted.extend(page.rows.iter().map(|r| {
+            let id = r.subject.id.clone();
+            (r.bucket_start_ms, id, r.tally.granted)
+        }));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        query.after = Some(PageCursor::parse(&page.next_page_token).unwrap());
+    }
+    let a: Vec<_> = granted.iter().filter(|(_, id, _)| id == "a").collect();
+    assert_eq!(a, [&(0, "a".to_owned(), 2), &(2 * HOUR, "a".to_owned(), 1)]);
+    assert_eq!(
+        granted.len(),
+        8,
+        "4 subjects in each of 2 buckets: {granted:?}"
+    );
 }
 
 pub(super) async fn a_restart_loses_only_what_was_not_flushed(db: &TestDb) {
