@@ -144,6 +144,16 @@ pub enum TokenOwner {
     Dedicated(Id),
 }
 
+impl TokenOwner {
+    /// The shared pool the token belongs to; None for a dedicated token.
+    pub fn pool(&self) -> Option<&Id> {
+        match self {
+            Self::Pool(pool) => Some(pool),
+            Self::Dedicated(_) => None,
+        }
+    }
+}
+
 /// A token as stored: metadata plus the sealed secret (see `crypto.rs`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct TokenRecord {

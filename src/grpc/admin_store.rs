@@ -66,7 +66,7 @@ impl<T> Read<Vec<T>> {
 }
 
 /// Marks `response` as answered from the loaded configuration of `loaded_version`.
-pub fn mark<R>(mut response: Response<R>, loaded_version: Option<i64>) -> Response<R> {
+fn mark<R>(mut response: Response<R>, loaded_version: Option<i64>) -> Response<R> {
     if let Some(version) = loaded_version {
         let metadata = response.metadata_mut();
         metadata.insert(SERVED_FROM, LOADED_CONFIGURATION.parse().expect("ASCII"));

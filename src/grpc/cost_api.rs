@@ -13,7 +13,7 @@ use super::convert::timestamp;
 use super::history_api::parse_timestamp;
 use super::pb;
 use crate::cost::{Allocation, CostOwner, Granted, TokenCost, allocate};
-use crate::domain::{Id, TokenOwner};
+use crate::domain::Id;
 use crate::error::ServiceError;
 use crate::lease::Snapshot;
 
@@ -125,7 +125,7 @@ fn token_costs(snapshot: &Snapshot, query: &CostQuery) -> (Vec<TokenCost>, Upstr
         })
         .filter(|t| match &query.pool_id {
             None => true,
-            Some(pool) => t.owner == TokenOwner::Pool(pool.clone()),
+            Some(pool) => t.owner.pool() == Some(pool),
         })
         .filter_map(|t| {
             let upstream = snapshot.upstreams.get(&t.upstream_id)?;

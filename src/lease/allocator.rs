@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use super::live::LiveConfig;
 use super::usage::{by_space, in_order, pick};
 use super::{Snapshot, TokenHealth};
-use crate::domain::{Id, SharedAccess, TokenOwner, Upstream};
+use crate::domain::{Id, SharedAccess, Upstream};
 use crate::events::{EventBus, EventKind};
 use crate::quota::{Claim, allocate};
 use crate::store::counters::{CounterError, Counters, DemandCount, Space, bucket_ms};
@@ -440,9 +440,7 @@ fn pool_capacity(
     let tokens = snapshot
         .tokens
         .values()
-        .filter(|t| {
-            t.record.owner == TokenOwner::Pool(pool.clone()) && t.record.upstream_id == upstream.id
-        })
+        .filter(|t| t.record.owner.pool() == Some(pool) && t.record.upstream_id == upstream.id)
         .filter(|t| !t.record.disabled && t.secret.is_ok())
         .filter(|t| !out_of_service.contains(&t.record.id))
         .count() as u32;

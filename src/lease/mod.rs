@@ -348,14 +348,9 @@ impl Leaser {
                     let borrowed = borrowed(&snapshot, &plan.request, &grant);
                     crate::metrics::lease_granted(&plan.request, borrowed);
                     tracing::Span::current().record("token_id", grant.token_id.as_str());
-                    let pool_id =
-                        snapshot
-                            .tokens
-                            .get(&grant.token_id)
-                            .and_then(|t| match &t.record.owner {
-                                crate::domain::TokenOwner::Pool(pool) => Some(pool.as_str()),
-                                crate::domain::TokenOwner::Dedicated(_) => None,
-                            });
+                    let pool_id = (snapshot.tokens.get(&grant.token_id))
+                        .and_then(|t| t.record.owner.pool())
+                        .map(Id::as_str);
                     let granted = crate::history::GrantOf {
                         tenant_id: plan.request.tenant_id.as_str(),
                         token_id: grant.token_id.as_str(),
