@@ -73,14 +73,22 @@ local function pace_math(tat, c, pace, step)
   return room, fits, grows
 end
 
+local M = 131072
+local PI = nil
+
 -- Records a token's pacing schedule (at most a window ahead). The hash lives while any
--- schedule is ahead. A pool token's (`life` nil) needs no check: while its pool's index
--- is in use the hash lives at least half the index's life (`pi_ensure`). A dedicated
--- token's extends the hash's life as far as the schedule needs, and gives a hash
--- without one `life` ms (never less: pool tokens' schedules may be in it too).
+-- schedule is ahead. A pool token's (`life` nil) is checked only when it adds a field
+-- (the token's first schedule in this hash, or the hash is new): otherwise the hash
+-- already had a life, which the pool's index keeps at least half its own while in use
+-- (`pi_ensure`). A dedicated token's extends the hash's life as far as the schedule
+-- needs. A hash without a life gets `life` ms, the index's for a pool token (never
+-- less: pool tokens' schedules may be in it too).
 local function set_schedule(pace_key, token, tat, life)
-  redis.call('HSET', pace_key, token, tostring(tat))
-  if life == nil then return end
+  local added = redis.call('HSET', pace_key, token, tostring(tat)) == 1
+  if life == nil then
+    if not added then return end
+    life = PI.keep
+  end
   local left = redis.call('PTTL', pace_key)
   local keep = math.ceil(tat - now) + 1000
   if left == -1 then
@@ -89,9 +97,6 @@ local function set_schedule(pace_key, token, tat, life)
     redis.call('PEXPIRE', pace_key, keep)
   end
 end
-
-local M = 131072
-local PI = nil
 
 local function pi_open(base, digest, w, l, pace, pace_key)
   local step = 0
@@ -207,10 +212,7 @@ local function pi_ensure(first)
   -- never more than a window ahead, and the index's life, refreshed at half, is ten.
   local function keep_alive()
     for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end
-    if PI.pace > 0 then
-      redis.call('PEXPIRE', PI.pace_key, PI.keep, 'NX')
-      redis.call('PEXPIRE', PI.pace_key, PI.keep, 'GT')
-    end
+    if PI.pace > 0 then redis.call('PEXPIRE', PI.pace_key, PI.keep, 'GT') end
   end
   if left >= 0 then
     if left < PI.keep / 2 then keep_alive() end
