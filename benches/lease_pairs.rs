@@ -155,7 +155,7 @@ async fn start(args: &Args, config: &Config) -> Option<Running> {
     for line in backend.describe(setup::UPSTREAM, &pools) {
         println!("# {config}: {line}");
     }
-    let server = Server::start(&backend, config.limits).await;
+    let server = Server::start(&backend, config.limits, args.server.as_deref()).await;
     let budget = args.setup_budget_secs().map(Duration::from_secs);
     let pool_ids: Vec<String> = pools.iter().map(|p| p.id.clone()).collect();
     let setup = setup::create(&server, config, &pool_ids, args.admin_in_flight, budget).await;

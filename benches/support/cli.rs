@@ -111,6 +111,12 @@ pub struct Args {
     /// (an explicit --tenants always runs to the end).
     #[arg(long, default_value_t = 300)]
     pub max_setup_secs: u64,
+    /// The server binary to measure instead of the one `cargo bench` built with this
+    /// bench (e.g. another commit's `target/release/tokenlease`, to compare two builds
+    /// in one sitting with one load generator). It must take the same `serve`
+    /// environment and admin API.
+    #[arg(long)]
+    pub server: Option<std::path::PathBuf>,
     /// Passed by `cargo bench`; without it the binary only prints how to run it.
     #[arg(long, hide = true)]
     pub bench: bool,

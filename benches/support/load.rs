@@ -125,20 +125,35 @@ impl Load {
     /// Starts pair i at `started + i / rate`, whatever the earlier ones are doing, so a
     /// slow answer cannot delay the next start (no coordinated omission); latencies
     /// count from the scheduled start, so they include any wait to be sent.
+    ///
+    /// The schedule is kept by a thread of its own, with `std::thread::sleep` (Linux
+    /// wakes it within tens of µs): Tokio's timer rounds every sleep up to its next
+    /// millisecond tick, which would add up to 1 ms of the load generator's own lateness
+    /// to every latency measured from the schedule (measured: acq p50 1.35 ms at 2,000
+    /// pairs/s with `sleep_until`, against 0.30 ms for one closed-loop caller).
     async fn open(&self, rate: u32, duration: Duration, seed: u64) -> Tally {
-        let mut rng = SmallRng::seed_from_u64(seed);
+        let runtime = tokio::runtime::Handle::current();
+        let (clients, auth, tenants) = (self.clients.clone(), self.auth.clone(), self.tenants);
         let started = Instant::now();
-        let mut pairs = tokio::task::JoinSet::new();
-        for i in 0u64.. {
-            let at = started + Duration::from_secs_f64(i as f64 / f64::from(rate.max(1)));
-            if at >= started + duration {
-                break;
+        let scheduler = std::thread::spawn(move || {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let mut pairs = tokio::task::JoinSet::new();
+            for i in 0u64.. {
+                let at = started + Duration::from_secs_f64(i as f64 / f64::from(rate.max(1)));
+                if at >= started + duration {
+                    break;
+                }
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                let client = clients[i as usize % clients.len()].clone();
+                let tenant = tenant_id(rng.random_range(0..tenants));
+                pairs.spawn_on(pair(client, auth.clone(), tenant, at), &runtime);
             }
-            tokio::time::sleep_until(at.into()).await;
-            let client = self.clients[i as usize % self.clients.len()].clone();
-            let tenant = tenant_id(rng.random_range(0..self.tenants));
-            pairs.spawn(pair(client, self.auth.clone(), tenant, at));
-        }
+            pairs
+        });
+        let pairs = tokio::task::spawn_blocking(move || scheduler.join())
+            .await
+            .expect("the scheduler's waiter")
+            .expect("the open-loop scheduler thread");
         let mut tally = Tally::default();
         for outcome in pairs.join_all().await {
             tally.record(outcome);

@@ -39,7 +39,8 @@ impl Server {
     /// `TOKENLEASE_*` variables of this process reach the server and win over the
     /// bench's own settings (e.g. `TOKENLEASE_LEASE__PACE_BURST_PERCENT=100`).
     /// Its counters are where `backend` says, under a key prefix unique to the run.
-    pub async fn start(backend: &Backend, limits: Limits) -> Server {
+    /// `binary` replaces the one built with the bench (`--server`).
+    pub async fn start(backend: &Backend, limits: Limits, binary: Option<&Path>) -> Server {
         let data_dir = tempfile::tempdir().expect("a temporary data folder");
         let grpc = free_address();
         let redis = backend.server_url().map(|url| {
@@ -53,10 +54,14 @@ impl Server {
                 url: url.to_owned(),
                 prefix: prefix.clone(),
             });
-        let child = command(data_dir.path(), grpc, redis.as_ref(), limits)
+        let binary = binary.unwrap_or(Path::new(BINARY));
+        let child = command(binary, data_dir.path(), grpc, redis.as_ref(), limits)
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot start {BINARY}: {e} (run `cargo bench`, which builds it)")
+                panic!(
+                    "cannot start {}: {e} (run `cargo bench`, which builds it)",
+                    binary.display()
+                )
             });
         let mut server = Server {
             pid: child.id(),
@@ -132,13 +137,14 @@ impl Drop for Server {
 /// (`REDIS_URL`, key prefix); configuration in SQLite, logs (warnings only) to a file in
 /// the data folder, no tracing export.
 fn command(
+    binary: &Path,
     data_dir: &Path,
     grpc: SocketAddr,
     redis: Option<&(String, String)>,
     limits: Limits,
 ) -> Command {
     let log = std::fs::File::create(data_dir.join("server.log")).expect("a log file");
-    let mut command = Command::new(BINARY);
+    let mut command = Command::new(binary);
     command
         .arg("serve")
         .env_remove("DATABASE_URL")
