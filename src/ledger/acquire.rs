@@ -2,6 +2,7 @@
 //! fence, the demand count, the tenant's window, the dedicated tokens, the pool index,
 //! the wait queue, the chosen token's health, then the grant's record).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::pace::Pacing;
@@ -10,8 +11,8 @@ use super::queue::{GUARANTEED_AHEAD_MS, bucket_ms};
 use super::types::{
     AcquireOutcome, AcquireRequest, Admission, Denied, DenyReason, Grant, Unhealthy,
 };
-use super::window::never;
-use super::{Lease, Ledger, lease_key, queue_key, tenant_key, token_key};
+use super::window::{Nonce, never};
+use super::{Lease, Ledger, queue_key, tenant_key, token_key};
 use crate::domain::Id;
 
 /// The request's pacing (`pace.rs`).
@@ -332,29 +333,26 @@ impl Ledger {
         &mut self,
         req: &AcquireRequest,
         best: &Best,
-        pool: Option<(String, i64)>,
+        pool: Option<(Arc<str>, i64)>,
         now: i64,
         cost: u32,
     ) {
         let expires = now + req.lease_ttl.as_millis() as i64;
         let tenant_key = tenant_key(&req.upstream_id, &req.tenant_id);
         let token_key = token_key(&req.upstream_id, &best.token);
-        for i in 1..=cost {
-            let member = format!("{}#{i}", req.nonce);
-            let tenant_window = self.window(tenant_key.clone());
-            tenant_window.insert(member.clone(), expires);
-            self.window(token_key.clone()).insert(member, expires);
-        }
+        self.window(tenant_key).insert(&req.nonce, cost, expires);
+        self.window(token_key.clone())
+            .insert(&req.nonce, cost, expires);
         let pacing = pacing(req);
         if let Some(pacing) = pacing {
             let mut tat = self.paces.get(&token_key).copied().unwrap_or(now as f64);
             pacing.spend(&mut tat, now, cost);
             self.set_schedule(&req.upstream_id, &best.token, tat);
         }
-        let lease_key = lease_key(&req.upstream_id, &req.nonce);
+        let name = (self.name(req.upstream_id.as_str()), Nonce::of(&req.nonce));
         let lease = Lease {
-            tenant: req.tenant_id.clone(),
-            token: best.token.clone(),
+            tenant: self.name(req.tenant_id.as_str()),
+            token: self.name(best.token.as_str()),
             cost,
             expires,
             step: pacing.map_or(0.0, |p| p.step()),
@@ -364,7 +362,7 @@ impl Ledger {
         };
         // Kept, as a release is accepted, while the lease's slots are counted.
         let forget_after = expires + lease.window_ms;
-        self.leases.insert(lease_key.clone(), lease);
-        self.expiries.insert((forget_after, lease_key));
+        self.leases.insert(name.clone(), lease);
+        self.expiries.insert((forget_after, name));
     }
 }

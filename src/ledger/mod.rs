@@ -62,29 +62,35 @@ pub use pool_index::pool_digest;
 pub use queue::{BUCKETS_PER_WINDOW, DemandCount, bucket_ms};
 pub use types::*;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::domain::Id;
 use pace::refund;
 use queue::{Demand, WaitQueue};
-use window::Window;
+use window::{Nonce, Window};
 
 /// A released lease's pool index: its digest, the token's position, the window (ms),
 /// and whether the release came after the lease's expiry.
-type PoolPlace = (String, i64, i64, bool);
+type PoolPlace = (Arc<str>, i64, i64, bool);
 
-/// A lease, live or within W of its expiry.
+/// A lease in the lease table: its upstream (interned) and nonce.
+type LeaseName = (Arc<str>, Nonce);
+
+/// A lease, live or within W of its expiry. The table holds every grant of the last
+/// W + TTL (over a million at 20,000 grants a second), so a lease allocates nothing of
+/// its own: names are shared (`Ledger::names`), the nonce is a number.
 struct Lease {
-    tenant: Id,
-    token: Id,
+    tenant: Arc<str>,
+    token: Arc<str>,
     cost: u32,
     expires: i64,
     /// The pace each slot of the grant spent (ms), 0 without pacing.
     step: f64,
     outcome: Option<ReleaseOutcome>,
     /// A pool token's index (its digest) and position there.
-    pool: Option<(String, i64)>,
+    pool: Option<(Arc<str>, i64)>,
     window_ms: i64,
 }
 
@@ -94,10 +100,15 @@ struct Lease {
 #[derive(Default)]
 pub struct Ledger {
     windows: HashMap<String, Window>,
-    /// Leases by `lease_key`, until their expiry + W (releases are accepted so long).
-    leases: HashMap<String, Lease>,
+    /// Leases by upstream and nonce, until their expiry + W (releases are accepted so
+    /// long).
+    leases: HashMap<LeaseName, Lease>,
     /// When each lease is forgotten, so that old leases are dropped without scanning.
-    expiries: BTreeSet<(i64, String)>,
+    expiries: BTreeSet<(i64, LeaseName)>,
+    /// The upstream, tenant and token ids and pool digests the leases name, each kept
+    /// once. It grows only with the configuration (ids and token lists that were
+    /// granted through), not with grants.
+    names: HashSet<Arc<str>>,
     /// Demand per tenant window key.
     demand: HashMap<String, Demand>,
     /// Wait queues per pool.
@@ -124,15 +135,20 @@ fn token_key(upstream: &Id, token: &Id) -> String {
     format!("{upstream}/kw/{token}")
 }
 
-/// Leases are per upstream, as in Redis: an id naming another upstream finds nothing.
-fn lease_key(upstream: &Id, nonce: &str) -> String {
-    format!("{upstream}/lease/{nonce}")
-}
-
 impl Ledger {
     /// Marks an upstream's counters complete: no hold before its first grant.
     pub fn mark_fresh(&mut self, upstream: &Id) {
         self.fences.entry(upstream.clone()).or_insert(0);
+    }
+
+    /// `name`, shared.
+    fn name(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.names.get(name) {
+            return known.clone();
+        }
+        let name: Arc<str> = name.into();
+        self.names.insert(name.clone());
+        name
     }
 
     fn window(&mut self, key: String) -> &mut Window {
@@ -223,14 +239,18 @@ impl Ledger {
         now: i64,
     ) -> (ReleaseResult, Option<PoolPlace>) {
         self.drop_expired_leases(now);
-        let Some(lease) = self
-            .leases
-            .get_mut(&lease_key(&key.upstream_id, &key.nonce))
-        else {
+        // Leases are per upstream, as in Redis: an id naming another upstream finds
+        // nothing. An upstream never named has no lease.
+        let Some(upstream) = self.names.get(key.upstream_id.as_str()).cloned() else {
+            return (ReleaseResult::NotFound, None);
+        };
+        let Some(lease) = self.leases.get_mut(&(upstream, Nonce::of(&key.nonce))) else {
             return (ReleaseResult::NotFound, None);
         };
         let counted_until = lease.expires + lease.window_ms;
-        if lease.tenant != key.tenant_id || lease.token != key.token_id || counted_until < now {
+        let names_it =
+            *lease.tenant == *key.tenant_id.as_str() && *lease.token == *key.token_id.as_str();
+        if !names_it || counted_until < now {
             return (ReleaseResult::NotFound, None);
         }
         let late = lease.expires < now;
@@ -262,13 +282,10 @@ impl Ledger {
         }
         for key_name in [tenant_key(&key.upstream_id, &key.tenant_id), token_key] {
             let window = self.window(key_name);
-            for i in 1..=cost {
-                let member = format!("{}#{i}", key.nonce);
-                if outcome == ReleaseOutcome::NotUsed {
-                    window.remove(&member);
-                } else {
-                    window.move_end(&member, now);
-                }
+            if outcome == ReleaseOutcome::NotUsed {
+                window.remove(&key.nonce, cost);
+            } else {
+                window.move_end(&key.nonce, cost, now);
             }
         }
         (ReleaseResult::Released, pool)

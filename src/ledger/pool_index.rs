@@ -8,6 +8,7 @@
 //! (score, then member bytes); the sentinel members of the Redis keys are not needed.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use super::pace::{Paced, Pacing};
 use super::window::never;
@@ -86,7 +87,8 @@ pub(super) struct PoolRoom {
 
 /// One pool's index (the keys `ir`, `iw`, `ih`, `ip`, `im` of the Redis backend).
 pub(super) struct PoolIndex {
-    pub digest: String,
+    /// Shared with the leases granted through the index.
+    pub digest: Arc<str>,
     w: i64,
     l: u32,
     pacing: Option<Pacing>,
@@ -146,7 +148,7 @@ impl Ledger {
         self.indexes.retain(|_, index| index.expires > now);
         let w = req.window.as_millis() as i64;
         let mut index = PoolIndex {
-            digest,
+            digest: digest.into(),
             w,
             l: req.token_limit,
             pacing: Pacing::new(req.pace_burst, w, req.token_limit),

@@ -1,13 +1,43 @@
 //! One sliding window: the entries (`<nonce>#<i>`) of the slots a tenant or a token
 //! holds, ordered by the end of their occupancy. The twin of a window's sorted set in
 //! Redis (`ZREMRANGEBYSCORE`, `ZCARD`, `ZRANGE k k`, `ZADD XX`, `ZREM`).
+//!
+//! A window holds every slot taken in the last W (+ TTL): at 20,000 grants a second and
+//! W = 60 s, over a million entries across the windows of an embedded server. So an
+//! entry is kept small and off the heap: the service's nonces (32 hex digits, 128 bits)
+//! as a number; any other nonce (tests build their own) as its text.
 
 use std::collections::{BTreeSet, HashMap};
 
+/// A grant's nonce, as a window (and the lease table) keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) enum Nonce {
+    Hex(u128),
+    Text(Box<str>),
+}
+
+impl Nonce {
+    pub(super) fn of(nonce: &str) -> Nonce {
+        // Only the canonical form (32 lower-case digits) maps to a number, so that two
+        // different strings are never one entry.
+        let canonical = nonce.len() == 32
+            && nonce
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        match u128::from_str_radix(nonce, 16) {
+            Ok(n) if canonical => Nonce::Hex(n),
+            _ => Nonce::Text(nonce.into()),
+        }
+    }
+}
+
+/// Slot `i` (1-based) of the grant with this nonce: the member `<nonce>#<i>` in Redis.
+type Member = (Nonce, u32);
+
 #[derive(Default)]
 pub(super) struct Window {
-    by_end: BTreeSet<(i64, String)>,
-    end_of: HashMap<String, i64>,
+    by_end: BTreeSet<(i64, Member)>,
+    end_of: HashMap<Member, i64>,
 }
 
 /// The retry instant of a request no waiting can satisfy (see `scripts::ACQUIRE`).
@@ -52,23 +82,82 @@ impl Window {
         self.by_end.first().map(|(end, _)| *end)
     }
 
-    pub fn insert(&mut self, member: String, end: i64) {
+    /// Adds slots `1..=cost` of the grant `nonce`, ending at `end`.
+    pub fn insert(&mut self, nonce: &str, cost: u32, end: i64) {
+        let nonce = Nonce::of(nonce);
+        for i in 1..=cost {
+            self.put((nonce.clone(), i), end);
+        }
+    }
+
+    fn put(&mut self, member: Member, end: i64) {
         if let Some(old) = self.end_of.insert(member.clone(), end) {
             self.by_end.remove(&(old, member.clone()));
         }
         self.by_end.insert((end, member));
     }
 
-    /// Moves an existing entry's end (XX semantics: absent entries stay absent).
-    pub fn move_end(&mut self, member: &str, end: i64) {
-        if self.end_of.contains_key(member) {
-            self.insert(member.to_owned(), end);
+    /// Moves the end of slots `1..=cost` of the grant `nonce` (XX semantics: absent
+    /// entries stay absent).
+    pub fn move_end(&mut self, nonce: &str, cost: u32, end: i64) {
+        let nonce = Nonce::of(nonce);
+        for i in 1..=cost {
+            let member = (nonce.clone(), i);
+            if self.end_of.contains_key(&member) {
+                self.put(member, end);
+            }
         }
     }
 
-    pub fn remove(&mut self, member: &str) {
-        if let Some(end) = self.end_of.remove(member) {
-            self.by_end.remove(&(end, member.to_owned()));
+    /// Removes slots `1..=cost` of the grant `nonce`.
+    pub fn remove(&mut self, nonce: &str, cost: u32) {
+        let nonce = Nonce::of(nonce);
+        for i in 1..=cost {
+            let member = (nonce.clone(), i);
+            if let Some(end) = self.end_of.remove(&member) {
+                self.by_end.remove(&(end, member));
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_canonical_hex_form_is_a_number() {
+        let nonce = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            Nonce::of(nonce),
+            Nonce::Hex(0x0123456789abcdef0123456789abcdef)
+        );
+        // Upper case, a sign or fewer digits parse to the same number but are other
+        // members in Redis: they stay text.
+        for other in [
+            "0123456789ABCDEF0123456789abcdef",
+            "+123456789abcdef0123456789abcdef",
+            "123456789abcdef0123456789abcdef",
+            "n1",
+        ] {
+            assert_eq!(Nonce::of(other), Nonce::Text(other.into()), "{other}");
+        }
+    }
+
+    #[test]
+    fn entries_of_two_grants_are_apart_and_move_or_go_by_slot() {
+        let (a, b) = ("0123456789abcdef0123456789abcdef", "n1");
+        let mut window = Window::default();
+        window.insert(a, 2, 100);
+        window.insert(b, 1, 50);
+        assert_eq!((window.len(), window.first_end()), (3, Some(50)));
+        window.move_end(a, 2, 10);
+        // XX: a slot the grant never took is not added.
+        window.move_end(b, 3, 60);
+        assert_eq!((window.len(), window.first_end()), (3, Some(10)));
+        assert_eq!(window.free_at(0, 1_000, 3, 1, 3), 1_011);
+        window.remove(a, 2);
+        assert_eq!((window.len(), window.first_end()), (1, Some(60)));
+        assert_eq!(window.trim(61), 0);
     }
 }
