@@ -18,6 +18,12 @@ use tokenlease::lease::LiveConfig;
 use tokenlease::startup::{App, open_store, shutdown_signal};
 use tokenlease::telemetry::{self, init_logging};
 
+/// mimalloc, not the system allocator: a lease pair allocates and frees many small
+/// buffers (HTTP/2 frames, protobuf messages, Redis replies) across two worker threads,
+/// where glibc's malloc spent ~10 % of the server's CPU (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tokenlease",
