@@ -235,12 +235,10 @@ impl App {
             let read = move || {
                 let leaser = leaser.clone();
                 async move {
-                    let usage = leaser.usage(None, None).await?;
+                    let tokens = leaser.tokens_usage().await?;
                     let snapshot = leaser.config.current();
                     let reading = |t| token_reading(t, &snapshot);
-                    Ok::<_, crate::error::ServiceError>(
-                        usage.tokens.into_iter().map(reading).collect(),
-                    )
+                    Ok::<_, crate::error::ServiceError>(tokens.into_iter().map(reading).collect())
                 }
             };
             crate::history::Forecaster {

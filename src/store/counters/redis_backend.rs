@@ -50,6 +50,13 @@ use crate::domain::{Id, TokenMove, TokenState};
 /// the connection.
 const CLUSTER_IN_FLIGHT: usize = 16;
 
+/// Keys one read script (demand, usage) takes at most. A script holds Redis for its
+/// whole run, and every lease decision waits behind it: the demand of 1,000 tenants in
+/// one script took ~7 ms and their windows' usage ~3 ms (Redis `SLOWLOG`), which was the
+/// p99 of AcquireLease at 2,000 pairs/s. 128 keys hold Redis for well under a
+/// millisecond.
+pub(super) const READ_CHUNK: usize = 128;
+
 /// How to reach Redis.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -396,7 +403,37 @@ impl RedisCounters {
         self.run(inv).await
     }
 
+    /// The demand of `tenants`, read `READ_CHUNK` at a time. Every chunk must count the
+    /// same completed buckets: a read that crossed a bucket's end (a bucket lasts a
+    /// twelfth of the window, a read a few milliseconds) is read again; the third try is
+    /// taken as it is, its first chunks one bucket behind.
     pub async fn demand(
+        &self,
+        upstream: Space<'_>,
+        window: Duration,
+        tenants: &[Id],
+    ) -> Result<(i64, Vec<DemandCount>), CounterError> {
+        if tenants.len() <= READ_CHUNK {
+            return self.demand_chunk(upstream, window, tenants).await;
+        }
+        for attempt in 1..=3 {
+            let mut bucket = i64::MIN;
+            let mut counts = Vec::with_capacity(tenants.len());
+            let mut crossed = false;
+            for chunk in tenants.chunks(READ_CHUNK) {
+                let (at, chunk_counts) = self.demand_chunk(upstream, window, chunk).await?;
+                crossed |= bucket != i64::MIN && at != bucket;
+                bucket = bucket.max(at);
+                counts.extend(chunk_counts);
+            }
+            if !crossed || attempt == 3 {
+                return Ok((bucket, counts));
+            }
+        }
+        unreachable!("the third attempt returns")
+    }
+
+    async fn demand_chunk(
         &self,
         upstream: Space<'_>,
         window: Duration,
@@ -525,6 +562,8 @@ impl RedisCounters {
         Ok((result, recorded, now))
     }
 
+    /// Slots held now in the windows of `tenants` and `tokens`, read `READ_CHUNK`
+    /// windows at a time (each count is of its own instant, as a reading).
     pub async fn usage(
         &self,
         upstream: Space<'_>,
@@ -532,20 +571,30 @@ impl RedisCounters {
         tenants: &[Id],
         tokens: &[Id],
     ) -> Result<UsageCounts, CounterError> {
-        if tenants.is_empty() && tokens.is_empty() {
-            return Ok(UsageCounts::default());
+        let keys: Vec<String> = tenants
+            .iter()
+            .map(|t| self.key(upstream, "tw", t.as_str()))
+            .chain(tokens.iter().map(|t| self.key(upstream, "kw", t.as_str())))
+            .collect();
+        let mut counts: Vec<u32> = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(READ_CHUNK) {
+            let mut inv = self.usage.prepare_invoke();
+            for key in chunk {
+                inv.key(key);
+            }
+            inv.arg(window.as_millis() as u64);
+            let chunk_counts: Vec<u32> = redis::from_redis_value(self.run(inv).await?)
+                .map_err(|e| CounterError::Internal(format!("unexpected usage reply: {e}")))?;
+            if chunk_counts.len() != chunk.len() {
+                return Err(CounterError::Internal(format!(
+                    "usage reply has {} counts for {} windows",
+                    chunk_counts.len(),
+                    chunk.len()
+                )));
+            }
+            counts.extend(chunk_counts);
         }
-        let mut inv = self.usage.prepare_invoke();
-        for tenant in tenants {
-            inv.key(self.key(upstream, "tw", tenant.as_str()));
-        }
-        for token in tokens {
-            inv.key(self.key(upstream, "kw", token.as_str()));
-        }
-        inv.arg(window.as_millis() as u64);
-        let mut counts: Vec<u32> = redis::from_redis_value(self.run(inv).await?)
-            .map_err(|e| CounterError::Internal(format!("unexpected usage reply: {e}")))?;
-        let token_counts = counts.split_off(tenants.len().min(counts.len()));
+        let token_counts = counts.split_off(tenants.len());
         Ok(UsageCounts {
             tenants: counts,
             tokens: token_counts,

@@ -430,22 +430,25 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local bucket = math.floor(now / tonumber(ARGV[1]))
 local n = tonumber(ARGV[2])
-local asked_fields, unmet_fields = {}, {}
+-- One HMGET per tenant: the asked counts of the last n completed buckets, then the
+-- unmet ones.
+local fields = {}
 for b = bucket - n, bucket - 1 do
-  asked_fields[#asked_fields + 1] = b
-  unmet_fields[#unmet_fields + 1] = 'u' .. b
+  fields[#fields + 1] = b
 end
-local function sum(key, fields)
-  local total = 0
-  for _, v in ipairs(redis.call('HMGET', key, unpack(fields))) do
-    if v then total = total + tonumber(v) end
-  end
-  return total
+for b = bucket - n, bucket - 1 do
+  fields[#fields + 1] = 'u' .. b
 end
 local out = {bucket}
 for i = 1, #KEYS do
-  out[#out + 1] = sum(KEYS[i], asked_fields)
-  out[#out + 1] = sum(KEYS[i], unmet_fields)
+  local asked, unmet = 0, 0
+  for j, v in ipairs(redis.call('HMGET', KEYS[i], unpack(fields))) do
+    if v then
+      if j <= n then asked = asked + tonumber(v) else unmet = unmet + tonumber(v) end
+    end
+  end
+  out[#out + 1] = asked
+  out[#out + 1] = unmet
 end
 return out
 "#;
