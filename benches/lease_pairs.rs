@@ -10,6 +10,7 @@
 //! cargo bench --bench lease_pairs -- --steady 120       # embedded, one row per 15 s
 //! cargo bench --bench lease_pairs -- --all              # all of the above
 //! cargo bench --bench lease_pairs -- --mode cluster,redis --pools 1,3   # pools over masters
+//! cargo bench --bench lease_pairs -- --server ../old/target/release/tokenlease   # another build
 //! ```
 //!
 //! **What runs.** `cargo bench` builds the release binary; each configuration starts
@@ -45,8 +46,9 @@
 //! **Closed and open loop.** The closed loop (64 callers over 4 HTTP/2 connections by
 //! default) finds the throughput; with 1, 4 and 16 callers it shows the latency of an
 //! unloaded service (a 40 ms tail there is Nagle's algorithm meeting delayed ACKs). The
-//! open loop starts pairs on a fixed schedule and counts latency from each scheduled
-//! start, so queueing behind a slow answer is measured, not hidden. The steady check
+//! open loop starts pairs on a fixed schedule (kept by a thread of its own, not Tokio's
+//! millisecond timer) and counts latency from each scheduled start, so queueing behind
+//! a slow answer is measured, not hidden. The steady check
 //! runs one configuration long and compares the first and last 15 s.
 //!
 //! Columns (medians of `--runs`, range below): pairs/s; AcquireLease p50/p99 and the
