@@ -269,7 +269,7 @@ impl Ledger {
         if late {
             return (ReleaseResult::Released, pool);
         }
-        let (cost, step) = (lease.cost, lease.step);
+        let (cost, step, end) = (lease.cost, lease.step, lease.expires);
         let token_key = token_key(&key.upstream_id, &key.token_id);
         if outcome == ReleaseOutcome::NotUsed
             && let Some(&schedule) = self.paces.get(&token_key)
@@ -282,10 +282,11 @@ impl Ledger {
         }
         for key_name in [tenant_key(&key.upstream_id, &key.tenant_id), token_key] {
             let window = self.window(key_name);
+            // Until this one release, the lease's slots end at its expiry.
             if outcome == ReleaseOutcome::NotUsed {
-                window.remove(&key.nonce, cost);
+                window.remove(&key.nonce, cost, end);
             } else {
-                window.move_end(&key.nonce, cost, now);
+                window.move_end(&key.nonce, cost, end, now);
             }
         }
         (ReleaseResult::Released, pool)

@@ -7,7 +7,7 @@
 //! entry is kept small and off the heap: the service's nonces (32 hex digits, 128 bits)
 //! as a number; any other nonce (tests build their own) as its text.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 /// A grant's nonce, as a window (and the lease table) keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -31,13 +31,16 @@ impl Nonce {
     }
 }
 
-/// Slot `i` (1-based) of the grant with this nonce: the member `<nonce>#<i>` in Redis.
-type Member = (Nonce, u32);
+/// One slot of a grant: its end, the grant's nonce and the slot's number (1-based):
+/// the member `<nonce>#<i>` with score `end` in Redis.
+type Entry = (i64, Nonce, u32);
 
+/// The entries by end. A grant's slots are found by their end, which the lease record
+/// knows (its expiry, until its one release moves or removes them), so no map from
+/// member to end is kept beside them: half the memory of a window.
 #[derive(Default)]
 pub(super) struct Window {
-    by_end: BTreeSet<(i64, Member)>,
-    end_of: HashMap<Member, i64>,
+    by_end: BTreeSet<Entry>,
 }
 
 /// The retry instant of a request no waiting can satisfy (see `scripts::ACQUIRE`).
@@ -48,12 +51,8 @@ pub(super) fn never(now: i64, window_ms: i64) -> i64 {
 impl Window {
     /// Drops entries that ended before `horizon`; returns how many are left.
     pub fn trim(&mut self, horizon: i64) -> u32 {
-        while let Some(first) = self.by_end.first() {
-            if first.0 >= horizon {
-                break;
-            }
-            let (_, member) = self.by_end.pop_first().expect("checked non-empty");
-            self.end_of.remove(&member);
+        while self.by_end.first().is_some_and(|first| first.0 < horizon) {
+            self.by_end.pop_first();
         }
         self.by_end.len() as u32
     }
@@ -67,7 +66,7 @@ impl Window {
             return now;
         }
         match self.by_end.iter().nth(k as usize - 1) {
-            Some((end, _)) => end + window_ms + 1,
+            Some((end, ..)) => end + window_ms + 1,
             // `cost` exceeds `limit`: no waiting makes room.
             None => never(now, window_ms),
         }
@@ -79,44 +78,34 @@ impl Window {
 
     /// The earliest end in the window, if any.
     pub fn first_end(&self) -> Option<i64> {
-        self.by_end.first().map(|(end, _)| *end)
+        self.by_end.first().map(|(end, ..)| *end)
     }
 
-    /// Adds slots `1..=cost` of the grant `nonce`, ending at `end`.
+    /// Adds slots `1..=cost` of the grant `nonce`, ending at `end`. A nonce is granted
+    /// once (the service draws a new one per call), so its slots are new members.
     pub fn insert(&mut self, nonce: &str, cost: u32, end: i64) {
         let nonce = Nonce::of(nonce);
         for i in 1..=cost {
-            self.put((nonce.clone(), i), end);
+            self.by_end.insert((end, nonce.clone(), i));
         }
     }
 
-    fn put(&mut self, member: Member, end: i64) {
-        if let Some(old) = self.end_of.insert(member.clone(), end) {
-            self.by_end.remove(&(old, member.clone()));
-        }
-        self.by_end.insert((end, member));
-    }
-
-    /// Moves the end of slots `1..=cost` of the grant `nonce` (XX semantics: absent
-    /// entries stay absent).
-    pub fn move_end(&mut self, nonce: &str, cost: u32, end: i64) {
+    /// Moves slots `1..=cost` of the grant `nonce` from `end` to `to` (XX semantics:
+    /// slots no longer in the window, trimmed, stay out).
+    pub fn move_end(&mut self, nonce: &str, cost: u32, end: i64, to: i64) {
         let nonce = Nonce::of(nonce);
         for i in 1..=cost {
-            let member = (nonce.clone(), i);
-            if self.end_of.contains_key(&member) {
-                self.put(member, end);
+            if self.by_end.remove(&(end, nonce.clone(), i)) {
+                self.by_end.insert((to, nonce.clone(), i));
             }
         }
     }
 
-    /// Removes slots `1..=cost` of the grant `nonce`.
-    pub fn remove(&mut self, nonce: &str, cost: u32) {
+    /// Removes slots `1..=cost` of the grant `nonce`, which end at `end`.
+    pub fn remove(&mut self, nonce: &str, cost: u32, end: i64) {
         let nonce = Nonce::of(nonce);
         for i in 1..=cost {
-            let member = (nonce.clone(), i);
-            if let Some(end) = self.end_of.remove(&member) {
-                self.by_end.remove(&(end, member));
-            }
+            self.by_end.remove(&(end, nonce.clone(), i));
         }
     }
 }
@@ -151,13 +140,16 @@ mod tests {
         window.insert(a, 2, 100);
         window.insert(b, 1, 50);
         assert_eq!((window.len(), window.first_end()), (3, Some(50)));
-        window.move_end(a, 2, 10);
+        window.move_end(a, 2, 100, 10);
         // XX: a slot the grant never took is not added.
-        window.move_end(b, 3, 60);
+        window.move_end(b, 3, 50, 60);
         assert_eq!((window.len(), window.first_end()), (3, Some(10)));
         assert_eq!(window.free_at(0, 1_000, 3, 1, 3), 1_011);
-        window.remove(a, 2);
+        window.remove(a, 2, 10);
         assert_eq!((window.len(), window.first_end()), (1, Some(60)));
+        // Trimmed slots stay out: a later move finds nothing.
         assert_eq!(window.trim(61), 0);
+        window.move_end(b, 1, 60, 70);
+        assert_eq!(window.len(), 0);
     }
 }
