@@ -340,16 +340,16 @@ impl Ledger {
         let expires = now + req.lease_ttl.as_millis() as i64;
         let tenant_key = tenant_key(&req.upstream_id, &req.tenant_id);
         let token_key = token_key(&req.upstream_id, &best.token);
-        self.window(tenant_key).insert(&req.nonce, cost, expires);
-        self.window(token_key.clone())
-            .insert(&req.nonce, cost, expires);
+        let nonce = Nonce::of(&req.nonce);
+        self.window(tenant_key).insert(&nonce, cost, expires);
+        self.window(token_key.clone()).insert(&nonce, cost, expires);
         let pacing = pacing(req);
         if let Some(pacing) = pacing {
             let mut tat = self.paces.get(&token_key).copied().unwrap_or(now as f64);
             pacing.spend(&mut tat, now, cost);
             self.set_schedule(&req.upstream_id, &best.token, tat);
         }
-        let name = (self.name(req.upstream_id.as_str()), Nonce::of(&req.nonce));
+        let name = (self.name(req.upstream_id.as_str()), nonce);
         let lease = Lease {
             tenant: self.name(req.tenant_id.as_str()),
             token: self.name(best.token.as_str()),

@@ -244,7 +244,8 @@ impl Ledger {
         let Some(upstream) = self.names.get(key.upstream_id.as_str()).cloned() else {
             return (ReleaseResult::NotFound, None);
         };
-        let Some(lease) = self.leases.get_mut(&(upstream, Nonce::of(&key.nonce))) else {
+        let nonce = Nonce::of(&key.nonce);
+        let Some(lease) = self.leases.get_mut(&(upstream, nonce.clone())) else {
             return (ReleaseResult::NotFound, None);
         };
         let counted_until = lease.expires + lease.window_ms;
@@ -284,9 +285,9 @@ impl Ledger {
             let window = self.window(key_name);
             // Until this one release, the lease's slots end at its expiry.
             if outcome == ReleaseOutcome::NotUsed {
-                window.remove(&key.nonce, cost, end);
+                window.remove(&nonce, cost, end);
             } else {
-                window.move_end(&key.nonce, cost, end, now);
+                window.move_end(&nonce, cost, end, now);
             }
         }
         (ReleaseResult::Released, pool)

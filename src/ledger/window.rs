@@ -24,8 +24,8 @@ impl Nonce {
             && nonce
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        match u128::from_str_radix(nonce, 16) {
-            Ok(n) if canonical => Nonce::Hex(n),
+        match canonical.then(|| u128::from_str_radix(nonce, 16)) {
+            Some(Ok(n)) => Nonce::Hex(n),
             _ => Nonce::Text(nonce.into()),
         }
     }
@@ -83,8 +83,7 @@ impl Window {
 
     /// Adds slots `1..=cost` of the grant `nonce`, ending at `end`. A nonce is granted
     /// once (the service draws a new one per call), so its slots are new members.
-    pub fn insert(&mut self, nonce: &str, cost: u32, end: i64) {
-        let nonce = Nonce::of(nonce);
+    pub fn insert(&mut self, nonce: &Nonce, cost: u32, end: i64) {
         for i in 1..=cost {
             self.by_end.insert((end, nonce.clone(), i));
         }
@@ -92,8 +91,7 @@ impl Window {
 
     /// Moves slots `1..=cost` of the grant `nonce` from `end` to `to` (XX semantics:
     /// slots no longer in the window, trimmed, stay out).
-    pub fn move_end(&mut self, nonce: &str, cost: u32, end: i64, to: i64) {
-        let nonce = Nonce::of(nonce);
+    pub fn move_end(&mut self, nonce: &Nonce, cost: u32, end: i64, to: i64) {
         for i in 1..=cost {
             if self.by_end.remove(&(end, nonce.clone(), i)) {
                 self.by_end.insert((to, nonce.clone(), i));
@@ -102,8 +100,7 @@ impl Window {
     }
 
     /// Removes slots `1..=cost` of the grant `nonce`, which end at `end`.
-    pub fn remove(&mut self, nonce: &str, cost: u32, end: i64) {
-        let nonce = Nonce::of(nonce);
+    pub fn remove(&mut self, nonce: &Nonce, cost: u32, end: i64) {
         for i in 1..=cost {
             self.by_end.remove(&(end, nonce.clone(), i));
         }
@@ -135,7 +132,11 @@ mod tests {
 
     #[test]
     fn entries_of_two_grants_are_apart_and_move_or_go_by_slot() {
-        let (a, b) = ("0123456789abcdef0123456789abcdef", "n1");
+        let (a, b) = (
+            Nonce::of("0123456789abcdef0123456789abcdef"),
+            Nonce::of("n1"),
+        );
+        let (a, b) = (&a, &b);
         let mut window = Window::default();
         window.insert(a, 2, 100);
         window.insert(b, 1, 50);

@@ -416,21 +416,20 @@ impl RedisCounters {
         if tenants.len() <= READ_CHUNK {
             return self.demand_chunk(upstream, window, tenants).await;
         }
-        for attempt in 1..=3 {
-            let mut bucket = i64::MIN;
+        let mut attempt = 1;
+        loop {
+            let (mut first, mut last) = (i64::MAX, i64::MIN);
             let mut counts = Vec::with_capacity(tenants.len());
-            let mut crossed = false;
             for chunk in tenants.chunks(READ_CHUNK) {
                 let (at, chunk_counts) = self.demand_chunk(upstream, window, chunk).await?;
-                crossed |= bucket != i64::MIN && at != bucket;
-                bucket = bucket.max(at);
+                (first, last) = (first.min(at), last.max(at));
                 counts.extend(chunk_counts);
             }
-            if !crossed || attempt == 3 {
-                return Ok((bucket, counts));
+            if first == last || attempt == 3 {
+                return Ok((last, counts));
             }
+            attempt += 1;
         }
-        unreachable!("the third attempt returns")
     }
 
     async fn demand_chunk(
