@@ -165,8 +165,8 @@ impl Ledger {
         if let (true, Some(index)) = (has_waiters && best.pool.is_some(), index.as_deref_mut())
             && let Some(grows) = self.waiters_ahead_fill(call, index)
         {
-            // Room comes back when a token can take a slot again or its use drops
-            // (*wait*), or when a ready token's pace grows.
+            // Room comes back when a token can take a slot again (*wait*), or when a
+            // ready token's pace grows or its use drops.
             let at = self.pi_earliest(&req.upstream_id, index, 1, now);
             let at = grows.map_or(at, |g| at.min(g));
             return self.deny(call, DenyReason::NoTokenCapacity, at, now, false);
@@ -217,7 +217,7 @@ impl Ledger {
 
     /// Whether the waiters ahead of the caller that could use a slot now leave it no
     /// room among the ready pool tokens: `Some` when they do, with the first instant a
-    /// ready token's pace grows (every ready token was walked then).
+    /// ready token's pace grows or its use drops (every ready token was walked then).
     fn waiters_ahead_fill(&self, call: &Call, index: &PoolIndex) -> Option<Option<i64>> {
         let (req, now, cost) = (call.req, call.now, call.cost);
         let (Some(ticket), Some(rank)) = (&req.queue, call.rank) else {
@@ -234,7 +234,7 @@ impl Ledger {
                 break;
             }
         }
-        (ahead + cost > room.slots).then_some(room.grows)
+        (ahead + cost > room.slots).then(|| [room.grows, room.drops].into_iter().flatten().min())
     }
 
     /// Denies, queueing the caller when it waits; `eligible` is when it could use a

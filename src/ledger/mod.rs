@@ -71,9 +71,9 @@ use pace::refund;
 use queue::{Demand, WaitQueue};
 use window::{Nonce, Window};
 
-/// A released lease's pool index: its digest, the token's position, the window (ms),
-/// and whether the release came after the lease's expiry.
-type PoolPlace = (Arc<str>, i64, i64, bool);
+/// A released lease's pool index: its digest, the token's position, and whether the
+/// release came after the lease's expiry.
+type PoolPlace = (Arc<str>, i64, bool);
 
 /// A lease in the lease table: its upstream (interned) and nonce.
 type LeaseName = (Arc<str>, Nonce);
@@ -256,10 +256,7 @@ impl Ledger {
         }
         let late = lease.expires < now;
         // A late release changes no slot, so the index has nothing to follow but health.
-        let pool = lease
-            .pool
-            .clone()
-            .map(|(d, p)| (d, p, lease.window_ms, late));
+        let pool = lease.pool.clone().map(|(d, p)| (d, p, late));
         match lease.outcome {
             Some(previous) if previous == outcome => {
                 return (ReleaseResult::AlreadyReleased, pool);
@@ -295,7 +292,8 @@ impl Ledger {
 
     /// A pool token's place in its pool's index follows what a release changed: its
     /// use ("not used"), its health (`applied`), or the instant a full token frees; on
-    /// a token with room another outcome only moves the instant its use next drops.
+    /// a token with room another outcome only moves the instant its use next drops,
+    /// which the index does not keep exactly for a ready token (`pool_index`).
     fn reindex(
         &mut self,
         key: &LeaseKey,
@@ -305,7 +303,7 @@ impl Ledger {
         pool: Option<PoolPlace>,
         now: i64,
     ) {
-        let Some((digest, pos, window_ms, late)) = pool else {
+        let Some((digest, pos, late)) = pool else {
             return;
         };
         let released = released && !late;
@@ -314,13 +312,7 @@ impl Ledger {
             return;
         };
         let token = &key.token_id;
-        let mut moved = false;
-        if released {
-            moved = outcome == ReleaseOutcome::NotUsed || !index.is_ready(token);
-            if !moved {
-                index.lower_wait(token, now + window_ms + 1);
-            }
-        }
+        let moved = released && (outcome == ReleaseOutcome::NotUsed || !index.is_ready(token));
         if moved || applied {
             self.pi_refresh(&key.upstream_id, &mut index, token, pos, false, now);
         }

@@ -52,13 +52,6 @@ impl Scored {
         self.by_score.insert((score, token.clone()));
     }
 
-    /// `ZADD LT`: adds, or lowers an existing score.
-    fn lower(&mut self, token: &Id, score: i64) {
-        if self.score_of.get(token).is_none_or(|old| score < *old) {
-            self.add(token, score);
-        }
-    }
-
     fn remove(&mut self, token: &Id) {
         if let Some(old) = self.score_of.remove(token) {
             self.by_score.remove(&(old, token.clone()));
@@ -83,6 +76,9 @@ pub(super) struct PoolRoom {
     pub walked: usize,
     /// The first instant a walked token's binding pace grows its room.
     pub grows: Option<i64>,
+    /// The first instant a walked token's use drops (its earliest entry in the window
+    /// leaves it).
+    pub drops: Option<i64>,
 }
 
 /// One pool's index (the keys `ir`, `iw`, `ih`, `ip`, `im` of the Redis backend).
@@ -109,13 +105,13 @@ impl PoolIndex {
         10 * self.w + 600_000
     }
 
-    pub fn is_ready(&self, token: &Id) -> bool {
-        self.ready.score(token).is_some()
+    /// How long a ready token's score may lag its use: W / 8 (`index_scripts.rs`).
+    fn rescore(&self) -> i64 {
+        self.w / 8
     }
 
-    /// `ZADD iw LT`: the token's use may drop sooner than its wait instant said.
-    pub fn lower_wait(&mut self, token: &Id, at: i64) {
-        self.wait.lower(token, at);
+    pub fn is_ready(&self, token: &Id) -> bool {
+        self.ready.score(token).is_some()
     }
 
     /// Whether every token of the pool is out of service (`pi_all_out`).
@@ -277,8 +273,9 @@ impl Ledger {
             .first_end()
             .filter(|_| used > 0)
             .map(|e| e + index.w + 1);
+        // Re-scored when its use drops, but at most once per W / 8 (`index_scripts.rs`).
         match change {
-            Some(at) => index.wait.add(token, at),
+            Some(at) => index.wait.add(token, at.max(now + index.rescore())),
             None => index.wait.remove(token),
         }
         used
@@ -363,16 +360,12 @@ impl Ledger {
                 };
                 let p = score % M;
                 let window = self.windows.entry(token_key(upstream, &token)).or_default();
-                let before = window.len();
                 let used = window.trim(now - index.w);
-                let trimmed = before > used;
                 let fits = self
                     .paced(upstream, index, &token, 1, now)
                     .map_or(now, |p| p.fits);
+                // With room, it is the choice: the grant re-scores it (`pi_granted`).
                 if used < index.l && fits <= now {
-                    if trimmed {
-                        self.pi_refresh(upstream, index, &token, p, true, now);
-                    }
                     return Some(Chosen {
                         token,
                         pos: p,
@@ -438,8 +431,9 @@ impl Ledger {
     }
 
     /// The room of the ready tokens, least used first, until it reaches `need` (the
-    /// `grow` of `scripts::ACQUIRE`'s queue check), and the first instant a walked
-    /// token's binding pace grows it (its pace allows fewer slots than its window).
+    /// `grow` of `scripts::ACQUIRE`'s queue check), counted from their windows (a score
+    /// may lag), and the first instants a walked token's binding pace grows it (its
+    /// pace allows fewer slots than its window) and its use drops.
     pub(super) fn pool_room(
         &self,
         upstream: &Id,
@@ -448,12 +442,19 @@ impl Ledger {
         need: u32,
         now: i64,
     ) -> PoolRoom {
-        for (score, token) in index.ready.by_score.iter().skip(room.walked) {
+        let horizon = now - index.w;
+        for (_, token) in index.ready.by_score.iter().skip(room.walked) {
             if room.slots >= need {
                 break;
             }
             room.walked += 1;
-            let mut slots = index.l as i64 - score / M;
+            let window = self.windows.get(&token_key(upstream, token));
+            let used = window.map_or(0, |w| w.count_from(horizon));
+            if let Some(end) = window.and_then(|w| w.first_end_from(horizon)) {
+                let drop = end + index.w + 1;
+                room.drops = Some(room.drops.map_or(drop, |d| d.min(drop)));
+            }
+            let mut slots = index.l as i64 - i64::from(used);
             if let Some(pace) = self.paced(upstream, index, token, 1, now) {
                 if pace.grows != i64::MAX && i64::from(pace.room) < slots {
                     room.grows = Some(room.grows.map_or(pace.grows, |g| g.min(pace.grows)));

@@ -76,6 +76,18 @@ impl Window {
         self.by_end.len() as u32
     }
 
+    /// Entries that end at or after `horizon` (`ZCOUNT`), without trimming: costs the
+    /// entries that left, which a trim bounds.
+    pub fn count_from(&self, horizon: i64) -> u32 {
+        let left = self.by_end.iter().take_while(|e| e.0 < horizon).count();
+        self.len() - left as u32
+    }
+
+    /// The earliest end at or after `horizon`, if any.
+    pub fn first_end_from(&self, horizon: i64) -> Option<i64> {
+        self.by_end.iter().map(|e| e.0).find(|&end| end >= horizon)
+    }
+
     /// The earliest end in the window, if any.
     pub fn first_end(&self) -> Option<i64> {
         self.by_end.first().map(|(end, ..)| *end)

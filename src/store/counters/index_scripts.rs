@@ -8,13 +8,15 @@
 //! under the upstream's hash tag:
 //! - `ir:<digest>` *ready* (sorted set): the tokens that can take one slot now — room in
 //!   their window, their pace allows one, their health admits a lease — scored by
-//!   `used × 2^17 + position`, so the first member is the least used, the first listed
-//!   on a tie (the order of the old full scan);
+//!   `used × 2^17 + position` as of the token's last grant or refresh, so the first
+//!   member is the least used (within the re-scoring delay below), the first listed on a
+//!   tie (the order of the old full scan);
 //! - `iw:<digest>` *wait* (sorted set): for a token out of *ready*, the instant it can
 //!   take one slot (its window frees one, its pace allows one, its quarantine or open
 //!   breaker ends, its half-open probe expires: the latest of these); for a token in
-//!   *ready*, the instant its use next drops (its earliest entry leaves the window).
-//!   Absent: its use does not change with time alone. A ready token's pace growing
+//!   *ready*, when to re-score it: the instant its use next drops (its earliest entry
+//!   leaves the window), but no sooner than W / 8 after its last refresh. Absent: its
+//!   use does not change with time alone. A ready token's pace growing
 //!   changes neither its place nor its readiness, only the room counted for waiters;
 //!   the caller who counts that room reads every ready token's pace anyway and takes
 //!   the first growth from there (`ACQUIRE`), so *wait* holds no pace events: a grant
@@ -33,22 +35,33 @@
 //!
 //! # Why it is exact
 //!
-//! A token's entry is right as long as nothing but time changes the token, because
+//! A token's readiness is right as long as nothing but time changes the token, because
 //! every condition of "can take one slot" only ever turns true with time (entries leave
 //! the window, the pace earns, a quarantine ends) and the instant it does is known. The
 //! writes that change a token — a grant, a release (its outcome moves or removes
 //! entries, and changes its health), a pace drained — refresh its entry in the same
 //! script (`pi_refresh`), and every decision first refreshes the tokens whose *wait*
 //! instant has come (a bounded number per call; the choice keeps refreshing while the
-//! index is behind). So the first member of *ready* is the least used token that can
-//! take a slot, and, when *ready* is empty, the first instant of *wait* is the exact
-//! earliest instant one can. The choice is then checked against the token's own window
-//! before anything is granted: a wrong index could only cost a retry, never a slot over
-//! the limit (invariant 1 rests on that check, as before).
+//! index is behind). So the first member of *ready* can take a slot, and, when *ready*
+//! is empty, the first instant of *wait* is the exact earliest instant one can. The
+//! choice is then checked against the token's own window before anything is granted: a
+//! wrong index could only cost a retry, never a slot over the limit (invariant 1 rests
+//! on that check, as before).
+//!
+//! What is not exact is the order among ready tokens: a ready token's score is its use
+//! when it was last granted or refreshed, and entries leaving its window re-score it at
+//! most once per W / 8. Re-scoring at every entry that leaves cost a refresh (about six
+//! commands) per granted pair once the windows were full. The choice is the least used
+//! as of those scores — a token whose use dropped waits at most W / 8 for its place —
+//! and everything that counts room reads the windows themselves: the room for the
+//! waiters ahead of a caller is each walked token's own count, and the instant it grows
+//! includes each walked token's exact next drop (`ACQUIRE`). A re-scoring instant is
+//! never before its token's exact next drop, so the earlier of the first instant of
+//! *wait* and those drops is still the exact instant room grows.
 //!
 //! Costs: a decision reads O(log n) per token it refreshes, and refreshes the chosen
-//! token, the due ones (amortised: each grant's entry comes due once) and, for a caller
-//! behind waiters, as many ready tokens as it takes to count the room for the waiters
+//! token, the due ones (at most eight per token per window) and, for a caller behind
+//! waiters, reads as many ready tokens as it takes to count the room for the waiters
 //! ahead. Requests of cost > 1 walk the ready tokens in order and, when none fits, read
 //! every token for the earliest instant (rare, and bounded by the pool).
 //!
@@ -104,7 +117,8 @@ local function pi_open(base, digest, w, l, pace, pace_key)
   PI = {base = base, ready = base .. 'ir:' .. digest, wait = base .. 'iw:' .. digest,
     pos = base .. 'ip:' .. digest, meta = base .. 'im:' .. digest, out = base .. 'ih:' .. digest,
     digest = digest,
-    w = w, l = l, pace = pace, step = step, pace_key = pace_key, keep = 10 * w + 600000}
+    w = w, l = l, pace = pace, step = step, pace_key = pace_key, keep = 10 * w + 600000,
+    rescore = math.floor(w / 8)}
 end
 
 -- When the token's health admits a lease (now, or the instant it may): read only; the
@@ -172,8 +186,9 @@ local function pi_refresh(token, p, was_ready)
   end
   redis.call('ZADD', PI.ready, used * M + p, token)
   if used > 0 then
+    -- Re-scored when its use drops, but at most once per W / 8 (see the module doc).
     local change = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) + PI.w + 1
-    redis.call('ZADD', PI.wait, change, token)
+    redis.call('ZADD', PI.wait, math.max(change, now + PI.rescore), token)
   else
     redis.call('ZREM', PI.wait, token)
   end
@@ -259,24 +274,20 @@ local function pi_choose(c)
         if pi_settle_due() == 0 then return nil end
       else
         -- Check the first against its own window (and pace): if it has room, it is the
-        -- choice (its use can only have dropped since it was placed, so it is still the
-        -- least used); otherwise put it right and look again.
+        -- choice (its place is re-scored by the grant, `pi_granted`); otherwise put it
+        -- right and look again.
         -- Counted, not trimmed: the entries that left stay until the token's due
-        -- refresh (its *wait* instant is when the first one leaves) trims them.
+        -- refresh trims them.
         local token, p = top[1], tonumber(top[2]) % M
         local key = PI.base .. 'kw:' .. token
         local used = redis.call('ZCOUNT', key, now - PI.w, '+inf')
-        local placed = math.floor(tonumber(top[2]) / M)
         local fits, tat = now, nil
         if PI.pace > 0 then
           tat = tonumber(redis.call('HGET', PI.pace_key, token)) or now
           local _, f = pace_math(tat, 1, PI.pace, PI.step)
           fits = f
         end
-        if used < PI.l and fits <= now then
-          if used ~= placed then pi_refresh(token, p, true) end
-          return token, p, used, tat
-        end
+        if used < PI.l and fits <= now then return token, p, used, tat end
         pi_refresh(token, p)
       end
     end

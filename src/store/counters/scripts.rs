@@ -327,13 +327,18 @@ if has_waiters and pool_pos then
   -- `growth`: the first instant a walked token's binding pace (it allows fewer slots
   -- than the window) grows its room; when the waiters fill the room, every ready token
   -- was walked, so it is the first for the whole pool (the index keeps no pace events).
+  -- A walked token's room is counted from its window, not its score (which may lag by
+  -- up to W / 8: `index_scripts.rs`).
   local room, walked, ahead, growth = 0, 0, 0, math.huge
+  local walked_keys = {}
   local function grow(need)
     while room < need do
-      local e = redis.call('ZRANGE', PI.ready, walked, walked, 'WITHSCORES')
+      local e = redis.call('ZRANGE', PI.ready, walked, walked)
       if e[1] == '' or not e[1] then return end
       walked = walked + 1
-      local slots = PI.l - math.floor(tonumber(e[2]) / M)
+      local key = base .. 'kw:' .. e[1]
+      walked_keys[walked] = key
+      local slots = PI.l - redis.call('ZCOUNT', key, horizon, '+inf')
       if pace > 0 then
         local tat = tonumber(redis.call('HGET', pace_key, e[1])) or now
         local pace_room, _, grows = pace_math(tat, 1, pace, step)
@@ -351,7 +356,15 @@ if has_waiters and pool_pos then
       if ahead + cost > room then break end
     end
   end
-  if ahead + cost > room then return deny(2, math.min(pi_earliest(1, never), growth), now, false) end
+  if ahead + cost > room then
+    -- Room grows when a token can take a slot again (*wait*), a walked token's pace
+    -- grows, or a walked token's use drops: its earliest entry leaves the window.
+    for _, key in ipairs(walked_keys) do
+      local e = redis.call('ZRANGE', key, horizon, '+inf', 'BYSCORE', 'LIMIT', 0, 1, 'WITHSCORES')
+      if e[2] then growth = math.min(growth, tonumber(e[2]) + window + 1) end
+    end
+    return deny(2, math.min(pi_earliest(1, never), growth), now, false)
+  end
 end
 
 -- A token that moved out of this space after the caller's configuration (`MOVE_OUT`) is
@@ -576,14 +589,12 @@ if ARGV[5] == '1' and result <= 2 then
 end
 -- A pool token's place in its pool's index follows what the release changed: its use
 -- (not used), its health, or the instant a full token frees. On a token with room,
--- another outcome changes neither its use nor its room, only perhaps the instant its
--- use next drops: its entries now leave the window W after now.
+-- another outcome changes neither its use nor its room, only the instant its use next
+-- drops (its entries now leave the window W after now), which the index does not keep
+-- exactly for a ready token (`index_scripts.rs`).
 local moved = false
 if result == 1 and lease[7] and not late then
   moved = outcome == 'not_used' or not redis.call('ZSCORE', ARGV[6] .. 'ir:' .. lease[7], ARGV[3])
-  if not moved then
-    redis.call('ZADD', ARGV[6] .. 'iw:' .. lease[7], 'LT', now + tonumber(lease[9]) + 1, ARGV[3])
-  end
 end
 if (moved or applied == 1) and lease[7] then
   local cfg = redis.call('HMGET', ARGV[6] .. 'im:' .. lease[7], 'w', 'l', 'p')

@@ -3,11 +3,19 @@
 //! `redis-server` that nothing else uses), by name, for pools of 10, 100 and 1,000
 //! tokens, with a window no entry leaves during the count and with one several windows
 //! pass in (a steady state: entries leave, pool tokens come due in the index). Issue 12
-//! asks for fewer than 20 per granted pair; the scripts run 28–37 today (2 scripts,
-//! each counting or updating two windows and keeping the pool's index), so the budget
-//! below is a guard against growth, not the target. What holds already, and
-//! is asserted, is that the count does not grow with the pool. The run also prints Redis's own microseconds per pair (the `usec`
-//! column of commandstats, scripts included): a reading, never asserted.
+//! asks for fewer than 20 per granted pair; the scripts run 27 today while no entry
+//! leaves a window (2 scripts, each counting or updating two windows and keeping the
+//! pool's index), so the budgets below are guards against growth, not the target. What
+//! holds already, and is asserted, is that the count does not grow with the pool. The
+//! run also prints Redis's own microseconds per pair (the `usec` column of
+//! commandstats, scripts included): a reading, never asserted.
+//!
+//! The 300 ms window's steady state costs more than a real one: its demand buckets are
+//! 15 ms, so most calls are a tenant's first in its bucket (which keeps the tenant's
+//! window and demand hash: +3), and a pool token holds so few entries that its window
+//! often empties (a refresh). With the benchmark's 60 s window, 100 tokens and ~4,000
+//! pairs/s, a pair costs the same 27 commands from the first second to the second
+//! minute (`BENCHMARKS.md`).
 //!
 //! The calls are shaped like the service's (`lease::plan`): the wait queue on (a first
 //! attempt that would answer at once when denied), demand counted, pacing at 25 % of
@@ -20,10 +28,13 @@ use super::faults::{Throwaway, free_port};
 use super::*;
 use crate::domain::BreakerPolicy;
 
-/// Commands per granted pair, scripts' own calls included: today's count (28 while no
-/// entry leaves a window, 30–37 in a steady state) and a little room for the
-/// timing-dependent refreshes of the pool's index (a loaded machine fits fewer pairs
-/// in a window, so more of them come due per pair: +2 seen).
+/// Commands per granted pair while no entry leaves a window: deterministic, 27 today
+/// (27.3 with 1,000 tokens: the warm-up's index upkeep).
+const CALM_BUDGET: f64 = 27.5;
+/// Commands per granted pair, scripts' own calls included, in the 300 ms window's
+/// steady state: 32–37 today, and a little room for the timing-dependent refreshes of
+/// the pool's index (a loaded machine fits fewer pairs in a window, so more of them
+/// come due per pair: +2 seen).
 const BUDGET: f64 = 41.0;
 /// How much more a pool of 1,000 tokens may cost than one of 10 (seen: 0.3).
 const POOL_SLACK: f64 = 1.0;
@@ -216,6 +227,12 @@ async fn a_granted_pair_costs_the_same_commands_whatever_the_pool_size() {
         assert!(
             *total < BUDGET,
             "over {BUDGET} commands per pair:\n{report}"
+        );
+    }
+    for total in &totals[..3] {
+        assert!(
+            *total <= CALM_BUDGET,
+            "over {CALM_BUDGET} commands per pair while no entry leaves a window:\n{report}"
         );
     }
     // Compared where the count is deterministic (no entry leaves a window): in the

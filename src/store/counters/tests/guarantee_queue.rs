@@ -52,3 +52,40 @@ on_both_backends! {
         assert_eq!(over.reason, DenyReason::NoTokenCapacity, "queued like the others");
     }
 }
+
+on_both_backends! {
+    /// A caller behind a waiter that fills the pool's room is told the instant room
+    /// grows: here, when the entry of a lease released early leaves the window. The
+    /// index re-scores a ready token at most once per W / 8 and does not keep that
+    /// instant (`index_scripts.rs`); the denial reads it from the token's window.
+    async fn behind_waiters_the_retry_is_when_a_ready_tokens_use_drops(h: Harness) {
+        let limited = |tenant: &str| AcquireRequest {
+            token_limit: 3,
+            ..waiting(&h, tenant, 0, None)
+        };
+        let held = [
+            h.grant(&limited("a")).await,
+            h.grant(&limited("a")).await,
+            h.grant(&limited("a")).await,
+        ];
+        let queued = h.deny(&limited("b")).await;
+        assert_eq!(queued.reason, DenyReason::NoTokenCapacity);
+        h.advance(Duration::from_millis(2)).await;
+        // One slot back: the token has room for the waiter, and only for it.
+        h.release(&held[0].key, ReleaseOutcome::NotUsed).await;
+        let before = h.now_ms().await;
+        h.release(&held[1].key, ReleaseOutcome::Success).await;
+        let after = h.now_ms().await;
+
+        let behind = h.deny(&limited("c")).await;
+        assert_eq!(behind.reason, DenyReason::NoTokenCapacity, "behind the waiter");
+        let retry = free_at(&behind);
+        assert!(
+            (before + h.window_ms() + 1..=after + h.window_ms() + 1).contains(&retry),
+            "retry {retry}: the early release's entry leaves the window at {}..={}",
+            before + h.window_ms() + 1,
+            after + h.window_ms() + 1,
+        );
+        assert!(retry < held[1].grant.expires_at_ms + h.window_ms() + 1);
+    }
+}
