@@ -26,20 +26,22 @@ pub(super) fn bad_reply(what: &str, reply: &[i64]) -> CounterError {
 
 /// The breaker policy and quarantine bounds of a report, as `RECORD` reads them (eight
 /// arguments; `RELEASE` passes the same).
-pub(super) fn push_policy(inv: &mut redis::ScriptInvocation<'_>, report: &OutcomeReport) {
+pub(super) fn policy_args(report: &OutcomeReport) -> [String; 8] {
     let policy = &report.policy;
     let blocked_until = report
         .blocked_until_ms
         .map(|ms| ms.to_string())
         .unwrap_or_default();
-    inv.arg(policy.failures_to_open)
-        .arg(policy.open_for.as_millis() as u64)
-        .arg(policy.successes_to_close)
-        .arg(blocked_until)
-        .arg(report.block_duration.as_millis() as u64)
-        .arg(QUARANTINE_MIN.as_millis() as u64)
-        .arg(report.max_block.max(QUARANTINE_MIN).as_millis() as u64)
-        .arg(report.repeat_for.as_millis() as u64 + 1_000);
+    [
+        policy.failures_to_open.to_string(),
+        policy.open_for.as_millis().to_string(),
+        policy.successes_to_close.to_string(),
+        blocked_until,
+        report.block_duration.as_millis().to_string(),
+        QUARANTINE_MIN.as_millis().to_string(),
+        report.max_block.max(QUARANTINE_MIN).as_millis().to_string(),
+        (report.repeat_for.as_millis() + 1_000).to_string(),
+    ]
 }
 
 impl RedisCounters {
@@ -98,7 +100,9 @@ impl RedisCounters {
             .key(self.key(key.space(), "health-done", &key.nonce))
             .arg(&key.nonce)
             .arg(report.outcome.as_str());
-        push_policy(&mut inv, report);
+        for arg in policy_args(report) {
+            inv.arg(arg);
+        }
         let reply = self.run_ints("record", inv).await?;
         let bad = || bad_reply("record", &reply);
         let [now, applied, ref rest @ ..] = reply[..] else {

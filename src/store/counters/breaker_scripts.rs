@@ -24,17 +24,23 @@
 //! `TransitionCause` in `breaker.rs`).
 
 /// Shared by every script: the clock, the codes, load / settle / save, and the two
-/// decisions also folded into the lease scripts (`scripts.rs`): `admit` and `record`.
-macro_rules! prelude {
+/// decisions also folded into the lease functions (`scripts.rs`): `admit` and `record`.
+/// Definitions only, so that the lease functions' library can hold them once: a script
+/// or a function starts with `begin()`, which reads the clock (`prelude!` adds that
+/// call for a script).
+macro_rules! helpers {
     () => {
         r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now, transitions = 0, {}
+local function begin()
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  transitions = {}
+end
 local ACTIVE, OPEN, HALF_OPEN, QUARANTINED = 1, 2, 3, 4
 local C_ERRORS, C_OPEN_ELAPSED, C_PROBES_OK, C_PROBE_FAILED, C_RATE_LIMITED, C_QUARANTINE_OVER = 1, 2, 3, 4, 5, 6
 local KEEP_MS = 86400000
 
-local transitions = {}
 local function emit(index, at, previous, new, untl, cause)
   for _, v in ipairs({index, at, previous, new, untl, cause}) do
     transitions[#transitions + 1] = v
@@ -174,7 +180,17 @@ end
 "#
     };
 }
-pub(super) use prelude;
+pub(super) use helpers;
+
+/// `helpers!` and its `begin()`: what every script starts with.
+macro_rules! prelude {
+    () => {
+        concat!(
+            $crate::store::counters::breaker_scripts::helpers!(),
+            "begin()\n"
+        )
+    };
+}
 
 use super::index_scripts::pool_index;
 

@@ -218,9 +218,9 @@ local function pi_granted(token, p, used, was_empty, expires, probe, tat)
   if was_empty then redis.call('ZADD', PI.wait, expires + PI.w + 1, token) end
 end
 
--- Makes sure the index exists: builds it from ARGV[first..] (the pool's token ids, in
+-- Makes sure the index exists: builds it from argv[first..] (the pool's token ids, in
 -- order) when it does not; false when it does not and the ids were not sent.
-local function pi_ensure(first)
+local function pi_ensure(argv, first)
   local left = redis.call('PTTL', PI.meta)
   local keys = {PI.ready, PI.wait, PI.pos, PI.meta, PI.out}
   -- The pacing schedules live as long as the index (see `set_schedule`): a schedule is
@@ -233,13 +233,13 @@ local function pi_ensure(first)
     if left < PI.keep / 2 then keep_alive() end
     return true
   end
-  if #ARGV < first then return false end
+  if #argv < first then return false end
   redis.call('DEL', PI.ready, PI.wait, PI.pos, PI.out)
   for _, k in ipairs({PI.ready, PI.wait, PI.out}) do redis.call('ZADD', k, 'inf', '') end
   redis.call('HSET', PI.meta, 'w', PI.w, 'l', PI.l, 'p', PI.pace, 'a', 0)
-  for i = first, #ARGV do
-    redis.call('HSET', PI.pos, ARGV[i], i - first + 1)
-    pi_refresh(ARGV[i], i - first + 1)
+  for i = first, #argv do
+    redis.call('HSET', PI.pos, argv[i], i - first + 1)
+    pi_refresh(argv[i], i - first + 1)
   end
   keep_alive()
   return true

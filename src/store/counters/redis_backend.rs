@@ -21,11 +21,11 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{IntoConnectionInfo, RedisError, Script, Value};
+use redis::{IntoConnectionInfo, RedisError, Script, ToRedisArgs, Value};
 use tokio::sync::Semaphore;
 
 use super::breaker::parse_transitions;
-use super::breaker_redis::{bad_reply, push_policy};
+use super::breaker_redis::{bad_reply, policy_args};
 use super::{
     AcquireOutcome, AcquireRequest, BUCKETS_PER_WINDOW, CounterError, DemandCount, Denied,
     DenyReason, Grant, LeaseKey, OutcomeReport, Recorded, ReleaseOutcome, ReleaseResult, Space,
@@ -89,8 +89,10 @@ pub struct RedisCounters {
     /// `scripts::ACQUIRE`): when Redis is declared durable, and on a Redis Cluster,
     /// where resharding moves keys between nodes whole (MIGRATE) and must not hold.
     trust_new_server: bool,
-    acquire: Script,
-    release: Script,
+    /// The lease path's functions (`scripts::Library`), loaded when Redis lacks them.
+    library: Arc<scripts::Library>,
+    acquire: Arc<str>,
+    release: Arc<str>,
     usage: Script,
     demand: Script,
     leave_queue: Script,
@@ -98,6 +100,25 @@ pub struct RedisCounters {
     move_out: Script,
     move_in: Script,
     peek_health: Script,
+}
+
+/// One call of a library function: its keys and arguments, built as a script's are.
+#[derive(Default)]
+struct FunctionCall {
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl FunctionCall {
+    fn key(&mut self, key: String) -> &mut Self {
+        self.keys.push(key);
+        self
+    }
+
+    fn arg(&mut self, arg: impl ToRedisArgs) -> &mut Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
 }
 
 /// Sockets to Redis send each request at once. A decision is one small script: with
@@ -175,13 +196,15 @@ impl RedisCounters {
             )
         };
         let trust_new_server = settings.durable || matches!(connection, Connection::Cluster(..));
+        let library = scripts::Library::new();
         Ok(Self {
             connection,
             prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
             trust_new_server,
-            acquire: Script::new(scripts::ACQUIRE),
-            release: Script::new(scripts::RELEASE),
+            acquire: library.function("acquire").into(),
+            release: library.function("release").into(),
+            library: Arc::new(library),
             usage: Script::new(scripts::USAGE),
             demand: Script::new(scripts::DEMAND),
             leave_queue: Script::new(scripts::LEAVE_QUEUE),
@@ -244,6 +267,56 @@ impl RedisCounters {
         }
     }
 
+    /// Sends one command on the connection (on a cluster, in one of its turns).
+    async fn query(&self, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
+        match &self.connection {
+            Connection::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Connection::Cluster(c, turns) => {
+                // The semaphore is never closed, so a turn always comes.
+                let _turn = turns.acquire().await.ok();
+                cmd.query_async(&mut c.clone()).await
+            }
+        }
+    }
+
+    /// Calls a function of the library, loading the library first when Redis does not
+    /// have it (a new, restarted or flushed Redis; on a cluster, every master gets it),
+    /// waiting at most `timeout` for the answer.
+    async fn call_function(
+        &self,
+        function: &str,
+        call: &FunctionCall,
+        timeout: Duration,
+    ) -> Result<Value, CounterError> {
+        let mut fcall = redis::cmd("FCALL");
+        fcall
+            .arg(function)
+            .arg(call.keys.len())
+            .arg(&call.keys)
+            .arg(&call.args);
+        let go = async {
+            match self.query(&fcall).await {
+                Err(e) if e.to_string().contains("Function not found") => {
+                    let mut load = redis::cmd("FUNCTION");
+                    load.arg("LOAD").arg(&self.library.code);
+                    match self.query(&load).await {
+                        Err(e) if !e.to_string().contains("already exists") => return Err(e),
+                        _ => {}
+                    }
+                    self.query(&fcall).await
+                }
+                answered => answered,
+            }
+        };
+        match tokio::time::timeout(timeout, go).await {
+            Err(_) => Err(unavailable(format!(
+                "no answer from Redis within {timeout:?}"
+            ))),
+            Ok(Err(e)) => Err(classify(e)),
+            Ok(Ok(value)) => Ok(value),
+        }
+    }
+
     /// Decides one lease, waiting at most the configured timeout for the answer.
     pub async fn acquire(&self, req: &AcquireRequest) -> Result<AcquireOutcome, CounterError> {
         self.acquire_within(req, self.timeout).await
@@ -283,7 +356,7 @@ impl RedisCounters {
     ) -> Result<Option<AcquireOutcome>, CounterError> {
         let up = req.space();
         let queue_id = req.queue.as_ref().map_or("-", |q| q.queue_id.as_str());
-        let mut inv = self.acquire.prepare_invoke();
+        let mut inv = FunctionCall::default();
         inv.key(self.key(up, "tw", req.tenant_id.as_str()))
             .key(self.key(up, "lease", &req.nonce))
             .key(self.key(up, "dem", req.tenant_id.as_str()))
@@ -332,7 +405,8 @@ impl RedisCounters {
                 inv.arg(token.as_str());
             }
         }
-        let reply: Vec<i64> = redis::from_redis_value(self.run_for(inv, budget).await?)
+        let reply = self.call_function(&self.acquire, &inv, budget).await?;
+        let reply: Vec<i64> = redis::from_redis_value(reply)
             .map_err(|e| CounterError::Internal(format!("unexpected acquire reply: {e}")))?;
         if let [-2, _now] = reply[..] {
             return Ok(None);
@@ -517,7 +591,7 @@ impl RedisCounters {
         report: Option<&OutcomeReport>,
     ) -> Result<(ReleaseResult, Option<Recorded>, i64), CounterError> {
         let up = key.space();
-        let mut inv = self.release.prepare_invoke();
+        let mut inv = FunctionCall::default();
         inv.key(self.key(up, "lease", &key.nonce))
             .key(self.key(up, "tw", key.tenant_id.as_str()))
             .key(self.key(up, "kw", key.token_id.as_str()))
@@ -531,9 +605,15 @@ impl RedisCounters {
             .arg(if report.is_some() { "1" } else { "0" })
             .arg(self.key_base(up));
         if let Some(report) = report {
-            push_policy(&mut inv, report);
+            for arg in policy_args(report) {
+                inv.arg(arg);
+            }
         }
-        let reply = self.run_ints("release", inv).await?;
+        let reply = self
+            .call_function(&self.release, &inv, self.timeout)
+            .await?;
+        let reply: Vec<i64> = redis::from_redis_value(reply)
+            .map_err(|e| CounterError::Internal(format!("unexpected release reply: {e}")))?;
         let bad = || bad_reply("release", &reply);
         let [code, previous, now, applied, ref rest @ ..] = reply[..] else {
             return Err(bad());

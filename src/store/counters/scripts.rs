@@ -13,11 +13,54 @@
 //! admission of a grant and the record of a release's outcome run inside them, so that
 //! a granted pair is two round trips to Redis, not four.
 //!
+//! `ACQUIRE` and `RELEASE`, the hot path, are the bodies of two Redis Functions of one
+//! library (`Library`), which defines their helpers once per load; the other scripts
+//! are plain `EVALSHA` scripts.
+//!
 //! Time is `redis.call('TIME')`: the server's clock, the same for every replica. Redis 7
 //! replicates scripts by effects, so reading the clock in a script is allowed.
 
-use super::breaker_scripts::prelude;
+use super::breaker_scripts::helpers;
 use super::index_scripts::pool_index;
+
+/// What the lease functions share, defined once when the library loads: the breaker's
+/// helpers, the pool index's, and the id of the Redis process, read by the first
+/// acquire that runs in this process (`INFO server`, the costliest call of a pair) and
+/// kept: a restarted Redis, or another one after a failover, runs a library loaded
+/// afresh, whose first acquire reads its own id.
+const SHARED: &str = concat!(helpers!(), pool_index!(), "local server_id = nil\n");
+
+/// The library of the lease path (Redis Functions, Redis 7): `ACQUIRE` and `RELEASE` as
+/// functions `<name>_acquire` and `<name>_release`, named after a digest of the code,
+/// so that replicas of different releases each call their own. The helpers are defined
+/// once per load, not on every call as a script's are (~6 µs per call measured).
+pub struct Library {
+    /// The library's name, `tokenlease_<digest>`.
+    pub name: String,
+    /// `FUNCTION LOAD`'s argument.
+    pub code: String,
+}
+
+impl Library {
+    pub fn new() -> Self {
+        use sha2::{Digest, Sha256};
+        let mut body = String::from(SHARED);
+        for (function, code) in [("acquire", ACQUIRE), ("release", RELEASE)] {
+            body.push_str(&format!(
+                "redis.register_function('$LIB_{function}', function(KEYS, ARGV)\nbegin()\n{code}\nend)\n"
+            ));
+        }
+        let digest = hex::encode(&Sha256::digest(body.as_bytes())[..8]);
+        let name = format!("tokenlease_{digest}");
+        let code = format!("#!lua name={name}\n{}", body.replace("$LIB", &name));
+        Self { name, code }
+    }
+
+    /// The name `FCALL` takes for `function` (`acquire`, `release`).
+    pub fn function(&self, function: &str) -> String {
+        format!("{}_{function}", self.name)
+    }
+}
 
 /// Decides one lease and records it when granted.
 ///
@@ -91,15 +134,14 @@ use super::index_scripts::pool_index;
 /// the fence) and drained pacing allowances. A request no waiting can satisfy (cost above the token or tenant limit, no candidate token) is
 /// denied with a retry of one window. A cost of 0 counts as 1. When the tenant's quota
 /// and every token are full, the reason is the limit that frees last.
-pub const ACQUIRE: &str = concat!(
-    prelude!(),
-    pool_index!(),
-    r#"
+pub const ACQUIRE: &str = r#"
 local give_up_at = tonumber(ARGV[16])
 if give_up_at > 0 and now > give_up_at then return {-1, now} end
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
-local server = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+-- The Redis process's id, read once per process (`LIBRARY`).
+if not server_id then server_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') end
+local server = server_id
 -- `q:<queue>`: until when the queue may hold a waiter (see `deny`), read with the fence.
 local waits_field = 'q:' .. string.sub(KEYS[4], #ARGV[17] + 4)
 local fence = redis.call('HMGET', KEYS[#KEYS], 'until', 'server', 'moved', waits_field)
@@ -138,7 +180,7 @@ local pace_life = 10 * window + 600000
 local digest = ARGV[20 + n_dedicated]
 if digest ~= '' then
   pi_open(base, digest, window, token_limit, pace, pace_key)
-  if not pi_ensure(21 + n_dedicated) then return {-2, now} end
+  if not pi_ensure(ARGV, 21 + n_dedicated) then return {-2, now} end
 end
 
 local bucket_ms = tonumber(ARGV[9])
@@ -431,8 +473,7 @@ if pool_pos then
   pi_granted(best_token, pool_pos, best_used + cost, best_used == 0, expires, verdict == 2, tat)
 end
 return reply({1, best, now, expires, tenant_used + cost, best_used + cost, verdict})
-"#
-);
+"#;
 
 /// Demand of each tenant over the last `ARGV[2]` completed buckets.
 ///
@@ -511,10 +552,7 @@ return 1
 /// unknown or past expiry + W; `applied` 1 when the health record changed.
 /// The lease record expires when releases stop being accepted, so expired leases need
 /// no cleanup pass.
-pub const RELEASE: &str = concat!(
-    prelude!(),
-    pool_index!(),
-    r#"
+pub const RELEASE: &str = r#"
 -- The lease record (see ACQUIRE's `KEYS[2]`), as tenant, token, cost, expires,
 -- outcome, step, index, position, window; absent fields nil. During a rolling upgrade
 -- a record may still be the previous release's hash (same fields, by name): read and
@@ -604,8 +642,7 @@ if (moved or applied == 1) and lease[7] then
   end
 end
 return reply({result, previous, now, applied})
-"#
-);
+"#;
 
 /// Counts the entries still in the window of each key, without writing.
 ///

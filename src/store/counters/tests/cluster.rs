@@ -133,13 +133,18 @@ async fn release_on(counters: &Counters, key: &LeaseKey, outcome: ReleaseOutcome
         .expect("release answered")
 }
 
-/// Drops every script from every master's cache (what a restarted or new master has).
+/// Drops every script from every master's cache, and the lease path's library (what a
+/// new master has): the next calls load them again (NOSCRIPT, "Function not found").
 fn flush_scripts(cluster: &ThrowawayCluster) {
     for port in cluster.ports() {
         redis::cmd("SCRIPT")
             .arg("FLUSH")
             .query::<()>(&mut cluster.node(port))
             .expect("SCRIPT FLUSH");
+        redis::cmd("FUNCTION")
+            .arg("FLUSH")
+            .query::<()>(&mut cluster.node(port))
+            .expect("FUNCTION FLUSH");
     }
 }
 

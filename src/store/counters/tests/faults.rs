@@ -361,8 +361,8 @@ async fn redis_frozen_fails_closed_then_recovers() {
 
 /// A late script takes no slot: 5 acquires fail while Redis is frozen; when it thaws it
 /// runs their scripts, after their deadlines, and they grant nothing. A grant before
-/// (it also loads the script, so that the frozen calls send EVALSHA and not a first
-/// EVALSHA waiting for NOSCRIPT) and the first grant after the thaw (on the same
+/// (it also loads the lease functions, so that the frozen calls send FCALL and not a
+/// first FCALL waiting for "Function not found") and the first grant after the thaw (on the same
 /// connection, so after them) leave 2 slots used, not 7.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_that_failed_while_redis_was_frozen_take_no_slot() {
