@@ -149,6 +149,20 @@ fn classify(e: RedisError) -> CounterError {
     }
 }
 
+/// Waits at most `timeout` for a call to Redis; its error, or the wait, as callers see it.
+async fn bounded(
+    timeout: Duration,
+    call: impl Future<Output = redis::RedisResult<Value>>,
+) -> Result<Value, CounterError> {
+    match tokio::time::timeout(timeout, call).await {
+        Err(_) => Err(unavailable(format!(
+            "no answer from Redis within {timeout:?}"
+        ))),
+        Ok(Err(e)) => Err(classify(e)),
+        Ok(Ok(value)) => Ok(value),
+    }
+}
+
 fn unavailable(err: impl std::fmt::Display) -> CounterError {
     CounterError::Unavailable(err.to_string())
 }
@@ -258,13 +272,7 @@ impl RedisCounters {
                 }
             }
         };
-        match tokio::time::timeout(timeout, call).await {
-            Err(_) => Err(unavailable(format!(
-                "no answer from Redis within {timeout:?}"
-            ))),
-            Ok(Err(e)) => Err(classify(e)),
-            Ok(Ok(value)) => Ok(value),
-        }
+        bounded(timeout, call).await
     }
 
     /// Sends one command on the connection (on a cluster, in one of its turns).
@@ -308,13 +316,7 @@ impl RedisCounters {
                 answered => answered,
             }
         };
-        match tokio::time::timeout(timeout, go).await {
-            Err(_) => Err(unavailable(format!(
-                "no answer from Redis within {timeout:?}"
-            ))),
-            Ok(Err(e)) => Err(classify(e)),
-            Ok(Ok(value)) => Ok(value),
-        }
+        bounded(timeout, go).await
     }
 
     /// Decides one lease, waiting at most the configured timeout for the answer.
