@@ -29,7 +29,14 @@
 //! The sorted sets keep a sentinel member `''` scored `+inf`, so that they never empty
 //! (an empty key would lose its expiry) and their first member is "none" when only it
 //! is left. The five keys expire together, 10 windows + 10 minutes after the index was
-//! last used. A token out of service also has its health record name the index
+//! last used, and the pool tokens' windows with them: renewed at half that life, they
+//! outlive any lease granted meanwhile (unless the lease TTL is longer than half the
+//! index's life: then each grant renews its token's window, as for a dedicated token),
+//! which saves a command per grant. The digest's `-i2` marks this scheme: an index of
+//! the one before (each grant renewed its window, to TTL + W + 1 s) is not reused, and
+//! building the new one gives every window the index's life.
+//!
+//! A token out of service also has its health record name the index
 //! (`x:<digest>` → position), so that an admin's reset (`breaker_scripts::RESET`) puts
 //! it back in the index at once.
 //!
@@ -225,9 +232,14 @@ local function pi_ensure(argv, first)
   local keys = {PI.ready, PI.wait, PI.pos, PI.meta, PI.out}
   -- The pacing schedules live as long as the index (see `set_schedule`): a schedule is
   -- never more than a window ahead, and the index's life, refreshed at half, is ten.
+  -- So do the pool tokens' windows (`ACQUIRE` sets a window's life only when it held
+  -- no entry): never shortened, so a lease granted meanwhile is always covered.
   local function keep_alive()
     for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end
     if PI.pace > 0 then redis.call('PEXPIRE', PI.pace_key, PI.keep, 'GT') end
+    for _, token in ipairs(redis.call('HKEYS', PI.pos)) do
+      redis.call('PEXPIRE', PI.base .. 'kw:' .. token, PI.keep, 'GT')
+    end
   end
   if left >= 0 then
     if left < PI.keep / 2 then keep_alive() end

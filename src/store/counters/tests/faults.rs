@@ -402,9 +402,11 @@ async fn redis_down_at_start_fails_closed_then_recovers() {
 }
 
 /// No leak: every key the counters write carries a TTL of at most TTL + W + 1 s (the
-/// tenant's window: one demand bucket more, as it is kept once a bucket), so a replica or worker that dies mid-lease leaves nothing behind for ever; the one
-/// exception is the upstream's fence (one small key per upstream, which must outlive
-/// idleness: its absence means the counters were lost).
+/// tenant's window: one demand bucket more, as it is kept once a bucket; a pool token's
+/// window: its pool index's, 10 W + 10 min), so a replica or worker that dies mid-lease
+/// leaves nothing behind for ever; the one exception is the upstream's fence (one small
+/// key per upstream, which must outlive idleness: its absence means the counters were
+/// lost). And no loss: the token's window outlives its newest entry by W.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_keys_all_expire() {
     Harness::run(Backend::Redis, |h| async move {
@@ -415,7 +417,7 @@ async fn redis_keys_all_expire() {
             ..h.request("t-a", 100, &[], &["k-2"])
         };
         let released = h.grant(&req).await;
-        h.grant(&req).await;
+        let newest = h.grant(&req).await;
         h.release(&released.key, ReleaseOutcome::Success).await;
         let TimeSource::Server(conn) = &h.time else {
             unreachable!("Redis harness")
@@ -435,15 +437,26 @@ async fn redis_keys_all_expire() {
         // then gone 10 windows + 10 minutes after its last use.
         // The pool's index and the pacing schedules it keeps alive.
         let (index, counters): (Vec<String>, Vec<String>) = keys.into_iter().partition(|k| {
-            [":ir:", ":iw:", ":ip:", ":im:", ":ih:", ":pace:"]
+            [":ir:", ":iw:", ":ip:", ":im:", ":ih:", ":pace:", ":kw:"]
                 .iter()
                 .any(|kind| k.contains(kind))
         });
-        assert_eq!(index.len(), 6, "the pool index and the pacing: {index:?}");
         assert_eq!(
-            counters.len(),
-            4,
-            "tenant window, token window, two leases: {counters:?}"
+            index.len(),
+            7,
+            "the pool index, the pacing and the token's window: {index:?}"
+        );
+        assert_eq!(counters.len(), 3, "tenant window, two leases: {counters:?}");
+        let token_window = index.iter().find(|k| k.contains(":kw:")).expect("kw");
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(token_window)
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        let needed = newest.grant.expires_at_ms + h.window_ms() - h.now_ms().await;
+        assert!(
+            ttl >= needed,
+            "{token_window}: PTTL {ttl}, its entries need {needed}"
         );
         let bound = ms(h.ttl + h.window) + 1000;
         let tenant_bound = bound + bucket_ms(ms(h.window));
@@ -469,6 +482,51 @@ async fn redis_keys_all_expire() {
                 .expect("PTTL");
             assert!((1..=bound).contains(&ttl), "{key}: PTTL {ttl}");
         }
+    })
+    .await;
+}
+
+/// A pool token's window lives as long as its pool's index, which renews both at half
+/// their life (a grant sets a window's life only when it held no entry): when the
+/// index's life runs low, the next decision renews every pool token's window, also one
+/// no grant touched since. Here k-1's window is cut to 2 s and the index's life below
+/// half; a grant on k-2 then gives k-1's window the index's life again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_index_keeps_its_tokens_windows_alive() {
+    Harness::run(Backend::Redis, |h| async move {
+        let req = h.request("t-a", 100, &[], &["k-1", "k-2"]);
+        assert_eq!(h.grant(&req).await.grant.token_id.as_str(), "k-1");
+        let TimeSource::Server(conn) = &h.time else {
+            unreachable!("Redis harness")
+        };
+        let mut conn = conn.clone();
+        let keys = keys_under(&mut conn, &h.prefix).await;
+        let find = |part: &str| {
+            keys.iter()
+                .find(|k| k.contains(part))
+                .unwrap_or_else(|| panic!("no {part} in {keys:?}"))
+                .clone()
+        };
+        let (window, meta) = (find(":kw:k-1"), find(":im:"));
+        for (key, ms) in [(&window, 2_000), (&meta, 1_000)] {
+            let _: () = redis::cmd("PEXPIRE")
+                .arg(key)
+                .arg(ms)
+                .query_async(&mut conn)
+                .await
+                .expect("PEXPIRE");
+        }
+        assert_eq!(h.grant(&req).await.grant.token_id.as_str(), "k-2");
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&window)
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        let index_life = 10 * ms(h.window) + 600_000;
+        assert!(
+            ttl > index_life - 60_000,
+            "{window}: PTTL {ttl}, the index's life is {index_life}"
+        );
     })
     .await;
 }
