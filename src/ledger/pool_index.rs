@@ -95,7 +95,7 @@ pub(super) struct PoolIndex {
     pos: HashMap<Id, i64>,
     /// The pool's tokens in order (`HKEYS` of the positions).
     tokens: Vec<Id>,
-    /// The last instant a caller asked (`a`).
+    /// The last instant a caller asked (the fence's `a:<digest>` in Redis).
     pub asked: i64,
     /// When the index is forgotten, unless used (10 windows + 10 minutes).
     pub expires: i64,

@@ -24,7 +24,9 @@
 //! - `ih:<digest>` *out* (sorted set): the tokens whose health refuses leases, until
 //!   when: when it holds every token, a denial says "no usable token", not "full";
 //! - `ip:<digest>` the tokens' positions (hash), and `im:<digest>` its settings (hash:
-//!   `w` window, `l` limit, `p` pacing allowance, `a` the last instant a caller asked).
+//!   `w` window, `l` limit, `p` pacing allowance); the last instant a caller asked the
+//!   pool is the field `a:<digest>` of the upstream's fence, which the acquire reads
+//!   anyway (`scripts::ACQUIRE`).
 //!
 //! The sorted sets keep a sentinel member `''` scored `+inf`, so that they never empty
 //! (an empty key would lose its expiry) and their first member is "none" when only it
@@ -143,7 +145,10 @@ end
 -- A token whose window had no room and has now: if callers asked meanwhile, its pace
 -- keeps only a quarter of its allowance, as of the last ask (see ACQUIRE's pacing).
 local function pi_drain(token, tat)
-  local asked = tonumber(redis.call('HGET', PI.meta, 'a')) or 0
+  local asked = PI.asked
+  if asked == nil then
+    asked = tonumber(redis.call('HGET', PI.base .. 'fence:epoch', 'a:' .. PI.digest)) or 0
+  end
   local keep = math.ceil(PI.pace / 4)
   if tat < asked + (PI.pace - keep - 1) * PI.step then
     tat = asked + (PI.pace - keep) * PI.step
@@ -248,7 +253,10 @@ local function pi_ensure(argv, first)
   if #argv < first then return false end
   redis.call('DEL', PI.ready, PI.wait, PI.pos, PI.out)
   for _, k in ipairs({PI.ready, PI.wait, PI.out}) do redis.call('ZADD', k, 'inf', '') end
-  redis.call('HSET', PI.meta, 'w', PI.w, 'l', PI.l, 'p', PI.pace, 'a', 0)
+  redis.call('HSET', PI.meta, 'w', PI.w, 'l', PI.l, 'p', PI.pace)
+  -- A new index starts with no ask (the ledger's `PoolIndex::asked`).
+  redis.call('HDEL', PI.base .. 'fence:epoch', 'a:' .. PI.digest)
+  PI.asked = 0
   for i = first, #argv do
     redis.call('HSET', PI.pos, argv[i], i - first + 1)
     pi_refresh(argv[i], i - first + 1)

@@ -86,9 +86,11 @@ impl Library {
 ///   replica) means some of the last writes may be lost, unless another process is to
 ///   be trusted (`ARGV[#ARGV-1]` = 1: Redis declared durable, or a Redis Cluster, whose
 ///   resharding moves keys between nodes). Either way the hold is set to now + W + TTL
-///   and the call denied. It also holds `moved` (see `MOVE_OUT`) and, per wait queue,
+///   and the call denied. It also holds `moved` (see `MOVE_OUT`); per wait queue,
 ///   `q:<queue>`: the latest instant a waiter queued there expires, past which the
-///   queue is known empty without reading it.
+///   queue is known empty without reading it; and per pool index, `a:<digest>`: the
+///   last instant a caller asked the pool (`pi_drain` in `index_scripts.rs`), written
+///   only when it changes (several calls share a millisecond under load).
 /// - `ARGV[1]` window ms, `ARGV[2]` lease TTL ms, `ARGV[3]` cost, `ARGV[4]` tenant
 ///   limit, `ARGV[5]` token limit, `ARGV[6]` how many of the tokens are dedicated,
 ///   `ARGV[7]` tenant id, `ARGV[8]` call nonce (also the lease's), `ARGV[9]` demand
@@ -139,12 +141,15 @@ local give_up_at = tonumber(ARGV[16])
 if give_up_at > 0 and now > give_up_at then return {-1, now} end
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
--- The Redis process's id, read once per process (`LIBRARY`).
+-- The Redis process's id, read once per process (`Library`).
 if not server_id then server_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') end
 local server = server_id
 -- `q:<queue>`: until when the queue may hold a waiter (see `deny`), read with the fence.
 local waits_field = 'q:' .. string.sub(KEYS[4], #ARGV[17] + 4)
-local fence = redis.call('HMGET', KEYS[#KEYS], 'until', 'server', 'moved', waits_field)
+-- `a:<digest>`: the last instant a caller asked the pool (`pi_drain`), read with it too.
+local digest = ARGV[20 + tonumber(ARGV[6])]
+local asked_field = 'a:' .. digest
+local fence = redis.call('HMGET', KEYS[#KEYS], 'until', 'server', 'moved', waits_field, asked_field)
 local hold_until = tonumber(fence[1])
 if fence[2] ~= server then
   if not hold_until or ARGV[15] ~= '1' then
@@ -177,9 +182,9 @@ local pace_life = 10 * window + 600000
 
 -- The pool's tokens are found through its index (`index_scripts.rs`); a missing index
 -- is built from the pool's token ids, which the caller sends only when told to.
-local digest = ARGV[20 + n_dedicated]
 if digest ~= '' then
   pi_open(base, digest, window, token_limit, pace, pace_key)
+  PI.asked = tonumber(fence[5]) or 0
   if not pi_ensure(ARGV, 21 + n_dedicated) then return {-2, now} end
 end
 
@@ -345,7 +350,7 @@ if digest ~= '' then
       sooner(pi_earliest(cost, never))
     end
   end
-  if pace > 0 then redis.call('HSET', PI.meta, 'a', now) end
+  if pace > 0 and PI.asked ~= now then redis.call('HSET', KEYS[#KEYS], asked_field, now) end
 end
 
 if earliest == nil then earliest = never end
