@@ -54,8 +54,7 @@ impl RedisCounters {
         what: &str,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<Vec<i64>, CounterError> {
-        redis::from_redis_value(self.run(invocation).await?)
-            .map_err(|e| CounterError::Internal(format!("unexpected {what} reply: {e}")))
+        super::redis_backend::ints(what, self.run(invocation).await?)
     }
 
     pub(super) async fn admit_grant(

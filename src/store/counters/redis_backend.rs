@@ -163,6 +163,12 @@ async fn bounded(
     }
 }
 
+/// A reply that must be a list of integers (`what` names the call in the error).
+pub(super) fn ints(what: &str, reply: Value) -> Result<Vec<i64>, CounterError> {
+    redis::from_redis_value(reply)
+        .map_err(|e| CounterError::Internal(format!("unexpected {what} reply: {e}")))
+}
+
 fn unavailable(err: impl std::fmt::Display) -> CounterError {
     CounterError::Unavailable(err.to_string())
 }
@@ -407,9 +413,10 @@ impl RedisCounters {
                 inv.arg(token.as_str());
             }
         }
-        let reply = self.call_function(&self.acquire, &inv, budget).await?;
-        let reply: Vec<i64> = redis::from_redis_value(reply)
-            .map_err(|e| CounterError::Internal(format!("unexpected acquire reply: {e}")))?;
+        let reply = ints(
+            "acquire",
+            self.call_function(&self.acquire, &inv, budget).await?,
+        )?;
         if let [-2, _now] = reply[..] {
             return Ok(None);
         }
@@ -611,11 +618,11 @@ impl RedisCounters {
                 inv.arg(arg);
             }
         }
-        let reply = self
-            .call_function(&self.release, &inv, self.timeout)
-            .await?;
-        let reply: Vec<i64> = redis::from_redis_value(reply)
-            .map_err(|e| CounterError::Internal(format!("unexpected release reply: {e}")))?;
+        let reply = ints(
+            "release",
+            self.call_function(&self.release, &inv, self.timeout)
+                .await?,
+        )?;
         let bad = || bad_reply("release", &reply);
         let [code, previous, now, applied, ref rest @ ..] = reply[..] else {
             return Err(bad());
