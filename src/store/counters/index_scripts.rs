@@ -24,9 +24,24 @@
 //! - `ih:<digest>` *out* (sorted set): the tokens whose health refuses leases, until
 //!   when: when it holds every token, a denial says "no usable token", not "full";
 //! - `ip:<digest>` the tokens' positions (hash), and `im:<digest>` its settings (hash:
-//!   `w` window, `l` limit, `p` pacing allowance); the last instant a caller asked the
-//!   pool is the field `a:<digest>` of the upstream's fence, which the acquire reads
-//!   anyway (`scripts::ACQUIRE`).
+//!   `w` window, `l` limit, `p` pacing allowance).
+//!
+//! Three facts about an index are fields of the upstream's fence, which the acquire
+//! reads anyway (`scripts::ACQUIRE`), so that a decision that finds nothing to do about
+//! them spends no command on them:
+//! - `a:<digest>`, the last instant a caller asked the pool (`pi_drain`);
+//! - `n:<digest>`, an instant no later than the first instant of *wait*: no token is
+//!   due before it, so the choice reads *wait* only from then on (`pi_settle_due`).
+//!   Every addition to *wait* lowers it when it comes sooner (`pi_wait`); a removal
+//!   leaves it low, which costs one read that finds nothing due and sets it anew;
+//! - `r:<digest>`, the instant the index's life is to be renewed: before it, the index
+//!   lives at least half its life on, so the acquire does not check that it exists
+//!   (`pi_ensure`). An index lost meanwhile (flushed or evicted alone) is noticed by the
+//!   choice, which finds no *ready* set, not even its sentinel: the call then has the
+//!   caller send the pool's tokens, as for a missing index, and counts nothing.
+//!
+//! A fence lost with them is a hold (`scripts::ACQUIRE`); a missing field means "read
+//! the index": each is only ever a shortcut.
 //!
 //! The sorted sets keep a sentinel member `''` scored `+inf`, so that they never empty
 //! (an empty key would lose its expiry) and their first member is "none" when only it
@@ -125,7 +140,8 @@ local function pi_open(base, digest, w, l, pace, pace_key)
   if pace > 0 then step = w / l end
   PI = {base = base, ready = base .. 'ir:' .. digest, wait = base .. 'iw:' .. digest,
     pos = base .. 'ip:' .. digest, meta = base .. 'im:' .. digest, out = base .. 'ih:' .. digest,
-    digest = digest,
+    digest = digest, fence = base .. 'fence:epoch', next_field = 'n:' .. digest,
+    renew_field = 'r:' .. digest,
     w = w, l = l, pace = pace, step = step, pace_key = pace_key, keep = 10 * w + 600000,
     rescore = math.floor(w / 8)}
 end
@@ -147,7 +163,7 @@ end
 local function pi_drain(token, tat)
   local asked = PI.asked
   if asked == nil then
-    asked = tonumber(redis.call('HGET', PI.base .. 'fence:epoch', 'a:' .. PI.digest)) or 0
+    asked = tonumber(redis.call('HGET', PI.fence, 'a:' .. PI.digest)) or 0
   end
   local keep = math.ceil(PI.pace / 4)
   if tat < asked + (PI.pace - keep - 1) * PI.step then
@@ -155,6 +171,21 @@ local function pi_drain(token, tat)
     set_schedule(PI.pace_key, token, tat)
   end
   return tat
+end
+
+-- `n:<digest>` (see the module doc): read where the caller has not (`nil`).
+local function pi_next()
+  if PI.next == nil then PI.next = tonumber(redis.call('HGET', PI.fence, PI.next_field)) or 0 end
+  return PI.next
+end
+
+-- Adds the token to *wait* at `at`, lowering `n:<digest>` when it comes sooner.
+local function pi_wait(token, at)
+  redis.call('ZADD', PI.wait, at, token)
+  if at < pi_next() then
+    PI.next = at
+    redis.call('HSET', PI.fence, PI.next_field, at)
+  end
 end
 
 -- Puts the token at position `p` where it belongs (see the module doc); returns its
@@ -193,14 +224,14 @@ local function pi_refresh(token, p, was_ready)
   local at = math.max(window_at, pace_fits, health_at)
   if at > now then
     redis.call('ZREM', PI.ready, token)
-    redis.call('ZADD', PI.wait, at, token)
+    pi_wait(token, at)
     return used, tat
   end
   redis.call('ZADD', PI.ready, used * M + p, token)
   if used > 0 then
     -- Re-scored when its use drops, but at most once per W / 8 (see the module doc).
     local change = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) + PI.w + 1
-    redis.call('ZADD', PI.wait, math.max(change, now + PI.rescore), token)
+    pi_wait(token, math.max(change, now + PI.rescore))
   else
     redis.call('ZREM', PI.wait, token)
   end
@@ -221,18 +252,20 @@ local function pi_granted(token, p, used, was_empty, expires, probe, tat)
   if PI.pace > 0 then fits = select(2, pace_math(tat, 1, PI.pace, PI.step)) end
   if fits > now then
     redis.call('ZREM', PI.ready, token)
-    redis.call('ZADD', PI.wait, fits, token)
+    pi_wait(token, fits)
     return
   end
   redis.call('ZADD', PI.ready, used * M + p, token)
   -- Its use next drops when its first entry leaves the window: this grant's, if it was
   -- empty; otherwise the instant already in *wait* stands.
-  if was_empty then redis.call('ZADD', PI.wait, expires + PI.w + 1, token) end
+  if was_empty then pi_wait(token, expires + PI.w + 1) end
 end
 
 -- Makes sure the index exists: builds it from argv[first..] (the pool's token ids, in
--- order) when it does not; false when it does not and the ids were not sent.
+-- order) when it does not; false when it does not and the ids were not sent. Before
+-- `PI.renew` (the fence's `r:<digest>`, read by the caller) the index is known to live.
 local function pi_ensure(argv, first)
+  if PI.renew and PI.renew > now then return true end
   local left = redis.call('PTTL', PI.meta)
   local keys = {PI.ready, PI.wait, PI.pos, PI.meta, PI.out}
   -- The pacing schedules live as long as the index (see `set_schedule`): a schedule is
@@ -246,27 +279,47 @@ local function pi_ensure(argv, first)
       redis.call('PEXPIRE', PI.base .. 'kw:' .. token, PI.keep, 'GT')
     end
   end
+  local function renew_at(at)
+    PI.renew = at
+    redis.call('HSET', PI.fence, PI.renew_field, at)
+  end
   if left >= 0 then
-    if left < PI.keep / 2 then keep_alive() end
+    if left < PI.keep / 2 then
+      keep_alive()
+      left = PI.keep
+    end
+    renew_at(now + left - PI.keep / 2)
     return true
   end
   if #argv < first then return false end
   redis.call('DEL', PI.ready, PI.wait, PI.pos, PI.out)
   for _, k in ipairs({PI.ready, PI.wait, PI.out}) do redis.call('ZADD', k, 'inf', '') end
   redis.call('HSET', PI.meta, 'w', PI.w, 'l', PI.l, 'p', PI.pace)
-  -- A new index starts with no ask (the ledger's `PoolIndex::asked`).
-  redis.call('HDEL', PI.base .. 'fence:epoch', 'a:' .. PI.digest)
-  PI.asked = 0
+  -- A new index starts with no ask (the ledger's `PoolIndex::asked`), and its first
+  -- choice reads *wait*.
+  redis.call('HDEL', PI.fence, 'a:' .. PI.digest, PI.next_field)
+  PI.asked, PI.next = 0, 0
   for i = first, #argv do
     redis.call('HSET', PI.pos, argv[i], i - first + 1)
     pi_refresh(argv[i], i - first + 1)
   end
   keep_alive()
+  renew_at(now + PI.keep / 2)
   return true
 end
 
--- Refreshes up to 16 tokens whose wait instant has come; returns how many.
+-- The index is gone though the fence says it lives (flushed or evicted alone, see the
+-- module doc): the next call checks, and builds it from the tokens the caller sends.
+local function pi_lost()
+  redis.call('DEL', PI.meta)
+  redis.call('HDEL', PI.fence, PI.renew_field, PI.next_field)
+end
+
+-- Refreshes up to 16 tokens whose wait instant has come; returns how many. Nothing is
+-- due before `n:<digest>`, which it sets to the first instant left in *wait* when it
+-- has caught up.
 local function pi_settle_due()
+  if pi_next() > now then return 0 end
   local due = redis.call('ZRANGEBYSCORE', PI.wait, '-inf', now, 'LIMIT', 0, 16)
   for _, token in ipairs(due) do
     local ready = redis.call('ZSCORE', PI.ready, token)
@@ -278,18 +331,29 @@ local function pi_settle_due()
       redis.call('ZREM', PI.ready, token)
     end
   end
+  if #due < 16 then
+    local first = redis.call('ZRANGE', PI.wait, 0, 0, 'WITHSCORES')
+    -- Only the sentinel left: nothing is due until a token is added (2^53: never).
+    local at = 9007199254740992
+    if first[1] ~= '' and first[2] then at = tonumber(first[2]) end
+    if at ~= PI.next then
+      PI.next = at
+      redis.call('HSET', PI.fence, PI.next_field, at)
+    end
+  end
   return #due
 end
 
 -- The least used pool token that can take `c` slots now (first listed on a tie), its
 -- position, its slots in use and its pacing schedule (nil without pacing); nil when
--- none can.
+-- none can; false when the index is gone (`pi_lost`).
 local function pi_choose(c)
   -- Tokens whose wait instant has come first: they may be the least used now.
   pi_settle_due()
   if c == 1 then
     for _ = 1, 64 do
       local top = redis.call('ZRANGE', PI.ready, 0, 0, 'WITHSCORES')
+      if top[1] == nil then return false end
       if top[1] == '' then
         if pi_settle_due() == 0 then return nil end
       else
@@ -314,7 +378,9 @@ local function pi_choose(c)
     return nil
   end
   while pi_settle_due() == 16 do end
-  for _, token in ipairs(redis.call('ZRANGE', PI.ready, 0, -1)) do
+  local ready = redis.call('ZRANGE', PI.ready, 0, -1)
+  if #ready == 0 then return false end
+  for _, token in ipairs(ready) do
     if token ~= '' then
       local p = tonumber(redis.call('HGET', PI.pos, token))
       local used, tat = pi_refresh(token, p)
@@ -354,7 +420,7 @@ end
 local function pi_earliest(c, never)
   if c == 1 then
     local first = redis.call('ZRANGE', PI.wait, 0, 0, 'WITHSCORES')
-    if first[1] == '' then return never end
+    if first[1] == '' or first[1] == nil then return never end
     return math.max(now + 1, tonumber(first[2]))
   end
   if c > PI.l then return never end

@@ -69,8 +69,9 @@ impl Library {
 ///   command to write, one to read): `tenant|token|cost|expires|step|window|ix|ip`,
 ///   where `step` is the pace each slot spent (for a "not used" release to give back)
 ///   and `ix`, `ip` a pool token's index and position (empty otherwise); its release
-///   appends `|<outcome>`. Ids never hold `|` (`domain::Id`). It lives until expiry +
-///   W, as long as a release is accepted.
+///   replaces it with `tenant|token|outcome`, reading it in the same command (see
+///   `RELEASE`). Ids never hold `|` (`domain::Id`). It lives until expiry + W, as long
+///   as a release is accepted.
 /// - `KEYS[3]`: the tenant's demand (hash: bucket index → requests asked for, and
 ///   `u<bucket>` → requests that found the tenant at its quota on their first attempt:
 ///   unmet demand)
@@ -90,7 +91,9 @@ impl Library {
 ///   `q:<queue>`: the latest instant a waiter queued there expires, past which the
 ///   queue is known empty without reading it; and per pool index, `a:<digest>`: the
 ///   last instant a caller asked the pool (`pi_drain` in `index_scripts.rs`), written
-///   only when it changes (several calls share a millisecond under load).
+///   only when it changes (several calls share a millisecond under load), `n:<digest>`
+///   no later than its first token due and `r:<digest>` when it is to be renewed (see
+///   `index_scripts.rs`).
 /// - `ARGV[1]` window ms, `ARGV[2]` lease TTL ms, `ARGV[3]` cost, `ARGV[4]` tenant
 ///   limit, `ARGV[5]` token limit, `ARGV[6]` how many of the tokens are dedicated,
 ///   `ARGV[7]` tenant id, `ARGV[8]` call nonce (also the lease's), `ARGV[9]` demand
@@ -146,10 +149,12 @@ if not server_id then server_id = string.match(redis.call('INFO', 'server'), 'ru
 local server = server_id
 -- `q:<queue>`: until when the queue may hold a waiter (see `deny`), read with the fence.
 local waits_field = 'q:' .. string.sub(KEYS[4], #ARGV[17] + 4)
--- `a:<digest>`: the last instant a caller asked the pool (`pi_drain`), read with it too.
+-- The pool index's fields, read with it too (`index_scripts.rs`): the last instant a
+-- caller asked the pool, when a token is next due, when the index is to be renewed.
 local digest = ARGV[20 + tonumber(ARGV[6])]
 local asked_field = 'a:' .. digest
-local fence = redis.call('HMGET', KEYS[#KEYS], 'until', 'server', 'moved', waits_field, asked_field)
+local fence = redis.call('HMGET', KEYS[#KEYS], 'until', 'server', 'moved', waits_field, asked_field,
+  'n:' .. digest, 'r:' .. digest)
 local hold_until = tonumber(fence[1])
 if fence[2] ~= server then
   if not hold_until or ARGV[15] ~= '1' then
@@ -184,7 +189,7 @@ local pace_life = 10 * window + 600000
 -- is built from the pool's token ids, which the caller sends only when told to.
 if digest ~= '' then
   pi_open(base, digest, window, token_limit, pace, pace_key)
-  PI.asked = tonumber(fence[5]) or 0
+  PI.asked, PI.next, PI.renew = tonumber(fence[5]) or 0, tonumber(fence[6]) or 0, tonumber(fence[7])
   if not pi_ensure(ARGV, 21 + n_dedicated) then return {-2, now} end
 end
 
@@ -343,6 +348,13 @@ local pool_pos = nil
 if digest ~= '' then
   if best == nil then
     local token, p, used, tat = pi_choose(cost)
+    if token == false then
+      -- The index was lost though the fence said it lived: this call counts nothing,
+      -- and its caller sends the pool's tokens to rebuild it (`pi_lost`).
+      pi_lost()
+      if first_attempt then redis.call('HINCRBY', KEYS[3], bucket, -cost) end
+      return {-2, now}
+    end
     if token then
       best, best_used, best_token, pool_pos = n + p, used, token, p
       pace_at[token] = tat
@@ -563,12 +575,24 @@ return 1
 /// no cleanup pass.
 pub const RELEASE: &str = r#"
 -- The lease record (see ACQUIRE's `KEYS[2]`), as tenant, token, cost, expires,
--- outcome, step, index, position, window; absent fields nil. During a rolling upgrade
--- a record may still be the previous release's hash (same fields, by name): read and
--- written as such (`hashed`), so a lease an old replica granted is released here.
+-- outcome, step, index, position, window; absent fields nil.
+--
+-- A release replaces the record with `tenant|token|outcome` and reads the one it
+-- replaced, in one command (`SET … XX GET KEEPTTL`: a missing record stays missing,
+-- and the record keeps its expiry). A repeated release compares with that, and only
+-- needs the key to live (it expires at the lease's expiry + W, when releases stop
+-- being accepted). A release that changes nothing puts back what it replaced
+-- (`restore`): a record that was not this lease's, or one released with another
+-- outcome.
+--
+-- During a rolling upgrade a record may still be the previous releases' (a hash, same
+-- fields by name: `hashed`; or a string with `|<outcome>` appended once released):
+-- read and written as such, so a lease an old replica granted is released here.
+local outcome = ARGV[1]
 local lease = {}
-local raw = redis.pcall('GET', KEYS[1])
+local raw = redis.pcall('SET', KEYS[1], ARGV[2] .. '|' .. ARGV[3] .. '|' .. outcome, 'XX', 'GET', 'KEEPTTL')
 local hashed = type(raw) == 'table' and raw.err ~= nil
+local window_known = true
 if hashed then
   local h = redis.call('HMGET', KEYS[1], 'tenant', 'token', 'cost', 'expires', 'outcome',
     'step', 'ix', 'ip', 'w')
@@ -578,26 +602,32 @@ elseif raw then
   for field in string.gmatch(raw .. '|', '([^|]*)|') do
     if field == '' then f[#f + 1] = false else f[#f + 1] = field end
   end
-  lease = {f[1], f[2], f[3], f[4], f[9] or nil, f[5], f[7] or nil, f[8] or nil, f[6]}
-end
-local function note_outcome(outcome)
-  if hashed then
-    redis.call('HSET', KEYS[1], 'outcome', outcome)
+  if #f == 3 then
+    -- Released by this release's scripts: its expiry + W is the key's own.
+    lease = {f[1], f[2], nil, nil, f[3]}
+    window_known = false
   else
-    redis.call('APPEND', KEYS[1], '|' .. outcome)
+    lease = {f[1], f[2], f[3], f[4], f[9] or nil, f[5], f[7] or nil, f[8] or nil, f[6]}
   end
 end
-local outcome = ARGV[1]
+local function restore()
+  if raw and not hashed then redis.call('SET', KEYS[1], raw, 'KEEPTTL') end
+end
+local function note_outcome(outcome)
+  if hashed then redis.call('HSET', KEYS[1], 'outcome', outcome) end
+end
 -- A release is accepted while the lease's slots are counted (expiry + W); one after
 -- the expiry (`late`) records the outcome only: its call may have run until then.
 local late = lease[4] and tonumber(lease[4]) < now
 local function released()
   if not lease[1] or lease[1] ~= ARGV[2] or lease[2] ~= ARGV[3]
-    or tonumber(lease[4]) + tonumber(lease[9] or 0) < now then
+    or (window_known and tonumber(lease[4]) + tonumber(lease[9] or 0) < now) then
+    restore()
     return 4
   end
   if lease[5] then
     if lease[5] == outcome then return 2 end
+    restore()
     return 3
   end
   if late then

@@ -668,6 +668,12 @@ on_both_backends! {
             let previous = ReleaseOutcome::Success;
             assert_eq!(h.release(&lease.key, other).await, ReleaseResult::Conflict { previous });
         }
+        // A released lease named with another tenant or token is not found either, and
+        // its record stays as it was.
+        for key in &wrong[..2] {
+            assert_eq!(h.release(key, ReleaseOutcome::Success).await, ReleaseResult::NotFound, "{key:?}");
+        }
+        assert_eq!(h.release(&lease.key, ReleaseOutcome::Success).await, ReleaseResult::AlreadyReleased);
         assert_eq!(h.usage(&["t-a"], &["k-1"]).await.tokens, vec![1], "conflict freed nothing");
 
         // After its expiry, a release is accepted until expiry + W, and frees nothing.

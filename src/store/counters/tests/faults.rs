@@ -490,7 +490,9 @@ async fn redis_keys_all_expire() {
 /// their life (a grant sets a window's life only when it held no entry): when the
 /// index's life runs low, the next decision renews every pool token's window, also one
 /// no grant touched since. Here k-1's window is cut to 2 s and the index's life below
-/// half; a grant on k-2 then gives k-1's window the index's life again.
+/// half, and the renewal made due (the fence's `r:<digest>`, which says when it is:
+/// half the index's life after the last renewal); a grant on k-2 then gives k-1's
+/// window the index's life again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pool_index_keeps_its_tokens_windows_alive() {
     Harness::run(Backend::Redis, |h| async move {
@@ -516,6 +518,14 @@ async fn the_pool_index_keeps_its_tokens_windows_alive() {
                 .await
                 .expect("PEXPIRE");
         }
+        let digest = meta.rsplit(":im:").next().expect("a digest");
+        let _: () = redis::cmd("HSET")
+            .arg(find(":fence:"))
+            .arg(format!("r:{digest}"))
+            .arg(0)
+            .query_async(&mut conn)
+            .await
+            .expect("HSET");
         assert_eq!(h.grant(&req).await.grant.token_id.as_str(), "k-2");
         let ttl: i64 = redis::cmd("PTTL")
             .arg(&window)
@@ -562,9 +572,25 @@ async fn a_lost_pool_index_is_rebuilt_from_the_windows() {
             .query_async(&mut conn)
             .await
             .expect("DEL");
-        let denied = h.deny(&req).await;
+        // The fence still says the index lives (`index_scripts.rs`): the choice finds it
+        // gone, and the call is asked again with the pool's tokens — counted once.
+        let counted = AcquireRequest {
+            count_demand: true,
+            ..req.clone()
+        };
+        let denied = h.deny(&counted).await;
         assert_eq!(denied.reason, DenyReason::NoTokenCapacity);
         assert_eq!(free_at(&denied), first_end + h.window_ms() + 1);
+        let bucket = bucket_ms(h.window_ms());
+        h.advance(Duration::from_millis(bucket as u64 + 1)).await;
+        let upstream = id(UPSTREAM);
+        let space = Space::upstream(&upstream);
+        let (_, demand) = h
+            .counters
+            .demand(space, h.window, &[id("t-a")])
+            .await
+            .expect("demand");
+        assert_eq!(demand[0].asked, 1, "{demand:?}");
         h.expect_free_at(&req, first_end + h.window_ms() + 1).await;
         let usage = h.usage(&[], &["k-1", "k-2"]).await;
         assert!(
