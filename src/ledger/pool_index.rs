@@ -19,8 +19,8 @@ use crate::domain::Id;
 const M: i64 = 131_072;
 
 /// The name of a pool's index: the digest of its token list, with the window, the
-/// limit and the pacing (a configuration change starts a new index), and `i2`, the
-/// scheme of the Redis index's key lives (`index_scripts.rs`); empty without pool
+/// limit and the pacing (a configuration change starts a new index), and `i3`, the
+/// scheme of the Redis index's keys (`index_scripts.rs`); empty without pool
 /// tokens.
 pub fn pool_digest(req: &AcquireRequest) -> String {
     if req.pooled.is_empty() {
@@ -31,7 +31,7 @@ pub fn pool_digest(req: &AcquireRequest) -> String {
         None => list_digest(&req.pooled),
     };
     format!(
-        "{list}-{}-{}-{}-i2",
+        "{list}-{}-{}-{}-i3",
         req.window.as_millis(),
         req.token_limit,
         req.pace_burst

@@ -125,7 +125,6 @@ impl RedisCounters {
             .await?;
         let mut inv = RESET.prepare_invoke();
         inv.key(self.health_key(space, token))
-            .key(self.key(space, "pace", "tokens"))
             .arg(self.key_base(space))
             .arg(token.as_str());
         self.run_ints("reset", inv).await?;

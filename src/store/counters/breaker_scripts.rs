@@ -15,9 +15,16 @@
 //! - `pn` / `pe` the half-open probe lease's nonce / expiry (ms); `ps` probe successes
 //! - `qu` quarantine until (ms), 0 = none
 //!
-//! A record back to "closed, no failures, no quarantine" is deleted. Others expire a
-//! day after their last pending instant, so a token deleted from the configuration
-//! leaves nothing behind; a breaker forgotten that way is simply closed again.
+//! The same hash holds two things that are not health, so that the acquire reads them
+//! in the one command that reads the token's health: `t`, the token's pacing schedule
+//! (`set_schedule` in `index_scripts.rs`), and `x:<digest>`, the pool indexes that hold
+//! the token out of service (`index_scripts.rs`).
+//!
+//! A record back to "closed, no failures, no quarantine" loses its fields (the hash
+//! goes with them unless it holds a pacing schedule or index references). Others
+//! expire a day after their last pending instant, so a token deleted from the
+//! configuration leaves nothing behind; a breaker forgotten that way is simply closed
+//! again.
 //!
 //! Transitions are returned flat, six integers each: `token_index (1-based), at,
 //! previous state, new state, until (0 = none), cause` (`C_*` below, as
@@ -47,8 +54,14 @@ local function emit(index, at, previous, new, untl, cause)
   end
 end
 
-local function load(key)
-  local v = redis.call('HMGET', key, 'b', 'f', 'ou', 'pn', 'pe', 'ps', 'qu')
+-- A token's record as `load` reads it, and its pacing schedule (`t`, the 8th).
+local function health_row(key)
+  return redis.call('HMGET', key, 'b', 'f', 'ou', 'pn', 'pe', 'ps', 'qu', 't')
+end
+
+-- The record of `key`, from `v` when the caller has read it (`health_row`).
+local function load(key, v)
+  v = v or health_row(key)
   return {
     b = tonumber(v[1]) or ACTIVE, f = tonumber(v[2]) or 0, ou = tonumber(v[3]) or 0,
     pn = v[4] or '', pe = tonumber(v[5]) or 0, ps = tonumber(v[6]) or 0,
@@ -58,7 +71,7 @@ end
 
 local function save(key, s)
   if s.b == ACTIVE and s.f == 0 and s.qu == 0 then
-    redis.call('DEL', key)
+    redis.call('HDEL', key, 'b', 'f', 'ou', 'pn', 'pe', 'ps', 'qu')
     return
   end
   redis.call('HSET', key, 'b', s.b, 'f', s.f, 'ou', s.ou, 'pn', s.pn, 'pe', s.pe,
@@ -104,9 +117,9 @@ end
 -- transitions) be handed out? Claims a half-open token's probe slot for `nonce` until
 -- `expires`. Returns verdict (1 leasable, 2 leasable as the probe, 0 refused), the
 -- state that refused (4 quarantined, 2 open, 3 half-open with a probe out) and until
--- when it may.
-local function admit(index, key, nonce, expires)
-  local s = load(key)
+-- when it may. `row`: the record, when the caller read it in this call.
+local function admit(index, key, nonce, expires, row)
+  local s = load(key, row)
   local dirty = settle(index, s)
   local verdict, state, untl = 1, ACTIVE, 0
   if s.qu > now then
@@ -261,16 +274,20 @@ return reply(out)
 );
 
 /// Forgets a token's health record (`Counters::reset_health`) and puts the token back
-/// in the pool indexes the record names (`index_scripts.rs`): `KEYS[1]` the record,
-/// `KEYS[2]` the upstream's pacing schedules; `ARGV[1]` the prefix of the upstream's
-/// keys, `ARGV[2]` the token id. Returns `{1}`.
+/// in the pool indexes the record names (`index_scripts.rs`): `KEYS[1]` the record;
+/// `ARGV[1]` the prefix of the upstream's keys, `ARGV[2]` the token id. The token's
+/// pacing schedule, in the same hash, stays. Returns `{1}`.
 pub const RESET: &str = concat!(
     prelude!(),
     pool_index!(),
     r#"
 local refs = redis.call('HGETALL', KEYS[1])
-redis.call('DEL', KEYS[1])
-pi_refresh_refs(ARGV[1], ARGV[2], refs, KEYS[2])
+local gone = {}
+for i = 1, #refs, 2 do
+  if refs[i] ~= 't' then gone[#gone + 1] = refs[i] end
+end
+if #gone > 0 then redis.call('HDEL', KEYS[1], unpack(gone)) end
+pi_refresh_refs(ARGV[1], ARGV[2], refs)
 return {1}
 "#
 );

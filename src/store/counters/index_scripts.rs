@@ -49,9 +49,12 @@
 //! last used, and the pool tokens' windows with them: renewed at half that life, they
 //! outlive any lease granted meanwhile (unless the lease TTL is longer than half the
 //! index's life: then each grant renews its token's window, as for a dedicated token),
-//! which saves a command per grant. The digest's `-i2` marks this scheme: an index of
-//! the one before (each grant renewed its window, to TTL + W + 1 s) is not reused, and
-//! building the new one gives every window the index's life.
+//! which saves a command per grant. So do the pool tokens' pacing schedules, which are
+//! fields of their health records (`set_schedule`). The digest's suffix marks the
+//! scheme: `-i2` when windows took the index's life, `-i3` when the schedules moved
+//! from one hash per upstream into the health records. An index of an earlier scheme
+//! is not reused, and building the new one gives every window and schedule the
+//! index's life.
 //!
 //! A token out of service also has its health record name the index
 //! (`x:<digest>` → position), so that an admin's reset (`breaker_scripts::RESET`) puts
@@ -113,48 +116,54 @@ end
 local M = 131072
 local PI = nil
 
--- Records a token's pacing schedule (at most a window ahead). The hash lives while any
--- schedule is ahead. A pool token's (`life` nil) is checked only when it adds a field
--- (the token's first schedule in this hash, or the hash is new): otherwise the hash
--- already had a life, which the pool's index keeps at least half its own while in use
--- (`pi_ensure`). A dedicated token's extends the hash's life as far as the schedule
--- needs. A hash without a life gets `life` ms, the index's for a pool token (never
--- less: pool tokens' schedules may be in it too).
-local function set_schedule(pace_key, token, tat, life)
-  local added = redis.call('HSET', pace_key, token, tostring(tat)) == 1
+-- Records a token's pacing schedule (at most a window ahead): the field `t` of its
+-- health record `key` (`breaker_scripts.rs`), so that the acquire reads it with the
+-- token's health. The record lives while the schedule is ahead. A pool token's (`life`
+-- nil) is checked only when it adds the field: otherwise the record already had a
+-- life, a day or more (a health record's) or the index's, which the pool's index
+-- renews at half while in use (`pi_ensure`). A dedicated token's extends the record's
+-- life as far as the schedule needs. A record without a life gets `life` ms, the
+-- index's for a pool token.
+local function set_schedule(key, tat, life)
+  local added = redis.call('HSET', key, 't', tostring(tat)) == 1
   if life == nil then
     if not added then return end
     life = PI.keep
   end
-  local left = redis.call('PTTL', pace_key)
+  local left = redis.call('PTTL', key)
   local keep = math.ceil(tat - now) + 1000
   if left == -1 then
-    redis.call('PEXPIRE', pace_key, math.max(keep, life))
+    redis.call('PEXPIRE', key, math.max(keep, life))
   elseif left < keep then
-    redis.call('PEXPIRE', pace_key, keep)
+    redis.call('PEXPIRE', key, keep)
   end
 end
 
-local function pi_open(base, digest, w, l, pace, pace_key)
+local function pi_open(base, digest, w, l, pace)
   local step = 0
   if pace > 0 then step = w / l end
   PI = {base = base, ready = base .. 'ir:' .. digest, wait = base .. 'iw:' .. digest,
     pos = base .. 'ip:' .. digest, meta = base .. 'im:' .. digest, out = base .. 'ih:' .. digest,
     digest = digest, fence = base .. 'fence:epoch', next_field = 'n:' .. digest,
     renew_field = 'r:' .. digest,
-    w = w, l = l, pace = pace, step = step, pace_key = pace_key, keep = 10 * w + 600000,
+    w = w, l = l, pace = pace, step = step, keep = 10 * w + 600000,
     rescore = math.floor(w / 8)}
 end
 
--- When the token's health admits a lease (now, or the instant it may): read only; the
--- admission at the grant settles and reports what time made due.
-local function health_from(token)
-  local v = redis.call('HMGET', PI.base .. 'health:' .. token, 'b', 'ou', 'pn', 'pe', 'qu')
-  local b, ou, pe, qu = tonumber(v[1]) or 1, tonumber(v[2]) or 0, tonumber(v[4]) or 0, tonumber(v[5]) or 0
+-- The token's health record (`breaker_scripts.rs`), which holds its pacing schedule.
+local function pi_health(token)
+  return PI.base .. 'health:' .. token
+end
+
+-- When a token's health admits a lease (now, or the instant it may), from its record
+-- as `health_row` reads it: read only; the admission at the grant settles and reports
+-- what time made due.
+local function health_at(v)
+  local b, ou, pe, qu = tonumber(v[1]) or 1, tonumber(v[3]) or 0, tonumber(v[5]) or 0, tonumber(v[7]) or 0
   local at = now
   if qu > now then at = qu end
   if b == 2 then at = math.max(at, ou) end
-  if b == 3 and (v[3] or '') ~= '' and pe >= now then at = math.max(at, pe + 1) end
+  if b == 3 and (v[4] or '') ~= '' and pe >= now then at = math.max(at, pe + 1) end
   return at
 end
 
@@ -168,7 +177,7 @@ local function pi_drain(token, tat)
   local keep = math.ceil(PI.pace / 4)
   if tat < asked + (PI.pace - keep - 1) * PI.step then
     tat = asked + (PI.pace - keep) * PI.step
-    set_schedule(PI.pace_key, token, tat)
+    set_schedule(pi_health(token), tat)
   end
   return tat
 end
@@ -191,7 +200,8 @@ end
 -- Puts the token at position `p` where it belongs (see the module doc); returns its
 -- slots in use and its pacing schedule. `was_ready`: the token is in *ready* and only
 -- time has passed since (its health cannot have worsened, its pace not drained).
-local function pi_refresh(token, p, was_ready)
+-- `row`: its health record, when the caller read it in this call (`health_row`).
+local function pi_refresh(token, p, was_ready, row)
   local key = PI.base .. 'kw:' .. token
   redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - PI.w))
   local used = redis.call('ZCARD', key)
@@ -201,27 +211,29 @@ local function pi_refresh(token, p, was_ready)
   end
   -- A token in *ready* could take a slot and only time has passed: its pace still
   -- allows one (pace only grows with time), so it is not read.
-  local tat, pace_fits = now, now
-  if PI.pace > 0 and not was_ready then
-    tat = tonumber(redis.call('HGET', PI.pace_key, token)) or now
-    if window_at <= now and not redis.call('ZSCORE', PI.ready, token) then
-      tat = pi_drain(token, tat)
+  local tat, pace_fits, health_from = now, now, now
+  if not was_ready then
+    row = row or health_row(pi_health(token))
+    health_from = health_at(row)
+    if PI.pace > 0 then
+      tat = tonumber(row[8]) or now
+      if window_at <= now and not redis.call('ZSCORE', PI.ready, token) then
+        tat = pi_drain(token, tat)
+      end
+      pace_fits = select(2, pace_math(tat, 1, PI.pace, PI.step))
     end
-    pace_fits = select(2, pace_math(tat, 1, PI.pace, PI.step))
   end
-  local health_at = now
-  if not was_ready then health_at = health_from(token) end
   if was_ready then
     -- still healthy: nothing to write about its health
-  elseif health_at > now then
+  elseif health_from > now then
     -- Out of service: counted (all out is "no usable token"), and the health record
     -- names this index, so that an admin's reset can put the token back at once.
-    redis.call('ZADD', PI.out, health_at, token)
-    redis.call('HSET', PI.base .. 'health:' .. token, 'x:' .. PI.digest, p)
+    redis.call('ZADD', PI.out, health_from, token)
+    redis.call('HSET', pi_health(token), 'x:' .. PI.digest, p)
   else
     redis.call('ZREM', PI.out, token)
   end
-  local at = math.max(window_at, pace_fits, health_at)
+  local at = math.max(window_at, pace_fits, health_from)
   if at > now then
     redis.call('ZREM', PI.ready, token)
     pi_wait(token, at)
@@ -268,15 +280,16 @@ local function pi_ensure(argv, first)
   if PI.renew and PI.renew > now then return true end
   local left = redis.call('PTTL', PI.meta)
   local keys = {PI.ready, PI.wait, PI.pos, PI.meta, PI.out}
-  -- The pacing schedules live as long as the index (see `set_schedule`): a schedule is
-  -- never more than a window ahead, and the index's life, refreshed at half, is ten.
-  -- So do the pool tokens' windows (`ACQUIRE` sets a window's life only when it held
-  -- no entry): never shortened, so a lease granted meanwhile is always covered.
+  -- The pool tokens' pacing schedules live as long as the index (see `set_schedule`):
+  -- a schedule is never more than a window ahead, and the index's life, refreshed at
+  -- half, is ten. So do the pool tokens' windows (`ACQUIRE` sets a window's life only
+  -- when it held no entry): never shortened, so a lease granted meanwhile is always
+  -- covered.
   local function keep_alive()
     for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end
-    if PI.pace > 0 then redis.call('PEXPIRE', PI.pace_key, PI.keep, 'GT') end
     for _, token in ipairs(redis.call('HKEYS', PI.pos)) do
       redis.call('PEXPIRE', PI.base .. 'kw:' .. token, PI.keep, 'GT')
+      if PI.pace > 0 then redis.call('PEXPIRE', pi_health(token), PI.keep, 'GT') end
     end
   end
   local function renew_at(at)
@@ -345,8 +358,9 @@ local function pi_settle_due()
 end
 
 -- The least used pool token that can take `c` slots now (first listed on a tie), its
--- position, its slots in use and its pacing schedule (nil without pacing); nil when
--- none can; false when the index is gone (`pi_lost`).
+-- position, its slots in use, its pacing schedule (nil without pacing) and its health
+-- record when read (`health_row`); nil when none can; false when the index is gone
+-- (`pi_lost`).
 local function pi_choose(c)
   -- Tokens whose wait instant has come first: they may be the least used now.
   pi_settle_due()
@@ -362,17 +376,23 @@ local function pi_choose(c)
         -- right and look again.
         -- Counted, not trimmed: the entries that left stay until the token's due
         -- refresh trims them.
+        -- Its health record is read here, with its pacing schedule, for the admission
+        -- of the grant too (`admit`).
         local token, p = top[1], tonumber(top[2]) % M
         local key = PI.base .. 'kw:' .. token
         local used = redis.call('ZCOUNT', key, now - PI.w, '+inf')
-        local fits, tat = now, nil
-        if PI.pace > 0 then
-          tat = tonumber(redis.call('HGET', PI.pace_key, token)) or now
-          local _, f = pace_math(tat, 1, PI.pace, PI.step)
-          fits = f
+        local row = nil
+        if used < PI.l then
+          row = health_row(pi_health(token))
+          local fits, tat = now, nil
+          if PI.pace > 0 then
+            tat = tonumber(row[8]) or now
+            local _, f = pace_math(tat, 1, PI.pace, PI.step)
+            fits = f
+          end
+          if fits <= now then return token, p, used, tat, row end
         end
-        if used < PI.l and fits <= now then return token, p, used, tat end
-        pi_refresh(token, p)
+        pi_refresh(token, p, false, row)
       end
     end
     return nil
@@ -404,12 +424,12 @@ end
 
 -- Puts a token back in its place in every index its health record names (an admin
 -- reset its health): `refs` the record's fields before the reset.
-local function pi_refresh_refs(base, token, refs, pace_key)
+local function pi_refresh_refs(base, token, refs)
   for i = 1, #refs, 2 do
     local digest = string.match(refs[i], '^x:(.+)$')
     local cfg = digest and redis.call('HMGET', base .. 'im:' .. digest, 'w', 'l', 'p')
     if cfg and cfg[1] then
-      pi_open(base, digest, tonumber(cfg[1]), tonumber(cfg[2]), tonumber(cfg[3]), pace_key)
+      pi_open(base, digest, tonumber(cfg[1]), tonumber(cfg[2]), tonumber(cfg[3]))
       pi_refresh(token, tonumber(refs[i + 1]))
     end
   end
@@ -432,12 +452,12 @@ local function pi_earliest(c, never)
     local at = now
     local k = used + c - PI.l
     if k > 0 then at = tonumber(redis.call('ZRANGE', key, k - 1, k - 1, 'WITHSCORES')[2]) + PI.w + 1 end
+    local row = health_row(pi_health(token))
     if PI.pace > 0 then
-      local tat = tonumber(redis.call('HGET', PI.pace_key, token)) or now
-      local _, fits = pace_math(tat, c, PI.pace, PI.step)
+      local _, fits = pace_math(tonumber(row[8]) or now, c, PI.pace, PI.step)
       at = math.max(at, fits)
     end
-    at = math.max(at, health_from(token))
+    at = math.max(at, health_at(row))
     if earliest == nil or at < earliest then earliest = at end
   end
   return earliest or never

@@ -374,7 +374,6 @@ impl RedisCounters {
         for token in &req.dedicated {
             inv.key(self.key(up, "kw", token.as_str()));
         }
-        inv.key(self.key(up, "pace", "tokens"));
         inv.key(self.key(up, "fence", "epoch"));
         let window_ms = req.window.as_millis() as i64;
         inv.arg(window_ms)
@@ -604,7 +603,6 @@ impl RedisCounters {
         inv.key(self.key(up, "lease", &key.nonce))
             .key(self.key(up, "tw", key.tenant_id.as_str()))
             .key(self.key(up, "kw", key.token_id.as_str()))
-            .key(self.key(up, "pace", "tokens"))
             .key(self.key(up, "health", key.token_id.as_str()))
             .key(self.key(up, "health-done", &key.nonce))
             .arg(outcome.as_str())

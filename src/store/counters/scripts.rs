@@ -78,9 +78,7 @@ impl Library {
 /// - `KEYS[4]`, `KEYS[5]`, `KEYS[6]`: the pool's wait queue — waiters by virtual deadline
 ///   (sorted set), by expiry (sorted set), and when each may use a slot (hash)
 /// - `KEYS[7..6+n]`: the candidate tokens' windows, dedicated tokens first
-/// - `KEYS[7+n]`: the upstream's pacing schedules (hash: token id → the instant, in ms,
-///   up to which the token's pace is spent: the "theoretical arrival time" of GCRA)
-/// - `KEYS[8+n]`: the upstream's fence (hash: `until`, the instant grants may resume
+/// - `KEYS[7+n]`: the upstream's fence (hash: `until`, the instant grants may resume
 ///   from, and `server`, the run id of the Redis process that last confirmed it; see
 ///   `Counters::mark_fresh`). Missing means the counters were lost; written by another
 ///   Redis process (a restart that reloaded a snapshot or an AOF, a failover to a
@@ -116,9 +114,12 @@ impl Library {
 /// while the token is not full: a full window with callers asking drains it to a
 /// quarter. The window stays the hard limit; pacing only keeps a saturated token from
 /// granting slots in bursts, so that slots keep freeing one by one and the queue's
-/// order decides who gets each. A schedule is read only where it can matter (a token
-/// that could be chosen, a full token, pool tokens while callers wait): the scan stays
-/// cheap.
+/// order decides who gets each. A token's schedule — the instant, in ms, up to which its
+/// pace is spent: the "theoretical arrival time" of GCRA — is the field `t` of its
+/// health record (`set_schedule` in `index_scripts.rs`), so that the token chosen has
+/// its pace and its health read in one command. A schedule is read only where it can
+/// matter (a token that could be chosen, a full token, pool tokens while callers
+/// wait): the scan stays cheap.
 ///
 /// A call that reaches Redis after its caller's deadline (Redis was frozen or slow and
 /// the caller has been told no lease was granted) writes nothing and returns
@@ -178,7 +179,6 @@ local queued = wait_ms >= 0
 -- it has no candidate token): one window on, when the configuration may have changed.
 local never = now + window
 local base = ARGV[17]
-local pace_key = KEYS[#KEYS - 1]
 local pace = tonumber(ARGV[14])
 local step = 0
 if pace > 0 then step = window / token_limit end
@@ -188,7 +188,7 @@ local pace_life = 10 * window + 600000
 -- The pool's tokens are found through its index (`index_scripts.rs`); a missing index
 -- is built from the pool's token ids, which the caller sends only when told to.
 if digest ~= '' then
-  pi_open(base, digest, window, token_limit, pace, pace_key)
+  pi_open(base, digest, window, token_limit, pace)
   PI.asked, PI.next, PI.renew = tonumber(fence[5]) or 0, tonumber(fence[6]) or 0, tonumber(fence[7])
   if not pi_ensure(ARGV, 21 + n_dedicated) then return {-2, now} end
 end
@@ -274,11 +274,17 @@ local function deny(reason, at, eligible, over_quota)
 end
 
 -- Pacing of a dedicated token (see the doc comment; pool tokens: `pi_refresh`): how
--- many slots its pace allows now, when it allows `cost` more, and when one more.
-local pace_at = {}
+-- many slots its pace allows now, when it allows `cost` more, and when one more. The
+-- schedule is a field of the token's health record (`set_schedule`): `rows` keeps the
+-- records read, for the admission of the token chosen.
+local pace_at, rows = {}, {}
+local function health_key(token)
+  return base .. 'health:' .. token
+end
 local function paced(token)
   if pace == 0 then return token_limit, now, never end
-  local tat = tonumber(redis.call('HGET', pace_key, token)) or now
+  rows[token] = health_row(health_key(token))
+  local tat = tonumber(rows[token][8]) or now
   pace_at[token] = tat
   local room, fits, grows = pace_math(tat, cost, pace, step)
   return room, fits, grows or never
@@ -294,7 +300,7 @@ local function drain_pace(token)
   if pace == 0 then return end
   local keep = math.ceil(pace / 4)
   if pace_at[token] < now + (pace - keep - 1) * step then
-    set_schedule(pace_key, token, now + (pace - keep) * step, pace_life)
+    set_schedule(health_key(token), now + (pace - keep) * step, pace_life)
   end
 end
 
@@ -347,7 +353,7 @@ end
 local pool_pos = nil
 if digest ~= '' then
   if best == nil then
-    local token, p, used, tat = pi_choose(cost)
+    local token, p, used, tat, row = pi_choose(cost)
     if token == false then
       -- The index was lost though the fence said it lived: this call counts nothing,
       -- and its caller sends the pool's tokens to rebuild it (`pi_lost`).
@@ -357,7 +363,7 @@ if digest ~= '' then
     end
     if token then
       best, best_used, best_token, pool_pos = n + p, used, token, p
-      pace_at[token] = tat
+      pace_at[token], rows[token] = tat, row
     else
       sooner(pi_earliest(cost, never))
     end
@@ -399,7 +405,7 @@ if has_waiters and pool_pos then
       walked_keys[walked] = key
       local slots = PI.l - redis.call('ZCOUNT', key, horizon, '+inf')
       if pace > 0 then
-        local tat = tonumber(redis.call('HGET', pace_key, e[1])) or now
+        local tat = tonumber(redis.call('HGET', health_key(e[1]), 't')) or now
         local pace_room, _, grows = pace_math(tat, 1, pace, step)
         if grows and pace_room < slots then growth = math.min(growth, grows) end
         slots = math.min(slots, pace_room)
@@ -443,7 +449,7 @@ end
 -- The token's health has the last word (`breaker_scripts.rs`): a refused token is
 -- reported, with until when, and nothing is recorded; the caller routes around it.
 local expires = now + ttl
-local verdict, state, untl = admit(best, base .. 'health:' .. best_token, nonce, expires)
+local verdict, state, untl = admit(best, health_key(best_token), nonce, expires, rows[best_token])
 if verdict == 0 then
   if pool_pos then pi_refresh(best_token, pool_pos) end
   return reply({2, best, now, state, untl})
@@ -479,11 +485,11 @@ else
 end
 local tat = now
 if pace > 0 then
-  tat = pace_at[best_token] or tonumber(redis.call('HGET', pace_key, best_token)) or now
+  tat = pace_at[best_token] or tonumber(redis.call('HGET', health_key(best_token), 't')) or now
   tat = math.max(tat, now) + cost * step
   local life = pace_life
   if pool_pos then life = nil end
-  set_schedule(pace_key, best_token, tat, life)
+  set_schedule(health_key(best_token), tat, life)
 end
 -- A release is accepted as long as the lease's slots are counted (see RELEASE).
 local ix, ip = '', ''
@@ -550,9 +556,9 @@ return 1
 /// Records a lease's outcome, and feeds it to its token's health in the same script
 /// (one round trip per release).
 ///
-/// - `KEYS[1]` the lease record (see `ACQUIRE`), `KEYS[2]` the tenant's window, `KEYS[3]` the token's
-///   window, `KEYS[4]` the upstream's pacing schedules (see `ACQUIRE`), `KEYS[5]` the
-///   token's health hash, `KEYS[6]` the lease's once-only health marker
+/// - `KEYS[1]` the lease record (see `ACQUIRE`), `KEYS[2]` the tenant's window,
+///   `KEYS[3]` the token's window, `KEYS[4]` the token's health hash (which holds its
+///   pacing schedule, see `ACQUIRE`), `KEYS[5]` the lease's once-only health marker
 ///   (`breaker_scripts::RECORD`)
 /// - `ARGV[1]` outcome, `ARGV[2]` tenant id, `ARGV[3]` token id, `ARGV[4]` nonce,
 ///   `ARGV[5]` 1 to feed the outcome to the token's health (0: a lease given back),
@@ -646,10 +652,10 @@ local function released()
   end
   local step = tonumber(lease[6] or 0)
   if outcome == 'not_used' and step > 0 then
-    local tat = tonumber(redis.call('HGET', KEYS[4], ARGV[3])) or 0
+    local tat = tonumber(redis.call('HGET', KEYS[4], 't')) or 0
     if tat > now then
       tat = math.max(now, tat - tonumber(lease[3]) * step)
-      redis.call('HSET', KEYS[4], ARGV[3], tostring(tat))
+      redis.call('HSET', KEYS[4], 't', tostring(tat))
     end
   end
   note_outcome(outcome)
@@ -662,7 +668,7 @@ if result == 3 then
 end
 local applied = 0
 if ARGV[5] == '1' and result <= 2 then
-  applied = record(1, KEYS[5], KEYS[6], ARGV[4], outcome, {unpack(ARGV, 7, 14)})
+  applied = record(1, KEYS[4], KEYS[5], ARGV[4], outcome, {unpack(ARGV, 7, 14)})
 end
 -- A pool token's place in its pool's index follows what the release changed: its use
 -- (not used), its health, or the instant a full token frees. On a token with room,
@@ -676,7 +682,7 @@ end
 if (moved or applied == 1) and lease[7] then
   local cfg = redis.call('HMGET', ARGV[6] .. 'im:' .. lease[7], 'w', 'l', 'p')
   if cfg[1] then
-    pi_open(ARGV[6], lease[7], tonumber(cfg[1]), tonumber(cfg[2]), tonumber(cfg[3]), KEYS[4])
+    pi_open(ARGV[6], lease[7], tonumber(cfg[1]), tonumber(cfg[2]), tonumber(cfg[3]))
     pi_refresh(ARGV[3], tonumber(lease[8]))
   end
 end

@@ -410,8 +410,9 @@ async fn redis_down_at_start_fails_closed_then_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_keys_all_expire() {
     Harness::run(Backend::Redis, |h| async move {
-        // Paced, so that the pacing schedules' hash is written too (by a pool token's
-        // grant, which leaves its life to the pool index).
+        // Paced, so that the token's pacing schedule is written too (a field of its
+        // health record, by a pool token's grant, which leaves its life to the pool
+        // index).
         let req = AcquireRequest {
             pace_burst: 50,
             ..h.request("t-a", 100, &[], &["k-2"])
@@ -434,10 +435,10 @@ async fn redis_keys_all_expire() {
         assert_eq!(fence_ttl, -1, "the fence never expires");
         keys.retain(|k| *k != fence);
         // The pool's index (`index_scripts.rs`): five keys kept while the pool is used,
-        // then gone 10 windows + 10 minutes after its last use.
-        // The pool's index and the pacing schedules it keeps alive.
+        // then gone 10 windows + 10 minutes after its last use, and the token's window
+        // and health record (its pacing schedule) that it keeps alive.
         let (index, counters): (Vec<String>, Vec<String>) = keys.into_iter().partition(|k| {
-            [":ir:", ":iw:", ":ip:", ":im:", ":ih:", ":pace:", ":kw:"]
+            [":ir:", ":iw:", ":ip:", ":im:", ":ih:", ":health:", ":kw:"]
                 .iter()
                 .any(|kind| k.contains(kind))
         });
@@ -496,7 +497,12 @@ async fn redis_keys_all_expire() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pool_index_keeps_its_tokens_windows_alive() {
     Harness::run(Backend::Redis, |h| async move {
-        let req = h.request("t-a", 100, &[], &["k-1", "k-2"]);
+        // Paced: k-1's health record then holds its pacing schedule, which the index
+        // keeps alive too.
+        let req = AcquireRequest {
+            pace_burst: 50,
+            ..h.request("t-a", 100, &[], &["k-1", "k-2"])
+        };
         assert_eq!(h.grant(&req).await.grant.token_id.as_str(), "k-1");
         let TimeSource::Server(conn) = &h.time else {
             unreachable!("Redis harness")
@@ -510,7 +516,8 @@ async fn the_pool_index_keeps_its_tokens_windows_alive() {
                 .clone()
         };
         let (window, meta) = (find(":kw:k-1"), find(":im:"));
-        for (key, ms) in [(&window, 2_000), (&meta, 1_000)] {
+        let schedule = find(":health:k-1");
+        for (key, ms) in [(&window, 2_000), (&schedule, 2_000), (&meta, 1_000)] {
             let _: () = redis::cmd("PEXPIRE")
                 .arg(key)
                 .arg(ms)
@@ -527,16 +534,18 @@ async fn the_pool_index_keeps_its_tokens_windows_alive() {
             .await
             .expect("HSET");
         assert_eq!(h.grant(&req).await.grant.token_id.as_str(), "k-2");
-        let ttl: i64 = redis::cmd("PTTL")
-            .arg(&window)
-            .query_async(&mut conn)
-            .await
-            .expect("PTTL");
         let index_life = 10 * ms(h.window) + 600_000;
-        assert!(
-            ttl > index_life - 60_000,
-            "{window}: PTTL {ttl}, the index's life is {index_life}"
-        );
+        for key in [&window, &schedule] {
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .expect("PTTL");
+            assert!(
+                ttl > index_life - 60_000,
+                "{key}: PTTL {ttl}, the index's life is {index_life}"
+            );
+        }
     })
     .await;
 }
