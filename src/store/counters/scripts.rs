@@ -182,7 +182,7 @@ local base = ARGV[17]
 local pace = tonumber(ARGV[14])
 local step = 0
 if pace > 0 then step = window / token_limit end
--- How long a pacing hash without expiry is given (`set_schedule`): the pool index's life.
+-- How long a health record holding only a pacing schedule is given (`set_schedule`): the pool index's life.
 local pace_life = 10 * window + 600000
 
 -- The pool's tokens are found through its index (`index_scripts.rs`); a missing index
