@@ -69,8 +69,8 @@ impl Library {
 ///   command to write, one to read): `tenant|token|cost|expires|step|window|ix|ip`,
 ///   where `step` is the pace each slot spent (for a "not used" release to give back)
 ///   and `ix`, `ip` a pool token's index and position (empty otherwise); its release
-///   replaces it with `tenant|token|outcome`, reading it in the same command (see
-///   `RELEASE`). Ids never hold `|` (`domain::Id`). It lives until expiry + W, as long
+///   replaces it with a released record (`…|<outcome>` appended), reading it in the
+///   same command (see `RELEASE`). Ids never hold `|` (`domain::Id`). It lives until expiry + W, as long
 ///   as a release is accepted.
 /// - `KEYS[3]`: the tenant's demand (hash: bucket index → requests asked for, and
 ///   `u<bucket>` → requests that found the tenant at its quota on their first attempt:
@@ -583,22 +583,24 @@ pub const RELEASE: &str = r#"
 -- The lease record (see ACQUIRE's `KEYS[2]`), as tenant, token, cost, expires,
 -- outcome, step, index, position, window; absent fields nil.
 --
--- A release replaces the record with `tenant|token|outcome` and reads the one it
--- replaced, in one command (`SET … XX GET KEEPTTL`: a missing record stays missing,
--- and the record keeps its expiry). A repeated release compares with that, and only
--- needs the key to live (it expires at the lease's expiry + W, when releases stop
--- being accepted). A release that changes nothing puts back what it replaced
--- (`restore`): a record that was not this lease's, or one released with another
--- outcome.
+-- A release replaces the record with a released one and reads the one it replaced, in
+-- one command (`SET … XX GET KEEPTTL`: a missing record stays missing, and the record
+-- keeps its expiry). A released record is the granted one's fields with the outcome
+-- appended, as the previous release wrote it, but with only the ids known: no cost,
+-- and an expiry never reached, since the key's own expiry (the lease's + W, when
+-- releases stop being accepted) is what ends it. A repeated release only compares
+-- with it. A release that changes nothing puts back what it replaced (`restore`): a
+-- record that was not this lease's, or one released with another outcome.
 --
 -- During a rolling upgrade a record may still be the previous releases' (a hash, same
 -- fields by name: `hashed`; or a string with `|<outcome>` appended once released):
--- read and written as such, so a lease an old replica granted is released here.
+-- read and written as such, so a lease an old replica granted is released here, and
+-- a lease released here is released again through an old replica.
 local outcome = ARGV[1]
 local lease = {}
-local raw = redis.pcall('SET', KEYS[1], ARGV[2] .. '|' .. ARGV[3] .. '|' .. outcome, 'XX', 'GET', 'KEEPTTL')
+local released_record = table.concat({ARGV[2], ARGV[3], '', '9007199254740992', '', '0', '', '', outcome}, '|')
+local raw = redis.pcall('SET', KEYS[1], released_record, 'XX', 'GET', 'KEEPTTL')
 local hashed = type(raw) == 'table' and raw.err ~= nil
-local window_known = true
 if hashed then
   local h = redis.call('HMGET', KEYS[1], 'tenant', 'token', 'cost', 'expires', 'outcome',
     'step', 'ix', 'ip', 'w')
@@ -608,13 +610,7 @@ elseif raw then
   for field in string.gmatch(raw .. '|', '([^|]*)|') do
     if field == '' then f[#f + 1] = false else f[#f + 1] = field end
   end
-  if #f == 3 then
-    -- Released by this release's scripts: its expiry + W is the key's own.
-    lease = {f[1], f[2], nil, nil, f[3]}
-    window_known = false
-  else
-    lease = {f[1], f[2], f[3], f[4], f[9] or nil, f[5], f[7] or nil, f[8] or nil, f[6]}
-  end
+  lease = {f[1], f[2], f[3], f[4], f[9] or nil, f[5], f[7] or nil, f[8] or nil, f[6]}
 end
 local function restore()
   if raw and not hashed then redis.call('SET', KEYS[1], raw, 'KEEPTTL') end
@@ -627,7 +623,7 @@ end
 local late = lease[4] and tonumber(lease[4]) < now
 local function released()
   if not lease[1] or lease[1] ~= ARGV[2] or lease[2] ~= ARGV[3]
-    or (window_known and tonumber(lease[4]) + tonumber(lease[9] or 0) < now) then
+    or tonumber(lease[4]) + tonumber(lease[9] or 0) < now then
     restore()
     return 4
   end

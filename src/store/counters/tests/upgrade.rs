@@ -138,3 +138,112 @@ async fn a_lease_granted_by_the_previous_release_is_released_once() {
         grant.expires_at_ms
     );
 }
+
+/// How the previous release's `RELEASE` read a string record that was already
+/// released: `None` where it went on to release (or failed), else its result code (2
+/// already released with this outcome, 3 with another, 4 not found). Its Lua, step by
+/// step: nine `|`-separated fields, the expiry in the 4th and the window in the 6th
+/// (an error if not numbers), the outcome in the 9th.
+fn previous_release_of(
+    raw: &str,
+    tenant: &str,
+    token: &str,
+    outcome: &str,
+    now: i64,
+) -> Option<u8> {
+    let f: Vec<&str> = raw.split('|').collect();
+    let expires: f64 = f.get(3)?.parse().ok()?;
+    let window: f64 = f.get(5).and_then(|w| w.parse().ok()).unwrap_or(0.0);
+    if f[0] != tenant || f.get(1) != Some(&token) || expires + window < now as f64 {
+        return Some(4);
+    }
+    match f.get(8) {
+        Some(previous) if *previous == outcome => Some(2),
+        Some(_) => Some(3),
+        None => None,
+    }
+}
+
+/// A lease released here may be released again through a replica of the previous
+/// release (which appended the outcome to the record), and one released there is
+/// released again here: each sees the other's released record as released, with its
+/// outcome, for as long as the lease can be released.
+#[tokio::test]
+async fn released_records_read_the_same_in_both_releases() {
+    let url = redis_url();
+    let prefix = format!("upgrade-{}", LeaseKey::new_nonce());
+    let counters = redis_counters(&url, &prefix, Duration::from_secs(5)).await;
+    let mut conn = admin_connection(&url).await;
+    let upstream = id(UPSTREAM);
+    let space = Space::upstream(&upstream);
+    counters.mark_fresh(space).await.expect("mark fresh");
+    let pool: Arc<[Id]> = ids(&["k-1", "k-2"]).into();
+    let digest: Arc<str> = list_digest(&pool).into();
+    let mut leases = Vec::new();
+    for _ in 0..2 {
+        let req = AcquireRequest {
+            nonce: LeaseKey::new_nonce(),
+            ..request(&pool, &digest)
+        };
+        let AcquireOutcome::Granted(grant) = counters.acquire(&req).await.expect("acquire") else {
+            panic!("an empty pool grants");
+        };
+        leases.push(LeaseKey {
+            upstream_id: req.upstream_id.clone(),
+            pool_id: None,
+            tenant_id: req.tenant_id.clone(),
+            token_id: grant.token_id.clone(),
+            nonce: req.nonce.clone(),
+        });
+    }
+    let reader = conn.clone();
+    let get = |key: &LeaseKey| {
+        let record = counters.key(space, "lease", &key.nonce);
+        let mut conn = reader.clone();
+        async move {
+            let raw: String = redis::cmd("GET")
+                .arg(&record)
+                .query_async(&mut conn)
+                .await
+                .expect("a string record");
+            raw
+        }
+    };
+
+    // Released here, then again through the previous release.
+    let here = &leases[0];
+    let first = counters.release(here, ReleaseOutcome::Success).await;
+    let raw = get(here).await;
+    let now = server_time_ms(&mut conn).await;
+    let (tenant, token) = (here.tenant_id.as_str(), here.token_id.as_str());
+    let again_there = previous_release_of(&raw, tenant, token, "success", now);
+    let other_there = previous_release_of(&raw, tenant, token, "not_used", now);
+
+    // Released by the previous release (the outcome appended), then again here.
+    let there = &leases[1];
+    let record = counters.key(space, "lease", &there.nonce);
+    let _: () = redis::cmd("APPEND")
+        .arg(&record)
+        .arg("|upstream_error")
+        .query_async(&mut conn)
+        .await
+        .expect("APPEND");
+    let again_here = counters.release(there, ReleaseOutcome::UpstreamError).await;
+    let other_here = counters.release(there, ReleaseOutcome::Success).await;
+    let after = get(there).await;
+    delete_keys(&mut conn, &prefix).await;
+
+    assert_eq!(first.expect("released"), ReleaseResult::Released);
+    assert_eq!(again_there, Some(2), "{raw}");
+    assert_eq!(other_there, Some(3), "{raw}");
+    assert_eq!(
+        again_here.expect("repeated"),
+        ReleaseResult::AlreadyReleased
+    );
+    let previous = ReleaseOutcome::UpstreamError;
+    assert_eq!(
+        other_here.expect("conflicting"),
+        ReleaseResult::Conflict { previous }
+    );
+    assert!(after.ends_with("|upstream_error"), "{after}");
+}
