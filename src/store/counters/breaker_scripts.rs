@@ -18,7 +18,7 @@
 //! The same hash holds two things that are not health, so that the acquire reads them
 //! in the one command that reads the token's health: `t`, the token's pacing schedule
 //! (`set_schedule` in `index_scripts.rs`), and `x:<digest>`, the pool indexes that hold
-//! the token out of service (`index_scripts.rs`).
+//! the token out because its window is full or its health refuses (`index_scripts.rs`).
 //!
 //! A record back to "closed, no failures, no quarantine" loses its fields (the hash
 //! goes with them unless it holds a pacing schedule or index references). Others
@@ -142,9 +142,10 @@ end
 -- Applies a released lease's outcome to the token of `key`, once per lease (`marker`).
 -- `p` is the policy: failures to open, open ms, successes to close, the reported
 -- blocked-until ms ('' when absent), the profile's block ms, the shortest and longest
--- quarantine ms, how long to keep the marker (ms). Returns 1 if it changed the record.
-local function record(index, key, marker, nonce, outcome, p)
-  local s = load(key)
+-- quarantine ms, how long to keep the marker (ms). `row`: the record, when the caller
+-- read it in this call. Returns 1 if it changed the record.
+local function record(index, key, marker, nonce, outcome, p, row)
+  local s = load(key, row)
   local dirty = settle(index, s)
   local is_probe = s.b == HALF_OPEN and s.pn == nonce
   local relevant = outcome == 'upstream_rate_limited' or is_probe

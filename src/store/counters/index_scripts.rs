@@ -56,9 +56,15 @@
 //! is not reused, and building the new one gives every window and schedule the
 //! index's life.
 //!
-//! A token out of service also has its health record name the index
-//! (`x:<digest>` → position), so that an admin's reset (`breaker_scripts::RESET`) puts
-//! it back in the index at once.
+//! A token out of *ready* because its window is full or its health refuses a lease has
+//! its health record name the index (`x:<digest>` → position), and only such a token:
+//! the field goes when the token is back in *ready*, or out for its pace alone. A
+//! release reads it with the health record it feeds (one command for both) to know
+//! whether what it changed can bring the token back sooner: a full token frees sooner
+//! when a lease ends early, a token out for its pace does not (and one in *ready* stays
+//! there). An admin's reset (`breaker_scripts::RESET`) puts the token back at once in
+//! every index its record names. The first grant that fills a paced token names the
+//! index in the same write as the token's schedule (`pi_granted`).
 //!
 //! # Why it is exact
 //!
@@ -124,8 +130,15 @@ local PI = nil
 -- renews at half while in use (`pi_ensure`). A dedicated token's extends the record's
 -- life as far as the schedule needs. A record without a life gets `life` ms, the
 -- index's for a pool token.
-local function set_schedule(key, tat, life)
-  local added = redis.call('HSET', key, 't', tostring(tat)) == 1
+-- `field`, `value`: one more field to write in the same command (`pi_granted`), new
+-- to the record.
+local function set_schedule(key, tat, life, field, value)
+  local added
+  if field then
+    added = redis.call('HSET', key, 't', tostring(tat), field, value) == 2
+  else
+    added = redis.call('HSET', key, 't', tostring(tat)) == 1
+  end
   if life == nil then
     if not added then return end
     life = PI.keep
@@ -145,7 +158,7 @@ local function pi_open(base, digest, w, l, pace)
   PI = {base = base, ready = base .. 'ir:' .. digest, wait = base .. 'iw:' .. digest,
     pos = base .. 'ip:' .. digest, meta = base .. 'im:' .. digest, out = base .. 'ih:' .. digest,
     digest = digest, fence = base .. 'fence:epoch', next_field = 'n:' .. digest,
-    renew_field = 'r:' .. digest,
+    renew_field = 'r:' .. digest, x_field = 'x:' .. digest,
     w = w, l = l, pace = pace, step = step, keep = 10 * w + 600000,
     rescore = math.floor(w / 8)}
 end
@@ -153,6 +166,12 @@ end
 -- The token's health record (`breaker_scripts.rs`), which holds its pacing schedule.
 local function pi_health(token)
   return PI.base .. 'health:' .. token
+end
+
+-- The token's record as `health_row` reads it, and its field `x:<digest>` (the 9th):
+-- set while the token is out of *ready* for its window or its health (module doc).
+local function pi_row(token)
+  return redis.call('HMGET', pi_health(token), 'b', 'f', 'ou', 'pn', 'pe', 'ps', 'qu', 't', PI.x_field)
 end
 
 -- When a token's health admits a lease (now, or the instant it may), from its record
@@ -200,7 +219,7 @@ end
 -- Puts the token at position `p` where it belongs (see the module doc); returns its
 -- slots in use and its pacing schedule. `was_ready`: the token is in *ready* and only
 -- time has passed since (its health cannot have worsened, its pace not drained).
--- `row`: its health record, when the caller read it in this call (`health_row`).
+-- `row`: its health record, when the caller read it in this call (`pi_row`).
 local function pi_refresh(token, p, was_ready, row)
   local key = PI.base .. 'kw:' .. token
   redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - PI.w))
@@ -213,7 +232,7 @@ local function pi_refresh(token, p, was_ready, row)
   -- allows one (pace only grows with time), so it is not read.
   local tat, pace_fits, health_from = now, now, now
   if not was_ready then
-    row = row or health_row(pi_health(token))
+    row = row or pi_row(token)
     health_from = health_at(row)
     if PI.pace > 0 then
       tat = tonumber(row[8]) or now
@@ -226,19 +245,33 @@ local function pi_refresh(token, p, was_ready, row)
   if was_ready then
     -- still healthy: nothing to write about its health
   elseif health_from > now then
-    -- Out of service: counted (all out is "no usable token"), and the health record
-    -- names this index, so that an admin's reset can put the token back at once.
+    -- Out of service: counted (all out is "no usable token").
     redis.call('ZADD', PI.out, health_from, token)
-    redis.call('HSET', pi_health(token), 'x:' .. PI.digest, p)
   else
     redis.call('ZREM', PI.out, token)
   end
+  -- A token out of *ready* because its window is full or its health refuses has its
+  -- health record name this index (`x:<digest>`, see the module doc); a token in
+  -- *ready* has no such field (`was_ready`: none to read).
+  local named = not was_ready and row[9] ~= false
   local at = math.max(window_at, pace_fits, health_from)
   if at > now then
     redis.call('ZREM', PI.ready, token)
     pi_wait(token, at)
+    local key = pi_health(token)
+    if window_at <= now and health_from <= now then
+      -- Out for its pace only: what a release changes cannot bring it back sooner.
+      if named then redis.call('HDEL', key, PI.x_field) end
+    elseif not named then
+      redis.call('HSET', key, PI.x_field, p)
+      -- A record just created lives as long as the index (`pi_ensure` renews it).
+      if was_ready or not (row[1] or row[2] or row[3] or row[4] or row[5] or row[6] or row[7] or row[8]) then
+        if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, PI.keep) end
+      end
+    end
     return used, tat
   end
+  if named then redis.call('HDEL', pi_health(token), PI.x_field) end
   redis.call('ZADD', PI.ready, used * M + p, token)
   if used > 0 then
     -- Re-scored when its use drops, but at most once per W / 8 (see the module doc).
@@ -251,17 +284,21 @@ local function pi_refresh(token, p, was_ready, row)
 end
 
 -- After a grant of the token at position `p` (checked just before, so it had room and
--- is healthy), which now holds `used` slots and whose pacing schedule is now `tat`:
--- its new place is known without reading its window again, unless it became full or
+-- is healthy, and was in *ready*), which now holds `used` slots and whose pacing
+-- schedule is now `tat`: records the schedule (`set_schedule`), and puts the token in
+-- its new place, known without reading its window again, unless it became full or
 -- the grant is the probe of a half-open token (which keeps it out until the probe
--- ends).
+-- ends): then its record names the index (`x:<digest>`), in the same write as its
+-- schedule.
 local function pi_granted(token, p, used, was_empty, expires, probe, tat)
   if used >= PI.l or probe then
+    if PI.pace > 0 then set_schedule(pi_health(token), tat, nil, PI.x_field, p) end
     pi_refresh(token, p)
     return
   end
   local fits = now
   if PI.pace > 0 then fits = select(2, pace_math(tat, 1, PI.pace, PI.step)) end
+  if PI.pace > 0 then set_schedule(pi_health(token), tat) end
   if fits > now then
     redis.call('ZREM', PI.ready, token)
     pi_wait(token, fits)
@@ -289,7 +326,7 @@ local function pi_ensure(argv, first)
     for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end
     for _, token in ipairs(redis.call('HKEYS', PI.pos)) do
       redis.call('PEXPIRE', PI.base .. 'kw:' .. token, PI.keep, 'GT')
-      if PI.pace > 0 then redis.call('PEXPIRE', pi_health(token), PI.keep, 'GT') end
+      redis.call('PEXPIRE', pi_health(token), PI.keep, 'GT')
     end
   end
   local function renew_at(at)
@@ -383,7 +420,7 @@ local function pi_choose(c)
         local used = redis.call('ZCOUNT', key, now - PI.w, '+inf')
         local row = nil
         if used < PI.l then
-          row = health_row(pi_health(token))
+          row = pi_row(token)
           local fits, tat = now, nil
           if PI.pace > 0 then
             tat = tonumber(row[8]) or now

@@ -487,9 +487,8 @@ local tat = now
 if pace > 0 then
   tat = pace_at[best_token] or tonumber(redis.call('HGET', health_key(best_token), 't')) or now
   tat = math.max(tat, now) + cost * step
-  local life = pace_life
-  if pool_pos then life = nil end
-  set_schedule(health_key(best_token), tat, life)
+  -- A pool token's is written with its place in the index (`pi_granted`).
+  if not pool_pos then set_schedule(health_key(best_token), tat, pace_life) end
 end
 -- A release is accepted as long as the lease's slots are counted (see RELEASE).
 local ix, ip = '', ''
@@ -632,6 +631,12 @@ local function released()
     restore()
     return 3
   end
+  -- A release not fed to the token's health (a lease given back) may be repeated fed,
+  -- and then apply to the health and move the token in its pool's index: its record
+  -- keeps the lease's place (the granted record with the outcome appended).
+  if raw and not hashed and ARGV[5] ~= '1' and lease[7] then
+    redis.call('SET', KEYS[1], raw .. '|' .. outcome, 'KEEPTTL')
+  end
   if late then
     note_outcome(outcome)
     return 1
@@ -662,18 +667,27 @@ local previous = 0
 if result == 3 then
   previous = ({success = 1, upstream_error = 2, upstream_rate_limited = 3, not_used = 4})[lease[5]] or 0
 end
-local applied = 0
-if ARGV[5] == '1' and result <= 2 then
-  applied = record(1, KEYS[4], KEYS[5], ARGV[4], outcome, {unpack(ARGV, 7, 14)})
-end
 -- A pool token's place in its pool's index follows what the release changed: its use
 -- (not used), its health, or the instant a full token frees. On a token with room,
 -- another outcome changes neither its use nor its room, only the instant its use next
 -- drops (its entries now leave the window W after now), which the index does not keep
--- exactly for a ready token (`index_scripts.rs`).
+-- exactly for a ready token (`index_scripts.rs`); nor does it change when a token out
+-- for its pace alone may take a slot. Whether the token is out for its window or its
+-- health is the field `x:<digest>` of its health record, read with the record the
+-- outcome is fed to: one command for both.
+local fed = ARGV[5] == '1' and result <= 2
+local placed = result == 1 and lease[7] and not late
+local row = nil
+if fed or (placed and outcome ~= 'not_used') then
+  row = redis.call('HMGET', KEYS[4], 'b', 'f', 'ou', 'pn', 'pe', 'ps', 'qu', 't', 'x:' .. (lease[7] or ''))
+end
+local applied = 0
+if fed then
+  applied = record(1, KEYS[4], KEYS[5], ARGV[4], outcome, {unpack(ARGV, 7, 14)}, row)
+end
 local moved = false
-if result == 1 and lease[7] and not late then
-  moved = outcome == 'not_used' or not redis.call('ZSCORE', ARGV[6] .. 'ir:' .. lease[7], ARGV[3])
+if placed then
+  moved = outcome == 'not_used' or row[9] ~= false
 end
 if (moved or applied == 1) and lease[7] then
   local cfg = redis.call('HMGET', ARGV[6] .. 'im:' .. lease[7], 'w', 'l', 'p')

@@ -431,6 +431,31 @@ on_both_backends! {
         assert_eq!(held, vec![5], "the denials counted nothing");
     }
 
+    /// A lease given back (its outcome not fed to the token's health) and then released
+    /// again with the outcome fed: the repeat applies it once, and the token's place in
+    /// its pool follows — the fifth error opens the breaker, and the pool's next call
+    /// is denied with the breaker's end, without trying the open token.
+    async fn a_given_back_lease_reported_later_moves_its_pool_token(h: Harness) {
+        for _ in 0..4 {
+            let lease = h.grant(&h.request("t-a", 10_000, &[], &[TOKEN])).await;
+            release_reporting(&h, &lease.key, ReleaseOutcome::UpstreamError).await;
+        }
+        let lease = h.grant(&h.request("t-a", 10_000, &[], &[TOKEN])).await;
+        assert_eq!(h.release(&lease.key, ReleaseOutcome::UpstreamError).await, ReleaseResult::Released);
+        let (again, recorded) = release_reporting(&h, &lease.key, ReleaseOutcome::UpstreamError).await;
+        assert_eq!(again, ReleaseResult::AlreadyReleased);
+        let recorded = recorded.expect("a repeated release is fed");
+        assert!(recorded.applied, "{recorded:?}");
+        let until = only(&recorded.transitions, TokenState::Active, TokenState::BreakerOpen)
+            .until_ms
+            .expect("open until");
+        let AcquireOutcome::Denied(denied) = acquire_on_token(&h, false).await else {
+            panic!("the open pool token was tried");
+        };
+        assert_eq!(denied.reason, DenyReason::NoUsableToken);
+        assert_eq!(free_at(&denied), until);
+    }
+
     /// The release carries the outcome to the token's health (one round trip on
     /// Redis): five released errors open the breaker, reported by the fifth release; a
     /// repeated release is not applied again; an unknown lease feeds nothing.

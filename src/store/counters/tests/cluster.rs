@@ -257,9 +257,10 @@ async fn upstreams_on_different_masters_each_grant_exactly_the_limit() {
         check_releases(&instances, upstream, leases).await;
     }
 
-    // Where the keys are: a window per tenant granted, 1 token window, 96 lease hashes
-    // (95 grants and the one after NOT_USED), the fence and the pool's index (5 keys)
-    // per upstream, all on its slot's master and on no other.
+    // Where the keys are: a window per tenant granted, 1 token window, 96 lease records
+    // (95 grants and the one after NOT_USED), the fence, the pool's index (5 keys) and
+    // the token's health record (which names the index the full token is out of) per
+    // upstream, all on its slot's master and on no other.
     for (port, upstream) in &owner {
         let tenants = per_tenant(&grants[upstream])
             .iter()
@@ -269,7 +270,7 @@ async fn upstreams_on_different_masters_each_grant_exactly_the_limit() {
             let keys = cluster.keys_on(node, &format!("{prefix}:*"));
             let here = keys.iter().filter(|k| upstream_of(k) == upstream).count();
             let expected = if node == *port {
-                tenants + 1 + 96 + 1 + 5
+                tenants + 1 + 96 + 1 + 5 + 1
             } else {
                 0
             };
@@ -349,8 +350,8 @@ async fn a_moved_slot_is_followed_without_overgranting() {
     let moved = cluster.keys_on(to, &pattern);
     assert_eq!(
         moved.len(),
-        TENANTS + 1 + 96 + 1 + 5,
-        "every key (tenant windows, token window, leases, fence, pool index) on {to}: {moved:?}"
+        TENANTS + 1 + 96 + 1 + 5 + 1,
+        "every key (tenant windows, token window, leases, fence, pool index, the token's health record) on {to}: {moved:?}"
     );
 }
 
