@@ -160,7 +160,8 @@ async fn replicas_on_a_redis_cluster_grant_exactly_the_usable_limit() {
     );
     assert_eq!(token_used(&replicas[1], &key).await, 95);
 
-    // A window per tenant granted, 1 token window, 96 lease hashes, the demand
+    // A window per tenant granted, 1 token window and its health record (the full
+    // token names the pool index holding it out), 96 lease hashes, the demand
     // counters: all on one master.
     let mut granted: Vec<&str> = leases
         .iter()
@@ -178,7 +179,7 @@ async fn replicas_on_a_redis_cluster_grant_exactly_the_usable_limit() {
         if port == owner {
             // Plus one demand counter per tenant that called (fair sharing's input), the
             // upstream's fence and its pool's index (5 keys).
-            let expected = granted.len() + 1 + 96 + tenants.len() + 1 + 5;
+            let expected = granted.len() + 2 + 96 + tenants.len() + 1 + 5;
             assert_eq!(keys.len(), expected, "on the owner {port}: {keys:?}");
         } else {
             assert!(keys.is_empty(), "keys on {port}, not the owner: {keys:?}");
