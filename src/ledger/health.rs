@@ -17,10 +17,6 @@ pub(super) struct HealthBook {
     /// Applied leases: `upstream/nonce` → until when to remember it.
     applied: HashMap<String, i64>,
     applied_by_end: BTreeSet<(i64, String)>,
-    /// The pool indexes that hold a token out of service, and its position in each
-    /// (the `x:<digest>` fields of the Redis record): an admin's reset refreshes them.
-    /// They go with the record.
-    refs: HashMap<String, Vec<(String, i64)>>,
 }
 
 fn record_key(upstream: &Id, token: &Id) -> String {
@@ -46,7 +42,6 @@ impl HealthBook {
         let key = record_key(upstream, token);
         if self.records.get(&key).is_some_and(HealthRecord::is_blank) {
             self.records.remove(&key);
-            self.refs.remove(&key);
         }
     }
 
@@ -55,15 +50,6 @@ impl HealthBook {
         self.records
             .get(&record_key(upstream, token))
             .map_or(now, |record| record.usable_from(now))
-    }
-
-    /// Notes that the pool index `digest` holds the token out of service at `pos`.
-    pub(super) fn add_ref(&mut self, upstream: &Id, token: &Id, digest: &str, pos: i64) {
-        let refs = self.refs.entry(record_key(upstream, token)).or_default();
-        match refs.iter_mut().find(|(d, _)| d == digest) {
-            Some(entry) => entry.1 = pos,
-            None => refs.push((digest.to_owned(), pos)),
-        }
     }
 
     /// Marks a lease applied; false if it already was.
@@ -137,8 +123,7 @@ impl Ledger {
         let report = self.token_status(upstream, std::slice::from_ref(token), now);
         let key = record_key(upstream, token);
         self.health.records.remove(&key);
-        let refs = self.health.refs.remove(&key).unwrap_or_default();
-        self.refresh_refs(upstream, token, refs, now);
+        self.refresh_named(upstream, token, now);
         report
     }
 

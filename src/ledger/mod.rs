@@ -312,7 +312,8 @@ impl Ledger {
             return;
         };
         let token = &key.token_id;
-        let moved = released && (outcome == ReleaseOutcome::NotUsed || !index.is_ready(token));
+        // Whether the token is out for its window or its health: `x:<digest>` in Redis.
+        let moved = released && (outcome == ReleaseOutcome::NotUsed || index.names(token));
         if moved || applied {
             self.pi_refresh(&key.upstream_id, &mut index, token, pos, false, now);
         }

@@ -92,6 +92,10 @@ pub(super) struct PoolIndex {
     ready: Scored,
     wait: Scored,
     out: Scored,
+    /// The tokens held out of *ready* for their window or their health, and their
+    /// positions: the `x:<digest>` fields of their Redis health records. A release
+    /// refreshes only these (and a token given back); an admin's reset refreshes them.
+    named: HashMap<Id, i64>,
     pos: HashMap<Id, i64>,
     /// The pool's tokens in order (`HKEYS` of the positions).
     tokens: Vec<Id>,
@@ -111,8 +115,10 @@ impl PoolIndex {
         self.w / 8
     }
 
-    pub fn is_ready(&self, token: &Id) -> bool {
-        self.ready.score(token).is_some()
+    /// Whether the index holds the token out for its window or its health (what a
+    /// release can change), not for its pace alone.
+    pub fn names(&self, token: &Id) -> bool {
+        self.named.contains_key(token)
     }
 
     /// Whether every token of the pool is out of service (`pi_all_out`).
@@ -152,6 +158,7 @@ impl Ledger {
             ready: Scored::default(),
             wait: Scored::default(),
             out: Scored::default(),
+            named: HashMap::new(),
             pos: HashMap::new(),
             tokens: req.pooled.to_vec(),
             asked: 0,
@@ -256,17 +263,27 @@ impl Ledger {
         if !was_ready {
             if health_at > now {
                 index.out.add(token, health_at);
-                self.health.add_ref(upstream, token, &index.digest, p);
             } else {
                 index.out.remove(token);
             }
         }
+        let named = !was_ready && index.names(token);
         let pace_fits = pace.map_or(now, |p| p.fits);
         let at = window_at.max(pace_fits).max(health_at);
         if at > now {
             index.ready.remove(token);
             index.wait.add(token, at);
+            if window_at <= now && health_at <= now {
+                // Out for its pace only: what a release changes cannot bring it back
+                // sooner.
+                index.named.remove(token);
+            } else if !named {
+                index.named.insert(token.clone(), p);
+            }
             return used;
+        }
+        if named {
+            index.named.remove(token);
         }
         index.ready.add(token, used as i64 * M + p);
         let window = &self.windows[&token_key(upstream, token)];
@@ -467,20 +484,20 @@ impl Ledger {
         room
     }
 
-    /// Puts a token back in its place in every index its health record names (an
-    /// admin reset its health): `pi_refresh_refs`.
-    pub(super) fn refresh_refs(
-        &mut self,
-        upstream: &Id,
-        token: &Id,
-        refs: Vec<(String, i64)>,
-        now: i64,
-    ) {
-        for (digest, p) in refs {
-            let key = format!("{upstream}/{digest}");
-            let Some(mut index) = self.indexes.remove(&key) else {
-                continue;
-            };
+    /// Puts a token back in its place in every index of the upstream that holds it out
+    /// for its window or its health (an admin reset its health): `pi_refresh_refs`,
+    /// after `RESET` forgot every `x:<digest>` field of the record.
+    pub(super) fn refresh_named(&mut self, upstream: &Id, token: &Id, now: i64) {
+        let prefix = format!("{upstream}/");
+        let naming: Vec<String> = self
+            .indexes
+            .iter()
+            .filter(|(key, index)| key.starts_with(&prefix) && index.names(token))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in naming {
+            let mut index = self.indexes.remove(&key).expect("listed just above");
+            let p = index.named.remove(token).expect("it names the token");
             if index.expires > now {
                 self.pi_refresh(upstream, &mut index, token, p, false, now);
                 self.indexes.insert(key, index);
@@ -501,6 +518,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::ledger::{AcquireOutcome, ReleaseOutcome};
 
     fn id(value: &str) -> Id {
         Id::parse("test", value).expect("valid test id")
@@ -545,5 +563,49 @@ mod tests {
         left.sort();
         assert_eq!(left.len(), 2, "the index of [a] expired: {left:?}");
         assert!(ledger.indexes.values().all(|i| i.expires > now + keep));
+    }
+
+    /// What a release changes (a lease's end, the token's health) cannot bring back
+    /// sooner a token out for its pace alone, so the release leaves it where it is, as
+    /// `scripts::RELEASE` does (the token's record names no index): refreshed at the
+    /// release instead of at the next decision, its re-scoring instant differed from
+    /// Redis's (the differential test with pacing, about one run in 25).
+    #[test]
+    fn a_release_leaves_a_token_out_for_its_pace_alone_in_place() {
+        let mut ledger = Ledger::default();
+        let up = id("up");
+        ledger.mark_fresh(&up);
+        let now = 1_750_000_000_000;
+        let mut req = request(&["a"]);
+        req.pace_burst = 2;
+        // Released before it expires, or the release changes no slot.
+        req.lease_ttl = Duration::from_secs(10);
+        let mut keys = Vec::new();
+        for _ in 0..2 {
+            req.nonce = crate::ledger::LeaseKey::new_nonce();
+            let outcome = ledger.acquire(&req, now);
+            assert!(matches!(outcome, AcquireOutcome::Granted(_)), "{outcome:?}");
+            keys.push(crate::ledger::LeaseKey {
+                upstream_id: up.clone(),
+                pool_id: None,
+                tenant_id: id("t"),
+                token_id: id("a"),
+                nonce: req.nonce.clone(),
+            });
+        }
+        // Its burst spent: out for its pace until one step (6 s) on.
+        let fits = now + 6_000;
+        let index = ledger.indexes.values().next().expect("the pool's index");
+        assert!(index.ready.score(&id("a")).is_none());
+        assert_eq!(index.wait.score(&id("a")), Some(fits));
+        assert!(!index.names(&id("a")), "out for its pace alone");
+        let result = ledger.release(&keys[0], ReleaseOutcome::Success, fits + 1_000);
+        assert_eq!(result, crate::ledger::ReleaseResult::Released);
+        let index = ledger.indexes.values().next().expect("the pool's index");
+        assert!(
+            index.ready.score(&id("a")).is_none(),
+            "left for the next decision"
+        );
+        assert_eq!(index.wait.score(&id("a")), Some(fits));
     }
 }

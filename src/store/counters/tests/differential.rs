@@ -81,8 +81,10 @@ impl Run {
     async fn fail(&self, what: &str) -> ! {
         let tail = self.log.len().saturating_sub(40);
         panic!(
-            "Redis and the ledger disagree: {what}\n--- the last operations:\n{}\n--- Redis:\n{}",
-            self.log[tail..].join("\n"),
+            "Redis and the ledger disagree: {what}\n--- {} (TOKENLEASE_DIFF_SEED replays the \
+             operations, not their timing); the last operations:\n{}\n--- Redis:\n{}",
+            self.log[0],
+            self.log[tail.max(1)..].join("\n"),
             self.dump().await
         );
     }
