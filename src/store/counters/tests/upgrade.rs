@@ -31,6 +31,36 @@ fn request(pool: &Arc<[Id]>, digest: &Arc<str>) -> AcquireRequest {
     }
 }
 
+/// Counters under a prefix of their own, the upstream marked fresh, a pool of two tokens.
+struct Fresh {
+    prefix: String,
+    counters: RedisCounters,
+    conn: MultiplexedConnection,
+    pool: Arc<[Id]>,
+    digest: Arc<str>,
+}
+
+async fn fresh() -> Fresh {
+    let url = redis_url();
+    let prefix = format!("upgrade-{}", LeaseKey::new_nonce());
+    let counters = redis_counters(&url, &prefix, Duration::from_secs(5)).await;
+    let conn = admin_connection(&url).await;
+    let upstream = id(UPSTREAM);
+    counters
+        .mark_fresh(Space::upstream(&upstream))
+        .await
+        .expect("mark fresh");
+    let pool: Arc<[Id]> = ids(&["k-1", "k-2"]).into();
+    let digest = list_digest(&pool).into();
+    Fresh {
+        prefix,
+        counters,
+        conn,
+        pool,
+        digest,
+    }
+}
+
 fn report(key: &LeaseKey, outcome: ReleaseOutcome) -> OutcomeReport {
     OutcomeReport {
         key: key.clone(),
@@ -83,15 +113,15 @@ async fn to_previous_format(conn: &mut MultiplexedConnection, record: &str) {
 
 #[tokio::test]
 async fn a_lease_granted_by_the_previous_release_is_released_once() {
-    let url = redis_url();
-    let prefix = format!("upgrade-{}", LeaseKey::new_nonce());
-    let counters = redis_counters(&url, &prefix, Duration::from_secs(5)).await;
-    let mut conn = admin_connection(&url).await;
+    let Fresh {
+        prefix,
+        counters,
+        mut conn,
+        pool,
+        digest,
+    } = fresh().await;
     let upstream = id(UPSTREAM);
     let space = Space::upstream(&upstream);
-    counters.mark_fresh(space).await.expect("mark fresh");
-    let pool: Arc<[Id]> = ids(&["k-1", "k-2"]).into();
-    let digest: Arc<str> = list_digest(&pool).into();
 
     let req = request(&pool, &digest);
     let AcquireOutcome::Granted(grant) = counters.acquire(&req).await.expect("acquire") else {
@@ -170,15 +200,15 @@ fn previous_release_of(
 /// outcome, for as long as the lease can be released.
 #[tokio::test]
 async fn released_records_read_the_same_in_both_releases() {
-    let url = redis_url();
-    let prefix = format!("upgrade-{}", LeaseKey::new_nonce());
-    let counters = redis_counters(&url, &prefix, Duration::from_secs(5)).await;
-    let mut conn = admin_connection(&url).await;
+    let Fresh {
+        prefix,
+        counters,
+        mut conn,
+        pool,
+        digest,
+    } = fresh().await;
     let upstream = id(UPSTREAM);
     let space = Space::upstream(&upstream);
-    counters.mark_fresh(space).await.expect("mark fresh");
-    let pool: Arc<[Id]> = ids(&["k-1", "k-2"]).into();
-    let digest: Arc<str> = list_digest(&pool).into();
     let mut leases = Vec::new();
     for _ in 0..2 {
         let req = AcquireRequest {
