@@ -16,6 +16,7 @@ use tokenlease::domain::{ApiKeyRole, Id};
 use tokenlease::emulator::{Emulator, EmulatorConfig, WindowKind};
 use tokenlease::lease::LiveConfig;
 use tokenlease::startup::{App, open_store, shutdown_signal};
+use tokenlease::store::counters::redis_functions;
 use tokenlease::telemetry::{self, init_logging};
 
 /// mimalloc, not the system allocator: a lease pair allocates and frees many small
@@ -57,6 +58,10 @@ enum Command {
     RotateKeys,
     /// Prints a new random master key (base64 of 32 bytes).
     GenMasterKey,
+    /// Prints this release's Redis Functions library, for a deployment whose Redis user
+    /// may not run FUNCTION LOAD: `tokenlease redis-functions | redis-cli -x FUNCTION
+    /// LOAD REPLACE`, as a user that may, after every upgrade.
+    RedisFunctions,
     /// Runs a BaseLinker API emulator (strict per-token limit, blocks) until Ctrl-C.
     Emulator(EmulatorArgs),
     /// Runs a capacity-planning scenario through real leases against the emulator:
@@ -159,6 +164,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("{}", KeyRing::generate_key_base64().expose_secret());
         return Ok(());
     }
+    if let Command::RedisFunctions = cli.command {
+        print!("{}", redis_functions());
+        return Ok(());
+    }
     if let Command::Emulator(args) = cli.command {
         init_logging("text");
         return run_emulator(args).await;
@@ -193,6 +202,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CreateApiKey { name, tenants } => create_api_key(&settings, &name, &tenants).await,
         Command::RotateKeys => rotate_keys(&settings).await,
         Command::GenMasterKey
+        | Command::RedisFunctions
         | Command::Emulator(_)
         | Command::Simulate(_)
         | Command::Report(_) => {

@@ -29,6 +29,13 @@ pub use crate::ledger::{
 pub use memory::MemoryCounters;
 pub use redis_backend::{RedisCounters, RedisSettings};
 
+/// The Redis Functions library of this release (`FUNCTION LOAD`'s argument): the
+/// service loads it by itself; `tokenlease redis-functions` prints it for a Redis user
+/// that may not.
+pub fn redis_functions() -> String {
+    scripts::Library::new().code
+}
+
 use std::time::Duration;
 
 use crate::domain::Id;

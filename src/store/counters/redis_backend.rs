@@ -21,7 +21,9 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{IntoConnectionInfo, RedisError, Script, ToRedisArgs, Value};
+use redis::{
+    ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind, ToRedisArgs, Value,
+};
 use tokio::sync::Semaphore;
 
 use super::breaker::parse_transitions;
@@ -134,7 +136,18 @@ fn no_delay() -> redis::io::tcp::TcpSettings {
 /// CLUSTERDOWN, a node loading or demoted during a failover) is `Unavailable`, which
 /// callers answer UNAVAILABLE with a retry-after; only what retrying cannot change (a
 /// script error, an unexpected reply) is `Internal`.
+///
+/// A command or key the service's Redis user may not use (NOPERM) is `Unavailable`
+/// too, with what to grant: the operator can mend the ACL while the service runs.
 fn classify(e: RedisError) -> CounterError {
+    if e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) {
+        return unavailable(format!(
+            "{e}. The service's Redis user needs FCALL, EVALSHA, EVAL and TIME on the \
+             keys under its prefix, and FUNCTION LOAD unless the lease library is loaded \
+             for it: `tokenlease redis-functions | redis-cli -x FUNCTION LOAD REPLACE`, \
+             as a user that may, after every upgrade"
+        ));
+    }
     let transient = e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
@@ -147,6 +160,12 @@ fn classify(e: RedisError) -> CounterError {
     } else {
         CounterError::Internal(e.to_string())
     }
+}
+
+/// Whether Redis answered the generic `ERR` with a message containing `text`: how
+/// Redis reports a function it does not have, or a library it has already.
+fn server_says(e: &RedisError, text: &str) -> bool {
+    e.code() == Some("ERR") && e.detail().is_some_and(|detail| detail.contains(text))
 }
 
 /// Waits at most `timeout` for a call to Redis; its error, or the wait, as callers see it.
@@ -167,6 +186,39 @@ async fn bounded(
 pub(super) fn ints(what: &str, reply: Value) -> Result<Vec<i64>, CounterError> {
     redis::from_redis_value(reply)
         .map_err(|e| CounterError::Internal(format!("unexpected {what} reply: {e}")))
+}
+
+/// Reads the demand of `tenants`, `chunk` at a time, with `read`. Every chunk must count
+/// the same completed buckets: a read that crossed a bucket's end (a bucket lasts a
+/// twelfth of the window, a read a few milliseconds) is read again; the third try is
+/// taken as it is, its first chunks one bucket behind.
+async fn read_in_step<'a, F, Fut>(
+    tenants: &'a [Id],
+    chunk: usize,
+    mut read: F,
+) -> Result<(i64, Vec<DemandCount>), CounterError>
+where
+    F: FnMut(&'a [Id]) -> Fut,
+    Fut: Future<Output = Result<(i64, Vec<DemandCount>), CounterError>>,
+{
+    if tenants.is_empty() {
+        // No chunk to compare: one read, for the current bucket.
+        return read(tenants).await;
+    }
+    let mut attempt = 1;
+    loop {
+        let (mut first, mut last) = (i64::MAX, i64::MIN);
+        let mut counts = Vec::with_capacity(tenants.len());
+        for part in tenants.chunks(chunk) {
+            let (at, part_counts) = read(part).await?;
+            (first, last) = (first.min(at), last.max(at));
+            counts.extend(part_counts);
+        }
+        if first == last || attempt == 3 {
+            return Ok((last, counts));
+        }
+        attempt += 1;
+    }
 }
 
 fn unavailable(err: impl std::fmt::Display) -> CounterError {
@@ -310,11 +362,12 @@ impl RedisCounters {
             .arg(&call.args);
         let go = async {
             match self.query(&fcall).await {
-                Err(e) if e.to_string().contains("Function not found") => {
+                Err(e) if server_says(&e, "Function not found") => {
                     let mut load = redis::cmd("FUNCTION");
                     load.arg("LOAD").arg(&self.library.code);
                     match self.query(&load).await {
-                        Err(e) if !e.to_string().contains("already exists") => return Err(e),
+                        // Another replica loaded it first.
+                        Err(e) if !server_says(&e, "already exists") => return Err(e),
                         _ => {}
                     }
                     self.query(&fcall).await
@@ -485,33 +538,17 @@ impl RedisCounters {
         self.run(inv).await
     }
 
-    /// The demand of `tenants`, read `READ_CHUNK` at a time. Every chunk must count the
-    /// same completed buckets: a read that crossed a bucket's end (a bucket lasts a
-    /// twelfth of the window, a read a few milliseconds) is read again; the third try is
-    /// taken as it is, its first chunks one bucket behind.
+    /// The demand of `tenants`, read `READ_CHUNK` at a time (`read_in_step`).
     pub async fn demand(
         &self,
         upstream: Space<'_>,
         window: Duration,
         tenants: &[Id],
     ) -> Result<(i64, Vec<DemandCount>), CounterError> {
-        if tenants.len() <= READ_CHUNK {
-            return self.demand_chunk(upstream, window, tenants).await;
-        }
-        let mut attempt = 1;
-        loop {
-            let (mut first, mut last) = (i64::MAX, i64::MIN);
-            let mut counts = Vec::with_capacity(tenants.len());
-            for chunk in tenants.chunks(READ_CHUNK) {
-                let (at, chunk_counts) = self.demand_chunk(upstream, window, chunk).await?;
-                (first, last) = (first.min(at), last.max(at));
-                counts.extend(chunk_counts);
-            }
-            if first == last || attempt == 3 {
-                return Ok((last, counts));
-            }
-            attempt += 1;
-        }
+        read_in_step(tenants, READ_CHUNK, |chunk| {
+            self.demand_chunk(upstream, window, chunk)
+        })
+        .await
     }
 
     async fn demand_chunk(
@@ -761,7 +798,7 @@ fn parse_acquire_reply(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use redis::{ErrorKind, ServerErrorKind};
+    use redis::ErrorKind;
 
     /// A slot moving or migrating, a cluster without a quorum, a node loading or
     /// demoted by a failover: the caller is told to retry (UNAVAILABLE), not that the
@@ -787,5 +824,49 @@ mod tests {
         assert!(matches!(classify(script), CounterError::Internal(_)));
         let refused = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert!(matches!(classify(refused), CounterError::Unavailable(_)));
+    }
+
+    /// A demand read whose chunks straddle a bucket's end is read again; the third try
+    /// is taken as it is. `bucket_of[attempt][chunk]` is the bucket each read saw.
+    async fn read_with(bucket_of: &[[i64; 3]]) -> ((i64, Vec<u32>), usize) {
+        let tenants: Vec<Id> = (0..5)
+            .map(|i| Id::parse("tenant", &format!("t{i}")).unwrap())
+            .collect();
+        let reads = std::cell::Cell::new(0);
+        let read = |part: &[Id]| {
+            let n = reads.get();
+            reads.set(n + 1);
+            let bucket = bucket_of[n / 3][n % 3];
+            let counts = part
+                .iter()
+                .map(|t| DemandCount {
+                    asked: t.as_str()[1..].parse::<u32>().unwrap() + 10 * n as u32,
+                    unmet: 0,
+                })
+                .collect();
+            std::future::ready(Ok((bucket, counts)))
+        };
+        let (bucket, counts) = read_in_step(&tenants, 2, read).await.expect("read");
+        let asked = counts.iter().map(|c| c.asked).collect();
+        ((bucket, asked), reads.get())
+    }
+
+    #[tokio::test]
+    async fn a_demand_read_across_a_bucket_end_is_read_again() {
+        // In step at once: one pass over the three chunks.
+        assert_eq!(
+            read_with(&[[7, 7, 7]]).await,
+            ((7, vec![0, 1, 12, 13, 24]), 3)
+        );
+        // The bucket ended during the first pass: the second pass is taken.
+        assert_eq!(
+            read_with(&[[7, 8, 8], [8, 8, 8]]).await,
+            ((8, vec![30, 31, 42, 43, 54]), 6)
+        );
+        // Three passes that all straddle: the third, as it is, at its latest bucket.
+        assert_eq!(
+            read_with(&[[1, 2, 2], [2, 3, 3], [3, 3, 4]]).await,
+            ((4, vec![60, 61, 72, 73, 84]), 9)
+        );
     }
 }

@@ -37,6 +37,8 @@ mod differential;
 mod faults;
 #[path = "tests/handover.rs"]
 mod handover;
+#[path = "tests/permissions.rs"]
+mod permissions;
 #[path = "tests/sim.rs"]
 mod sim;
 #[path = "tests/throwaway_cluster.rs"]

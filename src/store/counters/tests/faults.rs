@@ -108,7 +108,7 @@ async fn counters_for(url: &str) -> RedisCounters {
     counters
 }
 
-async fn counters_with(url: &str, prefix: &str, durable: bool) -> RedisCounters {
+pub(super) async fn counters_with(url: &str, prefix: &str, durable: bool) -> RedisCounters {
     let settings = RedisSettings {
         url: url.to_owned(),
         key_prefix: prefix.to_owned(),
@@ -120,7 +120,7 @@ async fn counters_with(url: &str, prefix: &str, durable: bool) -> RedisCounters 
         .expect("a single-server connection is lazy and cannot fail")
 }
 
-fn request() -> AcquireRequest {
+pub(super) fn request() -> AcquireRequest {
     AcquireRequest {
         upstream_id: id(UPSTREAM),
         pool_id: None,
@@ -141,7 +141,7 @@ fn request() -> AcquireRequest {
     }
 }
 
-fn fresh(req: &AcquireRequest) -> AcquireRequest {
+pub(super) fn fresh(req: &AcquireRequest) -> AcquireRequest {
     AcquireRequest {
         nonce: LeaseKey::new_nonce(),
         ..req.clone()
