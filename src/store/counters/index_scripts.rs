@@ -41,7 +41,9 @@
 //!   caller send the pool's tokens, as for a missing index, and counts nothing.
 //!
 //! A fence lost with them is a hold (`scripts::ACQUIRE`); a missing field means "read
-//! the index": each is only ever a shortcut.
+//! the index": each is only ever a shortcut. The fields of an index that is gone are
+//! dropped when another index of the space is built (`pi_forget_gone`), so a fence
+//! holds the fields of the live indexes, not of every configuration ever used.
 //!
 //! The sorted sets keep a sentinel member `''` scored `+inf`, so that they never empty
 //! (an empty key would lose its expiry) and their first member is "none" when only it
@@ -310,6 +312,24 @@ local function pi_granted(token, p, used, was_empty, expires, probe, tat)
   if was_empty then pi_wait(token, expires + PI.w + 1) end
 end
 
+-- Forgets the fence fields (`a:`, `n:`, `r:`) of this space's indexes that are gone
+-- (expired, or lost): a gone index is built afresh, without them, on its next use.
+-- Called when an index is built, which is rare (a first call, a configuration change,
+-- an index unused for its life), as the ledger forgets its expired indexes then: the
+-- fence keeps the fields of the indexes that live, not of every configuration used.
+local function pi_forget_gone()
+  local checked = {[PI.digest] = true}
+  for _, field in ipairs(redis.call('HKEYS', PI.fence)) do
+    local digest = string.match(field, '^[anr]:(.+)$')
+    if digest and not checked[digest] then
+      checked[digest] = true
+      if redis.call('EXISTS', PI.base .. 'im:' .. digest) == 0 then
+        redis.call('HDEL', PI.fence, 'a:' .. digest, 'n:' .. digest, 'r:' .. digest)
+      end
+    end
+  end
+end
+
 -- Makes sure the index exists: builds it from argv[first..] (the pool's token ids, in
 -- order) when it does not; false when it does not and the ids were not sent. Before
 -- `PI.renew` (the fence's `r:<digest>`, read by the caller) the index is known to live.
@@ -348,6 +368,7 @@ local function pi_ensure(argv, first)
   -- A new index starts with no ask (the ledger's `PoolIndex::asked`), and its first
   -- choice reads *wait*.
   redis.call('HDEL', PI.fence, 'a:' .. PI.digest, PI.next_field)
+  pi_forget_gone()
   PI.asked, PI.next = 0, 0
   for i = first, #argv do
     redis.call('HSET', PI.pos, argv[i], i - first + 1)
