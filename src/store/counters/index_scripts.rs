@@ -48,9 +48,10 @@
 //! The sorted sets keep a sentinel member `''` scored `+inf`, so that they never empty
 //! (an empty key would lose its expiry) and their first member is "none" when only it
 //! is left. The five keys expire together, 10 windows + 10 minutes after the index was
-//! last used, and the pool tokens' windows with them: renewed at half that life, they
-//! outlive any lease granted meanwhile (unless the lease TTL is longer than half the
-//! index's life: then each grant renews its token's window, as for a dedicated token),
+//! last used, and the pool tokens' windows with them: renewed at half that life (the
+//! tokens' a page per call, `pi_sweep`), they outlive any lease granted meanwhile
+//! (unless the lease TTL is longer than half the index's life: then each grant renews
+//! its token's window, as for a dedicated token),
 //! which saves a command per grant. So do the pool tokens' pacing schedules, which are
 //! fields of their health records (`set_schedule`). The digest's suffix marks the
 //! scheme: `-i2` when windows took the index's life, `-i3` when the schedules moved
@@ -330,35 +331,64 @@ local function pi_forget_gone()
   end
 end
 
+-- Renews the pool tokens' windows and health records (`pi_ensure`) from HSCAN's
+-- `cursor` on, a page at a time: one page, and the cursor to go on from, or every page
+-- left (nil) when a lease granted now could outlive a window not renewed yet. Those
+-- are known to live until `floor` (the index's end when the renewal began), and a grant
+-- needs its window for its TTL + W (`ACQUIRE`). A page is every token of a pool of up
+-- to 512 (a hash that small is scanned whole), about 64 of a larger one: the call that
+-- renews costs the same whatever the pool's size.
+local function pi_sweep(cursor, floor)
+  local all = now + (PI.ttl or PI.keep) + PI.w + 1000 >= floor
+  repeat
+    local page = redis.call('HSCAN', PI.pos, cursor, 'COUNT', 64)
+    cursor = page[1]
+    for i = 1, #page[2], 2 do
+      redis.call('PEXPIRE', PI.base .. 'kw:' .. page[2][i], PI.keep, 'GT')
+      redis.call('PEXPIRE', pi_health(page[2][i]), PI.keep, 'GT')
+    end
+  until cursor == '0' or not all
+  if cursor ~= '0' then return cursor end
+end
+
 -- Makes sure the index exists: builds it from argv[first..] (the pool's token ids, in
 -- order) when it does not; false when it does not and the ids were not sent. Before
 -- `PI.renew` (the fence's `r:<digest>`, read by the caller) the index is known to live.
+--
+-- The pool tokens' pacing schedules live as long as the index (see `set_schedule`): a
+-- schedule is never more than a window ahead, and the index's life, renewed at half,
+-- is ten. So do the pool tokens' windows (`ACQUIRE` sets a window's life only when it
+-- held no entry): never shortened, so a lease granted meanwhile is always covered. The
+-- renewal of the index's keys is one call; its tokens' follows in pages (`pi_sweep`),
+-- one per call, its place kept in the index's `s` field (`<cursor>:<floor>`); until the
+-- last page the fence's `r:<digest>` is not set, so every call comes back here.
 local function pi_ensure(argv, first)
   if PI.renew and PI.renew > now then return true end
   local left = redis.call('PTTL', PI.meta)
   local keys = {PI.ready, PI.wait, PI.pos, PI.meta, PI.out}
-  -- The pool tokens' pacing schedules live as long as the index (see `set_schedule`):
-  -- a schedule is never more than a window ahead, and the index's life, refreshed at
-  -- half, is ten. So do the pool tokens' windows (`ACQUIRE` sets a window's life only
-  -- when it held no entry): never shortened, so a lease granted meanwhile is always
-  -- covered.
-  local function keep_alive()
-    for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end
-    for _, token in ipairs(redis.call('HKEYS', PI.pos)) do
-      redis.call('PEXPIRE', PI.base .. 'kw:' .. token, PI.keep, 'GT')
-      redis.call('PEXPIRE', pi_health(token), PI.keep, 'GT')
-    end
-  end
   local function renew_at(at)
     PI.renew = at
     redis.call('HSET', PI.fence, PI.renew_field, at)
   end
   if left >= 0 then
+    local cursor, floor = nil, nil
+    local sweep = redis.call('HGET', PI.meta, 's')
+    if sweep then
+      cursor, floor = string.match(sweep, '^(%d+):(%-?%d+)$')
+      floor = tonumber(floor)
+    end
     if left < PI.keep / 2 then
-      keep_alive()
+      for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end
+      cursor, floor = '0', math.min(floor or math.huge, now + left)
       left = PI.keep
     end
-    renew_at(now + left - PI.keep / 2)
+    if cursor then cursor = pi_sweep(cursor, floor) end
+    if cursor then
+      redis.call('HSET', PI.meta, 's', cursor .. ':' .. floor)
+    else
+      if sweep then redis.call('HDEL', PI.meta, 's') end
+      renew_at(now + left - PI.keep / 2)
+    end
     return true
   end
   if #argv < first then return false end
@@ -374,7 +404,8 @@ local function pi_ensure(argv, first)
     redis.call('HSET', PI.pos, argv[i], i - first + 1)
     pi_refresh(argv[i], i - first + 1)
   end
-  keep_alive()
+  for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end
+  pi_sweep('0', now)
   renew_at(now + PI.keep / 2)
   return true
 end

@@ -37,8 +37,8 @@ mod differential;
 mod faults;
 #[path = "tests/handover.rs"]
 mod handover;
-#[path = "tests/index_fields.rs"]
-mod index_fields;
+#[path = "tests/index_upkeep.rs"]
+mod index_upkeep;
 #[path = "tests/permissions.rs"]
 mod permissions;
 #[path = "tests/sim.rs"]

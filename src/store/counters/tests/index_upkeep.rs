@@ -1,0 +1,214 @@
+//! A pool index's upkeep in Redis (`index_scripts.rs`):
+//! - the fence's fields about pool indexes (`a:`, `n:`, `r:` per index digest) do not
+//!   pile up with configuration changes: when an index is built, the fields of the
+//!   space's indexes that are gone are dropped, and those of the live ones are kept;
+//! - the renewal of a large pool's token windows is spread over calls, a page each
+//!   (`pi_sweep`), and done at once when a grant could otherwise outlive a window.
+
+use std::collections::BTreeSet;
+
+use super::*;
+
+/// The digests of the pool indexes under `prefix` (from their `im:` keys).
+async fn index_digests(conn: &mut MultiplexedConnection, prefix: &str) -> BTreeSet<String> {
+    keys_under(conn, prefix)
+        .await
+        .iter()
+        .filter_map(|k| k.rsplit_once(":im:").map(|(_, digest)| digest.to_owned()))
+        .collect()
+}
+
+/// The digests the fence has index fields for.
+async fn fence_digests(conn: &mut MultiplexedConnection, prefix: &str) -> BTreeSet<String> {
+    let fence = format!("{prefix}:{{{UPSTREAM}}}:fence:epoch");
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(&fence)
+        .query_async(conn)
+        .await
+        .expect("HKEYS");
+    fields
+        .iter()
+        .filter_map(|f| {
+            let (kind, digest) = f.split_once(':')?;
+            ["a", "n", "r"].contains(&kind).then(|| digest.to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn building_an_index_drops_the_fence_fields_of_gone_ones() {
+    Harness::run(Backend::Redis, |h| async move {
+        let TimeSource::Server(conn) = &h.time else {
+            unreachable!("Redis harness")
+        };
+        let mut conn = conn.clone();
+        // Three configurations of the pool, one after the other: three indexes.
+        let pools: [&[&str]; 3] = [&["k-1"], &["k-1", "k-2"], &["k-2"]];
+        let mut digests = Vec::new();
+        for pool in &pools[..2] {
+            let before = index_digests(&mut conn, &h.prefix).await;
+            h.grant(&h.request("t-a", 100, &[], pool)).await;
+            let after = index_digests(&mut conn, &h.prefix).await;
+            let new: Vec<_> = after.difference(&before).cloned().collect();
+            assert_eq!(new.len(), 1, "one new index: {before:?} -> {after:?}");
+            digests.push(new[0].clone());
+        }
+        let (gone, live) = (&digests[0], &digests[1]);
+        let fields = fence_digests(&mut conn, &h.prefix).await;
+        assert!(fields.contains(gone) && fields.contains(live), "{fields:?}");
+
+        // The first index expires (its keys go, as their TTL would have them go).
+        let index: Vec<String> = keys_under(&mut conn, &h.prefix)
+            .await
+            .into_iter()
+            .filter(|k| k.ends_with(&format!(":{gone}")))
+            .collect();
+        assert_eq!(index.len(), 5, "{index:?}");
+        let _: () = redis::cmd("DEL")
+            .arg(&index)
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
+
+        h.grant(&h.request("t-a", 100, &[], pools[2])).await;
+        let fields = fence_digests(&mut conn, &h.prefix).await;
+        assert!(
+            !fields.contains(gone),
+            "gone index's fields kept: {fields:?}"
+        );
+        assert!(
+            fields.contains(live),
+            "live index's fields dropped: {fields:?}"
+        );
+        assert_eq!(
+            fields.len(),
+            2,
+            "the live index and the new one: {fields:?}"
+        );
+    })
+    .await;
+}
+
+const POOL: usize = 600;
+
+/// The PTTL of each key.
+async fn pttls(conn: &mut MultiplexedConnection, keys: &[String]) -> Vec<i64> {
+    let mut pipe = redis::pipe();
+    for key in keys {
+        pipe.cmd("PTTL").arg(key);
+    }
+    pipe.query_async(conn).await.expect("PTTL")
+}
+
+async fn pexpire(conn: &mut MultiplexedConnection, keys: &[String], ms: i64) {
+    let mut pipe = redis::pipe();
+    for key in keys {
+        pipe.cmd("PEXPIRE").arg(key).arg(ms).ignore();
+    }
+    let _: () = pipe.query_async(conn).await.expect("PEXPIRE");
+}
+
+/// A pool of `POOL` tokens, each granted once (so each has a window), then the index's
+/// life cut to `index_ms` (below half: its renewal is due) and every window's to
+/// `window_ms`. Returns the request, the window keys and the index's meta key.
+async fn due_for_renewal(
+    h: &Harness,
+    conn: &mut MultiplexedConnection,
+    index_ms: i64,
+    window_ms: i64,
+) -> (AcquireRequest, Vec<String>, String) {
+    let names: Vec<String> = (1..=POOL).map(|i| format!("k-{i}")).collect();
+    let pool: Vec<&str> = names.iter().map(String::as_str).collect();
+    let req = h.request("t-a", 100_000, &[], &pool);
+    for _ in 0..POOL {
+        h.grant(&req).await;
+    }
+    let keys = keys_under(conn, &h.prefix).await;
+    let windows: Vec<String> = keys
+        .iter()
+        .filter(|k| k.contains(":kw:"))
+        .cloned()
+        .collect();
+    assert_eq!(windows.len(), POOL, "every token granted once");
+    let meta = keys
+        .iter()
+        .find(|k| k.contains(":im:"))
+        .expect("index")
+        .clone();
+    let digest = meta.rsplit(":im:").next().expect("digest").to_owned();
+    pexpire(conn, &windows, window_ms).await;
+    pexpire(conn, std::slice::from_ref(&meta), index_ms).await;
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{}:{{{UPSTREAM}}}:fence:epoch", h.prefix))
+        .arg(format!("r:{digest}"))
+        .arg(0)
+        .query_async(conn)
+        .await
+        .expect("HSET");
+    (req, windows, meta)
+}
+
+/// How many of `keys` live at least `ms` more.
+async fn living(conn: &mut MultiplexedConnection, keys: &[String], ms: i64) -> usize {
+    pttls(conn, keys).await.iter().filter(|&&t| t >= ms).count()
+}
+
+async fn sweep_state(conn: &mut MultiplexedConnection, meta: &str) -> Option<String> {
+    redis::cmd("HGET")
+        .arg(meta)
+        .arg("s")
+        .query_async(conn)
+        .await
+        .expect("HGET")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_pool_renews_its_windows_a_page_per_call() {
+    Harness::run(Backend::Redis, |h| async move {
+        let TimeSource::Server(conn) = &h.time else {
+            unreachable!("Redis harness")
+        };
+        let mut conn = conn.clone();
+        let keep = 10 * h.window_ms() + 600_000;
+        let (req, windows, meta) =
+            due_for_renewal(&h, &mut conn, keep / 2 - 10_000, keep / 2).await;
+
+        h.grant(&req).await;
+        assert!(living(&mut conn, std::slice::from_ref(&meta), keep - 60_000).await == 1);
+        let renewed = living(&mut conn, &windows, keep - 60_000).await;
+        assert!(
+            renewed > 0 && renewed < POOL / 2,
+            "one page renewed by the first call, not the pool: {renewed} of {POOL}"
+        );
+        assert!(sweep_state(&mut conn, &meta).await.is_some());
+
+        let mut calls = 1;
+        while sweep_state(&mut conn, &meta).await.is_some() {
+            h.grant(&req).await;
+            calls += 1;
+            assert!(calls <= 40, "the renewal never ended");
+        }
+        assert_eq!(living(&mut conn, &windows, keep - 60_000).await, POOL);
+        assert!(calls >= 3, "spread over {calls} calls");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_begun_late_renews_every_window_at_once() {
+    Harness::run(Backend::Redis, |h| async move {
+        let TimeSource::Server(conn) = &h.time else {
+            unreachable!("Redis harness")
+        };
+        let mut conn = conn.clone();
+        let keep = 10 * h.window_ms() + 600_000;
+        // A window not renewed by this call would end before a lease granted now stops
+        // being counted (TTL + W + 1 s): every window is renewed at once.
+        let late = ms(h.ttl) + h.window_ms() + 500;
+        let (req, windows, meta) = due_for_renewal(&h, &mut conn, late, late + 1_000).await;
+        h.grant(&req).await;
+        assert_eq!(living(&mut conn, &windows, keep - 60_000).await, POOL);
+        assert_eq!(sweep_state(&mut conn, &meta).await, None);
+    })
+    .await;
+}
