@@ -142,10 +142,10 @@ fn no_delay() -> redis::io::tcp::TcpSettings {
 fn classify(e: RedisError) -> CounterError {
     if e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) {
         return unavailable(format!(
-            "{e}. The service's Redis user needs FCALL, EVALSHA, EVAL and TIME on the \
-             keys under its prefix, and FUNCTION LOAD unless the lease library is loaded \
-             for it: `tokenlease redis-functions | redis-cli -x FUNCTION LOAD REPLACE`, \
-             as a user that may, after every upgrade"
+            "{e}. Grant the service's Redis user the scripting commands on the keys \
+             under its prefix (README, \"Running it in production\"), and FUNCTION LOAD \
+             unless the lease library is loaded for it: `tokenlease redis-functions | \
+             redis-cli -x FUNCTION LOAD REPLACE`, as a user that may, after every upgrade"
         ));
     }
     let transient = e.is_io_error()
