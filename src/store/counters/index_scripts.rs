@@ -360,7 +360,9 @@ end
 -- is ten. So do the pool tokens' windows (`ACQUIRE` sets a window's life only when it
 -- held no entry): never shortened, so a lease granted meanwhile is always covered. The
 -- renewal of the index's keys is one call; its tokens' follows in pages (`pi_sweep`),
--- one per call, its place kept in the index's `s` field (`<cursor>:<floor>`); until the
+-- one per call, its place kept in the index's `s` field (`<cursor>:<floor>:<server>`: a
+-- cursor is only good on the Redis process that gave it, so a sweep that finds itself
+-- on another one, the index having moved with its slot, starts over); until the
 -- last page the fence's `r:<digest>` is not set, so every call comes back here.
 local function pi_ensure(argv, first)
   if PI.renew and PI.renew > now then return true end
@@ -374,8 +376,10 @@ local function pi_ensure(argv, first)
     local cursor, floor = nil, nil
     local sweep = redis.call('HGET', PI.meta, 's')
     if sweep then
-      cursor, floor = string.match(sweep, '^(%d+):(%-?%d+)$')
+      local server
+      cursor, floor, server = string.match(sweep, '^(%d+):(%-?%d+):(%x*)$')
       floor = tonumber(floor)
+      if cursor and server ~= PI.server then cursor = '0' end
     end
     if left < PI.keep / 2 then
       for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end
@@ -384,7 +388,7 @@ local function pi_ensure(argv, first)
     end
     if cursor then cursor = pi_sweep(cursor, floor) end
     if cursor then
-      redis.call('HSET', PI.meta, 's', cursor .. ':' .. floor)
+      redis.call('HSET', PI.meta, 's', cursor .. ':' .. floor .. ':' .. (PI.server or ''))
     else
       if sweep then redis.call('HDEL', PI.meta, 's') end
       renew_at(now + left - PI.keep / 2)

@@ -190,7 +190,7 @@ local pace_life = 10 * window + 600000
 if digest ~= '' then
   pi_open(base, digest, window, token_limit, pace)
   PI.asked, PI.next, PI.renew = tonumber(fence[5]) or 0, tonumber(fence[6]) or 0, tonumber(fence[7])
-  PI.ttl = ttl
+  PI.ttl, PI.server = ttl, server
   if not pi_ensure(ARGV, 21 + n_dedicated) then return {-2, now} end
 end
 

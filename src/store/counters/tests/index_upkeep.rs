@@ -212,3 +212,43 @@ async fn a_renewal_begun_late_renews_every_window_at_once() {
     })
     .await;
 }
+
+/// A renewal's place (an HSCAN cursor) is only good on the Redis process that gave it:
+/// when the index moved with its slot to another node mid-renewal, the renewal starts
+/// over there. Here the first page is renewed, then undone, and the place left as if
+/// another process had written it: every window must still be renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_that_moved_to_another_redis_starts_over() {
+    Harness::run(Backend::Redis, |h| async move {
+        let TimeSource::Server(conn) = &h.time else {
+            unreachable!("Redis harness")
+        };
+        let mut conn = conn.clone();
+        let keep = 10 * h.window_ms() + 600_000;
+        let (req, windows, meta) =
+            due_for_renewal(&h, &mut conn, keep / 2 - 10_000, keep / 2).await;
+        h.grant(&req).await;
+        let place = sweep_state(&mut conn, &meta)
+            .await
+            .expect("renewal under way");
+        let (cursor_and_floor, server) = place.rsplit_once(':').expect("<cursor>:<floor>:<server>");
+        assert_eq!(server.len(), 40, "a run id: {place}");
+        pexpire(&mut conn, &windows, keep / 2).await;
+        let _: () = redis::cmd("HSET")
+            .arg(&meta)
+            .arg("s")
+            .arg(format!("{cursor_and_floor}:{}", "0".repeat(40)))
+            .query_async(&mut conn)
+            .await
+            .expect("HSET");
+
+        let mut calls = 0;
+        while sweep_state(&mut conn, &meta).await.is_some() {
+            h.grant(&req).await;
+            calls += 1;
+            assert!(calls <= 40, "the renewal never ended");
+        }
+        assert_eq!(living(&mut conn, &windows, keep - 60_000).await, POOL);
+    })
+    .await;
+}
