@@ -38,10 +38,7 @@ async fn fence_digests(conn: &mut MultiplexedConnection, prefix: &str) -> BTreeS
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn building_an_index_drops_the_fence_fields_of_gone_ones() {
     Harness::run(Backend::Redis, |h| async move {
-        let TimeSource::Server(conn) = &h.time else {
-            unreachable!("Redis harness")
-        };
-        let mut conn = conn.clone();
+        let mut conn = connection(&h);
         // Three configurations of the pool, one after the other: three indexes.
         let pools: [&[&str]; 3] = [&["k-1"], &["k-1", "k-2"], &["k-2"]];
         let mut digests = Vec::new();
@@ -90,6 +87,35 @@ async fn building_an_index_drops_the_fence_fields_of_gone_ones() {
 }
 
 const POOL: usize = 600;
+
+/// The Redis harness's own connection.
+fn connection(h: &Harness) -> MultiplexedConnection {
+    let TimeSource::Server(conn) = &h.time else {
+        unreachable!("Redis harness")
+    };
+    conn.clone()
+}
+
+/// A pool index's life (`PI.keep`).
+fn index_life(h: &Harness) -> i64 {
+    10 * h.window_ms() + 600_000
+}
+
+/// Grants until the renewal under way has ended; the calls it took.
+async fn renew_to_the_end(
+    h: &Harness,
+    conn: &mut MultiplexedConnection,
+    req: &AcquireRequest,
+    meta: &str,
+) -> usize {
+    let mut calls = 0;
+    while sweep_state(conn, meta).await.is_some() {
+        h.grant(req).await;
+        calls += 1;
+        assert!(calls <= 40, "the renewal never ended");
+    }
+    calls
+}
 
 /// The PTTL of each key.
 async fn pttls(conn: &mut MultiplexedConnection, keys: &[String]) -> Vec<i64> {
@@ -165,11 +191,8 @@ async fn sweep_state(conn: &mut MultiplexedConnection, meta: &str) -> Option<Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_pool_renews_its_windows_a_page_per_call() {
     Harness::run(Backend::Redis, |h| async move {
-        let TimeSource::Server(conn) = &h.time else {
-            unreachable!("Redis harness")
-        };
-        let mut conn = conn.clone();
-        let keep = 10 * h.window_ms() + 600_000;
+        let mut conn = connection(&h);
+        let keep = index_life(&h);
         let (req, windows, meta) =
             due_for_renewal(&h, &mut conn, keep / 2 - 10_000, keep / 2).await;
 
@@ -182,12 +205,7 @@ async fn a_large_pool_renews_its_windows_a_page_per_call() {
         );
         assert!(sweep_state(&mut conn, &meta).await.is_some());
 
-        let mut calls = 1;
-        while sweep_state(&mut conn, &meta).await.is_some() {
-            h.grant(&req).await;
-            calls += 1;
-            assert!(calls <= 40, "the renewal never ended");
-        }
+        let calls = 1 + renew_to_the_end(&h, &mut conn, &req, &meta).await;
         assert_eq!(living(&mut conn, &windows, keep - 60_000).await, POOL);
         assert!(calls >= 3, "spread over {calls} calls");
     })
@@ -197,11 +215,8 @@ async fn a_large_pool_renews_its_windows_a_page_per_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_begun_late_renews_every_window_at_once() {
     Harness::run(Backend::Redis, |h| async move {
-        let TimeSource::Server(conn) = &h.time else {
-            unreachable!("Redis harness")
-        };
-        let mut conn = conn.clone();
-        let keep = 10 * h.window_ms() + 600_000;
+        let mut conn = connection(&h);
+        let keep = index_life(&h);
         // A window not renewed by this call would end before a lease granted now stops
         // being counted (TTL + W + 1 s): every window is renewed at once.
         let late = ms(h.ttl) + h.window_ms() + 500;
@@ -220,11 +235,8 @@ async fn a_renewal_begun_late_renews_every_window_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_that_moved_to_another_redis_starts_over() {
     Harness::run(Backend::Redis, |h| async move {
-        let TimeSource::Server(conn) = &h.time else {
-            unreachable!("Redis harness")
-        };
-        let mut conn = conn.clone();
-        let keep = 10 * h.window_ms() + 600_000;
+        let mut conn = connection(&h);
+        let keep = index_life(&h);
         let (req, windows, meta) =
             due_for_renewal(&h, &mut conn, keep / 2 - 10_000, keep / 2).await;
         h.grant(&req).await;
@@ -242,12 +254,7 @@ async fn a_renewal_that_moved_to_another_redis_starts_over() {
             .await
             .expect("HSET");
 
-        let mut calls = 0;
-        while sweep_state(&mut conn, &meta).await.is_some() {
-            h.grant(&req).await;
-            calls += 1;
-            assert!(calls <= 40, "the renewal never ended");
-        }
+        renew_to_the_end(&h, &mut conn, &req, &meta).await;
         assert_eq!(living(&mut conn, &windows, keep - 60_000).await, POOL);
     })
     .await;
