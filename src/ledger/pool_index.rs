@@ -31,7 +31,7 @@ pub fn pool_digest(req: &AcquireRequest) -> String {
         None => list_digest(&req.pooled),
     };
     format!(
-        "{list}-{}-{}-{}-i3",
+        "{list}-{}-{}-{}-i4",
         req.window.as_millis(),
         req.token_limit,
         req.pace_burst

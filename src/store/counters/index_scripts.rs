@@ -55,9 +55,10 @@
 //! which saves a command per grant. So do the pool tokens' pacing schedules, which are
 //! fields of their health records (`set_schedule`). The digest's suffix marks the
 //! scheme: `-i2` when windows took the index's life, `-i3` when the schedules moved
-//! from one hash per upstream into the health records. An index of an earlier scheme
-//! is not reused, and building the new one gives every window and schedule the
-//! index's life.
+//! from one hash per upstream into the health records, `-i4` when the renewal of the
+//! tokens went into pages (`pi_sweep`: a replica of an earlier release would set
+//! `r:<digest>` mid-renewal and stop it). An index of an earlier scheme is not reused,
+//! and building the new one gives every window and schedule the index's life.
 //!
 //! A token out of *ready* because its window is full or its health refuses a lease has
 //! its health record name the index (`x:<digest>` → position), and only such a token:
@@ -335,9 +336,10 @@ end
 -- `cursor` on, a page at a time: one page, and the cursor to go on from, or every page
 -- left (nil) when a lease granted now could outlive a window not renewed yet. Those
 -- are known to live until `floor` (the index's end when the renewal began), and a grant
--- needs its window for its TTL + W (`ACQUIRE`). A page is every token of a pool of up
--- to 512 (a hash that small is scanned whole), about 64 of a larger one: the call that
--- renews costs the same whatever the pool's size.
+-- needs its window for its TTL + W (`ACQUIRE`). A page is about 64 tokens, or every
+-- token of a pool no larger than the server's `hash-max-listpack-entries` (128 by
+-- default, 512 in the shipped redis.conf: a hash that small is scanned whole), so the
+-- call that renews costs no more with a larger pool.
 local function pi_sweep(cursor, floor)
   local all = now + (PI.ttl or PI.keep) + PI.w + 1000 >= floor
   repeat
@@ -379,7 +381,9 @@ local function pi_ensure(argv, first)
       local server
       cursor, floor, server = string.match(sweep, '^(%d+):(%-?%d+):(%x*)$')
       floor = tonumber(floor)
-      if cursor and server ~= PI.server then cursor = '0' end
+      -- An unreadable place: every token now.
+      if not cursor then cursor, floor = '0', now end
+      if server ~= PI.server then cursor = '0' end
     end
     if left < PI.keep / 2 then
       for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end

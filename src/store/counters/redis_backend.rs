@@ -137,15 +137,20 @@ fn no_delay() -> redis::io::tcp::TcpSettings {
 /// callers answer UNAVAILABLE with a retry-after; only what retrying cannot change (a
 /// script error, an unexpected reply) is `Internal`.
 ///
-/// A command or key the service's Redis user may not use (NOPERM) is `Unavailable`
-/// too, with what to grant: the operator can mend the ACL while the service runs.
+/// A command or key the service's Redis user may not use is `Unavailable` too (NOPERM
+/// when Redis refuses the call itself, an ERR naming "the user executing the script"
+/// when it refuses a command or key inside a function), with what to grant: the
+/// operator can mend the ACL while the service runs.
 fn classify(e: RedisError) -> CounterError {
-    if e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) {
+    let refused = e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm)
+        || server_says(&e, "The user executing the script");
+    if refused {
         return unavailable(format!(
-            "{e}. Grant the service's Redis user the scripting commands on the keys \
-             under its prefix (README, \"Running it in production\"), and FUNCTION LOAD \
-             unless the lease library is loaded for it: `tokenlease redis-functions | \
-             redis-cli -x FUNCTION LOAD REPLACE`, as a user that may, after every upgrade"
+            "{e}. Redis refused the service's user a command or key (`ACL LOG` on the \
+             server names it): grant what the README lists (\"Running it in \
+             production\"), and FUNCTION LOAD unless the lease library is loaded for it: \
+             `tokenlease redis-functions | redis-cli -x FUNCTION LOAD REPLACE`, as a user \
+             that may, after every upgrade"
         ));
     }
     let transient = e.is_io_error()

@@ -475,12 +475,15 @@ end
 -- leave alone. The tenant's is kept once a bucket (above), unless it held none.
 if tenant_used == 0 then redis.call('PEXPIRE', KEYS[1], tenant_keep) end
 -- A pool token's window lives as long as its pool's index, which renews both
--- (`pi_ensure`), so only a window that held no entry needs its life set here.
+-- (`pi_ensure`), so only a window that held no entry needs its life set here; never
+-- below the index's, which a later grant with a shorter TTL relies on.
 local keep = ttl + window + 1000
 if pool_pos and keep <= PI.keep / 2 then
   if best_used == 0 then redis.call('PEXPIRE', token_key, PI.keep) end
 elseif best_used > 0 then
   redis.call('PEXPIRE', token_key, keep, 'GT')
+elseif pool_pos then
+  redis.call('PEXPIRE', token_key, math.max(keep, PI.keep))
 else
   redis.call('PEXPIRE', token_key, keep)
 end

@@ -96,9 +96,13 @@ fn connection(h: &Harness) -> MultiplexedConnection {
     conn.clone()
 }
 
-/// A pool index's life (`PI.keep`).
-fn index_life(h: &Harness) -> i64 {
-    10 * h.window_ms() + 600_000
+/// The window of the renewal tests: long enough that no entry leaves it while they
+/// run on a slow machine (600 grants and their checks).
+const WINDOW: Duration = Duration::from_secs(60);
+
+/// A pool index's life (`PI.keep`) with `window`.
+fn index_life(window: Duration) -> i64 {
+    10 * ms(window) + 600_000
 }
 
 /// Grants until the renewal under way has ended; the calls it took.
@@ -145,7 +149,10 @@ async fn due_for_renewal(
 ) -> (AcquireRequest, Vec<String>, String) {
     let names: Vec<String> = (1..=POOL).map(|i| format!("k-{i}")).collect();
     let pool: Vec<&str> = names.iter().map(String::as_str).collect();
-    let req = h.request("t-a", 100_000, &[], &pool);
+    let req = AcquireRequest {
+        window: WINDOW,
+        ..h.request("t-a", 100_000, &[], &pool)
+    };
     for _ in 0..POOL {
         h.grant(&req).await;
     }
@@ -192,7 +199,7 @@ async fn sweep_state(conn: &mut MultiplexedConnection, meta: &str) -> Option<Str
 async fn a_large_pool_renews_its_windows_a_page_per_call() {
     Harness::run(Backend::Redis, |h| async move {
         let mut conn = connection(&h);
-        let keep = index_life(&h);
+        let keep = index_life(WINDOW);
         let (req, windows, meta) =
             due_for_renewal(&h, &mut conn, keep / 2 - 10_000, keep / 2).await;
 
@@ -216,10 +223,10 @@ async fn a_large_pool_renews_its_windows_a_page_per_call() {
 async fn a_renewal_begun_late_renews_every_window_at_once() {
     Harness::run(Backend::Redis, |h| async move {
         let mut conn = connection(&h);
-        let keep = index_life(&h);
+        let keep = index_life(WINDOW);
         // A window not renewed by this call would end before a lease granted now stops
         // being counted (TTL + W + 1 s): every window is renewed at once.
-        let late = ms(h.ttl) + h.window_ms() + 500;
+        let late = ms(h.ttl) + ms(WINDOW) + 500;
         let (req, windows, meta) = due_for_renewal(&h, &mut conn, late, late + 1_000).await;
         h.grant(&req).await;
         assert_eq!(living(&mut conn, &windows, keep - 60_000).await, POOL);
@@ -236,7 +243,7 @@ async fn a_renewal_begun_late_renews_every_window_at_once() {
 async fn a_renewal_that_moved_to_another_redis_starts_over() {
     Harness::run(Backend::Redis, |h| async move {
         let mut conn = connection(&h);
-        let keep = index_life(&h);
+        let keep = index_life(WINDOW);
         let (req, windows, meta) =
             due_for_renewal(&h, &mut conn, keep / 2 - 10_000, keep / 2).await;
         h.grant(&req).await;
@@ -256,6 +263,33 @@ async fn a_renewal_that_moved_to_another_redis_starts_over() {
 
         renew_to_the_end(&h, &mut conn, &req, &meta).await;
         assert_eq!(living(&mut conn, &windows, keep - 60_000).await, POOL);
+    })
+    .await;
+}
+
+/// A lease whose TTL + W is over half the index's life renews its own window; on an
+/// empty pool window it sets the window's life, never below the index's: a later grant
+/// with a shorter TTL (another replica's setting) counts on the index's life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_lease_leaves_a_pool_window_at_least_the_index_life() {
+    Harness::run(Backend::Redis, |h| async move {
+        let mut conn = connection(&h);
+        let keep = index_life(h.window);
+        let req = AcquireRequest {
+            lease_ttl: Duration::from_millis(keep as u64 / 2 + 60_000),
+            ..h.request("t-a", 100, &[], &["k-1"])
+        };
+        h.grant(&req).await;
+        let window = keys_under(&mut conn, &h.prefix)
+            .await
+            .into_iter()
+            .find(|k| k.ends_with(":kw:k-1"))
+            .expect("k-1's window");
+        let life = pttls(&mut conn, std::slice::from_ref(&window)).await[0];
+        assert!(
+            life > keep - 60_000,
+            "window life {life} ms, the index's {keep} ms"
+        );
     })
     .await;
 }

@@ -18,29 +18,42 @@ async fn as_admin(server: &Throwaway, cmd: &redis::Cmd) {
         .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
 }
 
-/// A user `leaser` with every permission but the `denied` command, and counters that
-/// connect as it.
-async fn restricted(server: &Throwaway, denied: &str) -> RedisCounters {
+/// Counters that connect as a user `leaser` with the ACL `rules` (`{prefix}` in a rule
+/// is the counters' key prefix).
+async fn as_user(server: &Throwaway, rules: &[&str]) -> RedisCounters {
+    let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
     let mut acl = redis::cmd("ACL");
     acl.arg("SETUSER")
         .arg("leaser")
-        .arg(&["reset", "on", ">secret", "~*", "&*", "+@all"][..])
-        .arg(format!("-{denied}"));
+        .arg(&["reset", "on", ">secret", "&*"][..]);
+    for rule in rules {
+        acl.arg(rule.replace("{prefix}", &prefix));
+    }
     as_admin(server, &acl).await;
     let url = server.url().replace("redis://", "redis://leaser:secret@");
-    let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
-    let counters = counters_with(&url, &prefix, false).await;
-    counters
-        .mark_fresh(Space::upstream(&id(UPSTREAM)))
+    counters_with(&url, &prefix, false).await
+}
+
+async fn mark_fresh(counters: &RedisCounters) -> Result<(), CounterError> {
+    counters.mark_fresh(Space::upstream(&id(UPSTREAM))).await
+}
+
+/// A user with every permission but the `denied` command, the upstream marked fresh.
+async fn restricted(server: &Throwaway, denied: &str) -> RedisCounters {
+    let counters = as_user(server, &["~*", "+@all", &format!("-{denied}")]).await;
+    mark_fresh(&counters)
         .await
         .expect("the fence is written by a plain script, which the user may run");
     counters
 }
 
-fn assert_told_to_grant(answer: Result<AcquireOutcome, CounterError>, denied: &str) {
+fn assert_told_to_grant<T: std::fmt::Debug>(answer: Result<T, CounterError>, denied: &str) {
     match answer {
         Err(CounterError::Unavailable(why)) => {
-            assert!(why.contains(denied), "names what was refused: {why}");
+            assert!(
+                why.contains(denied) || why.contains("ACL LOG"),
+                "names what was refused, or where to read it: {why}"
+            );
             assert!(
                 why.contains("tokenlease redis-functions | redis-cli -x FUNCTION LOAD REPLACE"),
                 "says how to load the library: {why}"
@@ -74,4 +87,49 @@ async fn a_user_that_may_not_call_functions_is_told_what_to_grant() {
     let server = Throwaway::start(free_port()).await;
     let counters = restricted(&server, "fcall").await;
     assert_told_to_grant(counters.acquire(&request()).await, "fcall");
+}
+
+/// A command refused inside a script or function (INFO, which the fence's scripts run
+/// to know the Redis process) comes back as an error of the script, not NOPERM: still
+/// told what to do.
+#[tokio::test]
+async fn a_command_refused_inside_a_script_is_told_what_to_grant() {
+    let server = Throwaway::start(free_port()).await;
+    let counters = as_user(&server, &["~*", "+@all", "-info"]).await;
+    assert_told_to_grant(mark_fresh(&counters).await, "ACL LOG");
+    assert_told_to_grant(counters.acquire(&request()).await, "ACL LOG");
+}
+
+/// What the README lists for the service's Redis user is enough to lease: its keys
+/// only, the scripting commands, what the functions run.
+#[tokio::test]
+async fn the_permissions_the_readme_lists_are_enough_to_lease() {
+    let server = Throwaway::start(free_port()).await;
+    let rules = [
+        "~{prefix}:*",
+        "+@scripting",
+        "+@read",
+        "+@write",
+        "+time",
+        "+info",
+        "+@connection",
+    ];
+    let counters = as_user(&server, &rules).await;
+    mark_fresh(&counters).await.expect("mark fresh");
+    let req = request();
+    let Ok(AcquireOutcome::Granted(grant)) = counters.acquire(&req).await else {
+        panic!("granted with the README's permissions");
+    };
+    let key = LeaseKey {
+        upstream_id: req.upstream_id.clone(),
+        pool_id: None,
+        tenant_id: req.tenant_id.clone(),
+        token_id: grant.token_id.clone(),
+        nonce: req.nonce.clone(),
+    };
+    let released = counters.release(&key, ReleaseOutcome::Success).await;
+    assert!(
+        matches!(released, Ok(ReleaseResult::Released)),
+        "{released:?}"
+    );
 }
