@@ -195,6 +195,27 @@ async fn sweep_state(conn: &mut MultiplexedConnection, meta: &str) -> Option<Str
         .expect("HGET")
 }
 
+/// A renewal's place: its cursor, its floor and the Redis process it names.
+async fn place(conn: &mut MultiplexedConnection, meta: &str) -> (String, i64, String) {
+    let state = sweep_state(conn, meta).await.expect("renewal under way");
+    let mut parts = state.split(':');
+    let (cursor, floor, server) = (parts.next(), parts.next(), parts.next());
+    match (cursor, floor.and_then(|f| f.parse().ok()), server) {
+        (Some(cursor), Some(floor), Some(server)) => (cursor.to_owned(), floor, server.to_owned()),
+        _ => panic!("not <cursor>:<floor>:<server>: {state}"),
+    }
+}
+
+async fn set_place(conn: &mut MultiplexedConnection, meta: &str, place: String) {
+    let _: () = redis::cmd("HSET")
+        .arg(meta)
+        .arg("s")
+        .arg(place)
+        .query_async(conn)
+        .await
+        .expect("HSET");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_pool_renews_its_windows_a_page_per_call() {
     Harness::run(Backend::Redis, |h| async move {
@@ -290,6 +311,48 @@ async fn a_long_lease_leaves_a_pool_window_at_least_the_index_life() {
             life > keep - 60_000,
             "window life {life} ms, the index's {keep} ms"
         );
+    })
+    .await;
+}
+
+/// Partway through a renewal, a call that finds the windows not yet renewed too close
+/// to their end for a lease granted now (its floor) renews every one left at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_under_way_ends_at_once_when_its_floor_comes_near() {
+    Harness::run(Backend::Redis, |h| async move {
+        let mut conn = connection(&h);
+        let keep = index_life(WINDOW);
+        let (req, windows, meta) =
+            due_for_renewal(&h, &mut conn, keep / 2 - 10_000, keep / 2).await;
+        h.grant(&req).await;
+        let (cursor, _, server) = place(&mut conn, &meta).await;
+        // The windows not renewed yet end, say, TTL + W from now.
+        let near = h.now_ms().await + ms(h.ttl) + ms(WINDOW);
+        set_place(&mut conn, &meta, format!("{cursor}:{near}:{server}")).await;
+        h.grant(&req).await;
+        assert_eq!(sweep_state(&mut conn, &meta).await, None);
+        assert_eq!(living(&mut conn, &windows, keep - 60_000).await, POOL);
+    })
+    .await;
+}
+
+/// A renewal that falls due again before the last one ended starts over, and keeps the
+/// earlier floor: the windows it has not reached yet still end by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_due_again_midway_keeps_the_earlier_floor() {
+    Harness::run(Backend::Redis, |h| async move {
+        let mut conn = connection(&h);
+        let keep = index_life(WINDOW);
+        // Windows known to live 100 s: time enough to page (a grant needs TTL + W).
+        let (req, windows, meta) = due_for_renewal(&h, &mut conn, 100_000, 100_000).await;
+        h.grant(&req).await;
+        let (_, floor, _) = place(&mut conn, &meta).await;
+        pexpire(&mut conn, std::slice::from_ref(&meta), keep / 2 - 10_000).await;
+        h.grant(&req).await;
+        let (_, again, _) = place(&mut conn, &meta).await;
+        assert_eq!(again, floor, "the floor of the renewal that began first");
+        renew_to_the_end(&h, &mut conn, &req, &meta).await;
+        assert_eq!(living(&mut conn, &windows, keep - 60_000).await, POOL);
     })
     .await;
 }
