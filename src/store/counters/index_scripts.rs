@@ -353,6 +353,47 @@ local function pi_sweep(cursor, floor)
   if cursor ~= '0' then return cursor end
 end
 
+-- Gives the index's keys its whole life again.
+local function pi_renew_keys()
+  for _, k in ipairs({PI.ready, PI.wait, PI.pos, PI.meta, PI.out}) do
+    redis.call('PEXPIRE', k, PI.keep)
+  end
+end
+
+-- Sets the fence's `r:<digest>`: until `at`, the index is known to live.
+local function pi_renew_at(at)
+  PI.renew = at
+  redis.call('HSET', PI.fence, PI.renew_field, at)
+end
+
+-- The renewal of a live index with `left` ms of life (see `pi_ensure`): its keys when
+-- less than half is left, then the next page of its tokens' (`pi_sweep`), resumed from
+-- the index's `s` field; `r:<digest>` once the last page is done.
+local function pi_renew(left)
+  local cursor, floor = nil, nil
+  local sweep = redis.call('HGET', PI.meta, 's')
+  if sweep then
+    local server
+    cursor, floor, server = string.match(sweep, '^(%d+):(%-?%d+):(%x*)$')
+    floor = tonumber(floor)
+    -- An unreadable place: every token now.
+    if not cursor then cursor, floor = '0', now end
+    if server ~= PI.server then cursor = '0' end
+  end
+  if left < PI.keep / 2 then
+    pi_renew_keys()
+    cursor, floor = '0', math.min(floor or math.huge, now + left)
+    left = PI.keep
+  end
+  if cursor then cursor = pi_sweep(cursor, floor) end
+  if cursor then
+    redis.call('HSET', PI.meta, 's', cursor .. ':' .. floor .. ':' .. (PI.server or ''))
+  else
+    if sweep then redis.call('HDEL', PI.meta, 's') end
+    pi_renew_at(now + left - PI.keep / 2)
+  end
+end
+
 -- Makes sure the index exists: builds it from argv[first..] (the pool's token ids, in
 -- order) when it does not; false when it does not and the ids were not sent. Before
 -- `PI.renew` (the fence's `r:<digest>`, read by the caller) the index is known to live.
@@ -369,34 +410,8 @@ end
 local function pi_ensure(argv, first)
   if PI.renew and PI.renew > now then return true end
   local left = redis.call('PTTL', PI.meta)
-  local keys = {PI.ready, PI.wait, PI.pos, PI.meta, PI.out}
-  local function renew_at(at)
-    PI.renew = at
-    redis.call('HSET', PI.fence, PI.renew_field, at)
-  end
   if left >= 0 then
-    local cursor, floor = nil, nil
-    local sweep = redis.call('HGET', PI.meta, 's')
-    if sweep then
-      local server
-      cursor, floor, server = string.match(sweep, '^(%d+):(%-?%d+):(%x*)$')
-      floor = tonumber(floor)
-      -- An unreadable place: every token now.
-      if not cursor then cursor, floor = '0', now end
-      if server ~= PI.server then cursor = '0' end
-    end
-    if left < PI.keep / 2 then
-      for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end
-      cursor, floor = '0', math.min(floor or math.huge, now + left)
-      left = PI.keep
-    end
-    if cursor then cursor = pi_sweep(cursor, floor) end
-    if cursor then
-      redis.call('HSET', PI.meta, 's', cursor .. ':' .. floor .. ':' .. (PI.server or ''))
-    else
-      if sweep then redis.call('HDEL', PI.meta, 's') end
-      renew_at(now + left - PI.keep / 2)
-    end
+    pi_renew(left)
     return true
   end
   if #argv < first then return false end
@@ -412,9 +427,9 @@ local function pi_ensure(argv, first)
     redis.call('HSET', PI.pos, argv[i], i - first + 1)
     pi_refresh(argv[i], i - first + 1)
   end
-  for _, k in ipairs(keys) do redis.call('PEXPIRE', k, PI.keep) end
+  pi_renew_keys()
   pi_sweep('0', now)
-  renew_at(now + PI.keep / 2)
+  pi_renew_at(now + PI.keep / 2)
   return true
 end
 

@@ -268,19 +268,11 @@ async fn a_renewal_that_moved_to_another_redis_starts_over() {
         let (req, windows, meta) =
             due_for_renewal(&h, &mut conn, keep / 2 - 10_000, keep / 2).await;
         h.grant(&req).await;
-        let place = sweep_state(&mut conn, &meta)
-            .await
-            .expect("renewal under way");
-        let (cursor_and_floor, server) = place.rsplit_once(':').expect("<cursor>:<floor>:<server>");
-        assert_eq!(server.len(), 40, "a run id: {place}");
+        let (cursor, floor, server) = place(&mut conn, &meta).await;
+        assert_eq!(server.len(), 40, "a run id: {server}");
         pexpire(&mut conn, &windows, keep / 2).await;
-        let _: () = redis::cmd("HSET")
-            .arg(&meta)
-            .arg("s")
-            .arg(format!("{cursor_and_floor}:{}", "0".repeat(40)))
-            .query_async(&mut conn)
-            .await
-            .expect("HSET");
+        let other = "0".repeat(40);
+        set_place(&mut conn, &meta, format!("{cursor}:{floor}:{other}")).await;
 
         renew_to_the_end(&h, &mut conn, &req, &meta).await;
         assert_eq!(living(&mut conn, &windows, keep - 60_000).await, POOL);
