@@ -151,6 +151,24 @@ impl Ledger {
         name
     }
 
+    /// The windows and pool indexes, sorted, as the differential test prints them
+    /// beside Redis's keys when the two disagree.
+    #[cfg(test)]
+    pub fn dump(&self) -> String {
+        let mut out: Vec<String> = self
+            .windows
+            .iter()
+            .map(|(key, w)| format!("{key}: {}", w.dump()))
+            .chain(
+                self.indexes
+                    .iter()
+                    .map(|(key, i)| format!("{key}: {}", i.dump())),
+            )
+            .collect();
+        out.sort();
+        out.join("\n")
+    }
+
     fn window(&mut self, key: String) -> &mut Window {
         self.windows.entry(key).or_default()
     }

@@ -106,6 +106,19 @@ pub(super) struct PoolIndex {
 }
 
 impl PoolIndex {
+    /// Its sets, as the differential test prints them beside Redis's keys.
+    #[cfg(test)]
+    pub(super) fn dump(&self) -> String {
+        let set = |s: &Scored| format!("{:?}", s.by_score);
+        format!(
+            "ready {} wait {} out {} named {:?}",
+            set(&self.ready),
+            set(&self.wait),
+            set(&self.out),
+            self.named
+        )
+    }
+
     fn keep(&self) -> i64 {
         10 * self.w + 600_000
     }

@@ -72,6 +72,12 @@ impl Window {
         }
     }
 
+    /// The entries' ends, earliest first (the differential test's failure report).
+    #[cfg(test)]
+    pub fn dump(&self) -> String {
+        format!("{:?}", self.by_end.iter().map(|e| e.0).collect::<Vec<_>>())
+    }
+
     pub fn len(&self) -> u32 {
         self.by_end.len() as u32
     }

@@ -151,7 +151,7 @@ local function record(index, key, marker, nonce, outcome, p, row)
   local relevant = outcome == 'upstream_rate_limited' or is_probe
     or (s.b == ACTIVE and (outcome == 'upstream_error' or (outcome == 'success' and s.f > 0)))
   local applied = 0
-  if relevant and redis.call('SET', marker, '1', 'NX', 'PX', tonumber(p[8])) then
+  if relevant and redis.call('SET', marker, '1', 'NX', 'PXAT', now + tonumber(p[8])) then
     applied, dirty = 1, true
     local open_until = now + tonumber(p[2])
     if is_probe then s.pn, s.pe = '', 0 end

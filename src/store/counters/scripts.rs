@@ -266,7 +266,9 @@ local function deny(reason, at, eligible, over_quota)
     redis.call('ZADD', KEYS[4], rank, nonce)
     redis.call('ZADD', KEYS[5], now + wait_ms, nonce)
     redis.call('HSET', KEYS[6], nonce, eligible)
-    for i = 4, 6 do redis.call('PEXPIRE', KEYS[i], wait_ms + window) end
+    -- The three end together, on the scripts' clock (an expiry relative to the
+    -- command's own instant could end them a millisecond apart).
+    for i = 4, 6 do redis.call('PEXPIREAT', KEYS[i], now + wait_ms + window) end
     if now + wait_ms > (tonumber(fence[4]) or 0) then
       redis.call('HSET', KEYS[#KEYS], waits_field, now + wait_ms)
     end
@@ -494,11 +496,12 @@ if pace > 0 then
   -- A pool token's is written with its place in the index (`pi_granted`).
   if not pool_pos then set_schedule(health_key(best_token), tat, pace_life) end
 end
--- A release is accepted as long as the lease's slots are counted (see RELEASE).
+-- A release is accepted as long as the lease's slots are counted (see RELEASE): the
+-- record ends then, on the scripts' clock (a released one is judged by its end).
 local ix, ip = '', ''
 if pool_pos then ix, ip = digest, pool_pos end
 redis.call('SET', KEYS[2], table.concat({ARGV[7], best_token, cost, expires, step, window, ix, ip}, '|'),
-  'PX', ttl + window)
+  'PXAT', expires + window)
 if pool_pos then
   pi_granted(best_token, pool_pos, best_used + cost, best_used == 0, expires, verdict == 2, tat)
 end
@@ -624,9 +627,17 @@ end
 -- A release is accepted while the lease's slots are counted (expiry + W); one after
 -- the expiry (`late`) records the outcome only: its call may have run until then.
 local late = lease[4] and tonumber(lease[4]) < now
+-- A released record keeps no expiry of its own: its key's is the lease's + W (set by
+-- ACQUIRE on the scripts' clock), read here since Redis may keep a key a millisecond
+-- past it.
+local function past_end()
+  if tonumber(lease[4]) + tonumber(lease[9] or 0) < now then return true end
+  if not lease[5] then return false end
+  local ends = redis.call('PEXPIRETIME', KEYS[1])
+  return ends >= 0 and ends < now
+end
 local function released()
-  if not lease[1] or lease[1] ~= ARGV[2] or lease[2] ~= ARGV[3]
-    or tonumber(lease[4]) + tonumber(lease[9] or 0) < now then
+  if not lease[1] or lease[1] ~= ARGV[2] or lease[2] ~= ARGV[3] or past_end() then
     restore()
     return 4
   end

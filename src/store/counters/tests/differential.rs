@@ -79,13 +79,15 @@ impl Run {
     }
 
     async fn fail(&self, what: &str) -> ! {
-        let tail = self.log.len().saturating_sub(40);
+        let tail = self.log.len().saturating_sub(120);
         panic!(
             "Redis and the ledger disagree: {what}\n--- {} (TOKENLEASE_DIFF_SEED replays the \
-             operations, not their timing); the last operations:\n{}\n--- Redis:\n{}",
+             operations, not their timing); the last operations:\n{}\n--- Redis:\n{}\n\
+             --- the ledger:\n{}",
             self.log[0],
             self.log[tail.max(1)..].join("\n"),
-            self.dump().await
+            self.dump().await,
+            self.ledger.dump()
         );
     }
 
@@ -365,4 +367,88 @@ async fn redis_and_the_ledger_agree_on_a_large_pool_with_fractional_pacing() {
         ops: 400,
     })
     .await;
+}
+
+/// The keys whose life the ledger reads as a rule end at an instant of the scripts'
+/// clock, not `PEXPIRE`'s: a lease record when releases stop being accepted (its
+/// expiry + W), a wait queue's three keys together, W after its last waiter's wait.
+/// A relative expiry is counted from the instant the command runs, which may be a
+/// millisecond past the script's `TIME`; a repeated release in that millisecond was
+/// answered by Redis and not by the ledger (seed 9259244318139276052), and a queue
+/// whose keys ended a millisecond apart could keep a waiter the ledger had dropped.
+#[tokio::test]
+async fn key_lives_end_on_the_scripts_clock() {
+    let url = redis_url();
+    let mut conn = admin_connection(&url).await;
+    let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
+    let shape = Shape {
+        tenants: 4,
+        pool: 3,
+        token_limit: 3,
+        pace_burst: 0,
+        queued: true,
+        ops: 0,
+    };
+    let mut run = Run::new(&url, &prefix, shape, 7).await;
+    let result = AssertUnwindSafe(ends_on_the_scripts_clock(&mut run, &mut conn))
+        .catch_unwind()
+        .await;
+    delete_keys(&mut conn, &prefix).await;
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// `key_lives_end_on_the_scripts_clock`'s 400 calls.
+async fn ends_on_the_scripts_clock(run: &mut Run, conn: &mut MultiplexedConnection) {
+    let prefix = run.prefix.clone();
+    let key = |what: &str| format!("{prefix}:{{{UPSTREAM}}}:{what}");
+    let expiry = |conn: &mut MultiplexedConnection, key: String| {
+        let mut conn = conn.clone();
+        async move {
+            let at: i64 = redis::cmd("PEXPIRETIME")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            at
+        }
+    };
+    let window = WINDOW_MS as i64;
+    let (mut granted, mut queued) = (0, 0);
+    for i in 0..400 {
+        let mut req = run.request(i % run.shape.tenants);
+        if let Some(q) = req.queue.as_mut() {
+            q.wait_ms = 300;
+        }
+        match run.redis.acquire(&req).await.expect("Redis answered") {
+            AcquireOutcome::Granted(g) => {
+                granted += 1;
+                let at = expiry(conn, key(&format!("lease:{}", req.nonce))).await;
+                assert_eq!(at, g.expires_at_ms + window, "lease record of grant {i}");
+                // Given back, so that the pool keeps granting.
+                let lease = LeaseKey {
+                    upstream_id: req.upstream_id.clone(),
+                    pool_id: None,
+                    tenant_id: req.tenant_id.clone(),
+                    token_id: g.token_id,
+                    nonce: req.nonce.clone(),
+                };
+                let released = run.redis.release(&lease, ReleaseOutcome::NotUsed).await;
+                assert_eq!(released.unwrap(), ReleaseResult::Released, "grant {i}");
+            }
+            AcquireOutcome::Denied(d) => {
+                queued += 1;
+                for what in ["wq", "wqe", "wqi"] {
+                    let at = expiry(conn, key(&format!("{what}:pool"))).await;
+                    assert_eq!(at, d.now_ms + 300 + window, "{what} after denial {i}");
+                }
+            }
+            AcquireOutcome::Unhealthy(_) => {}
+        }
+    }
+    assert!(
+        granted > 50 && queued > 50,
+        "{granted} grants, {queued} denials"
+    );
 }
