@@ -169,6 +169,30 @@ impl Ledger {
         out.join("\n")
     }
 
+    /// The ends of the entries at or after `horizon` in the window of a tenant or a
+    /// token (`kind` `tw` or `kw`), earliest first (the differential test).
+    #[cfg(test)]
+    pub fn window_ends(&self, upstream: &Id, kind: &str, id: &Id, horizon: i64) -> Vec<i64> {
+        let key = match kind {
+            "tw" => tenant_key(upstream, id),
+            _ => token_key(upstream, id),
+        };
+        self.windows
+            .get(&key)
+            .map_or_else(Vec::new, |w| w.ends_from(horizon))
+    }
+
+    /// The sets of the upstream's pool index (`ready`, `wait`, `out`), when it has one
+    /// (the differential test).
+    #[cfg(test)]
+    pub fn index_sets(&self, upstream: &Id) -> Option<[Vec<(i64, String)>; 3]> {
+        let prefix = format!("{upstream}/");
+        self.indexes
+            .iter()
+            .find(|(key, _)| key.starts_with(&prefix))
+            .map(|(_, index)| index.sets())
+    }
+
     fn window(&mut self, key: String) -> &mut Window {
         self.windows.entry(key).or_default()
     }
@@ -216,7 +240,7 @@ impl Ledger {
     /// slot: the call may have run until the expiry (a slow call started at the last
     /// instant). Later, the lease is unknown.
     pub fn release(&mut self, key: &LeaseKey, outcome: ReleaseOutcome, now: i64) -> ReleaseResult {
-        let (result, pool) = self.release_slots(key, outcome, now);
+        let (result, pool) = self.release_slots(key, outcome, false, now);
         self.reindex(
             key,
             outcome,
@@ -236,7 +260,7 @@ impl Ledger {
         now: i64,
     ) -> (ReleaseResult, Option<Recorded>) {
         let key = &report.key;
-        let (result, pool) = self.release_slots(key, report.outcome, now);
+        let (result, pool) = self.release_slots(key, report.outcome, true, now);
         let fed = matches!(
             result,
             ReleaseResult::Released | ReleaseResult::AlreadyReleased
@@ -249,11 +273,15 @@ impl Ledger {
     }
 
     /// The release itself; with the lease's place in its pool index when the lease is
-    /// known.
+    /// known. A release `fed` to the token's health leaves a record without that place
+    /// (`scripts::RELEASE`): a repeat of it changes the health at most, and the token's
+    /// place follows at the next decision that meets it. One not fed keeps the place,
+    /// so that a repeat fed later moves the token.
     fn release_slots(
         &mut self,
         key: &LeaseKey,
         outcome: ReleaseOutcome,
+        fed: bool,
         now: i64,
     ) -> (ReleaseResult, Option<PoolPlace>) {
         self.drop_expired_leases(now);
@@ -281,6 +309,9 @@ impl Ledger {
             }
             Some(previous) => return (ReleaseResult::Conflict { previous }, pool),
             None => lease.outcome = Some(outcome),
+        }
+        if fed {
+            lease.pool = None;
         }
         if late {
             return (ReleaseResult::Released, pool);

@@ -106,6 +106,19 @@ pub(super) struct PoolIndex {
 }
 
 impl PoolIndex {
+    /// Its three sets as `(score, token)`, earliest first: the differential test
+    /// compares them with the keys `ir`, `iw` and `ih`.
+    #[cfg(test)]
+    pub(super) fn sets(&self) -> [Vec<(i64, String)>; 3] {
+        let set = |s: &Scored| {
+            s.by_score
+                .iter()
+                .map(|(score, token)| (*score, token.to_string()))
+                .collect()
+        };
+        [set(&self.ready), set(&self.wait), set(&self.out)]
+    }
+
     /// Its sets, as the differential test prints them beside Redis's keys.
     #[cfg(test)]
     pub(super) fn dump(&self) -> String {

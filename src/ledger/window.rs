@@ -72,6 +72,16 @@ impl Window {
         }
     }
 
+    /// The ends of the entries at or after `horizon`, earliest first.
+    #[cfg(test)]
+    pub fn ends_from(&self, horizon: i64) -> Vec<i64> {
+        self.by_end
+            .iter()
+            .map(|e| e.0)
+            .filter(|end| *end >= horizon)
+            .collect()
+    }
+
     /// The entries' ends, earliest first (the differential test's failure report).
     #[cfg(test)]
     pub fn dump(&self) -> String {

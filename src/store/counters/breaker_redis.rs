@@ -114,21 +114,19 @@ impl RedisCounters {
         })
     }
 
-    /// The token's health before (`token_status`), then its record deleted.
+    /// The token's health just before (as `token_status` reads it), and its record
+    /// deleted, in one script.
     pub(super) async fn reset_health(
         &self,
         space: Space<'_>,
         token: &Id,
     ) -> Result<StatusReport, CounterError> {
-        let report = self
-            .token_status(space, std::slice::from_ref(token))
-            .await?;
         let mut inv = RESET.prepare_invoke();
         inv.key(self.health_key(space, token))
             .arg(self.key_base(space))
             .arg(token.as_str());
-        self.run_ints("reset", inv).await?;
-        Ok(report)
+        let reply = self.run_ints("reset", inv).await?;
+        parse_status("reset", &reply, std::slice::from_ref(token))
     }
 
     pub(super) async fn token_status(
@@ -141,33 +139,38 @@ impl RedisCounters {
             inv.key(self.health_key(space, token));
         }
         let reply = self.run_ints("status", inv).await?;
-        let bad = || bad_reply("status", &reply);
-        let [now, n, ref rest @ ..] = reply[..] else {
-            return Err(bad());
-        };
-        if n as usize != tokens.len() || rest.len() < 4 * tokens.len() {
-            return Err(bad());
-        }
-        let (states, flat) = rest.split_at(4 * tokens.len());
-        let statuses = tokens
-            .iter()
-            .zip(states.chunks(4))
-            .map(|(token, s)| {
-                Some(TokenStatus {
-                    token_id: token.clone(),
-                    state: TokenState::from_code(s[0])?,
-                    breaker: TokenState::from_code(s[1])?,
-                    until_ms: (s[2] > 0).then_some(s[2]),
-                    consecutive_failures: s[3] as u32,
-                })
-            })
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(bad)?;
-        let refs: Vec<&Id> = tokens.iter().collect();
-        Ok(StatusReport {
-            now_ms: now,
-            tokens: statuses,
-            transitions: parse_transitions(flat, &refs).ok_or_else(bad)?,
-        })
+        parse_status("status", &reply, tokens)
     }
+}
+
+/// A `STATUS` (or `RESET`) reply about `tokens`.
+fn parse_status(script: &str, reply: &[i64], tokens: &[Id]) -> Result<StatusReport, CounterError> {
+    let bad = || bad_reply(script, reply);
+    let [now, n, ref rest @ ..] = reply[..] else {
+        return Err(bad());
+    };
+    if n as usize != tokens.len() || rest.len() < 4 * tokens.len() {
+        return Err(bad());
+    }
+    let (states, flat) = rest.split_at(4 * tokens.len());
+    let statuses = tokens
+        .iter()
+        .zip(states.chunks(4))
+        .map(|(token, s)| {
+            Some(TokenStatus {
+                token_id: token.clone(),
+                state: TokenState::from_code(s[0])?,
+                breaker: TokenState::from_code(s[1])?,
+                until_ms: (s[2] > 0).then_some(s[2]),
+                consecutive_failures: s[3] as u32,
+            })
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(bad)?;
+    let refs: Vec<&Id> = tokens.iter().collect();
+    Ok(StatusReport {
+        now_ms: now,
+        tokens: statuses,
+        transitions: parse_transitions(flat, &refs).ok_or_else(bad)?,
+    })
 }

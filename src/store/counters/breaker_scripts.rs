@@ -245,17 +245,12 @@ return reply({now, record(1, KEYS[1], KEYS[2], ARGV[1], ARGV[2], policy)})
 "#
 );
 
-/// Reads the health of several tokens (settling what became due).
-///
-/// - `KEYS[..]` the tokens' health hashes; no ARGV.
-///
-/// Returns `{now, n, then n × (state, breaker, until (0 = none), consecutive failures),
-/// transitions…}` where state is 4 while quarantined, else the breaker's.
-pub const STATUS: &str = concat!(
-    prelude!(),
-    r#"
-local out = {now, #KEYS}
-for i = 1, #KEYS do
+/// `STATUS`'s body: appends to `out` the health of the token of `KEYS[i]`, settling
+/// what became due.
+macro_rules! status_of {
+    () => {
+        r#"
+local function status_of(i, out)
   local s = load(KEYS[i])
   if settle(i, s) then save(KEYS[i], s) end
   local state, untl, failures = s.b, 0, 0
@@ -270,6 +265,22 @@ for i = 1, #KEYS do
   out[#out + 1] = untl
   out[#out + 1] = failures
 end
+"#
+    };
+}
+
+/// Reads the health of several tokens (settling what became due).
+///
+/// - `KEYS[..]` the tokens' health hashes; no ARGV.
+///
+/// Returns `{now, n, then n × (state, breaker, until (0 = none), consecutive failures),
+/// transitions…}` where state is 4 while quarantined, else the breaker's.
+pub const STATUS: &str = concat!(
+    prelude!(),
+    status_of!(),
+    r#"
+local out = {now, #KEYS}
+for i = 1, #KEYS do status_of(i, out) end
 return reply(out)
 "#
 );
@@ -277,11 +288,16 @@ return reply(out)
 /// Forgets a token's health record (`Counters::reset_health`) and puts the token back
 /// in the pool indexes the record names (`index_scripts.rs`): `KEYS[1]` the record;
 /// `ARGV[1]` the prefix of the upstream's keys, `ARGV[2]` the token id. The token's
-/// pacing schedule, in the same hash, stays. Returns `{1}`.
+/// pacing schedule, in the same hash, stays. Returns its health just before, as
+/// `STATUS` does for one token: read in the same script, at the same instant, so no
+/// other call comes between the health reported and the reset.
 pub const RESET: &str = concat!(
     prelude!(),
+    status_of!(),
     pool_index!(),
     r#"
+local out = {now, 1}
+status_of(1, out)
 local refs = redis.call('HGETALL', KEYS[1])
 local gone = {}
 for i = 1, #refs, 2 do
@@ -289,6 +305,6 @@ for i = 1, #refs, 2 do
 end
 if #gone > 0 then redis.call('HDEL', KEYS[1], unpack(gone)) end
 pi_refresh_refs(ARGV[1], ARGV[2], refs)
-return {1}
+return reply(out)
 "#
 );

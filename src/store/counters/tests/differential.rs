@@ -45,6 +45,12 @@ struct Run {
     pending: Vec<Option<(String, i64)>>,
     log: Vec<String>,
     prefix: String,
+    /// The instant of the last operation's reply (Redis's clock).
+    last_now: i64,
+    /// The pool index's digest, once Redis has the index.
+    digest: Option<String>,
+    /// Every acquire asks for one slot (the tests of one case).
+    one_slot: bool,
 }
 
 impl Run {
@@ -75,6 +81,9 @@ impl Run {
             pending: vec![None; shape.tenants],
             log: vec![format!("seed {seed}, {shape:?}")],
             prefix: prefix.to_owned(),
+            last_now: 0,
+            digest: None,
+            one_slot: false,
         }
     }
 
@@ -121,6 +130,7 @@ impl Run {
     fn request(&mut self, t: usize) -> AcquireRequest {
         let (tenant, limit, dedicated) = self.tenants[t].clone();
         let cost = match self.rng.random_range(0..10) {
+            _ if self.one_slot => 1,
             0..=6 => 1,
             7 | 8 => 2,
             _ => self.shape.token_limit + 1,
@@ -160,6 +170,11 @@ impl Run {
 
     async fn acquire(&mut self) {
         let t = self.rng.random_range(0..self.tenants.len());
+        self.acquire_for(t).await;
+    }
+
+    /// One acquire of tenant `t`, on both; Redis's reply.
+    async fn acquire_for(&mut self, t: usize) -> AcquireOutcome {
         let req = self.request(t);
         let redis = self.redis.acquire(&req).await.expect("Redis answered");
         let now = match &redis {
@@ -168,6 +183,7 @@ impl Run {
             AcquireOutcome::Unhealthy(u) => u.now_ms,
         };
         let ledger = self.ledger.acquire(&req, now);
+        self.last_now = now;
         self.log.push(format!(
             "{now} acquire {} cost {} nonce {} queue {:?} -> {redis:?}",
             req.tenant_id,
@@ -179,12 +195,12 @@ impl Run {
             self.fail(&format!("acquire: Redis {redis:?}, ledger {ledger:?}"))
                 .await;
         }
-        match redis {
+        match &redis {
             AcquireOutcome::Granted(g) => self.leases.push(LeaseKey {
                 upstream_id: req.upstream_id,
                 pool_id: None,
                 tenant_id: req.tenant_id,
-                token_id: g.token_id,
+                token_id: g.token_id.clone(),
                 nonce: req.nonce,
             }),
             AcquireOutcome::Denied(d) => {
@@ -192,6 +208,15 @@ impl Run {
             }
             AcquireOutcome::Unhealthy(_) => {}
         }
+        redis
+    }
+
+    /// An acquire of tenant `t` that must be granted; the state compared after it.
+    async fn grant(&mut self, t: usize) -> LeaseKey {
+        let granted = self.acquire_for(t).await;
+        assert!(matches!(granted, AcquireOutcome::Granted(_)), "{granted:?}");
+        self.compare_state().await;
+        self.leases.last().cloned().expect("just granted")
     }
 
     async fn release(&mut self) {
@@ -213,6 +238,16 @@ impl Run {
             7 | 8 => ReleaseOutcome::UpstreamError,
             _ => ReleaseOutcome::UpstreamRateLimited,
         };
+        self.release_as(key, outcome).await;
+    }
+
+    /// One release of `key` with `outcome`, fed to the token's health, on both;
+    /// Redis's reply.
+    async fn release_as(
+        &mut self,
+        key: LeaseKey,
+        outcome: ReleaseOutcome,
+    ) -> (ReleaseResult, Option<Recorded>) {
         let report = OutcomeReport {
             key: key.clone(),
             outcome,
@@ -232,6 +267,7 @@ impl Run {
             .await
             .expect("Redis answered");
         let ledger = self.ledger.release_reporting(&report, now);
+        self.last_now = now;
         self.log.push(format!(
             "{now} release {} {} of {} {outcome:?} -> {result:?} {recorded:?}",
             &key.nonce[..6],
@@ -242,6 +278,7 @@ impl Run {
             let what = format!("release: Redis {:?}, ledger {ledger:?}", (result, recorded));
             self.fail(&what).await;
         }
+        (result, recorded)
     }
 
     async fn health(&mut self) {
@@ -269,6 +306,7 @@ impl Run {
                 .token_status(&id(UPSTREAM), &tokens, report.now_ms);
             (report, ledger)
         };
+        self.last_now = redis.now_ms;
         self.log.push(format!(
             "{} {} -> {:?}",
             redis.now_ms,
@@ -290,9 +328,104 @@ impl Run {
                 _ => {
                     let pause = self.rng.random_range(0..60);
                     tokio::time::sleep(Duration::from_millis(pause)).await;
+                    continue;
                 }
             }
+            self.compare_state().await;
         }
+    }
+
+    /// After each operation, the state both keep must be the same, not only the
+    /// replies: the windows' entries still in the window at the operation's instant,
+    /// and the pool index's sets. A difference found here is found at the operation
+    /// that made it, not at a later reply it changes.
+    async fn compare_state(&mut self) {
+        let now = self.last_now;
+        let redis = self.redis_state(now).await;
+        let ledger = self.ledger_state(now);
+        if redis != ledger {
+            let diff: Vec<String> = redis
+                .iter()
+                .zip(&ledger)
+                .filter(|(r, l)| r != l)
+                .map(|(r, l)| format!("Redis  {r}\nledger {l}"))
+                .collect();
+            self.fail(&format!(
+                "state after the last operation:\n{}",
+                diff.join("\n")
+            ))
+            .await;
+        }
+    }
+
+    /// The tenants' and tokens' windows, then the index's sets, one line each.
+    fn ledger_state(&self, now: i64) -> Vec<String> {
+        let upstream = id(UPSTREAM);
+        let horizon = now - WINDOW_MS as i64;
+        let mut out = Vec::new();
+        for (kind, id) in self.windowed() {
+            let ends = self.ledger.window_ends(&upstream, kind, &id, horizon);
+            out.push(format!("{kind}:{id} {ends:?}"));
+        }
+        let sets = self.ledger.index_sets(&upstream).unwrap_or_default();
+        for (name, set) in ["ir", "iw", "ih"].into_iter().zip(sets) {
+            let set: Vec<(String, String)> = set
+                .into_iter()
+                .map(|(score, token)| (token, score.to_string()))
+                .collect();
+            out.push(format!("{name} {set:?}"));
+        }
+        out
+    }
+
+    async fn redis_state(&mut self, now: i64) -> Vec<String> {
+        let mut conn = admin_connection(&redis_url()).await;
+        let base = format!("{}:{{{UPSTREAM}}}:", self.prefix);
+        let horizon = now - WINDOW_MS as i64;
+        let mut out = Vec::new();
+        for (kind, id) in self.windowed() {
+            let ends: Vec<(String, i64)> = redis::cmd("ZRANGE")
+                .arg(format!("{base}{kind}:{id}"))
+                .arg(horizon)
+                .arg("+inf")
+                .arg("BYSCORE")
+                .arg("WITHSCORES")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let ends: Vec<i64> = ends.into_iter().map(|(_, end)| end).collect();
+            out.push(format!("{kind}:{id} {ends:?}"));
+        }
+        if self.digest.is_none() {
+            let indexes = keys_under(&mut conn, &format!("{base}im")).await;
+            self.digest = indexes
+                .first()
+                .map(|k| k.rsplit(':').next().unwrap().to_owned());
+        }
+        for name in ["ir", "iw", "ih"] {
+            let mut set: Vec<(String, String)> = Vec::new();
+            if let Some(digest) = &self.digest {
+                set = redis::cmd("ZRANGE")
+                    .arg(format!("{base}{name}:{digest}"))
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                // The member "" (score +inf) keeps the key from ever being empty.
+                set.retain(|(token, _)| !token.is_empty());
+            }
+            out.push(format!("{name} {set:?}"));
+        }
+        out
+    }
+
+    /// The windows compared: every tenant's, every token's (`tw`, `kw`).
+    fn windowed(&self) -> Vec<(&'static str, Id)> {
+        let tenants = self.tenants.iter().map(|(t, ..)| ("tw", t.clone()));
+        let tokens = self.pool.iter().cloned().chain(ids(&["d-0"]));
+        tenants.chain(tokens.map(|k| ("kw", k))).collect()
     }
 }
 
@@ -367,6 +500,109 @@ async fn redis_and_the_ledger_agree_on_a_large_pool_with_fractional_pacing() {
         ops: 400,
     })
     .await;
+}
+
+/// A release fed to the token's health leaves a record without the lease's place in
+/// its pool index, so a repeat of it that changes the health (a success that clears
+/// the failure another lease counted since) leaves the token where it is, in both:
+/// the ledger used to re-place it (re-scored W / 8 on), Redis did not.
+#[tokio::test]
+async fn a_repeated_release_that_changes_health_leaves_the_token_in_place() {
+    let url = redis_url();
+    let mut conn = admin_connection(&url).await;
+    let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
+    let shape = Shape {
+        tenants: 2,
+        pool: 1,
+        token_limit: 3,
+        pace_burst: 0,
+        queued: false,
+        ops: 0,
+    };
+    let mut run = Run::new(&url, &prefix, shape, 11).await;
+    run.one_slot = true;
+    let result = AssertUnwindSafe(repeat_changes_health(&mut run))
+        .catch_unwind()
+        .await;
+    delete_keys(&mut conn, &prefix).await;
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn repeat_changes_health(run: &mut Run) {
+    let first = run.grant(1).await;
+    // A success on a healthy token changes nothing: the lease is released, no health.
+    let (result, recorded) = run.release_as(first.clone(), ReleaseOutcome::Success).await;
+    assert_eq!(result, ReleaseResult::Released);
+    assert!(!recorded.expect("fed").applied);
+    let second = run.grant(1).await;
+    let (_, recorded) = run.release_as(second, ReleaseOutcome::UpstreamError).await;
+    assert!(recorded.expect("fed").applied, "one failure counted");
+    // The token full: out of the index's ready set until the first slot leaves.
+    run.grant(1).await;
+    // Once the first slot has left, and before any decision meets the token again.
+    tokio::time::sleep(Duration::from_millis(WINDOW_MS + 20)).await;
+    let (result, recorded) = run.release_as(first, ReleaseOutcome::Success).await;
+    assert_eq!(result, ReleaseResult::AlreadyReleased);
+    assert!(recorded.expect("fed").applied, "the failure cleared");
+    run.compare_state().await;
+}
+
+/// An admin's reset reports the token's health just before and puts the token back
+/// in its place as of the same instant: one script. As two (the health read, then the
+/// reset), the place was computed a millisecond after the instant reported whenever
+/// Redis's clock turned between them, and the ledger, replaying the reset at the
+/// instant reported, scored the token's next re-check a millisecond earlier.
+#[tokio::test]
+async fn a_reset_reports_and_replaces_at_one_instant() {
+    let url = redis_url();
+    let mut conn = admin_connection(&url).await;
+    let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
+    let shape = Shape {
+        tenants: 40,
+        pool: 1,
+        token_limit: 100,
+        pace_burst: 0,
+        queued: false,
+        ops: 0,
+    };
+    let mut run = Run::new(&url, &prefix, shape, 12).await;
+    run.one_slot = true;
+    let result = AssertUnwindSafe(resets(&mut run)).catch_unwind().await;
+    delete_keys(&mut conn, &prefix).await;
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn resets(run: &mut Run) {
+    let t = run.tenants.len() - 1;
+    let first = run.grant(t).await;
+    let (_, recorded) = run.release_as(first, ReleaseOutcome::Success).await;
+    let released = recorded.expect("fed").now_ms;
+    // Once the first slot leaves sooner than W / 8 from now, a token put back in its
+    // index is re-checked W / 8 after the instant it was put back.
+    tokio::time::sleep(Duration::from_millis(WINDOW_MS - WINDOW_MS / 8 + 5)).await;
+    let token = id("k-0");
+    while run.last_now < released + WINDOW_MS as i64 - 5 {
+        // Quarantined, so held out of the index until the reset puts it back.
+        let lease = run.grant(t).await;
+        run.release_as(lease, ReleaseOutcome::UpstreamRateLimited)
+            .await;
+        let report = run
+            .redis
+            .reset_health(Space::upstream(&id(UPSTREAM)), &token)
+            .await
+            .expect("Redis answered");
+        let ledger = run
+            .ledger
+            .reset_health(&id(UPSTREAM), &token, report.now_ms);
+        assert_eq!(report, ledger);
+        run.last_now = report.now_ms;
+        run.log.push(format!("{} reset", report.now_ms));
+        run.compare_state().await;
+    }
 }
 
 /// The keys whose life the ledger reads as a rule end at an instant of the scripts'
