@@ -3,7 +3,7 @@
 //! (`store::counters::MemoryCounters`); the Redis scripts (`store::counters::scripts`,
 //! `index_scripts`, `breaker_scripts`) are its transliteration, and a differential test
 //! (`store::counters::tests::differential`) replays random operations on both and
-//! compares every reply.
+//! compares every reply and, after each operation, the windows and the pool index.
 //!
 //! - `window.rs`: one sliding window; `pace.rs`: a token's pacing (GCRA);
 //!   `queue.rs`: a tenant's demand and a pool's wait queue; `breaker.rs`: a token's
