@@ -431,20 +431,26 @@ impl Run {
 
 /// Runs `shape` for a few seeds against the Redis of the suite.
 async fn differential(shape: Shape) {
-    let url = redis_url();
-    let mut conn = admin_connection(&url).await;
     let base: u64 = std::env::var("TOKENLEASE_DIFF_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
     for seed in base..base + 3 {
-        let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
-        let mut run = Run::new(&url, &prefix, shape, seed).await;
-        let result = AssertUnwindSafe(run.play()).catch_unwind().await;
-        delete_keys(&mut conn, &prefix).await;
-        if let Err(panic) = result {
-            std::panic::resume_unwind(panic);
-        }
+        one_run(shape, seed, async |run: &mut Run| run.play().await).await;
+    }
+}
+
+/// `body` on a run of its own keys against the Redis of the suite; the keys are
+/// deleted whether it passes or not.
+async fn one_run(shape: Shape, seed: u64, body: impl AsyncFnOnce(&mut Run)) {
+    let url = redis_url();
+    let mut conn = admin_connection(&url).await;
+    let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
+    let mut run = Run::new(&url, &prefix, shape, seed).await;
+    let result = AssertUnwindSafe(body(&mut run)).catch_unwind().await;
+    delete_keys(&mut conn, &prefix).await;
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
     }
 }
 
@@ -508,9 +514,6 @@ async fn redis_and_the_ledger_agree_on_a_large_pool_with_fractional_pacing() {
 /// the ledger used to re-place it (re-scored W / 8 on), Redis did not.
 #[tokio::test]
 async fn a_repeated_release_that_changes_health_leaves_the_token_in_place() {
-    let url = redis_url();
-    let mut conn = admin_connection(&url).await;
-    let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
     let shape = Shape {
         tenants: 2,
         pool: 1,
@@ -519,18 +522,11 @@ async fn a_repeated_release_that_changes_health_leaves_the_token_in_place() {
         queued: false,
         ops: 0,
     };
-    let mut run = Run::new(&url, &prefix, shape, 11).await;
-    run.one_slot = true;
-    let result = AssertUnwindSafe(repeat_changes_health(&mut run))
-        .catch_unwind()
-        .await;
-    delete_keys(&mut conn, &prefix).await;
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    one_run(shape, 11, repeat_changes_health).await;
 }
 
 async fn repeat_changes_health(run: &mut Run) {
+    run.one_slot = true;
     let first = run.grant(1).await;
     // A success on a healthy token changes nothing: the lease is released, no health.
     let (result, recorded) = run.release_as(first.clone(), ReleaseOutcome::Success).await;
@@ -556,9 +552,6 @@ async fn repeat_changes_health(run: &mut Run) {
 /// instant reported, scored the token's next re-check a millisecond earlier.
 #[tokio::test]
 async fn a_reset_reports_and_replaces_at_one_instant() {
-    let url = redis_url();
-    let mut conn = admin_connection(&url).await;
-    let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
     let shape = Shape {
         tenants: 40,
         pool: 1,
@@ -567,16 +560,11 @@ async fn a_reset_reports_and_replaces_at_one_instant() {
         queued: false,
         ops: 0,
     };
-    let mut run = Run::new(&url, &prefix, shape, 12).await;
-    run.one_slot = true;
-    let result = AssertUnwindSafe(resets(&mut run)).catch_unwind().await;
-    delete_keys(&mut conn, &prefix).await;
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    one_run(shape, 12, resets).await;
 }
 
 async fn resets(run: &mut Run) {
+    run.one_slot = true;
     let t = run.tenants.len() - 1;
     let first = run.grant(t).await;
     let (_, recorded) = run.release_as(first, ReleaseOutcome::Success).await;
@@ -614,9 +602,6 @@ async fn resets(run: &mut Run) {
 /// whose keys ended a millisecond apart could keep a waiter the ledger had dropped.
 #[tokio::test]
 async fn key_lives_end_on_the_scripts_clock() {
-    let url = redis_url();
-    let mut conn = admin_connection(&url).await;
-    let prefix = format!("tltest-{}", uuid::Uuid::new_v4().simple());
     let shape = Shape {
         tenants: 4,
         pool: 3,
@@ -625,18 +610,12 @@ async fn key_lives_end_on_the_scripts_clock() {
         queued: true,
         ops: 0,
     };
-    let mut run = Run::new(&url, &prefix, shape, 7).await;
-    let result = AssertUnwindSafe(ends_on_the_scripts_clock(&mut run, &mut conn))
-        .catch_unwind()
-        .await;
-    delete_keys(&mut conn, &prefix).await;
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    one_run(shape, 7, ends_on_the_scripts_clock).await;
 }
 
 /// `key_lives_end_on_the_scripts_clock`'s 400 calls.
-async fn ends_on_the_scripts_clock(run: &mut Run, conn: &mut MultiplexedConnection) {
+async fn ends_on_the_scripts_clock(run: &mut Run) {
+    let conn = &mut admin_connection(&redis_url()).await;
     let prefix = run.prefix.clone();
     let key = |what: &str| format!("{prefix}:{{{UPSTREAM}}}:{what}");
     let expiry = |conn: &mut MultiplexedConnection, key: String| {
