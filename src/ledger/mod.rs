@@ -182,6 +182,14 @@ impl Ledger {
             .map_or_else(Vec::new, |w| w.ends_from(horizon))
     }
 
+    /// The live waiters of a wait queue (`WaitQueue::live`; the differential test).
+    #[cfg(test)]
+    pub fn waiters(&self, upstream: &Id, queue_id: &str, now: i64) -> Vec<(i64, String, i64)> {
+        self.queues
+            .get(&queue_key(upstream, queue_id))
+            .map_or_else(Vec::new, |q| q.live(now))
+    }
+
     /// The sets of the upstream's pool index (`ready`, `wait`, `out`), when it has one
     /// (the differential test).
     #[cfg(test)]

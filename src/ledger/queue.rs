@@ -138,6 +138,18 @@ impl WaitQueue {
         );
     }
 
+    /// The waiters whose wait lasts until `now` or later, as `(score, nonce, eligible)`
+    /// in queue order (the differential test).
+    #[cfg(test)]
+    pub fn live(&self, now: i64) -> Vec<(i64, String, i64)> {
+        self.by_score
+            .iter()
+            .map(|(score, nonce)| (*score, nonce, &self.waiters[nonce]))
+            .filter(|(.., w)| w.expires >= now)
+            .map(|(score, nonce, w)| (score, nonce.clone(), w.eligible))
+            .collect()
+    }
+
     pub fn remove(&mut self, nonce: &str) {
         if let Some(w) = self.waiters.remove(nonce) {
             self.by_score.remove(&(w.score, nonce.to_owned()));

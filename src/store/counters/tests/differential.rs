@@ -367,6 +367,8 @@ impl Run {
             let ends = self.ledger.window_ends(&upstream, kind, &id, horizon);
             out.push(format!("{kind}:{id} {ends:?}"));
         }
+        let waiters = self.ledger.waiters(&upstream, "pool", now);
+        out.push(format!("waiters {waiters:?}"));
         let sets = self.ledger.index_sets(&upstream).unwrap_or_default();
         for (name, set) in ["ir", "iw", "ih"].into_iter().zip(sets) {
             let set: Vec<(String, String)> = set
@@ -396,6 +398,10 @@ impl Run {
             let ends: Vec<i64> = ends.into_iter().map(|(_, end)| end).collect();
             out.push(format!("{kind}:{id} {ends:?}"));
         }
+        out.push(format!(
+            "waiters {:?}",
+            redis_waiters(&mut conn, &base, now).await
+        ));
         if self.digest.is_none() {
             let indexes = keys_under(&mut conn, &format!("{base}im")).await;
             self.digest = indexes
@@ -427,6 +433,43 @@ impl Run {
         let tokens = self.pool.iter().cloned().chain(ids(&["d-0"]));
         tenants.chain(tokens.map(|k| ("kw", k))).collect()
     }
+}
+
+/// The waiters of the queue `pool` whose wait lasts until `now` or later, as
+/// `(score, nonce, eligible)` in queue order: the keys `wq` (scores), `wqe` (ends of
+/// the waits) and `wqi` (when each could use a slot).
+async fn redis_waiters(
+    conn: &mut MultiplexedConnection,
+    base: &str,
+    now: i64,
+) -> Vec<(i64, String, i64)> {
+    let live: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{base}wqe:pool"))
+        .arg(now)
+        .arg("+inf")
+        .arg("BYSCORE")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let queue: Vec<(String, i64)> = redis::cmd("ZRANGE")
+        .arg(format!("{base}wq:pool"))
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for (nonce, score) in queue.into_iter().filter(|(n, _)| live.contains(n)) {
+        let eligible: Option<i64> = redis::cmd("HGET")
+            .arg(format!("{base}wqi:pool"))
+            .arg(&nonce)
+            .query_async(conn)
+            .await
+            .unwrap();
+        out.push((score, nonce, eligible.unwrap_or(-1)));
+    }
+    out
 }
 
 /// Runs `shape` for a few seeds against the Redis of the suite.
