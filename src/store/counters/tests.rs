@@ -422,6 +422,17 @@ impl Harness {
     }
 }
 
+/// The key of the lease `req` was granted on `token`.
+fn lease_of(req: &AcquireRequest, token: &Id) -> LeaseKey {
+    LeaseKey {
+        upstream_id: req.upstream_id.clone(),
+        pool_id: req.pool_id.clone(),
+        tenant_id: req.tenant_id.clone(),
+        token_id: token.clone(),
+        nonce: req.nonce.clone(),
+    }
+}
+
 async fn try_acquire_on(counters: &Counters, req: &AcquireRequest) -> Result<Leased, Denied> {
     let req = AcquireRequest {
         nonce: LeaseKey::new_nonce(),
@@ -429,13 +440,7 @@ async fn try_acquire_on(counters: &Counters, req: &AcquireRequest) -> Result<Lea
     };
     match counters.acquire(&req).await.expect("acquire answered") {
         AcquireOutcome::Granted(grant) => Ok(Leased {
-            key: LeaseKey {
-                upstream_id: req.upstream_id,
-                pool_id: req.pool_id,
-                tenant_id: req.tenant_id,
-                token_id: grant.token_id.clone(),
-                nonce: req.nonce,
-            },
+            key: lease_of(&req, &grant.token_id),
             grant,
         }),
         AcquireOutcome::Denied(denied) => Err(denied),

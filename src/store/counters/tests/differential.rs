@@ -51,6 +51,8 @@ struct Run {
     digest: Option<String>,
     /// Every acquire asks for one slot (the tests of one case).
     one_slot: bool,
+    /// The connection that reads Redis's keys (the state compared, the report).
+    conn: MultiplexedConnection,
 }
 
 impl Run {
@@ -84,6 +86,7 @@ impl Run {
             last_now: 0,
             digest: None,
             one_slot: false,
+            conn: admin_connection(url).await,
         }
     }
 
@@ -102,7 +105,7 @@ impl Run {
 
     /// Every key of the run, with its content (sorted sets with scores, hashes).
     async fn dump(&self) -> String {
-        let mut conn = admin_connection(&redis_url()).await;
+        let mut conn = self.conn.clone();
         let mut keys = keys_under(&mut conn, &self.prefix).await;
         keys.sort();
         let mut out = Vec::new();
@@ -196,13 +199,7 @@ impl Run {
                 .await;
         }
         match &redis {
-            AcquireOutcome::Granted(g) => self.leases.push(LeaseKey {
-                upstream_id: req.upstream_id,
-                pool_id: None,
-                tenant_id: req.tenant_id,
-                token_id: g.token_id.clone(),
-                nonce: req.nonce,
-            }),
+            AcquireOutcome::Granted(g) => self.leases.push(lease_of(&req, &g.token_id)),
             AcquireOutcome::Denied(d) => {
                 self.pending[t] = d.queue_score.map(|score| (req.nonce, score));
             }
@@ -381,7 +378,7 @@ impl Run {
     }
 
     async fn redis_state(&mut self, now: i64) -> Vec<String> {
-        let mut conn = admin_connection(&redis_url()).await;
+        let mut conn = self.conn.clone();
         let base = format!("{}:{{{UPSTREAM}}}:", self.prefix);
         let horizon = now - WINDOW_MS as i64;
         let mut out = Vec::new();
@@ -658,7 +655,7 @@ async fn key_lives_end_on_the_scripts_clock() {
 
 /// `key_lives_end_on_the_scripts_clock`'s 400 calls.
 async fn ends_on_the_scripts_clock(run: &mut Run) {
-    let conn = &mut admin_connection(&redis_url()).await;
+    let conn = &mut run.conn.clone();
     let prefix = run.prefix.clone();
     let key = |what: &str| format!("{prefix}:{{{UPSTREAM}}}:{what}");
     let expiry = |conn: &mut MultiplexedConnection, key: String| {
@@ -685,13 +682,7 @@ async fn ends_on_the_scripts_clock(run: &mut Run) {
                 let at = expiry(conn, key(&format!("lease:{}", req.nonce))).await;
                 assert_eq!(at, g.expires_at_ms + window, "lease record of grant {i}");
                 // Given back, so that the pool keeps granting.
-                let lease = LeaseKey {
-                    upstream_id: req.upstream_id.clone(),
-                    pool_id: None,
-                    tenant_id: req.tenant_id.clone(),
-                    token_id: g.token_id,
-                    nonce: req.nonce.clone(),
-                };
+                let lease = lease_of(&req, &g.token_id);
                 let released = run.redis.release(&lease, ReleaseOutcome::NotUsed).await;
                 assert_eq!(released.unwrap(), ReleaseResult::Released, "grant {i}");
             }

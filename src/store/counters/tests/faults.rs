@@ -151,13 +151,7 @@ pub(super) fn fresh(req: &AcquireRequest) -> AcquireRequest {
 /// Every counter call fails closed, `Unavailable`, within the timeout plus slack.
 async fn assert_fails_closed(counters: &RedisCounters, what: &str) {
     let req = request();
-    let key = LeaseKey {
-        upstream_id: req.upstream_id.clone(),
-        pool_id: None,
-        tenant_id: req.tenant_id.clone(),
-        token_id: id("k-1"),
-        nonce: req.nonce.clone(),
-    };
+    let key = lease_of(&req, &id("k-1"));
     for attempt in 0..3 {
         let started = Instant::now();
         let answer = counters.acquire(&fresh(&req)).await;
@@ -461,7 +455,7 @@ async fn redis_keys_all_expire() {
         );
         let bound = ms(h.ttl + h.window) + 1000;
         let tenant_bound = bound + bucket_ms(ms(h.window));
-        let index_bound = 10 * ms(h.window) + 600_000;
+        let index_bound = super::index_upkeep::index_life(h.window);
         for (key, bound) in counters
             .iter()
             .map(|k| {
@@ -534,13 +528,10 @@ async fn the_pool_index_keeps_its_tokens_windows_alive() {
             .await
             .expect("HSET");
         assert_eq!(h.grant(&req).await.grant.token_id.as_str(), "k-2");
-        let index_life = 10 * ms(h.window) + 600_000;
-        for key in [&window, &schedule] {
-            let ttl: i64 = redis::cmd("PTTL")
-                .arg(key)
-                .query_async(&mut conn)
-                .await
-                .expect("PTTL");
+        let index_life = super::index_upkeep::index_life(h.window);
+        let keys = [window, schedule];
+        let lives = super::index_upkeep::pttls(&mut conn, &keys).await;
+        for (key, ttl) in keys.iter().zip(lives) {
             assert!(
                 ttl > index_life - 60_000,
                 "{key}: PTTL {ttl}, the index's life is {index_life}"

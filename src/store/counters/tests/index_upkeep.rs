@@ -101,7 +101,7 @@ fn connection(h: &Harness) -> MultiplexedConnection {
 const WINDOW: Duration = Duration::from_secs(60);
 
 /// A pool index's life (`PI.keep`) with `window`.
-fn index_life(window: Duration) -> i64 {
+pub(super) fn index_life(window: Duration) -> i64 {
     10 * ms(window) + 600_000
 }
 
@@ -122,7 +122,7 @@ async fn renew_to_the_end(
 }
 
 /// The PTTL of each key.
-async fn pttls(conn: &mut MultiplexedConnection, keys: &[String]) -> Vec<i64> {
+pub(super) async fn pttls(conn: &mut MultiplexedConnection, keys: &[String]) -> Vec<i64> {
     let mut pipe = redis::pipe();
     for key in keys {
         pipe.cmd("PTTL").arg(key);
@@ -181,6 +181,19 @@ async fn due_for_renewal(
     (req, windows, meta)
 }
 
+/// A renewal begun on time (the index at half its life): the pool set up as
+/// `due_for_renewal` does, then the grant that finds the renewal due. The index's
+/// life, the request, the windows and the index's meta key.
+async fn renewal_begun(
+    h: &Harness,
+    conn: &mut MultiplexedConnection,
+) -> (i64, AcquireRequest, Vec<String>, String) {
+    let keep = index_life(WINDOW);
+    let (req, windows, meta) = due_for_renewal(h, conn, keep / 2 - 10_000, keep / 2).await;
+    h.grant(&req).await;
+    (keep, req, windows, meta)
+}
+
 /// How many of `keys` live at least `ms` more.
 async fn living(conn: &mut MultiplexedConnection, keys: &[String], ms: i64) -> usize {
     pttls(conn, keys).await.iter().filter(|&&t| t >= ms).count()
@@ -220,11 +233,7 @@ async fn set_place(conn: &mut MultiplexedConnection, meta: &str, place: String) 
 async fn a_large_pool_renews_its_windows_a_page_per_call() {
     Harness::run(Backend::Redis, |h| async move {
         let mut conn = connection(&h);
-        let keep = index_life(WINDOW);
-        let (req, windows, meta) =
-            due_for_renewal(&h, &mut conn, keep / 2 - 10_000, keep / 2).await;
-
-        h.grant(&req).await;
+        let (keep, req, windows, meta) = renewal_begun(&h, &mut conn).await;
         assert!(living(&mut conn, std::slice::from_ref(&meta), keep - 60_000).await == 1);
         let renewed = living(&mut conn, &windows, keep - 60_000).await;
         assert!(
@@ -264,10 +273,7 @@ async fn a_renewal_begun_late_renews_every_window_at_once() {
 async fn a_renewal_that_moved_to_another_redis_starts_over() {
     Harness::run(Backend::Redis, |h| async move {
         let mut conn = connection(&h);
-        let keep = index_life(WINDOW);
-        let (req, windows, meta) =
-            due_for_renewal(&h, &mut conn, keep / 2 - 10_000, keep / 2).await;
-        h.grant(&req).await;
+        let (keep, req, windows, meta) = renewal_begun(&h, &mut conn).await;
         let (cursor, floor, server) = place(&mut conn, &meta).await;
         assert_eq!(server.len(), 40, "a run id: {server}");
         pexpire(&mut conn, &windows, keep / 2).await;
@@ -313,10 +319,7 @@ async fn a_long_lease_leaves_a_pool_window_at_least_the_index_life() {
 async fn a_renewal_under_way_ends_at_once_when_its_floor_comes_near() {
     Harness::run(Backend::Redis, |h| async move {
         let mut conn = connection(&h);
-        let keep = index_life(WINDOW);
-        let (req, windows, meta) =
-            due_for_renewal(&h, &mut conn, keep / 2 - 10_000, keep / 2).await;
-        h.grant(&req).await;
+        let (keep, req, windows, meta) = renewal_begun(&h, &mut conn).await;
         let (cursor, _, server) = place(&mut conn, &meta).await;
         // The windows not renewed yet end, say, TTL + W from now.
         let near = h.now_ms().await + ms(h.ttl) + ms(WINDOW);

@@ -120,13 +120,7 @@ async fn the_permissions_the_readme_lists_are_enough_to_lease() {
     let Ok(AcquireOutcome::Granted(grant)) = counters.acquire(&req).await else {
         panic!("granted with the README's permissions");
     };
-    let key = LeaseKey {
-        upstream_id: req.upstream_id.clone(),
-        pool_id: None,
-        tenant_id: req.tenant_id.clone(),
-        token_id: grant.token_id.clone(),
-        nonce: req.nonce.clone(),
-    };
+    let key = lease_of(&req, &grant.token_id);
     let released = counters.release(&key, ReleaseOutcome::Success).await;
     assert!(
         matches!(released, Ok(ReleaseResult::Released)),

@@ -127,13 +127,7 @@ async fn a_lease_granted_by_the_previous_release_is_released_once() {
     let AcquireOutcome::Granted(grant) = counters.acquire(&req).await.expect("acquire") else {
         panic!("an empty pool grants");
     };
-    let key = LeaseKey {
-        upstream_id: req.upstream_id.clone(),
-        pool_id: None,
-        tenant_id: req.tenant_id.clone(),
-        token_id: grant.token_id.clone(),
-        nonce: req.nonce.clone(),
-    };
+    let key = lease_of(&req, &grant.token_id);
     let record = counters.key(space, "lease", &key.nonce);
     to_previous_format(&mut conn, &record).await;
 
@@ -218,13 +212,7 @@ async fn released_records_read_the_same_in_both_releases() {
         let AcquireOutcome::Granted(grant) = counters.acquire(&req).await.expect("acquire") else {
             panic!("an empty pool grants");
         };
-        leases.push(LeaseKey {
-            upstream_id: req.upstream_id.clone(),
-            pool_id: None,
-            tenant_id: req.tenant_id.clone(),
-            token_id: grant.token_id.clone(),
-            nonce: req.nonce.clone(),
-        });
+        leases.push(lease_of(&req, &grant.token_id));
     }
     let reader = conn.clone();
     let get = |key: &LeaseKey| {
