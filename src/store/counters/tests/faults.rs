@@ -177,6 +177,12 @@ async fn assert_fails_closed(counters: &RedisCounters, what: &str) {
         matches!(usage, Err(CounterError::Unavailable(_))),
         "{what}: {usage:?}"
     );
+    // An admin's reset (one script since it reports the health it replaces).
+    let reset = counters.reset_health(req.space(), &id("k-1")).await;
+    assert!(
+        matches!(reset, Err(CounterError::Unavailable(_))),
+        "{what}: {reset:?}"
+    );
 }
 
 /// Polls acquire until it grants; until then only `Unavailable` is acceptable.
