@@ -61,6 +61,22 @@ impl HealthRecord {
         *self == Self::default()
     }
 
+    /// What the record says, field by field, as the differential test compares it
+    /// with the Redis hash (`health_line` in the test): fields a state does not use
+    /// are left out, since Redis may keep stale ones there.
+    #[cfg(test)]
+    pub(super) fn describe(&self) -> String {
+        let breaker = match &self.breaker {
+            Breaker::Closed { failures } => format!("closed, {failures} failures"),
+            Breaker::Open { until } => format!("open until {until}"),
+            Breaker::HalfOpen { probe, successes } => format!(
+                "half-open, probe {:?}, {successes} successes",
+                probe.as_ref().map(|p| (p.nonce.as_str(), p.expires))
+            ),
+        };
+        format!("{breaker}, quarantine {:?}", self.quarantine_until)
+    }
+
     fn breaker_state(&self) -> TokenState {
         match self.breaker {
             Breaker::Closed { .. } => TokenState::Active,

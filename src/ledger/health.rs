@@ -71,6 +71,29 @@ impl HealthBook {
 }
 
 impl Ledger {
+    /// A token's health record, its pacing schedule and where its pool index names it,
+    /// one line (the differential test compares it with the token's Redis hash).
+    #[cfg(test)]
+    pub fn health_line(&self, upstream: &Id, token: &Id) -> String {
+        let record = self
+            .health
+            .records
+            .get(&record_key(upstream, token))
+            .cloned()
+            .unwrap_or_default();
+        let schedule = self.paces.get(&super::token_key(upstream, token));
+        let prefix = format!("{upstream}/");
+        let named = self
+            .indexes
+            .iter()
+            .find(|(key, _)| key.starts_with(&prefix))
+            .and_then(|(_, index)| index.named_at(token));
+        format!(
+            "{}, schedule {schedule:?}, named at {named:?}",
+            record.describe()
+        )
+    }
+
     /// May a lease of `token` (valid until `lease_expires`) be handed out? On a
     /// half-open token with no probe out, this lease becomes the probe.
     pub fn admit_grant(

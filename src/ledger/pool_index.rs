@@ -119,6 +119,13 @@ impl PoolIndex {
         [set(&self.ready), set(&self.wait), set(&self.out)]
     }
 
+    /// Where the index names `token` (the `x:<digest>` field of its health record in
+    /// Redis), if it does.
+    #[cfg(test)]
+    pub(super) fn named_at(&self, token: &Id) -> Option<i64> {
+        self.named.get(token).copied()
+    }
+
     /// Its sets, as the differential test prints them beside Redis's keys.
     #[cfg(test)]
     pub(super) fn dump(&self) -> String {

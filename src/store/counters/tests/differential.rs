@@ -7,7 +7,9 @@
 //! instant the script ran at (Redis's clock); the same operation is then applied to a
 //! `Ledger` at that instant, and the two replies must be equal — the token chosen,
 //! the counts, the reason, the exact retry-after, the queue score, the health
-//! transitions. A mismatch fails with the seed and the operations so far.
+//! transitions. After every operation the state both keep is compared too (windows,
+//! waiters, health records, the pool index), so a difference is found at the
+//! operation that made it. A mismatch fails with the seed and the operations so far.
 
 use std::sync::Arc;
 
@@ -279,7 +281,7 @@ impl Run {
     }
 
     async fn health(&mut self) {
-        let tokens: Vec<Id> = self.pool.iter().cloned().chain(ids(&["d-0"])).collect();
+        let tokens = self.tokens();
         let reset = self.rng.random_bool(0.2);
         let (redis, what) = if reset {
             let token = tokens[self.rng.random_range(0..tokens.len())].clone();
@@ -334,7 +336,8 @@ impl Run {
 
     /// After each operation, the state both keep must be the same, not only the
     /// replies: the windows' entries still in the window at the operation's instant,
-    /// and the pool index's sets. A difference found here is found at the operation
+    /// the queue's live waiters, every token's health record (breaker, quarantine,
+    /// pacing schedule, where the pool index names it) and the pool index's sets. A difference found here is found at the operation
     /// that made it, not at a later reply it changes.
     async fn compare_state(&mut self) {
         let now = self.last_now;
@@ -355,7 +358,8 @@ impl Run {
         }
     }
 
-    /// The tenants' and tokens' windows, then the index's sets, one line each.
+    /// The tenants' and tokens' windows, the waiters, the tokens' health records, then
+    /// the index's sets, one line each.
     fn ledger_state(&self, now: i64) -> Vec<String> {
         let upstream = id(UPSTREAM);
         let horizon = now - WINDOW_MS as i64;
@@ -366,6 +370,10 @@ impl Run {
         }
         let waiters = self.ledger.waiters(&upstream, "pool", now);
         out.push(format!("waiters {waiters:?}"));
+        for token in self.tokens() {
+            let line = self.ledger.health_line(&upstream, &token);
+            out.push(format!("health:{token} {line}"));
+        }
         let sets = self.ledger.index_sets(&upstream).unwrap_or_default();
         for (name, set) in ["ir", "iw", "ih"].into_iter().zip(sets) {
             let set: Vec<(String, String)> = set
@@ -405,6 +413,10 @@ impl Run {
                 .first()
                 .map(|k| k.rsplit(':').next().unwrap().to_owned());
         }
+        for token in self.tokens() {
+            let line = redis_health_line(&mut conn, &base, &token, self.digest.as_deref()).await;
+            out.push(format!("health:{token} {line}"));
+        }
         for name in ["ir", "iw", "ih"] {
             let mut set: Vec<(String, String)> = Vec::new();
             if let Some(digest) = &self.digest {
@@ -427,9 +439,52 @@ impl Run {
     /// The windows compared: every tenant's, every token's (`tw`, `kw`).
     fn windowed(&self) -> Vec<(&'static str, Id)> {
         let tenants = self.tenants.iter().map(|(t, ..)| ("tw", t.clone()));
-        let tokens = self.pool.iter().cloned().chain(ids(&["d-0"]));
-        tenants.chain(tokens.map(|k| ("kw", k))).collect()
+        tenants
+            .chain(self.tokens().into_iter().map(|k| ("kw", k)))
+            .collect()
     }
+
+    /// Every token: the pool's, then the dedicated one.
+    fn tokens(&self) -> Vec<Id> {
+        self.pool.iter().cloned().chain(ids(&["d-0"])).collect()
+    }
+}
+
+/// A token's health hash as `Ledger::health_line` says it: the breaker's state with
+/// only the fields that state uses (`breaker_scripts.rs`: `b` 1 active, 2 open, 3
+/// half-open; absent fields are an active token's), the quarantine's end (`qu`, 0:
+/// none), the pacing schedule (`t`) and where the pool index names the token
+/// (`x:<digest>`).
+async fn redis_health_line(
+    conn: &mut MultiplexedConnection,
+    base: &str,
+    token: &Id,
+    digest: Option<&str>,
+) -> String {
+    let fields: Vec<Option<String>> = redis::cmd("HMGET")
+        .arg(format!("{base}health:{token}"))
+        .arg(&["b", "f", "ou", "pn", "pe", "ps", "qu", "t"])
+        .arg(format!("x:{}", digest.unwrap_or("")))
+        .query_async(conn)
+        .await
+        .unwrap();
+    let number = |i: usize| -> i64 { fields[i].as_deref().map_or(0, |v| v.parse().unwrap()) };
+    let breaker = match number(0) {
+        0 | 1 => format!("closed, {} failures", number(1)),
+        2 => format!("open until {}", number(2)),
+        3 => {
+            let probe = fields[3]
+                .as_deref()
+                .filter(|nonce| !nonce.is_empty())
+                .map(|nonce| (nonce, number(4)));
+            format!("half-open, probe {probe:?}, {} successes", number(5))
+        }
+        other => format!("unknown state {other}"),
+    };
+    let quarantine = Some(number(6)).filter(|&until| until > 0);
+    let schedule: Option<f64> = fields[7].as_deref().map(|t| t.parse().unwrap());
+    let named: Option<i64> = fields[8].as_deref().map(|p| p.parse().unwrap());
+    format!("{breaker}, quarantine {quarantine:?}, schedule {schedule:?}, named at {named:?}")
 }
 
 /// The waiters of the queue `pool` whose wait lasts until `now` or later, as
