@@ -98,6 +98,11 @@ pub mod names {
     /// has no whole day of history. Every replica computes the same value from the
     /// shared store: aggregate with `min`.
     pub const POOL_CAPACITY_FORECAST_DAYS: &str = "tokenlease_pool_capacity_forecast_days";
+    /// Gauge: 1 while some Redis master of the lease counters may evict keys
+    /// (`maxmemory` set with a policy other than `noeviction`), 0 while none may (and in
+    /// embedded mode); absent until Redis has answered once. Read every minute
+    /// (`store::counters::spawn_eviction_watch`).
+    pub const REDIS_MAY_EVICT: &str = "tokenlease_redis_may_evict";
 }
 
 /// Every metric name, for tests and the dashboard check.
@@ -120,6 +125,7 @@ pub const ALL: &[&str] = &[
     names::TOKEN_IN_SERVICE,
     names::TOKENS,
     names::POOL_CAPACITY_FORECAST_DAYS,
+    names::REDIS_MAY_EVICT,
 ];
 
 /// Label names.
@@ -293,6 +299,27 @@ fn describe_all() {
         POOL_CAPACITY_FORECAST_DAYS,
         "Days until the pool's demand trend exceeds its capacity (0: already; +Inf: not within 90 days)."
     );
+    describe_gauge!(
+        REDIS_MAY_EVICT,
+        "1 while Redis may evict the lease counters (maxmemory with a policy other than noeviction)."
+    );
+}
+
+/// The eviction gauge's last value (0: not read yet, 1: no, 2: yes), republished by
+/// the refresher between the minute's reads.
+static MAY_EVICT: AtomicUsize = AtomicUsize::new(0);
+
+/// Publishes whether Redis may evict the lease counters.
+pub fn redis_may_evict(may: bool) {
+    MAY_EVICT.store(if may { 2 } else { 1 }, Ordering::Relaxed);
+    gauge!(names::REDIS_MAY_EVICT).set(if may { 1.0 } else { 0.0 });
+}
+
+fn republish_may_evict() {
+    match MAY_EVICT.load(Ordering::Relaxed) {
+        0 => {}
+        known => gauge!(names::REDIS_MAY_EVICT).set(if known == 2 { 1.0 } else { 0.0 }),
+    }
 }
 
 /// The forecast gauge's last values, per pool (republished by the refresher).
@@ -636,6 +663,7 @@ pub fn spawn_refresher<F, Fut, E>(
             for (pool, days) in forecast_days().lock().expect("not poisoned").iter() {
                 gauge!(names::POOL_CAPACITY_FORECAST_DAYS, labels::POOL => pool.clone()).set(*days);
             }
+            republish_may_evict();
             handle.run_upkeep();
         }
     });

@@ -30,7 +30,7 @@ use crate::grpc::pb::{
 use crate::lease::{Allocator, Leaser, Lines, LiveConfig, Rebalancer, TokenHealth};
 use crate::metrics;
 use crate::store::ConfigStore;
-use crate::store::counters::{Counters, MemoryCounters, RedisCounters, RedisSettings};
+use crate::store::counters::{self, Counters, MemoryCounters, RedisCounters, RedisSettings};
 use crate::store::event_relay::{self, RelaySettings};
 
 mod incoming;
@@ -211,6 +211,16 @@ impl App {
         let stop_tx = self.stop.clone();
         let stop_rx = stop_tx.subscribe();
         self.leaser.allocator.spawn(stop_rx.clone());
+        match &self.leaser.counters {
+            Counters::Redis(redis) => counters::spawn_eviction_watch(
+                redis.clone(),
+                counters::EVICTION_CHECK_EVERY,
+                metrics::redis_may_evict,
+                stop_rx.clone(),
+            ),
+            // Counters in this process's memory: nothing can evict them.
+            Counters::Memory(_) => metrics::redis_may_evict(false),
+        }
         self.leaser.config.spawn_refresher(
             Duration::from_millis(self.settings.config_refresh_ms),
             stop_rx.clone(),

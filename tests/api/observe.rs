@@ -308,6 +308,8 @@ async fn metrics_count_exactly_what_a_small_run_did() {
         &[("upstream", "up"), ("state", "disabled")],
         0.0,
     );
+    // Embedded mode: the counters are in the process, nothing can evict them.
+    expect(names::REDIS_MAY_EVICT, &[], 0.0);
     let forecast = sample(
         &text,
         names::POOL_CAPACITY_FORECAST_DAYS,
@@ -565,4 +567,66 @@ async fn serve_help_lists_the_settings() {
     ] {
         assert!(help.contains(line), "{line:?} missing from:\n{help}");
     }
+}
+
+/// A replica whose Redis may evict keys (`maxmemory` with `volatile-lru`, a managed
+/// Redis's usual default) says so as soon as it starts: the gauge is 1 on /metrics, and
+/// the log names the policy and the fix.
+#[tokio::test]
+async fn a_redis_that_may_evict_is_reported_at_start() {
+    let redis = super::throwaway::ThrowawayRedis::start(free_port());
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for (name, value) in [
+        ("maxmemory", "104857600"),
+        ("maxmemory-policy", "volatile-lru"),
+    ] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let server = clean_command(env!("CARGO_BIN_EXE_tokenlease"))
+        .arg("serve")
+        .env("TOKENLEASE_LISTEN", grpc.to_string())
+        .env("TOKENLEASE_DATA_DIR", dir.path())
+        .env("TOKENLEASE_METRICS__LISTEN", metrics.to_string())
+        .env("TOKENLEASE_METRICS__REFRESH_MS", "100")
+        .env("REDIS_URL", redis.url())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start tokenlease serve");
+    connect_when_ready(dir.path(), grpc).await;
+    let mut gauge = None;
+    for _ in 0..100 {
+        gauge = sample(&scrape(metrics).await, names::REDIS_MAY_EVICT, &[]);
+        if gauge.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gauge, Some(1.0));
+    let output = async {
+        let mut server = server;
+        server.start_kill().unwrap();
+        server.wait_with_output().await.unwrap()
+    };
+    let output = output.await;
+    let log = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        log.contains("maxmemory-policy volatile-lru") && log.contains("noeviction"),
+        "{log}"
+    );
 }

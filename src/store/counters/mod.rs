@@ -10,6 +10,7 @@
 //! `Counters` is an enum over the two backends (chosen once in `startup.rs`), so both
 //! run the same behaviour tests and no trait objects are needed.
 
+mod eviction;
 mod index_scripts;
 mod memory;
 mod redis_backend;
@@ -26,6 +27,7 @@ pub use crate::ledger::{
     ReleaseResult, Space, StatusReport, TokenStatus, Transition, TransitionCause, Unhealthy,
     UsageCounts, bucket_ms, list_digest,
 };
+pub use eviction::{CHECK_EVERY as EVICTION_CHECK_EVERY, spawn_eviction_watch};
 pub use memory::MemoryCounters;
 pub use redis_backend::{RedisCounters, RedisSettings};
 

@@ -137,10 +137,11 @@ fn no_delay() -> redis::io::tcp::TcpSettings {
 /// callers answer UNAVAILABLE with a retry-after; only what retrying cannot change (a
 /// script error, an unexpected reply) is `Internal`.
 ///
-/// A command or key the service's Redis user may not use is `Unavailable` too (NOPERM
-/// when Redis refuses the call itself, an ERR naming "the user executing the script"
-/// when it refuses a command or key inside a function), with what to grant: the
-/// operator can mend the ACL while the service runs.
+/// A Redis that is full (`maxmemory` with `noeviction`: OOM) is `Unavailable` too, as
+/// is a command or key the service's Redis user may not use (NOPERM when Redis refuses
+/// the call itself, an ERR naming "the user executing the script" when it refuses a
+/// command or key inside a function), each with what to do: an operator cures both
+/// while the service runs.
 fn classify(e: RedisError) -> CounterError {
     let refused = e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm)
         || server_says(&e, "The user executing the script");
@@ -151,6 +152,12 @@ fn classify(e: RedisError) -> CounterError {
              production\"), and FUNCTION LOAD unless the lease library is loaded for it: \
              `tokenlease redis-functions | redis-cli -x FUNCTION LOAD REPLACE`, as a user \
              that may, after every upgrade"
+        ));
+    }
+    if e.code() == Some("OOM") {
+        return unavailable(format!(
+            "{e} Redis is full and refuses writes: no lease was granted. Give it more \
+             memory (maxmemory), keeping maxmemory-policy noeviction"
         ));
     }
     let transient = e.is_io_error()
@@ -348,6 +355,14 @@ impl RedisCounters {
                 cmd.query_async(&mut c.clone()).await
             }
         }
+    }
+
+    /// `INFO <section>`: a single server's text, or, on a cluster, a map of each
+    /// master's address to its text.
+    pub(super) async fn info(&self, section: &str) -> Result<Value, CounterError> {
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg(section);
+        bounded(self.timeout, self.query(&cmd)).await
     }
 
     /// Calls a function of the library, loading the library first when Redis does not

@@ -33,6 +33,8 @@ mod cluster;
 mod cost;
 #[path = "tests/differential.rs"]
 mod differential;
+#[path = "tests/eviction.rs"]
+mod eviction;
 #[path = "tests/faults.rs"]
 mod faults;
 #[path = "tests/handover.rs"]
