@@ -43,7 +43,9 @@
 //! A fence lost with them is a hold (`scripts::ACQUIRE`); a missing field means "read
 //! the index": each is only ever a shortcut. The fields of an index that is gone are
 //! dropped when another index of the space is built (`pi_forget_gone`), so a fence
-//! holds the fields of the live indexes, not of every configuration ever used.
+//! holds the fields of the live indexes, not of every configuration ever used; so are
+//! the wait queues' fields (`q:<queue>`) that no live waiter needs, such as a removed
+//! pool's (a live queue's is written again by its next call).
 //!
 //! The sorted sets keep a sentinel member `''` scored `+inf`, so that they never empty
 //! (an empty key would lose its expiry) and their first member is "none" when only it
@@ -319,15 +321,23 @@ end
 -- Called when an index is built, which is rare (a first call, a configuration change,
 -- an index unused for its life), as the ledger forgets its expired indexes then: the
 -- fence keeps the fields of the indexes that live, not of every configuration used.
+-- A wait queue's field (`q:<queue>`, see `scripts::ACQUIRE`) past its instant says
+-- only that the queue is empty: it goes too (a removed pool's would stay forever), and
+-- the queue's next call reads the queue once and writes it again. The ledger keeps no
+-- such field: it only spares Redis reading an empty queue.
 local function pi_forget_gone()
   local checked = {[PI.digest] = true}
-  for _, field in ipairs(redis.call('HKEYS', PI.fence)) do
+  local fence = redis.call('HGETALL', PI.fence)
+  for i = 1, #fence, 2 do
+    local field = fence[i]
     local digest = string.match(field, '^[anr]:(.+)$')
     if digest and not checked[digest] then
       checked[digest] = true
       if redis.call('EXISTS', PI.base .. 'im:' .. digest) == 0 then
         redis.call('HDEL', PI.fence, 'a:' .. digest, 'n:' .. digest, 'r:' .. digest)
       end
+    elseif string.sub(field, 1, 2) == 'q:' and (tonumber(fence[i + 1]) or 0) < now then
+      redis.call('HDEL', PI.fence, field)
     end
   end
 end

@@ -2,6 +2,7 @@
 //! - the fence's fields about pool indexes (`a:`, `n:`, `r:` per index digest) do not
 //!   pile up with configuration changes: when an index is built, the fields of the
 //!   space's indexes that are gone are dropped, and those of the live ones are kept;
+//!   so are the wait queues' fields (`q:<queue>`) that no live waiter needs;
 //! - the renewal of a large pool's token windows is spread over calls, a page each
 //!   (`pi_sweep`), and done at once when a grant could otherwise outlive a window.
 
@@ -81,6 +82,63 @@ async fn building_an_index_drops_the_fence_fields_of_gone_ones() {
             fields.len(),
             2,
             "the live index and the new one: {fields:?}"
+        );
+    })
+    .await;
+}
+
+/// The fence's wait-queue fields (`q:<queue>`), with their instants.
+async fn queue_fields(conn: &mut MultiplexedConnection, prefix: &str) -> Vec<String> {
+    let fence = format!("{prefix}:{{{UPSTREAM}}}:fence:epoch");
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(&fence)
+        .query_async(conn)
+        .await
+        .expect("HKEYS");
+    let mut queues: Vec<String> = fields.into_iter().filter(|f| f.starts_with("q:")).collect();
+    queues.sort();
+    queues
+}
+
+/// A queued denial on `queue`, waiting `wait_ms`, by `tenant` at its quota (1).
+async fn queue_on(h: &Harness, tenant: &str, queue: &str, wait_ms: i64) {
+    let ask = |h: &Harness| AcquireRequest {
+        queue: Some(QueueTicket {
+            queue_id: queue.into(),
+            priority_offset_ms: 0,
+            score: None,
+            wait_ms,
+            guaranteed: 0,
+        }),
+        ..h.request(tenant, 1, &[], &["k-1"])
+    };
+    h.grant(&ask(h)).await;
+    let denied = h.deny(&ask(h)).await;
+    assert_eq!(denied.reason, DenyReason::TenantQuota);
+}
+
+/// A wait queue's fence field past its instant (no live waiter: a removed pool's
+/// queue, say) is dropped when an index is built; a queue with a live waiter keeps
+/// its field, and the queue whose field went writes it again at its next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn building_an_index_drops_the_fields_of_queues_without_waiters() {
+    Harness::run(Backend::Redis, |h| async move {
+        let mut conn = connection(&h);
+        queue_on(&h, "t-1", "gone", 50).await;
+        queue_on(&h, "t-2", "live", 600_000).await;
+        assert_eq!(
+            queue_fields(&mut conn, &h.prefix).await,
+            ["q:gone", "q:live"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Another configuration of the pool: a new index is built.
+        h.grant(&h.request("t-other", 100, &[], &["k-1", "k-2"]))
+            .await;
+        assert_eq!(queue_fields(&mut conn, &h.prefix).await, ["q:live"]);
+        queue_on(&h, "t-3", "gone", 50).await;
+        assert_eq!(
+            queue_fields(&mut conn, &h.prefix).await,
+            ["q:gone", "q:live"]
         );
     })
     .await;
