@@ -156,8 +156,8 @@ fn classify(e: RedisError) -> CounterError {
     }
     if e.code() == Some("OOM") {
         return unavailable(format!(
-            "{e} Redis is full and refuses writes: no lease was granted. Give it more \
-             memory (maxmemory), keeping maxmemory-policy noeviction"
+            "{e} Redis is full and refuses writes: give it more memory (maxmemory), \
+             keeping maxmemory-policy noeviction"
         ));
     }
     let transient = e.is_io_error()
