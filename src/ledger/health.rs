@@ -82,12 +82,9 @@ impl Ledger {
             .cloned()
             .unwrap_or_default();
         let schedule = self.paces.get(&super::token_key(upstream, token));
-        let prefix = format!("{upstream}/");
         let named = self
-            .indexes
-            .iter()
-            .find(|(key, _)| key.starts_with(&prefix))
-            .and_then(|(_, index)| index.named_at(token));
+            .index_of(upstream)
+            .and_then(|index| index.named_at(token));
         format!(
             "{}, schedule {schedule:?}, named at {named:?}",
             record.describe()

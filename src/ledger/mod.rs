@@ -3,7 +3,8 @@
 //! (`store::counters::MemoryCounters`); the Redis scripts (`store::counters::scripts`,
 //! `index_scripts`, `breaker_scripts`) are its transliteration, and a differential test
 //! (`store::counters::tests::differential`) replays random operations on both and
-//! compares every reply and, after each operation, the windows and the pool index.
+//! compares every reply and, after each operation, the windows, the wait queue, the
+//! tokens' health records and the pool index.
 //!
 //! - `window.rs`: one sliding window; `pace.rs`: a token's pacing (GCRA);
 //!   `queue.rs`: a tenant's demand and a pool's wait queue; `breaker.rs`: a token's
@@ -194,11 +195,18 @@ impl Ledger {
     /// (the differential test).
     #[cfg(test)]
     pub fn index_sets(&self, upstream: &Id) -> Option<[Vec<(i64, String)>; 3]> {
+        self.index_of(upstream).map(pool_index::PoolIndex::sets)
+    }
+
+    /// The upstream's pool index, when it has one (the differential test's runs have
+    /// one pool).
+    #[cfg(test)]
+    fn index_of(&self, upstream: &Id) -> Option<&pool_index::PoolIndex> {
         let prefix = format!("{upstream}/");
         self.indexes
             .iter()
             .find(|(key, _)| key.starts_with(&prefix))
-            .map(|(_, index)| index.sets())
+            .map(|(_, index)| index)
     }
 
     fn window(&mut self, key: String) -> &mut Window {

@@ -285,15 +285,7 @@ impl Run {
         let reset = self.rng.random_bool(0.2);
         let (redis, what) = if reset {
             let token = tokens[self.rng.random_range(0..tokens.len())].clone();
-            let report = self
-                .redis
-                .reset_health(Space::upstream(&id(UPSTREAM)), &token)
-                .await;
-            let report = report.expect("Redis answered");
-            let ledger = self
-                .ledger
-                .reset_health(&id(UPSTREAM), &token, report.now_ms);
-            (report, ledger)
+            self.reset_on_both(&token).await
         } else {
             let report = self
                 .redis
@@ -316,6 +308,19 @@ impl Run {
             let what = format!("health: Redis {redis:?}, ledger {what:?}");
             self.fail(&what).await;
         }
+    }
+
+    /// An admin's reset of `token`'s health on both: Redis's report, the ledger's.
+    async fn reset_on_both(&mut self, token: &Id) -> (StatusReport, StatusReport) {
+        let report = self
+            .redis
+            .reset_health(Space::upstream(&id(UPSTREAM)), token)
+            .await
+            .expect("Redis answered");
+        let ledger = self
+            .ledger
+            .reset_health(&id(UPSTREAM), token, report.now_ms);
+        (report, ledger)
     }
 
     async fn play(&mut self) {
@@ -673,14 +678,7 @@ async fn resets(run: &mut Run) {
         let lease = run.grant(t).await;
         run.release_as(lease, ReleaseOutcome::UpstreamRateLimited)
             .await;
-        let report = run
-            .redis
-            .reset_health(Space::upstream(&id(UPSTREAM)), &token)
-            .await
-            .expect("Redis answered");
-        let ledger = run
-            .ledger
-            .reset_health(&id(UPSTREAM), &token, report.now_ms);
+        let (report, ledger) = run.reset_on_both(&token).await;
         assert_eq!(report, ledger);
         run.last_now = report.now_ms;
         run.log.push(format!("{} reset", report.now_ms));

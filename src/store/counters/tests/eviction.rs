@@ -61,7 +61,8 @@ async fn a_cluster_names_the_master_that_may_evict() {
 }
 
 /// The service's watch reads the policy at once, then every period, and reports each
-/// answer: an operator's fix shows within a period.
+/// answer: an operator's fix shows within a period. With Redis gone the read fails
+/// (Unavailable) and nothing is reported: the last answer stands.
 #[tokio::test]
 async fn the_watch_reports_at_once_and_sees_a_fix() {
     let server = Throwaway::start(free_port()).await;
@@ -75,7 +76,7 @@ async fn the_watch_reports_at_once_and_sees_a_fix() {
         let _ = tx.send(may);
     };
     crate::store::counters::spawn_eviction_watch(
-        counters,
+        counters.clone(),
         Duration::from_millis(100),
         report,
         stop_rx,
@@ -96,6 +97,17 @@ async fn the_watch_reports_at_once_and_sees_a_fix() {
         }
     }
     assert!(fixed, "the fix was never reported");
+    drop(server);
+    let gone = counters.eviction_risk().await;
+    assert!(
+        matches!(gone, Err(CounterError::Unavailable(_))),
+        "{gone:?}"
+    );
+    // Reports of reads that began before the kill, then none over several periods.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    while rx.try_recv().is_ok() {}
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rx.try_recv().is_err(), "a report without Redis");
     stop_tx.send(true).expect("the watch listens");
     // Stopped: the channel closes once the task drops its sender.
     let closed = tokio::time::timeout(Duration::from_secs(5), async {

@@ -19,15 +19,20 @@ async fn index_digests(conn: &mut MultiplexedConnection, prefix: &str) -> BTreeS
         .collect()
 }
 
-/// The digests the fence has index fields for.
-async fn fence_digests(conn: &mut MultiplexedConnection, prefix: &str) -> BTreeSet<String> {
+/// The fields of the upstream's fence.
+async fn fence_fields(conn: &mut MultiplexedConnection, prefix: &str) -> Vec<String> {
     let fence = format!("{prefix}:{{{UPSTREAM}}}:fence:epoch");
-    let fields: Vec<String> = redis::cmd("HKEYS")
+    redis::cmd("HKEYS")
         .arg(&fence)
         .query_async(conn)
         .await
-        .expect("HKEYS");
-    fields
+        .expect("HKEYS")
+}
+
+/// The digests the fence has index fields for.
+async fn fence_digests(conn: &mut MultiplexedConnection, prefix: &str) -> BTreeSet<String> {
+    fence_fields(conn, prefix)
+        .await
         .iter()
         .filter_map(|f| {
             let (kind, digest) = f.split_once(':')?;
@@ -87,15 +92,10 @@ async fn building_an_index_drops_the_fence_fields_of_gone_ones() {
     .await;
 }
 
-/// The fence's wait-queue fields (`q:<queue>`), with their instants.
+/// The fence's wait-queue fields (`q:<queue>`), sorted.
 async fn queue_fields(conn: &mut MultiplexedConnection, prefix: &str) -> Vec<String> {
-    let fence = format!("{prefix}:{{{UPSTREAM}}}:fence:epoch");
-    let fields: Vec<String> = redis::cmd("HKEYS")
-        .arg(&fence)
-        .query_async(conn)
-        .await
-        .expect("HKEYS");
-    let mut queues: Vec<String> = fields.into_iter().filter(|f| f.starts_with("q:")).collect();
+    let mut queues = fence_fields(conn, prefix).await;
+    queues.retain(|f| f.starts_with("q:"));
     queues.sort();
     queues
 }
