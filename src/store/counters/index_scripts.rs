@@ -45,7 +45,10 @@
 //! dropped when another index of the space is built (`pi_forget_gone`), so a fence
 //! holds the fields of the live indexes, not of every configuration ever used; so are
 //! the wait queues' fields (`q:<queue>`) that no live waiter needs, such as a removed
-//! pool's (a live queue's is written again by its next call).
+//! pool's (a live queue's is written again by its next call). The build also drops a
+//! gone index's name (`x:<digest>`) from the health records of the tokens it indexes:
+//! a token of a pool in use, whose record lives on, does not collect one field per
+//! configuration of its pool.
 //!
 //! The sorted sets keep a sentinel member `''` scored `+inf`, so that they never empty
 //! (an empty key would lose its expiry) and their first member is "none" when only it
@@ -325,8 +328,10 @@ end
 -- only that the queue is empty: it goes too (a removed pool's would stay forever), and
 -- the queue's next call reads the queue once and writes it again. The ledger keeps no
 -- such field: it only spares Redis reading an empty queue.
+-- Returns the health-record fields (`x:<digest>`) of the gone indexes, which the build
+-- drops from its tokens' records (the ledger names a token only in a live index).
 local function pi_forget_gone()
-  local checked = {[PI.digest] = true}
+  local checked, gone = {[PI.digest] = true}, {}
   local fence = redis.call('HGETALL', PI.fence)
   for i = 1, #fence, 2 do
     local field = fence[i]
@@ -335,11 +340,13 @@ local function pi_forget_gone()
       checked[digest] = true
       if redis.call('EXISTS', PI.base .. 'im:' .. digest) == 0 then
         redis.call('HDEL', PI.fence, 'a:' .. digest, 'n:' .. digest, 'r:' .. digest)
+        gone[#gone + 1] = 'x:' .. digest
       end
     elseif string.sub(field, 1, 2) == 'q:' and (tonumber(fence[i + 1]) or 0) < now then
       redis.call('HDEL', PI.fence, field)
     end
   end
+  return gone
 end
 
 -- Renews the pool tokens' windows and health records (`pi_ensure`) from HSCAN's
@@ -431,10 +438,13 @@ local function pi_ensure(argv, first)
   -- A new index starts with no ask (the ledger's `PoolIndex::asked`), and its first
   -- choice reads *wait*.
   redis.call('HDEL', PI.fence, 'a:' .. PI.digest, PI.next_field)
-  pi_forget_gone()
+  local gone = pi_forget_gone()
   PI.asked, PI.next = 0, 0
   for i = first, #argv do
     redis.call('HSET', PI.pos, argv[i], i - first + 1)
+    -- A token a gone index named keeps no such name (its record would carry one more
+    -- field with every configuration of its pool while the pool is in use).
+    if #gone > 0 then redis.call('HDEL', pi_health(argv[i]), unpack(gone)) end
     pi_refresh(argv[i], i - first + 1)
   end
   pi_renew_keys()

@@ -2,7 +2,8 @@
 //! - the fence's fields about pool indexes (`a:`, `n:`, `r:` per index digest) do not
 //!   pile up with configuration changes: when an index is built, the fields of the
 //!   space's indexes that are gone are dropped, and those of the live ones are kept;
-//!   so are the wait queues' fields (`q:<queue>`) that no live waiter needs;
+//!   so are the wait queues' fields (`q:<queue>`) that no live waiter needs, and the
+//!   gone indexes' names (`x:<digest>`) in the health records of the new one's tokens;
 //! - the renewal of a large pool's token windows is spread over calls, a page each
 //!   (`pi_sweep`), and done at once when a grant could otherwise outlive a window.
 
@@ -61,17 +62,7 @@ async fn building_an_index_drops_the_fence_fields_of_gone_ones() {
         assert!(fields.contains(gone) && fields.contains(live), "{fields:?}");
 
         // The first index expires (its keys go, as their TTL would have them go).
-        let index: Vec<String> = keys_under(&mut conn, &h.prefix)
-            .await
-            .into_iter()
-            .filter(|k| k.ends_with(&format!(":{gone}")))
-            .collect();
-        assert_eq!(index.len(), 5, "{index:?}");
-        let _: () = redis::cmd("DEL")
-            .arg(&index)
-            .query_async(&mut conn)
-            .await
-            .expect("DEL");
+        drop_index(&mut conn, &h.prefix, gone).await;
 
         h.grant(&h.request("t-a", 100, &[], pools[2])).await;
         let fields = fence_digests(&mut conn, &h.prefix).await;
@@ -87,6 +78,74 @@ async fn building_an_index_drops_the_fence_fields_of_gone_ones() {
             fields.len(),
             2,
             "the live index and the new one: {fields:?}"
+        );
+    })
+    .await;
+}
+
+/// The fields of a token's health record, sorted.
+async fn health_fields(conn: &mut MultiplexedConnection, prefix: &str, token: &str) -> Vec<String> {
+    let mut fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("{prefix}:{{{UPSTREAM}}}:health:{token}"))
+        .query_async(conn)
+        .await
+        .expect("HKEYS");
+    fields.sort();
+    fields
+}
+
+/// Deletes the keys of the index `digest` (as their TTL would have them go).
+async fn drop_index(conn: &mut MultiplexedConnection, prefix: &str, digest: &str) {
+    let index: Vec<String> = keys_under(conn, prefix)
+        .await
+        .into_iter()
+        .filter(|k| k.ends_with(&format!(":{digest}")))
+        .collect();
+    assert_eq!(index.len(), 5, "{index:?}");
+    let _: () = redis::cmd("DEL")
+        .arg(&index)
+        .query_async(conn)
+        .await
+        .expect("DEL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn building_an_index_drops_the_names_of_gone_ones_from_its_tokens() {
+    Harness::run(Backend::Redis, |h| async move {
+        let mut conn = connection(&h);
+        // k-1 fills under the first index, which names it in k-1's health record.
+        let first = h.request("t-a", 100, &[], &["k-1"]);
+        for _ in 0..USABLE {
+            h.grant(&AcquireRequest {
+                nonce: LeaseKey::new_nonce(),
+                ..first.clone()
+            })
+            .await;
+        }
+        let gone = index_digests(&mut conn, &h.prefix)
+            .await
+            .into_iter()
+            .next()
+            .expect("the first index");
+        assert_eq!(
+            health_fields(&mut conn, &h.prefix, "k-1").await,
+            [format!("x:{gone}")]
+        );
+
+        // The first index goes; another configuration of the pool builds a new one,
+        // which names k-1 (still full) under its own digest.
+        drop_index(&mut conn, &h.prefix, &gone).await;
+        h.grant(&h.request("t-b", 100, &[], &["k-1", "k-2"])).await;
+        let live = index_digests(&mut conn, &h.prefix)
+            .await
+            .into_iter()
+            .next()
+            .expect("the new index");
+        assert_ne!(live, gone);
+        assert_eq!(
+            health_fields(&mut conn, &h.prefix, "k-1").await,
+            [format!("x:{live}")],
+            "the gone index's name is kept"
         );
     })
     .await;
