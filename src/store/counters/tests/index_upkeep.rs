@@ -116,11 +116,7 @@ async fn building_an_index_drops_the_names_of_gone_ones_from_its_tokens() {
         // k-1 fills under the first index, which names it in k-1's health record.
         let first = h.request("t-a", 100, &[], &["k-1"]);
         for _ in 0..USABLE {
-            h.grant(&AcquireRequest {
-                nonce: LeaseKey::new_nonce(),
-                ..first.clone()
-            })
-            .await;
+            h.grant(&first).await;
         }
         let gone = index_digests(&mut conn, &h.prefix)
             .await
