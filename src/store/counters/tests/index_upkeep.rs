@@ -109,42 +109,62 @@ async fn drop_index(conn: &mut MultiplexedConnection, prefix: &str, digest: &str
         .expect("DEL");
 }
 
+/// A connection to the Redis that holds the test upstream's keys: on a cluster, the
+/// master serving their hash tag's slot (every key the test reads carries it).
+async fn upstream_connection(h: &Harness) -> MultiplexedConnection {
+    match h.cluster {
+        Some(cluster) => {
+            let port = cluster.owner_of(&format!("{}:{{{UPSTREAM}}}:fence", h.prefix));
+            admin_connection(&format!("redis://127.0.0.1:{port}")).await
+        }
+        None => connection(h),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn building_an_index_drops_the_names_of_gone_ones_from_its_tokens() {
-    Harness::run(Backend::Redis, |h| async move {
-        let mut conn = connection(&h);
-        // k-1 fills under the first index, which names it in k-1's health record.
-        let first = h.request("t-a", 100, &[], &["k-1"]);
-        for _ in 0..USABLE {
-            h.grant(&first).await;
-        }
-        let gone = index_digests(&mut conn, &h.prefix)
-            .await
-            .into_iter()
-            .next()
-            .expect("the first index");
-        assert_eq!(
-            health_fields(&mut conn, &h.prefix, "k-1").await,
-            [format!("x:{gone}")]
-        );
+    Harness::run(Backend::Redis, gone_names_are_dropped).await;
+}
 
-        // The first index goes; another configuration of the pool builds a new one,
-        // which names k-1 (still full) under its own digest.
-        drop_index(&mut conn, &h.prefix, &gone).await;
-        h.grant(&h.request("t-b", 100, &[], &["k-1", "k-2"])).await;
-        let live = index_digests(&mut conn, &h.prefix)
-            .await
-            .into_iter()
-            .next()
-            .expect("the new index");
-        assert_ne!(live, gone);
-        assert_eq!(
-            health_fields(&mut conn, &h.prefix, "k-1").await,
-            [format!("x:{live}")],
-            "the gone index's name is kept"
-        );
-    })
-    .await;
+/// The same on a Redis Cluster: the build's `HDEL` names keys it was not given
+/// (`KEYS`), which a cluster accepts only in the slot of the keys it was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn building_an_index_drops_the_names_of_gone_ones_from_its_tokens_on_a_cluster() {
+    Harness::run(Backend::Cluster, gone_names_are_dropped).await;
+}
+
+async fn gone_names_are_dropped(h: Harness) {
+    let mut conn = upstream_connection(&h).await;
+    // k-1 fills under the first index, which names it in k-1's health record.
+    let first = h.request("t-a", 100, &[], &["k-1"]);
+    for _ in 0..USABLE {
+        h.grant(&first).await;
+    }
+    let gone = index_digests(&mut conn, &h.prefix)
+        .await
+        .into_iter()
+        .next()
+        .expect("the first index");
+    assert_eq!(
+        health_fields(&mut conn, &h.prefix, "k-1").await,
+        [format!("x:{gone}")]
+    );
+
+    // The first index goes; another configuration of the pool builds a new one,
+    // which names k-1 (still full) under its own digest.
+    drop_index(&mut conn, &h.prefix, &gone).await;
+    h.grant(&h.request("t-b", 100, &[], &["k-1", "k-2"])).await;
+    let live = index_digests(&mut conn, &h.prefix)
+        .await
+        .into_iter()
+        .next()
+        .expect("the new index");
+    assert_ne!(live, gone);
+    assert_eq!(
+        health_fields(&mut conn, &h.prefix, "k-1").await,
+        [format!("x:{live}")],
+        "the gone index's name is kept"
+    );
 }
 
 /// The fence's wait-queue fields (`q:<queue>`), sorted.
