@@ -20,11 +20,15 @@ async fn index_digests(conn: &mut MultiplexedConnection, prefix: &str) -> BTreeS
         .collect()
 }
 
+/// The upstream's fence.
+fn fence_key(prefix: &str) -> String {
+    format!("{prefix}:{{{UPSTREAM}}}:fence:epoch")
+}
+
 /// The fields of the upstream's fence.
 async fn fence_fields(conn: &mut MultiplexedConnection, prefix: &str) -> Vec<String> {
-    let fence = format!("{prefix}:{{{UPSTREAM}}}:fence:epoch");
     redis::cmd("HKEYS")
-        .arg(&fence)
+        .arg(fence_key(prefix))
         .query_async(conn)
         .await
         .expect("HKEYS")
@@ -114,7 +118,7 @@ async fn drop_index(conn: &mut MultiplexedConnection, prefix: &str, digest: &str
 async fn upstream_connection(h: &Harness) -> MultiplexedConnection {
     match h.cluster {
         Some(cluster) => {
-            let port = cluster.owner_of(&format!("{}:{{{UPSTREAM}}}:fence", h.prefix));
+            let port = cluster.owner_of(&fence_key(&h.prefix));
             admin_connection(&format!("redis://127.0.0.1:{port}")).await
         }
         None => connection(h),
