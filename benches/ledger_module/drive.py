@@ -113,7 +113,9 @@ def run(target, seconds):
             if token is None:
                 raise SystemExit(f"not granted: {reply}")
             p.execute_command(*target.release(tenant, token, nonce))
-        p.execute()
+        for reply in p.execute():
+            if reply[0] != 1:  # 1: released (both answer the Lua release's codes)
+                raise SystemExit(f"not released: {reply}")
         pairs += args.depth
     return pairs
 
