@@ -6,11 +6,13 @@ pair (/proc/PID/stat), commands per pair (INFO commandstats) and used_memory.
 
 DEPTH acquires go as one pipeline, then their releases as another.
 
-    python3 drive.py PORT SECONDS [--lua LIBRARY.lua] [--depth 12] [--tokens 100] [--tenants 1000]
+    python3 drive.py PORT SECONDS [--lua LIBRARY.lua] [--depth 12] [--tokens 100] [--tenants 1000] [--warm-up 3]
+                    [--around BEFORE AFTER]
 """
 import argparse
 import os
 import random
+import subprocess
 import time
 import uuid
 
@@ -25,6 +27,9 @@ cli.add_argument("--lua", metavar="LIBRARY", help="the output of `tokenlease red
 cli.add_argument("--depth", type=int, default=12)
 cli.add_argument("--tokens", type=int, default=100)
 cli.add_argument("--tenants", type=int, default=1000)
+cli.add_argument("--warm-up", type=float, default=3, help="seconds before the measured run")
+cli.add_argument("--around", nargs=2, metavar=("BEFORE", "AFTER"),
+                 help="shell commands run just before and just after the measured run")
 args = cli.parse_args()
 
 r = redis.Redis(port=args.port)
@@ -121,10 +126,14 @@ def run(target, seconds):
 
 
 target = Lua(open(args.lua).read()) if args.lua else Module()
-run(target, 3)  # warm-up
+run(target, args.warm_up)
+if args.around:
+    subprocess.run(args.around[0], shell=True, check=True)
 cpu0, cmds0, t0 = cpu_seconds(), commands(), time.time()
 pairs = run(target, args.seconds)
 cpu1, cmds1, t1 = cpu_seconds(), commands(), time.time()
+if args.around:
+    subprocess.run(args.around[1], shell=True, check=True)
 # INFO counts a command once it has run: the second reading counts the first INFO.
 print(f"{target.label}: {pairs} pairs in {t1 - t0:.1f} s: {pairs / (t1 - t0):.0f} pairs/s, "
       f"Redis {1e6 * (cpu1 - cpu0) / pairs:.1f} us/pair, {(cmds1 - cmds0 - 1) / pairs:.2f} cmds/pair, "
