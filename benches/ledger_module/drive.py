@@ -56,8 +56,10 @@ class Module:
         return reply[1].decode() if reply[0] == 1 else None
 
     def release(self, tenant, token, nonce):
-        return ["TL.RELEASE", self.key, tenant, token, nonce, "success", 5, 30000, 1,
-                60000, 600000, WINDOW_MS + TTL_MS]
+        # The policy the service sends (as Lua.release's): failures to open, open ms,
+        # successes to close, the profile's block ms, the longest quarantine ms, repeat ms.
+        return ["TL.RELEASE", self.key, tenant, token, nonce, "success", 5, 30000, 2,
+                0, 1000, WINDOW_MS + TTL_MS]
 
 
 class Lua:

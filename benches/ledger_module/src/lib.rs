@@ -25,11 +25,12 @@
 
 use std::collections::HashMap;
 use std::os::raw::{c_int, c_void};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
 
 use redis_module::native_types::RedisType;
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue, raw, redis_module};
+use tokenlease::clock::system_now_ms;
 use tokenlease::domain::{BreakerPolicy, Id};
 use tokenlease::ledger::{
     AcquireOutcome, AcquireRequest, LeaseKey, Ledger, OutcomeReport, QueueTicket, ReleaseOutcome,
@@ -37,8 +38,8 @@ use tokenlease::ledger::{
 };
 
 /// The one upstream and pool of the lease bench.
-const UPSTREAM: &str = "bench";
-const POOL: &str = "p0";
+static UPSTREAM: LazyLock<Id> = LazyLock::new(|| Id::parse("id", "bench").expect("a valid id"));
+static POOL: LazyLock<Id> = LazyLock::new(|| Id::parse("id", "p0").expect("a valid id"));
 
 /// A space's counters: a ledger. A new one holds its upstream until marked fresh, so
 /// a key that was lost (or loaded from an RDB file, which keeps nothing: `rdb_load`)
@@ -104,10 +105,6 @@ fn id(arg: &RedisString) -> Result<Id, RedisError> {
     Id::parse("id", arg.try_as_str()?).map_err(|e| RedisError::String(e.to_string()))
 }
 
-fn fixed(name: &str) -> Id {
-    Id::parse("id", name).expect("a valid id")
-}
-
 fn int(arg: &RedisString) -> Result<i64, RedisError> {
     arg.parse_integer()
 }
@@ -120,12 +117,6 @@ fn millis(arg: &RedisString) -> Result<Duration, RedisError> {
     u64::try_from(int(arg)?)
         .map(Duration::from_millis)
         .map_err(|_| RedisError::Str("ERR a negative duration"))
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Runs `f` on the space at `key`, created (marked fresh, as the bench's new upstream
@@ -142,7 +133,7 @@ fn with_space<T>(
     let mut space = Space {
         ledger: Ledger::default(),
     };
-    space.ledger.mark_fresh(&fixed(UPSTREAM));
+    space.ledger.mark_fresh(&UPSTREAM);
     let out = f(&mut space.ledger);
     key.set_value(&SPACE_TYPE, space)?;
     Ok(out)
@@ -174,8 +165,8 @@ fn known_pool(digest: &str) -> Result<(Arc<[Id]>, Arc<str>), RedisError> {
 fn acquire_request(args: &[RedisString]) -> Result<AcquireRequest, RedisError> {
     let (pooled, digest) = known_pool(args[16].try_as_str()?)?;
     Ok(AcquireRequest {
-        upstream_id: fixed(UPSTREAM),
-        pool_id: Some(fixed(POOL)),
+        upstream_id: UPSTREAM.clone(),
+        pool_id: Some(POOL.clone()),
         config_version: int(&args[10])?,
         nonce: args[3].try_as_str()?.to_owned(),
         tenant_id: id(&args[2])?,
@@ -204,7 +195,7 @@ fn acquire(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         return Err(RedisError::WrongArity);
     }
     let req = acquire_request(&args)?;
-    let now = now_ms();
+    let now = system_now_ms();
     let outcome = with_space(ctx, &args[1], |ledger| ledger.acquire(&req, now))?;
     Ok(RedisValue::Array(match outcome {
         AcquireOutcome::Granted(g) => vec![
@@ -227,13 +218,7 @@ fn acquire(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 }
 
 fn outcome(arg: &RedisString) -> Result<ReleaseOutcome, RedisError> {
-    Ok(match arg.try_as_str()? {
-        "success" => ReleaseOutcome::Success,
-        "upstream_error" => ReleaseOutcome::UpstreamError,
-        "upstream_rate_limited" => ReleaseOutcome::UpstreamRateLimited,
-        "not_used" => ReleaseOutcome::NotUsed,
-        _ => return Err(RedisError::Str("ERR unknown outcome")),
-    })
+    ReleaseOutcome::parse(arg.try_as_str()?).ok_or(RedisError::Str("ERR unknown outcome"))
 }
 
 fn release(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
@@ -242,8 +227,8 @@ fn release(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     let report = OutcomeReport {
         key: LeaseKey {
-            upstream_id: fixed(UPSTREAM),
-            pool_id: Some(fixed(POOL)),
+            upstream_id: UPSTREAM.clone(),
+            pool_id: Some(POOL.clone()),
             tenant_id: id(&args[2])?,
             token_id: id(&args[3])?,
             nonce: args[4].try_as_str()?.to_owned(),
@@ -259,7 +244,7 @@ fn release(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             successes_to_close: count(&args[8])?,
         },
     };
-    let now = now_ms();
+    let now = system_now_ms();
     let (result, recorded) = with_space(ctx, &args[1], |ledger| {
         ledger.release_reporting(&report, now)
     })?;
